@@ -1,0 +1,179 @@
+"""Face detection, 68-point landmarks, portrait cropping and face-region masks (dlib).
+
+The detector and landmark model come from the `dlib-bin` and `face-recognition-models` packages,
+so nothing is downloaded at run time. One `FaceAnalyzer` per process is enough; it is thread-safe
+for reading but cheap to create per worker too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from emo_stream.errors import NoFaceError, WeightsError
+
+log = logging.getLogger(__name__)
+
+# dlib's 68-point layout
+JAW = slice(0, 17)
+LEFT_EYE = slice(36, 42)
+RIGHT_EYE = slice(42, 48)
+NOSE = slice(27, 36)
+MOUTH_OUTER = slice(48, 60)
+MOUTH_INNER = slice(60, 68)
+
+
+def _models_dir() -> Path:
+    # face_recognition_models imports pkg_resources on import; find its folder without importing it.
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError("face landmark model missing: pip install face-recognition-models")
+    return Path(list(spec.submodule_search_locations)[0]) / "models"
+
+
+@dataclass
+class FaceInfo:
+    """One detected face, in the pixel coordinates of the image it was found in."""
+
+    box: np.ndarray        # (4,) float32: x0, y0, x1, y1
+    landmarks: np.ndarray  # (68, 2) float32: x, y
+
+    @property
+    def center(self) -> np.ndarray:
+        return np.array([(self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2], np.float32)
+
+    @property
+    def width(self) -> float:
+        return float(self.box[2] - self.box[0])
+
+    def mouth_opening(self) -> float:
+        """Inner-lip gap divided by the face width: 0 closed, ~0.1-0.2 wide open."""
+        inner = self.landmarks[MOUTH_INNER]
+        gap = np.mean(np.linalg.norm(inner[[5, 6, 7]] - inner[[3, 2, 1]], axis=1))  # 65-63, 66-62, 67-61
+        face_w = np.linalg.norm(self.landmarks[16] - self.landmarks[0])
+        return float(gap / max(face_w, 1e-6))
+
+    def head_pose(self) -> np.ndarray:
+        """Rough (yaw, pitch, roll) in radians from landmark geometry; enough for rotation *speed*."""
+        lm = self.landmarks
+        left_eye, right_eye = lm[LEFT_EYE].mean(0), lm[RIGHT_EYE].mean(0)
+        eye_vec = right_eye - left_eye
+        roll = float(np.arctan2(eye_vec[1], eye_vec[0]))
+        face_w = max(np.linalg.norm(lm[16] - lm[0]), 1e-6)
+        nose = lm[30]
+        mid_jaw = (lm[0] + lm[16]) / 2
+        yaw = float(np.arcsin(np.clip(2 * (nose[0] - mid_jaw[0]) / face_w, -1, 1)))
+        eyes_mid = (left_eye + right_eye) / 2
+        chin = lm[8]
+        ratio = np.linalg.norm(nose - eyes_mid) / max(np.linalg.norm(chin - eyes_mid), 1e-6)
+        pitch = float(np.arcsin(np.clip((ratio - 0.42) * 2.5, -1, 1)))
+        return np.array([yaw, pitch, roll], np.float32)
+
+
+class FaceAnalyzer:
+    """Finds the main face and its 68 landmarks. Detection runs on a downscaled copy for speed."""
+
+    def __init__(self, detect_size: int = 512):
+        import dlib
+
+        predictor = _models_dir() / "shape_predictor_68_face_landmarks.dat"
+        if not predictor.is_file():
+            raise WeightsError(f"face landmark model missing: {predictor}")
+        self._detector = dlib.get_frontal_face_detector()
+        self._predictor = dlib.shape_predictor(str(predictor))
+        self._dlib = dlib
+        self._lock = threading.Lock()  # dlib objects are not documented as re-entrant
+        self.detect_size = detect_size
+
+    def detect(self, image: np.ndarray) -> FaceInfo | None:
+        """The largest face in an RGB uint8 image, or None."""
+        h, w = image.shape[:2]
+        scale = min(1.0, self.detect_size / max(h, w))
+        small = image
+        if scale < 1.0:
+            small = np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
+        with self._lock:
+            rects = self._detector(small, 1)
+            if len(rects) == 0 and scale < 1.0:
+                rects = self._detector(small, 2)  # small faces in big photos: upsample once more
+            if len(rects) == 0:
+                return None
+            rect = max(rects, key=lambda r: r.width() * r.height())
+            box = np.array([rect.left(), rect.top(), rect.right(), rect.bottom()], np.float32) / scale
+            full = self._dlib.rectangle(*[int(round(v)) for v in box])
+            shape = self._predictor(image, full)
+        lm = np.array([[p.x, p.y] for p in shape.parts()], np.float32)
+        return FaceInfo(box=box, landmarks=lm)
+
+    def landmarks(self, image: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """68 landmarks for a known face box (tracking: skip detection between frames)."""
+        rect = self._dlib.rectangle(*[int(round(v)) for v in box])
+        with self._lock:
+            shape = self._predictor(image, rect)
+        return np.array([[p.x, p.y] for p in shape.parts()], np.float32)
+
+    def analyze(self, image: np.ndarray) -> FaceInfo:
+        """Like detect(), but a photo without a face is a user error."""
+        face = self.detect(image)
+        if face is None:
+            raise NoFaceError("no face found in the portrait: use a photo with one clearly visible, frontal face")
+        return face
+
+
+@dataclass
+class PortraitCrop:
+    """A square crop of a portrait around its face, resized to the model size."""
+
+    image: np.ndarray   # (size, size, 3) uint8
+    face: FaceInfo      # in crop coordinates
+    origin: np.ndarray  # (2,) top-left of the crop square in the source image
+    scale: float        # crop pixels per source pixel
+
+
+def crop_portrait(image: np.ndarray, face: FaceInfo, size: int, face_fraction: float = 0.45,
+                  center_shift: float = 0.1) -> PortraitCrop:
+    """Square crop so the face box takes `face_fraction` of the width, face a little above centre
+    (as in EMO's training crops); padded by edge replication where the square leaves the photo."""
+    h, w = image.shape[:2]
+    side = min(face.width / face_fraction, max(h, w) * 1.0)
+    side = max(side, face.width * 1.2)
+    cx, cy = face.center
+    cy = cy + center_shift * side * 0.5
+    x0, y0 = cx - side / 2, cy - side / 2
+    pad = int(np.ceil(max(0, -x0, -y0, x0 + side - w, y0 + side - h))) + 1
+    src = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge") if pad > 1 else image
+    off = pad if pad > 1 else 0
+    box = (x0 + off, y0 + off, x0 + off + side, y0 + off + side)
+    crop = Image.fromarray(src).resize((size, size), Image.LANCZOS, box=box)
+    s = size / side
+    origin = np.array([x0, y0], np.float32)
+    cropped_face = FaceInfo(box=(face.box - np.tile(origin, 2)) * s, landmarks=(face.landmarks - origin) * s)
+    return PortraitCrop(image=np.asarray(crop), face=cropped_face, origin=origin, scale=float(s))
+
+
+def face_region_mask(boxes: np.ndarray | list, size: int, margin: float = 0.1) -> np.ndarray:
+    """EMO's face locator input: the union of the face boxes of a clip as a (size, size) float32 mask."""
+    mask = np.zeros((size, size), np.float32)
+    for box in np.asarray(boxes, np.float32).reshape(-1, 4):
+        x0, y0, x1, y1 = box
+        mx, my = (x1 - x0) * margin, (y1 - y0) * margin
+        xa, ya = int(max(0, np.floor(x0 - mx))), int(max(0, np.floor(y0 - my)))
+        xb, yb = int(min(size, np.ceil(x1 + mx))), int(min(size, np.ceil(y1 + my)))
+        mask[ya:yb, xa:xb] = 1.0
+    return mask
+
+
+def prepare_portrait(image: np.ndarray, size: int, analyzer: FaceAnalyzer | None = None) -> PortraitCrop:
+    """Detect, crop and align a user's portrait to the model size. Raises NoFaceError."""
+    analyzer = analyzer or FaceAnalyzer()
+    face = analyzer.analyze(image)
+    crop = crop_portrait(image, face, size)
+    # landmarks are more precise when re-run at the working size
+    crop.face.landmarks = analyzer.landmarks(crop.image, crop.face.box)
+    return crop

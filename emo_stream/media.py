@@ -1,0 +1,211 @@
+"""Reading portraits and audio, and writing MP4 (H.264 + AAC) incrementally, with PyAV."""
+
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from emo_stream.errors import AudioInputError, ImageInputError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000  # the model's audio rate (wav2vec2); everything is resampled to it
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8 (H, W, 3), honouring EXIF orientation."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageInputError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ImageInputError(f"not a readable image: {path} ({exc.__class__.__name__})") from None
+
+
+def image_from_bytes(data: bytes) -> np.ndarray:
+    """Decode an uploaded image (PNG, JPEG, WebP...) to RGB uint8."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = ImageOps.exif_transpose(img)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ImageInputError(f"not a readable image ({exc.__class__.__name__})") from None
+
+
+def to_mono_float(pcm: np.ndarray, channels: int) -> np.ndarray:
+    """Interleaved PCM (int16 or float) with `channels` channels -> mono float32 in [-1, 1]."""
+    pcm = np.asarray(pcm)
+    if pcm.dtype == np.int16:
+        x = pcm.astype(np.float32) / 32768.0
+    else:
+        x = pcm.astype(np.float32, copy=False)
+    if channels > 1:
+        x = x[: len(x) - len(x) % channels].reshape(-1, channels).mean(axis=1)
+    return x
+
+
+def resample(x: np.ndarray, from_rate: int, to_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Band-limited resampling of a mono float32 signal (polyphase, scipy)."""
+    if from_rate == to_rate:
+        return np.asarray(x, dtype=np.float32)
+    from math import gcd
+
+    from scipy.signal import resample_poly
+
+    g = gcd(int(from_rate), int(to_rate))
+    return resample_poly(np.asarray(x, dtype=np.float32), to_rate // g, from_rate // g).astype(np.float32)
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, min_seconds: float = 0.1) -> np.ndarray:
+    """Decode any audio PyAV reads (wav, mp3, m4a, the audio of a video...) to mono float32 at `sample_rate`."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioInputError(f"audio not found: {path}")
+    chunks: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise AudioInputError(f"no audio stream in {path}")
+            stream = container.streams.audio[0]
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except AudioInputError:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError) as exc:
+        raise AudioInputError(f"cannot decode audio {path}: {exc.__class__.__name__}") from None
+    audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if len(audio) < min_seconds * sample_rate:
+        raise AudioInputError(
+            f"audio too short: {len(audio) / sample_rate:.2f} s in {path} (need at least {min_seconds} s)"
+        )
+    if not np.isfinite(audio).all():
+        raise AudioInputError(f"audio has invalid samples (NaN/inf): {path}")
+    return audio
+
+
+class Mp4Writer:
+    """Writes frames and audio to an MP4 as they arrive, so memory does not grow with duration.
+
+    Video: H.264 (yuv420p). Audio: AAC, mono, 48 kHz (input at `sample_rate` is resampled; at 48 kHz
+    the final AAC frame's padding stays under one video frame).
+    """
+
+    OUT_RATE = 48000
+
+    def __init__(self, path: str | Path, fps: int, size: tuple[int, int] | int,
+                 sample_rate: int = SAMPLE_RATE, crf: int = 20, audio: bool = True):
+        width, height = (size, size) if isinstance(size, int) else size
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fps = fps
+        self.sample_rate = sample_rate
+        self.frames_written = 0
+        self.samples_written = 0  # at OUT_RATE
+        self._container = av.open(str(self.path), mode="w")
+        self._video = self._container.add_stream("libx264", rate=Fraction(fps))
+        self._video.width, self._video.height = width, height
+        self._video.pix_fmt = "yuv420p"
+        self._video.options = {"crf": str(crf), "preset": "veryfast"}
+        self._audio = None
+        self._pending = np.zeros(0, np.float32)
+        if audio:
+            self._audio = self._container.add_stream("aac", rate=self.OUT_RATE)
+            self._audio.layout = "mono"
+            self._audio.format = "fltp"
+            self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=self.OUT_RATE)
+            self._in_samples = 0
+
+    def write_frames(self, frames: np.ndarray) -> None:
+        """frames: (T, H, W, 3) or (H, W, 3) uint8 RGB."""
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        for rgb in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb, dtype=np.uint8), format="rgb24")
+            frame.pts = self.frames_written
+            frame.time_base = Fraction(1, self.fps)
+            self._container.mux(self._video.encode(frame))
+            self.frames_written += 1
+
+    def write_audio(self, samples: np.ndarray) -> None:
+        """samples: mono float32 in [-1, 1] at the writer's sample rate."""
+        if self._audio is None:
+            return
+        samples = np.asarray(samples, np.float32).reshape(-1)
+        if not len(samples):
+            return
+        frame = av.AudioFrame.from_ndarray(samples[None, :], format="fltp", layout="mono")
+        frame.sample_rate = self.sample_rate
+        frame.pts = self._in_samples
+        frame.time_base = Fraction(1, self.sample_rate)
+        self._in_samples += len(samples)
+        self._push_resampled(self._resampler.resample(frame))
+
+    def _push_resampled(self, frames) -> None:
+        for f in frames:
+            self._pending = np.concatenate([self._pending, f.to_ndarray().reshape(-1)])
+        frame_size = self._audio.codec_context.frame_size or 1024
+        while len(self._pending) >= frame_size:
+            self._encode_audio(self._pending[:frame_size])
+            self._pending = self._pending[frame_size:]
+
+    def _encode_audio(self, chunk: np.ndarray) -> None:
+        frame = av.AudioFrame.from_ndarray(chunk[None, :].astype(np.float32), format="fltp", layout="mono")
+        frame.sample_rate = self.OUT_RATE
+        frame.pts = self.samples_written
+        frame.time_base = Fraction(1, self.OUT_RATE)
+        self.samples_written += len(chunk)
+        self._container.mux(self._audio.encode(frame))
+
+    def close(self) -> None:
+        if self._container is None:
+            return
+        if self._audio is not None:
+            self._push_resampled(self._resampler.resample(None))
+            if len(self._pending):
+                self._encode_audio(self._pending)
+                self._pending = np.zeros(0, np.float32)
+            self._container.mux(self._audio.encode(None))
+        self._container.mux(self._video.encode(None))
+        self._container.close()
+        self._container = None
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def probe_durations(path: str | Path) -> dict:
+    """Durations (seconds) and frame count of an MP4's streams, decoded, for tests and checks."""
+    out: dict = {}
+    with av.open(str(path)) as c:
+        if c.streams.video:
+            vs = c.streams.video[0]
+            n = sum(1 for _ in c.decode(vs))
+            out["frames"] = n
+            out["fps"] = float(vs.average_rate) if vs.average_rate else None
+            out["video_s"] = n / out["fps"] if out["fps"] else None
+    with av.open(str(path)) as c:
+        if c.streams.audio:
+            samples, rate = 0, c.streams.audio[0].rate
+            for f in c.decode(c.streams.audio[0]):
+                samples += f.samples
+            out["audio_s"] = samples / rate
+            out["audio_rate"] = rate
+    return out
