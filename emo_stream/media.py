@@ -77,12 +77,17 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, min_seconds: fl
             if not container.streams.audio:
                 raise AudioInputError(f"no audio stream in {path}")
             stream = container.streams.audio[0]
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            # keep the channels through resampling and average them ourselves: FFmpeg's downmix
+            # scales by -3 dB per channel, which would change the level of mono-in-stereo files
+            resampler = None
             for frame in container.decode(stream):
+                if resampler is None:
+                    resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=sample_rate)
                 for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().reshape(-1))
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
+                    chunks.append(out.to_ndarray().mean(axis=0))
+            if resampler is not None:
+                for out in resampler.resample(None):
+                    chunks.append(out.to_ndarray().mean(axis=0))
     except AudioInputError:
         raise
     except (av.error.FFmpegError, ValueError, OSError) as exc:

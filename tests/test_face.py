@@ -1,0 +1,39 @@
+"""Face detection, cropping and masks on real portraits (skipped without ../shared/data)."""
+
+import numpy as np
+import pytest
+
+from emo_stream.errors import NoFaceError
+from emo_stream.face import FaceAnalyzer, face_region_mask, prepare_portrait
+from emo_stream.media import load_image
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    return FaceAnalyzer()
+
+
+def test_finds_faces_in_real_portraits(shared_data, analyzer):
+    paths = sorted((shared_data / "portraits").glob("*.jpg"))
+    assert paths
+    for p in paths:
+        crop = prepare_portrait(load_image(p), 256, analyzer)
+        assert crop.image.shape == (256, 256, 3)
+        x0, y0, x1, y1 = crop.face.box
+        # the face sits inside the crop, roughly centred, and the landmarks lie in its box
+        assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+        assert 0.25 < (x1 - x0) / 256 < 0.7
+        cx, cy = crop.face.landmarks.mean(axis=0)
+        assert x0 < cx < x1 and y0 < cy < y1
+
+
+def test_no_face_is_a_clear_error(analyzer):
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    with pytest.raises(NoFaceError, match="no face"):
+        analyzer.analyze(noise)
+
+
+def test_face_region_mask_is_union_of_boxes():
+    m = face_region_mask([[10, 10, 20, 20], [30, 30, 40, 40]], 64, margin=0.0)
+    assert m[15, 15] == 1 and m[35, 35] == 1 and m[25, 25] == 0 and m.sum() == 200
