@@ -1,0 +1,1 @@
+"""Training: data preparation, synthetic data, the three EMO stages (see docs/training.md)."""
