@@ -1,0 +1,187 @@
+"""Server settings: configs/server.yaml -> dataclasses, validated once here (bad config -> ConfigError)."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import secrets
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emo_stream.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "server.yaml"
+
+
+@dataclass
+class SessionsConfig:
+    max_sessions: int = 4
+    idle_timeout_s: float = 300.0
+    mic_max_backlog_s: float = 1.0
+
+
+@dataclass
+class EngineSettings:
+    """Forwarded to emo_stream.streaming.EngineConfig (max_sessions comes from `sessions`)."""
+
+    segment_frames: int = 8
+    max_batch: int = 4
+    input_seconds: float = 30.0
+    output_frames: int = 50
+    vad: bool = True
+
+
+@dataclass
+class LimitsConfig:
+    max_audio_chunk_bytes: int = 256 * 1024
+    max_upload_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 25_000_000
+    max_text_bytes: int = 64 * 1024
+    max_avatars: int = 16
+
+
+@dataclass
+class PlayoutConfig:
+    video_queue_frames: int = 3
+    audio_queue_chunks: int = 10
+    late_tolerance_s: float = 0.12
+    stats_interval_s: float = 1.0
+
+
+@dataclass
+class KeepaliveConfig:
+    ping_interval_s: float = 1.0
+    ping_timeout_s: float = 1.0
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    public_url: str | None = None
+    backend: str | None = "preview"
+    model: str | None = None
+    avatar: str | None = None
+    size: int = 512
+    fps: int = 25
+    device: str | None = None
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    playout: PlayoutConfig = field(default_factory=PlayoutConfig)
+    keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.token) or not self.loopback
+
+    def ensure_token(self) -> None:
+        """Binding beyond loopback without a token would expose the mic/avatar API: make one up."""
+        if not self.token and not self.loopback:
+            self.token = secrets.token_urlsafe(18)
+
+    def validate(self) -> "ServerConfig":
+        _positive(self, "port", allow_zero=True)
+        if self.port > 65535:
+            raise ConfigError(f"port must be at most 65535: got {self.port}")
+        if self.backend not in (None, "preview", "emo"):
+            raise ConfigError(f"backend must be preview or emo: got {self.backend!r}")
+        if not 16 <= self.size <= 2048 or self.size % 2:
+            raise ConfigError(f"size must be an even number of pixels in 16..2048: got {self.size}")
+        if self.fps <= 0 or 16000 % self.fps or 90000 % self.fps or 48000 % self.fps:
+            raise ConfigError(f"fps must divide 16000, 48000 and 90000 (e.g. 25, 20, 10): got {self.fps}")
+        if self.token is not None and len(self.token) < 8:
+            raise ConfigError("token must be at least 8 characters")
+        for section in (self.sessions, self.engine, self.limits, self.playout, self.keepalive):
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+                    raise ConfigError(f"{type(section).__name__}.{f.name} must be positive: got {value}")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _positive(obj: Any, name: str, allow_zero: bool = False) -> None:
+    value = getattr(obj, name)
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be positive: got {value}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Dataclass from a mapping: unknown keys and wrong types are ConfigErrors naming the key."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting {where + '.' if where else ''}{unknown[0]} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _coerce(hint, value, key)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key} must not be empty")
+    for t in options:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in options if t is not type(None))
+    raise ConfigError(f"{key} must be {names}: got {value!r}")
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfig:
+    """Read a YAML file (default configs/server.yaml) and apply non-None `overrides` (CLI flags)."""
+    data: dict = {}
+    source = Path(path) if path else DEFAULT_CONFIG
+    if path or source.is_file():
+        if not source.is_file():
+            raise ConfigError(f"config file not found: {source}")
+        try:
+            data = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: must be a mapping of settings")
+    for key, value in overrides.items():
+        if value is not None:
+            data[key] = value
+    if overrides.get("model") and "backend" not in {k for k, v in overrides.items() if v is not None}:
+        data["backend"] = "emo"  # --model alone means the EMO backend
+    return _build(ServerConfig, data, "").validate()

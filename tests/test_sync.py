@@ -1,0 +1,195 @@
+"""A/V sync buffer (server/sync.py) with a simulated clock: pacing, pairing, no drift over an hour, stalls, clear."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from server.sync import AUDIO_CHUNK, AUDIO_RATE, DropQueue, Playout, QueueClosed, Upsampler
+
+FPS = 25
+SPF = 16000 // FPS
+
+
+class SimClock:
+    """Simulated time: sleeping jumps the clock, optionally oversleeping by a random jitter (a busy loop)."""
+
+    def __init__(self, jitter: float = 0.0, seed: int = 0):
+        self.t = 1000.0
+        self.jitter = jitter
+        self.rng = random.Random(seed)
+        self.wakeups: list[tuple[float, float]] = []  # (asked, got)
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep_until(self, t: float) -> None:
+        if t > self.t:
+            self.t = t + (self.rng.uniform(0, self.jitter) if self.jitter else 0.0)
+        await asyncio.sleep(0)
+
+
+@dataclass
+class Frame:
+    index: int
+    image: np.ndarray
+    audio: np.ndarray
+    speech: bool = True
+    segment_end: bool = False
+
+
+def frames(n: int, start: int = 0, speech=True, end_at: int | None = None, clock=None, stall: dict | None = None,
+           image=None):
+    image = np.zeros((4, 4, 3), np.uint8) if image is None else image
+
+    async def gen():
+        for k in range(start, start + n):
+            if stall and k in stall:
+                clock.t += stall[k]  # the engine took this long to deliver frame k
+            # each frame's audio encodes its index, so pairing can be checked after resampling
+            audio = np.full(SPF, ((k % 50) + 1) / 100.0, np.float32)
+            yield Frame(k, image, audio, speech=speech, segment_end=(end_at == k))
+
+    return gen()
+
+
+def test_upsampler_is_seamless_and_exact_length():
+    t = np.arange(16000) / 16000
+    x = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    whole = Upsampler()(x)
+    up = Upsampler()
+    pieces = np.concatenate([up(x[i:i + SPF]) for i in range(0, len(x), SPF)])
+    assert len(pieces) == 3 * len(x)
+    np.testing.assert_array_equal(whole, pieces)  # chunking changes nothing
+    # a 440 Hz tone stays a 440 Hz tone at 48 kHz
+    spectrum = np.abs(np.fft.rfft(pieces.astype(np.float64)))
+    assert abs(np.argmax(spectrum) * AUDIO_RATE / len(pieces) - 440) < 2
+
+
+async def test_pairs_each_frame_with_its_audio_and_paces_on_one_clock():
+    clock = SimClock()
+    play = Playout(frames(50), FPS, clock)
+    sub = play.subscribe("t", frames=100, audio=200)
+    await play.run()
+    got = []
+    while len(sub.frames):
+        got.append(await sub.frames.get())
+    chunks = []
+    while len(sub.audio):
+        chunks.append(await sub.audio.get())
+    assert [f.seq for f in got] == list(range(50))
+    assert [f.video_pts for f in got] == [k * 3600 for k in range(50)]
+    assert [c.pts for c in chunks] == [n * AUDIO_CHUNK for n in range(len(chunks))]
+    # all audio but the last partial chunk comes out, 3x the samples
+    assert len(chunks) == 50 * SPF * 3 // AUDIO_CHUNK
+    # frame k's own audio (level (k+1)/100) sits in chunks 2k, 2k+1 (allowing the short filter delay)
+    for k in range(1, 49):
+        middle = np.concatenate([chunks[2 * k].samples, chunks[2 * k + 1].samples])[100:-100]
+        assert abs(middle.mean() / 32767 - (k + 1) / 100) < 2e-3
+    assert play.max_av_offset_s < 1 / FPS
+
+
+async def test_no_drift_over_an_hour_with_a_jittery_clock():
+    clock = SimClock(jitter=0.015)  # every wakeup up to 15 ms late
+    n = 3600 * FPS
+    releases = []
+
+    play = Playout(frames(n), FPS, clock)
+    sub = play.subscribe("rec", frames=2, audio=2)
+    # record when each frame/chunk came out instead of queueing it
+    sub.frames.put = lambda f: releases.append(("v", f.pts, clock.now()))
+    sub.audio.put = lambda c: releases.append(("a", c.pts / AUDIO_RATE, clock.now()))
+    await play.run()
+    video = [(pts, t) for kind, pts, t in releases if kind == "v"]
+    audio = [(pts, t) for kind, pts, t in releases if kind == "a"]
+    assert len(video) == n
+    assert len(audio) == n * 2
+    t0 = video[0][1]
+    # every frame and chunk goes out within the jitter of its ideal time: no accumulation over the hour
+    worst_v = max(t - t0 - pts for pts, t in video)
+    worst_a = max(t - t0 - pts for pts, t in audio)
+    assert worst_v < 0.016 and worst_a < 0.016
+    assert min(t - t0 - pts for pts, t in video) >= 0
+    assert video[-1][0] == pytest.approx(3600 - 1 / FPS)
+    assert audio[-1][0] == pytest.approx(3600 - AUDIO_CHUNK / AUDIO_RATE)
+    assert play.reanchors == 0
+    assert play.max_av_offset_s < 1 / FPS
+
+
+async def test_a_late_engine_stalls_both_tracks_together():
+    clock = SimClock()
+    play = Playout(frames(100, clock=clock, stall={40: 0.5}), FPS, clock, late_tolerance_s=0.1)
+    releases = []
+    sub = play.subscribe("rec", frames=2, audio=2)
+    sub.frames.put = lambda f: releases.append(("v", f.pts, clock.now()))
+    sub.audio.put = lambda c: releases.append(("a", c.pts / AUDIO_RATE, clock.now()))
+    await play.run()
+    assert play.reanchors == 1
+    video = {round(pts, 3): t for kind, pts, t in releases if kind == "v"}
+    audio = {round(pts, 3): t for kind, pts, t in releases if kind == "a"}
+    for pts in (0.0, 1.0, 1.6, 2.0, 3.96):  # before and after the stall, pts->time is the same for both tracks
+        assert audio[pts] == pytest.approx(video[pts])
+    # the stall shows up as a shift of the whole timeline, not a gap between the tracks
+    # (frame 40 was due at 1.60 s and arrived at 1.58 + 0.5 = 2.08 s: everything after moves 0.48 s)
+    assert video[3.96] - video[0.0] == pytest.approx(3.96 + 0.48)
+    assert video[1.56] - video[0.0] == pytest.approx(1.56)
+    assert play.max_av_offset_s < 1 / FPS
+
+
+async def test_playback_events_and_interrupt():
+    clock = SimClock()
+    events = []
+
+    async def source():
+        async for f in frames(5, speech=False):
+            yield f
+        async for f in frames(10, start=5, end_at=14):
+            yield f
+        async for f in frames(5, start=15, speech=False):
+            yield f
+        async for f in frames(10, start=20):
+            if f.index == 24:
+                play.clear()  # the bot interrupts mid-utterance
+            yield f
+
+    play = Playout(source(), FPS, clock, on_event=events.append)
+    await play.run()
+    assert events[0] == {"type": "playback_started", "segment": 1, "pts": 0.2}
+    assert events[1] == {"type": "playback_finished", "segment": 1, "position": 0.4, "interrupted": False}
+    assert events[2]["type"] == "playback_started" and events[2]["segment"] == 2
+    assert events[3] == {"type": "playback_finished", "segment": 2, "position": 0.16, "interrupted": True}
+    # speech that continues after the clear was pushed after it: a new utterance
+    assert events[4]["type"] == "playback_started" and events[4]["segment"] == 3
+
+
+async def test_slow_subscriber_is_bounded_and_does_not_slow_others():
+    clock = SimClock()
+    play = Playout(frames(200), FPS, clock)
+    slow = play.subscribe("slow", frames=3, audio=10)  # never read
+    fast_seen = []
+    fast = play.subscribe("fast", frames=3, audio=10)
+    fast.frames.put = lambda f: fast_seen.append(f.seq)
+    await play.run()
+    assert fast_seen == list(range(200))
+    assert slow.frames.dropped == 197 and slow.audio.dropped == 400 - 10
+    # the run ended: subscriptions are closed and drained readers see the end
+    with pytest.raises(QueueClosed):
+        for _ in range(4):
+            await slow.frames.get()
+
+
+async def test_drop_queue_keeps_newest():
+    q: DropQueue[int] = DropQueue(2)
+    for i in range(5):
+        q.put(i)
+    assert [await q.get(), await q.get()] == [3, 4]
+    assert q.dropped == 3
+    waiter = asyncio.create_task(q.get())
+    await asyncio.sleep(0)
+    q.close()
+    with pytest.raises(QueueClosed):
+        await waiter
