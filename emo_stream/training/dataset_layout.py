@@ -9,7 +9,7 @@ and the loaders, so one loader reads both.
       clips/<id>/audio.wav    16 kHz mono PCM16, exactly frames x 640 samples
       clips/<id>/meta.npz     boxes (T, 4) face box per frame in crop pixels; mask (size, size) union of
                               the boxes; head_pose (T, 3) yaw/pitch/roll; speed (T,) head rotation
-                              speed in rad/s; speed_bucket (T,) index of the nearest bucket centre;
+                              speed in degrees per frame; speed_bucket (T,) index of the nearest bucket centre;
                               synthetic sets add mouth (T,) the true mouth opening in [0, 1]
       clips/<id>/audio_features.npy   optional cached per-frame audio features (T, ...)
 """
@@ -32,9 +32,10 @@ FPS = 25
 SAMPLE_RATE = 16000
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
 
-# Head rotation speed bucket centres in rad/s (EMO maps speed onto d buckets: s_d = tanh((w - c_d) / r_d * 3)).
-DEFAULT_SPEED_CENTERS = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
-DEFAULT_SPEED_RADIUS = 0.1
+# Head rotation speed bucket centres in degrees per frame, as the model's speed layers (configs/models/*.yaml
+# `speed.centers`; EMO maps speed onto d buckets: s_d = tanh((w - c_d) / r_d * 3)).
+DEFAULT_SPEED_CENTERS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0)
+DEFAULT_SPEED_RADIUS = 0.5
 
 
 @dataclass
@@ -78,14 +79,14 @@ def clip_dir(root: Path, clip_id: str) -> Path:
 
 
 def speed_to_bucket(speed: np.ndarray, centers=DEFAULT_SPEED_CENTERS) -> np.ndarray:
-    """Index of the nearest bucket centre for each rotation speed (rad/s)."""
+    """Index of the nearest bucket centre for each rotation speed (degrees per frame)."""
     c = np.asarray(centers, np.float32)
     return np.abs(np.asarray(speed, np.float32)[:, None] - c[None, :]).argmin(axis=1).astype(np.int16)
 
 
-def head_speed(poses: np.ndarray, fps: int = FPS, smooth: int = 3) -> np.ndarray:
-    """Per-frame head rotation speed (rad/s) from (T, 3) yaw/pitch/roll: norm of frame differences,
-    smoothed over `smooth` frames because landmark poses jitter."""
+def head_speed(poses: np.ndarray, smooth: int = 3) -> np.ndarray:
+    """Per-frame head rotation speed in degrees per frame (the model's unit) from (T, 3) yaw/pitch/roll
+    in radians: norm of frame differences, smoothed because landmark poses jitter."""
     poses = np.asarray(poses, np.float32)
     if len(poses) < 2:
         return np.zeros(len(poses), np.float32)
@@ -94,7 +95,7 @@ def head_speed(poses: np.ndarray, fps: int = FPS, smooth: int = 3) -> np.ndarray
         k = 2 * smooth - 1
         padded = np.pad(poses, ((k // 2, k // 2), (0, 0)), mode="edge")
         poses = np.stack([np.convolve(padded[:, j], np.ones(k) / k, mode="valid") for j in range(3)], axis=1)
-    d = np.linalg.norm(np.diff(poses, axis=0), axis=1) * fps
+    d = np.degrees(np.linalg.norm(np.diff(poses, axis=0), axis=1))
     d = np.concatenate([d[:1], d])
     if smooth > 1 and len(d) >= smooth:
         d = np.convolve(np.pad(d, (smooth // 2, smooth - 1 - smooth // 2), mode="edge"), np.ones(smooth) / smooth,

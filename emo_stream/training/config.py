@@ -1,0 +1,179 @@
+"""Training configuration: configs/train/*.yaml -> validated dataclasses (errors name the bad key).
+
+    stage: 1                    # 1 image pretraining, 2 video, 3 speed layers (CLI --stage must agree)
+    model:
+      init: tiny                # preset (tiny, sd15), model YAML, or a checkpoint folder (e.g. stage 1 output)
+    data:
+      root: data/synth          # a prepared dataset folder (or a list of them)
+    train:
+      output_dir: runs/tiny_stage1
+      max_steps: 2000
+      ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from emo_stream.errors import ConfigError
+
+# Parameter groups each stage trains by default (paper, section 3.2/4.1). Names are the model's groups
+# (see model_adapter.PARAM_GROUPS).
+STAGE_TRAINABLE = {
+    1: ["referencenet", "backbone", "face_locator"],
+    2: ["temporal", "audio"],
+    3: ["temporal", "speed"],
+}
+
+
+@dataclass
+class ModelSection:
+    init: str = "tiny"                    # preset, model YAML, or emo-stream checkpoint folder
+    options: dict[str, Any] = field(default_factory=dict)  # passed to EmoModel.from_pretrained / from_config
+
+
+@dataclass
+class DataSection:
+    root: list[str] = field(default_factory=list)  # prepared dataset folders
+    clip_frames: int | None = None        # f (default: the model's)
+    motion_frames: int | None = None      # n (default: the model's)
+    num_workers: int = 0                  # DataLoader worker processes
+    cache_clips: int = 32                 # decoded clips kept in memory per worker
+    motion_drop: float = 0.1              # share of stage-2/3 samples with no motion frames (first segment)
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "runs/emo"
+    max_steps: int = 1000                 # optimiser steps
+    batch_size: int = 1                   # per process
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    mixed_precision: str = "no"           # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = None        # e.g. 0.9999; the EMA weights are what the final checkpoint holds
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0                 # 0: no periodic samples
+    sample_image: str | None = None       # default: a reference frame of the first clip
+    sample_audio: str | None = None       # default: that clip's audio
+    sample_steps: int | None = None
+    tensorboard: bool = False
+    trainable: list[str] | None = None    # override the stage's parameter groups
+    cond_drop: float = 0.05               # drop audio (and reference) conditioning, for classifier-free guidance
+    device: str | None = None             # only without accelerate launch; default cuda if available
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    source: str = "<dict>"
+
+    @property
+    def trainable(self) -> list[str]:
+        return list(self.train.trainable or STAGE_TRAINABLE[self.stage])
+
+    def validate(self) -> "TrainConfig":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{self.source}: {msg}")
+
+        t, d = self.train, self.data
+        need(self.stage in (1, 2, 3), f"stage must be 1, 2 or 3 (got {self.stage})")
+        need(bool(d.root), "data.root is missing: the folder made by `emo-stream prepare` (or the synthetic generator)")
+        need(t.max_steps >= 1, "train.max_steps must be >= 1")
+        need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
+        need(t.lr > 0, "train.lr must be > 0")
+        need(t.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision must be no, fp16 or bf16")
+        need(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay must be in (0, 1) or null")
+        need(t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "checkpoint_every/keep_checkpoints must be >= 1")
+        need(t.log_every >= 1 and t.sample_every >= 0, "log_every must be >= 1, sample_every >= 0")
+        need(0 <= t.cond_drop < 1 and 0 <= d.motion_drop <= 1, "cond_drop and motion_drop must be in [0, 1)")
+        need(d.clip_frames is None or d.clip_frames >= 1, "data.clip_frames must be >= 1")
+        need(d.motion_frames is None or d.motion_frames >= 1, "data.motion_frames must be >= 1")
+        need(d.num_workers >= 0 and d.cache_clips >= 1, "data.num_workers >= 0, data.cache_clips >= 1")
+        from emo_stream.training.model_adapter import PARAM_GROUPS
+
+        bad = sorted(set(self.trainable) - set(PARAM_GROUPS))
+        need(not bad, f"unknown trainable groups {bad}; known: {', '.join(PARAM_GROUPS)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+
+_SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", base_dir: Path | None = None) -> TrainConfig:
+    """Build a TrainConfig; relative paths in data.root / model.init / output_dir stay relative to the
+    working directory (like every CLI path) unless they only exist next to the YAML file."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    unknown = sorted(set(data) - {"stage", *_SECTIONS})
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {unknown} (known: stage, model, data, train)")
+    kwargs: dict[str, Any] = {"source": source}
+    if "stage" in data:
+        kwargs["stage"] = data["stage"]
+    for key, cls in _SECTIONS.items():
+        value = data.get(key) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: section {key!r} must be a mapping")
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(value) - names)
+        if bad:
+            raise ConfigError(f"{source}: unknown keys in {key!r}: {bad} (known: {', '.join(sorted(names))})")
+        value = dict(value)
+        if key == "data" and "root" in value:
+            roots = value["root"]
+            value["root"] = [str(r) for r in (roots if isinstance(roots, list) else [roots])]
+        if key == "train" and "adam_betas" in value:
+            value["adam_betas"] = tuple(value["adam_betas"])
+        for num in ("lr", "weight_decay", "ema_decay", "max_grad_norm", "cond_drop", "motion_drop"):
+            if isinstance(value.get(num), str):
+                try:
+                    value[num] = float(value[num])  # PyYAML reads 1e-5 as a string
+                except ValueError:
+                    raise ConfigError(f"{source}: {key}.{num} is not a number: {value[num]!r}") from None
+        try:
+            kwargs[key] = cls(**value)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: section {key!r}: {exc}") from None
+    return TrainConfig(**kwargs).validate()
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a training YAML; `overrides` are dotted keys (e.g. {"train.max_steps": 10, "stage": 2})."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: cannot override {dotted}: {p} is not a section")
+        node[leaf] = value
+    return config_from_dict(data, source=str(path))
