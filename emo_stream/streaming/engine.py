@@ -1,0 +1,368 @@
+"""StreamingEngine: drives one backend for many live sessions.
+
+Stages, each a worker thread joined by bounded queues (so they overlap and throughput is set by the
+slowest one):
+
+    planner  -> [encode q] -> encoder -> [generate q] -> generator -> [decode q] -> decoder -> session queues
+    (windowing, VAD,          (backend.encode_audio)     (backend.denoise, or       (backend.decode,
+     idle pacing, policy)                                 backend.generate)          frame conversion)
+
+The decoder stage exists only when the backend offers denoise()/decode(); otherwise the generator
+delivers. The generator batches the ready segments of different sessions (same length, at most one per
+session, up to max_batch) into one backend call. Per session at most `max_inflight` segments are in
+the pipeline, so a fast producer cannot crowd the others out, and every queue stays small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from emo_stream.backend import Backend, samples_per_frame
+from emo_stream.errors import ImageInputError
+from emo_stream.streaming.session import Job, StreamSession
+from emo_stream.streaming.types import AvatarHandle, Clock, EngineConfig, EngineFullError, MonotonicClock
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.005   # planner wake-up period: bounds idle pacing jitter and clear() reaction time
+
+
+class _StageTimer:
+    """Busy time and call count of one stage (for stats and the benchmark)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.items = 0
+        self.busy_s = 0.0
+
+    def add(self, seconds: float, items: int = 1) -> None:
+        self.calls += 1
+        self.items += items
+        self.busy_s += seconds
+
+    def snapshot(self) -> dict:
+        return {"calls": self.calls, "items": self.items, "busy_s": round(self.busy_s, 3),
+                "mean_ms": round(1000 * self.busy_s / self.calls, 2) if self.calls else None}
+
+
+class StreamingEngine:
+    """See docs/streaming.md. Construct, `await start()`, prepare avatars, open sessions."""
+
+    def __init__(self, backend: Backend, config: EngineConfig | None = None, clock: Clock | None = None) -> None:
+        self.backend = backend
+        self.config = config or EngineConfig()
+        self.clock: Clock = clock or MonotonicClock()
+        self.fps = int(backend.fps)
+        samples_per_frame(self.fps)   # validates fps
+        self._split = callable(getattr(backend, "denoise", None)) and callable(getattr(backend, "decode", None))
+        self._max_inflight = 3 if self._split else 2
+        depth = self.config.max_sessions * self._max_inflight + 1
+        self._q_encode: queue.Queue[Job] = queue.Queue(maxsize=depth)
+        self._q_generate: queue.Queue[Job] = queue.Queue(maxsize=depth)
+        self._q_decode: queue.Queue[tuple[list[Job], Any]] = queue.Queue(maxsize=2)
+        self._sessions: dict[str, StreamSession] = {}
+        self._sessions_lock = threading.Lock()
+        self._wake_event = threading.Event()
+        self._running = False
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._vad_model = None
+        self._avatars: OrderedDict[str, AvatarHandle] = OrderedDict()
+        self._avatar_tasks: dict[str, asyncio.Future] = {}
+        self._timers = {name: _StageTimer() for name in ("plan", "encode", "generate", "denoise", "decode")}
+        self._batch_sizes: list[int] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._running:
+            return
+        self._loop = asyncio.get_running_loop()
+        if self.config.vad and self._vad_model is None:
+            try:
+                from emo_stream.streaming.vad import load_silero
+
+                self._vad_model = await asyncio.to_thread(load_silero)
+            except Exception as exc:   # the engine still works, with the energy detector
+                log.warning("silero-vad unavailable (%s): using the energy voice detector", exc)
+        self._running = True
+        stages = [("planner", self._planner), ("encoder", self._encoder), ("generator", self._generator)]
+        if self._split:
+            stages.append(("decoder", self._decoder))
+        for name, target in stages:
+            t = threading.Thread(target=target, name=f"emo-stream-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("streaming engine started: backend %s, %d fps, segment %d frames, %s stages",
+                 getattr(self.backend, "name", type(self.backend).__name__), self.fps,
+                 self.config.segment_frames, len(stages))
+
+    async def stop(self) -> None:
+        """Close every session and stop the worker threads."""
+        for session in list(self._sessions.values()):
+            await session.close()
+        self._running = False
+        self._wake_event.set()
+        threads, self._threads = self._threads, []
+        await asyncio.to_thread(lambda: [t.join(timeout=10) for t in threads])
+
+    async def __aenter__(self) -> "StreamingEngine":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def sessions(self) -> int:
+        """Number of open sessions."""
+        return len(self._sessions)
+
+    def wake(self) -> None:
+        self._wake_event.set()
+
+    # ------------------------------------------------------------------ avatars and sessions
+
+    async def prepare_avatar(self, image: np.ndarray) -> AvatarHandle:
+        """Prepare a portrait once (backend.prepare_avatar in a worker thread); cached by content hash,
+        so every session with the same photo shares its reference features."""
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ImageInputError("the portrait must be an RGB uint8 array of shape (H, W, 3)")
+        key = hashlib.sha1(repr(image.shape).encode() + np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
+        if key in self._avatars:
+            self._avatars.move_to_end(key)
+            return self._avatars[key]
+        if key in self._avatar_tasks:
+            return await asyncio.shield(self._avatar_tasks[key])
+        future = asyncio.get_running_loop().create_future()
+        self._avatar_tasks[key] = future
+        try:
+            prepared = await asyncio.to_thread(self.backend.prepare_avatar, image.copy())
+            handle = AvatarHandle(id=key, avatar=prepared, image_shape=tuple(image.shape))
+            self._avatars[key] = handle
+            self._evict_avatars()
+            future.set_result(handle)
+            return handle
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()   # retrieved: waiters (if any) get it; no "never retrieved" warning
+            raise
+        finally:
+            del self._avatar_tasks[key]
+
+    def _evict_avatars(self) -> None:
+        in_use = {s.avatar.id for s in self._sessions.values()}
+        for key in list(self._avatars):
+            if len(self._avatars) <= self.config.max_avatars:
+                break
+            if key not in in_use:
+                del self._avatars[key]
+
+    def open_session(self, avatar: AvatarHandle, seed: int = 0) -> StreamSession:
+        """A new live session on a prepared avatar. Raises EngineFullError when max_sessions are open."""
+        if not self._running or self._loop is None:
+            raise RuntimeError("the streaming engine is not started (await engine.start())")
+        if not isinstance(avatar, AvatarHandle):
+            raise TypeError("open_session needs an AvatarHandle from engine.prepare_avatar()")
+        with self._sessions_lock:
+            if len(self._sessions) >= self.config.max_sessions:
+                raise EngineFullError(f"the server is busy: all {self.config.max_sessions} avatar sessions are "
+                                      "in use, try again later")
+            state = self.backend.new_state(avatar.avatar, seed)
+            session = StreamSession(self, avatar, state, seed, self._loop, self._vad_model)
+            self._sessions[session.id] = session
+        self.wake()
+        log.info("session %s opened (avatar %s, %d/%d)", session.id, avatar.id, len(self._sessions),
+                 self.config.max_sessions)
+        return session
+
+    def _forget(self, session: StreamSession) -> None:
+        with self._sessions_lock:
+            if self._sessions.pop(session.id, None) is not None:
+                log.info("session %s closed", session.id)
+        self.wake()
+
+    def stats(self) -> dict:
+        """Engine-wide counters: stage busy times, batch sizes, queue depths."""
+        sizes = self._batch_sizes[-1000:]
+        return {
+            "backend": getattr(self.backend, "name", type(self.backend).__name__),
+            "sessions": self.sessions,
+            "stages": {k: v.snapshot() for k, v in self._timers.items() if v.calls},
+            "mean_batch": round(float(np.mean(sizes)), 2) if sizes else None,
+            "queues": {"encode": self._q_encode.qsize(), "generate": self._q_generate.qsize(),
+                       "decode": self._q_decode.qsize()},
+        }
+
+    # ------------------------------------------------------------------ stages (worker threads)
+
+    def _put(self, q: queue.Queue, item) -> bool:
+        """Blocking put that gives up when the engine stops."""
+        while self._running:
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self, q: queue.Queue):
+        while self._running:
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+        return None
+
+    def _planner(self) -> None:
+        turn = 0
+        while self._running:
+            self._wake_event.wait(POLL_S)
+            self._wake_event.clear()
+            with self._sessions_lock:
+                sessions = list(self._sessions.values())
+            if not sessions:
+                continue
+            turn = (turn + 1) % len(sessions)   # round robin: nobody is always first in the queue
+            t0 = time.perf_counter()
+            planned = 0
+            for session in sessions[turn:] + sessions[:turn]:
+                try:
+                    jobs = session.plan(self.clock.now(), self._max_inflight)
+                except Exception as exc:
+                    log.exception("session %s: planning failed", session.id)
+                    session.fail(exc)
+                    continue
+                for job in jobs:
+                    if not self._put(self._q_encode, job):
+                        return
+                planned += len(jobs)
+            if planned:
+                self._timers["plan"].add(time.perf_counter() - t0, planned)
+
+    def _encoder(self) -> None:
+        while self._running:
+            job = self._get(self._q_encode)
+            if job is None:
+                return
+            if job.stale():
+                job.session.discard(job)
+                continue
+            if job.voiced and not job.hold:
+                t0 = time.perf_counter()
+                try:
+                    job.features = self.backend.encode_audio(job.cut.window, job.cut.start, job.num_frames)
+                except Exception as exc:
+                    log.exception("session %s: audio encoding failed", job.session.id)
+                    job.session.fail(exc)
+                    continue
+                job.segment.features = job.features
+                self._timers["encode"].add(time.perf_counter() - t0)
+            self._put(self._q_generate, job)
+
+    def _next_batch(self, pending: list[Job]) -> tuple[list[Job], list[Job]]:
+        """Pick jobs for one backend call: in queue order, one per session, same length, <= max_batch.
+        Hold jobs ride along (no backend work) to keep each session's order. Returns (batch, rest)."""
+        batch: list[Job] = []
+        rest: list[Job] = []
+        seen: set[str] = set()
+        length = None
+        work = 0
+        for job in pending:
+            sid = job.session.id
+            if job.stale():
+                job.session.discard(job)
+                continue
+            if sid in seen:
+                rest.append(job)
+                continue
+            seen.add(sid)
+            if job.hold:
+                batch.append(job)
+                continue
+            if work >= self.config.max_batch or (length is not None and job.num_frames != length):
+                rest.append(job)
+                continue
+            length = job.num_frames
+            work += 1
+            batch.append(job)
+        return batch, rest
+
+    def _generator(self) -> None:
+        pending: list[Job] = []
+        while self._running:
+            if not pending:
+                job = self._get(self._q_generate)
+                if job is None:
+                    return
+                pending.append(job)
+            while True:   # everything queued now is a candidate for this batch
+                try:
+                    pending.append(self._q_generate.get_nowait())
+                except queue.Empty:
+                    break
+            batch, pending = self._next_batch(pending)
+            if not batch:
+                continue
+            work = [j for j in batch if not j.hold]
+            result = None
+            if work:
+                self._batch_sizes.append(len(work))
+                if len(self._batch_sizes) > 10000:
+                    del self._batch_sizes[:5000]
+                t0 = time.perf_counter()
+                try:
+                    if self._split:
+                        result = self.backend.denoise([j.segment for j in work])
+                    else:
+                        result = self.backend.generate([j.segment for j in work])
+                except Exception as exc:
+                    log.exception("backend %s failed on a batch of %d", "denoise" if self._split else "generate",
+                                  len(work))
+                    for j in work:
+                        j.session.fail(exc)
+                    batch = [j for j in batch if j.hold]
+                    work = []
+                self._timers["denoise" if self._split else "generate"].add(time.perf_counter() - t0, len(work))
+            if self._split:
+                self._put(self._q_decode, (batch, (work, result)))
+            else:
+                self._deliver(batch, work, result)
+
+    def _decoder(self) -> None:
+        while self._running:
+            item = self._get(self._q_decode)
+            if item is None:
+                return
+            batch, (work, latents) = item
+            frames = None
+            if work:
+                t0 = time.perf_counter()
+                try:
+                    frames = self.backend.decode([j.segment for j in work], latents)
+                except Exception as exc:
+                    log.exception("backend decode failed on a batch of %d", len(work))
+                    for j in work:
+                        j.session.fail(exc)
+                    batch = [j for j in batch if j.hold]
+                    work = []
+                self._timers["decode"].add(time.perf_counter() - t0, len(work))
+            self._deliver(batch, work, frames)
+
+    def _deliver(self, batch: list[Job], work: list[Job], frames) -> None:
+        images = {id(j): f for j, f in zip(work, frames)} if work and frames is not None else {}
+        for job in batch:
+            job.session.deliver(job, None if job.hold else images.get(id(job)))

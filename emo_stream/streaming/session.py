@@ -1,0 +1,416 @@
+"""StreamSession: one avatar's live timeline. The asyncio side (push audio, read frames, clear, close)
+and the engine's planner/stage threads meet here, under one short lock.
+
+Timeline: one continuous run of frames at the backend's fps. Pushed audio is placed on it in order;
+when none is pending, idle frames fill it, paced by the clock (never more than the idle lead ahead).
+Each frame k has a due time D(k) = max(D(k-1) + 1/fps, time its audio and look-ahead were complete):
+the earliest moment a real-time consumer can need it. A segment whose first frame is more than
+max_delay_ms past due when it is scheduled is held (previous image repeated, no backend call) so
+latency stays bounded when generation falls behind; frames ready more than late_ms after due are late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import numpy as np
+
+from emo_stream.backend import SAMPLE_RATE, SegmentJob
+from emo_stream.errors import EmoStreamError
+from emo_stream.streaming.ingest import AudioInbox, EndOfSpeech, PcmConverter
+from emo_stream.streaming.stats import SessionStats
+from emo_stream.streaming.types import AvatarHandle, OutputFrame
+from emo_stream.streaming.vad import VoiceActivity
+from emo_stream.streaming.window import AudioWindow, Cut
+
+if TYPE_CHECKING:
+    from emo_stream.streaming.engine import StreamingEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    """A segment of one session on its way through the engine's stages."""
+
+    session: "StreamSession"
+    epoch: int
+    first_index: int
+    num_frames: int
+    due: np.ndarray                 # per-frame due times (clock seconds)
+    speech: bool                    # frames carry pushed audio
+    voiced: bool = False            # rendered with audio features (VAD heard speech)
+    hold: bool = False              # fall-behind policy: repeat the previous image, no backend call
+    cut: Cut | None = None
+    segment_end: bool = False
+    features: Any = None
+    segment: SegmentJob | None = field(default=None, repr=False)
+
+    def stale(self) -> bool:
+        return self.session.job_is_stale(self)
+
+
+class StreamSession:
+    """Created by StreamingEngine.open_session(); see docs/streaming.md."""
+
+    def __init__(self, engine: "StreamingEngine", avatar: AvatarHandle, state: Any, seed: int,
+                 loop: asyncio.AbstractEventLoop, vad_model=None) -> None:
+        cfg = engine.config
+        self.id = uuid.uuid4().hex[:12]
+        self.avatar = avatar
+        self.seed = seed
+        self.state = state
+        self._engine = engine
+        self._cfg = cfg
+        self._clock = engine.clock
+        self._loop = loop
+        self.fps = engine.fps
+        self._spf = SAMPLE_RATE // engine.fps
+        self._lookahead_frames = engine.backend.audio_context.lookahead_frames
+        self._lock = threading.Lock()
+        # asyncio side
+        self._converter = PcmConverter()
+        self._frames_event = asyncio.Event()
+        self._space_event = asyncio.Event()
+        self._ts_origin: float | None = None   # sender timestamp of pushed sample 0 (gap filling)
+        self._pushed = 0                       # samples pushed since the origin
+        # shared, under _lock
+        self._inbox = AudioInbox(int(cfg.input_seconds * SAMPLE_RATE))
+        self._out: deque[OutputFrame] = deque()
+        self._epoch = 0
+        self._inflight_jobs = 0
+        self._inflight_frames = 0
+        self._next_index = 0                  # next timeline index to plan
+        self._consumed_next = 0               # next index the consumer will read
+        self._opened = self._clock.now()
+        self._due_next = self._opened         # D(next_index)
+        self._blocked = False                 # last plan stopped on output capacity
+        self._reset_pending = False
+        self._last_push = self._opened
+        self._last_speech_index = -1
+        self._mark_end_index: int | None = None
+        self._last_image: np.ndarray | None = None
+        self._closed = False
+        self._error: BaseException | None = None
+        self._stats = SessionStats(self.fps, cfg.latency_window)
+        # planner thread only
+        self._window = AudioWindow(self._spf, engine.backend.audio_context)
+        self._vad = VoiceActivity(vad_model, cfg.vad_threshold, cfg.energy_threshold_db,
+                                  int(cfg.vad_hangover_ms * SAMPLE_RATE / 1000))
+
+    # ------------------------------------------------------------------ asyncio side (event loop thread)
+
+    async def push_audio(self, pcm, sample_rate: int = SAMPLE_RATE, channels: int = 1,
+                         timestamp: float | None = None) -> None:
+        """Queue interleaved PCM (int16, float, or PCM16 bytes; any rate and channel count).
+        Awaits while the session's input queue is full (backpressure). `timestamp`: the sender's time
+        of the chunk's first sample in seconds; a jump forward (lost packets) is filled with silence."""
+        self._check_open()
+        x = self._converter.convert(pcm, sample_rate, channels)
+        if timestamp is not None:
+            x = self._fill_gap(x, float(timestamp))
+        self._pushed += len(x)
+        while len(x):
+            self._space_event.clear()
+            with self._lock:
+                if self._closed:
+                    raise EmoStreamError("the session is closed")
+                space = self._inbox.space()
+                if space:
+                    now = self._clock.now()
+                    self._inbox.put(x[:space], now)
+                    self._last_push = now
+                    x = x[space:]
+            if space:
+                self._engine.wake()
+            if len(x):
+                await self._space_event.wait()
+
+    def _fill_gap(self, x: np.ndarray, timestamp: float) -> np.ndarray:
+        if self._ts_origin is None:
+            self._ts_origin = timestamp
+            self._pushed = 0
+            return x
+        gap = timestamp - (self._ts_origin + self._pushed / SAMPLE_RATE)
+        if gap * 1000 > self._cfg.gap_fill_ms:
+            fill = int(min(gap, self._cfg.max_gap_s) * SAMPLE_RATE)
+            log.debug("session %s: %.0f ms timestamp gap filled with silence", self.id, fill / 16)
+            if gap > self._cfg.max_gap_s:   # a long pause: restart the sender clock instead
+                self._ts_origin, self._pushed = timestamp - fill / SAMPLE_RATE, 0
+            return np.concatenate([np.zeros(fill, np.float32), x])
+        if gap < -self._cfg.max_gap_s:      # the sender's clock went back: follow it
+            self._ts_origin, self._pushed = timestamp, 0
+        return x
+
+    def end_of_speech(self) -> None:
+        """The utterance is complete: its tail is generated (zero-padded to a whole frame and the
+        look-ahead) and its last frame carries segment_end."""
+        if self._closed:
+            return
+        tail = self._converter.flush()
+        with self._lock:
+            now = self._clock.now()
+            self._inbox.put(tail, now)   # a few ms at most: allowed past the bound
+            self._inbox.put_end(EndOfSpeech(now))
+            self._last_push = now
+        self._ts_origin = None
+        self._engine.wake()
+
+    def clear(self) -> None:
+        """Interrupt: drop queued audio and undelivered frames; the timeline continues with idle frames
+        from the next index the consumer reads."""
+        if self._closed:
+            return
+        self._converter.reset()
+        self._ts_origin = None
+        with self._lock:
+            self._stats.dropped_input_s += self._inbox.clear() / SAMPLE_RATE
+            self._stats.discarded_frames += len(self._out)
+            self._out.clear()
+            self._epoch += 1
+            self._inflight_jobs = self._inflight_frames = 0
+            self._next_index = self._consumed_next
+            now = self._clock.now()
+            self._due_next = now
+            self._blocked = False
+            self._reset_pending = True
+            self._mark_end_index = None
+            self._last_speech_index = self._consumed_next - 1
+        self._space_event.set()
+        self._engine.wake()
+
+    async def next_frame(self) -> OutputFrame | None:
+        """The next frame of the timeline (waits for it); None once the session is closed."""
+        while True:
+            self._frames_event.clear()
+            with self._lock:
+                if self._out:
+                    frame = self._out.popleft()
+                    self._consumed_next = frame.index + 1
+                    break
+                if self._error is not None:
+                    raise self._error
+                if self._closed:
+                    return None
+            await self._frames_event.wait()
+        self._engine.wake()   # output capacity freed
+        return frame
+
+    async def frames(self) -> AsyncIterator[OutputFrame]:
+        """Frames in order, forever, until close()."""
+        while True:
+            frame = await self.next_frame()
+            if frame is None:
+                return
+            yield frame
+
+    def stats(self) -> dict:
+        with self._lock:
+            snap = self._stats.snapshot()
+            queued = self._inbox.queued + (0 if self._reset_pending else self._window.buffered_samples())
+            speaking = queued > 0 or any(f.speech for f in self._out) or self._next_index - 1 <= \
+                self._last_speech_index
+            snap.update({
+                "input_queue_s": round(queued / SAMPLE_RATE, 3),
+                "output_queue_frames": len(self._out),
+                "inflight_frames": self._inflight_frames,
+                "next_index": self._consumed_next,
+                "state": "closed" if self._closed else ("speech" if speaking else "idle"),
+                "vad": "silero" if self._vad.uses_silero else "energy",
+            })
+        return snap
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Idempotent: frees the slot now; frames() ends; work in flight is discarded."""
+        self._shutdown()
+        self._engine._forget(self)
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._inbox.clear()
+            self._out.clear()
+            self._epoch += 1
+        self._notify(self._frames_event)
+        self._notify(self._space_event)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EmoStreamError("the session is closed")
+        if self._error is not None:
+            raise self._error
+
+    # ------------------------------------------------------------------ engine side (worker threads)
+
+    def _notify(self, event: asyncio.Event) -> None:
+        try:
+            self._loop.call_soon_threadsafe(event.set)
+        except RuntimeError:   # the loop is closed: nobody is waiting any more
+            pass
+
+    def job_is_stale(self, job: Job) -> bool:
+        return self._closed or job.epoch != self._epoch
+
+    def plan(self, now: float, max_inflight: int) -> list[Job]:
+        """Planner thread: move pushed audio into the window (VAD runs outside the lock) and cut the
+        segments that are ready; or idle segments when no audio is pending."""
+        cfg, spf = self._cfg, self._spf
+        with self._lock:
+            if self._closed or self._error is not None:
+                return []
+            reset, self._reset_pending = self._reset_pending, False
+            epoch = self._epoch
+        if reset:
+            self._window.reset()
+            self._vad.reset(self._window.pos)
+        want = (cfg.segment_frames + self._lookahead_frames + 1) * spf - self._window.buffered_samples()
+        with self._lock:
+            if epoch != self._epoch:
+                return []
+            items = self._inbox.take(max(0, want))
+        if items:
+            self._notify(self._space_event)
+        end_marks: list[EndOfSpeech] = []
+        for item in items:
+            if isinstance(item, EndOfSpeech):
+                if not self._window.close_utterance(item.time, item.explicit):
+                    end_marks.append(item)
+                self._vad.feed(np.zeros(self._window.end - self._vad.fed, np.float32))
+            else:
+                self._window.append(item[0], item[1])
+                self._vad.feed(item[0])
+
+        jobs: list[Job] = []
+        with self._lock:
+            if epoch != self._epoch:
+                return []   # cleared meanwhile: the next pass resets the window
+            if end_marks and self._last_speech_index >= self._consumed_next:
+                self._mark_utterance_end(self._last_speech_index)
+            while self._inflight_jobs < max_inflight:
+                capacity = cfg.output_frames - len(self._out) - self._inflight_frames
+                ready = self._window.frames_ready()
+                if ready >= cfg.segment_frames or (ready > 0 and self._window.pending_flush()):
+                    n = min(cfg.segment_frames, ready)
+                    if capacity < n:
+                        self._blocked = True
+                        break
+                    jobs.append(self._speech_job(now, n, epoch))
+                elif self._window.buffered_samples() or self._inbox.pending():
+                    # speech under way but incomplete: wait for audio, unless the sender has stalled
+                    if (now - self._last_push > cfg.stall_flush_s and not self._inbox.pending()
+                            and self._window.buffered_samples()):
+                        log.debug("session %s: input stalled, flushing %d samples", self.id,
+                                  self._window.buffered_samples())
+                        self._window.close_utterance(now, explicit=False)
+                        self._vad.feed(np.zeros(self._window.end - self._vad.fed, np.float32))
+                        continue
+                    break
+                else:
+                    n = cfg.segment_frames
+                    if capacity < n:
+                        self._blocked = True
+                        break
+                    if self._blocked:
+                        self._due_next = max(self._due_next, now)
+                        self._blocked = False
+                    if self._due_next + (n - 1) / self.fps > now + cfg.lead_frames / self.fps:
+                        break
+                    due = self._due_next + np.arange(n) / self.fps
+                    jobs.append(self._add_job(Job(self, epoch, self._next_index, n, due, speech=False)))
+            self._vad.forget_before(self._window.pos)
+        return jobs
+
+    def _speech_job(self, now: float, n: int, epoch: int) -> Job:
+        cut = self._window.cut(n)
+        if self._blocked:   # waiting on the consumer is not falling behind
+            self._due_next = max(self._due_next, now)
+            self._blocked = False
+        due = np.empty(n, np.float64)
+        d = self._due_next
+        for i in range(n):
+            due[i] = d = max(d, cut.complete[i])
+            d += 1 / self.fps
+        hold = (now - due[0]) * 1000 > self._cfg.max_delay_ms
+        lo = cut.first_frame * self._spf
+        voiced = self._vad.voiced(lo, lo + (n + self._lookahead_frames) * self._spf) and not hold
+        job = Job(self, epoch, self._next_index, n, due, speech=True, voiced=voiced, hold=hold, cut=cut,
+                  segment_end=cut.end_of_speech)
+        if hold:
+            log.debug("session %s: %.0f ms behind, holding frames %d-%d", self.id, (now - due[0]) * 1000,
+                      job.first_index, job.first_index + n - 1)
+        self._add_job(job)
+        self._last_speech_index = job.first_index + n - 1
+        return job
+
+    def _add_job(self, job: Job) -> Job:
+        self._next_index += job.num_frames
+        self._due_next = float(job.due[-1]) + 1 / self.fps
+        self._inflight_jobs += 1
+        self._inflight_frames += job.num_frames
+        job.segment = SegmentJob(avatar=self.avatar.avatar, state=self.state, features=None,
+                                 num_frames=job.num_frames, speech=job.voiced)
+        return job
+
+    def _mark_utterance_end(self, index: int) -> None:
+        """end_of_speech arrived after the utterance's frames were cut: flag its last frame."""
+        for i, f in enumerate(self._out):
+            if f.index == index:
+                self._out[i] = OutputFrame(f.index, f.pts, f.image, f.audio, f.speech, True, f.voiced,
+                                           f.dropped)
+                return
+        self._mark_end_index = index
+
+    def deliver(self, job: Job, images: np.ndarray | None) -> None:
+        """Stage thread: frames of a finished job enter the output queue (or are discarded if stale)."""
+        now = self._clock.now()
+        spf, n = self._spf, job.num_frames
+        with self._lock:
+            if job.epoch != self._epoch or self._closed:
+                self._stats.discarded_frames += n
+                return
+            self._inflight_jobs -= 1
+            self._inflight_frames -= n
+            size = self._engine.backend.size
+            for i in range(n):
+                index = job.first_index + i
+                if job.hold or images is None:
+                    image = self._last_image if self._last_image is not None else np.zeros((size, size, 3),
+                                                                                          np.uint8)
+                else:
+                    image = np.ascontiguousarray(images[i])
+                    self._last_image = image
+                audio = job.cut.audio[i * spf:(i + 1) * spf] if job.speech else np.zeros(spf, np.float32)
+                end = (job.segment_end and i == n - 1) or index == self._mark_end_index
+                self._out.append(OutputFrame(index=index, pts=index / self.fps, image=image, audio=audio,
+                                             speech=job.speech, segment_end=end, voiced=job.voiced,
+                                             dropped=job.hold))
+                latency = now - float(job.cut.complete[i]) if job.speech else None
+                late = (now - float(job.due[i])) * 1000 > self._cfg.late_ms
+                self._stats.record(now, job.speech, job.voiced, job.hold, late, latency)
+        self._notify(self._frames_event)
+
+    def discard(self, job: Job) -> None:
+        """A stale job leaves the pipeline without work."""
+        self.deliver(job, None)
+
+    def fail(self, exc: BaseException) -> None:
+        """A backend error: the consumer gets it from frames(); other sessions go on."""
+        if not isinstance(exc, EmoStreamError):
+            exc = EmoStreamError(f"generation failed: {exc.__class__.__name__}: {exc}")
+        with self._lock:
+            if self._error is None:
+                self._error = exc
+        self._notify(self._frames_event)
+        self._notify(self._space_event)

@@ -1,0 +1,102 @@
+"""Value types of the streaming engine: its configuration, the frames it emits, avatar handles, errors."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from emo_stream.errors import ConfigError, EmoStreamError
+
+
+class EngineFullError(EmoStreamError):
+    """Every session slot of the engine is taken; the caller should retry later or use another server."""
+
+
+class Clock(Protocol):
+    def now(self) -> float:
+        """Monotonic seconds."""
+
+
+class MonotonicClock:
+    """The default clock: time.monotonic(). Tests inject a fake one with the same .now()."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+
+@dataclass
+class EngineConfig:
+    """Knobs of the streaming engine. Validated once here (ConfigError on bad values)."""
+
+    segment_frames: int = 8          # frames per generated segment: the latency/quality knob
+    max_sessions: int = 4            # open_session beyond this raises EngineFullError
+    max_batch: int = 4               # sessions batched into one backend call
+    input_seconds: float = 30.0      # queued input audio per session before push_audio awaits
+    output_frames: int = 50          # generated-but-undelivered frames per session (incl. in flight)
+    idle_lead_frames: int | None = None  # idle frames generated at most this far ahead (default segment+2)
+    vad: bool = True                 # silero-vad; False: a cheap energy detector
+    vad_threshold: float = 0.5       # silero speech probability threshold
+    energy_threshold_db: float = -45.0  # energy detector threshold (dBFS RMS) when vad=False
+    vad_hangover_ms: float = 200.0   # a segment this close after speech is still rendered as speech
+    max_delay_ms: float = 1000.0     # fall-behind policy: segments due longer ago than this are held
+    late_ms: float = 200.0           # a frame ready more than this after its due time counts as late
+    gap_fill_ms: float = 60.0        # timestamp gaps longer than this are filled with silence
+    max_gap_s: float = 2.0           # ... up to this much silence per gap
+    stall_flush_s: float = 1.0       # partial speech with no new audio for this long is flushed
+    max_avatars: int = 16            # prepared avatars kept in the cache (unused ones are evicted)
+    latency_window: int = 1000       # frames kept for latency percentiles
+
+    def __post_init__(self) -> None:
+        ints = {"segment_frames": 1, "max_sessions": 1, "max_batch": 1, "output_frames": 1, "max_avatars": 1,
+                "latency_window": 10}
+        for name, low in ints.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"engine {name} must be an integer >= {low}: got {value!r}")
+        if self.output_frames < self.segment_frames:
+            raise ConfigError(f"engine output_frames ({self.output_frames}) must be >= segment_frames "
+                              f"({self.segment_frames})")
+        if self.idle_lead_frames is not None and (not isinstance(self.idle_lead_frames, int)
+                                                  or self.idle_lead_frames < 1):
+            raise ConfigError(f"engine idle_lead_frames must be a positive integer: got {self.idle_lead_frames!r}")
+        for name in ("input_seconds", "max_delay_ms", "late_ms", "stall_flush_s"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigError(f"engine {name} must be > 0: got {getattr(self, name)!r}")
+        if not 0 < self.vad_threshold < 1:
+            raise ConfigError(f"engine vad_threshold must be in (0, 1): got {self.vad_threshold!r}")
+
+    @property
+    def lead_frames(self) -> int:
+        return self.idle_lead_frames if self.idle_lead_frames is not None else self.segment_frames + 2
+
+
+@dataclass(frozen=True, eq=False)
+class AvatarHandle:
+    """A prepared portrait, shared by every session that uses it. `avatar` is the backend's object."""
+
+    id: str
+    avatar: Any = field(repr=False)
+    image_shape: tuple[int, ...] = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AvatarHandle) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+@dataclass(frozen=True, eq=False)
+class OutputFrame:
+    """One frame of a session's 25 fps timeline and the exact audio it covers."""
+
+    index: int                  # 0, 1, 2, ... consecutive, never skipped
+    pts: float                  # index / fps: seconds on the session's audio clock
+    image: np.ndarray           # (size, size, 3) uint8 RGB
+    audio: np.ndarray           # float32 16 kHz mono, 16000 / fps samples (zeros when idle)
+    speech: bool                # from pushed audio (True) or idle fill (False)
+    segment_end: bool = False   # last frame of an utterance closed by end_of_speech
+    voiced: bool = False        # VAD heard speech in this frame's segment (rendered with audio features)
+    dropped: bool = False       # fall-behind policy: held (previous image repeated) instead of generated
