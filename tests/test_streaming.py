@@ -385,3 +385,50 @@ async def test_timestamp_gap_is_filled_with_silence(image):
     got = np.concatenate([f.audio for f in frames if f.speech])
     np.testing.assert_array_equal(got, padded(np.concatenate([a, np.zeros(4800, np.float32), a])))
     await engine.stop()
+
+
+class SplitBackend(TickBackend):
+    """denoise/decode split: the engine overlaps decoding of one batch with denoising of the next."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__()
+        self.stage_delay = delay
+        self.intervals: dict[str, list[tuple[float, float]]] = {"denoise": [], "decode": []}
+
+    def denoise(self, jobs):
+        t0 = time.perf_counter()
+        time.sleep(self.stage_delay)
+        latents = TickBackend.generate(self, jobs)   # advances each job's state here
+        self.intervals["denoise"].append((t0, time.perf_counter()))
+        return latents
+
+    def decode(self, jobs, latents):
+        t0 = time.perf_counter()
+        time.sleep(self.stage_delay)
+        self.intervals["decode"].append((t0, time.perf_counter()))
+        return [x.copy() for x in latents]
+
+    def generate(self, jobs):   # not used when denoise/decode exist
+        raise AssertionError("the engine should use denoise/decode")
+
+
+async def test_split_backend_pipelines_denoise_and_decode(image):
+    backend = SplitBackend(delay=0.02)
+    engine = await open_engine(backend, segment_frames=4, max_sessions=2, max_batch=1)
+    avatar = await engine.prepare_avatar(image)
+    sessions = [engine.open_session(avatar, seed=i) for i in range(2)]
+    audio = tone(1.0)
+    for s in sessions:
+        await s.push_audio(audio)
+        s.end_of_speech()
+    results = await asyncio.gather(*(read_until(s, lambda f: f.segment_end) for s in sessions))
+    for frames in results:
+        check_timeline(frames)
+        assert np.array_equal(np.concatenate([f.audio for f in frames if f.speech]), padded(audio))
+        for f in frames:
+            assert int(f.image[0, 0, 0]) + 256 * int(f.image[0, 0, 1]) == f.index
+    # some decode ran while another batch was being denoised
+    den, dec = backend.intervals["denoise"], backend.intervals["decode"]
+    assert any(a0 < b1 and b0 < a1 for a0, a1 in den for b0, b1 in dec)
+    assert set(engine.stats()["stages"]) >= {"denoise", "decode", "encode"}
+    await engine.stop()
