@@ -1,0 +1,14 @@
+"""The EMO model: ReferenceNet, video backbone, attention processors, audio encoder, face locator, speed layers.
+
+    from emo_stream.models import EmoModel, load_config
+    model = EmoModel.build("tiny")                 # random weights from a preset
+    model = EmoModel.from_pretrained("ckpt/")      # our own checkpoint
+    model = init_from_folders("sd15", sd15=..., wav2vec2=..., motion_adapter=..., taesd=...)
+"""
+
+from emo_stream.models.config import EmoConfig, load_config
+from emo_stream.models.emo_model import Conditioning, EmoModel
+from emo_stream.models.init_weights import init_from_folders
+from emo_stream.models.reference_net import ReferenceFeatures
+
+__all__ = ["EmoConfig", "EmoModel", "Conditioning", "ReferenceFeatures", "init_from_folders", "load_config"]

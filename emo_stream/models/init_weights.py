@@ -1,0 +1,200 @@
+"""Initialising EMO from pretrained folders a user downloaded (nothing is ever downloaded here).
+
+    init_from_folders(config, sd15="models/stable-diffusion-v1-5",        # diffusers folder: unet/, vae/
+                      wav2vec2="models/wav2vec2-base-960h",               # transformers folder
+                      motion_adapter="models/animatediff-motion-adapter-v1-5-2",  # optional diffusers folder
+                      taesd="models/taesd")                               # optional diffusers folder
+
+State dicts are read from the folders' safetensors (or .bin, or sharded) files and loaded strictly into
+modules built from our preset, so a wrong folder or a mismatched size fails with a WeightsError naming the
+file, the key and both shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, MotionAdapter, UNet2DConditionModel
+from torch import nn
+
+from emo_stream.errors import WeightsError
+from emo_stream.models.audio_encoder import AudioEncoder
+from emo_stream.models.config import EmoConfig, load_config
+
+log = logging.getLogger(__name__)
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                     "diffusion_pytorch_model.fp16.safetensors")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A .safetensors, .bin or sharded (*.index.json) weights file -> state dict (CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.name.endswith(".index.json"):
+            index = json.loads(path.read_text())
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(index["weight_map"].values())):
+                state.update(read_state_dict(path.parent / shard))
+            return state
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except WeightsError:
+        raise
+    except Exception as exc:  # corrupt/truncated files: name the file, keep one line
+        raise WeightsError(f"cannot read weights file {path}: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def find_weights(folder: Path, what: str) -> Path:
+    """The weights file of a diffusers model folder (single file or sharded)."""
+    if not folder.is_dir():
+        raise WeightsError(f"{what} folder not found: {folder}")
+    for name in DIFFUSERS_WEIGHTS + tuple(n + ".index.json" for n in DIFFUSERS_WEIGHTS):
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsError(f"{what} folder {folder} has no weights file (expected {DIFFUSERS_WEIGHTS[0]}); "
+                       f"is this the right folder?")
+
+
+def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path,
+                 ignore_unexpected: tuple[str, ...] = ()) -> None:
+    """Strict load with one-line errors: the first missing key, unexpected key or shape mismatch, by name."""
+    own = module.state_dict()
+    for key, value in state.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise WeightsError(f"{source}: shape mismatch for {key}: file has {tuple(value.shape)}, "
+                               f"model expects {tuple(own[key].shape)} (weights for a different model size?)")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own and not k.startswith(ignore_unexpected)]
+    if missing:
+        raise WeightsError(f"{source}: {len(missing)} weights missing, e.g. {missing[0]} "
+                           f"{tuple(own[missing[0]].shape)} (wrong folder or model type?)")
+    if unexpected:
+        raise WeightsError(f"{source}: {len(unexpected)} unexpected weights, e.g. {unexpected[0]} "
+                           f"{tuple(state[unexpected[0]].shape)} (wrong folder or model type?)")
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+
+
+_OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _modernise_vae_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Old diffusers VAE folders name the mid-block attention query/key/value/proj_attn."""
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if "attentions" in parts and len(parts) >= 2 and parts[-2] in _OLD_VAE_ATTENTION:
+            key = ".".join(parts[:-2] + [_OLD_VAE_ATTENTION[parts[-2]], parts[-1]])
+            if value.ndim == 4:  # 1x1 conv weights of very old checkpoints
+                value = value[:, :, 0, 0]
+        out[key] = value
+    return out
+
+
+def load_unet2d(folder: str | Path, config: EmoConfig) -> UNet2DConditionModel:
+    """SD1.5 `unet` folder (or its parent) -> UNet2DConditionModel shaped by the preset."""
+    folder = Path(folder)
+    if (folder / "unet").is_dir():
+        folder = folder / "unet"
+    path = find_weights(folder, "UNet")
+    unet = UNet2DConditionModel(**config.unet)
+    load_checked(unet, read_state_dict(path), path)
+    return unet
+
+
+def load_vae(folder: str | Path, config: EmoConfig) -> AutoencoderKL:
+    folder = Path(folder)
+    if (folder / "vae").is_dir():
+        folder = folder / "vae"
+    path = find_weights(folder, "VAE")
+    vae = AutoencoderKL(**config.vae)
+    load_checked(vae, _modernise_vae_keys(read_state_dict(path)), path)
+    return vae
+
+
+def load_motion_adapter(folder: str | Path, config: EmoConfig) -> MotionAdapter:
+    path = find_weights(Path(folder), "MotionAdapter")
+    adapter = MotionAdapter(**config.motion_adapter)
+    load_checked(adapter, read_state_dict(path), path)
+    return adapter
+
+
+def load_taesd(folder: str | Path, config: EmoConfig) -> AutoencoderTiny:
+    if config.taesd is None:
+        raise WeightsError("a TAESD folder was given but the model config has no taesd section")
+    path = find_weights(Path(folder), "TAESD")
+    taesd = AutoencoderTiny(**config.taesd)
+    load_checked(taesd, read_state_dict(path), path)
+    return taesd
+
+
+def load_wav2vec2(folder: str | Path, config: EmoConfig) -> AudioEncoder:
+    """A transformers wav2vec2 folder (Wav2Vec2Model or Wav2Vec2ForCTC checkpoint), offline only."""
+    from transformers import Wav2Vec2Model
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise WeightsError(f"wav2vec2 folder {folder} has no config.json: expected a transformers model folder")
+    try:
+        model = Wav2Vec2Model.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot load wav2vec2 from {folder}: {str(exc).splitlines()[0]}") from None
+    for key in ("hidden_size", "num_hidden_layers"):
+        want = config.wav2vec2.get(key)
+        got = getattr(model.config, key)
+        if want is not None and want != got:
+            raise WeightsError(f"{folder / 'config.json'}: {key} is {got}, the model config expects {want}")
+    return AudioEncoder(model, config.audio.window)
+
+
+def init_from_folders(config: EmoConfig | str, sd15: str | Path, wav2vec2: str | Path,
+                      motion_adapter: str | Path | None = None, taesd: str | Path | None = None):
+    """Build an EmoModel from pretrained parts. Parameters not covered by any folder are newly initialised
+    (random, with zero outputs where they feed pretrained layers) and logged."""
+    from emo_stream.models.emo_model import EmoModel
+
+    if isinstance(config, str):
+        config = load_config(config)
+    sd15 = Path(sd15)
+    if not sd15.is_dir():
+        raise WeightsError(f"SD1.5 folder not found: {sd15}")
+    unet = load_unet2d(sd15, config)
+    vae = load_vae(sd15, config)
+    adapter = load_motion_adapter(motion_adapter, config) if motion_adapter else None
+    tiny = load_taesd(taesd, config) if taesd else None
+    audio = load_wav2vec2(wav2vec2, config)
+    model = EmoModel.build(config, unet2d=unet, motion_adapter=adapter, audio_encoder=audio, vae=vae, taesd=tiny)
+    fresh = newly_initialised(model, adapter_loaded=adapter is not None, taesd_loaded=tiny is not None)
+    for group, count in fresh.items():
+        log.info("newly initialised: %s (%d parameters)", group, count)
+    return model
+
+
+def newly_initialised(model, adapter_loaded: bool, taesd_loaded: bool) -> dict[str, int]:
+    """Parameter groups of `model` that no pretrained folder provided, with their sizes."""
+    groups: dict[str, int] = {}
+
+    def add(group: str, n: int) -> None:
+        if n:
+            groups[group] = groups.get(group, 0) + n
+
+    for name, p in model.named_parameters():
+        if name.startswith(("audio_proj.", "speed_encoder.", "face_locator.")):
+            add(name.split(".")[0], p.numel())
+        elif name.startswith("backbone.") and ".processor." in name:
+            add("backbone speed-attention" if ".motion_modules." in name else "backbone audio-attention", p.numel())
+        elif name.startswith("backbone.") and ".motion_modules." in name and not adapter_loaded:
+            add("backbone temporal modules (no motion adapter given)", p.numel())
+        elif name.startswith("taesd.") and not taesd_loaded:
+            add("taesd (no TAESD folder given)", p.numel())
+    return groups
