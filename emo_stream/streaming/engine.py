@@ -72,6 +72,10 @@ class StreamingEngine:
         self._sessions: dict[str, StreamSession] = {}
         self._sessions_lock = threading.Lock()
         self._wake_event = threading.Event()
+        # prepare_avatar and denoise/generate both run the backend's reference network (EMO keeps its
+        # captured features in one store): never at the same time. encode_audio and decode use other
+        # modules and overlap freely with them.
+        self._model_lock = threading.Lock()
         self._running = False
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -150,7 +154,7 @@ class StreamingEngine:
         future = asyncio.get_running_loop().create_future()
         self._avatar_tasks[key] = future
         try:
-            prepared = await asyncio.to_thread(self.backend.prepare_avatar, image.copy())
+            prepared = await asyncio.to_thread(self._prepare_locked, image.copy())
             handle = AvatarHandle(id=key, avatar=prepared, image_shape=tuple(image.shape))
             self._avatars[key] = handle
             self._evict_avatars()
@@ -162,6 +166,10 @@ class StreamingEngine:
             raise
         finally:
             del self._avatar_tasks[key]
+
+    def _prepare_locked(self, image: np.ndarray) -> Any:
+        with self._model_lock:
+            return self.backend.prepare_avatar(image)
 
     def _evict_avatars(self) -> None:
         in_use = {s.avatar.id for s in self._sessions.values()}
@@ -325,10 +333,11 @@ class StreamingEngine:
                     del self._batch_sizes[:5000]
                 t0 = time.perf_counter()
                 try:
-                    if self._split:
-                        result = self.backend.denoise([j.segment for j in work])
-                    else:
-                        result = self.backend.generate([j.segment for j in work])
+                    with self._model_lock:
+                        if self._split:
+                            result = self.backend.denoise([j.segment for j in work])
+                        else:
+                            result = self.backend.generate([j.segment for j in work])
                 except Exception as exc:
                     log.exception("backend %s failed on a batch of %d", "denoise" if self._split else "generate",
                                   len(work))
