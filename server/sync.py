@@ -169,10 +169,13 @@ class DropQueue(Generic[T]):
 class Subscription:
     """What one consumer receives: frames (with their 16 kHz audio) and/or 20 ms audio chunks at 48 kHz."""
 
-    def __init__(self, playout: "Playout", name: str, frames: int | None, audio: int | None):
+    def __init__(self, playout: "Playout", name: str, frames: int | None, audio: int | None,
+                 frames_sink: Any = None):
         self.playout = playout
         self.name = name
-        self.frames: DropQueue[PlayoutFrame] | None = DropQueue(frames) if frames else None
+        # frames_sink: any object with put/close/dropped (e.g. a WebSocket outbox that keeps frames and
+        # events in one ordered stream); otherwise a DropQueue of `frames` entries
+        self.frames: DropQueue[PlayoutFrame] | None = frames_sink or (DropQueue(frames) if frames else None)
         self.audio: DropQueue[AudioChunk] | None = DropQueue(audio) if audio else None
 
     @property
@@ -226,8 +229,9 @@ class Playout:
         self.finished = asyncio.Event()
 
     # -- subscribers ---------------------------------------------------------------------------
-    def subscribe(self, name: str, frames: int | None = 3, audio: int | None = 10) -> Subscription:
-        sub = Subscription(self, name, frames, audio)
+    def subscribe(self, name: str, frames: int | None = 3, audio: int | None = 10,
+                  frames_sink: Any = None) -> Subscription:
+        sub = Subscription(self, name, frames, audio, frames_sink)
         self._subs.append(sub)
         return sub
 

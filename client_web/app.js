@@ -1,0 +1,166 @@
+// The talk page: mic -> WebRTC -> server; the avatar's video and lip-synced audio come back on video#avatar.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const video = $("avatar"), startBtn = $("start"), stopBtn = $("stop"), muteBtn = $("mute");
+  const MAX_UPLOAD = 8 * 1024 * 1024;
+  const TYPES = ["image/jpeg", "image/png", "image/webp"];
+
+  let conn = null, pc = null, mic = null, sessionId = null, avatarId = null;
+  window.emo = { frames: 0, stats: null, state: "idle" };  // read by tests and curious users
+
+  function setState(text, cls) {
+    $("state").textContent = text;
+    $("state").className = `state ${cls || text}`;
+    window.emo.state = text;
+  }
+  function showError(text) {
+    $("error").textContent = text || "";
+    $("error").hidden = !text;
+  }
+  function notice(text) {
+    $("notice").textContent = text || "";
+    $("notice").hidden = !text;
+  }
+
+  function onEvent(msg) {
+    switch (msg.type) {
+      case "stats": {
+        window.emo.stats = msg;
+        const lat = msg.latency_ms || {};
+        $("latency").textContent = lat.p95 != null ? `${Math.round(lat.p95)} ms` : "-";
+        const fps = msg.playout ? msg.playout.playout_fps : msg.fps;
+        $("fps").textContent = fps != null ? Number(fps).toFixed(1) : "-";
+        $("av-offset").textContent = msg.playout ? `${msg.playout.av_offset_ms} ms` : "-";
+        break;
+      }
+      case "error":
+        showError(msg.message);
+        if (msg.fatal) stop("error");
+        break;
+      case "session_ended":
+        if (msg.session === sessionId) { notice(`session ended: ${msg.reason}`); stop("ended"); }
+        break;
+      case "disconnected":
+        if (pc) { showError("lost the connection to the server"); stop("error"); }
+        conn = null;
+        break;
+      default:
+        break;
+    }
+  }
+
+  async function connection() {
+    if (!conn) conn = new EmoSignal.Connection(onEvent);
+    await conn.open();
+    return conn;
+  }
+
+  async function start() {
+    showError("");
+    notice("");
+    startBtn.disabled = true;
+    setState("starting");
+    try {
+      const cap = await fetch(EmoSignal.apiUrl("/api/capacity"));
+      if (cap.status === 503) throw new Error("the server is busy (all session slots are in use); try again later");
+      if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+        throw new Error("this page needs microphone access: open it over https:// or on localhost");
+      }
+      mic = await navigator.mediaDevices.getUserMedia({
+        audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
+        video: false,
+      });
+      pc = new RTCPeerConnection();
+      const remote = new MediaStream();
+      pc.ontrack = (e) => {
+        remote.addTrack(e.track);
+        video.srcObject = remote;
+        video.play().catch(() => {});
+      };
+      pc.onconnectionstatechange = () => {
+        if (!pc) return;
+        $("conn").textContent = pc.connectionState;
+        if (pc.connectionState === "connected") setState("live");
+        if (pc.connectionState === "failed") { showError("the media connection failed"); stop("error"); }
+      };
+      for (const track of mic.getAudioTracks()) pc.addTrack(track, mic);
+      pc.addTransceiver("video", { direction: "recvonly" });
+      await pc.setLocalDescription(await pc.createOffer());
+      await EmoSignal.gatheringComplete(pc);
+      const c = await connection();
+      const reply = await c.request({
+        type: "start",
+        avatar: avatarId || undefined,
+        webrtc: { type: "offer", sdp: pc.localDescription.sdp },
+        stats_interval: 1,
+      }, "session_started");
+      sessionId = reply.session;
+      $("session").textContent = sessionId;
+      $("viewer-link").href = reply.viewer_url;
+      await pc.setRemoteDescription(reply.answer);
+      stopBtn.disabled = false;
+      EmoSignal.countFrames(video, (fps) => { $("display-fps").textContent = fps.toFixed(1); });
+    } catch (err) {
+      showError(err.message || String(err));
+      await stop("error");
+    }
+  }
+
+  async function stop(reason) {
+    const wasLive = !!pc;
+    if (conn && sessionId && reason !== "ended") {
+      try { conn.send({ type: "stop" }); } catch (_) { /* already gone */ }
+    }
+    sessionId = null;
+    if (pc) { pc.ontrack = null; pc.onconnectionstatechange = null; pc.close(); pc = null; }
+    if (mic) { mic.getTracks().forEach((t) => t.stop()); mic = null; }
+    video.srcObject = null;
+    startBtn.disabled = false;
+    stopBtn.disabled = true;
+    $("conn").textContent = "-";
+    $("session").textContent = "-";
+    if (reason === "error") setState("error");
+    else setState(wasLive || reason ? "idle" : "idle");
+  }
+
+  muteBtn.addEventListener("click", () => {
+    video.muted = !video.muted;
+    muteBtn.setAttribute("aria-pressed", String(video.muted));
+    muteBtn.textContent = video.muted ? "Unmute avatar" : "Mute avatar";
+  });
+
+  $("avatar-file").addEventListener("change", async (e) => {
+    const file = e.target.files[0];
+    e.target.value = "";
+    if (!file) return;
+    showError("");
+    if (!TYPES.includes(file.type)) { showError("choose a JPEG, PNG or WebP image"); return; }
+    if (file.size > MAX_UPLOAD) { showError("that image is larger than 8 MB"); return; }
+    $("avatar-status").textContent = "preparing the portrait\u2026";
+    try {
+      const c = await connection();
+      const announce = c.request({ type: "avatar", content_type: file.type, size: file.size }, "avatar_ready", 60000);
+      c.send(await file.arrayBuffer());
+      const reply = await announce;
+      avatarId = reply.avatar;
+      const img = $("avatar-preview");
+      img.src = URL.createObjectURL(file);
+      img.hidden = false;
+      $("avatar-status").textContent = sessionId ? "ready: used from the next start" : "ready: press start";
+    } catch (err) {
+      $("avatar-status").textContent = "upload failed";
+      showError(err.message || String(err));
+    }
+  });
+
+  startBtn.addEventListener("click", start);
+  stopBtn.addEventListener("click", () => stop());
+  video.addEventListener("playing", () => { window.emo.playing = true; });
+  if ("requestVideoFrameCallback" in HTMLVideoElement.prototype) {
+    const count = () => { window.emo.frames += 1; video.requestVideoFrameCallback(count); };
+    video.requestVideoFrameCallback(count);
+  }
+  window.addEventListener("pagehide", () => { if (conn) conn.close(); });
+})();

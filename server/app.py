@@ -1,0 +1,160 @@
+"""The streaming server: one asyncio process serving pages, WebRTC signalling and the bot API on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+
+from emo_stream.errors import ConfigError
+
+from server.avatars import AvatarStore
+from server.config import ServerConfig
+from server.http import HttpRoutes
+from server.sessions import SessionManager
+from server.sync import Clock, MonotonicClock
+from server.ws_api import Connection
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(config: ServerConfig, clock: Clock) -> Any:
+    """Backend by name (emo_stream.backends) inside the streaming engine; model loading happens here."""
+    from emo_stream.backends import create_backend
+    from emo_stream.streaming import EngineConfig, StreamingEngine
+
+    backend = create_backend(config.backend, config.model, size=config.size, fps=config.fps, device=config.device)
+    options = dataclasses.asdict(config.engine)
+    try:
+        engine_config = EngineConfig(max_sessions=config.sessions.max_sessions, **options)
+    except TypeError as exc:
+        raise ConfigError(f"engine settings: {exc}") from None
+    return StreamingEngine(backend, engine_config, clock=clock)
+
+
+def default_image(config: ServerConfig):
+    if config.avatar:
+        from emo_stream.media import load_image
+
+        return load_image(config.avatar)
+    from emo_stream.preview.default_avatar import default_portrait
+
+    return default_portrait(config.size)
+
+
+class StreamServer:
+    """`await start()`, then `url`; `await stop()`. Tests may pass a ready engine and a clock."""
+
+    def __init__(self, config: ServerConfig, *, engine: Any = None, clock: Clock | None = None,
+                 virtual_camera: bool = False):
+        config.ensure_token()
+        self.config = config
+        self.clock = clock or MonotonicClock()
+        self.engine = engine
+        self.virtual_camera = virtual_camera
+        self.sessions: SessionManager | None = None
+        self.avatars: AvatarStore | None = None
+        self.started = time.time()
+        self.port = config.port
+        self._server: Server | None = None
+        self._camera: Any = None
+        self._connections = 0
+
+    @property
+    def backend_name(self) -> str:
+        backend = getattr(self.engine, "backend", None)
+        return str(getattr(backend, "name", None) or self.config.backend or "preview")
+
+    @property
+    def base_url(self) -> str:
+        if self.config.public_url:
+            return self.config.public_url.rstrip("/")
+        host = self.config.host
+        if ":" in host:
+            host = f"[{host}]"
+        elif host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The talk page's URL (with the token when one is needed)."""
+        suffix = f"/?token={self.config.token}" if self.config.auth_required and self.config.token else "/"
+        return self.base_url + suffix
+
+    def viewer_url(self, session_id: str) -> str:
+        url = f"{self.base_url}/viewer?session={session_id}"
+        if self.config.auth_required and self.config.token:
+            url += f"&token={self.config.token}"
+        return url
+
+    def health(self) -> dict:
+        return {
+            "status": "ok" if self._server is not None else "starting",
+            "backend": self.backend_name,
+            "sessions": len(self.sessions) if self.sessions else 0,
+            "max_sessions": self.config.sessions.max_sessions,
+            "viewers": sum(s.viewers for s in self.sessions.all()) if self.sessions else 0,
+            "connections": self._connections,
+            "size": self.config.size,
+            "fps": self.config.fps,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+    async def start(self) -> None:
+        cfg = self.config
+        if self.engine is None:
+            self.engine = await asyncio.to_thread(build_engine, cfg, self.clock)
+        await self.engine.start()
+        self.avatars = AvatarStore(self.engine, cfg.limits.max_avatars, cfg.limits.max_image_pixels)
+        image = await asyncio.to_thread(default_image, cfg)
+        await self.avatars.set_default(image)
+        self.sessions = SessionManager(self.engine, cfg, self.clock)
+        self.sessions.start()
+        self._server = await serve(
+            self._handle, cfg.host, cfg.port,
+            process_request=HttpRoutes(self),
+            max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
+            max_queue=16,
+            ping_interval=cfg.keepalive.ping_interval_s,
+            ping_timeout=cfg.keepalive.ping_timeout_s,
+            compression=None,  # audio and JPEG do not compress; save the CPU
+            server_header="emo-stream",
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        if self.virtual_camera:
+            from server.virtual_camera import VirtualCamera
+
+            self._camera = VirtualCamera.try_start(self)
+        log.info("serving on %s (backend %s, %d sessions max)", self.base_url, self.backend_name,
+                 cfg.sessions.max_sessions)
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self._connections += 1
+        try:
+            await Connection(self, ws).run()
+        except Exception:  # one broken connection never takes the server (or other sessions) down
+            log.exception("connection failed")
+        finally:
+            self._connections -= 1
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def stop(self) -> None:
+        if self._camera is not None:
+            self._camera.stop()
+        if self._server is not None:
+            self._server.close()
+        if self.sessions is not None:
+            await self.sessions.close_all()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        if self.engine is not None:
+            await self.engine.stop()

@@ -1,0 +1,122 @@
+"""WebRTC with aiortc: tracks that play a session's Playout, the browser's mic into the engine, SDP answers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from server.sync import QueueClosed, Subscription
+
+log = logging.getLogger(__name__)
+
+
+class PlayoutVideoTrack(MediaStreamTrack):
+    """Video frames of one subscription; pacing happened upstream (the Playout), so recv() just waits."""
+
+    kind = "video"
+
+    def __init__(self, sub: Subscription):
+        super().__init__()
+        self._sub = sub
+
+    async def recv(self):
+        try:
+            frame = await self._sub.frames.get()
+        except QueueClosed:
+            self.stop()
+            raise MediaStreamError from None
+        return frame.video_frame()
+
+    def stop(self) -> None:
+        super().stop()
+        self._sub.close()
+
+
+class PlayoutAudioTrack(MediaStreamTrack):
+    """20 ms 48 kHz chunks of the same subscription: released on the same clock as the video."""
+
+    kind = "audio"
+
+    def __init__(self, sub: Subscription):
+        super().__init__()
+        self._sub = sub
+
+    async def recv(self):
+        try:
+            chunk = await self._sub.audio.get()
+        except QueueClosed:
+            self.stop()
+            raise MediaStreamError from None
+        return chunk.audio_frame()
+
+    def stop(self) -> None:
+        super().stop()
+        self._sub.close()
+
+
+async def pump_mic(track: MediaStreamTrack, session: Any, max_backlog_s: float) -> None:
+    """Browser mic (Opus decoded by aiortc: 48 kHz s16) -> session.push_audio.
+
+    A live mic must stay live: when the engine is behind by more than max_backlog_s the audio is
+    dropped (and counted) instead of queueing; aiortc's own receive queue is drained promptly.
+    """
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        pcm = frame.to_ndarray()
+        channels = len(frame.layout.channels)
+        if frame.format.is_planar and channels > 1:
+            pcm = pcm.T  # (channels, n) -> interleaved
+        pcm = np.ascontiguousarray(pcm).reshape(-1)
+        if pcm.dtype != np.int16:
+            pcm = pcm.astype(np.float32)
+        if session.input_backlog_s() > max_backlog_s:
+            session.mic_dropped_s += frame.samples / frame.sample_rate
+            continue
+        await session.push_audio(pcm, sample_rate=frame.sample_rate, channels=channels)
+
+
+async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaStreamTrack], None] | None = None,
+                       on_closed: Callable[[], Any] | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
+    """Answer a browser's offer: our video+audio tracks go out on its transceivers; its mic comes in via on_mic.
+
+    on_closed runs once when the connection fails or closes (tab closed, network dropped).
+    """
+    # no ICE servers: loopback/LAN use needs none, and the library default (a public STUN server)
+    # would stall gathering on machines without internet
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    fired = False
+
+    @pc.on("connectionstatechange")
+    async def _state() -> None:
+        nonlocal fired
+        log.debug("peer connection %s", pc.connectionState)
+        if pc.connectionState in ("failed", "closed") and not fired:
+            fired = True
+            if on_closed is not None:
+                result = on_closed()
+                if asyncio.iscoroutine(result):
+                    await result
+
+    @pc.on("track")
+    def _track(track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and on_mic is not None:
+            on_mic(track)
+
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        pc.addTrack(PlayoutVideoTrack(sub))
+        pc.addTrack(PlayoutAudioTrack(sub))
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception:
+        sub.close()
+        await pc.close()
+        raise
+    return pc, pc.localDescription

@@ -1,0 +1,70 @@
+"""`emo-stream serve`: run the streaming server until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; other addresses need a token)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 8080; 0 picks a free one)")
+    parser.add_argument("--backend", choices=("preview", "emo"), default=None,
+                        help="animation backend (default: emo when --model is given, else preview)")
+    parser.add_argument("--model", default=None, help="EMO checkpoint folder or preset (tiny, sd15)")
+    parser.add_argument("--avatar", default=None, help="default portrait image (default: a built-in portrait)")
+    parser.add_argument("--config", default=None, help="server settings YAML (default configs/server.yaml)")
+    parser.add_argument("--size", type=int, default=None, help="output frame size in pixels")
+    parser.add_argument("--device", default=None, help="torch device for the EMO backend")
+    parser.add_argument("--max-sessions", type=int, default=None, help="concurrent sessions (default from config)")
+    parser.add_argument("--token", default=None, help="access token for pages and API")
+    parser.add_argument("--virtual-camera", action="store_true",
+                        help="also send the latest session's video to a virtual camera (pyvirtualcam)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from server.config import load_config
+
+    if not getattr(args, "verbose", False):
+        logging.getLogger("websockets").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
+        logging.getLogger("aioice").setLevel(logging.WARNING)
+
+    config = load_config(args.config, host=args.host, port=args.port, backend=args.backend, model=args.model,
+                         avatar=args.avatar, size=args.size, device=args.device, token=args.token)
+    if args.max_sessions is not None:
+        if args.max_sessions < 1:
+            from emo_stream.errors import ConfigError
+
+            raise ConfigError("--max-sessions must be at least 1")
+        config.sessions.max_sessions = args.max_sessions
+    return asyncio.run(_serve(config, args.virtual_camera))
+
+
+async def _serve(config, virtual_camera: bool) -> int:
+    from server.app import StreamServer
+
+    server = StreamServer(config, virtual_camera=virtual_camera)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    print(f"emo-stream serving on {server.url}  (backend {server.backend_name}; OBS viewer: "
+          f"{server.viewer_url('latest')}; health: {server.base_url}/healthz)", flush=True)
+    if not config.loopback:
+        print(f"  bound to {config.host}: pages and API need the token shown in the URL above. Browsers only allow "
+              "the microphone on https:// or localhost: put an HTTPS reverse proxy in front for remote use.",
+              file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+    return 0

@@ -1,0 +1,233 @@
+"""Server-side sessions: one engine session + its playout + the peers watching it; capacity, idle timeout, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any, Callable
+
+from emo_stream.errors import EmoStreamError
+
+from server.config import ServerConfig
+from server.sync import Clock, Playout
+
+log = logging.getLogger(__name__)
+
+
+class ServerBusyError(EmoStreamError):
+    """All session slots are taken."""
+
+
+class ServerSession:
+    """A live avatar session as the server sees it.
+
+    The connection that started it owns it (closing that connection closes the session); any
+    number of viewers subscribe to its playout. Playback events and the end of the session are
+    forwarded to listeners (WebSocket outboxes).
+    """
+
+    def __init__(self, engine_session: Any, config: ServerConfig, clock: Clock, kind: str):
+        self.id: str = str(getattr(engine_session, "id", "") or uuid.uuid4().hex[:12])
+        self.kind = kind
+        self.engine_session = engine_session
+        self.config = config
+        self.clock = clock
+        self.created = time.time()
+        self.last_input = clock.now()
+        self.audio_seconds_in = 0.0
+        self.mic_dropped_s = 0.0
+        self.viewers = 0
+        self.closed = False
+        self.close_reason: str | None = None
+        self._listeners: list[Callable[[dict], None]] = []
+        self._peers: set[Any] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self.playout = Playout(engine_session.frames(), config.fps, clock,
+                               late_tolerance_s=config.playout.late_tolerance_s, on_event=self._dispatch)
+        self._playout_task = asyncio.create_task(self._run_playout(), name=f"playout-{self.id}")
+
+    # -- events ----------------------------------------------------------------------------------
+    def add_listener(self, fn: Callable[[dict], None]) -> None:
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[dict], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
+
+    def _dispatch(self, event: dict) -> None:
+        event = {**event, "session": self.id}
+        for fn in list(self._listeners):
+            try:
+                fn(event)
+            except Exception:
+                log.exception("session %s: event listener failed", self.id)
+
+    # -- peers and tasks tied to the session's life ------------------------------------------------
+    def add_peer(self, pc: Any) -> None:
+        self._peers.add(pc)
+
+    async def remove_peer(self, pc: Any) -> None:
+        if pc in self._peers:
+            self._peers.discard(pc)
+            await _close_quietly(pc)
+
+    def spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=f"{name}-{self.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session %s: task %s failed: %r", self.id, task.get_name(), task.exception())
+
+    async def _run_playout(self) -> None:
+        try:
+            await self.playout.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("session %s: playout failed", self.id)
+            self._dispatch({"type": "error", "code": "internal", "message": "the session's playout failed",
+                            "fatal": True})
+
+    # -- input -----------------------------------------------------------------------------------
+    async def push_audio(self, pcm, sample_rate: int, channels: int) -> None:
+        self.last_input = self.clock.now()
+        self.audio_seconds_in += len(pcm) / channels / sample_rate
+        await self.engine_session.push_audio(pcm, sample_rate=sample_rate, channels=channels)
+        self.last_input = self.clock.now()
+
+    def end_of_speech(self) -> None:
+        self.last_input = self.clock.now()
+        self.engine_session.end_of_speech()
+
+    def clear(self) -> None:
+        self.last_input = self.clock.now()
+        self.engine_session.clear()
+        self.playout.clear()
+
+    def input_backlog_s(self) -> float:
+        try:
+            return float(self.engine_session.stats().get("input_queue_s", 0.0))
+        except Exception:
+            return 0.0
+
+    # -- state -----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        try:
+            engine = dict(self.engine_session.stats())
+        except Exception as exc:  # stats must never take the page down
+            engine = {"error": repr(exc)}
+        return {
+            "session": self.id,
+            "kind": self.kind,
+            "age_s": round(time.time() - self.created, 1),
+            "viewers": self.viewers,
+            "peers": len(self._peers),
+            "audio_in_s": round(self.audio_seconds_in, 2),
+            "mic_dropped_s": round(self.mic_dropped_s, 2),
+            **engine,
+            "playout": self.playout.stats(),
+        }
+
+    async def close(self, reason: str = "closed") -> None:
+        """Idempotent: closes peers, the engine session (ending the playout) and every task."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        log.info("session %s closed (%s)", self.id, reason)
+        for pc in list(self._peers):
+            await _close_quietly(pc)
+        self._peers.clear()
+        try:
+            await asyncio.wait_for(self.engine_session.close(), timeout=1.5)
+        except Exception:
+            log.exception("session %s: engine session close failed", self.id)
+        self._playout_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(self._playout_task, *self._tasks, return_exceptions=True)
+        self._dispatch({"type": "session_ended", "reason": reason})
+        self._listeners.clear()
+
+
+async def _close_quietly(pc: Any) -> None:
+    try:
+        await asyncio.wait_for(pc.close(), timeout=1.0)
+    except Exception:
+        log.debug("peer close failed", exc_info=True)
+
+
+class SessionManager:
+    """Opens sessions up to the configured capacity, finds them by id, reaps idle ones."""
+
+    def __init__(self, engine: Any, config: ServerConfig, clock: Clock):
+        self.engine = engine
+        self.config = config
+        self.clock = clock
+        self._sessions: dict[str, ServerSession] = {}
+        self._opening = 0
+        self._reaper: asyncio.Task | None = None
+        self.opened_total = 0
+        self.busy_total = 0
+
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap(), name="session-reaper")
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, session_id: str) -> ServerSession | None:
+        if session_id == "latest":
+            return self.latest()
+        return self._sessions.get(session_id)
+
+    def latest(self) -> ServerSession | None:
+        return max(self._sessions.values(), key=lambda s: s.created, default=None)
+
+    def all(self) -> list[ServerSession]:
+        return list(self._sessions.values())
+
+    async def open(self, avatar: Any, *, seed: int = 0, kind: str = "ws") -> ServerSession:
+        limit = self.config.sessions.max_sessions
+        if len(self._sessions) + self._opening >= limit:
+            self.busy_total += 1
+            raise ServerBusyError(f"server busy: all {limit} session slots are in use; try again later")
+        self._opening += 1
+        try:
+            engine_session = self.engine.open_session(avatar, seed=seed)
+        except EmoStreamError as exc:
+            if type(exc).__name__ != "EngineFullError":  # emo_stream.streaming.EngineFullError
+                raise
+            self.busy_total += 1
+            raise ServerBusyError(f"server busy: {exc}") from None
+        finally:
+            self._opening -= 1
+        session = ServerSession(engine_session, self.config, self.clock, kind)
+        self._sessions[session.id] = session
+        self.opened_total += 1
+        log.info("session %s opened (%s); %d active", session.id, kind, len(self._sessions))
+        return session
+
+    async def close(self, session: ServerSession, reason: str) -> None:
+        self._sessions.pop(session.id, None)
+        await session.close(reason)
+
+    async def close_all(self, reason: str = "server stopping") -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        await asyncio.gather(*(self.close(s, reason) for s in self.all()), return_exceptions=True)
+
+    async def _reap(self) -> None:
+        timeout = self.config.sessions.idle_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = self.clock.now()
+            for s in self.all():
+                if now - s.last_input > timeout:
+                    await self.close(s, f"idle for {timeout:g} s")

@@ -1,0 +1,329 @@
+"""One WebSocket connection on /api/ws: bots (PCM in, events and optional JPEG frames out), the talk
+page (WebRTC signalling, events, stats) and viewers (WebRTC signalling for watching a session).
+
+Reading never blocks on the engine except through the bounded audio queue (backpressure reaches
+the client through TCP); everything sent goes through one ordered outbox whose frames are
+dropped oldest-first when the client reads slowly (events are never dropped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import io
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from websockets.exceptions import ConnectionClosed
+
+from emo_stream.errors import EmoStreamError
+
+from server import protocol
+from server.protocol import AvatarUpload, ProtocolError, Simple, Start, View
+from server.sessions import ServerBusyError, ServerSession
+from server.sync import PlayoutFrame, QueueClosed
+
+if TYPE_CHECKING:
+    from server.app import StreamServer
+
+log = logging.getLogger(__name__)
+
+AUDIO_QUEUE_MESSAGES = 8   # audio messages read ahead of the engine per connection
+MAX_OUTBOX_FRAMES = 8      # frames waiting for a slow client before the oldest are dropped
+MAX_OUTBOX_EVENTS = 1000   # a client this far behind on events is broken: disconnect it
+
+
+class Outbox:
+    """Ordered outgoing messages: events (dicts) and frames; frames may be dropped, events may not."""
+
+    def __init__(self, max_frames: int = MAX_OUTBOX_FRAMES):
+        self._items: collections.deque[Any] = collections.deque()
+        self._frames = 0
+        self.max_frames = max_frames
+        self.dropped = 0
+        self._ready = asyncio.Event()
+        self._closed = False
+        self.overflow = False
+
+    # the frames-sink interface of server.sync.Subscription
+    def put(self, frame: PlayoutFrame) -> None:
+        if self._closed:
+            return
+        if self._frames >= self.max_frames:
+            for i, item in enumerate(self._items):
+                if isinstance(item, PlayoutFrame):
+                    del self._items[i]
+                    self._frames -= 1
+                    self.dropped += 1
+                    break
+        self._items.append(frame)
+        self._frames += 1
+        self._ready.set()
+
+    def put_event(self, event: dict) -> None:
+        if self._closed:
+            return
+        if len(self._items) - self._frames >= MAX_OUTBOX_EVENTS:
+            self.overflow = True
+        self._items.append(event)
+        self._ready.set()
+
+    async def get(self) -> Any:
+        while not self._items:
+            if self._closed:
+                raise QueueClosed()
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        if isinstance(item, PlayoutFrame):
+            self._frames -= 1
+        return item
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+
+class _FramesSink:
+    """Feeds a playout subscription's frames into the outbox; closing the subscription leaves the outbox open."""
+
+    def __init__(self, outbox: Outbox):
+        self.outbox = outbox
+        self.closed = False
+
+    def put(self, frame: PlayoutFrame) -> None:
+        if not self.closed:
+            self.outbox.put(frame)
+
+    def close(self) -> None:
+        self.closed = True
+
+    @property
+    def dropped(self) -> int:
+        return self.outbox.dropped
+
+
+def _jpeg(image: np.ndarray, quality: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+class Connection:
+    def __init__(self, server: "StreamServer", ws: Any):
+        self.server = server
+        self.ws = ws
+        self.cfg = server.config
+        self.outbox = Outbox()
+        self.session: ServerSession | None = None
+        self.start_msg: Start | None = None
+        self.pending_avatar: AvatarUpload | None = None
+        self.audio_q: asyncio.Queue[bytes] = asyncio.Queue(AUDIO_QUEUE_MESSAGES)
+        self.viewing: list[tuple[ServerSession, Any]] = []
+        self._tasks: list[asyncio.Task] = []
+
+    # -- main loop -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        writer = asyncio.create_task(self._writer(), name="ws-writer")
+        try:
+            async for message in self.ws:
+                try:
+                    if isinstance(message, bytes):
+                        await self._binary(message)
+                    else:
+                        await self._text(message)
+                except ProtocolError as exc:
+                    self.send(protocol.error(exc.code, str(exc), exc.request))
+                except ServerBusyError as exc:
+                    self.send(protocol.error("busy", str(exc), "start"))
+                except EmoStreamError as exc:  # bad image, no face, ...: the user's input, not our crash
+                    self.send(protocol.error("bad_input", str(exc)))
+                if self.outbox.overflow:
+                    await self.ws.close(1008, "client is not reading its messages")
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            await self.cleanup()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    def send(self, event: dict) -> None:
+        self.outbox.put_event(event)
+
+    async def _writer(self) -> None:
+        quality = 80
+        try:
+            while True:
+                item = await self.outbox.get()
+                if isinstance(item, PlayoutFrame):
+                    if self.start_msg is not None:
+                        quality = self.start_msg.jpeg_quality
+                    jpeg = await asyncio.to_thread(_jpeg, item.image, quality)
+                    pcm = (np.clip(item.audio, -1, 1) * 32767).astype("<i2").tobytes()
+                    header = {"type": "frame", "index": item.seq, "pts": round(item.pts, 4), "speech": item.speech,
+                              "segment_end": item.segment_end, "sample_rate": 16000}
+                    await self.ws.send(protocol.encode_frame(header, jpeg, pcm))
+                else:
+                    await self.ws.send(json.dumps(item, separators=(",", ":")))
+        except (QueueClosed, ConnectionClosed):
+            pass
+
+    # -- text messages ---------------------------------------------------------------------------
+    async def _text(self, text: str) -> None:
+        limits = self.cfg.limits
+        msg = protocol.parse_message(text, limits.max_text_bytes, limits.max_upload_bytes)
+        if isinstance(msg, Start):
+            await self._start(msg)
+        elif isinstance(msg, View):
+            await self._view(msg)
+        elif isinstance(msg, AvatarUpload):
+            self.pending_avatar = msg
+        else:
+            await self._simple(msg)
+
+    async def _start(self, msg: Start) -> None:
+        if self.session is not None:
+            raise ProtocolError("a session is already running on this connection (send stop first)",
+                                "bad_state", "start")
+        avatar = self.server.avatars.get(msg.avatar)
+        session = await self.server.sessions.open(avatar, seed=msg.seed, kind="webrtc" if msg.webrtc else "ws")
+        self.session = session
+        self.start_msg = msg
+        session.add_listener(self._on_session_event)
+        reply: dict[str, Any] = {
+            "type": "session_started", "session": session.id, "viewer_url": self.server.viewer_url(session.id),
+            "fps": self.cfg.fps, "size": self.cfg.size, "output_sample_rate": 16000, "protocol": protocol.PROTOCOL_VERSION,
+        }
+        try:
+            if msg.webrtc is not None:
+                from server.rtc import answer_offer, pump_mic
+
+                sub = session.playout.subscribe("talk-page", frames=self.cfg.playout.video_queue_frames,
+                                                audio=self.cfg.playout.audio_queue_chunks)
+                backlog = self.cfg.sessions.mic_max_backlog_s
+                pc, answer = await answer_offer(
+                    msg.webrtc.sdp, sub,
+                    on_mic=lambda track: session.spawn(pump_mic(track, session, backlog), "mic"),
+                    on_closed=lambda: self._peer_gone(session))
+                session.add_peer(pc)
+                reply["answer"] = {"type": answer.type, "sdp": answer.sdp}
+            else:
+                session.spawn(self._feed_audio(session, msg.audio), "feed")
+            if msg.frames == "jpeg":
+                session.playout.subscribe("ws-frames", frames=None, audio=None, frames_sink=_FramesSink(self.outbox))
+            if msg.stats_interval:
+                session.spawn(self._push_stats(session, msg.stats_interval), "stats")
+        except Exception:
+            await self._end_session("setup failed")
+            raise
+        self.send(reply)
+
+    async def _peer_gone(self, session: ServerSession) -> None:
+        if self.session is session:
+            await self._end_session("peer connection closed")
+            await self.ws.close(1000, "peer connection closed")
+
+    async def _view(self, msg: View) -> None:
+        session = self.server.sessions.get(msg.session)
+        if session is None:
+            raise ProtocolError(f"no such session {msg.session!r}", "not_found", "view")
+        if len(self.viewing) >= 4:
+            raise ProtocolError("at most 4 views per connection", "bad_state", "view")
+        from server.rtc import answer_offer
+
+        sub = session.playout.subscribe("viewer", frames=self.cfg.playout.video_queue_frames,
+                                        audio=self.cfg.playout.audio_queue_chunks)
+        pc, answer = await answer_offer(msg.webrtc.sdp, sub, on_closed=lambda: self._viewer_gone(session, pc))
+        session.add_peer(pc)
+        session.viewers += 1
+        self.viewing.append((session, pc))
+        session.add_listener(self._on_view_event)
+        self.send({"type": "view_started", "session": session.id, "answer": {"type": answer.type, "sdp": answer.sdp},
+                   "fps": self.cfg.fps, "size": self.cfg.size})
+
+    async def _viewer_gone(self, session: ServerSession, pc: Any) -> None:
+        if (session, pc) in self.viewing:
+            self.viewing.remove((session, pc))
+            session.viewers -= 1
+            await session.remove_peer(pc)
+
+    def _on_view_event(self, event: dict) -> None:
+        if event["type"] == "session_ended":
+            self.send(event)
+
+    async def _simple(self, msg: Simple) -> None:
+        kind = msg.type
+        if kind == "ping":
+            self.send({"type": "pong"})
+            return
+        if kind == "stats":
+            if self.session is None:
+                raise ProtocolError("no session: send start first", "bad_state", kind)
+            self.send({"type": "stats", **self.session.stats()})
+            return
+        if self.session is None:
+            raise ProtocolError(f"{kind}: no session on this connection (send start first)", "bad_state", kind)
+        if kind == "end_of_segment":
+            if self.start_msg is not None and self.start_msg.audio is not None:
+                await self.audio_q.put(b"")  # in order after the audio already read
+            else:
+                self.session.end_of_speech()
+        elif kind == "clear":
+            while not self.audio_q.empty():
+                self.audio_q.get_nowait()
+            self.session.clear()
+            self.send({"type": "cleared", "session": self.session.id})
+        elif kind == "stop":
+            await self._end_session("stopped")
+
+    # -- binary messages -------------------------------------------------------------------------
+    async def _binary(self, data: bytes) -> None:
+        if self.pending_avatar is not None:
+            upload, self.pending_avatar = self.pending_avatar, None
+            protocol.check_image_bytes(data, upload)
+            avatar_id = await self.server.avatars.add(data)
+            self.send({"type": "avatar_ready", "avatar": avatar_id})
+            return
+        if self.session is None or self.start_msg is None or self.start_msg.audio is None:
+            raise ProtocolError("binary messages are audio: send start with an audio format first "
+                                "(or an avatar message before image bytes)", "bad_state")
+        protocol.check_audio_chunk(data, self.start_msg.audio, self.cfg.limits.max_audio_chunk_bytes)
+        await self.audio_q.put(data)  # waits when the engine is behind: TCP backpressure to the bot
+
+    async def _feed_audio(self, session: ServerSession, fmt: protocol.AudioFormat) -> None:
+        while True:
+            data = await self.audio_q.get()
+            if not data:
+                session.end_of_speech()
+                continue
+            pcm = np.frombuffer(data, dtype="<i2")
+            await session.push_audio(pcm, sample_rate=fmt.sample_rate, channels=fmt.channels)
+
+    async def _push_stats(self, session: ServerSession, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.send({"type": "stats", **session.stats()})
+
+    # -- session events --------------------------------------------------------------------------
+    def _on_session_event(self, event: dict) -> None:
+        self.send(event)
+
+    async def _end_session(self, reason: str) -> None:
+        session, self.session = self.session, None
+        self.start_msg = None
+        while not self.audio_q.empty():
+            self.audio_q.get_nowait()
+        if session is not None:
+            await self.server.sessions.close(session, reason)
+
+    async def cleanup(self) -> None:
+        self.outbox.close()
+        await self._end_session("connection closed")
+        for session, pc in list(self.viewing):
+            await self._viewer_gone(session, pc)
+            session.remove_listener(self._on_view_event)
