@@ -5,7 +5,7 @@ holes and no seams), built from three parts that act on their own regions:
 
 * head: a rigid motion (translation, roll about the neck, nod) weighted by a soft ellipse around the
   head, so the head moves and the background beyond the ellipse stays exactly put;
-* mouth: the lower lip and jaw slide down from the upper inner-lip line (the only cut in the field);
+* mouth: the lower lip and jaw slide down from the line where the lips meet (the only cut in the field);
   the lower lip keeps the shape of a lens between the mouth corners and blends into a rigid jaw
   further down, the upper lip lifts a little, the corners move in (rounded) or out (spread); the gap
   opened along the cut is painted as a dark mouth cavity with a hint of upper teeth;
@@ -18,10 +18,12 @@ operations on the mouth and eye regions, one coarse-grid resize and one cv2.rema
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from scipy.interpolate import PchipInterpolator
 
 from emo_stream.face import LEFT_EYE, RIGHT_EYE
 
@@ -30,6 +32,7 @@ from emo_stream.face import LEFT_EYE, RIGHT_EYE
 class WarpConfig:
     max_jaw: float = 0.10        # inner-lip gap at the centre when fully open, fraction of face width
     upper_lip_lift: float = 0.18  # share of the opening made by the upper lip rising
+    seam_position: float = 0.5   # photo with an open mouth: lips meet this far down the gap (0: upper lip)
     max_width: float = 0.13      # mouth corners move by this fraction of the mouth half-width
     lip_ramp: float = 0.22       # depth (face widths) over which the lower-lip shape blends into the jaw
     upper_ramp: float = 0.10     # height over which the upper-lip lift fades out towards the nose
@@ -56,15 +59,20 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
 
 
 class _Curve:
-    """y(u) of a polyline through points sorted by u, as a dense lookup table (1/4 px steps)."""
+    """y(u) of a smooth monotone-cubic curve through points (sorted by u), constant beyond its ends,
+    as a dense lookup table (1/4 px steps)."""
 
     def __init__(self, u: np.ndarray, v: np.ndarray, step: float = 0.25):
         order = np.argsort(u)
         u, v = np.asarray(u, np.float64)[order], np.asarray(v, np.float64)[order]
+        keep = np.concatenate([[True], np.diff(u) > 1e-3])  # pchip needs strictly increasing u
+        u, v = u[keep], v[keep]
         self.u0 = float(u[0]) - 4.0
         n = int(np.ceil((u[-1] + 4.0 - self.u0) / step)) + 1
         self.step = step
-        self.table = np.interp(self.u0 + np.arange(n) * step, u, v).astype(np.float32)
+        grid = np.clip(self.u0 + np.arange(n) * step, u[0], u[-1])
+        table = PchipInterpolator(u, v)(grid) if len(u) > 2 else np.interp(grid, u, v)
+        self.table = table.astype(np.float32)
 
     def __call__(self, u: np.ndarray) -> np.ndarray:
         i = ((u - self.u0) * (1.0 / self.step)).astype(np.int32)
@@ -124,9 +132,9 @@ class FaceWarper:
         cheeks = np.stack([(lm[31] + lm[3]) / 2, (lm[35] + lm[13]) / 2, lm[29]])
         skin = self._sample_mean(cheeks, radius=max(1, int(0.02 * fw)))
         luma = float(np.clip(skin @ np.array([0.299, 0.587, 0.114]) / 170.0, 0.45, 1.15))
-        self.cavity_colour = (0.16 * lip + np.array([8.0, 3.0, 4.0])).astype(np.float32)
-        self.tongue_colour = (0.55 * lip + np.array([25.0, 5.0, 8.0]) * luma).astype(np.float32)
-        self.teeth_colour = (np.array([236.0, 230.0, 218.0]) * luma).clip(0, 255).astype(np.float32)
+        self.cavity_colour = (0.22 * lip + np.array([10.0, 3.0, 4.0])).astype(np.float32)
+        self.tongue_colour = (0.6 * lip + np.array([30.0, 5.0, 8.0]) * luma).astype(np.float32)
+        self.teeth_colour = (np.array([218.0, 210.0, 196.0]) * luma).clip(0, 255).astype(np.float32)
 
         # ---- eyes: lid curves and the brow above them, in each eye's own coordinates
         self.eyes = []
@@ -167,13 +175,28 @@ class FaceWarper:
         # the mouth and eye regions are edited inside the head map: keep them within it
         self.mouth_roi = _intersect(self.mouth_roi, self.head_roi)
         self.eyes = [e[:4] + (_intersect(e[4], self.head_roi),) for e in self.eyes]
+        self._mouth_sub = self._relative(self.mouth_roi)
+        self._eye_subs = [self._relative(e[4]) for e in self.eyes]
         base_y, base_x = np.mgrid[ys, xs].astype(np.float32)
         self.base_x, self.base_y = base_x, base_y
 
     # ------------------------------------------------------------------ helpers
+    def _relative(self, roi: tuple[slice, slice]) -> tuple[slice, slice]:
+        """A region given in image pixels, as slices of the head map."""
+        ys, xs = self.head_roi
+        return (slice(roi[0].start - ys.start, roi[0].stop - ys.start),
+                slice(roi[1].start - xs.start, roi[1].stop - xs.start))
+
     def _to_local(self, pts: np.ndarray, origin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         d = np.asarray(pts, np.float64) - origin
         return d[..., 0] * self.cos + d[..., 1] * self.sin, -d[..., 0] * self.sin + d[..., 1] * self.cos
+
+    def _map_to_local(self, mx: np.ndarray, my: np.ndarray, origin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Map positions (float32 arrays) in a part's local frame, kept in float32 for speed."""
+        x = mx - np.float32(origin[0])
+        y = my - np.float32(origin[1])
+        c, s = np.float32(self.cos), np.float32(self.sin)
+        return x * c + y * s, y * c - x * s
 
     def _to_image(self, uv: np.ndarray, origin: np.ndarray) -> np.ndarray:
         return origin + uv[..., :1] * self.ex + uv[..., 1:2] * self.ey
@@ -208,9 +231,7 @@ class FaceWarper:
         opening = max(0.0, p.jaw) * c.max_jaw * fw
         if opening < 0.3 and abs(p.width) < 0.02 and self.gap_centre < 0.5:
             return None
-        u, v = self._to_local(np.stack([mx, my], -1), self.mc)
-        u = u.astype(np.float32)
-        v = v.astype(np.float32)
+        u, v = self._map_to_local(mx, my, self.mc)
         du = u - self.uc
         # corners in or out: horizontal scaling about the mouth centre, fading with distance
         k = p.width * c.max_width
@@ -220,21 +241,22 @@ class FaceWarper:
             fall = (1 - bu * bu) ** 2 * (1 - bv * bv) ** 2
             du = du - k * du * fall
             u = du + self.uc
-        lens = np.sqrt(np.clip(1.0 - (du / (self.half_mouth * 0.98)) ** 2, 0.0, 1.0))
+        lens = np.sqrt(np.clip(1.0 - (du / (self.half_mouth * 0.92)) ** 2, 0.0, 1.0))
         cut = self.cut(u)
         gap = self.gap(u)
+        # a photo with the mouth open closes on the midline between its lips (both lips move)
+        seam = cut + c.seam_position * gap
         lift = c.upper_lip_lift * opening
         drop = opening - lift
-        cut_out = cut - lift * lens
-        low_out = cut + drop * lens
-        disp = np.zeros_like(v)
+        cut_out = seam - lift * lens
+        low_out = seam + drop * lens
         above = v < cut_out
-        if lift > 0:
-            disp = np.where(above, lift * lens * (1.0 - _smoothstep((cut_out - v) / (c.upper_ramp * fw))), disp)
+        upper = cut - cut_out  # where the upper lip's edge comes from, relative to where it is drawn
+        disp = np.where(above, upper * (1.0 - _smoothstep((cut_out - v) / (c.upper_ramp * fw))), 0.0)
         below = v >= low_out
         jaw_u = 1.0 - _smoothstep((np.abs(du) - 0.2 * fw) / (0.3 * fw))
-        b0 = gap - drop * lens
-        b1 = (self.gap_centre - drop) * jaw_u
+        b0 = cut + gap - low_out
+        b1 = ((1.0 - c.seam_position) * self.gap_centre - drop) * jaw_u
         s = _smoothstep((v - low_out) / (c.lip_ramp * fw))
         neck = 1.0 - _smoothstep((v - self.v_chin) / (c.neck_falloff * fw))
         disp = np.where(below, (b0 + (b1 - b0) * s) * neck, disp)
@@ -244,35 +266,43 @@ class FaceWarper:
         my[...] = oy + u * self.sin + vs * self.cos
         if opening < 0.3:
             return None
-        return v, cut_out, low_out, lens, opening
+        return du, v, cut_out, low_out, lens, opening
 
     def _eye(self, eye, blink: float, mx: np.ndarray, my: np.ndarray) -> None:
         centre, upper, lower, brow, _ = eye
-        u, v = self._to_local(np.stack([mx, my], -1), centre)
-        u = u.astype(np.float32)
-        v = v.astype(np.float32)
+        u, v = self._map_to_local(mx, my, centre)
         up, lo, br = upper(u), lower(u), brow(u)
         height = np.maximum(lo - up, 0.0)
         t = (v - br) / np.maximum(lo - br, 1.0)
         inside = (v >= br) & (v < lo)
-        vs = v - np.where(inside, blink * height * _smoothstep(t), 0.0)
+        # f(t) = 2t^2 - t^3: no kink under the brow, and the lash line keeps its thickness at the bottom
+        t = np.clip(t, 0.0, 1.0)
+        vs = v - np.where(inside, blink * height * (t * t * (2.0 - t)), 0.0)
         mx[...] = centre[0] + u * self.cos - vs * self.sin
         my[...] = centre[1] + u * self.sin + vs * self.cos
 
-    def _paint_cavity(self, patch: np.ndarray, v, cut_out, low_out, lens, opening: float) -> None:
+    def _paint_cavity(self, patch: np.ndarray, du, v, cut_out, low_out, lens, opening: float) -> None:
         fw = self.fw
         # anti-aliased inside test; thinner than a pixel near the corners -> proportionally transparent
         alpha = np.clip(np.minimum(np.minimum(v - cut_out, low_out - v) + 0.5, low_out - cut_out), 0.0, 1.0)
-        if not alpha.any():
+        rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
+        if not len(rows):
             return
+        # shade only the cavity's bounding box: a small part of the mouth region
+        box = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+        patch, alpha, du, v, cut_out, low_out, lens = (
+            x[box] for x in (patch, alpha, du, v, cut_out, low_out, lens))
         depth = np.clip((v - cut_out) / np.maximum(low_out - cut_out, 1.0), 0.0, 1.0)
-        # upper teeth: a band under the upper lip, highest in the middle, hidden towards the corners
-        tooth_max = min(0.38 * opening, 0.04 * fw)
+        # upper teeth: a band under the upper lip, highest in the middle, hidden towards the corners,
+        # shadowed by the lip above, with faint gaps between the front teeth
+        tooth_max = min(0.5 * opening, 0.034 * fw)
         tooth = tooth_max * lens ** 1.5
         teeth = np.clip(cut_out + tooth - v + 0.5, 0.0, 1.0) * np.clip(lens * 2.0 - 0.3, 0.0, 1.0)
-        # a soft shadow under the upper lip and towards the corners
         below_lip = np.clip((v - cut_out) / max(tooth_max, 1.0), 0.0, 1.0)
-        teeth_shade = (0.5 + 0.5 * lens) * (0.78 + 0.22 * np.sqrt(below_lip))
+        phase = np.abs(du) / (0.062 * fw)
+        gaps = 1.0 - 0.22 * np.exp(-(((phase + 0.5) % 1.0 - 0.5) * 6.0) ** 2) * (phase > 0.5)
+        gaps = gaps * (1.0 - 0.22 * np.exp(-(phase * 6.0) ** 2))
+        teeth_shade = (0.45 + 0.55 * lens) * (0.62 + 0.38 * np.sqrt(below_lip)) * gaps
         tongue = _smoothstep((depth - 0.55) / 0.45) * min(1.0, opening / (0.05 * fw))
         colour = (self.cavity_colour[None, None] * (1.0 - tongue[..., None])
                   + self.tongue_colour[None, None] * tongue[..., None] * 0.6)
@@ -282,27 +312,38 @@ class FaceWarper:
         patch[...] = (patch * (1.0 - a) + colour * a).clip(0, 255).astype(np.uint8)
 
     # ------------------------------------------------------------------ frame
-    def render(self, p: FrameParams, out: np.ndarray | None = None) -> np.ndarray:
-        """One RGB uint8 frame for `p`; written into `out` when given."""
+    def render(self, p: FrameParams, out: np.ndarray | None = None,
+               timings: dict[str, float] | None = None) -> np.ndarray:
+        """One RGB uint8 frame for `p`; written into `out` when given. `timings` (optional) accumulates
+        seconds per stage (head, mouth, eyes, remap, cavity, copy), for the benchmark."""
+        clock = time.perf_counter if timings is not None else None
+        marks: list[tuple[str, float]] = []
+
+        def mark(name: str) -> None:
+            if clock is not None:
+                marks.append((name, clock()))
+
+        mark("start")
+        mx, my = self._head_map(p)
+        mark("head")
+        cavity = self._mouth(p, mx[self._mouth_sub], my[self._mouth_sub])
+        mark("mouth")
+        if p.blink > 0.01:
+            for eye, sub in zip(self.eyes, self._eye_subs):
+                self._eye(eye, p.blink, mx[sub], my[sub])
+        mark("eyes")
+        warped = cv2.remap(self.image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        mark("remap")
+        if cavity is not None:
+            self._paint_cavity(warped[self._mouth_sub], *cavity)
+        mark("cavity")
         if out is None:
             out = self.image.copy()
         else:
             out[...] = self.image
-        mx, my = self._head_map(p)
-        ys, xs = self.head_roi
-
-        def sub(roi):
-            return (slice(roi[0].start - ys.start, roi[0].stop - ys.start),
-                    slice(roi[1].start - xs.start, roi[1].stop - xs.start))
-
-        my_roi = sub(self.mouth_roi)
-        cavity = self._mouth(p, mx[my_roi], my[my_roi])
-        if p.blink > 0.01:
-            for eye in self.eyes:
-                r = sub(eye[4])
-                self._eye(eye, p.blink, mx[r], my[r])
-        warped = cv2.remap(self.image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        if cavity is not None:
-            self._paint_cavity(warped[my_roi], *cavity)
-        out[ys, xs] = warped
+        out[self.head_roi] = warped
+        mark("copy")
+        if timings is not None:
+            for (_, t0), (name, t1) in zip(marks, marks[1:]):
+                timings[name] = timings.get(name, 0.0) + (t1 - t0)
         return out
