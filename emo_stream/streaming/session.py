@@ -342,9 +342,9 @@ class StreamSession:
         for i in range(n):
             due[i] = d = max(d, cut.complete[i])
             d += 1 / self.fps
-        hold = (now - due[0]) * 1000 > self._cfg.max_delay_ms
+        hold = bool((now - due[0]) * 1000 > self._cfg.max_delay_ms)
         lo = cut.first_frame * self._spf
-        voiced = self._vad.voiced(lo, lo + (n + self._lookahead_frames) * self._spf) and not hold
+        voiced = bool(self._vad.voiced(lo, lo + (n + self._lookahead_frames) * self._spf)) and not hold
         job = Job(self, epoch, self._next_index, n, due, speech=True, voiced=voiced, hold=hold, cut=cut,
                   segment_end=cut.end_of_speech)
         if hold:
@@ -397,8 +397,10 @@ class StreamSession:
                                              speech=job.speech, segment_end=end, voiced=job.voiced,
                                              dropped=job.hold))
                 latency = now - float(job.cut.complete[i]) if job.speech else None
-                late = (now - float(job.due[i])) * 1000 > self._cfg.late_ms
+                late = bool((now - float(job.due[i])) * 1000 > self._cfg.late_ms)
                 self._stats.record(now, job.speech, job.voiced, job.hold, late, latency)
+            if job.speech and not job.hold:
+                self._stats.record_segment(now - float(job.cut.complete[-1]))
         self._notify(self._frames_event)
 
     def discard(self, job: Job) -> None:

@@ -13,6 +13,7 @@ class SessionStats:
     def __init__(self, fps: int, window: int = 1000) -> None:
         self.fps = fps
         self.latencies_ms: deque[float] = deque(maxlen=window)   # speech frames: ready - audio complete
+        self.segment_latencies_ms: deque[float] = deque(maxlen=window)  # per segment: compute + queueing only
         self._ready_times: deque[float] = deque(maxlen=4 * fps)  # recent frames, for the frame rate
         self.frames = 0
         self.speech_frames = 0
@@ -37,6 +38,10 @@ class SessionStats:
         if latency_s is not None:
             self.latencies_ms.append(latency_s * 1000.0)
 
+    def record_segment(self, latency_s: float) -> None:
+        """A speech segment's frames are ready: time since its last frame's audio (+ look-ahead) arrived."""
+        self.segment_latencies_ms.append(latency_s * 1000.0)
+
     def fps_now(self) -> float:
         t = self._ready_times
         if len(t) < 2 or t[-1] <= t[0]:
@@ -44,10 +49,13 @@ class SessionStats:
         return (len(t) - 1) / (t[-1] - t[0])
 
     def snapshot(self) -> dict:
-        lat = np.asarray(self.latencies_ms, np.float64)
-        pct = (lambda q: round(float(np.percentile(lat, q)), 1)) if len(lat) else (lambda q: None)
+        def pct(values, q):
+            return round(float(np.percentile(np.asarray(values, np.float64), q)), 1) if len(values) else None
+
         return {
-            "latency_ms": {"p50": pct(50), "p95": pct(95)},
+            "latency_ms": {"p50": pct(self.latencies_ms, 50), "p95": pct(self.latencies_ms, 95)},
+            "segment_latency_ms": {"p50": pct(self.segment_latencies_ms, 50),
+                                   "p95": pct(self.segment_latencies_ms, 95)},
             "fps": round(self.fps_now(), 2),
             "frames": self.frames,
             "speech_frames": self.speech_frames,
