@@ -73,11 +73,12 @@
         video: false,
       });
       pc = new RTCPeerConnection();
+      window.emo.pc = pc;
       const remote = new MediaStream();
+      video.srcObject = remote;
       pc.ontrack = (e) => {
         remote.addTrack(e.track);
-        video.srcObject = remote;
-        video.play().catch(() => {});
+        video.play().catch(() => {});  // the click on start allows playback with sound
       };
       pc.onconnectionstatechange = () => {
         if (!pc) return;
@@ -97,6 +98,7 @@
         stats_interval: 1,
       }, "session_started");
       sessionId = reply.session;
+      window.emo.session = sessionId;
       $("session").textContent = sessionId;
       $("viewer-link").href = reply.viewer_url;
       await pc.setRemoteDescription(reply.answer);

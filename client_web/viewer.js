@@ -36,13 +36,15 @@
         await conn.open();
       }
       pc = new RTCPeerConnection();
+      window.emo.pc = pc;
       pc.addTransceiver("video", { direction: "recvonly" });
       pc.addTransceiver("audio", { direction: "recvonly" });
       const remote = new MediaStream();
+      video.srcObject = remote;
       pc.ontrack = (e) => {
         remote.addTrack(e.track);
-        video.srcObject = remote;
-        video.play().catch(() => {
+        video.play().catch((err) => {
+          if (err.name !== "NotAllowedError") return;
           // browsers (not OBS) refuse autoplay with sound until a click: play muted meanwhile
           video.muted = true;
           unmute.hidden = false;

@@ -1,0 +1,155 @@
+"""Real browser end to end: Debian chromium (Playwright) with a fake mic playing espeak-ng speech.
+
+`emo-stream serve` runs as a subprocess (preview backend, small frames); the talk page starts a
+WebRTC session, the avatar's video and audio arrive on video#avatar, a viewer page watches the
+same session, stop (and closing a tab) removes the session from /healthz.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, espeak_wav
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _healthz(base: str) -> dict:
+    with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def _wait_sessions(base: str, n: int, timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if _healthz(base)["sessions"] == n:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    raise AssertionError(f"/healthz sessions did not become {n}: {_healthz(base)}")
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--size", "128",
+         "--backend", "preview"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    url = None
+    lines = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        found = re.search(r"http://[0-9.:]+", line)
+        if found and "serving" in line:
+            url = found.group(0)
+            break
+    if url is None:
+        proc.kill()
+        pytest.fail("server did not print its URL:\n" + "".join(lines))
+    # keep draining the server's output so its pipe never fills
+    import threading
+
+    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium is not installed")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    wav = espeak_wav(tmp_path_factory.mktemp("mic") / "mic.wav",
+                     "Hello, I am talking to my avatar. It should move its lips while I speak.", rate=48000)
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}", "--no-sandbox", "--disable-gpu",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+            "--autoplay-policy=no-user-gesture-required"])
+        yield b
+        b.close()
+
+
+INBOUND = """async () => {
+  const out = {};
+  const report = await window.emo.pc.getStats();
+  report.forEach((s) => { if (s.type === 'inbound-rtp') out[s.kind] = s; });
+  return out;
+}"""
+
+
+def test_talk_page_round_trip(server_url, browser, tmp_path):
+    context = browser.new_context(permissions=["microphone"], viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    page.goto(server_url + "/")
+    assert page.locator("button#start").is_visible() and page.locator("video#avatar").count() == 1
+    assert page.locator("button#stop").is_disabled()
+
+    page.click("button#start")
+    page.wait_for_function("() => window.emo.state === 'live'", timeout=20000)
+    page.wait_for_function("() => window.emo.frames > 10", timeout=20000)
+    session = page.evaluate("window.emo.session")
+    assert _healthz(server_url)["sessions"] == 1
+
+    # frame rate from requestVideoFrameCallback over two seconds of playback
+    f0, t0 = page.evaluate("[window.emo.frames, performance.now()]")
+    page.wait_for_timeout(2000)
+    f1, t1 = page.evaluate("[window.emo.frames, performance.now()]")
+    fps = (f1 - f0) * 1000 / (t1 - t0)
+    assert fps > 8, f"displayed {fps:.1f} fps"
+
+    stats = page.evaluate(INBOUND)
+    assert stats["video"]["framesDecoded"] > 25
+    assert stats["video"]["frameWidth"] == 128
+    assert stats["audio"]["packetsReceived"] > 50
+    assert stats["audio"]["totalSamplesReceived"] > 48000
+    assert stats["audio"]["totalAudioEnergy"] > 0  # the mic's speech comes back, not silence
+
+    # the server's live stats reach the page
+    page.wait_for_function("() => window.emo.stats && window.emo.stats.playout.frames > 0", timeout=5000)
+    assert page.locator("#latency").inner_text() != "-"
+
+    # an OBS-style viewer of the same session
+    viewer = context.new_page()
+    viewer.goto(f"{server_url}/viewer?session={session}")
+    viewer.wait_for_function("() => window.emo.frames > 5", timeout=20000)
+    assert _healthz(server_url)["viewers"] == 1
+    page.screenshot(path=str(tmp_path / "talk.png"))
+    viewer.screenshot(path=str(tmp_path / "viewer.png"))
+    if os.environ.get("EMO_SCREENSHOTS"):
+        for name in ("talk.png", "viewer.png"):
+            shutil.copy(tmp_path / name, Path(os.environ["EMO_SCREENSHOTS"]) / name)
+
+    page.click("button#stop")
+    _wait_sessions(server_url, 0, timeout=3)
+    assert page.locator("button#start").is_enabled()
+    viewer.wait_for_function("() => document.getElementById('notice').textContent.length > 0", timeout=5000)
+
+    # closing the tab mid-session frees the slot within 2 s (plus polling slack)
+    page.click("button#start")
+    page.wait_for_function("() => window.emo.state === 'live'", timeout=20000)
+    assert _healthz(server_url)["sessions"] == 1
+    page.close()
+    assert _wait_sessions(server_url, 0, timeout=3) < 2.5
+    context.close()
