@@ -140,6 +140,23 @@ async def run_mode(engine: StreamingEngine, avatar, audio: np.ndarray, sessions:
     }
 
 
+async def clear_to_idle(engine: StreamingEngine, avatar, audio: np.ndarray) -> float:
+    """Milliseconds from session.clear() in the middle of speech to the first idle frame being available."""
+    session = engine.open_session(avatar)
+    await session.push_audio(audio[: 16000 * 5])
+    async for f in session.frames():
+        if f.speech and f.index > 30:
+            break
+    t0 = time.perf_counter()
+    session.clear()
+    async for f in session.frames():
+        if not f.speech:
+            break
+    ms = 1000 * (time.perf_counter() - t0)
+    await session.close()
+    return round(ms, 1)
+
+
 async def main_async(args) -> dict:
     options = {k: v for k, v in (("steps", args.steps), ("decoder", args.decoder)) if v is not None}
     backend = create_backend(args.backend, args.model, size=args.size, fps=25, device=args.device, **options)
@@ -158,6 +175,7 @@ async def main_async(args) -> dict:
     for mode in (["realtime", "fast"] if args.mode == "both" else [args.mode]):
         runs.append(await run_mode(engine, avatar, audio, args.sessions, realtime=mode == "realtime"))
     rss1 = rss_mb()
+    clear_ms = await clear_to_idle(engine, avatar, audio)
     engine_stats = engine.stats()
     await engine.stop()
     return {
@@ -179,6 +197,7 @@ async def main_async(args) -> dict:
         "memory_mb": {"avatar_and_warmup": round(rss_avatar - rss0, 1),
                       "per_session": round(max(0.0, rss1 - rss_avatar) / args.sessions, 1),
                       "rss_end": round(rss1, 1)},
+        "clear_to_idle_ms": clear_ms,
         "stages": engine_stats["stages"],
         "mean_batch": engine_stats["mean_batch"],
     }

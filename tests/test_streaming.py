@@ -232,10 +232,13 @@ async def test_clear_drops_queued_work_and_returns_to_idle(image):
     assert session.stats()["input_queue_s"] > 0.5
     session.clear()
     st = session.stats()
-    assert st["input_queue_s"] == 0 and st["output_queue_frames"] == 0
+    # queued audio and frames are gone; two idle frames holding the last picture bridge to the backend
+    assert st["input_queue_s"] == 0 and st["output_queue_frames"] == 2
     after = await drain(session, 0.2)
     check_timeline(first + after)
     assert after and not any(f.speech for f in after)   # straight back to idle
+    assert np.array_equal(after[0].image, first[-1].image) and np.array_equal(after[1].image, first[-1].image)
+    assert len(after) > 2                                # then the backend's idle frames
     st = session.stats()
     assert st["state"] == "idle" and st["discarded_frames"] + st["dropped_input_s"] > 0
     # the session still works after an interrupt

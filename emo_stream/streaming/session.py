@@ -95,7 +95,8 @@ class StreamSession:
         self._last_push = self._opened
         self._last_speech_index = -1
         self._mark_end_index: int | None = None
-        self._last_image: np.ndarray | None = None
+        self._last_image: np.ndarray | None = None        # last generated
+        self._last_read_image: np.ndarray | None = None   # last handed to the consumer
         self._closed = False
         self._error: BaseException | None = None
         self._stats = SessionStats(self.fps, cfg.latency_window)
@@ -175,13 +176,24 @@ class StreamSession:
             self._out.clear()
             self._epoch += 1
             self._inflight_jobs = self._inflight_frames = 0
-            self._next_index = self._consumed_next
             now = self._clock.now()
+            # bridge to the backend's first idle segment: the picture the consumer last got, held, so
+            # idle frames are there at once whatever the backend is still busy with
+            self._next_index = self._consumed_next
             self._due_next = now
+            if self._last_read_image is not None:
+                for _ in range(self._cfg.clear_hold_frames):
+                    i = self._next_index
+                    self._out.append(OutputFrame(index=i, pts=i / self.fps, image=self._last_read_image,
+                                                 audio=np.zeros(self._spf, np.float32), speech=False))
+                    self._stats.record(now, False, False, False, False, None)
+                    self._next_index += 1
+                    self._due_next += 1 / self.fps
             self._blocked = False
             self._reset_pending = True
             self._mark_end_index = None
             self._last_speech_index = self._consumed_next - 1
+        self._notify(self._frames_event)
         self._space_event.set()
         self._engine.wake()
 
@@ -193,6 +205,7 @@ class StreamSession:
                 if self._out:
                     frame = self._out.popleft()
                     self._consumed_next = frame.index + 1
+                    self._last_read_image = frame.image
                     break
                 if self._error is not None:
                     raise self._error

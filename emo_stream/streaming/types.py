@@ -46,6 +46,7 @@ class EngineConfig:
     gap_fill_ms: float = 60.0        # timestamp gaps longer than this are filled with silence
     max_gap_s: float = 2.0           # ... up to this much silence per gap
     stall_flush_s: float = 1.0       # partial speech with no new audio for this long is flushed
+    clear_hold_frames: int = 2       # after clear(): idle frames holding the last picture, emitted at once
     max_avatars: int = 16            # prepared avatars kept in the cache (unused ones are evicted)
     latency_window: int = 1000       # frames kept for latency percentiles
 
@@ -56,6 +57,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"engine {name} must be an integer >= {low}: got {value!r}")
+        if not isinstance(self.clear_hold_frames, int) or not 0 <= self.clear_hold_frames <= self.segment_frames:
+            raise ConfigError(f"engine clear_hold_frames must be an integer in 0..segment_frames: "
+                              f"got {self.clear_hold_frames!r}")
         if self.output_frames < self.segment_frames:
             raise ConfigError(f"engine output_frames ({self.output_frames}) must be >= segment_frames "
                               f"({self.segment_frames})")
