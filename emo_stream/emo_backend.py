@@ -128,11 +128,12 @@ class EmoBackend:
             raise ConfigError(str(exc)) from None
         self.model = model
         self.size, self.fps = size, fps
-        self.steps = int(steps or cfg.sampling.steps)
-        self.idle_steps = int(idle_steps or min(cfg.sampling.idle_steps, self.steps))
+        self.steps = int(cfg.sampling.steps if steps is None else steps)
+        # silence: fewer steps (and no guidance, see _denoise_group)
+        self.idle_steps = int(idle_steps if idle_steps is not None else min(cfg.sampling.idle_steps, max(1, self.steps // 2)))
         self.guidance = float(cfg.sampling.guidance if guidance is None else guidance)
         self.decoder = decoder or cfg.sampling.decoder
-        if self.steps < 1:
+        if self.steps < 1 or self.idle_steps < 1:
             raise ConfigError(f"steps must be >= 1 (got {self.steps})")
         if self.decoder not in ("vae", "taesd"):
             raise ConfigError(f"decoder must be vae or taesd (got {self.decoder!r})")

@@ -8,6 +8,8 @@ temporal attention (and its group norm) sees n + f frames; a post-hook drops the
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from torch import nn
@@ -48,7 +50,15 @@ class Backbone(nn.Module):
     def from_unet2d(cls, unet2d: UNet2DConditionModel, adapter: MotionAdapter, audio_dim: int,
                     speed_dim: int) -> "Backbone":
         """Inflate a 2D UNet (keeps its weights) with the adapter's temporal modules, then add EMO's layers."""
-        return cls(UNetMotionModel.from_unet2d(unet2d, adapter), audio_dim, speed_dim)
+        # from_unet2d casts with .to(dtype), which makes diffusers 0.42 log a spurious fp32 warning
+        quiet = logging.getLogger("diffusers.models.modeling_utils")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+        finally:
+            quiet.setLevel(level)
+        return cls(unet, audio_dim, speed_dim)
 
     # ---- motion frames along the frame axis ------------------------------------------------------
     def _pre_hook(self, site: str):
