@@ -150,6 +150,9 @@ def main() -> None:
         "ms_per_frame_render_breakdown": breakdown,
         "prepare_avatar_ms": {"first": round(prepare_ms, 1), "warm": round(prepare_warm_ms, 1)},
         "sessions_at_25fps_per_core": round(speech["fps_single_core"] / backend.fps, 1),
+        # the benchmark shares the machine: a high load average means the numbers are pessimistic
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "opencv": cv2.__version__,
         "numpy": np.__version__,

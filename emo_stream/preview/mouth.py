@@ -25,6 +25,9 @@ class MouthConfig:
     dynamic_range_db: float = 30.0  # jaw goes from closed to open over this range under the reference
     reference_floor_db: float = -40.0  # quiet speakers are not normalised up beyond this
     reference_decay_db: float = 0.06   # per frame: the loudness reference forgets old peaks slowly
+    floor_rise_db: float = 0.12   # per frame: how fast the background-level estimate may rise
+    floor_margin_db: float = 3.0  # the jaw starts opening this far above the background
+    min_range_db: float = 8.0     # never squeeze the jaw's range below this (loud, steady noise)
     attack: float = 0.75          # one-pole gain per frame when the jaw opens
     release: float = 0.5          # ... and when it closes
     width_gain: float = 0.35      # per-frame smoothing gain of the lip width
@@ -79,6 +82,7 @@ class MouthState:
     jaw: float = 0.0        # 0 closed .. 1 wide open
     width: float = 0.0      # -1 rounded .. 0 neutral .. 1 spread
     reference_db: float = -24.0
+    floor_db: float = -90.0
 
 
 @dataclass
@@ -93,13 +97,16 @@ class MouthFilter:
         n = len(feats)
         jaw = np.zeros(n, np.float32)
         width = np.zeros(n, np.float32)
-        ref = state.reference_db
+        ref, floor = state.reference_db, state.floor_db
         for i in range(n):
             level, voiced_db, high_share, centroid = feats[i]
             ref = max(voiced_db, ref - c.reference_decay_db, c.reference_floor_db)
+            # background (music, noise): the quietest recent level; drops at once, rises slowly
+            floor = min(voiced_db, floor + c.floor_rise_db)
             if level < c.gate_db:
                 continue
-            x = (voiced_db - (ref - c.dynamic_range_db)) / c.dynamic_range_db
+            bottom = min(max(ref - c.dynamic_range_db, floor + c.floor_margin_db), ref - c.min_range_db)
+            x = (voiced_db - bottom) / (ref - bottom)
             j = float(np.clip(x, 0.0, 1.0)) ** 1.6
             # fricatives (s, sh, f): energy is high-frequency; the jaw stays nearly shut
             j *= 1.0 - 0.65 * float(np.clip((high_share - 0.35) / 0.4, 0.0, 1.0))
@@ -107,7 +114,7 @@ class MouthFilter:
             # low formant centroid: rounded vowels; high: spread vowels (only meaningful when voiced)
             w = float(np.clip((centroid - 850.0) / 450.0, -1.0, 1.0))
             width[i] = w * min(1.0, j * 2.5)
-        state.reference_db = ref
+        state.reference_db, state.floor_db = ref, floor
         return jaw, width
 
     def __call__(self, feats: np.ndarray | None, num_frames: int, state: MouthState) -> np.ndarray:

@@ -33,10 +33,13 @@ class WarpConfig:
     max_jaw: float = 0.10        # inner-lip gap at the centre when fully open, fraction of face width
     upper_lip_lift: float = 0.18  # share of the opening made by the upper lip rising
     seam_position: float = 0.5   # photo with an open mouth: lips meet this far down the gap (0: upper lip)
-    max_width: float = 0.13      # mouth corners move by this fraction of the mouth half-width
+    max_width: float = 0.20      # mouth corners move by this fraction of the mouth half-width
     lip_ramp: float = 0.22       # depth (face widths) over which the lower-lip shape blends into the jaw
     upper_ramp: float = 0.10     # height over which the upper-lip lift fades out towards the nose
     neck_falloff: float = 0.30   # below the chin the jaw motion fades out over this distance
+    lid_lashes: float = 0.25     # the lid edge starts this far (x eye height) above the landmark lid line
+    lid_overlap: float = 0.12    # ... and closes this far below the lower-lid line
+    lid_widen: float = 1.12      # the moving lid is this much wider than the landmark eye
     head_radius: tuple[float, float] = (0.80, 1.05)  # head ellipse radii, face widths (x, y)
     head_falloff: float = 0.45   # ellipse radius units over which head motion fades to zero
     grid_step: int = 8           # coarse-grid step (px) of the smooth head field
@@ -144,7 +147,7 @@ class FaceWarper:
             eu, ev = self._to_local(lm, centre)
             upper = _Curve(eu[[idx[0], idx[1], idx[2], idx[3]]], ev[[idx[0], idx[1], idx[2], idx[3]]])
             lower = _Curve(eu[[idx[0], idx[5], idx[4], idx[3]]], ev[[idx[0], idx[5], idx[4], idx[3]]])
-            brow_v = np.minimum(ev[list(brow)], ev[idx[1:3]].min() - 0.04 * fw)
+            brow_v = np.minimum(ev[list(brow)], ev[idx[1:3]].min() - 0.07 * fw)
             brow_curve = _Curve(eu[list(brow)], brow_v)
             pts = np.concatenate([lm[idx], lm[list(brow)]])
             self.eyes.append((centre, upper, lower, brow_curve, _roi(pts, 0.05 * fw + 4, h, w)))
@@ -269,15 +272,21 @@ class FaceWarper:
         return du, v, cut_out, low_out, lens, opening
 
     def _eye(self, eye, blink: float, mx: np.ndarray, my: np.ndarray) -> None:
+        """The upper lid (from a little above the landmark lid line, so lashes come along) slides
+        down over the eye to just below the lower lid; the eye under it does not move."""
+        c = self.config
         centre, upper, lower, brow, _ = eye
         u, v = self._map_to_local(mx, my, centre)
-        up, lo, br = upper(u), lower(u), brow(u)
+        uw = u * np.float32(1.0 / c.lid_widen)  # a lid slightly wider than the landmark eye corners
+        up, lo, br = upper(uw), lower(uw), brow(uw)
         height = np.maximum(lo - up, 0.0)
-        t = (v - br) / np.maximum(lo - br, 1.0)
-        inside = (v >= br) & (v < lo)
-        # f(t) = 2t^2 - t^3: no kink under the brow, and the lash line keeps its thickness at the bottom
-        t = np.clip(t, 0.0, 1.0)
-        vs = v - np.where(inside, blink * height * (t * t * (2.0 - t)), 0.0)
+        lid_src = up - c.lid_lashes * height   # where the lid edge comes from
+        closed = lo + c.lid_overlap * height   # where it lands when the eye is shut
+        edge = lid_src + blink * (closed - lid_src)
+        t = np.clip((v - br) / np.maximum(edge - br, 1.0), 0.0, 1.0)
+        lid = (v >= br) & (v < edge)
+        # f(t) = 2t^2 - t^3: no kink under the brow; f(1) = 1 puts the lid edge exactly at `edge`
+        vs = v - np.where(lid, (edge - lid_src) * (t * t * (2.0 - t)), 0.0)
         mx[...] = centre[0] + u * self.cos - vs * self.sin
         my[...] = centre[1] + u * self.sin + vs * self.cos
 
