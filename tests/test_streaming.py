@@ -435,3 +435,37 @@ async def test_split_backend_pipelines_denoise_and_decode(image):
     assert any(a0 < b1 and b0 < a1 for a0, a1 in den for b0, b1 in dec)
     assert set(engine.stats()["stages"]) >= {"denoise", "decode", "encode"}
     await engine.stop()
+
+
+async def test_concurrent_backend_gets_parallel_workers_in_session_order(image):
+    class Concurrent(TickBackend):
+        concurrent_generate = True
+
+        def __init__(self) -> None:
+            super().__init__(delay=0.02)
+            self.intervals: list[tuple[float, float, str]] = []
+
+        def generate(self, jobs):
+            t0 = time.perf_counter()
+            out = super().generate(jobs)
+            self.intervals.append((t0, time.perf_counter(), threading.current_thread().name))
+            return out
+
+    backend = Concurrent()
+    engine = await open_engine(backend, segment_frames=4, max_sessions=3, max_batch=1, generate_workers=2)
+    avatar = await engine.prepare_avatar(image)
+    sessions = [engine.open_session(avatar, seed=i) for i in range(3)]
+    audio = tone(1.2)
+    for s in sessions:
+        await s.push_audio(audio)
+        s.end_of_speech()
+    results = await asyncio.gather(*(read_until(s, lambda f: f.segment_end) for s in sessions))
+    for frames in results:
+        check_timeline(frames)
+        assert np.array_equal(np.concatenate([f.audio for f in frames if f.speech]), padded(audio))
+        for f in frames:   # each session's segments went through the backend in order
+            assert int(f.image[0, 0, 0]) + 256 * int(f.image[0, 0, 1]) == f.index
+    iv = backend.intervals
+    assert len({name for _, _, name in iv}) == 2
+    assert any(a0 < b1 and b0 < a1 for i, (a0, a1, _) in enumerate(iv) for b0, b1, _ in iv[i + 1:])
+    await engine.stop()

@@ -16,8 +16,10 @@ the pipeline, so a fast producer cannot crowd the others out, and every queue st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -75,7 +77,15 @@ class StreamingEngine:
         # prepare_avatar and denoise/generate both run the backend's reference network (EMO keeps its
         # captured features in one store): never at the same time. encode_audio and decode use other
         # modules and overlap freely with them.
-        self._model_lock = threading.Lock()
+        # Backends that declare `concurrent_generate = True` (calls for different sessions may run at
+        # once, e.g. the CPU preview animator) get several generator workers and no lock.
+        concurrent = bool(getattr(backend, "concurrent_generate", False))
+        workers = self.config.generate_workers
+        self._workers = workers if workers is not None else (min(2, os.cpu_count() or 1) if concurrent else 1)
+        self._model_lock = contextlib.nullcontext() if concurrent else threading.Lock()
+        self._gen_lock = threading.Lock()
+        self._gen_pending: list[Job] = []
+        self._gen_busy: set[str] = set()
         self._running = False
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -99,7 +109,8 @@ class StreamingEngine:
             except Exception as exc:   # the engine still works, with the energy detector
                 log.warning("silero-vad unavailable (%s): using the energy voice detector", exc)
         self._running = True
-        stages = [("planner", self._planner), ("encoder", self._encoder), ("generator", self._generator)]
+        stages = [("planner", self._planner), ("encoder", self._encoder)]
+        stages += [(f"generator{i}", self._generator) for i in range(self._workers)]
         if self._split:
             stages.append(("decoder", self._decoder))
         for name, target in stages:
@@ -281,12 +292,13 @@ class StreamingEngine:
                 self._timers["encode"].add(time.perf_counter() - t0)
             self._put(self._q_generate, job)
 
-    def _next_batch(self, pending: list[Job]) -> tuple[list[Job], list[Job]]:
-        """Pick jobs for one backend call: in queue order, one per session, same length, <= max_batch.
-        Hold jobs ride along (no backend work) to keep each session's order. Returns (batch, rest)."""
+    def _next_batch(self, pending: list[Job], busy: set[str]) -> tuple[list[Job], list[Job]]:
+        """Pick jobs for one backend call: in queue order, one per session (none of a session another
+        worker is generating for), same length, <= max_batch. Hold jobs ride along (no backend work) to
+        keep each session's order. Returns (batch, rest)."""
         batch: list[Job] = []
         rest: list[Job] = []
-        seen: set[str] = set()
+        seen: set[str] = set(busy)
         length = None
         work = 0
         for job in pending:
@@ -309,47 +321,65 @@ class StreamingEngine:
             batch.append(job)
         return batch, rest
 
-    def _generator(self) -> None:
-        pending: list[Job] = []
+    def _take_batch(self) -> list[Job] | None:
+        """Generator workers share the queued jobs; a session is busy while one of them works on it, so
+        its segments still go through the backend one after another, in order."""
         while self._running:
-            if not pending:
-                job = self._get(self._q_generate)
-                if job is None:
-                    return
-                pending.append(job)
-            while True:   # everything queued now is a candidate for this batch
-                try:
-                    pending.append(self._q_generate.get_nowait())
-                except queue.Empty:
-                    break
-            batch, pending = self._next_batch(pending)
-            if not batch:
+            with self._gen_lock:
+                while True:   # everything queued now is a candidate for this batch
+                    try:
+                        self._gen_pending.append(self._q_generate.get_nowait())
+                    except queue.Empty:
+                        break
+                batch, self._gen_pending = self._next_batch(self._gen_pending, self._gen_busy)
+                if batch:
+                    self._gen_busy.update(j.session.id for j in batch)
+                    return batch
+            try:   # wait for new work (or for a busy session to be released)
+                job = self._q_generate.get(timeout=0.02)
+            except queue.Empty:
                 continue
-            work = [j for j in batch if not j.hold]
-            result = None
-            if work:
-                self._batch_sizes.append(len(work))
-                if len(self._batch_sizes) > 10000:
-                    del self._batch_sizes[:5000]
-                t0 = time.perf_counter()
-                try:
-                    with self._model_lock:
-                        if self._split:
-                            result = self.backend.denoise([j.segment for j in work])
-                        else:
-                            result = self.backend.generate([j.segment for j in work])
-                except Exception as exc:
-                    log.exception("backend %s failed on a batch of %d", "denoise" if self._split else "generate",
-                                  len(work))
-                    for j in work:
-                        j.session.fail(exc)
-                    batch = [j for j in batch if j.hold]
-                    work = []
-                self._timers["denoise" if self._split else "generate"].add(time.perf_counter() - t0, len(work))
-            if self._split:
-                self._put(self._q_decode, (batch, (work, result)))
-            else:
-                self._deliver(batch, work, result)
+            with self._gen_lock:
+                self._gen_pending.append(job)
+        return None
+
+    def _generator(self) -> None:
+        while self._running:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            try:
+                self._generate_batch(batch)
+            finally:
+                with self._gen_lock:
+                    self._gen_busy.difference_update(j.session.id for j in batch)
+
+    def _generate_batch(self, batch: list[Job]) -> None:
+        work = [j for j in batch if not j.hold]
+        result = None
+        if work:
+            self._batch_sizes.append(len(work))
+            if len(self._batch_sizes) > 10000:
+                del self._batch_sizes[:5000]
+            t0 = time.perf_counter()
+            try:
+                with self._model_lock:
+                    if self._split:
+                        result = self.backend.denoise([j.segment for j in work])
+                    else:
+                        result = self.backend.generate([j.segment for j in work])
+            except Exception as exc:
+                log.exception("backend %s failed on a batch of %d", "denoise" if self._split else "generate",
+                              len(work))
+                for j in work:
+                    j.session.fail(exc)
+                batch = [j for j in batch if j.hold]
+                work = []
+            self._timers["denoise" if self._split else "generate"].add(time.perf_counter() - t0, len(work))
+        if self._split:
+            self._put(self._q_decode, (batch, (work, result)))
+        else:
+            self._deliver(batch, work, result)
 
     def _decoder(self) -> None:
         while self._running:

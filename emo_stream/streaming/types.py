@@ -34,6 +34,8 @@ class EngineConfig:
     segment_frames: int = 8          # frames per generated segment: the latency/quality knob
     max_sessions: int = 4            # open_session beyond this raises EngineFullError
     max_batch: int = 4               # sessions batched into one backend call
+    generate_workers: int | None = None  # parallel generator threads (default: 2 for backends declaring
+                                         # concurrent_generate, like the CPU preview; else 1)
     input_seconds: float = 30.0      # queued input audio per session before push_audio awaits
     output_frames: int = 50          # generated-but-undelivered frames per session (incl. in flight)
     idle_lead_frames: int | None = None  # idle frames generated at most this far ahead (default segment+2)
@@ -63,6 +65,9 @@ class EngineConfig:
         if self.output_frames < self.segment_frames:
             raise ConfigError(f"engine output_frames ({self.output_frames}) must be >= segment_frames "
                               f"({self.segment_frames})")
+        if self.generate_workers is not None and (not isinstance(self.generate_workers, int)
+                                                  or not 1 <= self.generate_workers <= 64):
+            raise ConfigError(f"engine generate_workers must be an integer 1-64: got {self.generate_workers!r}")
         if self.idle_lead_frames is not None and (not isinstance(self.idle_lead_frames, int)
                                                   or self.idle_lead_frames < 1):
             raise ConfigError(f"engine idle_lead_frames must be a positive integer: got {self.idle_lead_frames!r}")
