@@ -469,3 +469,24 @@ async def test_concurrent_backend_gets_parallel_workers_in_session_order(image):
     assert len({name for _, _, name in iv}) == 2
     assert any(a0 < b1 and b0 < a1 for i, (a0, a1, _) in enumerate(iv) for b0, b1, _ in iv[i + 1:])
     await engine.stop()
+
+
+async def test_stalled_sender_is_flushed_without_segment_end(image):
+    clock = FakeClock()
+    engine = await open_engine(TickBackend(), clock, segment_frames=4, stall_flush_s=0.5)
+    session = engine.open_session(await engine.prepare_avatar(image))
+    idle = await drain(session, 0.2)
+    audio = tone(0.5)[:7000]                    # ends mid-frame, no end_of_speech
+    await session.push_audio(audio)
+    frames = idle + await drain(session, 0.2)
+    assert sum(f.speech for f in frames) < len(padded(audio)) // SPF   # the tail waits for more audio
+    clock.advance(1.0)                          # the sender went quiet
+    frames += await drain(session, 0.2)
+    clock.advance(0.5)
+    frames += await drain(session, 0.2)
+    check_timeline(frames)
+    speech = [f for f in frames if f.speech]
+    np.testing.assert_array_equal(np.concatenate([f.audio for f in speech]), padded(audio))
+    assert not any(f.segment_end for f in frames)
+    assert not frames[-1].speech                # and back to idle
+    await engine.stop()
