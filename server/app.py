@@ -22,12 +22,14 @@ from server.ws_api import Connection
 log = logging.getLogger(__name__)
 
 
-def build_engine(config: ServerConfig, clock: Clock) -> Any:
+def build_engine(config: ServerConfig, clock: Clock, backend: Any = None) -> Any:
     """Backend by name (emo_stream.backends) inside the streaming engine; model loading happens here."""
     from emo_stream.backends import create_backend
     from emo_stream.streaming import EngineConfig, StreamingEngine
 
-    backend = create_backend(config.backend, config.model, size=config.size, fps=config.fps, device=config.device)
+    if backend is None:
+        backend = create_backend(config.backend, config.model, size=config.size, fps=config.fps,
+                                 device=config.device)
     options = dataclasses.asdict(config.engine)
     try:
         engine_config = EngineConfig(max_sessions=config.sessions.max_sessions, **options)
@@ -43,18 +45,19 @@ def default_image(config: ServerConfig):
         return load_image(config.avatar)
     from emo_stream.preview.default_avatar import default_portrait
 
-    return default_portrait(config.size)
+    return default_portrait(max(config.size, 256))  # painted large enough for face detection; framed to size later
 
 
 class StreamServer:
-    """`await start()`, then `url`; `await stop()`. Tests may pass a ready engine and a clock."""
+    """`await start()`, then `url`; `await stop()`. Tests may pass a ready backend or engine, and a clock."""
 
-    def __init__(self, config: ServerConfig, *, engine: Any = None, clock: Clock | None = None,
+    def __init__(self, config: ServerConfig, *, backend: Any = None, engine: Any = None, clock: Clock | None = None,
                  virtual_camera: bool = False):
         config.ensure_token()
         self.config = config
         self.clock = clock or MonotonicClock()
         self.engine = engine
+        self._backend = backend
         self.virtual_camera = virtual_camera
         self.sessions: SessionManager | None = None
         self.avatars: AvatarStore | None = None
@@ -108,7 +111,7 @@ class StreamServer:
     async def start(self) -> None:
         cfg = self.config
         if self.engine is None:
-            self.engine = await asyncio.to_thread(build_engine, cfg, self.clock)
+            self.engine = await asyncio.to_thread(build_engine, cfg, self.clock, self._backend)
         await self.engine.start()
         self.avatars = AvatarStore(self.engine, cfg.limits.max_avatars, cfg.limits.max_image_pixels)
         image = await asyncio.to_thread(default_image, cfg)

@@ -77,6 +77,7 @@ async def pump_mic(track: MediaStreamTrack, session: Any, max_backlog_s: float) 
         pcm = np.ascontiguousarray(pcm).reshape(-1)
         if pcm.dtype != np.int16:
             pcm = pcm.astype(np.float32)
+        session.received(frame.samples / frame.sample_rate)
         if session.input_backlog_s() > max_backlog_s:
             session.mic_dropped_s += frame.samples / frame.sample_rate
             continue

@@ -95,9 +95,13 @@ class ServerSession:
                             "fatal": True})
 
     # -- input -----------------------------------------------------------------------------------
+    def received(self, seconds: float) -> None:
+        """Audio arrived from the client (counted on arrival, before any backpressure wait)."""
+        self.last_input = self.clock.now()
+        self.audio_seconds_in += seconds
+
     async def push_audio(self, pcm, sample_rate: int, channels: int) -> None:
         self.last_input = self.clock.now()
-        self.audio_seconds_in += len(pcm) / channels / sample_rate
         await self.engine_session.push_audio(pcm, sample_rate=sample_rate, channels=channels)
         self.last_input = self.clock.now()
 

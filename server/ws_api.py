@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from websockets.exceptions import ConnectionClosed
 
-from emo_stream.errors import EmoStreamError
+from emo_stream.errors import EmoStreamError, ImageInputError
 
 from server import protocol
 from server.protocol import AvatarUpload, ProtocolError, Simple, Start, View
@@ -125,23 +125,27 @@ class Connection:
         self.audio_q: asyncio.Queue[bytes] = asyncio.Queue(AUDIO_QUEUE_MESSAGES)
         self.viewing: list[tuple[ServerSession, Any]] = []
         self._tasks: list[asyncio.Task] = []
+        self._request: str | None = None
 
     # -- main loop -------------------------------------------------------------------------------
     async def run(self) -> None:
         writer = asyncio.create_task(self._writer(), name="ws-writer")
         try:
             async for message in self.ws:
+                self._request = None  # the request an error reply refers to
                 try:
                     if isinstance(message, bytes):
                         await self._binary(message)
                     else:
                         await self._text(message)
                 except ProtocolError as exc:
-                    self.send(protocol.error(exc.code, str(exc), exc.request))
+                    self.send(protocol.error(exc.code, str(exc), exc.request or self._request))
                 except ServerBusyError as exc:
                     self.send(protocol.error("busy", str(exc), "start"))
-                except EmoStreamError as exc:  # bad image, no face, ...: the user's input, not our crash
-                    self.send(protocol.error("bad_input", str(exc)))
+                except ImageInputError as exc:  # unreadable image, no face: the user's input, not our crash
+                    self.send(protocol.error("bad_image", str(exc), self._request))
+                except EmoStreamError as exc:
+                    self.send(protocol.error("bad_input", str(exc), self._request))
                 if self.outbox.overflow:
                     await self.ws.close(1008, "client is not reading its messages")
                     break
@@ -177,6 +181,7 @@ class Connection:
     async def _text(self, text: str) -> None:
         limits = self.cfg.limits
         msg = protocol.parse_message(text, limits.max_text_bytes, limits.max_upload_bytes)
+        self._request = getattr(msg, "type", None) or {Start: "start", View: "view", AvatarUpload: "avatar"}[type(msg)]
         if isinstance(msg, Start):
             await self._start(msg)
         elif isinstance(msg, View):
@@ -284,6 +289,7 @@ class Connection:
     # -- binary messages -------------------------------------------------------------------------
     async def _binary(self, data: bytes) -> None:
         if self.pending_avatar is not None:
+            self._request = "avatar"
             upload, self.pending_avatar = self.pending_avatar, None
             protocol.check_image_bytes(data, upload)
             avatar_id = await self.server.avatars.add(data)
@@ -292,7 +298,9 @@ class Connection:
         if self.session is None or self.start_msg is None or self.start_msg.audio is None:
             raise ProtocolError("binary messages are audio: send start with an audio format first "
                                 "(or an avatar message before image bytes)", "bad_state")
-        protocol.check_audio_chunk(data, self.start_msg.audio, self.cfg.limits.max_audio_chunk_bytes)
+        fmt = self.start_msg.audio
+        protocol.check_audio_chunk(data, fmt, self.cfg.limits.max_audio_chunk_bytes)
+        self.session.received(len(data) / fmt.bytes_per_sample_frame / fmt.sample_rate)
         await self.audio_q.put(data)  # waits when the engine is behind: TCP backpressure to the bot
 
     async def _feed_audio(self, session: ServerSession, fmt: protocol.AudioFormat) -> None:

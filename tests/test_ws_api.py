@@ -1,0 +1,293 @@
+"""The WebSocket bot API through the Python client, against a real server (preview backend, tiny frames)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from server.app import StreamServer
+from server.bot_client import BotClient, BotError, ReceivedFrame, stream_file
+from server.config import load_config
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def backend():
+    """One preview backend for the module: its face analyser loads once (servers and engines are per test)."""
+    from emo_stream.backends import create_backend
+
+    return create_backend("preview", size=SIZE)
+
+
+@pytest.fixture
+async def server(backend):
+    srv = await _server(backend)
+    yield srv
+    await srv.stop()
+
+
+async def _server(backend, **over) -> StreamServer:
+    cfg = load_config(None, port=0, size=SIZE, backend="preview", **over)
+    cfg.engine.vad = False  # the energy detector: no model load per test
+    cfg.sessions.max_sessions = 2
+    srv = StreamServer(cfg, backend=backend)
+    await srv.start()
+    return srv
+
+
+async def _get(url: str) -> tuple[int, dict | str]:
+    def fetch():
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                body = r.read().decode()
+                status = r.status
+        except urllib.error.HTTPError as exc:
+            body, status = exc.read().decode(), exc.code
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body
+
+    return await asyncio.to_thread(fetch)
+
+
+async def _until(bot: BotClient, want, timeout: float = 20.0) -> list:
+    """Everything received up to and including the first item for which want(item) is true."""
+    got = []
+    async for item in bot.receive(timeout=timeout):
+        got.append(item)
+        if want(item):
+            return got
+    raise AssertionError(f"connection ended before the expected message; got {[_kind(i) for i in got][-10:]}")
+
+
+def _kind(item) -> str:
+    return "frame" if isinstance(item, ReceivedFrame) else item.get("type")
+
+
+def _event(kind: str):
+    return lambda item: isinstance(item, dict) and item.get("type") == kind
+
+
+async def test_audio_in_frames_and_events_out(server, speech_16k):
+    async with BotClient(server.base_url) as bot:
+        info = await bot.start(sample_rate=16000, frames="jpeg")
+        assert info["viewer_url"].endswith(f"/viewer?session={info['session']}")
+        assert info["fps"] == 25 and info["size"] == SIZE
+        pcm = (speech_16k * 32767).astype(np.int16)
+        for i in range(0, len(pcm), 3200):  # 200 ms messages, as fast as the server takes them
+            await bot.send_audio(pcm[i:i + 3200])
+        await bot.end_segment()
+        items = await _until(bot, _event("playback_finished"))
+        stats = await bot.stats()
+        await bot.stop()
+
+    kinds = [_kind(i) for i in items]
+    started = kinds.index("playback_started")
+    finished = items[-1]
+    assert finished["interrupted"] is False
+    speech = [i for i in items if isinstance(i, ReceivedFrame) and i.speech]
+    # every speech frame arrives between the two events, in order, with its own slice of the audio
+    positions = [n for n, i in enumerate(items) if isinstance(i, ReceivedFrame) and i.speech]
+    assert min(positions) > started
+    assert [f.index for f in speech] == list(range(speech[0].index, speech[0].index + len(speech)))
+    assert speech[-1].segment_end
+    n_frames = -(-len(speech_16k) // 640)
+    assert len(speech) == n_frames
+    assert finished["position"] == pytest.approx(n_frames / 25)
+    audio = np.concatenate([f.audio for f in speech])
+    assert len(audio) == n_frames * 640
+    np.testing.assert_allclose(audio[:len(speech_16k)], speech_16k, atol=2e-3)  # PCM16 rounding only
+    # the mouth moves with the speech: frames differ from each other and from idle ones
+    images = np.stack([f.image.astype(np.int16) for f in speech])
+    assert np.abs(np.diff(images, axis=0)).mean() > 0.5
+    assert images.shape[1:] == (SIZE, SIZE, 3)
+    assert stats["session"] == info["session"] and stats["audio_in_s"] == pytest.approx(len(speech_16k) / 16000, 0.01)
+    assert stats["playout"]["max_av_offset_ms"] < 40
+
+
+async def test_clear_interrupts_playback(server, speech_16k):
+    long = np.tile(speech_16k, 3)
+    async with BotClient(server.base_url) as bot:
+        await bot.start(frames="jpeg")
+        await bot.send_audio(long)
+        await bot.end_segment()
+        await _until(bot, _event("playback_started"))
+        await _until(bot, lambda i: isinstance(i, ReceivedFrame) and i.pts > 0.5)
+        await bot.clear()
+        items = await _until(bot, _event("playback_finished"))
+        assert items[-1]["interrupted"] is True
+        assert items[-1]["position"] < len(long) / 16000 / 2
+        assert any(_event("cleared")(i) for i in items)
+        # after the interrupt the avatar is idle again: frames keep coming, without speech
+        after = await _until(bot, lambda i: isinstance(i, ReceivedFrame) and not i.speech)
+        assert not any(_event("playback_started")(i) for i in after)
+        stats = await bot.stats()
+        assert stats["input_queue_s"] == 0
+
+
+async def test_malformed_messages_get_clear_errors_and_the_session_survives(server):
+    async with BotClient(server.base_url) as bot:
+        ws = bot.ws
+
+        async def error_for(payload) -> dict:
+            await ws.send(payload)
+            items = await _until(bot, _event("error"), timeout=5)
+            return items[-1]
+
+        assert (await error_for("not json"))["code"] == "bad_message"
+        assert (await error_for("[1, 2]"))["code"] == "bad_message"
+        assert (await error_for('{"type": "dance"}'))["code"] == "unknown_type"
+        err = await error_for('{"type": "start", "audio": {"sample_rate": 16000}, "colour": "red"}')
+        assert "unknown field 'colour'" in err["message"] and err["request"] == "start"
+        err = await error_for('{"type": "start", "audio": {"sample_rate": 12345}}')
+        assert "sample_rate" in err["message"]
+        err = await error_for('{"type": "start", "audio": {"sample_rate": "16000"}}')
+        assert "must be int" in err["message"]
+        assert (await error_for(b"\x00\x01"))["code"] == "bad_state"  # audio before start
+        assert (await error_for('{"type": "clear"}'))["code"] == "bad_state"
+        assert (await error_for("x" * 70000))["code"] == "too_large"
+        err = await error_for('{"type": "avatar", "content_type": "image/gif", "size": 10}')
+        assert err["code"] == "bad_image"
+        err = await error_for('{"type": "start", "avatar": "nope"}')
+        assert "unknown avatar" in err["message"]
+
+        await bot.start(sample_rate=16000, channels=2, frames="none")
+        assert (await error_for(b"\x00\x01"))["code"] == "bad_audio"  # half a stereo sample
+        assert (await error_for(b"\x00" * 300000))["code"] == "too_large"
+        assert (await error_for('{"type": "start"}'))["code"] == "bad_state"  # one session per connection
+        # still alive and well
+        assert (await bot.request({"type": "ping"}))["type"] == "pong"
+        await bot.send_audio(np.zeros(3200 * 2, np.int16))
+        stats = await bot.stats()
+        assert stats["audio_in_s"] == pytest.approx(0.2)
+
+
+async def test_avatar_upload_is_prepared_once(server):
+    from PIL import Image
+
+    from emo_stream.preview.default_avatar import default_portrait
+
+    buf = io.BytesIO()
+    Image.fromarray(default_portrait(128)).save(buf, format="PNG")
+    async with BotClient(server.base_url) as bot:
+        first = await bot.upload_avatar(buf.getvalue(), "image/png")
+        again = await bot.upload_avatar(buf.getvalue(), "image/png")
+        assert first == again
+        with pytest.raises(BotError, match="not image/jpeg"):
+            await bot.upload_avatar(buf.getvalue(), "image/jpeg")
+        with pytest.raises(BotError, match="readable image"):
+            await bot.upload_avatar(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "image/png")
+        info = await bot.start(avatar=first, frames="jpeg")
+        frame = (await _until(bot, lambda i: isinstance(i, ReceivedFrame)))[-1]
+        assert frame.image.shape == (SIZE, SIZE, 3)
+        assert info["session"]
+
+
+async def test_over_capacity_gets_a_busy_reply(server):
+    bots = [BotClient(server.base_url) for _ in range(3)]
+    for b in bots:
+        await b.connect()
+    try:
+        await bots[0].start(frames="none")
+        await bots[1].start(frames="none")
+        status, body = await _get(server.base_url + "/api/capacity")
+        assert status == 503 and body["error"] == "busy"
+        with pytest.raises(BotError) as exc:
+            await bots[2].start(frames="none")
+        assert exc.value.code == "busy" and "try again" in str(exc.value)
+        _, health = await _get(server.base_url + "/healthz")
+        assert health["sessions"] == 2 and health["status"] == "ok" and health["backend"] == "preview"
+        # a slot frees up: the same connection can start now
+        await bots[0].close()
+        for _ in range(50):
+            if len(server.sessions) < 2:
+                break
+            await asyncio.sleep(0.05)
+        info = await bots[2].start(frames="none")
+        status, stats = await _get(f"{server.base_url}/api/sessions/{info['session']}")
+        assert status == 200 and stats["session"] == info["session"]
+    finally:
+        for b in bots:
+            await b.close()
+    for _ in range(50):
+        if len(server.sessions) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert len(server.sessions) == 0
+
+
+async def test_a_broken_client_does_not_disturb_another_session(server, speech_16k):
+    async with BotClient(server.base_url) as good, BotClient(server.base_url) as bad:
+        await good.start(frames="jpeg")
+        await bad.start(frames="jpeg")
+        await good.send_audio(speech_16k)
+        await bad.send_audio(speech_16k[:8000])
+        await bad.ws.send("{{{")
+        bad.ws.transport.abort()  # network drop, no close frame
+        await good.end_segment()
+        items = await _until(good, _event("playback_finished"))
+        assert items[-1]["interrupted"] is False
+        for _ in range(60):
+            if len(server.sessions) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert len(server.sessions) == 1
+
+
+async def test_idle_sessions_time_out(backend):
+    srv = await _server(backend)
+    srv.config.sessions.idle_timeout_s = 0.4
+    srv.sessions.config.sessions.idle_timeout_s = 0.4
+    srv.sessions._reaper.cancel()
+    srv.sessions.start()
+    try:
+        async with BotClient(srv.base_url) as bot:
+            await bot.start(frames="none")
+            items = await _until(bot, _event("session_ended"), timeout=5)
+            assert items[-1]["reason"].startswith("idle")
+        assert len(srv.sessions) == 0
+    finally:
+        await srv.stop()
+
+
+async def test_token_auth_when_configured(backend):
+    srv = await _server(backend, token="secret-token-123")
+    try:
+        status, _ = await _get(srv.base_url + "/")
+        assert status == 401
+        status, page = await _get(srv.base_url + "/?token=secret-token-123")
+        assert status == 200 and 'id="start"' in page
+        status, health = await _get(srv.base_url + "/healthz")
+        assert status == 200 and health["status"] == "ok"
+        with pytest.raises(BotError, match="401"):
+            async with BotClient(srv.base_url):
+                pass
+        async with BotClient(srv.base_url, token="secret-token-123") as bot:
+            info = await bot.start(frames="none")
+            assert "token=secret-token-123" in info["viewer_url"]
+    finally:
+        await srv.stop()
+
+
+async def test_bot_cli_records_an_mp4(server, speech_wav, tmp_path):
+    from emo_stream.media import probe_durations
+    from server.cli import main
+
+    out = tmp_path / "reply.mp4"
+    code = await asyncio.to_thread(main, ["bot", "--url", server.base_url, "--audio", str(speech_wav),
+                                          "--out", str(out)])
+    assert code == 0
+    d = probe_durations(out)
+    from emo_stream.media import load_audio
+
+    seconds = len(load_audio(speech_wav)) / 16000
+    assert abs(d["video_s"] - seconds) <= 0.04 + 1e-6
+    assert abs(d["audio_s"] - d["video_s"]) < 0.05
