@@ -1,0 +1,233 @@
+"""Server configuration, HTTP routes, auth and the serve command (with a tiny stand-in engine: no backend)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from emo_stream.errors import ConfigError
+from server.app import StreamServer
+from server.config import ServerConfig, load_config
+from server.protocol import ProtocolError, decode_frame, encode_frame, parse_message
+
+
+# -- a stand-in engine with the emo_stream.streaming API (idle frames only) ---------------------------
+
+@dataclass
+class _Frame:
+    index: int
+    image: np.ndarray
+    audio: np.ndarray
+    speech: bool = False
+    segment_end: bool = False
+
+
+class _Session:
+    def __init__(self, n: int):
+        self.id = f"fake{n}"
+        self._closed = asyncio.Event()
+
+    async def frames(self):
+        k = 0
+        while not self._closed.is_set():
+            yield _Frame(k, np.zeros((16, 16, 3), np.uint8), np.zeros(640, np.float32))
+            k += 1
+            await asyncio.sleep(0.04)
+
+    async def push_audio(self, pcm, sample_rate=16000, channels=1, timestamp=None):
+        pass
+
+    def end_of_speech(self):
+        pass
+
+    def clear(self):
+        pass
+
+    def stats(self):
+        return {"latency_ms": {"p50": 1.0, "p95": 2.0}, "input_queue_s": 0.0, "state": "idle"}
+
+    async def close(self):
+        self._closed.set()
+
+
+class FakeEngine:
+    class backend:
+        name = "fake"
+
+    def __init__(self):
+        self.n = 0
+
+    async def start(self):
+        pass
+
+    async def stop(self):
+        pass
+
+    async def prepare_avatar(self, image):
+        return object()
+
+    def open_session(self, avatar, seed=0):
+        self.n += 1
+        return _Session(self.n)
+
+
+async def _get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    def fetch():
+        req = urllib.request.Request(url, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    return await asyncio.to_thread(fetch)
+
+
+@pytest.fixture
+async def server():
+    srv = StreamServer(load_config(None, port=0, size=64), engine=FakeEngine())
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+def test_default_config_file_loads_into_dataclasses():
+    cfg = load_config()
+    assert isinstance(cfg, ServerConfig)
+    assert cfg.host == "127.0.0.1" and cfg.port == 8080 and cfg.backend == "preview"
+    assert cfg.sessions.max_sessions >= 1 and cfg.playout.video_queue_frames >= 1
+    assert not cfg.auth_required
+
+
+def test_overrides_and_model_implies_emo(tmp_path):
+    cfg = load_config(None, port=9000, model="tiny")
+    assert cfg.port == 9000 and cfg.backend == "emo" and cfg.model == "tiny"
+    path = tmp_path / "s.yaml"
+    path.write_text("port: 1234\nsessions:\n  max_sessions: 7\n")
+    cfg = load_config(path)
+    assert cfg.port == 1234 and cfg.sessions.max_sessions == 7 and cfg.sessions.idle_timeout_s == 300
+
+
+@pytest.mark.parametrize("text, words", [
+    ("portt: 1\n", "unknown setting portt"),
+    ("sessions:\n  max_session: 2\n", "unknown setting sessions.max_session"),
+    ("port: eighty\n", "port must be int"),
+    ("sessions:\n  max_sessions: 0\n", "must be positive"),
+    ("backend: magic\n", "backend must be preview or emo"),
+    ("fps: 24\n", "fps must divide"),
+    ("size: 17\n", "size must be an even number"),
+    ("sessions: [1, 2]\n", "sessions must be a mapping"),
+    ("port: [\n", "not valid YAML"),
+    ("token: short\n", "at least 8"),
+])
+def test_bad_config_is_a_config_error(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_binding_beyond_loopback_requires_a_token():
+    cfg = load_config(None, host="0.0.0.0")
+    assert cfg.auth_required
+    cfg.ensure_token()
+    assert cfg.token and len(cfg.token) >= 16
+    assert not load_config(None, host="::1").auth_required
+
+
+def test_serve_command_reports_bad_config(tmp_path, capsys):
+    from server.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("port: -1\n")
+    assert main(["serve", "--config", str(path)]) == 2
+    assert "port must be positive" in capsys.readouterr().err
+
+
+# -- protocol -------------------------------------------------------------------------------------
+
+def test_frame_messages_round_trip():
+    data = encode_frame({"type": "frame", "index": 3, "pts": 0.12}, b"\xff\xd8jpeg", b"\x01\x00" * 640)
+    header, jpeg, pcm = decode_frame(data)
+    assert header["index"] == 3 and header["jpeg_bytes"] == 6 and jpeg == b"\xff\xd8jpeg" and len(pcm) == 1280
+
+
+def test_start_defaults_and_validation():
+    msg = parse_message('{"type": "start"}', 65536, 1 << 20)
+    assert msg.audio.sample_rate == 16000 and msg.audio.channels == 1 and msg.frames == "none"
+    with pytest.raises(ProtocolError, match="either audio"):
+        parse_message('{"type": "start", "audio": {"sample_rate": 16000}, "webrtc": {"type": "offer", "sdp": "v=0"}}',
+                      65536, 1 << 20)
+    with pytest.raises(ProtocolError, match="not an SDP offer"):
+        parse_message('{"type": "view", "session": "x", "webrtc": {"type": "offer", "sdp": "hello"}}', 65536, 1 << 20)
+    with pytest.raises(ProtocolError, match="avatar size"):
+        parse_message('{"type": "avatar", "content_type": "image/png", "size": 99999999}', 65536, 1 << 20)
+    with pytest.raises(ProtocolError, match="must be int"):
+        parse_message('{"type": "start", "seed": true}', 65536, 1 << 20)
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+
+async def test_pages_static_files_and_health(server):
+    status, headers, body = await _get(server.base_url + "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    page = body.decode()
+    for element in ('<button id="start"', '<button id="stop"', '<video id="avatar"'):
+        assert element in page
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
+    status, _, body = await _get(server.base_url + "/viewer?session=abc")
+    assert status == 200 and b'<video id="avatar"' in body
+    status, headers, _ = await _get(server.base_url + "/static/app.js")
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    for bad in ("/static/../server/config.py", "/static/.hidden", "/static/", "/nope", "/static/%2e%2e/pyproject.toml"):
+        assert (await _get(server.base_url + bad))[0] == 404, bad
+    status, headers, body = await _get(server.base_url + "/healthz")
+    health = json.loads(body)
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert health["status"] == "ok" and health["backend"] == "fake" and health["sessions"] == 0
+    status, _, body = await _get(server.base_url + "/api/sessions")
+    assert json.loads(body) == {"sessions": []}
+    assert (await _get(server.base_url + "/api/sessions/nope"))[0] == 404
+
+
+async def test_cross_site_websocket_is_refused(server):
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as exc:
+        async with connect(server.base_url.replace("http", "ws") + "/api/ws", origin="http://evil.example"):
+            pass
+    assert exc.value.response.status_code == 403
+    async with connect(server.base_url.replace("http", "ws") + "/api/ws", origin=server.base_url) as ws:
+        await ws.send('{"type": "ping"}')
+        assert json.loads(await ws.recv())["type"] == "pong"
+
+
+async def test_session_stats_and_cleanup_on_disconnect(server):
+    from server.bot_client import BotClient
+
+    bot = BotClient(server.base_url)
+    await bot.connect()
+    info = await bot.start(frames="none")
+    status, _, body = await _get(f"{server.base_url}/api/sessions/{info['session']}")
+    stats = json.loads(body)
+    assert status == 200 and stats["kind"] == "ws" and stats["latency_ms"]["p95"] == 2.0 and "playout" in stats
+    await bot.close()
+    for _ in range(40):
+        if len(server.sessions) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert len(server.sessions) == 0
