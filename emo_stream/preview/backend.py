@@ -43,7 +43,7 @@ class PreviewState:
     frames: int = 0        # frames generated so far in this session
 
 
-def frame_portrait(image: np.ndarray, face: FaceInfo, size: int, face_fraction: float = 0.45) -> tuple[np.ndarray, FaceInfo]:
+def frame_portrait(image: np.ndarray, face: FaceInfo, size: int, face_fraction: float = 0.40) -> tuple[np.ndarray, FaceInfo]:
     """Square crop around the face, resized to `size`: the face box takes about `face_fraction` of the
     width, a little above centre. The square stays inside the photo (no padded edges) unless the
     photo is too small for it."""
@@ -68,7 +68,7 @@ class PreviewBackend:
 
     name = "preview"
 
-    def __init__(self, size: int = 512, fps: int = 25, *, clip_frames: int = 4, face_fraction: float = 0.45,
+    def __init__(self, size: int = 512, fps: int = 25, *, clip_frames: int = 4, face_fraction: float = 0.40,
                  mouth: MouthConfig | None = None, motion: MotionConfig | None = None,
                  warp: WarpConfig | None = None, analyzer: FaceAnalyzer | None = None, **options: Any):
         unknown = set(options) - _IGNORED_OPTIONS

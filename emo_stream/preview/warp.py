@@ -41,7 +41,7 @@ class WarpConfig:
     lid_overlap: float = 0.12    # ... and closes this far below the lower-lid line
     lid_widen: float = 1.12      # the moving lid is this much wider than the landmark eye
     head_radius: tuple[float, float] = (0.80, 1.05)  # head ellipse radii, face widths (x, y)
-    head_falloff: float = 0.45   # ellipse radius units over which head motion fades to zero
+    head_falloff: float = 0.40   # ellipse radius units over which head motion fades to zero
     grid_step: int = 8           # coarse-grid step (px) of the smooth head field
 
 
@@ -160,8 +160,10 @@ class FaceWarper:
         self.head_roi = _roi(self._to_image(ext, self.head_centre), 2, h, w)
         ys, xs = self.head_roi
         self.roi_shape = (ys.stop - ys.start, xs.stop - xs.start)
-        gh = max(2, int(np.ceil(self.roi_shape[0] / c.grid_step)))
-        gw = max(2, int(np.ceil(self.roi_shape[1] / c.grid_step)))
+        # finer cells on small images: bilinear spill past the ellipse stays under a pixel's worth
+        step = max(2, min(c.grid_step, round(max(h, w) / 64)))
+        gh = max(2, int(np.ceil(self.roi_shape[0] / step)))
+        gw = max(2, int(np.ceil(self.roi_shape[1] / step)))
         # coarse sample positions matching cv2.resize's pixel-centre alignment
         gy = ys.start + (np.arange(gh) + 0.5) * self.roi_shape[0] / gh - 0.5
         gx = xs.start + (np.arange(gw) + 0.5) * self.roi_shape[1] / gw - 0.5
