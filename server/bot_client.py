@@ -53,6 +53,7 @@ class ReceivedFrame:
     audio: np.ndarray      # float32 16 kHz mono: exactly the audio this frame covers
     speech: bool
     segment_end: bool
+    jpeg: bytes | None = None  # the frame as sent, when the client was made with decode=False (image is None)
 
 
 def ws_url(url: str) -> str:
@@ -70,8 +71,9 @@ class BotClient:
     (events, frames) is queued for receive() in arrival order (bounded: a bot that stops reading
     makes the server drop frames, never events)."""
 
-    def __init__(self, url: str, token: str | None = None, inbox: int = 256):
+    def __init__(self, url: str, token: str | None = None, inbox: int = 256, decode: bool = True):
         self.url = ws_url(url)
+        self.decode = decode
         self.token = token
         self.ws: ClientConnection | None = None
         self.session: dict | None = None
@@ -187,7 +189,8 @@ class BotClient:
         try:
             async for message in self.ws:
                 if isinstance(message, bytes):
-                    await self._inbox.put(await asyncio.to_thread(_decode, message))
+                    frame = await asyncio.to_thread(_decode, message) if self.decode else _decode(message, False)
+                    await self._inbox.put(frame)
                     continue
                 msg = json.loads(message)
                 if self._deliver_reply(msg):
@@ -218,14 +221,14 @@ class BotClient:
         return False
 
 
-def _decode(data: bytes) -> ReceivedFrame:
+def _decode(data: bytes, image: bool = True) -> ReceivedFrame:
     from PIL import Image
 
     header, jpeg, pcm = decode_frame(data)
-    image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")) if image else None
     audio = np.frombuffer(pcm, "<i2").astype(np.float32) / 32767.0
-    return ReceivedFrame(index=header["index"], pts=header["pts"], image=image, audio=audio,
-                         speech=header["speech"], segment_end=header["segment_end"])
+    return ReceivedFrame(index=header["index"], pts=header["pts"], image=rgb, audio=audio,
+                         speech=header["speech"], segment_end=header["segment_end"], jpeg=None if image else jpeg)
 
 
 # -- `emo-stream bot` ------------------------------------------------------------------------------

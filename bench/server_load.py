@@ -1,0 +1,199 @@
+"""Server load: N concurrent bot sessions for T seconds against `emo-stream serve` on loopback.
+
+Each bot streams speech in real time over the WebSocket API (utterances with pauses, as a voice
+agent would), asks for the frames back (JPEG + audio + pts) and counts them. The server runs in
+its own process, so its CPU and memory are measured apart from the bots'.
+
+    python bench/server_load.py --sessions 4 --seconds 20 --size 512 --out bench/results/server_load-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from server.bot_client import BotClient, ReceivedFrame  # noqa: E402
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def speech_clip() -> np.ndarray:
+    """A few seconds of espeak-ng speech (16 kHz float), or tone bursts where espeak is missing."""
+    from emo_stream.media import load_audio
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            wav = Path(tmp) / "s.wav"
+            subprocess.run(["espeak-ng", "-s", "160", "-w", str(wav),
+                            "Thanks for calling. Let me check that for you, it will only take a moment."],
+                           check=True, capture_output=True)
+            return load_audio(wav)
+    except (OSError, subprocess.CalledProcessError):
+        t = np.arange(48000) / 16000
+        return (0.3 * np.sin(2 * np.pi * 180 * t) * (np.sin(2 * np.pi * 3 * t) > 0)).astype(np.float32)
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--size",
+           str(args.size), "--backend", args.backend, "--max-sessions", str(args.sessions)]
+    if args.model:
+        cmd += ["--model", args.model]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 120:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        found = re.search(r"http://[0-9.:]+", line)
+        if found and "serving" in line:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            return proc, found.group(0)
+    proc.kill()
+    raise SystemExit("the server did not start")
+
+
+async def bot_session(url: str, clip: np.ndarray, seconds: float, pause_s: float) -> dict:
+    chunk = 320  # 20 ms messages, sent in real time like a live TTS/voice pipeline
+    async with BotClient(url, decode=False) as bot:
+        info = await bot.start(sample_rate=16000, frames="jpeg")
+        t_start = time.monotonic()
+
+        async def sender():
+            while True:
+                for i in range(0, len(clip), chunk):
+                    await bot.send_audio(clip[i:i + chunk])
+                    await asyncio.sleep(chunk / 16000)
+                await bot.end_segment()
+                await asyncio.sleep(pause_s)
+
+        send = asyncio.create_task(sender())
+        frames = speech = finished = 0
+        first = last = None
+        try:
+            async for item in bot.receive(timeout=10):
+                now = time.monotonic()
+                if isinstance(item, ReceivedFrame):
+                    frames += 1
+                    speech += item.speech
+                    first = first or now
+                    last = now
+                elif item.get("type") == "playback_finished":
+                    finished += 1
+                if now - t_start >= seconds:
+                    break
+            stats = await bot.stats()
+        finally:
+            send.cancel()
+            await asyncio.gather(send, return_exceptions=True)
+        await bot.stop()
+    span = (last - first) if first and last and last > first else 1e-9
+    return {
+        "session": info["session"],
+        "frames": frames,
+        "speech_frames": speech,
+        "fps": round((frames - 1) / span, 2) if frames > 1 else 0.0,
+        "utterances_finished": finished,
+        "latency_ms_p50": stats.get("latency_ms", {}).get("p50"),
+        "latency_ms_p95": stats.get("latency_ms", {}).get("p95"),
+        "late_frames": stats.get("playout", {}).get("late_frames"),
+        "engine_late_frames": stats.get("late_frames"),
+        "dropped_frames": stats.get("dropped_frames"),
+        "max_av_offset_ms": stats.get("playout", {}).get("max_av_offset_ms"),
+    }
+
+
+async def run_bots(url: str, args) -> list[dict]:
+    clip = speech_clip()
+    return await asyncio.gather(*(bot_session(url, clip, args.seconds, args.pause) for _ in range(args.sessions)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--backend", default="preview")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--pause", type=float, default=1.0, help="silence between utterances (s)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+
+    proc, url = start_server(args)
+    try:
+        time.sleep(1.0)  # let start-up work settle before the baseline
+        rss_before = proc_rss_mb(proc.pid)
+        cpu0, wall0 = proc_cpu_seconds(proc.pid), time.monotonic()
+        sessions = asyncio.run(run_bots(url, args))
+        cpu1, wall1 = proc_cpu_seconds(proc.pid), time.monotonic()
+        rss_loaded = proc_rss_mb(proc.pid)
+        time.sleep(2.0)
+        rss_after = proc_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    fps = [s["fps"] for s in sessions]
+    p95 = [s["latency_ms_p95"] for s in sessions if s["latency_ms_p95"] is not None]
+    result = {
+        "benchmark": "server_load",
+        "device": f"cpu: {cpu_name()} ({os.cpu_count()} cores)",
+        "backend": args.backend,
+        "size": args.size,
+        "sessions": args.sessions,
+        "seconds": args.seconds,
+        "transport": "WebSocket bot API on loopback, 20 ms PCM16 messages in real time, JPEG frames back",
+        "fps_per_session_min": min(fps),
+        "fps_per_session_mean": round(statistics.mean(fps), 2),
+        "latency_ms_p95_max": max(p95) if p95 else None,
+        "server_cpu_percent": round(100 * (cpu1 - cpu0) / (wall1 - wall0), 1),
+        "server_cpu_cores_used": round((cpu1 - cpu0) / (wall1 - wall0), 2),
+        "rss_mb_before": round(rss_before, 1),
+        "rss_mb_under_load": round(rss_loaded, 1),
+        "rss_mb_after_close": round(rss_after, 1),
+        "per_session": sessions,
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
