@@ -231,3 +231,16 @@ async def test_session_stats_and_cleanup_on_disconnect(server):
             break
         await asyncio.sleep(0.05)
     assert len(server.sessions) == 0
+
+
+async def test_virtual_camera_skips_cleanly_without_a_device(caplog):
+    srv = StreamServer(load_config(None, port=0, size=64), engine=FakeEngine(), virtual_camera=True)
+    with caplog.at_level("WARNING", logger="server.virtual_camera"):
+        await srv.start()
+    try:
+        if srv._camera is None:  # no pyvirtualcam or no camera device here: said so, and serving anyway
+            assert "--virtual-camera" in caplog.text and "continuing without" in caplog.text
+        status, _, _ = await _get(srv.base_url + "/healthz")
+        assert status == 200
+    finally:
+        await srv.stop()
