@@ -3,7 +3,6 @@ fallback tells speech from silence; the engine renders silence as idle (no audio
 
 from __future__ import annotations
 
-import asyncio
 
 import numpy as np
 import pytest
