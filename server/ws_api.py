@@ -113,6 +113,15 @@ def _jpeg(image: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
+async def _answer(coro, request: str):
+    """aiortc's errors for an unusable SDP offer become a clear protocol error."""
+    try:
+        return await coro
+    except Exception as exc:  # aiortc raises ValueError, AssertionError, ... on malformed SDP
+        raise ProtocolError(f"{request}.webrtc: cannot use this SDP offer ({exc.__class__.__name__}: {exc})"[:300],
+                            "bad_message", request) from None
+
+
 class Connection:
     def __init__(self, server: "StreamServer", ws: Any):
         self.server = server
@@ -146,6 +155,11 @@ class Connection:
                     self.send(protocol.error("bad_image", str(exc), self._request))
                 except EmoStreamError as exc:
                     self.send(protocol.error("bad_input", str(exc), self._request))
+                except ConnectionClosed:
+                    raise
+                except Exception:  # a bug handling one message: report it, keep the connection and session
+                    log.exception("handling a %s message failed", self._request or "binary")
+                    self.send(protocol.error("internal", "the server failed to handle this message", self._request))
                 if self.outbox.overflow:
                     await self.ws.close(1008, "client is not reading its messages")
                     break
@@ -211,10 +225,10 @@ class Connection:
                 sub = session.playout.subscribe("talk-page", frames=self.cfg.playout.video_queue_frames,
                                                 audio=self.cfg.playout.audio_queue_chunks)
                 backlog = self.cfg.sessions.mic_max_backlog_s
-                pc, answer = await answer_offer(
+                pc, answer = await _answer(answer_offer(
                     msg.webrtc.sdp, sub,
                     on_mic=lambda track: session.spawn(pump_mic(track, session, backlog), "mic"),
-                    on_closed=lambda: self._peer_gone(session))
+                    on_closed=lambda: self._peer_gone(session)), "start")
                 session.add_peer(pc)
                 reply["answer"] = {"type": answer.type, "sdp": answer.sdp}
             else:
@@ -243,7 +257,8 @@ class Connection:
 
         sub = session.playout.subscribe("viewer", frames=self.cfg.playout.video_queue_frames,
                                         audio=self.cfg.playout.audio_queue_chunks)
-        pc, answer = await answer_offer(msg.webrtc.sdp, sub, on_closed=lambda: self._viewer_gone(session, pc))
+        pc, answer = await _answer(answer_offer(msg.webrtc.sdp, sub, on_closed=lambda: self._viewer_gone(session, pc)),
+                                   "view")
         session.add_peer(pc)
         session.viewers += 1
         self.viewing.append((session, pc))
@@ -320,6 +335,9 @@ class Connection:
     # -- session events --------------------------------------------------------------------------
     def _on_session_event(self, event: dict) -> None:
         self.send(event)
+        if event.get("type") == "error" and event.get("fatal") and self.session is not None:
+            # the engine or playout failed for this session only: free its slot, keep the connection
+            asyncio.get_running_loop().create_task(self._end_session("failed"))
 
     async def _end_session(self, reason: str) -> None:
         session, self.session = self.session, None

@@ -244,3 +244,15 @@ async def test_virtual_camera_skips_cleanly_without_a_device(caplog):
         assert status == 200
     finally:
         await srv.stop()
+
+
+async def test_unusable_sdp_offer_is_a_clear_error_and_frees_the_slot(server):
+    from server.bot_client import BotClient, BotError
+
+    async with BotClient(server.base_url) as bot:
+        with pytest.raises(BotError, match="cannot use this SDP offer"):
+            await bot.request({"type": "start", "webrtc": {"type": "offer", "sdp": "v=0\r\nm=nonsense\r\n"}})
+        assert len(server.sessions) == 0
+        with pytest.raises(BotError, match="no such session"):
+            await bot.request({"type": "view", "session": "latest", "webrtc": {"type": "offer", "sdp": "v=0\r\n"}})
+        assert (await bot.request({"type": "ping"}))["type"] == "pong"

@@ -193,3 +193,30 @@ async def test_drop_queue_keeps_newest():
     q.close()
     with pytest.raises(QueueClosed):
         await waiter
+
+
+async def test_webrtc_tracks_carry_one_timeline():
+    """The aiortc tracks hand out the playout's frames with 90 kHz / 48 kHz pts that map to the same times."""
+    from fractions import Fraction
+
+    from aiortc.mediastreams import MediaStreamError
+
+    from server.rtc import PlayoutAudioTrack, PlayoutVideoTrack
+
+    clock = SimClock()
+    image = np.full((16, 16, 3), 200, np.uint8)
+    play = Playout(frames(10, image=image), FPS, clock)
+    sub = play.subscribe("pc", frames=20, audio=40)
+    video, audio = PlayoutVideoTrack(sub), PlayoutAudioTrack(sub)
+    await play.run()
+    v = [await video.recv() for _ in range(10)]
+    a = [await audio.recv() for _ in range(20)]
+    assert [f.pts for f in v] == [k * 3600 for k in range(10)]
+    assert all(f.time_base == Fraction(1, 90000) and f.format.name == "yuv420p" for f in v)
+    assert [f.pts for f in a] == [n * 960 for n in range(20)]
+    assert all(f.sample_rate == 48000 and f.samples == 960 and f.layout.name == "mono" for f in a)
+    # frame k and audio chunk 2k start at the same instant
+    for k in range(10):
+        assert v[k].pts / 90000 == a[2 * k].pts / 48000
+    with pytest.raises(MediaStreamError):  # the session ended: the tracks end too
+        await video.recv()
