@@ -29,7 +29,7 @@ from fractions import Fraction
 from typing import Any, AsyncIterator, Callable, Generic, Protocol, TypeVar
 
 import numpy as np
-from scipy.signal import firwin, lfilter
+from scipy.signal import firwin, upfirdn
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,15 @@ class Upsampler:
     def __init__(self, factor: int = 3, taps: int = 61):
         self.factor = factor
         self._h = (firwin(taps, 7600, fs=ENGINE_RATE * factor) * factor).astype(np.float64)
-        self._zi = np.zeros(taps - 1)
+        # input samples the filter still reaches back to: carried between calls (the filter state)
+        self._history = np.zeros(-(-(taps - 1) // factor))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float64).reshape(-1)
-        up = np.zeros(len(x) * self.factor)
-        up[:: self.factor] = x
-        y, self._zi = lfilter(self._h, 1.0, up, zi=self._zi)
+        n_hist = len(self._history)
+        padded = np.concatenate([self._history, x])
+        y = upfirdn(self._h, padded, up=self.factor)[n_hist * self.factor:(n_hist + len(x)) * self.factor]
+        self._history = padded[len(padded) - n_hist:]
         return (np.clip(y, -1.0, 1.0) * 32767.0).astype(np.int16)
 
 
