@@ -120,12 +120,9 @@ def _paint_features(img: Image.Image) -> Image.Image:
         d.ellipse([ex - 7, eye_y - 7, ex + 7, eye_y + 5], fill=(104, 74, 48))
         d.ellipse([ex - 4, eye_y - 4, ex + 4, eye_y + 3], fill=(16, 11, 9))
         d.ellipse([ex - 7, eye_y - 8, ex - 3, eye_y - 4], fill=(248, 248, 248))
-        # upper lid line with lashes, lighter lower lid
+        # upper lid line, lighter lower lid
         upper = white[:5]
         d.line(upper, fill=(34, 22, 18), width=4, joint="curve")
-        for i in range(1, 4):
-            px, py = upper[i]
-            d.line([(px, py), (px + side * 3, py - 4)], fill=(34, 22, 18), width=2)
         d.line([white[4], white[5], white[6], white[0]], fill=(150, 104, 86), width=2, joint="curve")
     # nose: bridge line, tip, alar shadows and nostrils
     nose_y = cy + 40

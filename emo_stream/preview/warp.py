@@ -37,9 +37,10 @@ class WarpConfig:
     lip_ramp: float = 0.22       # depth (face widths) over which the lower-lip shape blends into the jaw
     upper_ramp: float = 0.10     # height over which the upper-lip lift fades out towards the nose
     neck_falloff: float = 0.30   # below the chin the jaw motion fades out over this distance
-    lid_lashes: float = 0.25     # the lid edge starts this far (x eye height) above the landmark lid line
-    lid_overlap: float = 0.12    # ... and closes this far below the lower-lid line
-    lid_widen: float = 1.12      # the moving lid is this much wider than the landmark eye
+    lid_margin: float = 0.05     # the moving lid's edge is taken this far (x eye height) below the
+                                 # landmark lid line, so the dark lash line comes down with it
+    lid_overlap: float = 0.25    # ... and closes this far below the lower-lid line
+    lid_widen: float = 1.25      # the moving lid is this much wider than the landmark eye
     head_radius: tuple[float, float] = (0.80, 1.05)  # head ellipse radii, face widths (x, y)
     head_falloff: float = 0.40   # ellipse radius units over which head motion fades to zero
     grid_step: int = 8           # coarse-grid step (px) of the smooth head field
@@ -135,9 +136,16 @@ class FaceWarper:
         cheeks = np.stack([(lm[31] + lm[3]) / 2, (lm[35] + lm[13]) / 2, lm[29]])
         skin = self._sample_mean(cheeks, radius=max(1, int(0.02 * fw)))
         luma = float(np.clip(skin @ np.array([0.299, 0.587, 0.114]) / 170.0, 0.45, 1.15))
-        self.cavity_colour = (0.22 * lip + np.array([10.0, 3.0, 4.0])).astype(np.float32)
-        self.tongue_colour = (0.6 * lip + np.array([30.0, 5.0, 8.0]) * luma).astype(np.float32)
-        self.teeth_colour = (np.array([218.0, 210.0, 196.0]) * luma).clip(0, 255).astype(np.float32)
+        # painted colours keep the photo's saturation (a black-and-white photo gets grey teeth)
+        chroma = float(np.clip((skin.max() - skin.min()) / max(skin.max(), 1.0) / 0.25, 0.0, 1.0))
+
+        def tone(rgb: np.ndarray) -> np.ndarray:
+            grey = float(rgb @ np.array([0.299, 0.587, 0.114]))
+            return (grey + chroma * (rgb - grey)).clip(0, 255).astype(np.float32)
+
+        self.cavity_colour = tone(0.22 * lip + np.array([10.0, 3.0, 4.0]))
+        self.tongue_colour = tone(0.6 * lip + np.array([30.0, 5.0, 8.0]) * luma)
+        self.teeth_colour = tone(np.array([218.0, 210.0, 196.0]) * luma)
 
         # ---- eyes: lid curves and the brow above them, in each eye's own coordinates
         self.eyes = []
@@ -274,15 +282,15 @@ class FaceWarper:
         return du, v, cut_out, low_out, lens, opening
 
     def _eye(self, eye, blink: float, mx: np.ndarray, my: np.ndarray) -> None:
-        """The upper lid (from a little above the landmark lid line, so lashes come along) slides
-        down over the eye to just below the lower lid; the eye under it does not move."""
+        """The upper lid (with its lash line) slides down over the eye to just below the lower lid;
+        the eye under it does not move."""
         c = self.config
         centre, upper, lower, brow, _ = eye
         u, v = self._map_to_local(mx, my, centre)
         uw = u * np.float32(1.0 / c.lid_widen)  # a lid slightly wider than the landmark eye corners
         up, lo, br = upper(uw), lower(uw), brow(uw)
         height = np.maximum(lo - up, 0.0)
-        lid_src = up - c.lid_lashes * height   # where the lid edge comes from
+        lid_src = up + c.lid_margin * height   # where the lid edge comes from
         closed = lo + c.lid_overlap * height   # where it lands when the eye is shut
         edge = lid_src + blink * (closed - lid_src)
         t = np.clip((v - br) / np.maximum(edge - br, 1.0), 0.0, 1.0)
@@ -343,7 +351,9 @@ class FaceWarper:
             for eye, sub in zip(self.eyes, self._eye_subs):
                 self._eye(eye, p.blink, mx[sub], my[sub])
         mark("eyes")
-        warped = cv2.remap(self.image, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        # fixed-point maps: what remap does internally anyway, converted in one pass (faster)
+        m1, m2 = cv2.convertMaps(mx, my, cv2.CV_16SC2)
+        warped = cv2.remap(self.image, m1, m2, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         mark("remap")
         if cavity is not None:
             self._paint_cavity(warped[self._mouth_sub], *cavity)
