@@ -490,3 +490,18 @@ async def test_stalled_sender_is_flushed_without_segment_end(image):
     assert not any(f.segment_end for f in frames)
     assert not frames[-1].speech                # and back to idle
     await engine.stop()
+
+
+async def test_malformed_backend_frames_fail_only_that_session(image):
+    class Sloppy(TickBackend):
+        def generate(self, jobs):
+            out = super().generate(jobs)
+            return [f[:, :4] if j.state["seed"] == 1 else f for j, f in zip(jobs, out)]
+
+    engine = await open_engine(Sloppy(), max_batch=2)
+    avatar = await engine.prepare_avatar(image)
+    good, bad = engine.open_session(avatar, seed=0), engine.open_session(avatar, seed=1)
+    with pytest.raises(EmoStreamError, match="shape"):
+        await read_until(bad, lambda f: False, limit=100)
+    assert len(await read_until(good, lambda f: False, limit=5)) == 5
+    await engine.stop()

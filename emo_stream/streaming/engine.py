@@ -249,28 +249,35 @@ class StreamingEngine:
     def _planner(self) -> None:
         turn = 0
         while self._running:
-            self._wake_event.wait(POLL_S)
-            self._wake_event.clear()
-            with self._sessions_lock:
-                sessions = list(self._sessions.values())
-            if not sessions:
+            try:
+                turn = self._plan_round(turn)
+            except Exception:   # a bug here must not stop every session's timeline
+                log.exception("planner round failed")
+
+    def _plan_round(self, turn: int) -> int:
+        self._wake_event.wait(POLL_S)
+        self._wake_event.clear()
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        if not sessions:
+            return turn
+        turn = (turn + 1) % len(sessions)   # round robin: nobody is always first in the queue
+        t0 = time.perf_counter()
+        planned = 0
+        for session in sessions[turn:] + sessions[:turn]:
+            try:
+                jobs = session.plan(self.clock.now(), self._max_inflight)
+            except Exception as exc:
+                log.exception("session %s: planning failed", session.id)
+                session.fail(exc)
                 continue
-            turn = (turn + 1) % len(sessions)   # round robin: nobody is always first in the queue
-            t0 = time.perf_counter()
-            planned = 0
-            for session in sessions[turn:] + sessions[:turn]:
-                try:
-                    jobs = session.plan(self.clock.now(), self._max_inflight)
-                except Exception as exc:
-                    log.exception("session %s: planning failed", session.id)
-                    session.fail(exc)
-                    continue
-                for job in jobs:
-                    if not self._put(self._q_encode, job):
-                        return
-                planned += len(jobs)
-            if planned:
-                self._timers["plan"].add(time.perf_counter() - t0, planned)
+            for job in jobs:
+                if not self._put(self._q_encode, job):
+                    return turn
+            planned += len(jobs)
+        if planned:
+            self._timers["plan"].add(time.perf_counter() - t0, planned)
+        return turn
 
     def _encoder(self) -> None:
         while self._running:
@@ -350,6 +357,10 @@ class StreamingEngine:
                 return
             try:
                 self._generate_batch(batch)
+            except Exception as exc:   # keep the worker alive; the batch's sessions get the error
+                log.exception("generator failed on a batch")
+                for j in batch:
+                    j.session.fail(exc)
             finally:
                 with self._gen_lock:
                     self._gen_busy.difference_update(j.session.id for j in batch)
@@ -402,6 +413,29 @@ class StreamingEngine:
             self._deliver(batch, work, frames)
 
     def _deliver(self, batch: list[Job], work: list[Job], frames) -> None:
-        images = {id(j): f for j, f in zip(work, frames)} if work and frames is not None else {}
+        """Hand each job's frames to its session; a backend answer of the wrong shape fails that session
+        (clear message) instead of the stage thread."""
+        images: dict[int, Any] = {}
+        if work and frames is not None:
+            if len(frames) != len(work):
+                exc = RuntimeError(f"backend returned {len(frames)} results for {len(work)} jobs")
+                for j in work:
+                    j.session.fail(exc)
+                batch = [j for j in batch if j.hold]
+            else:
+                images = {id(j): f for j, f in zip(work, frames)}
+        size = int(self.backend.size)
         for job in batch:
-            job.session.deliver(job, None if job.hold else images.get(id(job)))
+            try:
+                out = None
+                if not job.hold:
+                    out = images.get(id(job))
+                    if out is not None:
+                        out = np.asarray(out)
+                        if out.shape != (job.num_frames, size, size, 3) or out.dtype != np.uint8:
+                            raise RuntimeError(f"backend frames have shape {out.shape} {out.dtype}, expected "
+                                               f"({job.num_frames}, {size}, {size}, 3) uint8")
+                job.session.deliver(job, out)
+            except Exception as exc:
+                log.exception("session %s: delivering frames failed", job.session.id)
+                job.session.fail(exc)
