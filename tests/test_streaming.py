@@ -505,3 +505,33 @@ async def test_malformed_backend_frames_fail_only_that_session(image):
         await read_until(bad, lambda f: False, limit=100)
     assert len(await read_until(good, lambda f: False, limit=5)) == 5
     await engine.stop()
+
+
+async def test_long_stream_keeps_internal_buffers_bounded(image):
+    """A minute of microphone-like 20 ms chunks: the window, arrival records and VAD decisions stay
+    small (hours of streaming do not grow memory)."""
+    engine = await open_engine(TickBackend(), segment_frames=4, output_frames=12, input_seconds=0.5)
+    session = engine.open_session(await engine.prepare_avatar(image))
+    audio = tone(60.0)
+    sizes = []
+
+    async def produce():
+        for i in range(0, len(audio), 320):
+            await session.push_audio(audio[i:i + 320])
+            if i % 32000 == 0:
+                w, v = session._window, session._vad
+                sizes.append((len(w._buf), len(w._arrival_end), len(v._flags)))
+        session.end_of_speech()
+
+    producer = asyncio.create_task(produce())
+    n = 0
+    async for f in session.frames():
+        n += f.speech
+        if f.segment_end:
+            break
+    await producer
+    assert n == 60 * FPS
+    bufs, arrivals, flags = (max(x) for x in zip(*sizes))
+    assert bufs <= (4 + 2 + 1) * SPF + 2 * SPF + 320     # segment + look-ahead + 1 frame, left context, a chunk
+    assert arrivals <= 40 and flags <= 40
+    await engine.stop()
