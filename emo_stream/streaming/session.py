@@ -415,6 +415,7 @@ class StreamSession:
             if job.speech and not job.hold:
                 self._stats.record_segment(now - float(job.cut.complete[-1]))
         self._notify(self._frames_event)
+        self._engine.wake()   # a pipeline slot is free: the next segment can be planned now
 
     def discard(self, job: Job) -> None:
         """A stale job leaves the pipeline without work."""
