@@ -152,10 +152,13 @@ def main() -> None:
     parser.add_argument("--backend", default="preview")
     parser.add_argument("--model", default=None)
     parser.add_argument("--pause", type=float, default=1.0, help="silence between utterances (s)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the load to check memory stays flat")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     proc, url = start_server(args)
+    rss_rounds = []
     try:
         time.sleep(1.0)  # let start-up work settle before the baseline
         rss_before = proc_rss_mb(proc.pid)
@@ -165,6 +168,11 @@ def main() -> None:
         rss_loaded = proc_rss_mb(proc.pid)
         time.sleep(2.0)
         rss_after = proc_rss_mb(proc.pid)
+        rss_rounds.append(round(rss_after, 1))
+        for _ in range(args.rounds - 1):  # the same load again: memory must not keep growing
+            asyncio.run(run_bots(url, args))
+            time.sleep(2.0)
+            rss_rounds.append(round(proc_rss_mb(proc.pid), 1))
     finally:
         proc.terminate()
         proc.wait(10)
@@ -186,6 +194,9 @@ def main() -> None:
         "rss_mb_before": round(rss_before, 1),
         "rss_mb_under_load": round(rss_loaded, 1),
         "rss_mb_after_close": round(rss_after, 1),
+        "rss_mb_after_each_round": rss_rounds,
+        "load_average_before": round(load_before, 2),
+        "note": "the machine is shared: load_average_before > cores means other work competed for the CPU",
         "per_session": sessions,
     }
     text = json.dumps(result, indent=1)

@@ -106,9 +106,26 @@ def test_talk_page_round_trip(server_url, browser, tmp_path):
     assert page.locator("button#start").is_visible() and page.locator("video#avatar").count() == 1
     assert page.locator("button#stop").is_disabled()
 
+    # upload a portrait: prepared once on the server, used by the next start
+    from PIL import Image
+
+    from emo_stream.preview.default_avatar import default_portrait
+
+    portrait = tmp_path / "me.png"
+    Image.fromarray(default_portrait(256)[:, ::-1].copy()).save(portrait)
+    page.set_input_files("#avatar-file", str(portrait))
+    page.wait_for_function("() => document.getElementById('avatar-status').textContent.startsWith('ready')",
+                           timeout=30000)
+    assert page.locator("#avatar-preview").is_visible()
+
     page.click("button#start")
     page.wait_for_function("() => window.emo.state === 'live'", timeout=20000)
     page.wait_for_function("() => window.emo.frames > 10", timeout=20000)
+    page.click("button#mute")
+    assert page.evaluate("document.getElementById('avatar').muted") is True
+    assert page.get_attribute("button#mute", "aria-pressed") == "true"
+    page.click("button#mute")
+    assert page.evaluate("document.getElementById('avatar').muted") is False
     session = page.evaluate("window.emo.session")
     assert _healthz(server_url)["sessions"] == 1
 
