@@ -14,7 +14,12 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="module")
 def silero():
-    return load_silero()
+    import torch
+
+    threads = torch.get_num_threads()
+    model = load_silero()
+    assert torch.get_num_threads() == threads   # silero_vad's import-time set_num_threads(1) is undone
+    return model
 
 
 def voiced_fraction(vad: VoiceActivity, audio: np.ndarray, step: int = 1000) -> float:

@@ -18,10 +18,19 @@ CHUNK = 512  # silero-vad's chunk at 16 kHz
 
 
 def load_silero():
-    """The silero-vad model (TorchScript), from the package's bundled weights."""
-    from silero_vad import load_silero_vad
+    """The silero-vad model (TorchScript), from the package's bundled weights.
 
-    return load_silero_vad()
+    Importing silero_vad calls torch.set_num_threads(1) for the whole process; undo that, so the
+    model stages keep their threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        from silero_vad import load_silero_vad
+
+        return load_silero_vad()
+    finally:
+        torch.set_num_threads(threads)
 
 
 class VoiceActivity:
