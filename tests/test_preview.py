@@ -79,6 +79,9 @@ def test_default_avatar_end_to_end(backend, portrait, avatar, speech_16k):
     assert np.array_equal(portrait, default_portrait(512))  # made in code, deterministic
     assert default_portrait(256).shape == (256, 256, 3)
     assert avatar.image.shape == (SIZE, SIZE, 3)
+    # a known face skips detection and gives the same avatar
+    known = backend.prepare_avatar(portrait, face=backend.analyzer.detect(portrait))
+    assert np.array_equal(known.image, avatar.image)
     frames = render(backend, avatar, speech_16k, 0)
     assert frames.shape == (int(round(len(speech_16k) / SPF)), SIZE, SIZE, 3) and frames.dtype == np.uint8
     mb = mouth_box(avatar)
