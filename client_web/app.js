@@ -7,7 +7,7 @@
   const MAX_UPLOAD = 8 * 1024 * 1024;
   const TYPES = ["image/jpeg", "image/png", "image/webp"];
 
-  let conn = null, pc = null, mic = null, sessionId = null, avatarId = null;
+  let conn = null, pc = null, mic = null, sessionId = null, avatarId = null, avatarReadyText = null;
   window.emo = { frames: 0, stats: null, state: "idle" };  // read by tests and curious users
 
   function setState(text, cls) {
@@ -99,6 +99,7 @@
       }, "session_started");
       sessionId = reply.session;
       window.emo.session = sessionId;
+      if (avatarReadyText) $("avatar-status").textContent = "ready: in use";
       $("session").textContent = sessionId;
       $("viewer-link").href = reply.viewer_url;
       await pc.setRemoteDescription(reply.answer);
@@ -124,7 +125,8 @@
     $("conn").textContent = "-";
     $("session").textContent = "-";
     if (reason === "error") setState("error");
-    else setState(wasLive || reason ? "idle" : "idle");
+    else setState("idle");
+    if (!reason && wasLive) notice("Stopped. Press Start talking to go again.");
   }
 
   muteBtn.addEventListener("click", () => {
@@ -151,6 +153,7 @@
       img.src = URL.createObjectURL(file);
       img.hidden = false;
       $("avatar-status").textContent = sessionId ? "ready: used from the next start" : "ready: press start";
+      avatarReadyText = $("avatar-status").textContent;
     } catch (err) {
       $("avatar-status").textContent = "upload failed";
       showError(err.message || String(err));
