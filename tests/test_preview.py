@@ -199,6 +199,10 @@ def test_mouth_opening_tracks_audio_envelope_on_real_clips(shared_data):
         envelope = np.sqrt((x ** 2).mean(1))
         r = np.corrcoef(opening, envelope)[0, 1]
         assert r >= 0.6, f"{name}: mouth opening vs audio envelope r={r:.2f}"
+        # in sync: the correlation peaks within one frame of zero lag
+        lags = range(-3, 4)
+        rs = [np.corrcoef(opening[max(0, k):n + min(0, k)], envelope[max(0, -k):n - max(0, k)])[0, 1] for k in lags]
+        assert abs(lags[int(np.argmax(rs))]) <= 1, f"{name}: mouth lags the audio: r by lag {np.round(rs, 2)}"
         db = 20 * np.log10(envelope + 1e-6)
         silent = db < db.max() - 40
         loud = db > db.max() - 10
