@@ -253,6 +253,9 @@ class Connection:
             raise ProtocolError(f"no such session {msg.session!r}", "not_found", "view")
         if len(self.viewing) >= 4:
             raise ProtocolError("at most 4 views per connection", "bad_state", "view")
+        if session.viewers >= self.cfg.sessions.max_viewers:
+            raise ProtocolError(f"session {session.id} already has {session.viewers} viewers (the limit); "
+                                "try again later", "busy", "view")
         from server.rtc import answer_offer
 
         sub = session.playout.subscribe("viewer", frames=self.cfg.playout.video_queue_frames,
