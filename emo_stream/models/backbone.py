@@ -48,14 +48,16 @@ class Backbone(nn.Module):
 
     @classmethod
     def from_unet2d(cls, unet2d: UNet2DConditionModel, adapter: MotionAdapter, audio_dim: int,
-                    speed_dim: int) -> "Backbone":
-        """Inflate a 2D UNet (keeps its weights) with the adapter's temporal modules, then add EMO's layers."""
+                    speed_dim: int, load_weights: bool = True) -> "Backbone":
+        """Inflate a 2D UNet (keeps its weights) with the adapter's temporal modules, then add EMO's layers.
+
+        load_weights=False builds the structure only (weights loaded afterwards from a checkpoint)."""
         # from_unet2d casts with .to(dtype), which makes diffusers 0.42 log a spurious fp32 warning
         quiet = logging.getLogger("diffusers.models.modeling_utils")
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            unet = UNetMotionModel.from_unet2d(unet2d, adapter)
+            unet = UNetMotionModel.from_unet2d(unet2d, adapter, load_weights=load_weights)
         finally:
             quiet.setLevel(level)
         return cls(unet, audio_dim, speed_dim)

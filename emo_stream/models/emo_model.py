@@ -90,20 +90,33 @@ class EmoModel(nn.Module):
     @classmethod
     def build(cls, config: EmoConfig | str, unet2d: UNet2DConditionModel | None = None,
               motion_adapter: MotionAdapter | None = None, audio_encoder: AudioEncoder | None = None,
-              vae: AutoencoderKL | None = None, taesd: AutoencoderTiny | None = None) -> "EmoModel":
+              vae: AutoencoderKL | None = None, taesd: AutoencoderTiny | None = None,
+              empty: bool = False) -> "EmoModel":
         """Assemble a model; every part not given is built from the config with random weights.
 
         The ReferenceNet and the backbone's 2D part both start from `unet2d` (as in EMO, from SD1.5).
         A fresh (random) motion adapter gets zero output projections, so it starts as a no-op.
+        empty=True: structure only, parameters on the meta device (from_pretrained loads them).
         """
         if isinstance(config, str):
             config = load_config(config)
+        if empty:
+            from emo_stream.models.init_weights import empty_weights
+
+            with empty_weights():
+                return cls._build(config, None, None, None, None, None, load_weights=False)
+        return cls._build(config, unet2d, motion_adapter, audio_encoder, vae, taesd, load_weights=True)
+
+    @classmethod
+    def _build(cls, config: EmoConfig, unet2d, motion_adapter, audio_encoder, vae, taesd,
+               load_weights: bool) -> "EmoModel":
         unet2d = unet2d if unet2d is not None else UNet2DConditionModel(**config.unet)
         if motion_adapter is None:
             motion_adapter = MotionAdapter(**config.motion_adapter)
             zero_temporal_outputs(motion_adapter)
         reference_net = ReferenceNet(copy.deepcopy(unet2d))
-        backbone = Backbone.from_unet2d(unet2d, motion_adapter, config.audio.token_dim, config.speed.token_dim)
+        backbone = Backbone.from_unet2d(unet2d, motion_adapter, config.audio.token_dim, config.speed.token_dim,
+                                        load_weights=load_weights)
         audio_encoder = audio_encoder or AudioEncoder.from_config(config.wav2vec2, config.audio.window)
         vae = vae if vae is not None else AutoencoderKL(**config.vae)
         if taesd is None and config.taesd is not None:
@@ -245,8 +258,9 @@ class EmoModel(nn.Module):
         except yaml.YAMLError as exc:
             raise WeightsError(f"{cfg_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         config = config_from_dict(data, source=str(cfg_path))
-        model = cls.build(config)
-        load_checked(model, read_state_dict(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
+        state = read_state_dict(directory / WEIGHTS_FILE)
+        model = cls.build(config, empty=True)  # no random init of ~2B parameters just to overwrite them
+        load_checked(model, state, directory / WEIGHTS_FILE, assign=True)
         model.eval()
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)

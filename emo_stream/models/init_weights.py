@@ -44,9 +44,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 state.update(read_state_dict(path.parent / shard))
             return state
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            return load_file(str(path))
+            out = {}
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    # clone: tensors viewed out of the file buffer can be misaligned, which makes CPU
+                    # kernels take other code paths (outputs differing in the last bits)
+                    out[key] = f.get_tensor(key).clone()
+            return out
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except WeightsError:
         raise
@@ -66,9 +72,22 @@ def find_weights(folder: Path, what: str) -> Path:
                        f"is this the right folder?")
 
 
+def empty_weights():
+    """Build modules without allocating or initialising parameters (they are loaded right after).
+
+    Buffers stay real: diffusers/ours compute some non-persistent ones (positional tables) at construction.
+    """
+    from accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)
+
+
 def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path,
-                 ignore_unexpected: tuple[str, ...] = ()) -> None:
-    """Strict load with one-line errors: the first missing key, unexpected key or shape mismatch, by name."""
+                 ignore_unexpected: tuple[str, ...] = (), assign: bool = False) -> None:
+    """Strict load with one-line errors: the first missing key, unexpected key or shape mismatch, by name.
+
+    assign=True takes the file's tensors as the parameters (for modules built under empty_weights()).
+    """
     own = module.state_dict()
     for key, value in state.items():
         if key in own and tuple(own[key].shape) != tuple(value.shape):
@@ -82,7 +101,11 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: s
     if unexpected:
         raise WeightsError(f"{source}: {len(unexpected)} unexpected weights, e.g. {unexpected[0]} "
                            f"{tuple(state[unexpected[0]].shape)} (wrong folder or model type?)")
-    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True, assign=assign)
+    if assign:
+        left = next((n for n, p in module.named_parameters() if p.is_meta), None)
+        if left is not None:
+            raise WeightsError(f"{source}: no weights for {left}")
 
 
 _OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -107,8 +130,9 @@ def load_unet2d(folder: str | Path, config: EmoConfig) -> UNet2DConditionModel:
     if (folder / "unet").is_dir():
         folder = folder / "unet"
     path = find_weights(folder, "UNet")
-    unet = UNet2DConditionModel(**config.unet)
-    load_checked(unet, read_state_dict(path), path)
+    with empty_weights():
+        unet = UNet2DConditionModel(**config.unet)
+    load_checked(unet, read_state_dict(path), path, assign=True)
     return unet
 
 
@@ -117,15 +141,17 @@ def load_vae(folder: str | Path, config: EmoConfig) -> AutoencoderKL:
     if (folder / "vae").is_dir():
         folder = folder / "vae"
     path = find_weights(folder, "VAE")
-    vae = AutoencoderKL(**config.vae)
-    load_checked(vae, _modernise_vae_keys(read_state_dict(path)), path)
+    with empty_weights():
+        vae = AutoencoderKL(**config.vae)
+    load_checked(vae, _modernise_vae_keys(read_state_dict(path)), path, assign=True)
     return vae
 
 
 def load_motion_adapter(folder: str | Path, config: EmoConfig) -> MotionAdapter:
     path = find_weights(Path(folder), "MotionAdapter")
-    adapter = MotionAdapter(**config.motion_adapter)
-    load_checked(adapter, read_state_dict(path), path)
+    with empty_weights():
+        adapter = MotionAdapter(**config.motion_adapter)
+    load_checked(adapter, read_state_dict(path), path, assign=True)
     return adapter
 
 
@@ -133,8 +159,9 @@ def load_taesd(folder: str | Path, config: EmoConfig) -> AutoencoderTiny:
     if config.taesd is None:
         raise WeightsError("a TAESD folder was given but the model config has no taesd section")
     path = find_weights(Path(folder), "TAESD")
-    taesd = AutoencoderTiny(**config.taesd)
-    load_checked(taesd, read_state_dict(path), path)
+    with empty_weights():
+        taesd = AutoencoderTiny(**config.taesd)
+    load_checked(taesd, read_state_dict(path), path, assign=True)
     return taesd
 
 
