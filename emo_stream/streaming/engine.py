@@ -308,6 +308,7 @@ class StreamingEngine:
         seen: set[str] = set(busy)
         length = None
         work = 0
+        now = self.clock.now()
         for job in pending:
             sid = job.session.id
             if job.stale():
@@ -317,6 +318,10 @@ class StreamingEngine:
                 rest.append(job)
                 continue
             seen.add(sid)
+            if not job.hold and (now - float(job.due[0])) * 1000 > self.config.max_delay_ms:
+                # fell behind while queued: the fall-behind policy applies here too, so latency stays
+                # bounded by max_delay plus the one backend call in progress
+                job.hold, job.voiced = True, False
             if job.hold:
                 batch.append(job)
                 continue
