@@ -211,3 +211,27 @@ def test_mouth_opening_tracks_audio_envelope_on_real_clips(shared_data):
         assert opening[silent].mean() < 0.3 * opening[loud].mean()
         tested += 1
     assert tested >= 3
+
+
+def test_warp_regions_have_no_seams(backend, avatar):
+    """Each part (mouth, eyes) edits the sampling map only inside its region: at the region's border
+    its displacement must already be zero, or the frame would show a seam there."""
+    from emo_stream.preview.warp import FrameParams
+
+    warper = avatar.warper
+    for p in (FrameParams(jaw=1.0, width=1.0), FrameParams(jaw=1.0, width=-1.0)):
+        mx, my = warper._head_map(FrameParams())
+        base_x, base_y = mx.copy(), my.copy()
+        sub = warper._mouth_sub
+        warper._mouth(p, mx[sub], my[sub])
+        for eye, eye_sub in zip(warper.eyes, warper._eye_subs):
+            warper._eye(eye, 1.0, mx[eye_sub], my[eye_sub])
+        moved = np.abs(mx - base_x) + np.abs(my - base_y)
+        assert moved.max() > 1.0  # the parts did move something
+        for region in [sub, *warper._eye_subs]:
+            d = moved[region]
+            ys, xs = region
+            edges = [d[0], d[:, 0]]
+            edges += [d[-1]] if ys.stop < moved.shape[0] else []
+            edges += [d[:, -1]] if xs.stop < moved.shape[1] else []
+            assert max(e.max() for e in edges) < 0.05

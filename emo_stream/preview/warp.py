@@ -34,6 +34,8 @@ class WarpConfig:
     upper_lip_lift: float = 0.18  # share of the opening made by the upper lip rising
     seam_position: float = 0.5   # photo with an open mouth: lips meet this far down the gap (0: upper lip)
     max_width: float = 0.20      # mouth corners move by this fraction of the mouth half-width
+    width_reach_up: float = 0.18  # the corners' in/out motion fades out this far above the mouth ...
+    width_reach_down: float = 0.32  # ... and this far below (face widths)
     lip_ramp: float = 0.22       # depth (face widths) over which the lower-lip shape blends into the jaw
     upper_ramp: float = 0.10     # height over which the upper-lip lift fades out towards the nose
     neck_falloff: float = 0.30   # below the chin the jaw motion fades out over this distance
@@ -126,11 +128,14 @@ class FaceWarper:
         self.uc = float((mu[48] + mu[54]) / 2)
         self.half_mouth = float(max(2.0, (mu[54] - mu[48]) / 2))
         self.v_chin = float(mv[8])
-        top = float(self.cut.table.min()) - c.upper_ramp * fw - 2
+        top = min(float(self.cut.table.min()) - c.upper_ramp * fw, -c.width_reach_up * fw) - 2
         bottom = self.v_chin + c.neck_falloff * fw
-        corners = np.array([[self.uc - 0.6 * fw, top], [self.uc + 0.6 * fw, top],
-                            [self.uc - 0.6 * fw, bottom], [self.uc + 0.6 * fw, bottom]])
-        self.mouth_roi = _roi(self._to_image(corners, self.mc), 0.06 * fw + 4, h, w)
+        # lateral reach: the jaw fades out at 0.5 face widths, the corner motion at 2 mouth half-widths
+        reach = max(0.5 * fw, 2.0 * self.half_mouth)
+        corners = np.array([[self.uc - reach, top], [self.uc + reach, top],
+                            [self.uc - reach, bottom], [self.uc + reach, bottom]])
+        # margin: head motion moves the face by at most a few hundredths of its width
+        self.mouth_roi = _roi(self._to_image(corners, self.mc), 0.05 * fw + 2, h, w)
         # colours of the mouth interior, from the portrait's own lips and skin
         lip = self._sample_mean(lm[[57, 58, 56, 66]], radius=max(1, int(0.01 * fw)))
         cheeks = np.stack([(lm[31] + lm[3]) / 2, (lm[35] + lm[13]) / 2, lm[29]])
@@ -249,8 +254,8 @@ class FaceWarper:
         # corners in or out: horizontal scaling about the mouth centre, fading with distance
         k = p.width * c.max_width
         if k:
-            bu = np.clip(du / (2.4 * self.half_mouth), -1, 1)
-            bv = np.clip(v / (0.32 * fw), -1, 1)
+            bu = np.clip(du / (2.0 * self.half_mouth), -1, 1)
+            bv = np.clip(v / (np.where(v < 0, c.width_reach_up, c.width_reach_down) * fw), -1, 1)
             fall = (1 - bu * bu) ** 2 * (1 - bv * bv) ** 2
             du = du - k * du * fall
             u = du + self.uc
