@@ -139,9 +139,57 @@ async def bot_session(url: str, clip: np.ndarray, seconds: float, pause_s: float
     }
 
 
+async def webrtc_viewer(url: str, seconds: float) -> dict:
+    """An OBS-like WebRTC viewer of the latest session (aiortc as the browser): frames and audio received."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import MediaStreamError
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    counts = {"video": 0, "audio": 0}
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    tasks = []
+
+    async def consume(track):
+        try:
+            while True:
+                await track.recv()
+                now = time.monotonic()
+                counts[track.kind] += 1
+                first.setdefault(track.kind, now)
+                last[track.kind] = now
+        except MediaStreamError:
+            pass
+
+    pc.on("track", lambda track: tasks.append(asyncio.ensure_future(consume(track))))
+    await pc.setLocalDescription(await pc.createOffer())
+    async with BotClient(url) as ws:
+        reply = await ws.request({"type": "view", "session": "latest",
+                                  "webrtc": {"type": "offer", "sdp": pc.localDescription.sdp}})
+        await pc.setRemoteDescription(RTCSessionDescription(**reply["answer"]))
+        await asyncio.sleep(seconds)
+        await pc.close()
+    for t in tasks:
+        t.cancel()
+    fps = (counts["video"] - 1) / (last["video"] - first["video"]) if counts["video"] > 1 else 0.0
+    audio_s = counts["audio"] * 0.02
+    return {"video_fps": round(fps, 2), "video_frames": counts["video"], "audio_s": round(audio_s, 2)}
+
+
 async def run_bots(url: str, args) -> list[dict]:
     clip = speech_clip()
-    return await asyncio.gather(*(bot_session(url, clip, args.seconds, args.pause) for _ in range(args.sessions)))
+    bots = [asyncio.create_task(bot_session(url, clip, args.seconds, args.pause)) for _ in range(args.sessions)]
+    viewers = []
+    if args.viewers:
+        await asyncio.sleep(1.0)  # sessions are up
+        viewers = [asyncio.create_task(webrtc_viewer(url, args.seconds - 2)) for _ in range(args.viewers)]
+    results = await asyncio.gather(*bots)
+    if viewers:
+        for r, v in zip(results, await asyncio.gather(*viewers)):
+            r.setdefault("webrtc_viewers", []).append(v)
+    return list(results)
 
 
 def main() -> None:
@@ -152,6 +200,7 @@ def main() -> None:
     parser.add_argument("--backend", default="preview")
     parser.add_argument("--model", default=None)
     parser.add_argument("--pause", type=float, default=1.0, help="silence between utterances (s)")
+    parser.add_argument("--viewers", type=int, default=0, help="also attach this many WebRTC viewers (aiortc)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the load to check memory stays flat")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -186,6 +235,7 @@ def main() -> None:
         "sessions": args.sessions,
         "seconds": args.seconds,
         "transport": "WebSocket bot API on loopback, 20 ms PCM16 messages in real time, JPEG frames back",
+        "webrtc_viewers": args.viewers,
         "fps_per_session_min": min(fps),
         "fps_per_session_mean": round(statistics.mean(fps), 2),
         "latency_ms_p95_max": max(p95) if p95 else None,
