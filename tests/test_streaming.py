@@ -535,3 +535,14 @@ async def test_long_stream_keeps_internal_buffers_bounded(image):
     assert bufs <= (4 + 2 + 1) * SPF + 2 * SPF + 320     # segment + look-ahead + 1 frame, left context, a chunk
     assert arrivals <= 40 and flags <= 40
     await engine.stop()
+
+
+def test_stage_streams_are_inactive_off_cuda():
+    from emo_stream.streaming.device import StageStreams
+
+    streams = StageStreams(TickBackend())
+    assert not streams.active
+    streams.enter_stage("x")
+    assert streams.mark() is None
+    streams.wait([None])
+    streams.synchronize()

@@ -30,6 +30,7 @@ import numpy as np
 
 from emo_stream.backend import Backend, samples_per_frame
 from emo_stream.errors import ImageInputError
+from emo_stream.streaming.device import StageStreams
 from emo_stream.streaming.session import Job, StreamSession
 from emo_stream.streaming.types import AvatarHandle, Clock, EngineConfig, EngineFullError, MonotonicClock
 
@@ -84,6 +85,7 @@ class StreamingEngine:
         self._workers = workers if workers is not None else (min(2, os.cpu_count() or 1) if concurrent else 1)
         self._model_lock = contextlib.nullcontext() if concurrent else threading.Lock()
         self._gen_lock = threading.Lock()
+        self._streams = StageStreams(backend, self.config.cuda_streams)
         self._gen_pending: list[Job] = []
         self._gen_busy: set[str] = set()
         self._running = False
@@ -180,7 +182,9 @@ class StreamingEngine:
 
     def _prepare_locked(self, image: np.ndarray) -> Any:
         with self._model_lock:
-            return self.backend.prepare_avatar(image)
+            avatar = self.backend.prepare_avatar(image)
+            self._streams.synchronize()   # its tensors are complete before any stage stream reads them
+            return avatar
 
     def _evict_avatars(self) -> None:
         in_use = {s.avatar.id for s in self._sessions.values()}
@@ -280,6 +284,7 @@ class StreamingEngine:
         return turn
 
     def _encoder(self) -> None:
+        self._streams.enter_stage("encoder")
         while self._running:
             job = self._get(self._q_encode)
             if job is None:
@@ -296,6 +301,7 @@ class StreamingEngine:
                     job.session.fail(exc)
                     continue
                 job.segment.features = job.features
+                job.event = self._streams.mark()
                 self._timers["encode"].add(time.perf_counter() - t0)
             self._put(self._q_generate, job)
 
@@ -356,6 +362,7 @@ class StreamingEngine:
         return None
 
     def _generator(self) -> None:
+        self._streams.enter_stage("generator")
         while self._running:
             batch = self._take_batch()
             if batch is None:
@@ -379,6 +386,7 @@ class StreamingEngine:
                 del self._batch_sizes[:5000]
             t0 = time.perf_counter()
             try:
+                self._streams.wait(j.event for j in work)
                 with self._model_lock:
                     if self._split:
                         result = self.backend.denoise([j.segment for j in work])
@@ -393,11 +401,15 @@ class StreamingEngine:
                 work = []
             self._timers["denoise" if self._split else "generate"].add(time.perf_counter() - t0, len(work))
         if self._split:
+            event = self._streams.mark()
+            for j in work:
+                j.event = event
             self._put(self._q_decode, (batch, (work, result)))
         else:
             self._deliver(batch, work, result)
 
     def _decoder(self) -> None:
+        self._streams.enter_stage("decoder")
         while self._running:
             item = self._get(self._q_decode)
             if item is None:
@@ -407,6 +419,7 @@ class StreamingEngine:
             if work:
                 t0 = time.perf_counter()
                 try:
+                    self._streams.wait([work[0].event])
                     frames = self.backend.decode([j.segment for j in work], latents)
                 except Exception as exc:
                     log.exception("backend decode failed on a batch of %d", len(work))

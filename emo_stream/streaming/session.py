@@ -51,6 +51,7 @@ class Job:
     segment_end: bool = False
     features: Any = None
     segment: SegmentJob | None = field(default=None, repr=False)
+    event: Any = field(default=None, repr=False)   # CUDA event after the last stage's work (GPU backends)
 
     def stale(self) -> bool:
         return self.session.job_is_stale(self)

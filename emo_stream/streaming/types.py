@@ -40,6 +40,7 @@ class EngineConfig:
     output_frames: int = 50          # generated-but-undelivered frames per session (incl. in flight)
     idle_lead_frames: int | None = None  # idle frames generated at most this far ahead (default segment+2)
     vad: bool = True                 # silero-vad; False: a cheap energy detector
+    cuda_streams: bool = True        # backend on CUDA: one stream per stage so their kernels overlap
     vad_threshold: float = 0.5       # silero speech probability threshold
     energy_threshold_db: float = -45.0  # energy detector threshold (dBFS RMS) when vad=False
     vad_hangover_ms: float = 200.0   # a segment this close after speech is still rendered as speech
