@@ -41,9 +41,15 @@ CHUNK_S = 0.02
 
 
 def rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2 ** 20
+    """Resident memory of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def device_name(backend) -> str:
