@@ -9,7 +9,8 @@ Playout pulls them, upsamples the audio to 48 kHz (WebRTC/Opus rate) and release
 to every subscriber. Release times are computed from integers and one anchor t0, never
 accumulated, so there is no drift however long a session runs. If the engine delivers late (a
 frame is not ready until after its release time plus a tolerance), the anchor moves forward for
-BOTH tracks at once: the stream stalls, it never desynchronises. aiortc stamps RTCP sender
+BOTH tracks at once: the stream stalls, it never desynchronises. The latency a stall added is
+won back later by leaving out idle (silent) frames, one at a time, from both tracks together. aiortc stamps RTCP sender
 reports with the wall time a packet is sent, so releasing both tracks on one clock is what keeps
 the browser's lip sync.
 
@@ -224,6 +225,8 @@ class Playout:
         self.speech_frames = 0
         self.late_frames = 0
         self.reanchors = 0
+        self.behind_s = 0.0          # how far stalls pushed the anchor back (won back on idle frames)
+        self.skipped_frames = 0
         self.max_av_offset_s = 0.0
         self._recent: collections.deque[float] = collections.deque(maxlen=2 * fps + 1)
         self.last_video_pts_s = 0.0
@@ -286,7 +289,18 @@ class Playout:
         speech = bool(frame.speech)
         if cleared and speech:
             audio16 = np.zeros_like(audio16)  # fetched before the clear: show it, don't play it
-        self._pending = np.concatenate([self._pending, self._upsample(audio16)])
+        audio48 = self._upsample(audio16)
+        if (self.behind_s >= 1 / self.fps - 1e-6 and not speech and not self._in_segment and not len(self._pending)
+                and self._samples_per_frame48 % AUDIO_CHUNK == 0):
+            # a stall pushed the timeline back: win the latency back by leaving out one idle (silent)
+            # frame. Both tracks skip the same 40 ms of pts and the anchor moves back by as much, so
+            # the receiver sees a short loss, not a shift between audio and video.
+            self.t0 -= 1 / self.fps
+            self.behind_s -= 1 / self.fps
+            self._next_chunk += self._samples_per_frame48 // AUDIO_CHUNK
+            self.skipped_frames += 1
+            return
+        self._pending = np.concatenate([self._pending, audio48])
 
         due = self.due(seq)
         await self.clock.sleep_until(due)
@@ -296,6 +310,7 @@ class Playout:
             self.late_frames += 1
             self.reanchors += 1
             self.t0 += now - due
+            self.behind_s += now - due
             due = now
 
         out = PlayoutFrame(seq=seq, index=frame.index, pts=seq / self.fps,
@@ -368,6 +383,8 @@ class Playout:
             "playout_fps": round(self.fps_measured, 2),
             "late_frames": self.late_frames,
             "reanchors": self.reanchors,
+            "behind_ms": round(1000 * self.behind_s, 1),
+            "skipped_idle_frames": self.skipped_frames,
             "av_offset_ms": round(1000 * abs(self.last_video_pts_s - self.last_audio_pts_s), 1),
             "max_av_offset_ms": round(1000 * self.max_av_offset_s, 1),
             "subscribers": len(self._subs),

@@ -219,3 +219,33 @@ async def test_webrtc_tracks_carry_one_timeline():
         assert v[k].pts / 90000 == a[2 * k].pts / 48000
     with pytest.raises(MediaStreamError):  # the session ended: the tracks end too
         await video.recv()
+
+
+async def test_latency_added_by_a_stall_is_won_back_on_idle_frames():
+    clock = SimClock()
+    play = Playout(frames(100, speech=False, clock=clock, stall={20: 0.3}), FPS, clock, late_tolerance_s=0.1)
+    releases = []
+    sub = play.subscribe("rec", frames=2, audio=2)
+    sub.frames.put = lambda f: releases.append(("v", f.pts, clock.now()))
+    sub.audio.put = lambda c: releases.append(("a", c.pts / AUDIO_RATE, clock.now()))
+    await play.run()
+    assert play.reanchors == 1 and abs(play.behind_s) < 1e-6
+    assert play.skipped_frames == 7  # 0.30 s late - 0.02 s already waited = 0.28 s = 7 frames
+    video = {round(pts, 3): t for kind, pts, t in releases if kind == "v"}
+    audio = {round(pts, 3): t for kind, pts, t in releases if kind == "a"}
+    t0 = video[0.0]
+    assert video[3.96] - t0 == pytest.approx(3.96, abs=1e-9)  # back on the original timeline
+    # the left-out frames are gone from both tracks at the same pts; every released pts keeps A/V aligned
+    missing_v = {round(k / FPS, 3) for k in range(100)} - set(video)
+    assert len(missing_v) == 7
+    assert all(round(pts, 3) not in audio and round(pts + 0.02, 3) not in audio for pts in missing_v)
+    for pts, t in video.items():
+        assert audio[pts] == pytest.approx(t)
+
+
+async def test_speech_frames_are_never_left_out():
+    clock = SimClock()
+    play = Playout(frames(60, clock=clock, stall={10: 0.4}), FPS, clock, late_tolerance_s=0.1)
+    sub = play.subscribe("rec", frames=100, audio=200)
+    await play.run()
+    assert play.skipped_frames == 0 and len(sub.frames) == 60
