@@ -45,7 +45,8 @@ class ServerSession:
         self._peers: set[Any] = set()
         self._tasks: set[asyncio.Task] = set()
         self.playout = Playout(engine_session.frames(), config.fps, clock,
-                               late_tolerance_s=config.playout.late_tolerance_s, on_event=self._dispatch)
+                               late_tolerance_s=config.playout.late_tolerance_s, on_event=self._dispatch,
+                               live_input=kind == "webrtc")
         self._playout_task = asyncio.create_task(self._run_playout(), name=f"playout-{self.id}")
 
     # -- events ----------------------------------------------------------------------------------

@@ -201,13 +201,14 @@ class Playout:
     """
 
     def __init__(self, source: AsyncIterator[Any], fps: int, clock: Clock, *, late_tolerance_s: float = 0.12,
-                 on_event: Callable[[dict], None] | None = None):
+                 on_event: Callable[[dict], None] | None = None, live_input: bool = False):
         if VIDEO_CLOCK_RATE % fps or AUDIO_RATE % fps:
             raise ValueError(f"fps must divide {VIDEO_CLOCK_RATE} and {AUDIO_RATE}: got {fps}")
         self.fps = fps
         self.clock = clock
         self.late_tolerance_s = late_tolerance_s
         self.on_event = on_event
+        self.live_input = live_input  # a live mic: unvoiced frames may be left out to win back latency
         self._source = source
         self._subs: list[Subscription] = []
         self._upsample = Upsampler()
@@ -290,11 +291,14 @@ class Playout:
         if cleared and speech:
             audio16 = np.zeros_like(audio16)  # fetched before the clear: show it, don't play it
         audio48 = self._upsample(audio16)
-        if (self.behind_s >= 1 / self.fps - 1e-6 and not speech and not self._in_segment and not len(self._pending)
+        # idle fill may be left out; with a live mic, so may frames in which nobody speaks (room noise)
+        droppable = (not speech and not self._in_segment) or (
+            self.live_input and not getattr(frame, "voiced", True) and not getattr(frame, "segment_end", False))
+        if (droppable and self.behind_s >= 1 / self.fps - 1e-6 and not len(self._pending)
                 and self._samples_per_frame48 % AUDIO_CHUNK == 0):
-            # a stall pushed the timeline back: win the latency back by leaving out one idle (silent)
-            # frame. Both tracks skip the same 40 ms of pts and the anchor moves back by as much, so
-            # the receiver sees a short loss, not a shift between audio and video.
+            # a stall pushed the timeline back: win the latency back by leaving out one such frame.
+            # Both tracks skip the same 40 ms of pts and the anchor moves back by as much, so the
+            # receiver sees a short loss, not a shift between audio and video.
             self.t0 -= 1 / self.fps
             self.behind_s -= 1 / self.fps
             self._next_chunk += self._samples_per_frame48 // AUDIO_CHUNK

@@ -249,3 +249,20 @@ async def test_speech_frames_are_never_left_out():
     sub = play.subscribe("rec", frames=100, audio=200)
     await play.run()
     assert play.skipped_frames == 0 and len(sub.frames) == 60
+
+
+async def test_live_mic_leaves_out_unvoiced_frames_only():
+    clock = SimClock()
+
+    async def mic():
+        async for f in frames(60, clock=clock, stall={10: 0.4}):
+            f.voiced = f.index < 20  # someone talks, then room noise
+            yield f
+
+    play = Playout(mic(), FPS, clock, late_tolerance_s=0.1, live_input=True)
+    sub = play.subscribe("rec", frames=100, audio=200)
+    await play.run()
+    seqs = []
+    while len(sub.frames):
+        seqs.append((await sub.frames.get()).seq)
+    assert play.skipped_frames == 9 and all(s in seqs for s in range(20))
