@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -89,6 +90,7 @@ def main() -> int:
         "fps": round(frames / elapsed, 2),
         "peak_memory": peak,
         "peak_memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process max RSS",
+        "load_average_1m": round(os.getloadavg()[0], 2),  # CPU timings on a shared machine: context
     }
     text = json.dumps(report, indent=2)
     print(text)

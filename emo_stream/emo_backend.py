@@ -118,7 +118,7 @@ class EmoBackend:
 
     def __init__(self, model: EmoModel, size: int = 512, fps: int = 25, steps: int | None = None,
                  guidance: float | None = None, decoder: str | None = None, idle_steps: int | None = None,
-                 face_analyzer=None):
+                 face_analyzer=None, scheduler: str | None = None):
         cfg = model.config
         if size % cfg.size_multiple:
             raise ConfigError(f"size must be a multiple of {cfg.size_multiple} for model {cfg.name!r} (got {size})")
@@ -130,7 +130,8 @@ class EmoBackend:
         self.size, self.fps = size, fps
         self.steps = int(cfg.sampling.steps if steps is None else steps)
         # silence: fewer steps (and no guidance, see _denoise_group)
-        self.idle_steps = int(idle_steps if idle_steps is not None else min(cfg.sampling.idle_steps, max(1, self.steps // 2)))
+        self.idle_steps = int(idle_steps if idle_steps is not None
+                              else min(cfg.sampling.idle_steps, max(1, self.steps // 2)))
         self.guidance = float(cfg.sampling.guidance if guidance is None else guidance)
         self.decoder = decoder or cfg.sampling.decoder
         if self.steps < 1 or self.idle_steps < 1:
@@ -149,7 +150,9 @@ class EmoBackend:
                                       beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                                       steps_offset=1, timestep_spacing="trailing",
                                       prediction_type="epsilon")
-        self._scheduler_name = cfg.sampling.scheduler
+        self._scheduler_name = scheduler or cfg.sampling.scheduler
+        if self._scheduler_name not in ("ddim", "lcm"):
+            raise ConfigError(f"scheduler must be ddim or lcm (got {self._scheduler_name!r})")
 
     @classmethod
     def load(cls, model: str = "tiny", size: int = 512, fps: int = 25, device: str | None = None,
@@ -158,7 +161,7 @@ class EmoBackend:
         """Build the backend from a preset name, a checkpoint folder or an init YAML (see load_model)."""
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         m = load_model(model, device=dev, dtype=_parse_dtype(dtype, dev))
-        unknown = set(options) - {"idle_steps", "face_analyzer"}
+        unknown = set(options) - {"idle_steps", "face_analyzer", "scheduler"}
         if unknown:
             raise ConfigError(f"unknown EMO backend options: {', '.join(sorted(unknown))}")
         return cls(m, size=size, fps=fps, steps=steps, guidance=guidance, decoder=decoder, **options)
@@ -217,7 +220,7 @@ class EmoBackend:
         from diffusers import DDIMScheduler, LCMScheduler
 
         if self._scheduler_name == "lcm":
-            return LCMScheduler(**{k: v for k, v in self._scheduler_config.items() if k != "set_alpha_to_one"})
+            return LCMScheduler(**self._scheduler_config)
         return DDIMScheduler(**self._scheduler_config)
 
     @torch.inference_mode()
@@ -266,13 +269,15 @@ class EmoBackend:
         sched = self._scheduler()
         sched.set_timesteps(steps, device=dev)
         x = x * sched.init_noise_sigma
+        # LCM re-noises between steps: give it each session's own generator (one per batch row)
+        step_kwargs = {"generator": [j.state.generator for j in jobs]} if self._scheduler_name == "lcm" else {}
         for t in sched.timesteps:
             inp = torch.cat([x, x]) if use_cfg else x
             eps = m.predict_noise(sched.scale_model_input(inp, t), t, cond)
             if use_cfg:
                 e_c, e_u = eps.chunk(2)
                 eps = e_u + guidance * (e_c - e_u)
-            x = sched.step(eps, t, x, return_dict=False)[0]
+            x = sched.step(eps, t, x, return_dict=False, **step_kwargs)[0]
         return x
 
     def _motion_features(self, states: list[EmoState]) -> dict[str, torch.Tensor]:
