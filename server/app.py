@@ -10,7 +10,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from emo_stream.errors import ConfigError
+from emo_stream.errors import ConfigError, EmoStreamError
 
 from server.avatars import AvatarStore
 from server.config import ServerConfig
@@ -117,8 +117,23 @@ class StreamServer:
         image = await asyncio.to_thread(default_image, cfg)
         await self.avatars.set_default(image)
         self.sessions = SessionManager(self.engine, cfg, self.clock)
+        try:
+            self._server = await self._listen()
+        except OSError as exc:
+            await self.engine.stop()
+            raise EmoStreamError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
         self.sessions.start()
-        self._server = await serve(
+        self.port = self._server.sockets[0].getsockname()[1]
+        if self.virtual_camera:
+            from server.virtual_camera import VirtualCamera
+
+            self._camera = VirtualCamera.try_start(self)
+        log.info("serving on %s (backend %s, %d sessions max)", self.base_url, self.backend_name,
+                 cfg.sessions.max_sessions)
+
+    async def _listen(self) -> Server:
+        cfg = self.config
+        return await serve(
             self._handle, cfg.host, cfg.port,
             process_request=HttpRoutes(self),
             max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
@@ -128,13 +143,6 @@ class StreamServer:
             compression=None,  # audio and JPEG do not compress; save the CPU
             server_header="emo-stream",
         )
-        self.port = self._server.sockets[0].getsockname()[1]
-        if self.virtual_camera:
-            from server.virtual_camera import VirtualCamera
-
-            self._camera = VirtualCamera.try_start(self)
-        log.info("serving on %s (backend %s, %d sessions max)", self.base_url, self.backend_name,
-                 cfg.sessions.max_sessions)
 
     async def _handle(self, ws: ServerConnection) -> None:
         self._connections += 1
