@@ -133,7 +133,6 @@ class Connection:
         self.pending_avatar: AvatarUpload | None = None
         self.audio_q: asyncio.Queue[bytes] = asyncio.Queue(AUDIO_QUEUE_MESSAGES)
         self.viewing: list[tuple[ServerSession, Any]] = []
-        self._tasks: list[asyncio.Task] = []
         self._request: str | None = None
 
     # -- main loop -------------------------------------------------------------------------------
@@ -196,6 +195,8 @@ class Connection:
         limits = self.cfg.limits
         msg = protocol.parse_message(text, limits.max_text_bytes, limits.max_upload_bytes)
         self._request = getattr(msg, "type", None) or {Start: "start", View: "view", AvatarUpload: "avatar"}[type(msg)]
+        if not isinstance(msg, AvatarUpload):
+            self.pending_avatar = None  # an announced upload must be followed by its bytes at once
         if isinstance(msg, Start):
             await self._start(msg)
         elif isinstance(msg, View):
