@@ -112,7 +112,8 @@ def test_checkpoint_round_trip_is_identical(live_model, tmp_path):
     a, b = live_model.state_dict(), loaded.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert np.array_equal(_render(live_model), _render(loaded))
-    assert np.array_equal(_render(load_model(str(tmp_path / "ckpt"))), _render(loaded))
+    via_backend = load_model(str(tmp_path / "ckpt")).state_dict()  # what `--model DIR` loads
+    assert all(torch.equal(via_backend[k], a[k]) for k in a)
 
 
 def test_checkpoint_errors(live_model, tmp_path):

@@ -103,10 +103,13 @@ class Backbone(nn.Module):
                 context: BackboneContext) -> torch.Tensor:
         """sample (batch, 4, frames, h, w); audio_tokens (batch * frames, tokens, dim) -> noise prediction.
 
-        `context` (reference tokens, motion features, speed tokens) is installed for this call only.
+        `context` (reference tokens, motion features, speed tokens) is installed for this call. With autograd
+        on it stays installed until the next call, because gradient checkpointing re-runs the processors and
+        hooks during backward; at inference it is cleared so no features outlive the call.
         """
         self.context.__dict__.update(context.__dict__)
         try:
             return self.unet(sample, timestep, encoder_hidden_states=audio_tokens, return_dict=False)[0]
         finally:
-            self.context.__dict__.update(BackboneContext().__dict__)
+            if not torch.is_grad_enabled():
+                self.context.__dict__.update(BackboneContext().__dict__)
