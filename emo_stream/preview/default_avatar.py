@@ -101,7 +101,6 @@ def _paint_features(img: Image.Image) -> Image.Image:
     d = ImageDraw.Draw(img)
     cx, cy = 256, 228
     eye_y = cy - 16
-    skin = tuple(int(v) for v in SKIN)
     for side in (-1, 1):
         ex = cx + side * 44
         # tapered brow, thicker towards the nose
@@ -144,7 +143,6 @@ def _paint_features(img: Image.Image) -> Image.Image:
     d.ellipse([cx - 12, my + 6, cx + 10, my + 11], fill=tuple(min(255, int(v * 1.15)) for v in LIPS))
     d.line([(cx - 38, my), (cx - 20, my + 1), (cx, my + 2), (cx + 20, my + 1), (cx + 38, my)],
            fill=(104, 44, 44), width=3, joint="curve")
-    del skin
     return img
 
 
