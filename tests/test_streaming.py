@@ -340,7 +340,8 @@ async def test_fall_behind_holds_frames_and_keeps_latency_bounded(image):
     for f in held:
         assert np.array_equal(f.image, prev[f.index - 1].image)
     st = session.stats()
-    assert st["dropped_frames"] == len(held)
+    # (idle segments, also those made after the frames read here, may be held too)
+    assert st["dropped_frames"] >= sum(f.dropped for f in frames) >= len(held)
     assert st["late_frames"] > 0
     await engine.stop()
 

@@ -75,8 +75,19 @@ class VoiceActivity:
             return [bool(r > self._energy_thr) for r in rms]
         import torch
 
-        with torch.inference_mode():
-            return [float(self._model(torch.from_numpy(c.copy()), 16000)) >= self.threshold for c in chunks]
+        # silero's tiny ops are 10-50x slower with several intra-op threads (thread wake-ups dominate),
+        # which is why silero_vad sets one thread for the whole process on import. We keep the process
+        # setting and use one thread only while classifying (a model op starting in another stage during
+        # these few ms may run single-threaded: slower, never wrong).
+        threads = torch.get_num_threads()
+        try:
+            if threads != 1:
+                torch.set_num_threads(1)
+            with torch.inference_mode():
+                return [float(self._model(torch.from_numpy(c.copy()), 16000)) >= self.threshold for c in chunks]
+        finally:
+            if threads != 1:
+                torch.set_num_threads(threads)
 
     def voiced(self, lo: int, hi: int) -> bool:
         """Speech anywhere in [lo - hangover, hi) of the audio fed so far."""
