@@ -196,12 +196,12 @@ async def test_idle_frames_paced_by_clock(image):
     engine = await open_engine(TickBackend(), clock, segment_frames=4, idle_lead_frames=6)
     session = engine.open_session(await engine.prepare_avatar(image))
     frames = await drain(session, 0.2)
-    assert 0 < len(frames) <= 6           # nothing beyond the idle lead while the clock stands still
+    assert 0 < len(frames) <= 7 and frames[-1].index <= 6   # nothing beyond the lead while the clock stands
     for step in range(1, 4):
         clock.advance(1.0)
         frames += await drain(session, 0.2)
-        # never more than the lead ahead of the clock, and never starved either
-        assert step * FPS <= len(frames) <= step * FPS + 6
+        # never more than the lead ahead of the clock (last index <= clock frames + lead), never starved
+        assert step * FPS <= len(frames) and frames[-1].index <= step * FPS + 6
     check_timeline(frames)
     assert not any(f.speech for f in frames)
     assert session.stats()["state"] == "idle"
