@@ -72,6 +72,8 @@ def test_protocol_and_factory(backend):
     assert isinstance(built, PreviewBackend) and built.size == 96
     with pytest.raises(ConfigError):
         PreviewBackend(size=SIZE, bogus=1)
+    with pytest.raises(ConfigError, match="fps"):
+        PreviewBackend(size=SIZE, fps=30)
 
 
 def test_default_avatar_end_to_end(backend, portrait, avatar, speech_16k):

@@ -78,7 +78,10 @@ class PreviewBackend:
             log.info("preview backend ignores EMO option(s): %s", ", ".join(sorted(options)))
         if size < 64 or size > 2048:
             raise ConfigError(f"preview size must be between 64 and 2048 pixels: got {size}")
-        samples_per_frame(fps)  # validates fps
+        try:
+            samples_per_frame(fps)
+        except ValueError:
+            raise ConfigError(f"fps must divide 16000 (e.g. 25 or 20): got {fps}") from None
         if clip_frames < 1:
             raise ConfigError(f"clip_frames must be >= 1: got {clip_frames}")
         self.size = int(size)
