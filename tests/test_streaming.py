@@ -547,3 +547,20 @@ def test_stage_streams_are_inactive_off_cuda():
     assert streams.mark() is None
     streams.wait([None])
     streams.synchronize()
+
+
+async def test_one_frame_segments(image):
+    """The lowest-latency setting: one frame per segment (clear's bridge frames are not tied to it)."""
+    engine = await open_engine(TickBackend(), segment_frames=1)
+    session = engine.open_session(await engine.prepare_avatar(image))
+    audio = tone(0.33)
+    await session.push_audio(audio)
+    session.end_of_speech()
+    frames = await read_until(session, lambda f: f.segment_end)
+    check_timeline(frames)
+    np.testing.assert_array_equal(np.concatenate([f.audio for f in frames if f.speech]), padded(audio))
+    session.clear()
+    after = await read_until(session, lambda f: f.index >= frames[-1].index + 4)
+    check_timeline(frames + after)
+    assert not any(f.speech for f in after)
+    await engine.stop()

@@ -60,9 +60,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"engine {name} must be an integer >= {low}: got {value!r}")
-        if not isinstance(self.clear_hold_frames, int) or not 0 <= self.clear_hold_frames <= self.segment_frames:
-            raise ConfigError(f"engine clear_hold_frames must be an integer in 0..segment_frames: "
-                              f"got {self.clear_hold_frames!r}")
+        if not isinstance(self.clear_hold_frames, int) or not 0 <= self.clear_hold_frames <= 25:
+            raise ConfigError(f"engine clear_hold_frames must be an integer in 0..25: got {self.clear_hold_frames!r}")
         if self.output_frames < self.segment_frames:
             raise ConfigError(f"engine output_frames ({self.output_frames}) must be >= segment_frames "
                               f"({self.segment_frames})")
