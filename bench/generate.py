@@ -45,8 +45,11 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=4.0, help="audio duration to render (after warm-up)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # a script: setting process-wide threads is fine here
 
     backend = EmoBackend.load(args.preset, size=args.size, device=args.device, steps=args.steps,
                               guidance=args.guidance, decoder=args.decoder, dtype=args.dtype)
