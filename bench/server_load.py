@@ -71,9 +71,11 @@ def speech_clip() -> np.ndarray:
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--size",
-           str(args.size), "--backend", args.backend, "--max-sessions", str(args.sessions)]
+           str(args.size), "--backend", args.backend, "--max-sessions", str(args.sessions + args.probe_latency)]
     if args.model:
         cmd += ["--model", args.model]
+    if args.segment_frames:
+        cmd += ["--segment-frames", str(args.segment_frames)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     t0 = time.monotonic()
@@ -178,9 +180,93 @@ async def webrtc_viewer(url: str, seconds: float) -> dict:
     return {"video_fps": round(fps, 2), "video_frames": counts["video"], "audio_s": round(audio_s, 2)}
 
 
+async def latency_probe(url: str, seconds: float) -> dict:
+    """A talk-page-like WebRTC session (aiortc as the browser) whose "mic" sends a 1 kHz beep every
+    1.5 s; the delay until the beep comes back in the avatar's audio is mic-to-avatar latency
+    through WebRTC both ways, the engine and the playout (no browser capture/jitter buffers)."""
+    import fractions
+
+    import av
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+    sent: list[float] = []
+    received: list[float] = []
+
+    class BeepMic(MediaStreamTrack):
+        kind = "audio"
+
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+            self.t0 = None
+
+        async def recv(self):
+            if self.t0 is None:
+                self.t0 = time.monotonic()
+            due = self.t0 + self.n * 0.02
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            k = self.n % 75                   # 75 x 20 ms = 1.5 s period, beep for the first 5 packets
+            t = (np.arange(960) + self.n * 960) / 48000
+            x = 0.5 * np.sin(2 * np.pi * 1000 * t) if 0 < k <= 5 and self.n > 75 else np.zeros(960)
+            if k == 1 and self.n > 75:
+                sent.append(time.monotonic())
+            frame = av.AudioFrame.from_ndarray((x * 32767).astype(np.int16)[None], format="s16", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = 48000, self.n * 960, fractions.Fraction(1, 48000)
+            self.n += 1
+            return frame
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTrack(BeepMic())
+    pc.addTransceiver("video", direction="recvonly")
+    tasks = []
+
+    async def listen(track):
+        loud = False
+        try:
+            while True:
+                frame = await track.recv()
+                if track.kind != "audio":
+                    continue
+                x = frame.to_ndarray().astype(np.float32) / 32768
+                level = float(np.sqrt(np.mean(x ** 2)))
+                if level > 0.05 and not loud:
+                    received.append(time.monotonic())
+                loud = level > 0.02
+        except MediaStreamError:
+            pass
+
+    pc.on("track", lambda track: tasks.append(asyncio.ensure_future(listen(track))))
+    await pc.setLocalDescription(await pc.createOffer())
+    async with BotClient(url) as ws:
+        reply = await ws.request({"type": "start", "webrtc": {"type": "offer", "sdp": pc.localDescription.sdp}})
+        await pc.setRemoteDescription(RTCSessionDescription(**reply["answer"]))
+        await asyncio.sleep(seconds)
+        stats = await ws.stats()
+        await pc.close()
+    for t in tasks:
+        t.cancel()
+    delays = []
+    for ts in sent:  # pair each beep with the first onset heard after it (within one period)
+        later = [r - ts for r in received if 0 < r - ts < 1.5]
+        if later:
+            delays.append(1000 * min(later))
+    return {
+        "beeps_sent": len(sent), "beeps_heard": len(delays),
+        "mic_to_avatar_audio_ms_p50": round(float(np.percentile(delays, 50)), 1) if delays else None,
+        "mic_to_avatar_audio_ms_p95": round(float(np.percentile(delays, 95)), 1) if delays else None,
+        "engine_latency_ms": stats.get("latency_ms"),
+        "engine_output_queue_frames": stats.get("output_queue_frames"),
+        "engine_input_queue_s": stats.get("input_queue_s"),
+        "playout_behind_ms": stats.get("playout", {}).get("behind_ms"),
+        "mic_dropped_s": stats.get("mic_dropped_s"),
+    }
+
+
 async def run_bots(url: str, args) -> list[dict]:
     clip = speech_clip()
     bots = [asyncio.create_task(bot_session(url, clip, args.seconds, args.pause)) for _ in range(args.sessions)]
+    probe = asyncio.create_task(latency_probe(url, args.seconds)) if args.probe_latency else None
     viewers = []
     if args.viewers:
         await asyncio.sleep(1.0)  # sessions are up
@@ -189,7 +275,12 @@ async def run_bots(url: str, args) -> list[dict]:
     if viewers:
         for r, v in zip(results, await asyncio.gather(*viewers)):
             r.setdefault("webrtc_viewers", []).append(v)
+    if probe is not None:
+        PROBE.update(await probe)
     return list(results)
+
+
+PROBE: dict = {}  # filled by the latency probe of the first round
 
 
 def main() -> None:
@@ -201,6 +292,9 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--pause", type=float, default=1.0, help="silence between utterances (s)")
     parser.add_argument("--viewers", type=int, default=0, help="also attach this many WebRTC viewers (aiortc)")
+    parser.add_argument("--probe-latency", action="store_true",
+                        help="add a WebRTC mic session that measures beep -> avatar audio latency")
+    parser.add_argument("--segment-frames", type=int, default=None, help="the server's engine segment size")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the load to check memory stays flat")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -218,6 +312,7 @@ def main() -> None:
         time.sleep(2.0)
         rss_after = proc_rss_mb(proc.pid)
         rss_rounds.append(round(rss_after, 1))
+        args.probe_latency = False
         for _ in range(args.rounds - 1):  # the same load again: memory must not keep growing
             asyncio.run(run_bots(url, args))
             time.sleep(2.0)
@@ -233,11 +328,12 @@ def main() -> None:
         "backend": args.backend,
         "size": args.size,
         "sessions": args.sessions,
+        "segment_frames": args.segment_frames or "config default",
         "seconds": args.seconds,
         "transport": "WebSocket bot API on loopback, 20 ms PCM16 messages in real time, JPEG frames back",
         "webrtc_viewers": args.viewers,
-        "fps_per_session_min": min(fps),
-        "fps_per_session_mean": round(statistics.mean(fps), 2),
+        "fps_per_session_min": min(fps, default=None),
+        "fps_per_session_mean": round(statistics.mean(fps), 2) if fps else None,
         "latency_ms_p95_max": max(p95) if p95 else None,
         "server_cpu_percent": round(100 * (cpu1 - cpu0) / (wall1 - wall0), 1),
         "server_cpu_cores_used": round((cpu1 - cpu0) / (wall1 - wall0), 2),
@@ -247,6 +343,7 @@ def main() -> None:
         "rss_mb_after_each_round": rss_rounds,
         "load_average_before": round(load_before, 2),
         "note": "the machine is shared: load_average_before > cores means other work competed for the CPU",
+        "latency_probe": PROBE or None,
         "per_session": sessions,
     }
     text = json.dumps(result, indent=1)

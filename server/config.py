@@ -30,7 +30,7 @@ class SessionsConfig:
 class EngineSettings:
     """Forwarded to emo_stream.streaming.EngineConfig (max_sessions comes from `sessions`)."""
 
-    segment_frames: int = 8
+    segment_frames: int = 2
     max_batch: int = 4
     input_seconds: float = 30.0
     output_frames: int = 50

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None, help="output frame size in pixels")
     parser.add_argument("--device", default=None, help="torch device for the EMO backend")
     parser.add_argument("--max-sessions", type=int, default=None, help="concurrent sessions (default from config)")
+    parser.add_argument("--segment-frames", type=int, default=None,
+                        help="frames generated per step: lower is less latency, higher is more context/throughput")
     parser.add_argument("--token", default=None, help="access token for pages and API")
     parser.add_argument("--virtual-camera", action="store_true",
                         help="also send the latest session's video to a virtual camera (pyvirtualcam)")
@@ -42,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
 
             raise ConfigError("--max-sessions must be at least 1")
         config.sessions.max_sessions = args.max_sessions
+    if args.segment_frames is not None:
+        if not 1 <= args.segment_frames <= 64:
+            from emo_stream.errors import ConfigError
+
+            raise ConfigError("--segment-frames must be 1..64")
+        config.engine.segment_frames = args.segment_frames
     return asyncio.run(_serve(config, args.virtual_camera))
 
 

@@ -46,7 +46,7 @@ class ServerSession:
         self._tasks: set[asyncio.Task] = set()
         self.playout = Playout(engine_session.frames(), config.fps, clock,
                                late_tolerance_s=config.playout.late_tolerance_s, on_event=self._dispatch,
-                               live_input=kind == "webrtc")
+                               live_input=kind == "webrtc", queue_depth=self._engine_queue_depth)
         self._playout_task = asyncio.create_task(self._run_playout(), name=f"playout-{self.id}")
 
     # -- events ----------------------------------------------------------------------------------
@@ -94,6 +94,9 @@ class ServerSession:
             log.exception("session %s: playout failed", self.id)
             self._dispatch({"type": "error", "code": "internal", "message": "the session's playout failed",
                             "fatal": True})
+
+    def _engine_queue_depth(self) -> int:
+        return int(self.engine_session.stats().get("output_queue_frames", 0))
 
     # -- input -----------------------------------------------------------------------------------
     def received(self, seconds: float) -> None:

@@ -201,7 +201,8 @@ class Playout:
     """
 
     def __init__(self, source: AsyncIterator[Any], fps: int, clock: Clock, *, late_tolerance_s: float = 0.12,
-                 on_event: Callable[[dict], None] | None = None, live_input: bool = False):
+                 on_event: Callable[[dict], None] | None = None, live_input: bool = False,
+                 queue_depth: Callable[[], int] | None = None, queue_cushion: int = 1):
         if VIDEO_CLOCK_RATE % fps or AUDIO_RATE % fps:
             raise ValueError(f"fps must divide {VIDEO_CLOCK_RATE} and {AUDIO_RATE}: got {fps}")
         self.fps = fps
@@ -209,6 +210,10 @@ class Playout:
         self.late_tolerance_s = late_tolerance_s
         self.on_event = on_event
         self.live_input = live_input  # a live mic: unvoiced frames may be left out to win back latency
+        # frames ready in the engine beyond the one being released: how much later than needed we play
+        self._queue_depth = queue_depth
+        self.queue_cushion = queue_cushion
+        self._depths: collections.deque[int] = collections.deque(maxlen=fps)
         self._source = source
         self._subs: list[Subscription] = []
         self._upsample = Upsampler()
@@ -291,16 +296,13 @@ class Playout:
         if cleared and speech:
             audio16 = np.zeros_like(audio16)  # fetched before the clear: show it, don't play it
         audio48 = self._upsample(audio16)
-        # idle fill may be left out; with a live mic, so may frames in which nobody speaks (room noise)
-        droppable = (not speech and not self._in_segment) or (
-            self.live_input and not getattr(frame, "voiced", True) and not getattr(frame, "segment_end", False))
-        if (droppable and self.behind_s >= 1 / self.fps - 1e-6 and not len(self._pending)
-                and self._samples_per_frame48 % AUDIO_CHUNK == 0):
-            # a stall pushed the timeline back: win the latency back by leaving out one such frame.
-            # Both tracks skip the same 40 ms of pts and the anchor moves back by as much, so the
+        if self._should_leave_out(frame, speech):
+            # Win latency back by leaving out one idle (or, with a live mic, unvoiced) frame. Both
+            # tracks skip the same 40 ms of pts and the anchor moves back by as much, so the
             # receiver sees a short loss, not a shift between audio and video.
             self.t0 -= 1 / self.fps
-            self.behind_s -= 1 / self.fps
+            self.behind_s = max(0.0, self.behind_s - 1 / self.fps)
+            self._depths = collections.deque((d - 1 for d in self._depths), maxlen=self._depths.maxlen)
             self._next_chunk += self._samples_per_frame48 // AUDIO_CHUNK
             self.skipped_frames += 1
             return
@@ -342,6 +344,26 @@ class Playout:
             self.last_audio_pts_s = chunk.pts / AUDIO_RATE
             self.max_av_offset_s = max(self.max_av_offset_s, abs(self.last_video_pts_s - self.last_audio_pts_s))
         self._events_after(out)
+
+    def _should_leave_out(self, frame: Any, speech: bool) -> bool:
+        """True when this frame may be skipped and the playout is later than it needs to be.
+
+        "Later than needed": with the engine's queue depth known, frames have been waiting in it
+        (its minimum over the last second stayed above the one-frame cushion); without it, a stall
+        pushed the anchor back (behind_s). Only idle fill, or unvoiced frames of a live mic, go.
+        """
+        if self._queue_depth is not None:
+            try:
+                self._depths.append(int(self._queue_depth()))
+            except Exception:
+                self._queue_depth = None
+        droppable = (not speech and not self._in_segment) or (
+            self.live_input and not getattr(frame, "voiced", True) and not getattr(frame, "segment_end", False))
+        if not droppable or len(self._pending) or self._samples_per_frame48 % AUDIO_CHUNK:
+            return False
+        if self._queue_depth is not None:
+            return len(self._depths) == self._depths.maxlen and min(self._depths) > self.queue_cushion
+        return self.behind_s >= 1 / self.fps - 1e-6
 
     def _events_before(self, f: PlayoutFrame) -> None:
         if f.speech:

@@ -266,3 +266,38 @@ async def test_live_mic_leaves_out_unvoiced_frames_only():
     while len(sub.frames):
         seqs.append((await sub.frames.get()).seq)
     assert play.skipped_frames == 9 and all(s in seqs for s in range(20))
+
+
+async def test_playout_drains_a_queue_of_idle_frames_down_to_its_cushion():
+    """An engine that keeps idle frames 8 ahead of the clock: the playout leaves out idle frames until
+    only the one-frame cushion waits in the engine, so speech that arrives next is not stuck behind them."""
+    clock = SimClock()
+    lead, opened = 8, clock.t
+    current = {"k": 0}
+
+    def ready() -> int:  # highest index the engine has made by now
+        return int((clock.t - opened) * FPS) + lead
+
+    async def engine():
+        for k in range(200):
+            if ready() < k:  # not made yet: the consumer waits for it
+                clock.t = opened + (k - lead) / FPS
+            current["k"] = k
+            yield Frame(k, np.zeros((4, 4, 3), np.uint8), np.zeros(SPF, np.float32), speech=k >= 150)
+
+    depths = []
+
+    def depth() -> int:
+        depths.append(ready() - current["k"])
+        return depths[-1]
+
+    play = Playout(engine(), FPS, clock, queue_depth=depth)
+    sub = play.subscribe("rec", frames=300, audio=600)
+    await play.run()
+    assert depths[0] == lead - 1  # at first 7 frames wait in the engine (the 8th is being played)
+    assert play.skipped_frames == lead - 2 and min(depths[-50:]) == 1  # then just the cushion
+    seqs = []
+    while len(sub.frames):
+        seqs.append((await sub.frames.get()).seq)
+    assert all(k in seqs for k in range(150, 200))  # speech is never left out
+    assert play.reanchors == 0
