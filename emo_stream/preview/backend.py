@@ -90,7 +90,7 @@ class PreviewBackend:
         self.face_fraction = face_fraction
         # the mouth features need ~1/3 frame before and ~1/2 frame after each frame's own samples
         self.audio_context = AudioContext(left_samples=samples_per_frame(fps), lookahead_frames=1)
-        self._mouth = MouthFilter(mouth or MouthConfig())
+        self._mouth = MouthFilter(mouth or MouthConfig(), fps=self.fps)
         self._motion = MotionModel(fps=self.fps, config=motion or MotionConfig())
         self._warp_config = warp or WarpConfig()
         self._analyzer = analyzer

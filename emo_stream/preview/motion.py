@@ -83,14 +83,18 @@ class MotionModel:
         dt = 1.0 / self.fps
         weights = np.array([0.55, 0.3, 0.15], np.float32)
         amp = np.array([c.sway_x, c.sway_y, c.sway_roll], np.float32)
+        # one-pole gains tuned at 25 fps, converted to this frame rate
+        k = 25.0 / self.fps
+        rise, fall, slow = (1.0 - (1.0 - g) ** k for g in (0.15, 0.04, 0.12))
         # critically damped spring for nods (~0.25 s time constant)
         omega = 2 * np.pi * 1.6
         for i in range(n):
             j = float(jaw[i])
-            st.activity += (0.15 if speech and j > 0.05 else 0.04) * ((1.0 if speech and j > 0.05 else 0.0) - st.activity)
+            talking = speech and j > 0.05
+            st.activity += (rise if talking else fall) * ((1.0 if talking else 0.0) - st.activity)
             # accents: the jaw rising well above its slow average
             accent = max(0.0, j - st.jaw_slow - 0.25)
-            st.jaw_slow += 0.12 * (j - st.jaw_slow)
+            st.jaw_slow += slow * (j - st.jaw_slow)
             target = c.nod_gain * min(1.0, accent * 2.5)
             acc = omega * omega * (target - st.nod) - 2 * omega * st.nod_vel
             st.nod_vel += acc * dt

@@ -28,6 +28,7 @@ class MouthConfig:
     floor_rise_db: float = 0.12   # per frame: how fast the background-level estimate may rise
     floor_margin_db: float = 3.0  # the jaw starts opening this far above the background
     min_range_db: float = 8.0     # never squeeze the jaw's range below this (loud, steady noise)
+    # per-frame values at 25 fps (MouthFilter converts them for other frame rates)
     attack: float = 0.75          # one-pole gain per frame when the jaw opens
     release: float = 0.5          # ... and when it closes
     width_gain: float = 0.35      # per-frame smoothing gain of the lip width
@@ -90,6 +91,16 @@ class MouthFilter:
     """Maps per-frame audio features to smoothed (jaw, width) with state carried across segments."""
 
     config: MouthConfig = field(default_factory=MouthConfig)
+    fps: int = 25
+
+    def __post_init__(self) -> None:
+        # the config's per-frame gains and rates are given at 25 fps; keep their timing at any rate
+        c, k = self.config, 25.0 / self.fps
+        self._attack = 1.0 - (1.0 - c.attack) ** k
+        self._release = 1.0 - (1.0 - c.release) ** k
+        self._width_gain = 1.0 - (1.0 - c.width_gain) ** k
+        self._decay_db = c.reference_decay_db * k
+        self._rise_db = c.floor_rise_db * k
 
     def targets(self, feats: np.ndarray, state: MouthState) -> tuple[np.ndarray, np.ndarray]:
         """Unsmoothed per-frame jaw and width targets; updates the loudness reference."""
@@ -100,9 +111,9 @@ class MouthFilter:
         ref, floor = state.reference_db, state.floor_db
         for i in range(n):
             level, voiced_db, high_share, centroid = feats[i]
-            ref = max(voiced_db, ref - c.reference_decay_db, c.reference_floor_db)
+            ref = max(voiced_db, ref - self._decay_db, c.reference_floor_db)
             # background (music, noise): the quietest recent level; drops at once, rises slowly
-            floor = min(voiced_db, floor + c.floor_rise_db)
+            floor = min(voiced_db, floor + self._rise_db)
             if level < c.gate_db:
                 continue
             bottom = min(max(ref - c.dynamic_range_db, floor + c.floor_margin_db), ref - c.min_range_db)
@@ -119,7 +130,6 @@ class MouthFilter:
 
     def __call__(self, feats: np.ndarray | None, num_frames: int, state: MouthState) -> np.ndarray:
         """(num_frames, 2) smoothed jaw, width. `feats` None: silence (the mouth relaxes shut)."""
-        c = self.config
         if feats is None:
             jaw_t = np.zeros(num_frames, np.float32)
             width_t = np.zeros(num_frames, np.float32)
@@ -130,9 +140,9 @@ class MouthFilter:
         out = np.empty((num_frames, 2), np.float32)
         jaw, width = state.jaw, state.width
         for i in range(num_frames):
-            gain = c.attack if jaw_t[i] > jaw else c.release
+            gain = self._attack if jaw_t[i] > jaw else self._release
             jaw += gain * (float(jaw_t[i]) - jaw)
-            width += c.width_gain * (float(width_t[i]) - width)
+            width += self._width_gain * (float(width_t[i]) - width)
             out[i] = jaw, width
         state.jaw, state.width = jaw, width
         return out
