@@ -294,7 +294,7 @@ async def test_playout_drains_a_queue_of_idle_frames_down_to_its_cushion():
     play = Playout(engine(), FPS, clock, queue_depth=depth)
     sub = play.subscribe("rec", frames=300, audio=600)
     await play.run()
-    assert depths[0] == lead - 1  # at first 7 frames wait in the engine (the 8th is being played)
+    assert depths[0] == lead  # at first 8 frames wait in the engine behind the one being played
     assert play.skipped_frames == lead - 2 and min(depths[-50:]) == 1  # then just the cushion
     seqs = []
     while len(sub.frames):
