@@ -140,6 +140,10 @@ def test_segments_are_continuous_and_deterministic(backend, avatar, speech_16k):
     assert np.array_equal(render(backend, avatar, audio, 0, seed=5, clip=7), long)
     other_seed = render(backend, avatar, audio, 0, seed=6, clip=40)
     assert not np.array_equal(other_seed, long)
+    # the declared audio context covers what the features read, at other frame rates too
+    fast = PreviewBackend(size=64, fps=50, analyzer=backend.analyzer)
+    fast_avatar = fast.prepare_avatar(avatar.image)
+    assert np.array_equal(render(fast, fast_avatar, audio, 0, clip=3), render(fast, fast_avatar, audio, 0, clip=80))
 
 
 def test_sessions_in_one_call_are_independent(backend, avatar, speech_16k):

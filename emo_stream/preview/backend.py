@@ -88,9 +88,14 @@ class PreviewBackend:
         self.fps = int(fps)
         self.clip_frames = int(clip_frames)
         self.face_fraction = face_fraction
-        # the mouth features need ~1/3 frame before and ~1/2 frame after each frame's own samples
-        self.audio_context = AudioContext(left_samples=samples_per_frame(fps), lookahead_frames=1)
         self._mouth = MouthFilter(mouth or MouthConfig(), fps=self.fps)
+        # each frame's analysis window reaches a little before and after the frame's own samples
+        # (at 25 fps: 32 samples before, 352 after: one frame of look-ahead)
+        spf = samples_per_frame(self.fps)
+        mc = self._mouth.config
+        before = max(0, mc.window // 2 - mc.lead_samples - spf // 2)
+        after = max(0, mc.window // 2 + mc.lead_samples - spf // 2)
+        self.audio_context = AudioContext(left_samples=before, lookahead_frames=-(-after // spf))
         self._motion = MotionModel(fps=self.fps, config=motion or MotionConfig())
         self._warp_config = warp or WarpConfig()
         self._analyzer = analyzer
