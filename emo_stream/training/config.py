@@ -40,6 +40,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     root: list[str] = field(default_factory=list)  # prepared dataset folders
+    size: int | None = None               # training resolution (default: the dataset's; frames are resized)
     clip_frames: int | None = None        # f (default: the model's)
     motion_frames: int | None = None      # n (default: the model's)
     num_workers: int = 0                  # DataLoader worker processes
@@ -51,6 +52,7 @@ class DataSection:
 class TrainSection:
     output_dir: str = "runs/emo"
     max_steps: int = 1000                 # optimiser steps
+    max_minutes: float | None = None      # stop (with a checkpoint; resumable) after this much wall time
     batch_size: int = 1                   # per process
     grad_accum: int = 1
     lr: float = 1e-5
@@ -70,6 +72,8 @@ class TrainSection:
     sample_audio: str | None = None       # default: that clip's audio
     sample_steps: int | None = None
     tensorboard: bool = False
+    vae_steps: int = 0                    # fit the VAE first (only for models whose VAE is random: tiny)
+    vae_batch_size: int = 16
     trainable: list[str] | None = None    # override the stage's parameter groups
     cond_drop: float = 0.05               # drop audio (and reference) conditioning, for classifier-free guidance
     device: str | None = None             # only without accelerate launch; default cuda if available
@@ -101,10 +105,12 @@ class TrainConfig:
         need(t.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision must be no, fp16 or bf16")
         need(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay must be in (0, 1) or null")
         need(t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "checkpoint_every/keep_checkpoints must be >= 1")
+        need(t.vae_steps >= 0 and t.vae_batch_size >= 1, "train.vae_steps >= 0, train.vae_batch_size >= 1")
         need(t.log_every >= 1 and t.sample_every >= 0, "log_every must be >= 1, sample_every >= 0")
         need(0 <= t.cond_drop < 1 and 0 <= d.motion_drop <= 1, "cond_drop and motion_drop must be in [0, 1)")
         need(d.clip_frames is None or d.clip_frames >= 1, "data.clip_frames must be >= 1")
         need(d.motion_frames is None or d.motion_frames >= 1, "data.motion_frames must be >= 1")
+        need(d.size is None or d.size >= 16, "data.size must be >= 16")
         need(d.num_workers >= 0 and d.cache_clips >= 1, "data.num_workers >= 0, data.cache_clips >= 1")
         from emo_stream.training.model_adapter import PARAM_GROUPS
 
@@ -146,7 +152,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", base_dir: Pat
             value["root"] = [str(r) for r in (roots if isinstance(roots, list) else [roots])]
         if key == "train" and "adam_betas" in value:
             value["adam_betas"] = tuple(value["adam_betas"])
-        for num in ("lr", "weight_decay", "ema_decay", "max_grad_norm", "cond_drop", "motion_drop"):
+        for num in ("lr", "max_minutes", "weight_decay", "ema_decay", "max_grad_norm", "cond_drop", "motion_drop"):
             if isinstance(value.get(num), str):
                 try:
                     value[num] = float(value[num])  # PyYAML reads 1e-5 as a string

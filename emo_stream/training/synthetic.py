@@ -203,11 +203,14 @@ def generate_dataset(out: Path, clips: int = 32, size: int = 64, seconds: float 
     return records
 
 
-def identity_reference(size: int, seed: int = 0, index: int = 0) -> np.ndarray:
-    """A closed-mouth, eyes-open frame of identity `index` of the dataset generated with `seed`."""
+def identity_reference(size: int, seed: int = 0, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(frame, face box) of identity `index` of the dataset generated with `seed`: mouth closed, eyes open,
+    head centred. A ready-made avatar crop for the EMO backend (`avatar_from_crop`)."""
     rng = np.random.default_rng(seed)
-    idents = [random_identity(rng) for _ in range(index + 1)]
-    return draw_face(idents[index], size, mouth=0.0, eyes=1.0)
+    ident = [random_identity(rng) for _ in range(index + 1)][index]
+    rx, ry = FACE_RADII[0] * ident.face_scale, FACE_RADII[1] * ident.face_scale
+    box = np.array([FACE_CENTER[0] - rx, FACE_CENTER[1] - ry, FACE_CENTER[0] + rx, FACE_CENTER[1] + ry]) * size
+    return draw_face(ident, size, mouth=0.0, eyes=1.0), box.astype(np.float32)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,7 +83,9 @@ class Trainer:
         mcfg = self.model.config
         self.f = cfg.data.clip_frames or mcfg.clip_frames
         self.n = cfg.data.motion_frames or mcfg.motion_frames
-        self.size = ma.model_size(self.model)
+        from emo_stream.training.dataset_layout import read_info
+
+        self.size = ma.model_size(self.model, cfg.data.size or read_info(Path(cfg.data.root[0])).size)
         trainable = ma.set_trainable(self.model, cfg.trainable)
         if not trainable:
             raise ConfigError(f"{cfg.source}: nothing to train: groups {cfg.trainable} have no parameters")
@@ -124,6 +126,26 @@ class Trainer:
                 raise ConfigError(f"no checkpoint to resume from at {resume}")
             if ckpt is not None:
                 self._load(ckpt)
+        if self.step == 0 and t.vae_steps:
+            self._fit_vae()  # a resumed run has the fitted VAE in its checkpoint already
+
+    def _fit_vae(self) -> None:
+        from emo_stream.training.vae_fit import fit_vae
+
+        model, t = self.model, self.cfg.train
+        fit_vae(model.vae, self.dataset.store, self.size, t.vae_steps, batch_size=t.vae_batch_size, seed=t.seed,
+                device=self.accelerator.device, progress=self.progress and self.accelerator.is_local_main_process)
+        # SD's convention: scaled latents have unit variance; measure it on the data
+        with torch.no_grad():
+            from emo_stream.training.data import _to_tensor
+
+            clip = self.dataset.store.load(self.dataset.usable[0])
+            x = _to_tensor(clip.frames[:32], self.size).to(self.accelerator.device)
+            std = float(model.vae.encode(x).latent_dist.mode().std())
+        scale = round(1.0 / max(std, 1e-3), 5)
+        model.vae.register_to_config(scaling_factor=scale)
+        model.config.vae["scaling_factor"] = scale
+        log.info("VAE fitted; latent scaling factor %.4f", scale)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _load(self, ckpt: Path) -> None:
@@ -136,6 +158,9 @@ class Trainer:
             raise ConfigError(f"checkpoint {ckpt} trained other parameter groups; use another output_dir")
         self.accelerator.load_state(str(ckpt))
         self.step, self.micro = int(state["step"]), int(state["micro_step"])
+        if "vae_scaling_factor" in state:  # lives in the config, not the weights (see _fit_vae)
+            self.model.vae.register_to_config(scaling_factor=state["vae_scaling_factor"])
+            self.model.config.vae["scaling_factor"] = state["vae_scaling_factor"]
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     def save_checkpoint(self) -> Path:
@@ -146,7 +171,8 @@ class Trainer:
         if acc.is_main_process:
             (ckpt / "trainer.json").write_text(json.dumps(
                 {"step": self.step, "micro_step": self.micro, "stage": self.cfg.stage,
-                 "trainable": self.trainable_names, "processes": acc.num_processes}, indent=2))
+                 "trainable": self.trainable_names, "processes": acc.num_processes,
+                 "vae_scaling_factor": float(self.model.vae.config.scaling_factor)}, indent=2))
             old = sorted((self.out / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
             for stale in old[:-self.cfg.train.keep_checkpoints]:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -249,6 +275,11 @@ class Trainer:
                     self.save_checkpoint()
                 if t.sample_every and self.step % t.sample_every == 0:
                     self.sample_video()
+                if t.max_minutes and time.monotonic() - t0 > t.max_minutes * 60 and self.step < t.max_steps:
+                    log.info("train.max_minutes reached at step %d: checkpointing and stopping", self.step)
+                    if self.step % t.checkpoint_every:
+                        self.save_checkpoint()
+                    break
         finally:
             bar.close()
             if csv_file:
@@ -268,28 +299,35 @@ class Trainer:
         if not acc.is_main_process:
             return None
         out = self.out / "samples" / f"step-{self.step:06d}.mp4"
-        model = acc.unwrap_model(self.module).model
-        image, audio = self._sample_inputs()
-        was_training = model.training
-        model.eval()
+        module = acc.unwrap_model(self.module)
+        image, audio, box = self._sample_inputs()
+        module.eval()
         try:
-            ma.render_sample(model, image, audio, out, steps=self.cfg.train.sample_steps, device=acc.device)
+            ma.render_sample(module.model, image, audio, out, size=self.size, steps=self.cfg.train.sample_steps,
+                             face_box=box)
         except EmoStreamError as exc:
             log.warning("sample at step %d failed: %s", self.step, exc)
             return None
         finally:
-            model.train(was_training)
+            module.train()
         log.info("sample: %s", out)
         return out
 
-    def _sample_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+    def _sample_inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(image, audio, face box or None): the configured files, else the first clip's first frame and audio."""
+        from PIL import Image
+
         from emo_stream.media import load_audio, load_image
 
         t = self.cfg.train
         clip = self.dataset.store.load(self.dataset.usable[0])
-        image = load_image(t.sample_image) if t.sample_image else clip.frames[0]
+        image, box = clip.frames[0], clip.boxes[0] * (self.size / clip.frames.shape[1])
+        if image.shape[0] != self.size:
+            image = np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.BICUBIC))
+        if t.sample_image:
+            image, box = load_image(t.sample_image), None
         audio = load_audio(t.sample_audio) if t.sample_audio else clip.audio
-        return image, audio[: 16000 * 4]
+        return image, audio[: 16000 * 4], box
 
 
 def train(cfg: TrainConfig, resume: str | None = "auto", progress: bool = True) -> dict[str, Any]:
