@@ -135,6 +135,7 @@ async def bot_session(url: str, clip: np.ndarray, seconds: float, pause_s: float
         "latency_ms_p50": stats.get("latency_ms", {}).get("p50"),
         "latency_ms_p95": stats.get("latency_ms", {}).get("p95"),
         "late_frames": stats.get("playout", {}).get("late_frames"),
+        "skipped_idle_frames": stats.get("playout", {}).get("skipped_idle_frames"),
         "engine_late_frames": stats.get("late_frames"),
         "dropped_frames": stats.get("dropped_frames"),
         "max_av_offset_ms": stats.get("playout", {}).get("max_av_offset_ms"),
