@@ -64,10 +64,8 @@ def test_presets_load_and_validate():
 ])
 def test_bad_config_is_a_config_error(change, words):
     data = load_config("tiny").to_dict()
-    for key, value in change.items():
-        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) and key != "face_locator" else value
-        if key == "face_locator":
-            data[key] = value
+    for key, value in change.items():  # sections are merged, scalars replaced
+        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
         config_from_dict(data, "test")
 
@@ -157,3 +155,14 @@ def test_audio_encoder_returns_exact_frames(model):
     assert torch.allclose(feats[1:, m], feats[:-1, m + 1])
     # the features follow the audio: a different segment gives different features
     assert not torch.allclose(enc.encode(audio, 0, 6, fps=25), feats)
+
+
+def test_speed_from_head_poses():
+    from emo_stream.models.speed import rotation_speed, speed_buckets
+
+    poses = np.zeros((5, 3), np.float32)
+    poses[:, 0] = np.deg2rad([0, 2, 4, 4, 4])  # yaw turning 2 deg/frame, then still
+    speed = rotation_speed(poses)
+    assert torch.allclose(speed, torch.tensor([2.0, 2.0, 2.0, 0.0, 0.0]), atol=1e-4)
+    codes = speed_buckets(speed, torch.tensor([0.0, 2.0, 4.0]), torch.tensor([0.5, 0.5, 0.5]))
+    assert codes.shape == (5, 3) and codes[0, 0] > 0.99 and abs(codes[0, 1]) < 1e-3 and codes[0, 2] < -0.99

@@ -6,6 +6,7 @@ buckets of frames [k - m, k + m] (edge-padded), and an MLP turns that window int
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,3 +33,15 @@ class SpeedEncoder(nn.Module):
             s = torch.cat([s[:, :1].expand(-1, m, -1), s, s[:, -1:].expand(-1, m, -1)], dim=1)
         win = s.unfold(1, 2 * m + 1, 1)                                      # (b, f, d, 2m + 1)
         return self.mlp(win.flatten(2).to(self.mlp[0].weight.dtype))
+
+
+def rotation_speed(poses: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Head poses (frames, 3) yaw/pitch/roll in radians (emo_stream.face.FaceInfo.head_pose) -> speed per frame
+    in degrees per frame, the unit of the speed buckets. Frame 0 repeats frame 1's speed."""
+    p = torch.as_tensor(poses, dtype=torch.float32)
+    if p.ndim != 2 or p.shape[1] != 3:
+        raise ValueError(f"poses must be (frames, 3), got {tuple(p.shape)}")
+    if len(p) < 2:
+        return torch.zeros(len(p))
+    step = torch.rad2deg(p[1:] - p[:-1]).norm(dim=1)
+    return torch.cat([step[:1], step])
