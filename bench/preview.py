@@ -102,7 +102,7 @@ def render_breakdown(avatar, frames: int, rng: np.random.Generator) -> dict:
     for i in range(frames):
         p = FrameParams(jaw=float(rng.uniform(0, 1)), width=float(rng.uniform(-1, 1)),
                         blink=float(rng.uniform(0.2, 1.0)) if i % 10 == 0 else 0.0,
-                        tx=0.01, ty=-0.005, roll=0.015, nod=0.01)
+                        tx=0.01, ty=-0.005, roll=0.015, nod=0.01, yaw=0.01)
         avatar.warper.render(p, timings=timings)
     return {k: round(1000 * v / frames, 3) for k, v in timings.items()}
 

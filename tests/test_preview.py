@@ -113,7 +113,7 @@ def test_mouth_follows_audio(backend, avatar, speech_16k):
 
 def test_blinks_during_long_idle(backend, avatar, portrait):
     # without head sway, only the eyelids change the eye region
-    still = PreviewBackend(size=SIZE, motion=MotionConfig(sway_x=0, sway_y=0, sway_roll=0),
+    still = PreviewBackend(size=SIZE, motion=MotionConfig(sway_x=0, sway_y=0, sway_roll=0, sway_yaw=0),
                            analyzer=backend.analyzer)
     still_avatar = still.prepare_avatar(portrait)
     eb = eye_box(still_avatar)

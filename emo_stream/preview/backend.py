@@ -144,9 +144,9 @@ class PreviewBackend:
         motion = self._motion(mouth[:, 0], feats is not None, state.motion)
         frames = np.empty((n, self.size, self.size, 3), np.uint8)
         for i in range(n):
-            tx, ty, roll, nod = motion.head[i]
+            tx, ty, roll, nod, yaw = motion.head[i]
             p = FrameParams(jaw=float(mouth[i, 0]), width=float(mouth[i, 1]), blink=float(motion.blink[i]),
-                            tx=float(tx), ty=float(ty), roll=float(roll), nod=float(nod))
+                            tx=float(tx), ty=float(ty), roll=float(roll), nod=float(nod), yaw=float(yaw))
             avatar.warper.render(p, out=frames[i])
         state.frames += n
         return frames

@@ -23,6 +23,7 @@ class MotionConfig:
     sway_x: float = 0.010           # idle head translation amplitude, fraction of face width
     sway_y: float = 0.006
     sway_roll: float = 0.018        # radians (~1 degree)
+    sway_yaw: float = 0.012         # apparent turn: nose shift against the face outline, face widths
     speech_boost: float = 0.8       # head motion grows by this factor while speaking
     nod_gain: float = 0.030         # nod depth for a strong accent, fraction of face width
 
@@ -37,14 +38,14 @@ class MotionState:
     jaw_slow: float = 0.0
     nod: float = 0.0                # nod spring position and velocity
     nod_vel: float = 0.0
-    sway_freq: np.ndarray = field(default_factory=lambda: np.zeros((3, 3), np.float32))
-    sway_phase: np.ndarray = field(default_factory=lambda: np.zeros((3, 3), np.float32))
+    sway_freq: np.ndarray = field(default_factory=lambda: np.zeros((4, 3), np.float32))
+    sway_phase: np.ndarray = field(default_factory=lambda: np.zeros((4, 3), np.float32))
 
 
 @dataclass
 class MotionFrame:
     blink: np.ndarray   # (n,) eyelid closure 0..1
-    head: np.ndarray    # (n, 4): tx, ty (fraction of face width), roll (rad), nod (fraction of face width)
+    head: np.ndarray    # (n, 5): tx, ty (face widths), roll (rad), nod, yaw (face widths)
 
 
 @dataclass
@@ -60,9 +61,9 @@ class MotionModel:
     def new_state(self, seed: int) -> MotionState:
         rng = np.random.default_rng(seed)
         st = MotionState(rng=rng)
-        # three incommensurate slow sinusoids per axis (tx, ty, roll): smooth, never visibly periodic
-        st.sway_freq = rng.uniform(0.06, 0.32, size=(3, 3)).astype(np.float32)
-        st.sway_phase = rng.uniform(0, 2 * np.pi, size=(3, 3)).astype(np.float32)
+        # three incommensurate slow sinusoids per axis (tx, ty, roll, yaw): smooth, never visibly periodic
+        st.sway_freq = rng.uniform(0.06, 0.32, size=(4, 3)).astype(np.float32)
+        st.sway_phase = rng.uniform(0, 2 * np.pi, size=(4, 3)).astype(np.float32)
         st.next_blink = int(rng.uniform(0.6, 2.5) * self.fps)
         return st
 
@@ -79,10 +80,10 @@ class MotionModel:
         c = self.config
         n = len(jaw)
         blink = np.zeros(n, np.float32)
-        head = np.zeros((n, 4), np.float32)
+        head = np.zeros((n, 5), np.float32)
         dt = 1.0 / self.fps
         weights = np.array([0.55, 0.3, 0.15], np.float32)
-        amp = np.array([c.sway_x, c.sway_y, c.sway_roll], np.float32)
+        amp = np.array([c.sway_x, c.sway_y, c.sway_roll, c.sway_yaw], np.float32)
         # one-pole gains tuned at 25 fps, converted to this frame rate
         k = 25.0 / self.fps
         rise, fall, slow = (1.0 - (1.0 - g) ** k for g in (0.15, 0.04, 0.12))
@@ -102,8 +103,10 @@ class MotionModel:
 
             t = st.frame * dt
             sway = (weights[None, :] * np.sin(2 * np.pi * st.sway_freq * t + st.sway_phase)).sum(1)
-            head[i, :3] = sway * amp * (1.0 + c.speech_boost * st.activity)
+            sway = sway * amp * (1.0 + c.speech_boost * st.activity)
+            head[i, :3] = sway[:3]
             head[i, 3] = st.nod
+            head[i, 4] = sway[3]
 
             if st.blink_pos < 0 and st.frame >= st.next_blink:
                 st.blink_pos = 0

@@ -3,8 +3,9 @@
 Every output pixel samples the portrait at a position given in closed form (a backward map, so no
 holes and no seams), built from three parts that act on their own regions:
 
-* head: a rigid motion (translation, roll about the neck, nod) weighted by a soft ellipse around the
-  head, so the head moves and the background beyond the ellipse stays exactly put;
+* head: a rigid motion (translation, roll about the neck, nod, and a slight turn that shifts the
+  middle of the face against its outline) weighted by a soft ellipse around the head, so the head
+  moves and the background beyond the ellipse stays exactly put;
 * mouth: the lower lip and jaw slide down from the line where the lips meet (the only cut in the field);
   the lower lip keeps the shape of a lens between the mouth corners and blends into a rigid jaw
   further down, the upper lip lifts a little, the corners move in (rounded) or out (spread); the gap
@@ -57,6 +58,7 @@ class FrameParams:
     ty: float = 0.0
     roll: float = 0.0     # radians
     nod: float = 0.0      # face widths, positive: chin down
+    yaw: float = 0.0      # face widths the nose shifts sideways against the face outline (a slight turn)
 
 
 def _smoothstep(t: np.ndarray) -> np.ndarray:
@@ -194,6 +196,9 @@ class FaceWarper:
         # nods move the chin more than the forehead: reads as pitch rather than a slide
         self.nod_weight = (self.head_weight * np.clip(0.55 + 0.45 * nv / eye_to_chin, 0.25, 1.2)).astype(np.float32)
         self.pivot = lm[8] + 0.3 * fw * self.ey
+        # a turn, in 2D: the middle of the face (nose, mouth, eyes) shifts more than its outline
+        yu, yv = self._to_local(np.stack([self.grid_x, self.grid_y], -1), lm[30])
+        self.yaw_weight = (self.head_weight * np.exp(-(yu / (0.32 * fw)) ** 2 - (yv / (0.5 * fw)) ** 2)).astype(np.float32)
         # the mouth and eye regions are edited inside the head map: keep them within it
         self.mouth_roi = _intersect(self.mouth_roi, self.head_roi)
         self.eyes = [e[:4] + (_intersect(e[4], self.head_roi),) for e in self.eyes]
@@ -254,8 +259,9 @@ class FaceWarper:
         nod = p.nod * fw
         # backward map of a small motion: sample where the content came from
         coarse = np.empty(self.grid_x.shape + (2,), np.float32)
-        coarse[..., 0] = -(self.head_weight * fx + self.nod_weight * nod * self.ey[0])
-        coarse[..., 1] = -(self.head_weight * fy + self.nod_weight * nod * self.ey[1])
+        yaw = p.yaw * fw
+        coarse[..., 0] = -(self.head_weight * fx + self.nod_weight * nod * self.ey[0] + self.yaw_weight * yaw * self.ex[0])
+        coarse[..., 1] = -(self.head_weight * fy + self.nod_weight * nod * self.ey[1] + self.yaw_weight * yaw * self.ex[1])
         dense = cv2.resize(coarse, self.roi_shape[::-1], interpolation=cv2.INTER_LINEAR)
         return self.base_x + dense[..., 0], self.base_y + dense[..., 1]
 
