@@ -85,6 +85,9 @@ class Trainer:
         self.n = cfg.data.motion_frames or mcfg.motion_frames
         from emo_stream.training.dataset_layout import read_info
 
+        for root in cfg.data.root:
+            if not Path(root).is_dir():
+                raise ConfigError(f"dataset folder not found: {root} (data.root in {cfg.source})")
         self.size = ma.model_size(self.model, cfg.data.size or read_info(Path(cfg.data.root[0])).size)
         trainable = ma.set_trainable(self.model, cfg.trainable)
         if not trainable:
