@@ -111,6 +111,8 @@ class EmoDataset(torch.utils.data.Dataset):
         self.f, self.n = clip_frames, motion_frames
         self.left, self.right = audio_left_frames, audio_right_frames
         self.motion_drop = motion_drop
+        # cached audio features are used only when every clip has them (a batch must be uniform)
+        self.use_features = all(r.audio_features for _, r in self.store.records)
         need = 2 if mode == "image" else self.f + 1
         self.usable = [i for i, (_, r) in enumerate(self.store.records) if r.frames >= need]
         if not self.usable:
@@ -147,7 +149,7 @@ class EmoDataset(torch.utils.data.Dataset):
         item = {"reference": reference, "motion": motion, "frames": _to_tensor(clip.frames[s:s + f], self.size),
                 "has_motion": torch.tensor(has_motion), "mask": _mask(clip.boxes[s:s + f], src, self.size),
                 "audio": torch.from_numpy(audio), "speed": torch.from_numpy(clip.speed[s:s + f].copy())}
-        if clip.features is not None:
+        if self.use_features and clip.features is not None:
             item["audio_features"] = torch.from_numpy(np.ascontiguousarray(clip.features[s:s + f]))
         return item
 

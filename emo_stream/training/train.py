@@ -61,7 +61,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: str | None = "auto", progress: bool = True):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
         from emo_stream.training import model_adapter as ma
         from emo_stream.training.data import EmoDataset, StepSampler
@@ -75,7 +75,10 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum, cpu=cpu,
             log_with=log_with, project_config=ProjectConfiguration(project_dir=str(self.out),
-                                                                   logging_dir=str(self.out / "tb")))
+                                                                   logging_dir=str(self.out / "tb")),
+            # the ReferenceNet's last layers feed nothing (only its inner features are read), and stage 1
+            # has no audio: some trainable parameters get no gradient in some stages
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         acc = self.accelerator
         torch.manual_seed(t.seed)
 
@@ -242,6 +245,11 @@ class Trainer:
             acc.init_trackers("emo", config={"stage": self.cfg.stage, "lr": t.lr, "batch_size": t.batch_size})
         csv_path = self.out / "loss.csv"
         new_csv = not csv_path.is_file() or self.step == 0
+        if not new_csv and acc.is_main_process:
+            # rows logged after the checkpoint we resumed from are about to be redone: drop them
+            rows = csv_path.read_text().splitlines()
+            kept = rows[:1] + [r for r in rows[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= self.step]
+            csv_path.write_text("\n".join(kept) + "\n")
         csv_file = open(csv_path, "w" if new_csv else "a", newline="") if acc.is_main_process else None
         writer = csv.writer(csv_file) if csv_file else None
         if writer and new_csv:
