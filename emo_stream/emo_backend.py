@@ -163,7 +163,12 @@ class EmoBackend:
              steps: int | None = None, guidance: float | None = None, decoder: str | None = None,
              dtype: Any = None, **options: Any) -> "EmoBackend":
         """Build the backend from a preset name, a checkpoint folder or an init YAML (see load_model)."""
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError:
+            raise ConfigError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but CUDA is not available here (use --device cpu)")
         m = load_model(model, device=dev, dtype=_parse_dtype(dtype, dev))
         unknown = set(options) - {"idle_steps", "face_analyzer", "scheduler"}
         if unknown:

@@ -134,6 +134,8 @@ class ReferenceAttnProcessor:
         if ref is None:
             return _DEFAULT(attn, hidden_states, None, attention_mask, temb)
         rows = hidden_states.shape[0]
+        if rows % ref.shape[0]:
+            raise ValueError(f"{self.name}: {rows} frames for {ref.shape[0]} reference rows (batch mismatch)")
         frames = rows // ref.shape[0]
         q = attn.to_q(hidden_states)
         # project the reference once per sample, then share it across that sample's frames
