@@ -166,3 +166,20 @@ def test_speed_from_head_poses():
     assert torch.allclose(speed, torch.tensor([2.0, 2.0, 2.0, 0.0, 0.0]), atol=1e-4)
     codes = speed_buckets(speed, torch.tensor([0.0, 2.0, 4.0]), torch.tensor([0.5, 0.5, 0.5]))
     assert codes.shape == (5, 3) and codes[0, 0] > 0.99 and abs(codes[0, 1]) < 1e-3 and codes[0, 2] < -0.99
+
+
+def test_training_stages_select_the_right_parts():
+    torch.manual_seed(0)
+    m = EmoModel.build("tiny")
+    try:
+        counts = {}
+        for stage in (1, 2, 3):
+            m.set_training_stage(stage)
+            counts[stage] = {EmoModel.parameter_group(n) for n, p in m.named_parameters() if p.requires_grad}
+        assert counts[1] == {"reference_net", "backbone_2d", "face_locator"}
+        assert counts[2] == counts[1] | {"temporal", "audio"}
+        assert counts[3] == {"temporal", "speed"}
+        groups = {EmoModel.parameter_group(n) for n, _ in m.named_parameters()}
+        assert groups == {"reference_net", "backbone_2d", "face_locator", "temporal", "audio", "speed", "frozen"}
+    finally:
+        m.requires_grad_(False)

@@ -224,9 +224,44 @@ class EmoModel(nn.Module):
             cond.audio_tokens = cond.audio_tokens * keep[:, None, None]
         return self.predict_noise(noisy_latents, timesteps, cond)
 
-    def new_parameter_prefixes(self) -> list[str]:
-        """Modules EMO adds on top of the pretrained parts (zero-initialised outputs where they touch them)."""
-        return ["audio_proj", "speed_encoder", "face_locator", ".attn2.processor.attn."]
+    @staticmethod
+    def parameter_group(name: str) -> str:
+        """Which part of EMO a parameter belongs to: reference_net, backbone_2d, temporal, audio, speed,
+        face_locator, or frozen (wav2vec2, VAE, TAESD)."""
+        if name.startswith(("audio_encoder.", "vae.", "taesd.")):
+            return "frozen"
+        if name.startswith("reference_net."):
+            return "reference_net"
+        if name.startswith("face_locator."):
+            return "face_locator"
+        if name.startswith("speed_encoder.") or (".motion_modules." in name and ".processor." in name):
+            return "speed"
+        if name.startswith("audio_proj.") or ".attn2.processor." in name:
+            return "audio"
+        if ".motion_modules." in name:
+            return "temporal"
+        return "backbone_2d"
+
+    STAGES = {1: ("reference_net", "backbone_2d", "face_locator"),
+              2: ("reference_net", "backbone_2d", "face_locator", "temporal", "audio"),
+              3: ("temporal", "speed")}
+
+    def set_training_stage(self, stage: int) -> list[torch.nn.Parameter]:
+        """EMO's three training stages: set requires_grad accordingly and return the trainable parameters.
+
+        1 images: ReferenceNet, backbone 2D, face locator; 2 video: + temporal modules and audio layers;
+        3: temporal modules and speed layers only. wav2vec2 and the VAEs never train.
+        """
+        if stage not in self.STAGES:
+            raise ValueError(f"stage must be 1, 2 or 3 (got {stage})")
+        groups = self.STAGES[stage]
+        params = []
+        for name, p in self.named_parameters():
+            train = self.parameter_group(name) in groups
+            p.requires_grad_(train)
+            if train:
+                params.append(p)
+        return params
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
