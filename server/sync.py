@@ -259,9 +259,10 @@ class Playout:
         """Interrupt: the frame being waited on (fetched before the clear) is released silent, and
         an utterance in progress is reported finished with interrupted=True."""
         self._clear_pending = True
-        for sub in self._subs:
-            if sub.audio is not None:
-                sub.audio.clear()
+        for sub in self._subs:  # what viewers have not taken yet is stale speech: drop it
+            for q in (sub.frames, sub.audio):
+                if q is not None and hasattr(q, "clear"):
+                    q.clear()
         if self._in_segment:
             self._finish_segment(interrupted=True)
 
