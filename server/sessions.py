@@ -236,7 +236,6 @@ class SessionManager:
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
             now = self.clock.now()
-            idle = [s for s in self.all() if now - s.last_input > timeout]
-            for s in idle:
-                await self.close(s, f"idle for {timeout:g} s")
-            del idle  # hold no closed session between rounds
+            for session in [s for s in self.all() if now - s.last_input > timeout]:
+                await self.close(session, f"idle for {timeout:g} s")
+            session = None  # hold no closed session between rounds
