@@ -80,7 +80,7 @@ def load_model(model: str | Path, device: torch.device | None = None, dtype: tor
     """Preset name (random weights, seeded), checkpoint folder (from_pretrained) or init YAML -> EmoModel.
 
     An init YAML names pretrained folders:  {preset: sd15, sd15: DIR, wav2vec2: DIR, motion_adapter: DIR,
-    taesd: DIR}.
+    taesd: DIR, vae: DIR} (paths relative to the YAML file; the last three optional).
     """
     spec = str(model)
     path = Path(spec).expanduser()
@@ -101,13 +101,16 @@ def load_model(model: str | Path, device: torch.device | None = None, dtype: tor
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict) or "sd15" not in data or "wav2vec2" not in data:
             raise ConfigError(f"{path}: an init file needs keys sd15 and wav2vec2 (folders), optionally "
-                              f"preset, motion_adapter, taesd")
+                              f"preset, motion_adapter, taesd, vae")
         from emo_stream.models.init_weights import init_from_folders
 
         base = path.parent
         folder = lambda key: (base / data[key]) if data.get(key) else None  # noqa: E731 (paths relative to the file)
+        unknown = set(data) - {"preset", "sd15", "wav2vec2", "motion_adapter", "taesd", "vae"}
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
         m = init_from_folders(data.get("preset", "sd15"), sd15=folder("sd15"), wav2vec2=folder("wav2vec2"),
-                              motion_adapter=folder("motion_adapter"), taesd=folder("taesd"))
+                              motion_adapter=folder("motion_adapter"), taesd=folder("taesd"), vae=folder("vae"))
     else:
         raise WeightsError(f"model not found: {spec} (give a preset: {', '.join(PRESETS)}; a checkpoint folder "
                            f"with {CONFIG_FILE}; or an init .yaml)")

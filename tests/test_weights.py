@@ -61,9 +61,12 @@ def test_init_from_folders_loads_every_part(folders, caplog):
 def test_init_yaml_through_the_backend(folders, tmp_path):
     spec = tmp_path / "init.yaml"
     spec.write_text(yaml.safe_dump({"preset": "tiny", "sd15": str(folders / "sd"), "wav2vec2": str(folders / "w2v"),
-                                    "motion_adapter": str(folders / "motion")}))
+                                    "motion_adapter": str(folders / "motion"), "vae": str(folders / "sd" / "vae")}))
     backend = EmoBackend.load(str(spec), size=64, steps=1)
     assert backend.model.taesd is not None and backend.steps == 1
+    spec.write_text(yaml.safe_dump({"sd15": "a", "wav2vec2": "b", "text_encoder": "c"}))
+    with pytest.raises(ConfigError, match="text_encoder"):
+        EmoBackend.load(str(spec), size=64)
 
 
 def test_wrong_and_missing_folders(folders, tmp_path):

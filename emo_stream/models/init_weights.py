@@ -1,6 +1,7 @@
 """Initialising EMO from pretrained folders a user downloaded (nothing is ever downloaded here).
 
     init_from_folders(config, sd15="models/stable-diffusion-v1-5",        # diffusers folder: unet/, vae/
+                      vae="models/sd-vae-ft-mse",                         # optional, replaces sd15's vae/
                       wav2vec2="models/wav2vec2-base-960h",               # transformers folder
                       motion_adapter="models/animatediff-motion-adapter-v1-5-2",  # optional diffusers folder
                       taesd="models/taesd")                               # optional diffusers folder
@@ -185,9 +186,12 @@ def load_wav2vec2(folder: str | Path, config: EmoConfig) -> AudioEncoder:
 
 
 def init_from_folders(config: EmoConfig | str, sd15: str | Path, wav2vec2: str | Path,
-                      motion_adapter: str | Path | None = None, taesd: str | Path | None = None):
+                      motion_adapter: str | Path | None = None, taesd: str | Path | None = None,
+                      vae: str | Path | None = None):
     """Build an EmoModel from pretrained parts. Parameters not covered by any folder are newly initialised
-    (random, with zero outputs where they feed pretrained layers) and logged."""
+    (random, with zero outputs where they feed pretrained layers) and logged.
+
+    vae: an AutoencoderKL folder (e.g. sd-vae-ft-mse) used instead of the SD1.5 folder's vae/."""
     from emo_stream.models.emo_model import EmoModel
 
     if isinstance(config, str):
@@ -196,11 +200,12 @@ def init_from_folders(config: EmoConfig | str, sd15: str | Path, wav2vec2: str |
     if not sd15.is_dir():
         raise WeightsError(f"SD1.5 folder not found: {sd15}")
     unet = load_unet2d(sd15, config)
-    vae = load_vae(sd15, config)
+    vae_model = load_vae(vae if vae else sd15, config)
     adapter = load_motion_adapter(motion_adapter, config) if motion_adapter else None
     tiny = load_taesd(taesd, config) if taesd else None
     audio = load_wav2vec2(wav2vec2, config)
-    model = EmoModel.build(config, unet2d=unet, motion_adapter=adapter, audio_encoder=audio, vae=vae, taesd=tiny)
+    model = EmoModel.build(config, unet2d=unet, motion_adapter=adapter, audio_encoder=audio, vae=vae_model,
+                           taesd=tiny)
     fresh = newly_initialised(model, adapter_loaded=adapter is not None, taesd_loaded=tiny is not None)
     for group, count in fresh.items():
         log.info("newly initialised: %s (%d parameters)", group, count)
