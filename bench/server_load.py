@@ -307,7 +307,17 @@ def main() -> None:
         time.sleep(1.0)  # let start-up work settle before the baseline
         rss_before = proc_rss_mb(proc.pid)
         cpu0, wall0 = proc_cpu_seconds(proc.pid), time.monotonic()
+        timeline: list[float] = []
+        sampling = threading.Event()
+
+        def sample() -> None:  # RSS while streaming: must level off, not climb with time
+            while not sampling.wait(5.0):
+                timeline.append(round(proc_rss_mb(proc.pid), 1))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         sessions = asyncio.run(run_bots(url, args))
+        sampling.set()
         cpu1, wall1 = proc_cpu_seconds(proc.pid), time.monotonic()
         rss_loaded = proc_rss_mb(proc.pid)
         time.sleep(2.0)
@@ -340,6 +350,7 @@ def main() -> None:
         "server_cpu_cores_used": round((cpu1 - cpu0) / (wall1 - wall0), 2),
         "rss_mb_before": round(rss_before, 1),
         "rss_mb_under_load": round(rss_loaded, 1),
+        "rss_mb_every_5s_first_round": timeline,
         "rss_mb_after_close": round(rss_after, 1),
         "rss_mb_after_each_round": rss_rounds,
         "load_average_before": round(load_before, 2),

@@ -143,6 +143,18 @@ def test_talk_page_round_trip(server_url, browser, tmp_path):
     assert stats["audio"]["totalSamplesReceived"] > 48000
     assert stats["audio"]["totalAudioEnergy"] > 0  # the mic's speech comes back, not silence
 
+    # lip sync as the browser plays it: both tracks' estimated playout positions (sender clock) agree
+    # within a couple of frames (each reading is only as fine as one video frame, 40 ms)
+    offsets = []
+    for _ in range(5):
+        now = page.evaluate(INBOUND)
+        a, v = now["audio"].get("estimatedPlayoutTimestamp"), now["video"].get("estimatedPlayoutTimestamp")
+        if a and v:
+            offsets.append(a - v)
+        page.wait_for_timeout(200)
+    if offsets:
+        assert abs(sorted(offsets)[len(offsets) // 2]) < 80, offsets
+
     # the server's live stats reach the page
     page.wait_for_function("() => window.emo.stats && window.emo.stats.playout.frames > 0", timeout=5000)
     assert page.locator("#latency").inner_text() != "-"
