@@ -81,7 +81,7 @@ class StreamServer:
             host = f"[{host}]"
         elif host in ("0.0.0.0", ""):
             host = "127.0.0.1"
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.config.tls else 'http'}://{host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -133,6 +133,15 @@ class StreamServer:
 
     async def _listen(self) -> Server:
         cfg = self.config
+        ssl_context = None
+        if cfg.tls:
+            import ssl
+
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                ssl_context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(f"cannot use tls_cert/tls_key: {exc}") from None
         return await serve(
             self._handle, cfg.host, cfg.port,
             process_request=HttpRoutes(self),
@@ -142,6 +151,7 @@ class StreamServer:
             ping_timeout=cfg.keepalive.ping_timeout_s,
             compression=None,  # audio and JPEG do not compress; save the CPU
             server_header="emo-stream",
+            ssl=ssl_context,
         )
 
     async def _handle(self, ws: ServerConnection) -> None:

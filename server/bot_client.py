@@ -71,9 +71,11 @@ class BotClient:
     (events, frames) is queued for receive() in arrival order (bounded: a bot that stops reading
     makes the server drop frames, never events)."""
 
-    def __init__(self, url: str, token: str | None = None, inbox: int = 256, decode: bool = True):
+    def __init__(self, url: str, token: str | None = None, inbox: int = 256, decode: bool = True,
+                 ssl: Any = None):
         self.url = ws_url(url)
         self.decode = decode
+        self.ssl = ssl  # an ssl.SSLContext for wss:// with a private CA or self-signed certificate
         self.token = token
         self.ws: ClientConnection | None = None
         self.session: dict | None = None
@@ -92,8 +94,9 @@ class BotClient:
     async def connect(self) -> None:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         try:
+            extra = {"ssl": self.ssl} if self.ssl is not None and self.url.startswith("wss:") else {}
             self.ws = await connect(self.url, additional_headers=headers, max_size=16 * 1024 * 1024,
-                                    compression=None, open_timeout=10)
+                                    compression=None, open_timeout=10, **extra)
         except OSError as exc:
             raise BotError(f"cannot connect to {self.url}: {exc}", "connect") from None
         except Exception as exc:  # HTTP 401/403 and other handshake refusals

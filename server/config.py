@@ -66,6 +66,8 @@ class ServerConfig:
     port: int = 8080
     token: str | None = None
     public_url: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
     backend: str | None = "preview"
     model: str | None = None
     avatar: str | None = None
@@ -81,6 +83,10 @@ class ServerConfig:
     @property
     def loopback(self) -> bool:
         return is_loopback(self.host)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
 
     @property
     def auth_required(self) -> bool:
@@ -101,6 +107,12 @@ class ServerConfig:
             raise ConfigError(f"size must be an even number of pixels in 16..2048: got {self.size}")
         if self.fps <= 0 or 16000 % self.fps or 90000 % self.fps or 48000 % self.fps:
             raise ConfigError(f"fps must divide 16000, 48000 and 90000 (e.g. 25, 20, 10): got {self.fps}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together: give both (PEM files) or neither")
+        for name in ("tls_cert", "tls_key"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"{name}: file not found: {value}")
         if self.token is not None and len(self.token) < 8:
             raise ConfigError("token must be at least 8 characters")
         for section in (self.sessions, self.engine, self.limits, self.playout, self.keepalive):

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-sessions", type=int, default=None, help="concurrent sessions (default from config)")
     parser.add_argument("--segment-frames", type=int, default=None,
                         help="frames generated per step: lower is less latency, higher is more context/throughput")
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve https/wss (with --tls-key)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     parser.add_argument("--token", default=None, help="access token for pages and API")
     parser.add_argument("--virtual-camera", action="store_true",
                         help="also send the latest session's video to a virtual camera (pyvirtualcam)")
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("aioice").setLevel(logging.WARNING)
 
     config = load_config(args.config, host=args.host, port=args.port, backend=args.backend, model=args.model,
-                         avatar=args.avatar, size=args.size, device=args.device, token=args.token)
+                         avatar=args.avatar, size=args.size, device=args.device, token=args.token,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key)
     if args.max_sessions is not None:
         if args.max_sessions < 1:
             from emo_stream.errors import ConfigError
@@ -68,8 +71,9 @@ async def _serve(config, virtual_camera: bool) -> int:
     print(f"emo-stream serving on {server.url}  (backend {server.backend_name}; OBS viewer: "
           f"{server.viewer_url('latest')}; health: {server.base_url}/healthz)", flush=True)
     if not config.loopback:
-        print(f"  bound to {config.host}: pages and API need the token shown in the URL above. Browsers only allow "
-              "the microphone on https:// or localhost: put an HTTPS reverse proxy in front for remote use.",
+        hint = "" if config.tls else (" Browsers only allow the microphone on https:// or localhost: use "
+                                      "--tls-cert/--tls-key or an HTTPS reverse proxy for remote use.")
+        print(f"  bound to {config.host}: pages and API need the token shown in the URL above.{hint}",
               file=sys.stderr, flush=True)
     try:
         await stop.wait()

@@ -256,3 +256,36 @@ async def test_unusable_sdp_offer_is_a_clear_error_and_frees_the_slot(server):
         with pytest.raises(BotError, match="no such session"):
             await bot.request({"type": "view", "session": "latest", "webrtc": {"type": "offer", "sdp": "v=0\r\n"}})
         assert (await bot.request({"type": "ping"}))["type"] == "pong"
+
+
+async def test_https_and_wss_with_a_certificate(tmp_path):
+    import shutil
+    import ssl
+    import subprocess
+
+    from server.bot_client import BotClient
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    srv = StreamServer(load_config(None, port=0, size=64, tls_cert=str(cert), tls_key=str(key)), engine=FakeEngine())
+    await srv.start()
+    try:
+        assert srv.url.startswith("https://")
+        ctx = ssl.create_default_context(cafile=str(cert))
+
+        def fetch():
+            with urllib.request.urlopen(srv.base_url + "/healthz", context=ctx, timeout=5) as r:
+                return json.loads(r.read())
+
+        assert (await asyncio.to_thread(fetch))["status"] == "ok"
+        async with BotClient(srv.base_url, ssl=ctx) as bot:
+            info = await bot.start(frames="none")
+            assert info["viewer_url"].startswith("https://")
+    finally:
+        await srv.stop()
+    with pytest.raises(ConfigError, match="go together"):
+        load_config(None, tls_cert=str(cert))
