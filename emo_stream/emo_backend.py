@@ -19,7 +19,7 @@ Not thread-safe: one call at a time per backend (the engine serialises model wor
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ class EmoState:
     motion_latents: torch.Tensor | None = None   # (1, 4, n, h, w) last n generated frames' latents
     frames_done: int = 0
     speed: float | None = None                   # head-speed control; None: the model's default
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _parse_dtype(dtype: Any, device: torch.device) -> torch.dtype:
