@@ -43,7 +43,7 @@ def _image(seed: int = 0, size: int = 96) -> np.ndarray:
 def live_backend() -> EmoBackend:
     torch.manual_seed(0)
     model = liven_new_layers(EmoModel.build("tiny").eval(), std=0.1)
-    return EmoBackend(model, size=SIZE, steps=2, face_analyzer=StubFaces())
+    return EmoBackend(model, size=SIZE, steps=2, guidance=1.0, face_analyzer=StubFaces())  # no CFG: half the cost
 
 
 def _job(backend, avatar, state, audio, start=6400, frames=6, speech=True):
@@ -63,7 +63,7 @@ def test_backend_protocol_and_attributes(live_backend):
 
 
 def test_generate_file_frame_count_and_sync(speech_wav, tmp_path):
-    backend = EmoBackend.load("tiny", size=SIZE, steps=2, face_analyzer=StubFaces())
+    backend = EmoBackend.load("tiny", size=SIZE, steps=2, guidance=1.0, face_analyzer=StubFaces())
     img = tmp_path / "portrait.png"
     Image.fromarray(_image()).save(img)
     out = tmp_path / "out.mp4"
@@ -77,7 +77,7 @@ def test_generate_file_frame_count_and_sync(speech_wav, tmp_path):
 
 def test_cli_generate_real_portrait(portrait_path, speech_wav, tmp_path, capsys):
     out = tmp_path / "cli.mp4"
-    rc = cli_main(["generate", "--backend", "emo", "--model", "tiny", "--size", str(SIZE), "--steps", "1",
+    rc = cli_main(["generate", "--backend", "emo", "--model", "tiny", "--size", str(SIZE), "--steps", "1", "--guidance", "1",
                    "--image", str(portrait_path), "--audio", str(speech_wav), "--out", str(out), "--no-progress"])
     assert rc == 0
     d = probe_durations(out)
@@ -157,6 +157,7 @@ def test_idle_is_cheaper_and_keeps_moving(live_backend, monkeypatch):
                         lambda x, t, c: calls.append(x.shape[0]) or original(x, t, c))
     avatar = live_backend.prepare_avatar(_image())
     state = live_backend.new_state(avatar, 0)
+    monkeypatch.setattr(live_backend, "guidance", 2.0)
     live_backend.generate([_job(live_backend, avatar, state, np.zeros(16000, np.float32))])
     speech_cost, calls[:] = sum(calls), []
     clips = [live_backend.generate([_job(live_backend, avatar, state, None, speech=False)])[0]]
@@ -189,7 +190,7 @@ def test_cli_errors_are_one_line(case, speech_wav, tmp_path, capsys):
         audio.write_bytes(np.random.default_rng(0).integers(0, 255, 5000, dtype=np.uint8).tobytes())
     elif case == "no_model":
         model = str(tmp_path / "no-such-checkpoint")
-    rc = cli_main(["generate", "--backend", "emo", "--model", model, "--size", str(SIZE), "--steps", "1",
+    rc = cli_main(["generate", "--backend", "emo", "--model", model, "--size", str(SIZE), "--steps", "1", "--guidance", "1",
                    "--image", str(img), "--audio", str(audio), "--out", str(tmp_path / "x.mp4"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0
@@ -211,6 +212,7 @@ def test_sampler_with_an_oracle_denoiser_recovers_the_target(live_backend, speec
         return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
     monkeypatch.setattr(live_backend.model, "predict_noise", oracle)
+    monkeypatch.setattr(live_backend, "guidance", 3.0)  # exercise the guidance arithmetic too
     audio = _speech(speech_16k)
     jobs = [_job(live_backend, a, live_backend.new_state(a, i), audio) for i, a in enumerate(avatars)]
     latents = live_backend.denoise(jobs)
