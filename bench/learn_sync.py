@@ -64,13 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=15.0, help="total budget (data, training, evaluation)")
     p.add_argument("--out", default="/tmp/emo_learn_sync")
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--clips", type=int, default=32)
+    p.add_argument("--clips", type=int, default=24)
     p.add_argument("--identities", type=int, default=4)
     p.add_argument("--eval-identities", type=int, default=2, help="identities generated at evaluation")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--sample-steps", type=int, default=10)
     p.add_argument("--eval-seconds", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--motion-noise", type=float, default=0.3, help="stage 2 train.motion_noise")
+    p.add_argument("--motion-drop", type=float, default=0.3, help="stage 2 data.motion_drop")
+    p.add_argument("--vae-steps", type=int, default=250)
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -91,16 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     common = {"data": {"root": str(data)}, "model": {"options": {"seed": args.seed}}}
     cfg1 = config_from_dict({**common, "stage": 1, "model": {"init": "tiny", "options": {"seed": args.seed}},
                              "train": {"output_dir": str(out / "stage1"), "max_steps": 2000, "batch_size": 8,
-                                       "lr": 1e-3, "vae_steps": 300, "checkpoint_every": 500, "log_every": 10,
+                                       "lr": 1e-3, "vae_steps": args.vae_steps, "checkpoint_every": 500, "log_every": 10,
                                        "max_minutes": s1_minutes, "seed": args.seed}}, source="learn_sync stage 1")
     t1 = time.monotonic()
     r1 = train(cfg1, resume=None, progress=False)
     t_s1 = time.monotonic() - t1
     s2_minutes = max(0.5, args.minutes - (time.monotonic() - t_start) / 60 - eval_reserve)
-    cfg2 = config_from_dict({**common, "stage": 2, "model": {"init": r1["final"]},
+    cfg2 = config_from_dict({"data": {"root": str(data), "motion_drop": args.motion_drop}, "stage": 2,
+                             "model": {"init": r1["final"]},
                              "train": {"output_dir": str(out / "stage2"), "max_steps": 100000, "batch_size": 4,
                                        "lr": 1e-3, "trainable": ["temporal", "audio", "backbone"],
-                                       "cond_drop": 0.1, "checkpoint_every": 100000, "log_every": 10,
+                                       "cond_drop": 0.1, "motion_noise": args.motion_noise, "checkpoint_every": 100000, "log_every": 10,
                                        "max_minutes": s2_minutes, "seed": args.seed}}, source="learn_sync stage 2")
     t2 = time.monotonic()
     r2 = train(cfg2, resume=None, progress=False)
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.threads}; shared with other work: load average {os.getloadavg()[0]:.1f} at the end)",
         "torch": torch.__version__,
         "size": args.size, "clips": args.clips, "identities": args.identities,
+        "stage2_options": {"motion_noise": args.motion_noise, "motion_drop": args.motion_drop,
+                           "trainable": ["temporal", "audio", "backbone"], "batch_size": 4, "lr": 1e-3},
         "eval": {"speech_seconds": args.eval_seconds, "held_out": True, "sampling_steps": args.sample_steps,
                  "measure": "Pearson r, mouth darkness in the synthetic mouth region vs per-frame RMS envelope"},
         "r_untrained": res["untrained"]["r"], "r_stage1_only": res["stage1_only"]["r"], "r_trained": res["trained"]["r"],

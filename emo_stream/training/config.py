@@ -75,7 +75,9 @@ class TrainSection:
     vae_steps: int = 0                    # fit the VAE first (only for models whose VAE is random: tiny)
     vae_batch_size: int = 16
     trainable: list[str] | None = None    # override the stage's parameter groups
-    cond_drop: float = 0.05               # drop audio (and reference) conditioning, for classifier-free guidance
+    cond_drop: float = 0.05               # drop audio conditioning, for classifier-free guidance
+    motion_noise: float = 0.0             # std of noise added to motion-frame latents: at inference the motion
+                                          # frames are the model's own (imperfect) output, so errors do not pile up
     device: str | None = None             # only without accelerate launch; default cuda if available
 
 
@@ -107,6 +109,7 @@ class TrainConfig:
         need(t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "checkpoint_every/keep_checkpoints must be >= 1")
         need(t.vae_steps >= 0 and t.vae_batch_size >= 1, "train.vae_steps >= 0, train.vae_batch_size >= 1")
         need(t.log_every >= 1 and t.sample_every >= 0, "log_every must be >= 1, sample_every >= 0")
+        need(t.motion_noise >= 0, "train.motion_noise must be >= 0")
         need(0 <= t.cond_drop < 1 and 0 <= d.motion_drop <= 1, "cond_drop and motion_drop must be in [0, 1)")
         need(d.clip_frames is None or d.clip_frames >= 1, "data.clip_frames must be >= 1")
         need(d.motion_frames is None or d.motion_frames >= 1, "data.motion_frames must be >= 1")
@@ -152,7 +155,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", base_dir: Pat
             value["root"] = [str(r) for r in (roots if isinstance(roots, list) else [roots])]
         if key == "train" and "adam_betas" in value:
             value["adam_betas"] = tuple(value["adam_betas"])
-        for num in ("lr", "max_minutes", "weight_decay", "ema_decay", "max_grad_norm", "cond_drop", "motion_drop"):
+        for num in ("lr", "max_minutes", "motion_noise", "weight_decay", "ema_decay", "max_grad_norm", "cond_drop", "motion_drop"):
             if isinstance(value.get(num), str):
                 try:
                     value[num] = float(value[num])  # PyYAML reads 1e-5 as a string

@@ -119,8 +119,9 @@ class TrainingModule(nn.Module):
     """EmoModel + its noise schedule -> the loss of one batch. Wrapped by accelerate (DDP) as a whole,
     so every trainable parameter is reached through this module's forward."""
 
-    def __init__(self, model, stage: int):
+    def __init__(self, model, stage: int, motion_noise: float = 0.0):
         super().__init__()
+        self.motion_noise = motion_noise
         from diffusers import DDPMScheduler
 
         self.model = model
@@ -173,6 +174,8 @@ class TrainingModule(nn.Module):
         noise = torch.randn(clean.shape, generator=generator).to(clean.device)
         t = torch.randint(0, len(self.alphas_cumprod), (b,), generator=generator).to(clean.device)
         drop = (torch.rand(b, generator=generator) < cond_drop).to(clean.device)
+        if motion is not None and self.motion_noise:
+            motion = motion + self.motion_noise * torch.randn(motion.shape, generator=generator).to(motion.device)
         if self.stage == 1:
             drop = torch.ones_like(drop)
         a = self.alphas_cumprod[t].view(b, 1, 1, 1, 1)

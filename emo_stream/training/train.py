@@ -78,7 +78,8 @@ class Trainer:
                                                                    logging_dir=str(self.out / "tb")),
             # the ReferenceNet's last layers feed nothing (only its inner features are read), and stage 1
             # has no audio: some trainable parameters get no gradient in some stages
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+            kwargs_handlers=[DistributedDataParallelKwargs(
+                find_unused_parameters="referencenet" in cfg.trainable or cfg.stage == 1)])
         acc = self.accelerator
         torch.manual_seed(t.seed)
 
@@ -95,10 +96,10 @@ class Trainer:
         trainable = ma.set_trainable(self.model, cfg.trainable)
         if not trainable:
             raise ConfigError(f"{cfg.source}: nothing to train: groups {cfg.trainable} have no parameters")
-        self.trainable_names = sorted(trainable)
+        self.trainable_groups = sorted(cfg.trainable)
         if t.gradient_checkpointing:
             ma.enable_gradient_checkpointing(self.model)
-        self.module = ma.TrainingModule(self.model, stage=cfg.stage)
+        self.module = ma.TrainingModule(self.model, stage=cfg.stage, motion_noise=t.motion_noise)
         params = [p for p in self.model.parameters() if p.requires_grad]
         log.info("stage %d: training %s (%.2fM parameters)", cfg.stage, ", ".join(cfg.trainable),
                  sum(p.numel() for p in params) / 1e6)
@@ -160,7 +161,7 @@ class Trainer:
             raise ConfigError(f"checkpoint {ckpt} is from stage {state.get('stage')}, not stage {self.cfg.stage}: "
                               f"use another train.output_dir (and model.init: {self.out / FINAL} to start "
                               f"the next stage from this one)")
-        if state.get("trainable") != self.trainable_names:
+        if state.get("trainable") != self.trainable_groups:
             raise ConfigError(f"checkpoint {ckpt} trained other parameter groups; use another output_dir")
         self.accelerator.load_state(str(ckpt))
         self.step, self.micro = int(state["step"]), int(state["micro_step"])
@@ -177,7 +178,7 @@ class Trainer:
         if acc.is_main_process:
             (ckpt / "trainer.json").write_text(json.dumps(
                 {"step": self.step, "micro_step": self.micro, "stage": self.cfg.stage,
-                 "trainable": self.trainable_names, "processes": acc.num_processes,
+                 "trainable": self.trainable_groups, "processes": acc.num_processes,
                  "vae_scaling_factor": float(self.model.vae.config.scaling_factor)}, indent=2))
             old = sorted((self.out / CHECKPOINTS).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
             for stale in old[:-self.cfg.train.keep_checkpoints]:
@@ -271,12 +272,15 @@ class Trainer:
                     self.ema.step([p for p in acc.unwrap_model(self.module).model.parameters() if p.requires_grad])
                 mean = float(np.mean(window))
                 window = []
+                log_now = self.step % t.log_every == 0 or self.step == t.max_steps
+                if log_now and acc.num_processes > 1:  # every process reaches this step: average their losses
+                    mean = float(acc.reduce(torch.tensor(mean, device=acc.device), reduction="mean"))
                 losses.append(mean)
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean:.4f}")
                 if not math.isfinite(mean):
                     raise EmoStreamError(f"loss is {mean} at step {self.step}: lower train.lr or use bf16/fp32")
-                if writer and (self.step % t.log_every == 0 or self.step == t.max_steps):
+                if writer and log_now:
                     lr = self.scheduler.get_last_lr()[0]
                     writer.writerow([self.step, f"{mean:.6f}", f"{lr:.3e}", f"{time.monotonic() - t0:.1f}"])
                     csv_file.flush()
