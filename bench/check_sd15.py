@@ -78,7 +78,8 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     ok = not any(report[p][k] for p in ("reference_net", "backbone_2d") for k in ("missing", "unexpected"))
-    return 0 if ok and report["reference_net"]["identical_weights"] and report["backbone_2d"]["identical_weights"] else 1
+    same = report["reference_net"]["identical_weights"] and report["backbone_2d"]["identical_weights"]
+    return 0 if ok and same else 1
 
 
 if __name__ == "__main__":

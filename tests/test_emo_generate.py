@@ -26,7 +26,8 @@ class StubFaces:
 
     def analyze(self, image):
         h, w = image.shape[:2]
-        return FaceInfo(box=np.array([w * .3, h * .25, w * .7, h * .7], np.float32), landmarks=np.zeros((68, 2), np.float32))
+        box = np.array([w * .3, h * .25, w * .7, h * .7], np.float32)
+        return FaceInfo(box=box, landmarks=np.zeros((68, 2), np.float32))
 
     def landmarks(self, image, box):
         return np.zeros((68, 2), np.float32)
@@ -77,8 +78,9 @@ def test_generate_file_frame_count_and_sync(speech_wav, tmp_path):
 
 def test_cli_generate_real_portrait(portrait_path, speech_wav, tmp_path, capsys):
     out = tmp_path / "cli.mp4"
-    rc = cli_main(["generate", "--backend", "emo", "--model", "tiny", "--size", str(SIZE), "--steps", "1", "--guidance", "1",
-                   "--image", str(portrait_path), "--audio", str(speech_wav), "--out", str(out), "--no-progress"])
+    rc = cli_main(["generate", "--backend", "emo", "--model", "tiny", "--size", str(SIZE), "--steps", "1",
+                   "--guidance", "1", "--image", str(portrait_path), "--audio", str(speech_wav), "--out", str(out),
+                   "--no-progress"])
     assert rc == 0
     d = probe_durations(out)
     assert abs(d["video_s"] - d["audio_s"]) <= 0.05 and d["frames"] > 25
@@ -190,8 +192,9 @@ def test_cli_errors_are_one_line(case, speech_wav, tmp_path, capsys):
         audio.write_bytes(np.random.default_rng(0).integers(0, 255, 5000, dtype=np.uint8).tobytes())
     elif case == "no_model":
         model = str(tmp_path / "no-such-checkpoint")
-    rc = cli_main(["generate", "--backend", "emo", "--model", model, "--size", str(SIZE), "--steps", "1", "--guidance", "1",
-                   "--image", str(img), "--audio", str(audio), "--out", str(tmp_path / "x.mp4"), "--no-progress"])
+    rc = cli_main(["generate", "--backend", "emo", "--model", model, "--size", str(SIZE), "--steps", "1",
+                   "--guidance", "1", "--image", str(img), "--audio", str(audio), "--out", str(tmp_path / "x.mp4"),
+                   "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0
     assert err and err[-1].startswith("emo-stream generate: error:") and len(err[-1]) < 300

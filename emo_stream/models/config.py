@@ -124,7 +124,7 @@ class EmoConfig:
              f"(one stride-2 conv per VAE level), got {len(self.face_locator.channels)}")
         need(self.audio.window >= 0, "audio.window must be >= 0")
         need(self.sampling.steps >= 1 and self.sampling.idle_steps >= 1, "sampling steps must be >= 1")
-        need(self.sampling.decoder in ("vae", "taesd"), f"sampling.decoder must be vae or taesd")
+        need(self.sampling.decoder in ("vae", "taesd"), "sampling.decoder must be vae or taesd")
         need(self.sampling.decoder != "taesd" or self.taesd is not None, "decoder taesd needs a taesd section")
         need(self.sampling.scheduler in ("ddim", "lcm"), "sampling.scheduler must be ddim or lcm")
         return self
