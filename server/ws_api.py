@@ -134,6 +134,8 @@ class Connection:
         self.audio_q: asyncio.Queue[bytes] = asyncio.Queue(AUDIO_QUEUE_MESSAGES)
         self.viewing: list[tuple[ServerSession, Any]] = []
         self._request: str | None = None
+        self._session_gone = asyncio.Event()
+        self._ended_by_server = False
 
     # -- main loop -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -212,6 +214,8 @@ class Connection:
                                 "bad_state", "start")
         avatar = self.server.avatars.get(msg.avatar)
         session = await self.server.sessions.open(avatar, seed=msg.seed, kind="webrtc" if msg.webrtc else "ws")
+        self._session_gone = asyncio.Event()
+        self._ended_by_server = False
         self.session = session
         self.start_msg = msg
         session.add_listener(self._on_session_event)
@@ -294,12 +298,11 @@ class Connection:
             raise ProtocolError(f"{kind}: no session on this connection (send start first)", "bad_state", kind)
         if kind == "end_of_segment":
             if self.start_msg is not None and self.start_msg.audio is not None:
-                await self.audio_q.put(b"")  # in order after the audio already read
+                await self._enqueue(b"")  # in order after the audio already read
             else:
                 self.session.end_of_speech()
         elif kind == "clear":
-            while not self.audio_q.empty():
-                self.audio_q.get_nowait()
+            self._drain_audio()
             self.session.clear()
             self.send({"type": "cleared", "session": self.session.id})
         elif kind == "stop":
@@ -315,12 +318,29 @@ class Connection:
             self.send({"type": "avatar_ready", "avatar": avatar_id})
             return
         if self.session is None or self.start_msg is None or self.start_msg.audio is None:
+            if self._ended_by_server:
+                return  # audio already in flight when the server ended the session (session_ended says why)
             raise ProtocolError("binary messages are audio: send start with an audio format first "
                                 "(or an avatar message before image bytes)", "bad_state")
         fmt = self.start_msg.audio
         protocol.check_audio_chunk(data, fmt, self.cfg.limits.max_audio_chunk_bytes)
         self.session.received(len(data) / fmt.bytes_per_sample_frame / fmt.sample_rate)
-        await self.audio_q.put(data)  # waits when the engine is behind: TCP backpressure to the bot
+        await self._enqueue(data)
+
+    async def _enqueue(self, data: bytes) -> None:
+        """Queue audio for the feeder. When the engine is behind this waits, so the connection stops
+        reading and TCP pushes back on the bot; the wait ends early if the peer goes away (keepalive
+        notices within ~2 s even though nothing is read) or the session ends."""
+        if not self.audio_q.full():
+            self.audio_q.put_nowait(data)
+            return
+        waits = [asyncio.ensure_future(self.audio_q.put(data)), asyncio.ensure_future(self.ws.wait_closed()),
+                 asyncio.ensure_future(self._session_gone.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def _feed_audio(self, session: ServerSession, fmt: protocol.AudioFormat) -> None:
         while True:
@@ -329,7 +349,14 @@ class Connection:
                 session.end_of_speech()
                 continue
             pcm = np.frombuffer(data, dtype="<i2")
-            await session.push_audio(pcm, sample_rate=fmt.sample_rate, channels=fmt.channels)
+            if session.closed:
+                return
+            try:
+                await session.push_audio(pcm, sample_rate=fmt.sample_rate, channels=fmt.channels)
+            except EmoStreamError:
+                if session.closed or session.engine_session.closed:
+                    return  # closed while waiting for room: nothing to feed any more
+                raise
 
     async def _push_stats(self, session: ServerSession, interval: float) -> None:
         while True:
@@ -339,15 +366,25 @@ class Connection:
     # -- session events --------------------------------------------------------------------------
     def _on_session_event(self, event: dict) -> None:
         self.send(event)
+        if event.get("type") == "session_ended" and self.session is not None and event.get("session") == self.session.id:
+            # ended by the server (idle timeout, shutdown, failure): forget it and release a blocked reader
+            self.session, self.start_msg = None, None
+            self._ended_by_server = True
+            self._session_gone.set()
+            self._drain_audio()
         if event.get("type") == "error" and event.get("fatal") and self.session is not None:
             # the engine or playout failed for this session only: free its slot, keep the connection
             asyncio.get_running_loop().create_task(self._end_session("failed"))
 
+    def _drain_audio(self) -> None:
+        while not self.audio_q.empty():
+            self.audio_q.get_nowait()
+
     async def _end_session(self, reason: str) -> None:
         session, self.session = self.session, None
         self.start_msg = None
-        while not self.audio_q.empty():
-            self.audio_q.get_nowait()
+        self._session_gone.set()
+        self._drain_audio()
         if session is not None:
             await self.server.sessions.close(session, reason)
 

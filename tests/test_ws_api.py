@@ -291,3 +291,41 @@ async def test_bot_cli_records_an_mp4(server, speech_wav, tmp_path):
     seconds = len(load_audio(speech_wav)) / 16000
     assert abs(d["video_s"] - seconds) <= 0.04 + 1e-6
     assert abs(d["audio_s"] - d["video_s"]) < 0.05
+
+
+async def test_a_fast_bot_meets_backpressure(backend):
+    """Audio far ahead of playback is not read (TCP backpressure): what the server holds stays bounded,
+    and a bot that vanishes meanwhile is still noticed and cleaned up quickly."""
+    srv = StreamServer(load_config(None, port=0, size=SIZE, backend="preview"), backend=backend)
+    srv.config.engine.vad = False
+    srv.config.engine.input_seconds = 0.5
+    srv.config.engine.output_frames = 10
+    await srv.start()
+    try:
+        bot = BotClient(srv.base_url)
+        await bot.connect()
+        await bot.start(frames="none")
+        pcm = (np.sin(np.arange(16000 * 20) / 10) * 8000).astype(np.int16)
+
+        async def flood():
+            for i in range(0, len(pcm), 3200):
+                await bot.send_audio(pcm[i:i + 3200])
+
+        sender = asyncio.create_task(flood())
+        await asyncio.sleep(1.5)
+        session = srv.sessions.all()[0]
+        # read so far: engine input (0.5 s) and output (0.4 s) + the connection's 8 queued messages
+        # (1.6 s) + what played (1.5 s); the bot has sent 20 s
+        assert session.audio_seconds_in < 4.6
+        assert session.input_backlog_s() <= 0.5 + 0.2
+        sender.cancel()
+        bot.ws.transport.abort()  # the bot's network goes away while the server is not reading
+        for _ in range(60):
+            if len(srv.sessions) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert len(srv.sessions) == 0
+        await asyncio.gather(sender, return_exceptions=True)
+        await bot.close()
+    finally:
+        await srv.stop()
