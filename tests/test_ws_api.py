@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from server.app import StreamServer
-from server.bot_client import BotClient, BotError, ReceivedFrame, stream_file
+from server.bot_client import BotClient, BotError, ReceivedFrame
 from server.config import load_config
 
 SIZE = 64
