@@ -36,7 +36,7 @@ class _Session:
     async def frames(self):
         k = 0
         while not self._closed.is_set():
-            yield _Frame(k, np.zeros((16, 16, 3), np.uint8), np.zeros(640, np.float32))
+            yield _Frame(k, np.full((16, 16, 3), 7, np.uint8), np.zeros(640, np.float32))
             k += 1
             await asyncio.sleep(0.04)
 
@@ -289,3 +289,40 @@ async def test_https_and_wss_with_a_certificate(tmp_path):
         await srv.stop()
     with pytest.raises(ConfigError, match="go together"):
         load_config(None, tls_cert=str(cert))
+
+
+async def test_virtual_camera_follows_the_latest_session(monkeypatch):
+    """With a stand-in pyvirtualcam: frames of the newest session reach the camera at its size."""
+    import sys
+    import types
+
+    sent = []
+
+    class Camera:
+        def __init__(self, width, height, fps):
+            self.width, self.height, self.fps, self.device = width, height, fps, "stub"
+
+        def send(self, frame):
+            sent.append(frame)
+
+        def sleep_until_next_frame(self):
+            import time
+
+            time.sleep(1 / self.fps)
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "pyvirtualcam", types.SimpleNamespace(Camera=Camera))
+    srv = StreamServer(load_config(None, port=0, size=16), engine=FakeEngine(), virtual_camera=True)
+    await srv.start()
+    try:
+        assert srv._camera is not None
+        from server.bot_client import BotClient
+
+        async with BotClient(srv.base_url) as bot:
+            await bot.start(frames="none")
+            await asyncio.sleep(0.5)
+        assert sent[-1].shape == (16, 16, 3) and sent[-1].max() == 7  # the session's frames, not the blank start
+    finally:
+        await srv.stop()
