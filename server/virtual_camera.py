@@ -54,7 +54,7 @@ class VirtualCamera:
         while not self._stop.is_set():
             session = self.server.sessions.latest() if self.server.sessions else None
             if session is None or session.closed:
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.2)
                 continue
             sub = session.playout.subscribe("virtual-camera", frames=2, audio=None)
             try:

@@ -322,7 +322,7 @@ async def test_virtual_camera_follows_the_latest_session(monkeypatch):
 
         async with BotClient(srv.base_url) as bot:
             await bot.start(frames="none")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
         assert sent[-1].shape == (16, 16, 3) and sent[-1].max() == 7  # the session's frames, not the blank start
     finally:
         await srv.stop()
