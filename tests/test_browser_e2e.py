@@ -99,7 +99,7 @@ INBOUND = """async () => {
 }"""
 
 
-def test_talk_page_round_trip(server_url, browser, tmp_path):
+def test_talk_page_round_trip(browser, server_url, tmp_path):
     context = browser.new_context(permissions=["microphone"], viewport={"width": 1100, "height": 760})
     page = context.new_page()
     page.goto(server_url + "/")
