@@ -68,7 +68,7 @@ class ServerConfig:
     public_url: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
-    backend: str | None = "preview"
+    backend: str | None = None  # None: emo when a model is set, else preview (with a notice)
     model: str | None = None
     avatar: str | None = None
     size: int = 512

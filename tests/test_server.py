@@ -102,7 +102,7 @@ async def server():
 def test_default_config_file_loads_into_dataclasses():
     cfg = load_config()
     assert isinstance(cfg, ServerConfig)
-    assert cfg.host == "127.0.0.1" and cfg.port == 8080 and cfg.backend == "preview"
+    assert cfg.host == "127.0.0.1" and cfg.port == 8080 and cfg.backend is None  # preview with a notice, unless a model is set
     assert cfg.sessions.max_sessions >= 1 and cfg.playout.video_queue_frames >= 1
     assert not cfg.auth_required
 
