@@ -25,6 +25,9 @@ def prepared(shared_data, tmp_path_factory):
     with Mp4Writer(videos / "sub" / "noface.mp4", fps=25, size=96) as w:  # noise, with a tone as audio
         w.write_frames(rng.integers(0, 255, (50, 96, 96, 3), dtype=np.uint8))
         w.write_audio(0.3 * np.sin(np.arange(32000) / 16000 * 2 * np.pi * 220).astype(np.float32))
+    with Mp4Writer(videos / "short.mp4", fps=25, size=96) as w:  # 0.5 s: shorter than --min-seconds
+        w.write_frames(rng.integers(0, 255, (12, 96, 96, 3), dtype=np.uint8))
+        w.write_audio(np.zeros(8000, np.float32))
     out = tmp_path_factory.mktemp("prepared")
     opts = PrepareOptions(size=SIZE, max_seconds=2.0, detect_every=5)
     report = prepare_dataset(videos, out, opts, workers=2, progress=False)
@@ -36,7 +39,8 @@ def test_prepares_real_clips_and_reports_bad_videos(prepared):
     clips = read_manifest(out)
     assert sorted(c.source.split("/")[-1] for c in clips) == ["emo_talk_emotion.mp4", "short_case_10.mp4"]
     skipped = report["skipped"]
-    assert set(skipped) == {str(videos / "broken.mp4"), str(videos / "sub" / "noface.mp4")}
+    assert set(skipped) == {str(videos / n) for n in ("broken.mp4", "sub/noface.mp4", "short.mp4")}
+    assert "too short" in skipped[str(videos / "short.mp4")]
     assert "corrupt" in skipped[str(videos / "broken.mp4")]
     assert "face" in skipped[str(videos / "sub" / "noface.mp4")]
     assert json.loads((out / "report.json").read_text())["clips"] == 2

@@ -157,3 +157,13 @@ def test_shipped_configs_are_valid():
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/train/*.yaml")):
         c = load_train_config(path)
         assert c.stage == int(path.stem[-1]) and c.trainable
+
+
+def test_cli_reports_config_errors_and_exits_2(tmp_path, capsys):
+    from server.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: 1\ndata: {root: nowhere}\ntrain: {lr: fast}\n")
+    assert main(["train", "--stage", "1", "--config", str(bad)]) == 2
+    assert "train.lr is not a number" in capsys.readouterr().err
+    assert main(["train", "--stage", "2", "--config", str(bad.with_name("missing.yaml"))]) == 2

@@ -133,8 +133,14 @@ class Trainer:
                 raise ConfigError(f"no checkpoint to resume from at {resume}")
             if ckpt is not None:
                 self._load(ckpt)
-        if self.step == 0 and t.vae_steps:
-            self._fit_vae()  # a resumed run has the fitted VAE in its checkpoint already
+        if self.step == 0 and t.vae_steps:  # a resumed run has the fitted VAE in its checkpoint already
+            from emo_stream.models.config import PRESETS
+
+            if cfg.model.init in PRESETS:
+                self._fit_vae()
+            else:
+                # earlier stages were trained in this VAE's latent space: refitting it would undo them
+                log.warning("train.vae_steps ignored: model.init %s is not a random-weight preset", cfg.model.init)
 
     def _fit_vae(self) -> None:
         from emo_stream.training.vae_fit import fit_vae
