@@ -169,17 +169,27 @@ def test_speed_from_head_poses():
 
 
 def test_training_stages_select_the_right_parts():
+    # the stages' default groups are training's (emo_stream.training.config.STAGE_TRAINABLE)
+    from emo_stream.training.config import STAGE_TRAINABLE
+
     torch.manual_seed(0)
     m = EmoModel.build("tiny")
     try:
         counts = {}
         for stage in (1, 2, 3):
-            m.set_training_stage(stage)
+            chosen = m.set_trainable(STAGE_TRAINABLE[stage])
+            assert set(chosen) == {n for n, p in m.named_parameters() if p.requires_grad}
             counts[stage] = {EmoModel.parameter_group(n) for n, p in m.named_parameters() if p.requires_grad}
-        assert counts[1] == {"reference_net", "backbone_2d", "face_locator"}
-        assert counts[2] == counts[1] | {"temporal", "audio"}
+        assert counts[1] == {"referencenet", "backbone", "face_locator"}
+        assert counts[2] == {"temporal", "audio"}
         assert counts[3] == {"temporal", "speed"}
         groups = {EmoModel.parameter_group(n) for n, _ in m.named_parameters()}
-        assert groups == {"reference_net", "backbone_2d", "face_locator", "temporal", "audio", "speed", "frozen"}
+        assert groups == set(EmoModel.PARAMETER_GROUPS) | {"frozen"}
+        # EMO's new cross-attentions: audio in the spatial blocks, speed in the temporal modules
+        named = dict(m.named_parameters())
+        assert {EmoModel.parameter_group(n) for n in named if ".attn2.processor." in n} == {"audio", "speed"}
+        assert all(EmoModel.parameter_group(n) == "frozen" for n in named if n.startswith(("vae.", "audio_encoder.")))
+        with pytest.raises(ValueError, match="unknown parameter groups"):
+            m.set_trainable(["everything"])
     finally:
         m.requires_grad_(False)

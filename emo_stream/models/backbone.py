@@ -103,9 +103,12 @@ class Backbone(nn.Module):
                 context: BackboneContext) -> torch.Tensor:
         """sample (batch, 4, frames, h, w); audio_tokens (batch * frames, tokens, dim) -> noise prediction.
 
-        `context` (reference tokens, motion features, speed tokens) is installed for this call. With autograd
-        on it stays installed until the next call, because gradient checkpointing re-runs the processors and
-        hooks during backward; at inference it is cleared so no features outlive the call.
+        `context` (reference tokens, motion features, speed tokens) is installed for this call; the attention
+        processors and motion-frame hooks read it. With autograd on it stays installed until the next call
+        replaces it: gradient checkpointing re-runs those processors and hooks during backward, after this
+        call returned (so with checkpointing, run backward before the next training forward). Without
+        autograd (inference) it is cleared on return so no features outlive the call; the engine's other
+        threads (audio encoding, VAE decoding) never touch the backbone.
         """
         self.context.__dict__.update(context.__dict__)
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,8 +213,8 @@ class EmoModel(nn.Module):
         speed             (B, F) or (B, n + F) head-rotation speed in degrees/frame, or None (config default)
         motion_latents    (B, 4, n, h, w)  latents of the n frames before the clip, or None (stage 1 / images)
         drop_audio        (B,) bool: zero those samples' audio tokens (trains the guidance's null branch)
-        Returns the predicted noise, (B, 4, F, h, w). The ReferenceNet runs with gradients (stage 1/2);
-        freeze parts with requires_grad_(False) for stage 3 (temporal modules and speed layers only).
+        Returns the predicted noise, (B, 4, F, h, w). Every part runs with autograd; `set_trainable(groups)`
+        chooses what trains. Works with gradient checkpointing (see Backbone.forward).
         """
         reference = self.reference_net(reference_latents)
         motion = self.encode_motion(motion_latents) if motion_latents is not None else None
@@ -224,44 +225,51 @@ class EmoModel(nn.Module):
             cond.audio_tokens = cond.audio_tokens * keep[:, None, None]
         return self.predict_noise(noisy_latents, timesteps, cond)
 
+    # What trains is chosen by parameter group; training configs name them (`train.trainable`, and the
+    # stages' defaults in emo_stream.training.config.STAGE_TRAINABLE). Everything else (wav2vec2, VAE,
+    # TAESD) is "frozen" and never trains.
+    PARAMETER_GROUPS = ("referencenet", "backbone", "temporal", "audio", "speed", "face_locator")
+
     @staticmethod
     def parameter_group(name: str) -> str:
-        """Which part of EMO a parameter belongs to: reference_net, backbone_2d, temporal, audio, speed,
-        face_locator, or frozen (wav2vec2, VAE, TAESD)."""
-        if name.startswith(("audio_encoder.", "vae.", "taesd.")):
-            return "frozen"
+        """The group of a parameter (a `named_parameters()` name): one of PARAMETER_GROUPS, or "frozen".
+
+        referencenet  the ReferenceNet UNet
+        backbone      the backbone's 2D (spatial) part: resnets, spatial attention, conv in/out
+        temporal      the AnimateDiff temporal modules (without the speed cross-attention)
+        audio         audio projection + the backbone's audio cross-attention
+        speed         speed encoder + the temporal modules' speed cross-attention
+        face_locator  the face-region mask encoder
+        """
         if name.startswith("reference_net."):
-            return "reference_net"
+            return "referencenet"
         if name.startswith("face_locator."):
             return "face_locator"
-        if name.startswith("speed_encoder.") or (".motion_modules." in name and ".processor." in name):
-            return "speed"
-        if name.startswith("audio_proj.") or ".attn2.processor." in name:
+        if name.startswith("audio_proj."):
             return "audio"
-        if ".motion_modules." in name:
-            return "temporal"
-        return "backbone_2d"
+        if name.startswith("speed_encoder."):
+            return "speed"
+        if name.startswith("backbone."):
+            temporal = ".motion_modules." in name
+            if ".processor." in name:  # EMO's new cross-attentions live in the attention processors
+                return "speed" if temporal else "audio"
+            return "temporal" if temporal else "backbone"
+        return "frozen"
 
-    STAGES = {1: ("reference_net", "backbone_2d", "face_locator"),
-              2: ("reference_net", "backbone_2d", "face_locator", "temporal", "audio"),
-              3: ("temporal", "speed")}
-
-    def set_training_stage(self, stage: int) -> list[torch.nn.Parameter]:
-        """EMO's three training stages: set requires_grad accordingly and return the trainable parameters.
-
-        1 images: ReferenceNet, backbone 2D, face locator; 2 video: + temporal modules and audio layers;
-        3: temporal modules and speed layers only. wav2vec2 and the VAEs never train.
-        """
-        if stage not in self.STAGES:
-            raise ValueError(f"stage must be 1, 2 or 3 (got {stage})")
-        groups = self.STAGES[stage]
-        params = []
+    def set_trainable(self, groups: Iterable[str]) -> dict[str, nn.Parameter]:
+        """requires_grad on exactly the parameters of `groups` (PARAMETER_GROUPS), off on every other one;
+        returns the trainable parameters by name."""
+        groups = set(groups)
+        unknown = sorted(groups - set(self.PARAMETER_GROUPS))
+        if unknown:
+            raise ValueError(f"unknown parameter groups {unknown}; known: {', '.join(self.PARAMETER_GROUPS)}")
+        chosen = {}
         for name, p in self.named_parameters():
-            train = self.parameter_group(name) in groups
-            p.requires_grad_(train)
-            if train:
-                params.append(p)
-        return params
+            on = self.parameter_group(name) in groups
+            p.requires_grad_(on)
+            if on:
+                chosen[name] = p
+        return chosen
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -303,12 +311,13 @@ class EmoModel(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         counts = {name: sum(p.numel() for p in m.parameters()) for name, m in self.named_children() if m is not None}
-        counts["backbone_temporal"] = sum(p.numel() for n, p in self.backbone.named_parameters()
-                                          if ".motion_modules." in n and ".processor." not in n)
-        counts["backbone_audio_attention"] = sum(p.numel() for n, p in self.backbone.named_parameters()
-                                                 if ".attn2.processor." in n and ".motion_modules." not in n)
-        counts["backbone_speed_attention"] = sum(p.numel() for n, p in self.backbone.named_parameters()
-                                                 if ".attn2.processor." in n and ".motion_modules." in n)
+        in_backbone: dict[str, int] = {}
+        for name, p in self.backbone.named_parameters():
+            group = self.parameter_group(f"backbone.{name}")
+            in_backbone[group] = in_backbone.get(group, 0) + p.numel()
+        counts["backbone_temporal"] = in_backbone.get("temporal", 0)
+        counts["backbone_audio_attention"] = in_backbone.get("audio", 0)
+        counts["backbone_speed_attention"] = in_backbone.get("speed", 0)
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
 

@@ -1,13 +1,8 @@
 """What training needs from the EMO model (emo_stream.models), in one place: loading and saving,
-parameter groups per stage, the diffusion loss of a batch, gradient checkpointing, sample videos.
+the diffusion loss of a batch, gradient checkpointing, sample videos.
 
-Parameter groups (names used by configs' `train.trainable` and config.STAGE_TRAINABLE):
-    referencenet   the ReferenceNet UNet
-    backbone       the backbone's 2D (spatial) part: resnets, spatial attention, conv in/out
-    temporal       the AnimateDiff temporal modules (without the speed cross-attention)
-    audio          audio projection + the backbone's audio-attention layers
-    speed          speed encoder + the temporal modules' speed cross-attention
-    face_locator   the face-region mask encoder
+Parameter groups (names used by configs' `train.trainable` and config.STAGE_TRAINABLE) are the model's:
+EmoModel.PARAMETER_GROUPS, EmoModel.parameter_group(name), model.set_trainable(groups).
 The VAE, TAESD and wav2vec2 are never trained.
 """
 
@@ -23,32 +18,15 @@ import torch
 from torch import nn
 
 from emo_stream.errors import ConfigError
+from emo_stream.models.emo_model import EmoModel
 
 log = logging.getLogger(__name__)
 
-PARAM_GROUPS = ("referencenet", "backbone", "temporal", "audio", "speed", "face_locator")
+PARAM_GROUPS = EmoModel.PARAMETER_GROUPS  # config.py validates `train.trainable` against these
 
 # the sampler's schedule (emo_backend.EmoBackend): SD1.5's scaled-linear betas, epsilon prediction
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 prediction_type="epsilon")
-
-
-def param_group(name: str) -> str | None:
-    """The group a parameter of EmoModel belongs to, or None (frozen parts)."""
-    if name.startswith("reference_net."):
-        return "referencenet"
-    if name.startswith("face_locator."):
-        return "face_locator"
-    if name.startswith("audio_proj."):
-        return "audio"
-    if name.startswith("speed_encoder."):
-        return "speed"
-    if name.startswith("backbone."):
-        temporal = ".motion_modules." in name
-        if ".processor." in name:  # EMO's new cross-attentions live in the attention processors
-            return "speed" if temporal else "audio"
-        return "temporal" if temporal else "backbone"
-    return None
 
 
 def load_model(init: str, options: dict[str, Any] | None = None):
@@ -69,17 +47,6 @@ def save_model(model, directory: Path, training: dict[str, Any] | None = None) -
     if training is not None:
         (directory / "training.json").write_text(json.dumps(training, indent=2, default=str))
     return directory
-
-
-def set_trainable(model: nn.Module, groups: list[str]) -> dict[str, int]:
-    """requires_grad on exactly the parameters of `groups`; returns {parameter name: size} of those."""
-    chosen = {}
-    for name, p in model.named_parameters():
-        on = param_group(name) in groups
-        p.requires_grad_(on)
-        if on:
-            chosen[name] = p.numel()
-    return chosen
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -181,24 +148,8 @@ class TrainingModule(nn.Module):
         a = self.alphas_cumprod[t].view(b, 1, 1, 1, 1)
         noisy = a.sqrt() * clean + (1 - a).sqrt() * noise
         speed = batch.get("speed") if self.stage != 1 else None
-        pred = self._predict(noisy, t, reference, feats, batch["mask"], speed, motion, drop)
+        pred = m(noisy, t, reference, feats, batch["mask"], speed, motion, drop_audio=drop)
         return torch.nn.functional.mse_loss(pred.float(), noise)
-
-    def _predict(self, noisy, t, reference_latents, feats, mask, speed, motion_latents, drop) -> torch.Tensor:
-        """EmoModel.forward, except that the backbone's per-call context stays installed until the next
-        call: with gradient checkpointing the backbone's blocks are re-run during backward, and they must
-        see the same reference/motion/speed context as in the forward pass."""
-        m = self.model
-        reference = m.reference_net(reference_latents)
-        motion = m.encode_motion(motion_latents) if motion_latents is not None else None
-        cond = m.condition(reference, feats, mask, speed, motion)
-        f = feats.shape[1]
-        keep = (~drop).repeat_interleave(f).to(cond.audio_tokens.dtype)
-        tokens = cond.audio_tokens * keep[:, None, None]
-        x = noisy.to(m.dtype) + cond.face[:, :, None]
-        bb = m.backbone
-        bb.context.__dict__.update(cond.context.__dict__)
-        return bb.unet(x, t, encoder_hidden_states=tokens, return_dict=False)[0]
 
 
 def model_size(model, dataset_size: int | None = None) -> int:

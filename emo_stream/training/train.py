@@ -93,7 +93,7 @@ class Trainer:
             if not Path(root).is_dir():
                 raise ConfigError(f"dataset folder not found: {root} (data.root in {cfg.source})")
         self.size = ma.model_size(self.model, cfg.data.size or read_info(Path(cfg.data.root[0])).size)
-        trainable = ma.set_trainable(self.model, cfg.trainable)
+        trainable = self.model.set_trainable(cfg.trainable)
         if not trainable:
             raise ConfigError(f"{cfg.source}: nothing to train: groups {cfg.trainable} have no parameters")
         self.trainable_groups = sorted(cfg.trainable)
