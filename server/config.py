@@ -5,14 +5,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import secrets
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from emo_stream.config_io import build_dataclass, read_yaml
 from emo_stream.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "server.yaml"
@@ -138,63 +135,14 @@ def _positive(obj: Any, name: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be positive: got {value}")
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Dataclass from a mapping: unknown keys and wrong types are ConfigErrors naming the key."""
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown setting {where + '.' if where else ''}{unknown[0]} (known: {', '.join(sorted(known))})")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{where}.{name}" if where else name
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key)
-        else:
-            kwargs[name] = _coerce(hint, value, key)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ConfigError(f"{key} must not be empty")
-    for t in options:
-        if t is bool and isinstance(value, bool):
-            return value
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if t is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    names = " or ".join(getattr(t, "__name__", str(t)) for t in options if t is not type(None))
-    raise ConfigError(f"{key} must be {names}: got {value!r}")
-
-
 def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfig:
     """Read a YAML file (default configs/server.yaml) and apply non-None `overrides` (CLI flags)."""
-    data: dict = {}
     source = Path(path) if path else DEFAULT_CONFIG
-    if path or source.is_file():
-        if not source.is_file():
-            raise ConfigError(f"config file not found: {source}")
-        try:
-            data = yaml.safe_load(source.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: must be a mapping of settings")
+    from_file = bool(path) or source.is_file()
+    data = read_yaml(source, "config file") if from_file else {}
     for key, value in overrides.items():
         if value is not None:
             data[key] = value
     if overrides.get("model") and "backend" not in {k for k, v in overrides.items() if v is not None}:
         data["backend"] = "emo"  # --model alone means the EMO backend
-    return _build(ServerConfig, data, "").validate()
+    return build_dataclass(ServerConfig, data, str(source) if from_file else "server settings").validate()

@@ -117,8 +117,8 @@ def test_overrides_and_model_implies_emo(tmp_path):
 
 
 @pytest.mark.parametrize("text, words", [
-    ("portt: 1\n", "unknown setting portt"),
-    ("sessions:\n  max_session: 2\n", "unknown setting sessions.max_session"),
+    ("portt: 1\n", "unknown keys ['portt']"),
+    ("sessions:\n  max_session: 2\n", "unknown keys in 'sessions': ['max_session']"),
     ("port: eighty\n", "port must be int"),
     ("sessions:\n  max_sessions: 0\n", "must be positive"),
     ("backend: magic\n", "backend must be preview or emo"),

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from emo_stream.config_io import build_dataclass, read_yaml
 from emo_stream.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -130,48 +129,13 @@ class EmoConfig:
         return self
 
 
-_SECTIONS = {"audio": AudioConfig, "speed": SpeedConfig, "face_locator": FaceLocatorConfig,
-             "sampling": SamplingConfig}
-
-
 def config_from_dict(data: dict[str, Any], source: str = "config") -> EmoConfig:
     """Build and validate an EmoConfig from a plain dict (YAML/JSON). Unknown keys are an error."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
-    known = {f.name for f in dataclasses.fields(EmoConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown keys {unknown}")
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in _SECTIONS:
-            cls = _SECTIONS[key]
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: section {key!r} must be a mapping")
-            fields = {f.name for f in dataclasses.fields(cls)}
-            bad = sorted(set(value) - fields)
-            if bad:
-                raise ConfigError(f"{source}: unknown keys in {key!r}: {bad}")
-            kwargs[key] = cls(**value)
-        else:
-            kwargs[key] = value
-    try:
-        config = EmoConfig(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    return config.validate()
+    return build_dataclass(EmoConfig, data, source).validate()
 
 
 def load_config(name_or_path: str | Path) -> EmoConfig:
     """A preset name ("tiny", "sd15") or a YAML file path -> validated EmoConfig. Raises ConfigError."""
-    path = Path(name_or_path)
-    if str(name_or_path) in PRESETS:
-        path = PRESETS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"model config not found: {name_or_path} (use a preset: {', '.join(PRESETS)}, "
-                          f"or a YAML file)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    path = PRESETS_DIR / f"{name_or_path}.yaml" if str(name_or_path) in PRESETS else Path(name_or_path)
+    data = read_yaml(path, "model config", hint=f" (use a preset: {', '.join(PRESETS)}, or a YAML file)")
     return config_from_dict(data, source=str(path))

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from emo_stream.config_io import build_dataclass, check_keys, read_yaml
 from emo_stream.errors import ConfigError
 
 # Parameter groups each stage trains by default (paper, section 3.2/4.1). Names are the model's groups
@@ -127,56 +126,25 @@ class TrainConfig:
         return out
 
 
-_SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
-
-
 def config_from_dict(data: dict[str, Any], source: str = "<dict>", base_dir: Path | None = None) -> TrainConfig:
     """Build a TrainConfig; relative paths in data.root / model.init / output_dir stay relative to the
-    working directory (like every CLI path) unless they only exist next to the YAML file."""
+    working directory (like every CLI path)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
-    unknown = sorted(set(data) - {"stage", *_SECTIONS})
-    if unknown:
-        raise ConfigError(f"{source}: unknown keys {unknown} (known: stage, model, data, train)")
-    kwargs: dict[str, Any] = {"source": source}
-    if "stage" in data:
-        kwargs["stage"] = data["stage"]
-    for key, cls in _SECTIONS.items():
-        value = data.get(key) or {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: section {key!r} must be a mapping")
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(value) - names)
-        if bad:
-            raise ConfigError(f"{source}: unknown keys in {key!r}: {bad} (known: {', '.join(sorted(names))})")
-        value = dict(value)
-        if key == "data" and "root" in value:
-            roots = value["root"]
-            value["root"] = [str(r) for r in (roots if isinstance(roots, list) else [roots])]
-        if key == "train" and "adam_betas" in value:
-            value["adam_betas"] = tuple(value["adam_betas"])
-        for num in ("lr", "max_minutes", "motion_noise", "weight_decay", "ema_decay", "max_grad_norm", "cond_drop", "motion_drop"):
-            if isinstance(value.get(num), str):
-                try:
-                    value[num] = float(value[num])  # PyYAML reads 1e-5 as a string
-                except ValueError:
-                    raise ConfigError(f"{source}: {key}.{num} is not a number: {value[num]!r}") from None
-        try:
-            kwargs[key] = cls(**value)
-        except TypeError as exc:
-            raise ConfigError(f"{source}: section {key!r}: {exc}") from None
-    return TrainConfig(**kwargs).validate()
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    check_keys(data, ("stage", "model", "data", "train"), source)  # `source` is ours, not a YAML key
+    data = dict(data)
+    section = data.get("data")
+    if isinstance(section, dict) and "root" in section:
+        roots = section["root"]  # one folder or a list of them
+        data["data"] = {**section, "root": [str(r) for r in (roots if isinstance(roots, list) else [roots])]}
+    config = build_dataclass(TrainConfig, data, source)
+    config.source = source
+    return config.validate()
 
 
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a training YAML; `overrides` are dotted keys (e.g. {"train.max_steps": 10, "stage": 2})."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"training config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, "training config")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
