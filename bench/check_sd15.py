@@ -11,9 +11,6 @@ fp16 halves the memory (~6 GiB instead of ~12 GiB); the structure check is the s
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import resource
 import sys
 import tempfile
 import time
@@ -21,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from emo_stream.models import EmoModel, load_config  # noqa: E402
-from emo_stream.models.init_weights import find_weights, load_unet2d, read_state_dict  # noqa: E402
+from _common import device_name, emit_json, peak_rss_bytes  # bench/; puts the repo on sys.path
+from emo_stream.models import EmoModel, load_config
+from emo_stream.models.init_weights import find_weights, load_unet2d, read_state_dict
 
 
 def main() -> int:
@@ -60,7 +56,7 @@ def main() -> int:
     bb = {k: v for k, v in model.backbone.unet.state_dict().items()
           if ".motion_modules." not in k and ".processor." not in k}
     report = {
-        "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_name(),
         "preset": "sd15",
         "dtype": args.dtype,
         "sd15_unet_keys": len(sd),
@@ -71,12 +67,9 @@ def main() -> int:
         "parameters": model.parameter_counts(),
         "parameters_backbone_2d": sum(v.numel() for v in bb.values()),
         "build_seconds": round(time.time() - t0, 1),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(report, args.out)
     ok = not any(report[p][k] for p in ("reference_net", "backbone_2d") for k in ("missing", "unexpected"))
     same = report["reference_net"]["identical_weights"] and report["backbone_2d"]["identical_weights"]
     return 0 if ok and same else 1

@@ -11,28 +11,16 @@ timing. The portrait is a synthetic crop (no face detection: it is not what is m
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from emo_stream.backend import SegmentJob  # noqa: E402
-from emo_stream.emo_backend import EmoBackend  # noqa: E402
-from emo_stream.generate import iter_segments  # noqa: E402
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(dev)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+from _common import device_name, emit_json, load_average, peak_memory  # bench/; puts the repo on sys.path
+from emo_stream.backend import SegmentJob
+from emo_stream.emo_backend import EmoBackend
+from emo_stream.generate import iter_segments
 
 
 def main() -> int:
@@ -76,8 +64,7 @@ def main() -> int:
         torch.cuda.synchronize(dev)
     elapsed = time.perf_counter() - t0
     video_seconds = frames / backend.fps
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak, peak_kind = peak_memory(dev)
     report = {
         "device": device_name(dev),
         "preset": args.preset,
@@ -92,13 +79,10 @@ def main() -> int:
         "seconds_per_video_second": round(elapsed / video_seconds, 3),
         "fps": round(frames / elapsed, 2),
         "peak_memory": peak,
-        "peak_memory_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "process max RSS",
-        "load_average_1m": round(os.getloadavg()[0], 2),  # CPU timings on a shared machine: context
+        "peak_memory_kind": peak_kind,
+        "load_average_1m": load_average(),  # CPU timings on a shared machine: context
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(report, args.out)
     return 0
 
 

@@ -14,23 +14,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from emo_stream.training.config import config_from_dict  # noqa: E402
-from emo_stream.training.synthetic import (generate_dataset, identity_reference, mouth_darkness,  # noqa: E402
+from _common import device_name, emit_json  # bench/; puts the repo on sys.path
+from emo_stream.training.config import config_from_dict
+from emo_stream.training.synthetic import (generate_dataset, identity_reference, mouth_darkness,
                                            random_speech, speech_envelope)
-from emo_stream.training.train import train  # noqa: E402
+from emo_stream.training.train import train
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -135,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "bench": "learn_sync",
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-                  f"{args.threads}; shared with other work: load average {os.getloadavg()[0]:.1f} at the end)",
+        "device": device_name(detail=f"{os.cpu_count()} cores, torch threads {args.threads}; shared with other "
+                                     f"work: load average {os.getloadavg()[0]:.1f} at the end"),
         "torch": torch.__version__,
         "size": args.size, "clips": args.clips, "identities": args.identities,
         "stage2_options": {"motion_noise": args.motion_noise, "motion_drop": args.motion_drop,
@@ -151,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     "total": round((time.monotonic() - t_start) / 60, 2)},
         "target": "r_trained >= 0.5, r_untrained ~ 0, total <= 15 minutes",
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit_json(result, args.json)
     return 0
 
 

@@ -15,36 +15,22 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
     os.environ[_var] = "1"
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from _common import REPO, device_name, emit_json, load_average  # noqa: E402  (bench/; puts the repo on sys.path)
 from emo_stream.backend import SegmentJob, samples_per_frame  # noqa: E402
 from emo_stream.media import load_audio, load_image  # noqa: E402
 from emo_stream.preview import PreviewBackend, default_portrait  # noqa: E402
 from emo_stream.preview.warp import FrameParams  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def inputs(args) -> tuple[np.ndarray, np.ndarray, str]:
@@ -150,7 +136,7 @@ def main() -> None:
     breakdown = min(breakdowns, key=lambda b: sum(b.values()))
     result = {
         "bench": "preview",
-        "device": f"cpu: {cpu_name()} (1 core pinned, 1 thread)",
+        "device": device_name(detail="1 core pinned, 1 thread"),
         "timing": "fps_single_core and ms_* in process CPU time (1 thread); *_wall_clock next to them",
         "size": args.size,
         "fps": backend.fps,
@@ -165,16 +151,13 @@ def main() -> None:
         "prepare_avatar_ms": {"first": round(prepare_ms, 1), "warm": round(prepare_warm_ms, 1)},
         "sessions_at_25fps_per_core": round(speech["fps_single_core"] / backend.fps, 1),
         # the benchmark shares the machine: a high load average means the numbers are pessimistic
-        "load_average_1min": round(os.getloadavg()[0], 2),
+        "load_average_1min": load_average(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "opencv": cv2.__version__,
         "numpy": np.__version__,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -25,32 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from server.bot_client import BotClient, ReceivedFrame  # noqa: E402
+from _common import REPO, device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
+from server.bot_client import BotClient, ReceivedFrame
 
 
 def proc_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def speech_clip() -> np.ndarray:
@@ -302,34 +281,34 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
 
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     proc, url = start_server(args)
     rss_rounds = []
     try:
         time.sleep(1.0)  # let start-up work settle before the baseline
-        rss_before = proc_rss_mb(proc.pid)
+        rss_before = rss_mb(proc.pid)
         cpu0, wall0 = proc_cpu_seconds(proc.pid), time.monotonic()
         timeline: list[float] = []
         sampling = threading.Event()
 
         def sample() -> None:  # RSS while streaming: must level off, not climb with time
             while not sampling.wait(5.0):
-                timeline.append(round(proc_rss_mb(proc.pid), 1))
+                timeline.append(round(rss_mb(proc.pid), 1))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         sessions = asyncio.run(run_bots(url, args))
         sampling.set()
         cpu1, wall1 = proc_cpu_seconds(proc.pid), time.monotonic()
-        rss_loaded = proc_rss_mb(proc.pid)
+        rss_loaded = rss_mb(proc.pid)
         time.sleep(2.0)
-        rss_after = proc_rss_mb(proc.pid)
+        rss_after = rss_mb(proc.pid)
         rss_rounds.append(round(rss_after, 1))
         args.probe_latency = False
         for _ in range(args.rounds - 1):  # the same load again: memory must not keep growing
             asyncio.run(run_bots(url, args))
             time.sleep(2.0)
-            rss_rounds.append(round(proc_rss_mb(proc.pid), 1))
+            rss_rounds.append(round(rss_mb(proc.pid), 1))
     finally:
         proc.terminate()
         proc.wait(10)
@@ -337,7 +316,7 @@ def main() -> None:
     p95 = [s["latency_ms_p95"] for s in sessions if s["latency_ms_p95"] is not None]
     result = {
         "benchmark": "server_load",
-        "device": f"cpu: {cpu_name()} ({os.cpu_count()} cores)",
+        "device": device_name(detail=f"{os.cpu_count()} cores; the server process"),
         "backend": args.backend,
         "size": args.size,
         "sessions": args.sessions,
@@ -355,17 +334,13 @@ def main() -> None:
         "rss_mb_every_5s_first_round": timeline,
         "rss_mb_after_close": round(rss_after, 1),
         "rss_mb_after_each_round": rss_rounds,
-        "load_average_before": round(load_before, 2),
+        "load_average_before": load_before,
         "note": "the machine is shared: load_average_before > cores means other work competed for the CPU",
         "latency_probe": PROBE or None,
         "webrtc_viewer_results": VIEWERS or None,
         "per_session": sessions,
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit_json(result, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,49 +17,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import REPO, device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
+from emo_stream.backends import create_backend
+from emo_stream.media import load_audio, load_image
+from emo_stream.streaming import EngineConfig, StreamingEngine
 
-from emo_stream.backends import create_backend  # noqa: E402
-from emo_stream.media import load_audio, load_image  # noqa: E402
-from emo_stream.streaming import EngineConfig, StreamingEngine  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = REPO.parent / "shared" / "data"
 DEFAULT_AUDIO = SHARED / "audio" / "eng_60s_16k.wav"
 DEFAULT_PORTRAIT = SHARED / "portraits" / "hallo_1.jpg"
 CHUNK_S = 0.02
-
-
-def rss_mb() -> float:
-    """Resident memory of this process (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def device_name(backend) -> str:
-    import torch
-
-    dev = getattr(backend, "device", None)
-    if dev is not None and getattr(dev, "type", str(dev)) == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(dev)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads " \
-           f"{torch.get_num_threads()}"
 
 
 def speech_audio(path: str | None, seconds: float | None) -> tuple[np.ndarray, str]:
@@ -189,8 +162,8 @@ async def main_async(args) -> dict:
     await engine.stop()
     return {
         "bench": "stream",
-        "load_avg_1m_at_end": round(os.getloadavg()[0], 2),   # the CPU box is shared: context for the numbers
-        "device": device_name(backend),
+        "load_avg_1m_at_end": load_average(),   # the CPU box is shared: context for the numbers
+        "device": device_name(getattr(backend, "device", None)),
         "backend": backend.name,
         "preset": args.model if args.backend == "emo" else None,
         "size": backend.size,
@@ -243,11 +216,7 @@ def main(argv=None) -> int:
     if args.backend == "emo" and not args.model:
         args.model = "tiny"
     logging.basicConfig(level=logging.WARNING)
-    result = asyncio.run(main_async(args))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(asyncio.run(main_async(args)), args.out)
     return 0
 
 

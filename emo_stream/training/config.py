@@ -103,7 +103,7 @@ class TrainConfig:
         need(t.max_steps >= 1, "train.max_steps must be >= 1")
         need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
         need(t.lr > 0, "train.lr must be > 0")
-        need(t.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision must be no, fp16 or bf16")
+        need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
         need(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay must be in (0, 1) or null")
         need(t.checkpoint_every >= 1 and t.keep_checkpoints >= 1, "checkpoint_every/keep_checkpoints must be >= 1")
         need(t.vae_steps >= 0 and t.vae_batch_size >= 1, "train.vae_steps >= 0, train.vae_batch_size >= 1")

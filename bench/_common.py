@@ -1,0 +1,86 @@
+"""Helpers every benchmark shares: naming the device, reading memory, printing/writing the JSON result.
+
+Benchmarks run as scripts (`python bench/x.py`), so Python puts bench/ first on sys.path and they import
+this module as `_common`. Importing it also puts the repository root on sys.path, for `emo_stream`/`server`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def cpu_name() -> str:
+    """The CPU model ("AMD EPYC 7B13"), from /proc/cpuinfo where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_name(device: Any = None, detail: str | None = None) -> str:
+    """"cuda: <GPU name>" for a CUDA device, else "cpu: <CPU model> (<detail>)".
+
+    `detail` defaults to the core count, plus torch's thread count when torch is loaded."""
+    if device is not None and getattr(device, "type", str(device)).startswith("cuda"):
+        import torch
+
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    if detail is None:
+        detail = f"{os.cpu_count()} cores"
+        torch = sys.modules.get("torch")  # never import torch just to describe the CPU
+        if torch is not None:
+            detail += f", torch threads {torch.get_num_threads()}"
+    return f"cpu: {cpu_name()} ({detail})"
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of a process in MiB (Linux /proc; 0 where unavailable)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_memory(device: Any = None) -> tuple[int, str]:
+    """(bytes, what was measured): CUDA max_memory_allocated on a GPU, else the process's max RSS."""
+    if device is not None and getattr(device, "type", str(device)).startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
+    return peak_rss_bytes(), "process max RSS"
+
+
+def load_average() -> float:
+    """1-minute load average: the machine is shared, so it is context for every timing."""
+    return round(os.getloadavg()[0], 2)
+
+
+def emit_json(result: dict[str, Any], out: str | Path | None = None, indent: int = 2) -> str:
+    """Print the result as JSON and, with `out`, also write it there (parent folders made)."""
+    text = json.dumps(result, indent=indent)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    return text
