@@ -14,6 +14,9 @@ Call order:
     feats  = backend.encode_audio(window, start, n)     # per segment, may run in its own stage
     frames = backend.generate([SegmentJob(...), ...])   # per step of the engine; jobs of many
                                                         # sessions are batched into one call
+Optional attribute `stream_segment_frames`: the segment length the backend suggests for live
+streaming (short for cheap backends: latency; longer for diffusion: temporal context, batching).
+
 Backends whose generation has a separate decode stage may also offer
     latents = backend.denoise(jobs); frames = backend.decode(jobs, latents)
 so the engine can overlap decoding of one segment with denoising of the next.

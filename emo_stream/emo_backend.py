@@ -147,6 +147,8 @@ class EmoBackend:
         if self.decoder == "taesd" and model.taesd is None:
             raise ConfigError("decoder taesd asked for, but the model has no TAESD decoder")
         self.clip_frames = cfg.clip_frames
+        # live: shorter than an offline clip for latency, long enough for temporal context and batching
+        self.stream_segment_frames = min(8, cfg.clip_frames)
         self.motion_frames = cfg.motion_frames
         self.audio_context = AudioContext(left_samples=int(cfg.audio.left_context_seconds * SAMPLE_RATE),
                                           lookahead_frames=cfg.audio.window)

@@ -31,6 +31,10 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Any = None) -> Any
         backend = create_backend(config.backend, config.model, size=config.size, fps=config.fps,
                                  device=config.device)
     options = dataclasses.asdict(config.engine)
+    if options["segment_frames"] is None:
+        # the latency knob suits each backend differently: one frame for the cheap preview animator,
+        # longer segments for EMO (temporal context, batching)
+        options["segment_frames"] = int(getattr(backend, "stream_segment_frames", 8))
     try:
         engine_config = EngineConfig(max_sessions=config.sessions.max_sessions, **options)
     except TypeError as exc:

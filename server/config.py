@@ -27,7 +27,7 @@ class SessionsConfig:
 class EngineSettings:
     """Forwarded to emo_stream.streaming.EngineConfig (max_sessions comes from `sessions`)."""
 
-    segment_frames: int = 2
+    segment_frames: int | None = None  # None: the backend's stream_segment_frames (preview 1, EMO 8)
     max_batch: int = 4
     input_seconds: float = 30.0
     output_frames: int = 50
