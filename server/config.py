@@ -11,8 +11,9 @@ from typing import Any
 
 from emo_stream.config_io import build_dataclass, read_yaml
 from emo_stream.errors import ConfigError
+from emo_stream.resources import resource_dir
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "server.yaml"
+DEFAULT_CONFIG = resource_dir("configs") / "server.yaml"
 
 
 @dataclass

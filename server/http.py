@@ -19,12 +19,14 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from emo_stream.resources import resource_dir
+
 if TYPE_CHECKING:
     from server.app import StreamServer
 
 log = logging.getLogger(__name__)
 
-CLIENT_DIR = Path(__file__).resolve().parents[1] / "client_web"
+CLIENT_DIR = resource_dir("client_web")
 WS_PATH = "/api/ws"
 PAGES = {"/": "index.html", "/index.html": "index.html", "/viewer": "viewer.html", "/viewer.html": "viewer.html"}
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".png": "image/png",

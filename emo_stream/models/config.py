@@ -14,8 +14,9 @@ from typing import Any
 
 from emo_stream.config_io import build_dataclass, read_yaml
 from emo_stream.errors import ConfigError
+from emo_stream.resources import resource_dir
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+PRESETS_DIR = resource_dir("configs") / "models"
 PRESETS = ("tiny", "sd15")
 
 
