@@ -72,6 +72,8 @@ class AvatarStore:
         try:
             with Image.open(io.BytesIO(data)) as img:  # reads the header only: refuse bombs before decoding
                 width, height = img.size
+        except Image.DecompressionBombError:  # PIL's own guard, far above max_pixels: same answer
+            raise ImageInputError(f"avatar: the image is too large (limit {self.max_pixels} pixels)") from None
         except (UnidentifiedImageError, OSError, ValueError):
             raise ImageInputError("avatar: not a readable image") from None
         if width * height > self.max_pixels:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 
 from emo_stream.resources import resource_dir
@@ -80,6 +80,8 @@ class HttpRoutes:
     async def __call__(self, connection: Any, request: Request) -> Response | None:
         try:
             return self.route(request)
+        except MultipleValuesError as exc:  # e.g. two Authorization or Origin headers: ambiguous, refuse
+            return response(400, f"header {exc} given more than once\n")
         except Exception:
             log.exception("HTTP %s failed", request.path)
             return response(500, "internal error\n")

@@ -100,7 +100,7 @@ def parse_message(text: str | bytes, max_bytes: int, max_upload_bytes: int) -> M
         raise ProtocolError(f"message too large: {len(text)} bytes (limit {max_bytes})", "too_large")
     try:
         data = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise ProtocolError("text messages must be JSON objects") from None
     if not isinstance(data, dict):
         raise ProtocolError("text messages must be JSON objects")

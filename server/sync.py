@@ -311,6 +311,14 @@ class Playout:
 
         due = self.due(seq)
         await self.clock.sleep_until(due)
+        if self._clear_pending:
+            # cleared while this frame waited for its time: it was fetched before the clear, so it
+            # is the one to release silent (else it would start a new utterance after the interrupt)
+            self._clear_pending = False
+            if speech and not cleared:
+                cleared = True
+                audio16 = np.zeros_like(audio16)
+                self._pending[len(self._pending) - len(audio48):] = 0
         now = self.clock.now()
         if now - due > self.late_tolerance_s:
             # the engine was late: move the anchor for both tracks so they stay together

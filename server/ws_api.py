@@ -136,6 +136,7 @@ class Connection:
         self._request: str | None = None
         self._session_gone = asyncio.Event()
         self._ended_by_server = False
+        self._feeder: asyncio.Task | None = None  # moves queued PCM into the session (audio starts)
 
     # -- main loop -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -237,7 +238,7 @@ class Connection:
                 session.add_peer(pc)
                 reply["answer"] = {"type": answer.type, "sdp": answer.sdp}
             else:
-                session.spawn(self._feed_audio(session, msg.audio), "feed")
+                self._feeder = session.spawn(self._feed_audio(session, msg.audio), "feed")
             if msg.frames == "jpeg":
                 session.playout.subscribe("ws-frames", frames=None, audio=None, frames_sink=_FramesSink(self.outbox))
             if msg.stats_interval:
@@ -302,9 +303,18 @@ class Connection:
             else:
                 self.session.end_of_speech()
         elif kind == "clear":
+            session = self.session
+            if self._feeder is not None and not self._feeder.done():
+                # the feeder may be part-way through a message, waiting for room in the engine: the
+                # rest of it must not play after the clear, so drop it with the feeder and start afresh
+                self._feeder.cancel()
+                await asyncio.gather(self._feeder, return_exceptions=True)
+                if self.session is not session or self.start_msg is None or self.start_msg.audio is None:
+                    return  # the session ended meanwhile
+                self._feeder = session.spawn(self._feed_audio(session, self.start_msg.audio), "feed")
             self._drain_audio()
-            self.session.clear()
-            self.send({"type": "cleared", "session": self.session.id})
+            session.clear()
+            self.send({"type": "cleared", "session": session.id})
         elif kind == "stop":
             await self._end_session("stopped")
 
@@ -382,7 +392,7 @@ class Connection:
 
     async def _end_session(self, reason: str) -> None:
         session, self.session = self.session, None
-        self.start_msg = None
+        self.start_msg, self._feeder = None, None
         self._session_gone.set()
         self._drain_audio()
         if session is not None:

@@ -216,6 +216,30 @@ async def test_cross_site_websocket_is_refused(server):
         assert json.loads(await ws.recv())["type"] == "pong"
 
 
+
+async def test_a_header_given_twice_is_a_bad_request():
+    """Two Authorization (or Origin) headers are ambiguous: 400, not a server error or a guess."""
+    srv = StreamServer(load_config(None, port=0, size=64, token="secret-token-123"), engine=FakeEngine())
+    await srv.start()
+
+    async def status_of(headers: str) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        writer.write((f"GET /api/ws HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\n{headers}Upgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        line = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        return int(line.split()[1])
+
+    try:
+        good = "Authorization: Bearer secret-token-123\r\n"
+        assert await status_of(good + "Authorization: Bearer wrong-token-456\r\n") == 400
+        assert await status_of(good + "Origin: http://evil.example\r\nOrigin: http://evil2.example\r\n") == 400
+        assert await status_of("Authorization: Bearer wrong-token-456\r\n") == 401
+        assert await status_of(good) == 101
+    finally:
+        await srv.stop()
+
 async def test_session_stats_and_cleanup_on_disconnect(server):
     from server.bot_client import BotClient
 

@@ -165,6 +165,49 @@ async def test_playback_events_and_interrupt():
     assert events[4]["type"] == "playback_started" and events[4]["segment"] == 3
 
 
+
+async def test_a_clear_while_a_speech_frame_waits_for_its_time_releases_it_silent():
+    """The frame already fetched and waiting for its due time when clear arrives is stale speech: it is
+    shown but not played, and it does not open a new utterance after the interrupt."""
+    events = []
+
+    class ClearingClock(SimClock):
+        cleared = False
+
+        async def sleep_until(self, t: float) -> None:
+            if not self.cleared and play.t0 is not None and abs(t - play.due(7)) < 1e-9:
+                self.cleared = True
+                play.clear()  # the bot's clear lands while frame 7 waits for its time
+            await super().sleep_until(t)
+
+    class Sink:  # keeps every frame (a DropQueue would be emptied by the clear)
+        dropped = 0
+
+        def __init__(self):
+            self.put = got.append
+
+        def close(self):
+            pass
+
+    got: list = []
+    play = Playout(frames(12), FPS, ClearingClock(), on_event=events.append)
+    sub = play.subscribe("bot", frames=None, audio=100, frames_sink=Sink())
+    await play.run()
+    assert [f.speech for f in got] == [True] * 7 + [False] + [True] * 4
+    assert not got[7].audio.any() and got[8].audio.all()  # frame 7's audio is not played
+    chunks = []  # the clear emptied the queue: what is left starts with frame 7's audio
+    while len(sub.audio):
+        chunks.append(await sub.audio.get())
+    per_frame = len(chunks) // 5
+    assert len(chunks) == 5 * per_frame and chunks[0].pts == 7 * per_frame * AUDIO_CHUNK
+    assert not np.concatenate([c.samples for c in chunks[:per_frame]]).any()
+    assert np.concatenate([c.samples for c in chunks[per_frame:]]).any()
+    kinds = [(e["type"], e["segment"]) for e in events]
+    # segment 1 is cut at frame 7; frames 8.. were pushed after the clear: segment 2, nothing in between
+    assert kinds == [("playback_started", 1), ("playback_finished", 1), ("playback_started", 2)]
+    assert events[1]["interrupted"] is True and events[1]["position"] == pytest.approx(7 / FPS)
+
+
 async def test_slow_subscriber_is_bounded_and_does_not_slow_others():
     clock = SimClock()
     play = Playout(frames(200), FPS, clock)

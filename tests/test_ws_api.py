@@ -154,6 +154,7 @@ async def test_malformed_messages_get_clear_errors_and_the_session_survives(serv
         assert (await error_for(b"\x00\x01"))["code"] == "bad_state"  # audio before start
         assert (await error_for('{"type": "clear"}'))["code"] == "bad_state"
         assert (await error_for("x" * 70000))["code"] == "too_large"
+        assert (await error_for("[" * 50000))["code"] == "bad_message"  # too deep for the JSON parser
         err = await error_for('{"type": "avatar", "content_type": "image/gif", "size": 10}')
         assert err["code"] == "bad_image"
         err = await error_for('{"type": "start", "avatar": "nope"}')
@@ -185,10 +186,61 @@ async def test_avatar_upload_is_prepared_once(server):
             await bot.upload_avatar(buf.getvalue(), "image/jpeg")
         with pytest.raises(BotError, match="readable image"):
             await bot.upload_avatar(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10, "image/png")
+        with pytest.raises(BotError, match="too large") as exc:  # a header claiming 20000x20000 pixels
+            await bot.upload_avatar(_png_header(20000, 20000), "image/png")
+        assert exc.value.code == "bad_image"
         info = await bot.start(avatar=first, frames="jpeg")
         frame = (await _until(bot, lambda i: isinstance(i, ReceivedFrame)))[-1]
         assert frame.image.shape == (SIZE, SIZE, 3)
         assert info["session"]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A tiny PNG that claims width x height pixels (a decompression bomb's shape, without the bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+async def test_clear_drops_the_audio_being_fed_under_backpressure(backend):
+    """A bot ahead of playback: the message the server is part-way through feeding (waiting for room
+    in the engine) goes with clear too; nothing of it plays after `cleared`, and the session goes on."""
+    cfg = load_config(None, port=0, size=SIZE, backend="preview")
+    cfg.engine.vad = False
+    cfg.engine.input_seconds = 0.5  # the engine holds 0.5 s of input + 10 frames: a 2 s message waits
+    cfg.engine.output_frames = 10
+    srv = StreamServer(cfg, backend=backend)
+    await srv.start()
+    try:
+        async with BotClient(srv.base_url) as bot:
+            await bot.start(frames="jpeg")
+            tone = (np.sin(np.arange(32000) / 10) * 8000).astype(np.int16)
+            for _ in range(3):
+                await bot.send_audio(tone)
+            await _until(bot, _event("playback_started"))
+            await bot.ws.send(json.dumps({"type": "clear"}))
+            items = await _until(bot, _event("cleared"))
+            finished = [i for i in items if _event("playback_finished")(i)]
+            assert finished and finished[-1]["interrupted"] is True
+            after = []
+            async for item in bot.receive(timeout=10):
+                after.append(item)
+                if sum(isinstance(i, ReceivedFrame) for i in after) >= 25:  # a second of playout
+                    break
+            assert not any(isinstance(i, ReceivedFrame) and i.speech for i in after)
+            assert not any(_event("playback_started")(i) for i in after)
+            # the connection still feeds audio: a new utterance plays whole
+            await bot.send_audio(tone[:8000])
+            await bot.end_segment()
+            done = (await _until(bot, _event("playback_finished")))[-1]
+            assert done["interrupted"] is False and done["position"] == pytest.approx(0.52)
+    finally:
+        await srv.stop()
 
 
 async def test_over_capacity_gets_a_busy_reply(server):
