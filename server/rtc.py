@@ -117,6 +117,7 @@ async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaSt
         pc.addTrack(PlayoutAudioTrack(sub))
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception:
+        fired = True  # the caller gets the error instead: it never saw this connection, so no on_closed
         sub.close()
         await pc.close()
         raise

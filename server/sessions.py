@@ -51,7 +51,8 @@ class ServerSession:
 
     # -- events ----------------------------------------------------------------------------------
     def add_listener(self, fn: Callable[[dict], None]) -> None:
-        self._listeners.append(fn)
+        if fn not in self._listeners:  # a connection viewing a session twice still gets each event once
+            self._listeners.append(fn)
 
     def remove_listener(self, fn: Callable[[dict], None]) -> None:
         if fn in self._listeners:

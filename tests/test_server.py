@@ -282,6 +282,64 @@ async def test_unusable_sdp_offer_is_a_clear_error_and_frees_the_slot(server):
         assert (await bot.request({"type": "ping"}))["type"] == "pong"
 
 
+async def test_a_refused_view_offer_leaves_nothing_behind(server):
+    """A parseable offer the answer cannot use (no audio m-line): a clear error, the viewer count and the
+    loop stay clean (the closed peer connection must not call back into a view that never existed)."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    from server.bot_client import BotClient, BotError
+
+    loop_errors = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: loop_errors.append(context))
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = {"type": "offer", "sdp": pc.localDescription.sdp}
+        async with BotClient(server.base_url) as owner, BotClient(server.base_url) as viewer:
+            info = await owner.start(frames="none")
+            for _ in range(3):
+                with pytest.raises(BotError, match="cannot use this SDP offer"):
+                    await viewer.request({"type": "view", "session": info["session"], "webrtc": offer})
+            assert (await viewer.request({"type": "ping"}))["type"] == "pong"
+            assert server.sessions.get(info["session"]).viewers == 0 and server.health()["viewers"] == 0
+        await asyncio.sleep(0.1)  # let callbacks of the closed peer connections run
+        assert not loop_errors, loop_errors
+    finally:
+        loop.set_exception_handler(None)
+        await pc.close()
+
+
+
+async def test_a_connection_viewing_a_session_twice_hears_its_end_once(server):
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    from server.bot_client import BotClient, BotError
+
+    pcs = []
+    async with BotClient(server.base_url) as owner, BotClient(server.base_url) as viewer:
+        info = await owner.start(frames="none")
+        for _ in range(2):
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pcs.append(pc)
+            pc.addTransceiver("video", direction="recvonly")
+            pc.addTransceiver("audio", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            offer = {"type": "offer", "sdp": pc.localDescription.sdp}
+            reply = await viewer.request({"type": "view", "session": info["session"], "webrtc": offer})
+            assert reply["type"] == "view_started"
+        await owner.stop()
+        ended = []
+        with pytest.raises(BotError, match="nothing received"):
+            async for item in viewer.receive(timeout=1.0):
+                if isinstance(item, dict) and item.get("type") == "session_ended":
+                    ended.append(item)
+        assert [e["session"] for e in ended] == [info["session"]]
+        assert server.health()["viewers"] == 0
+    for pc in pcs:
+        await pc.close()
+
 async def test_https_and_wss_with_a_certificate(tmp_path):
     import shutil
     import ssl
