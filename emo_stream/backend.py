@@ -33,8 +33,8 @@ SAMPLE_RATE = 16000
 
 
 def samples_per_frame(fps: int) -> int:
-    if SAMPLE_RATE % fps:
-        raise ValueError(f"fps must divide {SAMPLE_RATE}: got {fps}")
+    if fps <= 0 or SAMPLE_RATE % fps:
+        raise ValueError(f"fps must be positive and divide {SAMPLE_RATE} (e.g. 25 or 20): got {fps}")
     return SAMPLE_RATE // fps
 
 

@@ -126,8 +126,9 @@ class EmoBackend:
                  guidance: float | None = None, decoder: str | None = None, idle_steps: int | None = None,
                  face_analyzer=None, scheduler: str | None = None):
         cfg = model.config
-        if size % cfg.size_multiple:
-            raise ConfigError(f"size must be a multiple of {cfg.size_multiple} for model {cfg.name!r} (got {size})")
+        if size <= 0 or size % cfg.size_multiple:
+            raise ConfigError(f"size must be a positive multiple of {cfg.size_multiple} for model {cfg.name!r} "
+                              f"(got {size})")
         try:
             self.spf = samples_per_frame(fps)
         except ValueError as exc:
@@ -140,6 +141,8 @@ class EmoBackend:
                               else min(cfg.sampling.idle_steps, max(1, self.steps // 2)))
         self.guidance = float(cfg.sampling.guidance if guidance is None else guidance)
         self.decoder = decoder or cfg.sampling.decoder
+        if not np.isfinite(self.guidance) or self.guidance < 0:
+            raise ConfigError(f"guidance must be a number >= 0 (1 = no guidance; got {self.guidance})")
         if self.steps < 1 or self.idle_steps < 1:
             raise ConfigError(f"steps must be >= 1 (got {self.steps})")
         if self.decoder not in ("vae", "taesd"):

@@ -23,3 +23,7 @@ class WeightsError(EmoStreamError):
 
 class ConfigError(EmoStreamError):
     """A configuration file or value is invalid."""
+
+
+class OutputError(EmoStreamError):
+    """An output file cannot be written (missing permission, a folder in the way, disk full)."""

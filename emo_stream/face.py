@@ -28,6 +28,8 @@ NOSE = slice(27, 36)
 MOUTH_OUTER = slice(48, 60)
 MOUTH_INNER = slice(60, 68)
 
+SMALL_PHOTO = 128  # px: below this a photo rarely holds a face dlib can find
+
 
 def _models_dir() -> Path:
     # face_recognition_models imports pkg_resources on import; find its folder without importing it.
@@ -100,8 +102,10 @@ class FaceAnalyzer:
             small = np.asarray(Image.fromarray(image).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
         with self._lock:
             rects = self._detector(small, 1)
-            if len(rects) == 0 and scale < 1.0:
-                rects = self._detector(small, 2)  # small faces in big photos: upsample once more
+            if len(rects) == 0 and (scale < 1.0 or max(h, w) <= self.detect_size // 2):
+                # small faces in big photos, and small photos (dlib finds no face under ~80 px at
+                # one upsampling): upsample once more
+                rects = self._detector(small, 2)
             if len(rects) == 0:
                 return None
             rect = max(rects, key=lambda r: r.width() * r.height())
@@ -122,8 +126,17 @@ class FaceAnalyzer:
         """Like detect(), but a photo without a face is a user error."""
         face = self.detect(image)
         if face is None:
-            raise NoFaceError("no face found in the portrait: use a photo with one clearly visible, frontal face")
+            raise no_face_error(image)
         return face
+
+
+def no_face_error(image: np.ndarray, need: str = "") -> NoFaceError:
+    """The user-facing NoFaceError for `image`, saying when the photo itself is too small to be the cause."""
+    h, w = image.shape[:2]
+    if min(h, w) < SMALL_PHOTO:
+        return NoFaceError(f"no face found in the {w}x{h} portrait: the photo is too small; use one where the "
+                           f"face is at least ~80 pixels wide")
+    return NoFaceError(f"no face found in the portrait: use a photo with one clearly visible, frontal face{need}")
 
 
 @dataclass

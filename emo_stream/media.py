@@ -10,7 +10,7 @@ import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from emo_stream.errors import AudioInputError, ImageInputError
+from emo_stream.errors import AudioInputError, ImageInputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +24,25 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ImageInputError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+            return _to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageInputError(f"not a readable image: {path} ({exc.__class__.__name__})") from None
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL image -> RGB uint8, upright (EXIF), transparency over white, 16-bit/float scaled to 8 bits."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # Pillow's convert("RGB") clips these to 0..255 (a 16-bit grey PNG comes out white): scale instead
+        x = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I") and x.max(initial=0) > 255 else 255.0
+        if img.mode == "F" and x.max(initial=0) <= 1.0:
+            hi = 1.0
+        img = Image.fromarray(np.clip(x / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
 def image_from_bytes(data: bytes) -> np.ndarray:
@@ -36,8 +51,7 @@ def image_from_bytes(data: bytes) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = ImageOps.exif_transpose(img)
-            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+            return _to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageInputError(f"not a readable image ({exc.__class__.__name__})") from None
 
@@ -91,7 +105,8 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, min_seconds: fl
     except AudioInputError:
         raise
     except (av.error.FFmpegError, ValueError, OSError) as exc:
-        raise AudioInputError(f"cannot decode audio {path}: {exc.__class__.__name__}") from None
+        raise AudioInputError(f"cannot decode audio {path} ({exc.__class__.__name__}): not an audio or video file "
+                              f"FFmpeg can read; convert it to WAV or MP3") from None
     audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
     if len(audio) < min_seconds * sample_rate:
         raise AudioInputError(
@@ -114,13 +129,21 @@ class Mp4Writer:
     def __init__(self, path: str | Path, fps: int, size: tuple[int, int] | int,
                  sample_rate: int = SAMPLE_RATE, crf: int = 20, audio: bool = True):
         width, height = (size, size) if isinstance(size, int) else size
+        if width % 2 or height % 2:
+            raise ValueError(f"H.264 (yuv420p) needs even frame sizes: got {width}x{height}")
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fps = fps
         self.sample_rate = sample_rate
         self.frames_written = 0
         self.samples_written = 0  # at OUT_RATE
-        self._container = av.open(str(self.path), mode="w")
+        # open the file ourselves: FFmpeg would only fail at the first frame (after all the set-up work)
+        # with a traceback, and would pick the container from the suffix (none for "out" or "out.mp4/")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "wb")
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc.__class__.__name__}") from None
+        self._container = av.open(self._file, mode="w", format="mp4")
         self._video = self._container.add_stream("libx264", rate=Fraction(fps))
         self._video.width, self._video.height = width, height
         self._video.pix_fmt = "yuv420p"
@@ -188,6 +211,7 @@ class Mp4Writer:
         self._container.mux(self._video.encode(None))
         self._container.close()
         self._container = None
+        self._file.close()
 
     def __enter__(self) -> "Mp4Writer":
         return self

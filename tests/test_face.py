@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from emo_stream.errors import NoFaceError
-from emo_stream.face import FaceAnalyzer, face_region_mask, prepare_portrait
+from emo_stream.face import FaceAnalyzer, face_region_mask, no_face_error, prepare_portrait
 from emo_stream.media import load_image
 
 
@@ -32,6 +32,17 @@ def test_no_face_is_a_clear_error(analyzer):
     noise = rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)
     with pytest.raises(NoFaceError, match="no face"):
         analyzer.analyze(noise)
+
+
+def test_small_photos(shared_data, analyzer):
+    from PIL import Image
+
+    # a 60 px photo of a face: found (upsampled once more); a 40 px one: "too small", not "use a frontal face"
+    small = np.asarray(Image.open(shared_data / "portraits" / "hallo_1.jpg").convert("RGB").resize((60, 60), Image.LANCZOS))
+    assert analyzer.detect(small) is not None
+    with pytest.raises(NoFaceError, match="too small"):
+        analyzer.analyze(np.full((40, 40, 3), 128, np.uint8))
+    assert "too small" not in str(no_face_error(np.zeros((300, 300, 3), np.uint8)))
 
 
 def test_face_region_mask_is_union_of_boxes():

@@ -5,8 +5,11 @@ import wave
 import numpy as np
 import pytest
 
-from emo_stream.errors import AudioInputError, ImageInputError
-from emo_stream.media import Mp4Writer, load_audio, load_image, probe_durations, resample, to_mono_float
+from PIL import Image
+
+from emo_stream.errors import AudioInputError, ImageInputError, OutputError
+from emo_stream.media import (Mp4Writer, image_from_bytes, load_audio, load_image, probe_durations, resample,
+                              to_mono_float)
 
 
 def _write_wav(path, x: np.ndarray, rate: int, channels: int = 1):
@@ -75,3 +78,29 @@ def test_mp4_writer_durations_match(tmp_path):
     d = probe_durations(out)
     assert d["frames"] == fps * seconds
     assert abs(d["audio_s"] - d["video_s"]) < 1 / fps
+
+
+def test_load_image_scales_16_bit_and_flattens_transparency(tmp_path):
+    grey = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (32, 1))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # mode I;16
+    img = load_image(tmp_path / "g16.png")
+    assert img.shape == (32, 64, 3) and img.dtype == np.uint8
+    assert np.abs(img[..., 0].astype(int) - grey).max() <= 1  # not clipped to white
+    rgba = np.zeros((8, 8, 4), np.uint8)  # transparent black, one opaque red pixel
+    rgba[0, 0] = (255, 0, 0, 255)
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    img = load_image(tmp_path / "a.png")
+    assert tuple(img[0, 0]) == (255, 0, 0) and tuple(img[4, 4]) == (255, 255, 255)  # over white
+    assert np.array_equal(image_from_bytes((tmp_path / "a.png").read_bytes()), img)
+
+
+def test_mp4_writer_output_errors(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    for bad in (tmp_path, tmp_path / "file.txt" / "v.mp4"):
+        with pytest.raises(OutputError, match="cannot write"):
+            Mp4Writer(bad, fps=25, size=64)
+    with pytest.raises(ValueError, match="even"):
+        Mp4Writer(tmp_path / "odd.mp4", fps=25, size=65)
+    with Mp4Writer(tmp_path / "no_suffix", fps=25, size=64) as w:  # an MP4 whatever the name
+        w.write_frames(np.zeros((3, 64, 64, 3), np.uint8))
+    assert probe_durations(tmp_path / "no_suffix")["frames"] == 3

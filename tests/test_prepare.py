@@ -85,3 +85,30 @@ def test_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no videos"):
         prepare_dataset(tmp_path / "empty", tmp_path / "out", PrepareOptions(size=SIZE))
+
+
+def test_rotated_phone_video_is_turned_upright(shared_data, tmp_path):
+    """Phones store portrait video sideways plus a display rotation; players (and prepare) turn it upright."""
+    import shutil
+    import subprocess
+
+    import av
+
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        pytest.skip("ffmpeg is not installed")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    phone, sideways = videos / "phone.mp4", tmp_path / "sideways.mp4"
+    # pixels turned a quarter clockwise, then (stream copy) tagged to be shown turned back: FFmpeg 5 writes
+    # the tag as the display matrix
+    subprocess.run([ffmpeg, "-loglevel", "error", "-i", str(shared_data / "clips" / "short_case_10" / "gt.mp4"),
+                    "-t", "1.4", "-vf", "transpose=1,scale=192:192", "-c:a", "aac", str(sideways)], check=True)
+    subprocess.run([ffmpeg, "-loglevel", "error", "-i", str(sideways), "-c", "copy", "-metadata:s:v:0", "rotate=90",
+                    str(phone)], check=True)
+    with av.open(str(phone)) as c:
+        if next(c.decode(video=0)).rotation != 90:
+            pytest.skip("this ffmpeg does not write the rotate tag as a display matrix")
+    out = tmp_path / "out"
+    report = prepare_dataset(videos, out, PrepareOptions(size=SIZE, detect_every=5), workers=1, progress=False)
+    assert report["skipped"] == {} and len(read_manifest(out)) == 1

@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from emo_stream.backend import AudioContext, SegmentJob, samples_per_frame
-from emo_stream.errors import ConfigError, ImageInputError, NoFaceError
-from emo_stream.face import FaceAnalyzer, FaceInfo
+from emo_stream.errors import ConfigError, ImageInputError
+from emo_stream.face import FaceAnalyzer, FaceInfo, no_face_error
 from emo_stream.preview.motion import MotionConfig, MotionModel, MotionState
 from emo_stream.preview.mouth import MouthConfig, MouthFilter, MouthState, audio_features
 from emo_stream.preview.warp import FaceWarper, FrameParams, WarpConfig
@@ -76,12 +76,13 @@ class PreviewBackend:
             raise ConfigError(f"unknown option(s) for the preview backend: {', '.join(sorted(unknown))}")
         if options:
             log.info("preview backend ignores EMO option(s): %s", ", ".join(sorted(options)))
-        if size < 64 or size > 2048:
-            raise ConfigError(f"preview size must be between 64 and 2048 pixels: got {size}")
+        if size < 64 or size > 2048 or size % 2:
+            # even: H.264 (yuv420p) cannot encode odd widths
+            raise ConfigError(f"preview size must be an even number of pixels between 64 and 2048: got {size}")
         try:
             samples_per_frame(fps)
         except ValueError:
-            raise ConfigError(f"fps must divide 16000 (e.g. 25 or 20): got {fps}") from None
+            raise ConfigError(f"fps must be positive and divide 16000 (e.g. 25 or 20): got {fps}") from None
         if clip_frames < 1:
             raise ConfigError(f"clip_frames must be >= 1: got {clip_frames}")
         self.size = int(size)
@@ -119,8 +120,7 @@ class PreviewBackend:
         if face is None:
             face = self.analyzer.detect(image)
             if face is None:
-                raise NoFaceError("no face found in the portrait: use a photo with one clearly visible, "
-                                  "frontal face (the preview animator needs eyes, nose and mouth visible)")
+                raise no_face_error(image, " (the preview animator needs eyes, nose and mouth visible)")
         framed, framed_face = frame_portrait(image, face, self.size, self.face_fraction)
         # landmarks are more precise when re-run at the working size
         framed_face.landmarks = self.analyzer.landmarks(framed, framed_face.box)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emo_stream.errors import ConfigError
+from emo_stream.errors import ConfigError, EmoStreamError
 from emo_stream.training.dataset_layout import (FPS, SAMPLES_PER_FRAME, ClipRecord, DatasetInfo, append_manifest,
                                                 head_speed, read_manifest, speed_to_bucket, write_clip, write_info)
 
@@ -69,6 +69,11 @@ def _frames_25fps(path: Path, max_seconds: float | None, work_size: int):
                     t0 = t
                 t -= t0
                 img = frame.to_ndarray(format="rgb24")
+                turn = round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+                if turn:
+                    # phone videos store pixels sideways plus a display rotation (degrees counter-clockwise,
+                    # as players and FFmpeg apply it): upright faces are what dlib finds
+                    img = np.ascontiguousarray(np.rot90(img, k=turn))
                 h, w = img.shape[:2]
                 s = min(1.0, work_size / max(h, w))
                 if s < 1.0:
@@ -321,6 +326,12 @@ def run(args: argparse.Namespace) -> int:
                           max_seconds=args.max_seconds, detect_every=args.detect_every)
     summary = prepare_dataset(Path(args.videos), Path(args.out), opts, workers=args.workers,
                               audio_features_model=args.audio_features, progress=not args.no_progress)
+    if not summary["clips"]:
+        # an empty dataset only fails later, in `train`: say now why nothing was usable
+        first = next(iter(summary["skipped"].items()), None)
+        example = f" (e.g. {Path(first[0]).name}: {first[1]})" if first else ""
+        raise EmoStreamError(f"no usable clips: all {summary['videos']} video(s) were skipped{example}; "
+                             f"reasons in {Path(args.out) / 'report.json'}")
     log.info("%d clips (%.2f h) in %s; %d videos skipped (see %s/report.json)", summary["clips"], summary["hours"],
              args.out, len(summary["skipped"]), args.out)
     return 0

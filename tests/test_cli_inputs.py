@@ -1,0 +1,129 @@
+"""The CLI as a newcomer uses it: odd but legitimate inputs work (durations in sync), broken ones exit 2
+with one line that says what to do (no traceback). Inputs are made here, in tmp_path."""
+
+from __future__ import annotations
+
+import wave
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from emo_stream.media import load_audio, probe_durations
+from server.cli import main as cli_main
+
+SIZE = 64
+FPS = 25
+
+
+def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
+    rc = cli_main([str(a) for a in argv])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    return rc, err
+
+
+def _assert_one_line_error(rc: int, err: list[str], command: str, *words: str) -> None:
+    assert rc == 2, err
+    assert not any("Traceback" in line for line in err), err
+    assert err and err[-1].startswith(f"emo-stream {command}: error:"), err
+    for word in words:
+        assert word in err[-1], err[-1]
+
+
+def _write_stereo_mp3(path: Path, mono_16k: np.ndarray, rate: int = 44100) -> None:
+    """The speech as a stereo 44.1 kHz MP3 (PyAV's libmp3lame)."""
+    from emo_stream.media import resample
+
+    x = resample(mono_16k, 16000, rate)
+    stereo = np.stack([x, x]).astype(np.float32)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libmp3lame", rate=rate)
+        s.layout = "stereo"
+        s.format = "fltp"
+        frame = av.AudioFrame.from_ndarray(stereo, format="fltp", layout="stereo")
+        frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)
+        for packet in s.encode(frame):
+            c.mux(packet)
+        for packet in s.encode(None):
+            c.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def portrait(shared_data, tmp_path_factory) -> Path:
+    """A real portrait at 256 px (face detection stays fast)."""
+    p = tmp_path_factory.mktemp("portrait") / "portrait.jpg"
+    Image.open(shared_data / "portraits" / "hallo_1.jpg").convert("RGB").resize((256, 256), Image.LANCZOS).save(p)
+    return p
+
+
+def test_odd_inputs_work_and_stay_in_sync(portrait, speech_16k, tmp_path, capsys):
+    """16-bit grey PNG portrait + stereo 44.1 kHz MP3 + --out in a missing folder, without a suffix."""
+    grey16 = tmp_path / "grey16.png"
+    grey = np.asarray(Image.open(portrait).convert("L"), np.uint16) * 257
+    Image.fromarray(grey).save(grey16)  # mode I;16: Pillow's convert("RGB") used to turn it white
+    mp3 = tmp_path / "speech.mp3"
+    _write_stereo_mp3(mp3, speech_16k)
+    out = tmp_path / "new" / "folder" / "result"
+    rc, err = _cli(capsys, "generate", "--image", grey16, "--audio", mp3, "--out", out, "--size", SIZE,
+                   "--no-progress")
+    assert rc == 0, err
+    seconds = len(load_audio(mp3)) / 16000
+    d = probe_durations(out)
+    assert abs(d["frames"] - round(seconds * FPS)) <= 1
+    assert abs(d["video_s"] - d["audio_s"]) < 1 / FPS
+    assert abs(d["audio_s"] - seconds) < 1 / FPS
+
+
+def _corrupt_wav(path: Path) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(np.zeros(16000, "<i2").tobytes())
+    data = bytearray(path.read_bytes())
+    data[:4] = b"RIFX"              # big-endian RIFF marker ...
+    data[20:22] = b"\xff\xff"       # ... and an unknown codec tag
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("case, args, words", [
+    ("odd_size", ["--size", "101"], ["even"]),
+    ("fps_zero", ["--fps", "0"], ["fps"]),
+    ("fps_negative", ["--fps", "-5"], ["fps"]),
+    ("fps_24", ["--fps", "24"], ["fps", "16000"]),
+    ("emo_size_zero", ["--backend", "emo", "--model", "tiny", "--size", "0"], ["size"]),
+    ("emo_guidance_nan", ["--backend", "emo", "--model", "tiny", "--guidance", "nan"], ["guidance"]),
+    ("out_is_a_folder", ["--out", "{tmp}"], ["cannot write"]),
+    ("out_under_a_file", ["--out", "{tmp}/notes.txt/x.mp4"], ["cannot write"]),
+    ("corrupt_wav_header", ["--audio", "{tmp}/corrupt.wav"], ["cannot decode audio", "WAV"]),
+    ("tiny_photo", ["--image", "{tmp}/tiny.jpg"], ["too small"]),
+])
+def test_generate_errors_are_one_line(case, args, words, portrait, speech_wav, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a file where a folder is expected")
+    _corrupt_wav(tmp_path / "corrupt.wav")
+    Image.open(portrait).resize((40, 40), Image.BILINEAR).save(tmp_path / "tiny.jpg")
+    base = {"--image": str(portrait), "--audio": str(speech_wav), "--out": str(tmp_path / "out.mp4"),
+            "--size": str(SIZE)}
+    extra = []
+    for key, value in zip(args[::2], args[1::2]):
+        value = value.format(tmp=tmp_path)
+        if key in base:
+            base[key] = value
+        else:
+            extra += [key, value]
+    argv = ["generate", "--no-progress", "--steps", "1"] + [x for kv in base.items() for x in kv] + extra
+    rc, err = _cli(capsys, *argv)
+    _assert_one_line_error(rc, err, "generate", *words)
+
+
+def test_prepare_with_no_usable_video_fails_clearly(tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "broken.mp4").write_bytes(b"not a video at all")
+    rc, err = _cli(capsys, "prepare", "--videos", videos, "--out", tmp_path / "out", "--size", SIZE,
+                   "--workers", "1", "--no-progress")
+    _assert_one_line_error(rc, err, "prepare", "no usable clips", "broken.mp4", "report.json")
