@@ -77,6 +77,21 @@ def test_odd_inputs_work_and_stay_in_sync(portrait, speech_16k, tmp_path, capsys
     assert abs(d["audio_s"] - seconds) < 1 / FPS
 
 
+def test_negative_seed_works_with_the_preview_backend(portrait, tmp_path, capsys):
+    audio = tmp_path / "tone.wav"
+    with wave.open(str(audio), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)  # 8 kHz telephone audio
+        w.writeframes((0.3 * 32767 * np.sin(np.arange(2400) / 8000 * 2 * np.pi * 220)).astype("<i2").tobytes())
+    out = tmp_path / "seed.mp4"
+    rc, err = _cli(capsys, "generate", "--image", portrait, "--audio", audio, "--out", out, "--size", SIZE,
+                   "--seed", "-1", "--no-progress")
+    assert rc == 0, err
+    d = probe_durations(out)
+    assert abs(d["frames"] - round(0.3 * FPS)) <= 1 and abs(d["video_s"] - d["audio_s"]) < 1 / FPS
+
+
 def _corrupt_wav(path: Path) -> Path:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -118,6 +133,25 @@ def test_generate_errors_are_one_line(case, args, words, portrait, speech_wav, t
     argv = ["generate", "--no-progress", "--steps", "1"] + [x for kv in base.items() for x in kv] + extra
     rc, err = _cli(capsys, *argv)
     _assert_one_line_error(rc, err, "generate", *words)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--segment-seconds", "0"], ["--segment-seconds"]),
+    (["--segment-seconds", "2", "--min-seconds", "3"], ["--segment-seconds", "--min-seconds"]),
+    (["--min-seconds", "-1"], ["--min-seconds"]),
+    (["--max-seconds", "0"], ["--max-seconds"]),
+    (["--out", "{tmp}/notes.txt/dataset"], ["cannot write"]),
+])
+def test_prepare_option_errors_are_one_line(args, words, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "broken.mp4").write_bytes(b"not a video at all")
+    (tmp_path / "notes.txt").write_text("a file where a folder is expected")
+    argv = ["prepare", "--videos", str(videos), "--size", str(SIZE), "--workers", "1", "--no-progress"]
+    if "--out" not in args:
+        argv += ["--out", str(tmp_path / "out")]
+    rc, err = _cli(capsys, *argv, *[a.format(tmp=tmp_path) for a in args])
+    _assert_one_line_error(rc, err, "prepare", *words)
 
 
 def test_prepare_with_no_usable_video_fails_clearly(tmp_path, capsys):

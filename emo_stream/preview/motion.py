@@ -59,7 +59,7 @@ class MotionModel:
         self._blink = np.interp(t, np.arange(len(BLINK_PROFILE_25)), BLINK_PROFILE_25).astype(np.float32)
 
     def new_state(self, seed: int) -> MotionState:
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(int(seed) % 2**64)  # any int seeds (numpy rejects negative ones)
         st = MotionState(rng=rng)
         # three incommensurate slow sinusoids per axis (tx, ty, roll, yaw): smooth, never visibly periodic
         st.sway_freq = rng.uniform(0.06, 0.32, size=(4, 3)).astype(np.float32)

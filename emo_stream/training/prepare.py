@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emo_stream.errors import ConfigError, EmoStreamError
+from emo_stream.errors import ConfigError, EmoStreamError, OutputError
 from emo_stream.training.dataset_layout import (FPS, SAMPLES_PER_FRAME, ClipRecord, DatasetInfo, append_manifest,
                                                 head_speed, read_manifest, speed_to_bucket, write_clip, write_info)
 
@@ -256,7 +256,10 @@ def prepare_dataset(videos: Path, out: Path, opts: PrepareOptions, workers: int 
     paths = sorted(p for p in videos.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file())
     if not paths:
         raise ConfigError(f"no videos ({', '.join(VIDEO_EXTS)}) under {videos}")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write the dataset to {out}: {exc.strerror or exc.__class__.__name__}") from None
     info_path = out / "dataset.json"
     if info_path.is_file():
         old = json.loads(info_path.read_text())
@@ -322,6 +325,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--size must be a multiple of 8 and >= 32, got {args.size}")
     if args.detect_every < 1 or args.workers < 1:
         raise ConfigError("--detect-every and --workers must be >= 1")
+    if not args.min_seconds >= 0:
+        raise ConfigError(f"--min-seconds must be >= 0: got {args.min_seconds}")
+    if not (args.segment_seconds > 0 and args.segment_seconds >= args.min_seconds):
+        # else every segment would be skipped as too short
+        raise ConfigError(f"--segment-seconds must be > 0 and at least --min-seconds ({args.min_seconds}): "
+                          f"got {args.segment_seconds}")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        raise ConfigError(f"--max-seconds must be > 0 (leave it out to use whole videos): got {args.max_seconds}")
     opts = PrepareOptions(size=args.size, segment_seconds=args.segment_seconds, min_seconds=args.min_seconds,
                           max_seconds=args.max_seconds, detect_every=args.detect_every)
     summary = prepare_dataset(Path(args.videos), Path(args.out), opts, workers=args.workers,
