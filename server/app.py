@@ -153,6 +153,9 @@ class StreamServer:
             max_queue=16,
             ping_interval=cfg.keepalive.ping_interval_s,
             ping_timeout=cfg.keepalive.ping_timeout_s,
+            # a client that stopped reading never completes the closing handshake: without this its
+            # session would outlive a failed keepalive by websockets' default 10 s
+            close_timeout=cfg.keepalive.ping_timeout_s,
             compression=None,  # audio and JPEG do not compress; save the CPU
             server_header="emo-stream",
             ssl=ssl_context,

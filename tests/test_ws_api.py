@@ -294,6 +294,28 @@ async def test_a_broken_client_does_not_disturb_another_session(server, speech_1
         assert len(server.sessions) == 1
 
 
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed(server):
+    """A hung bot (its TCP still up, nothing read): keepalive fails and the closing handshake cannot
+    complete; the connection is cut and the session closed within a few seconds, not left holding a slot."""
+    from websockets.asyncio.client import connect
+
+    ws = await connect(server.base_url.replace("http", "ws") + "/api/ws", max_queue=2, compression=None)
+    try:
+        await ws.send(json.dumps({"type": "start", "frames": "jpeg"}))
+        for _ in range(100):
+            if len(server.sessions) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert len(server.sessions) == 1
+        for _ in range(80):  # 8 s at most: keepalive (2 s) + closing handshake (1 s)
+            if len(server.sessions) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert len(server.sessions) == 0 and server.health()["connections"] == 0
+    finally:
+        ws.transport.abort()
+
 async def test_idle_sessions_time_out(backend):
     srv = await _server(backend)
     srv.config.sessions.idle_timeout_s = 0.4
