@@ -65,7 +65,7 @@ class HttpRoutes:
             return True
         given = (query.get("token") or [""])[0]
         auth = request.headers.get("Authorization", "")
-        if auth.startswith("Bearer "):
+        if auth[:7].lower() == "bearer ":  # the scheme is case-insensitive (RFC 9110)
             given = auth[7:].strip()
         return hmac.compare_digest(given.encode(), token.encode())
 

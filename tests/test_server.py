@@ -218,7 +218,8 @@ async def test_cross_site_websocket_is_refused(server):
 
 
 async def test_a_header_given_twice_is_a_bad_request():
-    """Two Authorization (or Origin) headers are ambiguous: 400, not a server error or a guess."""
+    """Two Authorization (or Origin) headers are ambiguous: 400, not a server error or a guess.
+    One, with the scheme in any case, is read as usual."""
     srv = StreamServer(load_config(None, port=0, size=64, token="secret-token-123"), engine=FakeEngine())
     await srv.start()
 
@@ -237,6 +238,7 @@ async def test_a_header_given_twice_is_a_bad_request():
         assert await status_of(good + "Origin: http://evil.example\r\nOrigin: http://evil2.example\r\n") == 400
         assert await status_of("Authorization: Bearer wrong-token-456\r\n") == 401
         assert await status_of(good) == 101
+        assert await status_of("Authorization: bearer secret-token-123\r\n") == 101
     finally:
         await srv.stop()
 
