@@ -161,3 +161,21 @@ def test_prepare_with_no_usable_video_fails_clearly(tmp_path, capsys):
     rc, err = _cli(capsys, "prepare", "--videos", videos, "--out", tmp_path / "out", "--size", SIZE,
                    "--workers", "1", "--no-progress")
     _assert_one_line_error(rc, err, "prepare", "no usable clips", "broken.mp4", "report.json")
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["train.output_dir={tmp}/notes.txt/run"], ["cannot write", "output_dir"]),
+    (["train.device=cuda:1"], ["train.device", "CUDA_VISIBLE_DEVICES"]),
+    pytest.param(["train.device=cuda"], ["CUDA is not available"],
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available")),
+])
+def test_train_errors_are_one_line(sets, words, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a file where a folder is expected")
+    config = tmp_path / "train.yaml"
+    config.write_text(f"stage: 1\nmodel: {{init: tiny}}\ndata: {{root: {tmp_path}}}\n"
+                      f"train: {{output_dir: {tmp_path / 'run'}, max_steps: 1}}\n")
+    argv = ["train", "--stage", "1", "--config", str(config), "--no-progress", "--resume", "no"]
+    for item in sets:
+        argv += ["--set", item.format(tmp=tmp_path)]
+    rc, err = _cli(capsys, *argv)
+    _assert_one_line_error(rc, err, "train", *words)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from emo_stream.errors import ConfigError, EmoStreamError
+from emo_stream.errors import ConfigError, EmoStreamError, OutputError
 from emo_stream.training.config import TrainConfig, load_train_config
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,13 @@ class Trainer:
         t = cfg.train
         self.out = Path(t.output_dir)
         self.progress = progress
+        if t.device not in (None, "cpu", "cuda"):
+            raise ConfigError(f"{cfg.source}: train.device must be cpu or cuda (got {t.device!r}); pick GPUs "
+                              f"with CUDA_VISIBLE_DEVICES or accelerate launch")
+        if t.device == "cuda" and not torch.cuda.is_available():
+            # not a silent fall-back to the CPU: that would be days instead of hours
+            raise ConfigError(f"{cfg.source}: train.device is cuda, but CUDA is not available here "
+                              f"(a CPU build of torch?); set train.device: cpu to train on the CPU")
         cpu = t.device == "cpu" or not torch.cuda.is_available()
         log_with = "tensorboard" if t.tensorboard else None
         self.accelerator = Accelerator(
@@ -81,6 +88,12 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(
                 find_unused_parameters="referencenet" in cfg.trainable or cfg.stage == 1)])
         acc = self.accelerator
+        if acc.is_main_process:
+            try:  # now, not after minutes of model loading
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot write train.output_dir {self.out}: "
+                                  f"{exc.strerror or exc.__class__.__name__}") from None
         torch.manual_seed(t.seed)
 
         self.model = ma.load_model(cfg.model.init, cfg.model.options)
