@@ -44,6 +44,7 @@ class Outbox:
         self.max_frames = max_frames
         self.dropped = 0
         self._ready = asyncio.Event()
+        self._taken = asyncio.Event()
         self._closed = False
         self.overflow = False
 
@@ -79,7 +80,18 @@ class Outbox:
         item = self._items.popleft()
         if isinstance(item, PlayoutFrame):
             self._frames -= 1
+        self._taken.set()
         return item
+
+    async def flushed(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until the writer has taken everything queued so far."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self._items and not self._closed:
+                    self._taken.clear()
+                    await self._taken.wait()
+        except TimeoutError:
+            pass
 
     def close(self) -> None:
         self._closed = True
@@ -251,6 +263,7 @@ class Connection:
     async def _peer_gone(self, session: ServerSession) -> None:
         if self.session is session:
             await self._end_session("peer connection closed")
+            await self.outbox.flushed(timeout=1.0)  # session_ended goes out before the close
             await self.ws.close(1000, "peer connection closed")
 
     async def _view(self, msg: View) -> None:

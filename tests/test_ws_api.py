@@ -316,6 +316,37 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed(server)
     finally:
         ws.transport.abort()
 
+
+async def test_a_talk_page_whose_peer_connection_closes_hears_session_ended(server):
+    """The browser's WebRTC connection goes away: the session ends, and session_ended (with the
+    reason) reaches the page before the server closes the WebSocket."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import AudioStreamTrack
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        pc.addTrack(AudioStreamTrack())  # the "mic": silence
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        async with BotClient(server.base_url) as page:
+            info = await page.request({"type": "start", "webrtc": {"type": "offer", "sdp": pc.localDescription.sdp}})
+            await pc.setRemoteDescription(RTCSessionDescription(**info["answer"]))
+            for _ in range(100):
+                if pc.connectionState == "connected":
+                    break
+                await asyncio.sleep(0.1)
+            assert pc.connectionState == "connected"
+            await pc.close()
+            ended = (await _until(page, _event("session_ended")))[-1]
+            assert ended["session"] == info["session"] and ended["reason"] == "peer connection closed"
+        for _ in range(50):
+            if len(server.sessions) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert len(server.sessions) == 0
+    finally:
+        await pc.close()
+
 async def test_idle_sessions_time_out(backend):
     srv = await _server(backend)
     srv.config.sessions.idle_timeout_s = 0.4
