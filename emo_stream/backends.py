@@ -34,6 +34,12 @@ def create_backend(name: str | None = None, model: str | None = None, *, size: i
         return PreviewBackend(size=size, fps=fps, **options)
     if name == "emo":
         from emo_stream.emo_backend import EmoBackend
+        from emo_stream.models.config import PRESETS
 
-        return EmoBackend.load(model or "tiny", size=size, fps=fps, device=device, **options)
+        model = model or "tiny"
+        if model in PRESETS:
+            # easy to get by mistake (--backend emo without --model): say why the video will be noise
+            log.warning("EMO model %r is a preset with random weights: the video will be noise. For real "
+                        "output pass --model with a trained checkpoint folder (see README).", model)
+        return EmoBackend.load(model, size=size, fps=fps, device=device, **options)
     raise ConfigError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

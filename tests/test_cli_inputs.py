@@ -179,3 +179,15 @@ def test_train_errors_are_one_line(sets, words, tmp_path, capsys):
         argv += ["--set", item.format(tmp=tmp_path)]
     rc, err = _cli(capsys, *argv)
     _assert_one_line_error(rc, err, "train", *words)
+
+
+def test_emo_without_a_model_warns_that_weights_are_random(caplog):
+    """`--backend emo` without --model falls back to the tiny preset: say so, or the noise looks like a bug."""
+    import logging
+
+    from emo_stream.backends import create_backend
+
+    with caplog.at_level(logging.WARNING, logger="emo_stream.backends"):
+        backend = create_backend("emo", None, size=SIZE, device="cpu", steps=1)
+    assert backend.name == "emo"
+    assert any("random weights" in r.getMessage() for r in caplog.records)
