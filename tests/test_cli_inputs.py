@@ -191,3 +191,18 @@ def test_emo_without_a_model_warns_that_weights_are_random(caplog):
         backend = create_backend("emo", None, size=SIZE, device="cpu", steps=1)
     assert backend.name == "emo"
     assert any("random weights" in r.getMessage() for r in caplog.records)
+
+
+def test_prepare_with_a_bad_audio_features_model_stops_without_marking_videos_skipped(tmp_path, capsys):
+    """The model is the user's error for every video: one line, and a re-run (fixed model) retries them all."""
+    import json
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "broken.mp4").write_bytes(b"not a video at all")
+    out = tmp_path / "out"
+    rc, err = _cli(capsys, "prepare", "--videos", videos, "--out", out, "--size", SIZE, "--workers", "1",
+                   "--audio-features", tmp_path / "no-such-model", "--no-progress")
+    _assert_one_line_error(rc, err, "prepare", "model not found")
+    report = out / "report.json"
+    assert not report.is_file() or json.loads(report.read_text())["skipped"] == {}

@@ -223,8 +223,10 @@ def prepare_video(path: Path, out: Path, clip_prefix: str, opts: PrepareOptions,
 def _worker(args: tuple) -> tuple[str, list[ClipRecord] | None, str | None]:
     path, out, prefix, opts, features_model = args
     logging.basicConfig(level=logging.WARNING)
+    # outside the try: a bad --audio-features model is no fault of this video; it stops the run (reported
+    # as one line) instead of marking every video skipped, which a re-run would then never retry
+    encoder = _load_audio_encoder(features_model) if features_model else None
     try:
-        encoder = _load_audio_encoder(features_model) if features_model else None
         return str(path), prepare_video(Path(path), Path(out), prefix, opts, encoder), None
     except SkipVideo as exc:
         return str(path), None, str(exc)
@@ -297,7 +299,13 @@ def prepare_dataset(videos: Path, out: Path, opts: PrepareOptions, workers: int 
             with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
                 futures = [pool.submit(_worker, job) for job in jobs]
                 for fut in as_completed(futures):
-                    record(*fut.result())
+                    try:
+                        result = fut.result()
+                    except BaseException:
+                        for other in futures:
+                            other.cancel()
+                        raise
+                    record(*result)
                     bar.update(1)
     clips = read_manifest(out)
     report.update(videos=len(paths), clips=len(clips), new_clips=new_clips,
