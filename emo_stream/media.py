@@ -25,6 +25,9 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return _to_rgb(img)
+    except Image.DecompressionBombError:
+        raise ImageInputError(f"image too large: {path} (more than {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels); "
+                              f"use a smaller photo") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageInputError(f"not a readable image: {path} ({exc.__class__.__name__})") from None
 
@@ -52,6 +55,9 @@ def image_from_bytes(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             return _to_rgb(img)
+    except Image.DecompressionBombError:
+        raise ImageInputError(f"image too large (more than {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels): "
+                              f"use a smaller photo") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageInputError(f"not a readable image ({exc.__class__.__name__})") from None
 

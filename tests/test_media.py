@@ -104,3 +104,21 @@ def test_mp4_writer_output_errors(tmp_path):
     with Mp4Writer(tmp_path / "no_suffix", fps=25, size=64) as w:  # an MP4 whatever the name
         w.write_frames(np.zeros((3, 64, 64, 3), np.uint8))
     assert probe_durations(tmp_path / "no_suffix")["frames"] == 3
+
+
+def test_huge_image_headers_are_an_input_error(tmp_path):
+    """A PNG that claims 30000x30000 pixels (a decompression bomb): a clear error, not Pillow's exception."""
+    import struct
+    import zlib
+
+    Image.new("L", (10, 10)).save(tmp_path / "small.png")
+    data = bytearray((tmp_path / "small.png").read_bytes())
+    ihdr = bytearray(data[16:29])
+    ihdr[0:8] = struct.pack(">II", 30000, 30000)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)) & 0xFFFFFFFF)
+    (tmp_path / "bomb.png").write_bytes(bytes(data))
+    with pytest.raises(ImageInputError, match="too large"):
+        load_image(tmp_path / "bomb.png")
+    with pytest.raises(ImageInputError, match="too large"):
+        image_from_bytes(bytes(data))
