@@ -38,7 +38,8 @@ def test_small_photos(shared_data, analyzer):
     from PIL import Image
 
     # a 60 px photo of a face: found (upsampled once more); a 40 px one: "too small", not "use a frontal face"
-    small = np.asarray(Image.open(shared_data / "portraits" / "hallo_1.jpg").convert("RGB").resize((60, 60), Image.LANCZOS))
+    photo = Image.open(shared_data / "portraits" / "hallo_1.jpg").convert("RGB")
+    small = np.asarray(photo.resize((60, 60), Image.LANCZOS))
     assert analyzer.detect(small) is not None
     with pytest.raises(NoFaceError, match="too small"):
         analyzer.analyze(np.full((40, 40, 3), 128, np.uint8))
