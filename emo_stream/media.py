@@ -15,6 +15,7 @@ from emo_stream.errors import AudioInputError, ImageInputError, OutputError
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000  # the model's audio rate (wav2vec2); everything is resampled to it
+MIN_INPUT_RATE = 4000  # Hz: telephone speech is 8 kHz; lower rates in a file mean a broken header
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -97,6 +98,10 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, min_seconds: fl
             if not container.streams.audio:
                 raise AudioInputError(f"no audio stream in {path}")
             stream = container.streams.audio[0]
+            if stream.rate and stream.rate < MIN_INPUT_RATE:
+                # e.g. a WAV header saying 7 Hz: taken at its word it is hours of audio to render
+                raise AudioInputError(f"audio sample rate {stream.rate} Hz in {path} is implausible (corrupt "
+                                      f"header?): re-encode it, e.g. to a 16 kHz WAV")
             # keep the channels through resampling and average them ourselves: FFmpeg's downmix
             # scales by -3 dB per channel, which would change the level of mono-in-stereo files
             resampler = None

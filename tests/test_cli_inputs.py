@@ -115,11 +115,17 @@ def _corrupt_wav(path: Path) -> Path:
     ("out_is_a_folder", ["--out", "{tmp}"], ["cannot write"]),
     ("out_under_a_file", ["--out", "{tmp}/notes.txt/x.mp4"], ["cannot write"]),
     ("corrupt_wav_header", ["--audio", "{tmp}/corrupt.wav"], ["cannot decode audio", "WAV"]),
+    ("wav_header_says_7_hz", ["--audio", "{tmp}/rate7.wav"], ["7 Hz", "re-encode"]),
     ("tiny_photo", ["--image", "{tmp}/tiny.jpg"], ["too small"]),
 ])
 def test_generate_errors_are_one_line(case, args, words, portrait, speech_wav, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("a file where a folder is expected")
     _corrupt_wav(tmp_path / "corrupt.wav")
+    with wave.open(str(tmp_path / "rate7.wav"), "wb") as w:  # 1 s of 16 kHz audio that claims 7 Hz: 38 min
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(7)
+        w.writeframes(np.zeros(16000, "<i2").tobytes())
     Image.open(portrait).resize((40, 40), Image.BILINEAR).save(tmp_path / "tiny.jpg")
     base = {"--image": str(portrait), "--audio": str(speech_wav), "--out": str(tmp_path / "out.mp4"),
             "--size": str(SIZE)}
