@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from emo_stream.backend import Backend, SegmentJob, samples_per_frame
+from emo_stream.errors import OutputError
 from emo_stream.media import Mp4Writer, load_audio, load_image
 
 log = logging.getLogger(__name__)
@@ -50,13 +52,16 @@ def iter_segments(backend: Backend, avatar, audio: np.ndarray, seed: int = 0,
         yield frames, padded[start:start + n * spf]
 
 
-def generate_file(backend: Backend, image_path: str | Path, audio_path: str | Path, out_path: str | Path,
-                  seed: int = 0, progress: bool = True) -> dict:
-    """Render `image_path` speaking `audio_path` into `out_path` (H.264 + AAC). Returns a summary."""
+def generate_file(backend: Backend, image: str | Path | np.ndarray, audio: str | Path | np.ndarray,
+                  out_path: str | Path, seed: int = 0, progress: bool = True) -> dict:
+    """Render a portrait (path or RGB array) speaking an audio (path, or 16 kHz mono float32 array) into
+    `out_path` (H.264 + AAC). Returns a summary."""
     from tqdm import tqdm
 
-    image = load_image(image_path)
-    audio = load_audio(audio_path)
+    if not isinstance(image, np.ndarray):
+        image = load_image(image)
+    if not isinstance(audio, np.ndarray):
+        audio = load_audio(audio)
     avatar = backend.prepare_avatar(image)
     total = frame_count(len(audio), backend.fps)
     written = 0
@@ -68,6 +73,21 @@ def generate_file(backend: Backend, image_path: str | Path, audio_path: str | Pa
             written += len(frames)
             bar.update(len(frames))
     return {"frames": written, "seconds": written / backend.fps, "out": str(out_path)}
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail early, in one line, when the output file cannot be created."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder")
+    # missing folders are created by the writer: the nearest existing one must take new entries
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"cannot write {path}: permission denied")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,10 +110,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from emo_stream.backends import create_backend
 
+    # inputs and the output place are checked before the model loads (minutes for sd15)
+    image, audio = load_image(args.image), load_audio(args.audio)
+    check_writable(args.out)
     options = {k: getattr(args, k) for k in ("steps", "guidance", "decoder") if getattr(args, k) is not None}
     backend = create_backend(args.backend, args.model, size=args.size, fps=args.fps, device=args.device,
                              **options)
-    summary = generate_file(backend, args.image, args.audio, args.out, seed=args.seed,
-                            progress=not args.no_progress)
+    summary = generate_file(backend, image, audio, args.out, seed=args.seed, progress=not args.no_progress)
     log.info("wrote %s: %d frames, %.2f s", summary["out"], summary["frames"], summary["seconds"])
     return 0

@@ -212,3 +212,11 @@ def test_prepare_with_a_bad_audio_features_model_stops_without_marking_videos_sk
     _assert_one_line_error(rc, err, "prepare", "model not found")
     report = out / "report.json"
     assert not report.is_file() or json.loads(report.read_text())["skipped"] == {}
+
+
+def test_generate_checks_inputs_and_output_before_loading_the_model(portrait, speech_wav, tmp_path, capsys):
+    """A model can take minutes to load: a bad --out must be reported first, not after."""
+    rc, err = _cli(capsys, "generate", "--image", str(portrait), "--audio", str(speech_wav),
+                   "--out", str(tmp_path), "--backend", "emo", "--model", str(tmp_path / "no-such-model"))
+    _assert_one_line_error(rc, err, "generate", "folder")
+    assert "model" not in err[0]
