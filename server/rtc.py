@@ -113,6 +113,11 @@ async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaSt
 
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        kinds = {t.kind for t in pc.getTransceivers()}
+        missing = {"audio", "video"} - kinds
+        if missing:  # else aiortc fails later with "None is not in list"
+            raise ValueError(f"the offer has no {' or '.join(sorted(missing))} section: the avatar is sent "
+                             "as video and audio (add recvonly transceivers for both)")
         pc.addTrack(PlayoutVideoTrack(sub))
         pc.addTrack(PlayoutAudioTrack(sub))
         await pc.setLocalDescription(await pc.createAnswer())
