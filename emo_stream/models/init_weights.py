@@ -125,45 +125,39 @@ def _modernise_vae_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def _load_component(cls, kwargs: dict, folder: str | Path, what: str, subfolder: str | None = None,
+                    convert=None):
+    """A diffusers model built from the preset's config, its weights read from `folder` (or its
+    `subfolder`, as in an SD1.5 pipeline folder) with shapes checked key by key."""
+    folder = Path(folder)
+    if subfolder and (folder / subfolder).is_dir():
+        folder = folder / subfolder
+    path = find_weights(folder, what)
+    with empty_weights():
+        model = cls(**kwargs)
+    state = read_state_dict(path)
+    load_checked(model, convert(state) if convert else state, path, assign=True)
+    return model
+
+
 def load_unet2d(folder: str | Path, config: EmoConfig) -> UNet2DConditionModel:
     """SD1.5 `unet` folder (or its parent) -> UNet2DConditionModel shaped by the preset."""
-    folder = Path(folder)
-    if (folder / "unet").is_dir():
-        folder = folder / "unet"
-    path = find_weights(folder, "UNet")
-    with empty_weights():
-        unet = UNet2DConditionModel(**config.unet)
-    load_checked(unet, read_state_dict(path), path, assign=True)
-    return unet
+    return _load_component(UNet2DConditionModel, config.unet, folder, "UNet", subfolder="unet")
 
 
 def load_vae(folder: str | Path, config: EmoConfig) -> AutoencoderKL:
-    folder = Path(folder)
-    if (folder / "vae").is_dir():
-        folder = folder / "vae"
-    path = find_weights(folder, "VAE")
-    with empty_weights():
-        vae = AutoencoderKL(**config.vae)
-    load_checked(vae, _modernise_vae_keys(read_state_dict(path)), path, assign=True)
-    return vae
+    return _load_component(AutoencoderKL, config.vae, folder, "VAE", subfolder="vae",
+                           convert=_modernise_vae_keys)
 
 
 def load_motion_adapter(folder: str | Path, config: EmoConfig) -> MotionAdapter:
-    path = find_weights(Path(folder), "MotionAdapter")
-    with empty_weights():
-        adapter = MotionAdapter(**config.motion_adapter)
-    load_checked(adapter, read_state_dict(path), path, assign=True)
-    return adapter
+    return _load_component(MotionAdapter, config.motion_adapter, folder, "MotionAdapter")
 
 
 def load_taesd(folder: str | Path, config: EmoConfig) -> AutoencoderTiny:
     if config.taesd is None:
         raise WeightsError("a TAESD folder was given but the model config has no taesd section")
-    path = find_weights(Path(folder), "TAESD")
-    with empty_weights():
-        taesd = AutoencoderTiny(**config.taesd)
-    load_checked(taesd, read_state_dict(path), path, assign=True)
-    return taesd
+    return _load_component(AutoencoderTiny, config.taesd, folder, "TAESD")
 
 
 def load_wav2vec2(folder: str | Path, config: EmoConfig) -> AudioEncoder:
