@@ -21,6 +21,7 @@ class SessionsConfig:
     max_sessions: int = 4
     idle_timeout_s: float = 300.0
     mic_max_backlog_s: float = 1.0
+    mic_jitter_packets: int = 1  # mic packets aiortc holds before decoding (its default 4 = 80 ms)
     max_viewers: int = 16   # WebRTC viewers per session (each costs one video encode)
 
 

@@ -84,8 +84,20 @@ async def pump_mic(track: MediaStreamTrack, session: Any, max_backlog_s: float) 
         await session.push_audio(pcm, sample_rate=frame.sample_rate, channels=channels)
 
 
+def _set_mic_jitter_buffer(pc: RTCPeerConnection, packets: int) -> None:
+    """aiortc holds 4 audio packets (80 ms) before decoding, a quarter of the glass-to-glass budget; it has
+    no public setting, so the audio receivers get a buffer of our size before any packet arrives."""
+    from aiortc.jitterbuffer import JitterBuffer
+
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        if transceiver.kind == "audio" and hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
+            receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=packets)
+
+
 async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaStreamTrack], None] | None = None,
-                       on_closed: Callable[[], Any] | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
+                       on_closed: Callable[[], Any] | None = None,
+                       mic_jitter_packets: int | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
     """Answer a browser's offer: our video+audio tracks go out on its transceivers; its mic comes in via on_mic.
 
     on_closed runs once when the connection fails or closes (tab closed, network dropped).
@@ -118,6 +130,8 @@ async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaSt
         if missing:  # else aiortc fails later with "None is not in list"
             raise ValueError(f"the offer has no {' or '.join(sorted(missing))} section: the avatar is sent "
                              "as video and audio (add recvonly transceivers for both)")
+        if mic_jitter_packets is not None:
+            _set_mic_jitter_buffer(pc, mic_jitter_packets)
         pc.addTrack(PlayoutVideoTrack(sub))
         pc.addTrack(PlayoutAudioTrack(sub))
         await pc.setLocalDescription(await pc.createAnswer())

@@ -246,7 +246,8 @@ class Connection:
                 pc, answer = await _answer(answer_offer(
                     msg.webrtc.sdp, sub,
                     on_mic=lambda track: session.spawn(pump_mic(track, session, backlog), "mic"),
-                    on_closed=lambda: self._peer_gone(session)), "start")
+                    on_closed=lambda: self._peer_gone(session),
+                    mic_jitter_packets=self.cfg.sessions.mic_jitter_packets), "start")
                 session.add_peer(pc)
                 reply["answer"] = {"type": answer.type, "sdp": answer.sdp}
             else:
