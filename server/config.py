@@ -50,6 +50,7 @@ class PlayoutConfig:
     video_queue_frames: int = 3
     audio_queue_chunks: int = 10
     late_tolerance_s: float = 0.12
+    webrtc_video_delay_ms: float = 75.0  # WebRTC video sent this much after its audio (lip alignment)
     stats_interval_s: float = 1.0
 
 
@@ -75,6 +76,7 @@ class ServerConfig:
     device: str | None = None
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     engine: EngineSettings = field(default_factory=EngineSettings)
+    ZERO_ALLOWED = frozenset({"webrtc_video_delay_ms"})  # numeric settings where 0 means "off"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     playout: PlayoutConfig = field(default_factory=PlayoutConfig)
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
@@ -117,7 +119,9 @@ class ServerConfig:
         for section in (self.sessions, self.engine, self.limits, self.playout, self.keepalive):
             for f in dataclasses.fields(section):
                 value = getattr(section, f.name)
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+                zero_ok = f.name in self.ZERO_ALLOWED
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                        value < 0 or value == 0 and not zero_ok):
                     raise ConfigError(f"{type(section).__name__}.{f.name} must be positive: got {value}")
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any, Callable
 
@@ -16,25 +17,65 @@ log = logging.getLogger(__name__)
 
 
 class PlayoutVideoTrack(MediaStreamTrack):
-    """Video frames of one subscription; pacing happened upstream (the Playout), so recv() just waits."""
+    """Video frames of one subscription; pacing happened upstream (the Playout), so recv() just waits.
+
+    `delay_s` holds each frame that long after its release: Chromium plays a stream's video ahead of its
+    audio (measured 40-60 ms with bench/browser_latency.py), and aiortc's sender reports map each packet
+    to its send time, so sending video later is what moves it later on screen."""
 
     kind = "video"
+    MAX_HELD = 8  # frames in the delay line; more means the consumer stalled: drop the oldest
 
-    def __init__(self, sub: Subscription):
+    def __init__(self, sub: Subscription, delay_s: float = 0.0):
         super().__init__()
         self._sub = sub
+        self._delay = max(0.0, delay_s)
+        self._held: collections.deque = collections.deque()
+        self._ready = asyncio.Event()
+        self._pump: asyncio.Task | None = None
 
     async def recv(self):
-        try:
-            frame = await self._sub.frames.get()
-        except QueueClosed:
+        if self._delay == 0:
+            try:
+                frame = await self._sub.frames.get()
+            except QueueClosed:
+                self.stop()
+                raise MediaStreamError from None
+            return frame.video_frame()
+        if self._pump is None:
+            self._pump = asyncio.ensure_future(self._delay_line())
+        while not self._held:
+            self._ready.clear()
+            await self._ready.wait()
+        frame = self._held.popleft()
+        if frame is None:
             self.stop()
-            raise MediaStreamError from None
-        return frame.video_frame()
+            raise MediaStreamError
+        return frame
+
+    async def _delay_line(self) -> None:
+        # frames are taken the moment the Playout releases them, then handed on exactly delay_s later,
+        # so the delay never accumulates
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                frame = (await self._sub.frames.get()).video_frame()
+            except QueueClosed:
+                loop.call_later(self._delay, self._hand_on, None)
+                return
+            loop.call_later(self._delay, self._hand_on, frame)
+
+    def _hand_on(self, frame) -> None:
+        if len(self._held) >= self.MAX_HELD and frame is not None:
+            self._held.popleft()
+        self._held.append(frame)
+        self._ready.set()
 
     def stop(self) -> None:
         super().stop()
         self._sub.close()
+        if self._pump is not None:
+            self._pump.cancel()
 
 
 class PlayoutAudioTrack(MediaStreamTrack):
@@ -97,7 +138,8 @@ def _set_mic_jitter_buffer(pc: RTCPeerConnection, packets: int) -> None:
 
 async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaStreamTrack], None] | None = None,
                        on_closed: Callable[[], Any] | None = None,
-                       mic_jitter_packets: int | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
+                       mic_jitter_packets: int | None = None,
+                       video_delay_s: float = 0.0) -> tuple[RTCPeerConnection, RTCSessionDescription]:
     """Answer a browser's offer: our video+audio tracks go out on its transceivers; its mic comes in via on_mic.
 
     on_closed runs once when the connection fails or closes (tab closed, network dropped).
@@ -132,7 +174,7 @@ async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaSt
                              "as video and audio (add recvonly transceivers for both)")
         if mic_jitter_packets is not None:
             _set_mic_jitter_buffer(pc, mic_jitter_packets)
-        pc.addTrack(PlayoutVideoTrack(sub))
+        pc.addTrack(PlayoutVideoTrack(sub, video_delay_s))
         pc.addTrack(PlayoutAudioTrack(sub))
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception:

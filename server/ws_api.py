@@ -247,7 +247,8 @@ class Connection:
                     msg.webrtc.sdp, sub,
                     on_mic=lambda track: session.spawn(pump_mic(track, session, backlog), "mic"),
                     on_closed=lambda: self._peer_gone(session),
-                    mic_jitter_packets=self.cfg.sessions.mic_jitter_packets), "start")
+                    mic_jitter_packets=self.cfg.sessions.mic_jitter_packets,
+                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000), "start")
                 session.add_peer(pc)
                 reply["answer"] = {"type": answer.type, "sdp": answer.sdp}
             else:
@@ -280,7 +281,8 @@ class Connection:
 
         sub = session.playout.subscribe("viewer", frames=self.cfg.playout.video_queue_frames,
                                         audio=self.cfg.playout.audio_queue_chunks)
-        pc, answer = await _answer(answer_offer(msg.webrtc.sdp, sub, on_closed=lambda: self._viewer_gone(session, pc)),
+        pc, answer = await _answer(answer_offer(msg.webrtc.sdp, sub, on_closed=lambda: self._viewer_gone(session, pc),
+                                                video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000),
                                    "view")
         session.add_peer(pc)
         session.viewers += 1

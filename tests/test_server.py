@@ -410,3 +410,45 @@ async def test_virtual_camera_follows_the_latest_session(monkeypatch):
         assert sent[-1].shape == (16, 16, 3) and sent[-1].max() == 7  # the session's frames, not the blank start
     finally:
         await srv.stop()
+
+
+async def test_delayed_video_track_keeps_every_frame_in_order_and_ends():
+    """The lip-alignment delay line hands on each frame once, in order, and ends with the subscription."""
+    from aiortc.mediastreams import MediaStreamError
+
+    from server.rtc import PlayoutVideoTrack
+    from server.sync import QueueClosed
+
+    class Released:
+        def __init__(self, i):
+            self.i = i
+
+        def video_frame(self):
+            return self.i
+
+    class FakeFrames:
+        def __init__(self, n):
+            self.items = list(range(n))
+
+        async def get(self):
+            await asyncio.sleep(0.005)  # released one by one, like the Playout's clock
+            if not self.items:
+                raise QueueClosed
+            return Released(self.items.pop(0))
+
+    class FakeSub:
+        def __init__(self, n):
+            self.frames = FakeFrames(n)
+            self.closed = False
+
+        def close(self):
+            self.closed = True
+
+    sub = FakeSub(12)
+    track = PlayoutVideoTrack(sub, delay_s=0.02)
+    got = []
+    with pytest.raises(MediaStreamError):
+        for _ in range(20):
+            got.append(await asyncio.wait_for(track.recv(), 5))
+    assert got == list(range(12))
+    assert sub.closed
