@@ -30,7 +30,7 @@ def espeak_wav(path: Path, text: str, rate: int = 16000) -> Path:
     if rate == 22050:
         raw.rename(path)
     else:
-        from emo_stream.media import load_audio, resample
+        from emo_stream.media import load_audio
         import wave
 
         x = load_audio(raw, sample_rate=rate)
