@@ -362,17 +362,30 @@ async def test_bad_input_is_a_clear_error(image):
     await engine.stop()
 
 
-async def test_backend_failure_reaches_the_consumer_only(image):
-    class Broken(TickBackend):
-        def generate(self, jobs):
-            if any(j.state["seed"] == 1 for j in jobs):
-                raise RuntimeError("boom")
-            return super().generate(jobs)
+class RaisingBackend(TickBackend):
+    """Session seed 1 makes the backend raise."""
 
-    engine = await open_engine(Broken(), max_batch=1)
+    def generate(self, jobs):
+        if any(j.state["seed"] == 1 for j in jobs):
+            raise RuntimeError("boom")
+        return super().generate(jobs)
+
+
+class MisshapenBackend(TickBackend):
+    """Session seed 1 gets frames of the wrong shape."""
+
+    def generate(self, jobs):
+        out = super().generate(jobs)
+        return [f[:, :4] if j.state["seed"] == 1 else f for j, f in zip(jobs, out)]
+
+
+@pytest.mark.parametrize("backend_cls, max_batch, error", [(RaisingBackend, 1, "boom"),
+                                                           (MisshapenBackend, 2, "shape")])
+async def test_a_backend_failure_reaches_only_that_session(image, backend_cls, max_batch, error):
+    engine = await open_engine(backend_cls(), max_batch=max_batch)
     avatar = await engine.prepare_avatar(image)
     good, bad = engine.open_session(avatar, seed=0), engine.open_session(avatar, seed=1)
-    with pytest.raises(EmoStreamError, match="boom"):
+    with pytest.raises(EmoStreamError, match=error):
         await read_until(bad, lambda f: False, limit=100)
     assert len(await read_until(good, lambda f: False, limit=5)) == 5
     await engine.stop()
@@ -490,21 +503,6 @@ async def test_stalled_sender_is_flushed_without_segment_end(image):
     np.testing.assert_array_equal(np.concatenate([f.audio for f in speech]), padded(audio))
     assert not any(f.segment_end for f in frames)
     assert not frames[-1].speech                # and back to idle
-    await engine.stop()
-
-
-async def test_malformed_backend_frames_fail_only_that_session(image):
-    class Sloppy(TickBackend):
-        def generate(self, jobs):
-            out = super().generate(jobs)
-            return [f[:, :4] if j.state["seed"] == 1 else f for j, f in zip(jobs, out)]
-
-    engine = await open_engine(Sloppy(), max_batch=2)
-    avatar = await engine.prepare_avatar(image)
-    good, bad = engine.open_session(avatar, seed=0), engine.open_session(avatar, seed=1)
-    with pytest.raises(EmoStreamError, match="shape"):
-        await read_until(bad, lambda f: False, limit=100)
-    assert len(await read_until(good, lambda f: False, limit=5)) == 5
     await engine.stop()
 
 
