@@ -88,12 +88,30 @@ def names_phrase() -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+# model family (emo_stream.models.families) -> the backend that runs it, when it is not DEFAULT_MODEL_BACKEND
+FAMILY_BACKENDS = {"echomimic-v1": "echomimic"}
+
+
 def default_backend(model: str | None) -> str:
-    """The backend used when none is named: the model backend when a model is given, else the preview."""
-    return DEFAULT_MODEL_BACKEND if model else DEFAULT_BACKEND
+    """The backend used when none is named: the one that runs the model's family when a model folder is
+    given (an EchoMimic download -> echomimic), EMO for other models, else the preview."""
+    if not model:
+        return DEFAULT_BACKEND
+    from pathlib import Path
+
+    if Path(model).is_dir():
+        from emo_stream.errors import EmoStreamError
+        from emo_stream.models.families import family_of
+
+        try:
+            family, _ = family_of(model)
+        except EmoStreamError:
+            return DEFAULT_MODEL_BACKEND  # the EMO loader says what is wrong with the folder
+        return FAMILY_BACKENDS.get(family.name, DEFAULT_MODEL_BACKEND)
+    return DEFAULT_MODEL_BACKEND
 
 
-def create_backend(name: str | None = None, model: str | None = None, *, size: int = 512, fps: int = 25,
+def create_backend(name: str | None = None, model: str | None = None, *, size: int = 512, fps: int | None = None,
                    device: str | None = None, **options: Any) -> Backend:
     """Build a backend by name. With no name: `default_backend(model)` (the preview says why).
 
@@ -104,7 +122,9 @@ def create_backend(name: str | None = None, model: str | None = None, *, size: i
         if name == DEFAULT_BACKEND:
             log.warning(EMO_NOTICE)
     spec = backend_spec(name)
-    return spec.load_factory()(model=model, size=size, fps=fps, device=device, **options)
+    if fps is not None:  # else the backend's own default (EMO and the preview 25, EchoMimic 24)
+        options["fps"] = fps
+    return spec.load_factory()(model=model, size=size, device=device, **options)
 
 
 # ---- built-in backends: one line each -----------------------------------------------------------------
@@ -112,3 +132,5 @@ register_backend("preview", "emo_stream.preview.backend:create_backend",
                  "CPU preview animator: warps the portrait to the audio (no model, real-time on one core)")
 register_backend("emo", "emo_stream.emo_backend:create_backend",
                  "EMO diffusion model (--model: a checkpoint folder or a preset: tiny, sd15)")
+register_backend("echomimic", "emo_stream.echomimic_backend:create_backend",
+                 "EchoMimic v1 (--model: the BadToBest/EchoMimic download folder as it comes, acc or normal weights)")
