@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from emo_stream.backend import Backend
 from emo_stream.errors import ConfigError
+from emo_stream.timeline import DEFAULT_FPS
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class BackendSpec:
     name: str
     factory: str | Factory          # "package.module:function" (imported on first use) or a callable
     summary: str = ""
+    default_fps: int = DEFAULT_FPS  # the video rate when none is asked for (offline generate)
 
     def load_factory(self) -> Factory:
         if callable(self.factory):
@@ -52,7 +54,8 @@ class BackendSpec:
 _REGISTRY: dict[str, BackendSpec] = {}
 
 
-def register_backend(name: str, factory: str | Factory, summary: str = "", *, replace: bool = False) -> BackendSpec:
+def register_backend(name: str, factory: str | Factory, summary: str = "", *, replace: bool = False,
+                     default_fps: int = DEFAULT_FPS) -> BackendSpec:
     """Make a backend available under `name` (CLI --backend, server config `backend:`, benchmarks)."""
     if not name or not name.replace("-", "").replace("_", "").isalnum() or name != name.lower():
         raise ValueError(f"backend names are lower-case words (letters, digits, - and _): got {name!r}")
@@ -60,7 +63,7 @@ def register_backend(name: str, factory: str | Factory, summary: str = "", *, re
         raise ValueError(f"backend factory must be 'module:function' or a callable: got {factory!r}")
     if name in _REGISTRY and not replace:
         raise ValueError(f"backend {name!r} is already registered")
-    spec = BackendSpec(name, factory, summary)
+    spec = BackendSpec(name, factory, summary, default_fps)
     _REGISTRY[name] = spec
     return spec
 
@@ -122,9 +125,8 @@ def create_backend(name: str | None = None, model: str | None = None, *, size: i
         if name == DEFAULT_BACKEND:
             log.warning(EMO_NOTICE)
     spec = backend_spec(name)
-    if fps is not None:  # else the backend's own default (EMO and the preview 25, EchoMimic 24)
-        options["fps"] = fps
-    return spec.load_factory()(model=model, size=size, device=device, **options)
+    fps = spec.default_fps if fps is None else fps   # EMO and the preview 25, EchoMimic 24
+    return spec.load_factory()(model=model, size=size, fps=fps, device=device, **options)
 
 
 # ---- built-in backends: one line each -----------------------------------------------------------------
@@ -133,4 +135,5 @@ register_backend("preview", "emo_stream.preview.backend:create_backend",
 register_backend("emo", "emo_stream.emo_backend:create_backend",
                  "EMO diffusion model (--model: a checkpoint folder or a preset: tiny, sd15)")
 register_backend("echomimic", "emo_stream.echomimic_backend:create_backend",
-                 "EchoMimic v1 (--model: the BadToBest/EchoMimic download folder as it comes, acc or normal weights)")
+                 "EchoMimic v1 (--model: the BadToBest/EchoMimic download folder as it comes, acc or normal weights)",
+                 default_fps=24)
