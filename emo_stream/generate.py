@@ -15,13 +15,13 @@ from typing import Iterator
 
 import numpy as np
 
-from emo_stream.backend import Backend, SegmentJob, samples_per_frame
+from emo_stream.backend import Backend, SegmentJob, capabilities
+from emo_stream.backends import backend_names, create_backend
 from emo_stream.errors import OutputError
 from emo_stream.media import Mp4Writer, load_audio, load_image
+from emo_stream.timeline import samples_per_frame
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CLIP_FRAMES = 12  # EMO's f
 
 
 def frame_count(num_samples: int, fps: int) -> int:
@@ -34,7 +34,7 @@ def iter_segments(backend: Backend, avatar, audio: np.ndarray, seed: int = 0,
     """Yield (frames, audio they cover) per clip. The audio slices, concatenated, are the input audio
     trimmed or zero-padded to a whole number of frames."""
     spf = samples_per_frame(backend.fps)
-    clip = clip_frames or getattr(backend, "clip_frames", DEFAULT_CLIP_FRAMES)
+    clip = clip_frames or capabilities(backend).clip_frames
     total = frame_count(len(audio), backend.fps)
     lookahead = backend.audio_context.lookahead_frames * spf
     # zero padding: the last frame's samples and the encoder's look-ahead past the end
@@ -94,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="portrait photo (any size; one clearly visible face)")
     p.add_argument("--audio", required=True, help="speech or singing: wav, mp3, m4a, ... any rate, mono or stereo")
     p.add_argument("--out", required=True, help="output MP4 (H.264 + AAC)")
-    p.add_argument("--backend", choices=["preview", "emo"], default=None,
+    p.add_argument("--backend", choices=backend_names(), default=None,
                    help="default: emo when --model is given, else the CPU preview animator")
     p.add_argument("--model", default=None, help="EMO checkpoint folder or preset name (tiny, sd15)")
     p.add_argument("--steps", type=int, default=None, help="EMO sampling steps (default from the model config: 40)")
@@ -108,8 +108,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emo_stream.backends import create_backend
-
     # inputs and the output place are checked before the model loads (minutes for sd15)
     image, audio = load_image(args.image), load_audio(args.audio)
     check_writable(args.out)

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from emo_stream.backend import Backend, samples_per_frame
+from emo_stream.backend import Backend, capabilities
 from emo_stream.errors import ImageInputError
+from emo_stream.timeline import samples_per_frame
 from emo_stream.streaming.device import StageStreams
 from emo_stream.streaming.session import Job, StreamSession
 from emo_stream.streaming.types import AvatarHandle, Clock, EngineConfig, EngineFullError, MonotonicClock
@@ -66,7 +67,8 @@ class StreamingEngine:
         self.clock: Clock = clock or MonotonicClock()
         self.fps = int(backend.fps)
         samples_per_frame(self.fps)   # validates fps
-        self._split = callable(getattr(backend, "denoise", None)) and callable(getattr(backend, "decode", None))
+        self.capabilities = capabilities(backend)
+        self._split = self.capabilities.split
         self._max_inflight = 3 if self._split else 2
         depth = self.config.max_sessions * self._max_inflight + 1
         self._q_encode: queue.Queue[Job] = queue.Queue(maxsize=depth)
@@ -80,12 +82,12 @@ class StreamingEngine:
         # modules and overlap freely with them.
         # Backends that declare `concurrent_generate = True` (calls for different sessions may run at
         # once, e.g. the CPU preview animator) get several generator workers and no lock.
-        concurrent = bool(getattr(backend, "concurrent_generate", False))
+        concurrent = self.capabilities.concurrent_generate
         workers = self.config.generate_workers
         self._workers = workers if workers is not None else (min(2, os.cpu_count() or 1) if concurrent else 1)
         self._model_lock = contextlib.nullcontext() if concurrent else threading.Lock()
         self._gen_lock = threading.Lock()
-        self._streams = StageStreams(backend, self.config.cuda_streams)
+        self._streams = StageStreams(self.capabilities.device, self.config.cuda_streams)
         self._gen_pending: list[Job] = []
         self._gen_busy: set[str] = set()
         self._running = False
@@ -120,7 +122,7 @@ class StreamingEngine:
             t.start()
             self._threads.append(t)
         log.info("streaming engine started: backend %s, %d fps, segment %d frames, %s stages",
-                 getattr(self.backend, "name", type(self.backend).__name__), self.fps,
+                 self.capabilities.name, self.fps,
                  self.config.segment_frames, len(stages))
 
     async def stop(self) -> None:
@@ -222,7 +224,7 @@ class StreamingEngine:
         """Engine-wide counters: stage busy times, batch sizes, queue depths."""
         sizes = self._batch_sizes[-1000:]
         return {
-            "backend": getattr(self.backend, "name", type(self.backend).__name__),
+            "backend": self.capabilities.name,
             "sessions": self.sessions,
             "stages": {k: v.snapshot() for k, v in self._timers.items() if v.calls},
             "mean_batch": round(float(np.mean(sizes)), 2) if sizes else None,

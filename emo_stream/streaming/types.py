@@ -35,7 +35,7 @@ class EngineConfig:
     max_sessions: int = 4            # open_session beyond this raises EngineFullError
     max_batch: int = 4               # sessions batched into one backend call
     generate_workers: int | None = None  # parallel generator threads (default: 2 for backends declaring
-                                         # concurrent_generate, like the CPU preview; else 1)
+                                         # concurrent_generate; else 1)
     input_seconds: float = 30.0      # queued input audio per session before push_audio awaits
     output_frames: int = 50          # generated-but-undelivered frames per session (incl. in flight)
     idle_lead_frames: int | None = None  # idle frames generated at most this far ahead (default segment+2)
