@@ -164,8 +164,9 @@ def load_hallo(path: str | Path, device: str | torch.device | None = None, dtype
     return model
 
 
-def convert(folder: Path, out: Path) -> Path:
-    """Download folder -> our checkpoint folder (no pickle: safetensors + YAML + the wav2vec2 / VAE files)."""
+def convert(folder: Path, out: Path, config: HalloConfig | None = None) -> Path:
+    """Download folder -> our checkpoint folder (no pickle: safetensors + YAML + the wav2vec2 / VAE files).
+    `config` overrides the published architecture (tests use shrunken weights)."""
     from safetensors.torch import save_file
 
     found = find_download(folder)
@@ -175,7 +176,7 @@ def convert(folder: Path, out: Path) -> Path:
         raise WeightsError(f"{found.root}: wav2vec/wav2vec2-base-960h is missing")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = config_for_download(found)
+    config = config or config_for_download(found)
     state = load_net_file(found.net)
     # check it loads before writing anything big (shape errors name the key)
     from emo_stream.models.hallo.model import HalloModel

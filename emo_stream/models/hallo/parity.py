@@ -10,13 +10,14 @@ an error there is reported once, by its own case, and not compounded).
 from __future__ import annotations
 
 import json
+import re
 import wave
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from emo_stream.errors import EmoStreamError, WeightsError
+from emo_stream.errors import WeightsError
 from emo_stream.models.hallo import audio as haudio
 from emo_stream.models.hallo.config import HalloConfig
 from emo_stream.models.hallo.loader import load_net_file
@@ -26,16 +27,9 @@ from emo_stream.models.hallo.model import ClipInputs, HalloModel
 FILES = ("masks_and_face.safetensors", "audio.safetensors", "denoiser_single.safetensors", "cfg_loop.safetensors")
 
 
-class GoldenFormatError(EmoStreamError):
-    """Fallback when emo_stream.parity (which owns this error) is not importable."""
-
-
 def _format_error():
-    try:
-        from emo_stream.parity import GoldenFormatError as err
-        return err
-    except ImportError:
-        return GoldenFormatError
+    from emo_stream.parity import GoldenFormatError   # owned by the dispatcher (imports nothing heavy)
+    return GoldenFormatError
 
 
 def _load(golden: Path, name: str) -> dict[str, torch.Tensor]:
@@ -81,27 +75,34 @@ def build_model(golden: Path, case: dict) -> HalloModel:
     return model
 
 
-@torch.no_grad()
-def run_cases(golden_dir: str | Path) -> dict[str, float]:
-    golden = Path(golden_dir)
+def read_case(golden: Path) -> dict:
     case_path = golden / "case.json"
     if not case_path.is_file():
         raise _format_error()(f"{golden} is not a golden set: no case.json")
-    case = json.loads(case_path.read_text())
+    try:
+        case = json.loads(case_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise _format_error()(f"{case_path}: not valid JSON ({exc})") from None
     if case.get("model") != "hallo":
         raise _format_error()(f"{case_path}: model is {case.get('model')!r}, not 'hallo'")
-    model = build_model(golden, case)
-    errors: dict[str, float] = {}
+    for key in ("unet_2d_config", "unet_additional_kwargs", "module_args", "noise_scheduler_kwargs",
+                "masks_and_face_case", "audio_case", "denoiser_single_case", "cfg_loop_case"):
+        if key not in case:
+            raise _format_error()(f"{case_path}: missing {key!r}")
+    return case
 
-    # -- masks and face tokens ------------------------------------------------------------------------
+
+@torch.no_grad()
+def replay_masks(model: HalloModel, golden: Path, case: dict) -> dict[str, float]:
+    errors: dict[str, float] = {}
     mf_case = case["masks_and_face_case"]
     mf = _load(golden, mf_case.get("file", FILES[0]))
     h, w = mf_case["image_hw"]
     lm = _need(mf, "landmarks_xy", "masks_and_face").numpy()
     face_box, lip_box = boxes_from_mediapipe(lm)
-    gx = mf_case.get("given_face_box_xyxy")
-    if gx is not None:
-        errors["masks_and_face.face_box"] = float(np.abs(np.array(face_box) - np.array(gx)).max())
+    if mf_case.get("given_face_box_xyxy") is not None:
+        errors["masks_and_face.face_box"] = float(np.abs(np.array(face_box) -
+                                                         np.array(mf_case["given_face_box_xyxy"])).max())
         errors["masks_and_face.lip_box"] = float(np.abs(np.array(lip_box) -
                                                         np.array(mf_case["given_lip_box_xyxy"])).max())
     rm = region_masks(face_box, lip_box, w, h, face_expand_ratio=model.config.face_expand_ratio)
@@ -109,81 +110,120 @@ def run_cases(golden_dir: str | Path) -> dict[str, float]:
     for name, arr in (("background", rm.background), ("face", rm.face), ("lip", rm.lip)):
         errors[f"masks_and_face.png_sep_{name}"] = _err(arr.astype(np.float32), mf[f"png_sep_{name}"])
     errors["masks_and_face.face_region"] = _err(rm.face_region(), _need(mf, "face_region", "masks_and_face"))
-    levels = rm.levels((h, w), len(model.config.unet["block_out_channels"]))
     err = 0.0
-    for k, (full, face, lip) in enumerate(levels):
+    for k, (full, face, lip) in enumerate(rm.levels((h, w), len(model.config.unet["block_out_channels"]))):
         for name, m in (("full", full), ("face", face), ("lip", lip)):
             err = max(err, _err(m, _need(mf, f"{name}_mask_level{k}", "masks_and_face")))
     errors["masks_and_face.level_masks"] = err
-    face_emb = _need(mf, "face_embedding", "masks_and_face")
-    cond_tokens, uncond_tokens = model.face_tokens(face_emb)
-    errors["masks_and_face.face_tokens"] = _err(cond_tokens, mf["face_tokens"])
-    errors["masks_and_face.face_tokens_uncond"] = _err(uncond_tokens, mf["face_tokens_uncond"])
+    cond_tokens, uncond_tokens = model.face_tokens(_need(mf, "face_embedding", "masks_and_face"))
+    errors["masks_and_face.face_tokens"] = _err(cond_tokens, _need(mf, "face_tokens", "masks_and_face"))
+    errors["masks_and_face.face_tokens_uncond"] = _err(uncond_tokens,
+                                                       _need(mf, "face_tokens_uncond", "masks_and_face"))
+    return errors
 
-    # -- audio features ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def replay_audio(model: HalloModel, golden: Path, case: dict) -> dict[str, float]:
+    errors: dict[str, float] = {}
     au_case = case["audio_case"]
     au = _load(golden, au_case.get("file", FILES[1]))
     clip_length = int(au_case.get("clip_length", model.config.clip_length))
     fps = int(au_case.get("fps", model.config.fps))
     wav = read_wav_pcm16(golden / "audio.wav")
-    errors["audio.waveform"] = _err(wav, au["waveform"])
+    errors["audio.waveform"] = _err(wav, _need(au, "waveform", "audio"))
     normed = haudio.normalize(wav)
-    errors["audio.feature_extractor_out"] = _err(normed, au["feature_extractor_out"])
+    errors["audio.feature_extractor_out"] = _err(normed, _need(au, "feature_extractor_out", "audio"))
     if model.wav2vec2 is None:
         raise WeightsError(f"{golden / 'weights'}: no wav2vec2-base-960h folder")
     padded, seq_len = haudio.pad_to_clips(normed, fps, clip_length)
     feats = haudio.layer_features(model.wav2vec2, padded, seq_len)
-    errors["audio.wav2vec_hidden_states"] = _err(feats, au["wav2vec_hidden_states"])
+    errors["audio.wav2vec_hidden_states"] = _err(feats, _need(au, "wav2vec_hidden_states", "audio"))
     wins = haudio.windows(feats, model.config.audio_window)
-    errors["audio.windows"] = _err(wins, au["windows"])
-    audio_tokens = model.audio_tokens(wins[:clip_length])
-    errors["audio.audio_tokens_clip0"] = _err(audio_tokens, au["audio_tokens_clip0"])
+    errors["audio.windows"] = _err(wins, _need(au, "windows", "audio"))
+    errors["audio.audio_tokens_clip0"] = _err(model.audio_tokens(wins[:clip_length]),
+                                              _need(au, "audio_tokens_clip0", "audio"))
+    return errors
 
-    # -- one denoiser call, the guidance pair -----------------------------------------------------------
-    dn_case = case["denoiser_single_case"]
-    dn = _load(golden, dn_case.get("file", FILES[2]))
-    frames = int(dn_case.get("clip_length", clip_length))
-    face_feature = model.face_feature(_need(mf, "face_region", "masks_and_face"), frames)
-    errors["denoiser_single.face_locator_feature"] = _err(face_feature, dn["face_locator_feature"])
-    # inputs as the README defines them: the reference face tokens / audio tokens / masks
-    clip = ClipInputs(ref_latents=_need(dn, "ref_latents", "denoiser_single"),
-                      face_tokens=mf["face_tokens"].float(), uncond_face_tokens=mf["face_tokens_uncond"].float(),
-                      audio_tokens=au["audio_tokens_clip0"].float(),
-                      masks=[tuple(mf[f"{n}_mask_level{k}"].float() for n in ("full", "face", "lip"))
-                             for k in range(len(levels))],
-                      face_feature=face_feature)
+
+@torch.no_grad()
+def golden_clip(model: HalloModel, golden: Path, case: dict) -> ClipInputs:
+    """The clip the denoiser cases use, from the golden inputs the README names (reference face tokens,
+    audio tokens and masks, so an upstream error is reported once, by its own case)."""
+    mf = _load(golden, case["masks_and_face_case"].get("file", FILES[0]))
+    au = _load(golden, case["audio_case"].get("file", FILES[1]))
+    dn = _load(golden, case["denoiser_single_case"].get("file", FILES[2]))
+    frames = int(case["denoiser_single_case"].get("clip_length", model.config.clip_length))
+    n_levels = len(model.config.unet["block_out_channels"])
+    return ClipInputs(ref_latents=_need(dn, "ref_latents", "denoiser_single"),
+                      face_tokens=_need(mf, "face_tokens", "masks_and_face"),
+                      uncond_face_tokens=_need(mf, "face_tokens_uncond", "masks_and_face"),
+                      audio_tokens=_need(au, "audio_tokens_clip0", "audio"),
+                      masks=[tuple(_need(mf, f"{n}_mask_level{k}", "masks_and_face") for n in ("full", "face", "lip"))
+                             for k in range(n_levels)],
+                      face_feature=model.face_feature(_need(mf, "face_region", "masks_and_face"), frames))
+
+
+@torch.no_grad()
+def replay_denoiser(model: HalloModel, golden: Path, case: dict, only_pred: bool = False) -> dict[str, float]:
+    errors: dict[str, float] = {}
+    dn = _load(golden, case["denoiser_single_case"].get("file", FILES[2]))
+    clip = golden_clip(model, golden, case)
+    errors["denoiser_single.face_locator_feature"] = _err(clip.face_feature,
+                                                          _need(dn, "face_locator_feature", "denoiser_single"))
     latents = _need(dn, "latents", "denoiser_single")
     t = _need(dn, "timestep", "denoiser_single").long()
     model.prepare_reference(clip, guided=False)
-    errors["denoiser_single.pred"] = _err(model.denoise(latents, t, clip, guided=False), dn["pred"])
+    errors["denoiser_single.pred"] = _err(model.denoise(latents, t, clip, guided=False),
+                                          _need(dn, "pred", "denoiser_single"))
+    if only_pred:
+        return errors
     saved = model.config.bank_dtype
     model.config.bank_dtype = "float32"
     try:
         model.prepare_reference(clip, guided=False)
         errors["denoiser_single.pred_bank_fp32"] = _err(model.denoise(latents, t, clip, guided=False),
-                                                        dn["pred_bank_fp32"])
+                                                        _need(dn, "pred_bank_fp32", "denoiser_single"))
     finally:
         model.config.bank_dtype = saved
     model.prepare_reference(clip, guided=True)
     uncond, cond = model.denoise(latents, t, clip, guided=True).chunk(2)
-    errors["denoiser_single.cfg_pred_uncond"] = _err(uncond, dn["cfg_pred_uncond"])
-    errors["denoiser_single.cfg_pred_cond"] = _err(cond, dn["cfg_pred_cond"])
+    errors["denoiser_single.cfg_pred_uncond"] = _err(uncond, _need(dn, "cfg_pred_uncond", "denoiser_single"))
+    errors["denoiser_single.cfg_pred_cond"] = _err(cond, _need(dn, "cfg_pred_cond", "denoiser_single"))
+    return errors
 
-    # -- the guided DDIM loop ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def replay_loop(model: HalloModel, golden: Path, case: dict) -> dict[str, float]:
+    errors: dict[str, float] = {}
     lp_case = case["cfg_loop_case"]
     lp = _load(golden, lp_case.get("file", FILES[3]))
     steps = int(lp_case["num_inference_steps"])
     model.scheduler.set_timesteps(steps)
-    errors["cfg_loop.timesteps"] = _err(model.scheduler.timesteps.float(), lp["timesteps"].float())
+    errors["cfg_loop.timesteps"] = _err(model.scheduler.timesteps.float(), _need(lp, "timesteps", "cfg_loop"))
+    init = _need(lp, "initial_latents", "cfg_loop")
+    seed = re.search(r"manual_seed\((\d+)\)", str(lp_case.get("generator", "")))
+    if seed:   # the initial noise is torch.randn after torch.manual_seed(seed)
+        noise = torch.randn(tuple(init.shape), generator=torch.Generator().manual_seed(int(seed.group(1))))
+        errors["cfg_loop.initial_latents"] = _err(noise, init)
     seen: dict[str, torch.Tensor] = {}
 
     def record(i, _t, out, unc, con):
         seen[f"step{i}_model_output"], seen[f"step{i}_pred_uncond"], seen[f"step{i}_pred_cond"] = out, unc, con
 
-    init = _need(lp, "initial_latents", "cfg_loop")
-    final = model.sample_clip(init * model.scheduler.init_noise_sigma, clip, steps=steps,
-                              guidance=float(lp_case["guidance_scale"]), callback=record)
+    final = model.sample_clip(init * model.scheduler.init_noise_sigma, golden_clip(model, golden, case),
+                              steps=steps, guidance=float(lp_case["guidance_scale"]), callback=record)
     for key in sorted(k for k in lp if k.startswith("step")):
         errors[f"cfg_loop.{key}"] = _err(seen.get(key, torch.empty(0)), lp[key])
-    errors["cfg_loop.final_latents"] = _err(final, lp["final_latents"])
+    errors["cfg_loop.final_latents"] = _err(final, _need(lp, "final_latents", "cfg_loop"))
+    return errors
+
+
+def run_cases(golden_dir: str | Path) -> dict[str, float]:
+    """{case.tensor: max abs error} for every case of a Hallo golden set."""
+    golden = Path(golden_dir)
+    case = read_case(golden)
+    model = build_model(golden, case)
+    errors: dict[str, float] = {}
+    for replay in (replay_masks, replay_audio, replay_denoiser, replay_loop):
+        errors.update(replay(model, golden, case))
     return errors
