@@ -37,7 +37,8 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Any = None) -> Any
         # longer segments for EMO (temporal context, batching)
         options["segment_frames"] = capabilities(backend).stream_segment_frames or 8
     try:
-        engine_config = EngineConfig(max_sessions=config.sessions.max_sessions, **options)
+        engine_config = EngineConfig(max_sessions=config.sessions.max_sessions,
+                                     max_avatars=config.limits.max_avatars, **options)
     except TypeError as exc:
         raise ConfigError(f"engine settings: {exc}") from None
     return StreamingEngine(backend, engine_config, clock=clock)
