@@ -26,7 +26,7 @@ from livekit.agents.voice.avatar import DataStreamAudioOutput  # noqa: E402
 from emo_stream.livekit.host import EngineHost  # noqa: E402
 from emo_stream.livekit.job import run_avatar_job  # noqa: E402
 from emo_stream.livekit.metadata import DispatchInfo  # noqa: E402
-from emo_stream.streaming import EngineConfig  # noqa: E402
+from emo_stream.streaming import EngineConfig, StreamingEngine  # noqa: E402
 from livekit_standin import Hub, LoopThread, StandInRoom  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -41,7 +41,7 @@ AGENT = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 def host():
     from emo_stream.preview import PreviewBackend
 
-    h = EngineHost(PreviewBackend(size=64), EngineConfig(segment_frames=2, max_sessions=3, vad=False))
+    h = EngineHost(StreamingEngine(PreviewBackend(size=64), EngineConfig(segment_frames=2, max_sessions=3, vad=False)))
     h.start()
     yield h
     h.stop()
@@ -71,9 +71,10 @@ def tts_audio(seconds: float, seed: int) -> np.ndarray:
 class Worker:
     """One job of our worker in a room: its own thread and event loop, like the THREAD executor."""
 
-    def __init__(self, hub: Hub, host: EngineHost, avatar, room_name: str, agent_identity: str) -> None:
-        self.info = DispatchInfo(avatar_identity=f"avatar-{room_name}", sender_identity=agent_identity,
-                                 sample_rate=RATE)
+    def __init__(self, hub: Hub, host: EngineHost, avatar, room_name: str, agent_identity: str,
+                 info: DispatchInfo | None = None, reserved: bool = False) -> None:
+        self.info = info or DispatchInfo(avatar_identity=f"avatar-{room_name}", sender_identity=agent_identity,
+                                         sample_rate=RATE)
         self.room = StandInRoom(hub, room_name, self.info.avatar_identity, kind=AGENT)
         self.thread = LoopThread(f"job-{room_name}")
         self.started = asyncio.Event()
@@ -86,7 +87,8 @@ class Worker:
             self.runner, self.generator = runner, generator
             loop.call_soon_threadsafe(self.started.set)
 
-        assert host.reserve(), "no free slot"    # what AvatarWorker.on_request does before accepting
+        if not reserved:
+            assert host.reserve(), "no free slot"    # what AvatarWorker.on_request does before accepting
 
         async def job():
             await self.room.connect()
@@ -237,7 +239,9 @@ async def test_clear_buffer_stops_audio_and_mouth_and_reports_interrupted(host, 
     heard = tap.voiced()
     assert np.array_equal(heard, long[:len(heard)])
     assert len(heard) / RATE <= event.playback_position + 0.1
-    print(json.dumps({"clear_to_playback_finished_ms": round(1000 * t_reported, 1)}))
+    last_voiced = max((t for t, c in tap.chunks if c.any()), default=t_clear)
+    print(json.dumps({"clear_to_playback_finished_ms": round(1000 * t_reported, 1),
+                      "clear_to_last_audio_ms": round(1000 * (last_voiced - t_clear), 1)}))
 
     await tap.close()
     await worker.stop()
@@ -315,3 +319,84 @@ async def test_full_worker_turns_a_job_down(host):
             host.release()
         host.release()                                   # job-1's reservation (its job never launched)
     assert host.load == 0.0
+
+
+async def test_avatar_session_dispatches_the_worker_and_routes_the_agent_audio(host, avatar, monkeypatch):
+    """The agent author's side: AvatarSession(avatar=...).start(agent_session, room=...) dispatches the
+    worker with the portrait in the metadata and replaces the agent's audio output; the worker accepts the
+    dispatch, joins, publishes, and the agent's speech plays back through it."""
+    from types import SimpleNamespace
+
+    from livekit.agents import JobRequest
+    from livekit.protocol import agent as agent_proto
+    from livekit.protocol import models
+
+    import emo_stream.livekit.plugin as plugin
+    from emo_stream.livekit import AvatarSession
+    from emo_stream.livekit.worker import AvatarWorker, WorkerConfig
+    from emo_stream.preview.default_avatar import default_portrait
+
+    dispatched = []
+
+    class FakeAPI:   # LiveKit's server API: records the dispatch instead of calling a server
+        def __init__(self, url, key, secret):
+            self.agent_dispatch = SimpleNamespace(create_dispatch=self.create_dispatch)
+
+        async def create_dispatch(self, request):
+            dispatched.append(request)
+            return SimpleNamespace(id="AD_1")
+
+        async def aclose(self):
+            pass
+
+    monkeypatch.setattr(plugin.api, "LiveKitAPI", FakeAPI)
+
+    class AgentSessionStandIn(rtc.EventEmitter):
+        def __init__(self):
+            super().__init__()
+            self.output = SimpleNamespace(audio=None)
+
+    hub = Hub()
+    agent_room = StandInRoom(hub, "room-p", "agent-p", kind=AGENT)
+    await agent_room.connect()
+    agent_session = AgentSessionStandIn()
+    session = AvatarSession(avatar=default_portrait(256), seed=7)
+    await session.start(agent_session, room=agent_room, livekit_url="ws://x", livekit_api_key="k",
+                        livekit_api_secret="s")
+
+    assert isinstance(agent_session.output.audio, DataStreamAudioOutput)
+    (request,) = dispatched
+    assert request.agent_name == "emo-stream" and request.room == "room-p"
+    info = DispatchInfo.from_json(request.metadata)
+    assert (info.avatar_identity, info.sender_identity, info.seed) == (session.avatar_identity, "agent-p", 7)
+    assert info.image_b64 and info.mode == "agent"
+
+    # the worker's side of the dispatch
+    worker = AvatarWorker(host, WorkerConfig())
+    accepted = []
+
+    async def on_accept(args):
+        accepted.append(args)
+
+    job = agent_proto.Job(id="job-p", room=models.Room(name="room-p"), metadata=request.metadata)
+    await worker.on_request(JobRequest(job=job, on_reject=None, on_accept=on_accept))
+    assert accepted[0].identity == session.avatar_identity
+    assert accepted[0].attributes == {"lk.publish_on_behalf": "agent-p"}
+    prepared = await worker.avatar_for(info)                   # the portrait from the metadata
+    assert prepared.image_shape[:2] == (256, 256)
+    job_run = Worker(hub, host, prepared, "room-p", "agent-p", info=info, reserved=True)
+    await asyncio.wait_for(job_run.started.wait(), 20)
+    await session.wait_for_join(timeout=10)                    # the base class sees the avatar's video
+
+    finished = []
+    agent_session.output.audio.on("playback_finished", finished.append)
+    pcm = tts_audio(0.3, 5)
+    await agent_session.output.audio.capture_frame(rtc.AudioFrame(pcm.tobytes(), RATE, 1, len(pcm)))
+    agent_session.output.audio.flush()
+    t0 = time.monotonic()
+    while not finished:
+        assert time.monotonic() - t0 < 20
+        await asyncio.sleep(0.02)
+    assert finished[0].playback_position == pytest.approx(len(pcm) / RATE, abs=1e-6)
+    await session.aclose()
+    await job_run.stop()

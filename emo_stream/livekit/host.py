@@ -31,9 +31,10 @@ T = TypeVar("T")
 class EngineHost:
     """Owns the engine and the loop thread it runs on; thread-safe slot accounting for the worker."""
 
-    def __init__(self, backend: Any, config: EngineConfig | None = None) -> None:
-        self.config = config or EngineConfig()
-        self.engine = StreamingEngine(backend, self.config)
+    def __init__(self, engine: StreamingEngine) -> None:
+        """`engine`: not started yet; start() starts it on the host's own loop."""
+        self.engine = engine
+        self.config: EngineConfig = engine.config
         self.capacity = self.config.max_sessions
         self._lock = threading.Lock()
         self._taken = 0

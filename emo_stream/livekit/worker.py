@@ -46,19 +46,25 @@ class WorkerConfig:
     http_port: int = 8081                          # livekit-agents' health endpoint (0: any free port)
     idle_threads: int = 1                          # job threads kept warm
 
+    def validate(self) -> "WorkerConfig":
+        for name, path in self.avatars.items():
+            if not Path(path).is_file():
+                raise ConfigError(f"--avatar {name}={path}: file not found")
+        if self.default_avatar and not Path(self.default_avatar).is_file():
+            raise ConfigError(f"--default-avatar {self.default_avatar}: file not found")
+        if not self.agent_name:
+            raise ConfigError("the agent name must not be empty (explicit dispatch needs it)")
+        return self
+
 
 class AvatarWorker:
     """Accepts avatar jobs while it has a free engine slot and runs each in its own job thread."""
 
     def __init__(self, host: EngineHost, config: WorkerConfig | None = None) -> None:
         self.host = host
-        self.config = config or WorkerConfig()
-        for name, path in self.config.avatars.items():
-            if not Path(path).is_file():
-                raise ConfigError(f"--avatar {name}={path}: file not found")
-        if self.config.default_avatar and not Path(self.config.default_avatar).is_file():
-            raise ConfigError(f"--default-avatar {self.config.default_avatar}: file not found")
+        self.config = (config or WorkerConfig()).validate()
         self._reserved: set[str] = set()
+        self._senders: set[str] = set()    # agent identities of the rooms being served
         self.server: AgentServer | None = None
 
     # ------------------------------------------------------------------ LiveKit wiring
@@ -89,12 +95,21 @@ class AvatarWorker:
             log.error("job %s in room %s: bad dispatch metadata: %s", request.id, request.room.name, exc)
             await request.reject(terminate=True)
             return
+        if info.sender_identity and info.sender_identity in self._senders:
+            # livekit-agents keys its avatar RPC handlers by the caller's identity per process: two rooms
+            # whose agents share an identity must not share a worker process
+            log.warning("job %s (room %s) turned down: this worker already serves an agent named %s",
+                        request.id, request.room.name, info.sender_identity)
+            await request.reject(terminate=False)
+            return
         if not self.host.reserve():
             log.info("job %s (room %s) turned down: all %d slots in use", request.id, request.room.name,
                      self.host.capacity)
             await request.reject(terminate=False)
             return
         self._reserved.add(request.id)
+        if info.sender_identity:
+            self._senders.add(info.sender_identity)
         attributes = {}
         if info.mode == "agent" and info.sender_identity:
             attributes[ATTRIBUTE_PUBLISH_ON_BEHALF] = info.sender_identity
@@ -103,6 +118,7 @@ class AvatarWorker:
         except BaseException:
             if request.id in self._reserved:
                 self._reserved.discard(request.id)
+                self._senders.discard(info.sender_identity or "")
                 self.host.release()
             raise
 
@@ -114,22 +130,25 @@ class AvatarWorker:
             log.warning("job %s: no free slot", ctx.job.id)
             ctx.shutdown("worker full")
             return
+        info: DispatchInfo | None = None
+        running = False      # run_avatar_job gives the slot back itself
+        reason = "avatar finished"
         try:
             info = DispatchInfo.from_json(ctx.job.metadata)
             await ctx.connect(auto_subscribe=AutoSubscribe.AUDIO_ONLY if info.mode == "talk"
                               else AutoSubscribe.SUBSCRIBE_NONE)
             avatar = await self.avatar_for(info)
-        except BaseException as exc:
-            self.host.release()
-            if isinstance(exc, EmoStreamError):
-                log.error("job %s (room %s): %s", ctx.job.id, ctx.job.room.name, exc)
-                ctx.shutdown(str(exc))
-                return
-            raise
-        try:
+            running = True
             await run_avatar_job(ctx.room, self.host, info, avatar)
+        except EmoStreamError as exc:     # bad portrait, no face, full engine: this room only
+            log.error("job %s (room %s): %s", ctx.job.id, ctx.job.room.name, exc)
+            reason = str(exc)
         finally:
-            ctx.shutdown("avatar finished")
+            if not running:
+                self.host.release()
+            if info is not None and info.sender_identity:
+                self._senders.discard(info.sender_identity)
+            ctx.shutdown(reason)
 
     # ------------------------------------------------------------------ portraits
 
