@@ -98,11 +98,11 @@ async def _serve(config, worker_config) -> int:
 
     host = EngineHost(build_engine(config, MonotonicClock()))
     worker = AvatarWorker(host, worker_config)
-    await asyncio.to_thread(host.start)
+    await host.start()
     try:
         print(f"emo-stream worker: {worker_config.agent_name!r} on {worker_config.url}, backend "
               f"{host.engine.backend.name}, {host.capacity} rooms at most", flush=True)
         await worker.serve()
     finally:
-        await asyncio.to_thread(host.stop)
+        await host.stop()
     return 0

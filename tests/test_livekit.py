@@ -42,9 +42,9 @@ def host():
     from emo_stream.preview import PreviewBackend
 
     h = EngineHost(StreamingEngine(PreviewBackend(size=64), EngineConfig(segment_frames=2, max_sessions=3, vad=False)))
-    h.start()
+    asyncio.run(h.start())       # on a loop of its own: every job opens its session on its own loop
     yield h
-    h.stop()
+    asyncio.run(h.stop())
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ async def test_worker_against_a_real_livekit_server():
     agent_name = f"emo-stream-test-{uuid.uuid4().hex[:6]}"
     room_name = f"emo-stream-e2e-{uuid.uuid4().hex[:6]}"
     host = EngineHost(StreamingEngine(PreviewBackend(size=128), EngineConfig(segment_frames=2, max_sessions=2)))
-    await asyncio.to_thread(host.start)
+    await host.start()
     worker = AvatarWorker(host, WorkerConfig(agent_name=agent_name, http_port=0, idle_threads=0))
     server = worker.build_server()
     server_task = asyncio.ensure_future(server.run(devmode=False))
@@ -125,4 +125,4 @@ async def test_worker_against_a_real_livekit_server():
         await viewer_room.disconnect()
         await server.aclose()
         server_task.cancel()
-        await asyncio.to_thread(host.stop)
+        await host.stop()

@@ -63,8 +63,8 @@ class _Utterance:
 
 
 class EngineVideoGenerator(VideoGenerator):
-    """Drives one engine session (emo_stream.livekit.host.HostedSession or a StreamSession-like object
-    with async push_audio / next_frame / clear) for AvatarRunner."""
+    """Drives one engine session (emo_stream.streaming.StreamSession, opened on this job's loop) for
+    AvatarRunner."""
 
     def __init__(self, session: Any, *, fps: int, sample_rate: int, channels: int = 1) -> None:
         self._session = session
@@ -140,9 +140,9 @@ class EngineVideoGenerator(VideoGenerator):
         self._resampler = None
         if self.trace is not None:
             self.cleared_at_trace.append(len(self.trace))
+        self._session.clear()
         if self.av_sync is not None:
             await self.av_sync.clear_queue()
-        await self._session.clear()
 
     # ------------------------------------------------------------------ output (AvatarRunner._forward_video)
 

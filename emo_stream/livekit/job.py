@@ -91,7 +91,7 @@ async def run_avatar_job(room: rtc.Room, host: EngineHost, info: DispatchInfo, a
     room.on("participant_disconnected", on_participant_disconnected)
     room.on("disconnected", on_disconnected)
     try:
-        session = await host.open_session(avatar, seed=info.seed)
+        session = host.open_session(avatar, seed=info.seed)      # bound to this job's loop
         generator = EngineVideoGenerator(session, fps=host.fps, sample_rate=info.sample_rate)
         if info.mode == "agent":
             receiver: AudioReceiver = DataStreamAudioReceiver(room, sender_identity=info.sender_identity)
@@ -124,6 +124,5 @@ async def run_avatar_job(room: rtc.Room, host: EngineHost, info: DispatchInfo, a
             except Exception:
                 log.exception("room %s: closing the avatar runner failed", room.name)
         if session is not None:
-            await session.close()     # gives the slot back
-        else:
-            host.release()
+            await session.close()
+        host.release()
