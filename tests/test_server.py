@@ -121,7 +121,7 @@ def test_overrides_and_model_implies_emo(tmp_path):
     ("sessions:\n  max_session: 2\n", "unknown keys in 'sessions': ['max_session']"),
     ("port: eighty\n", "port must be int"),
     ("sessions:\n  max_sessions: 0\n", "must be positive"),
-    ("backend: magic\n", "backend must be preview or emo"),
+    ("backend: magic\n", "backend must be one of preview, emo"),
     ("fps: 24\n", "fps must divide"),
     ("size: 17\n", "size must be an even number"),
     ("sessions: [1, 2]\n", "sessions must be a mapping"),
