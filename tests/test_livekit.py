@@ -398,5 +398,32 @@ async def test_avatar_session_dispatches_the_worker_and_routes_the_agent_audio(h
         assert time.monotonic() - t0 < 20
         await asyncio.sleep(0.02)
     assert finished[0].playback_position == pytest.approx(len(pcm) / RATE, abs=1e-6)
+
+    # the worker dies in the middle of an utterance: the agent's playout ends (interrupted) instead of
+    # waiting forever, and the avatar is dispatched again; a new worker joins under the same identity
+    long = tts_audio(3.0, 6)
+    await agent_session.output.audio.capture_frame(rtc.AudioFrame(long.tobytes(), RATE, 1, len(long)))
+    agent_session.output.audio.flush()
+    await asyncio.sleep(0.5)
+    await job_run.stop()                                      # the avatar participant leaves the room
+    t0 = time.monotonic()
+    while len(finished) < 2 or len(dispatched) < 2:
+        assert time.monotonic() - t0 < 20, (finished, dispatched)
+        await asyncio.sleep(0.02)
+    assert finished[1].interrupted
+    assert dispatched[1].metadata == request.metadata         # same portrait, seed and identity
+    assert host.reserve()
+    replacement = Worker(hub, host, prepared, "room-p", "agent-p", info=info, reserved=True)
+    await asyncio.wait_for(replacement.started.wait(), 20)
+    pcm = tts_audio(0.3, 7)
+    await agent_session.output.audio.capture_frame(rtc.AudioFrame(pcm.tobytes(), RATE, 1, len(pcm)))
+    agent_session.output.audio.flush()
+    t0 = time.monotonic()
+    while len(finished) < 3:
+        assert time.monotonic() - t0 < 20
+        await asyncio.sleep(0.02)
+    assert finished[2].playback_position == pytest.approx(len(pcm) / RATE, abs=1e-6)
+    assert not finished[2].interrupted
     await session.aclose()
-    await job_run.stop()
+    await replacement.stop()
+    assert len(dispatched) == 2                               # closing the session does not re-dispatch
