@@ -427,3 +427,34 @@ async def test_avatar_session_dispatches_the_worker_and_routes_the_agent_audio(h
     await session.aclose()
     await replacement.stop()
     assert len(dispatched) == 2                               # closing the session does not re-dispatch
+
+
+async def test_talk_mode_animates_a_participants_microphone(host, avatar):
+    """Talk mode (no agent): the worker subscribes to a participant's microphone and publishes the
+    avatar speaking it."""
+    hub = Hub()
+    user = StandInRoom(hub, "room-t", "user-t")
+    await user.connect()
+    mic = rtc.AudioSource(48000, 1)
+    await user.local_participant.publish_track(rtc.LocalAudioTrack.create_audio_track("mic", mic))
+    info = DispatchInfo(avatar_identity="avatar-t", mode="talk", sender_identity="user-t", sample_rate=RATE)
+    worker = Worker(hub, host, avatar, "room-t", "user-t", info=info)
+    await asyncio.wait_for(worker.started.wait(), 20)
+    audio_track, _ = await worker.published()
+    tap = AudioTap(audio_track)
+    t = np.arange(4800) / 48000
+    for _ in range(15):                                  # 1.5 s of a 300 Hz tone, in real time
+        await mic.capture_frame(rtc.AudioFrame((6000 * np.sin(2 * np.pi * 300 * t)).astype(np.int16).tobytes(),
+                                               48000, 1, 4800))
+    t0 = time.monotonic()
+    while len(tap.voiced()) < RATE // 2:
+        assert time.monotonic() - t0 < 20, "the microphone never came back out of the avatar"
+        await asyncio.sleep(0.02)
+    heard = tap.voiced().astype(np.float64)[:RATE // 2]
+    spectrum = np.abs(np.fft.rfft(heard - heard.mean()))
+    assert abs(np.argmax(spectrum) * 2 - 300) <= 20      # it is the tone (2 Hz bins), resampled 48 -> 24 kHz
+    assert sum(1 for k, s in worker.generator.trace if k == "video" and s) > 10
+    await tap.close()
+    await worker.stop()
+    await user.disconnect()
+    await mic.aclose()
