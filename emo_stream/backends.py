@@ -86,13 +86,8 @@ def backend_spec(name: str) -> BackendSpec:
 
 
 def names_phrase() -> str:
-    """'preview or emo': the registered names for error messages."""
-    names = list(_REGISTRY)
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-
-
-# model family (emo_stream.models.families) -> the backend that runs it, when it is not DEFAULT_MODEL_BACKEND
-FAMILY_BACKENDS = {"echomimic-v1": "echomimic"}
+    """'one of preview, emo, ...': the registered names for error messages."""
+    return "one of " + ", ".join(_REGISTRY)
 
 
 def default_backend(model: str | None) -> str:
