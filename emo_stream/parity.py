@@ -35,6 +35,7 @@ CASE_FILE = "case.json"
 
 # case.json["model"] -> "module:function" of run_cases(golden_dir) -> {case: max_abs_error}
 RUNNERS: dict[str, str] = {}
+RUNNERS["hallo"] = "emo_stream.models.hallo.parity:run_cases"
 
 
 class GoldenFormatError(EmoStreamError):
