@@ -130,3 +130,7 @@ def load_model(folder: str | Path, **kwargs: Any) -> Any:
 
 # ---- the families ------------------------------------------------------------------------------------
 register(ModelFamily(name="emo", title="EMO", load="emo_stream.models.emo_model:load_emo_checkpoint"))
+register(ModelFamily(name="echomimic-v1", title="EchoMimic v1",
+                     load="emo_stream.models.echomimic.importer:load",
+                     detect="emo_stream.models.echomimic.importer:detect",
+                     convert="emo_stream.models.echomimic.importer:convert"))
