@@ -168,10 +168,12 @@ def _check_part(source: Path, file_state: dict[str, torch.Tensor], names: dict[s
                 expected: dict[str, torch.Tensor], what: str) -> None:
     """file key -> model key `names`; the model keys this file must provide `expected` (name -> tensor).
     Raises WeightsError naming the file, the key and the shapes."""
+    unknown = [fk for fk, mk in names.items() if mk not in expected]
+    if unknown:   # first: a foreign file has mostly unknown keys, which says more than a shape
+        fk = unknown[0]
+        raise WeightsError(f"{source}: unexpected key {fk} {tuple(file_state[fk].shape)} ({len(unknown)} of "
+                           f"{len(names)} keys are not EchoMimic's {what}; wrong file?)")
     for fk, mk in names.items():
-        if mk not in expected:
-            raise WeightsError(f"{source}: unexpected key {fk} {tuple(file_state[fk].shape)} (not part of "
-                               f"EchoMimic's {what}; wrong file?)")
         if tuple(file_state[fk].shape) != tuple(expected[mk].shape):
             raise WeightsError(f"{source}: shape mismatch for {fk}: file has {tuple(file_state[fk].shape)}, "
                                f"model expects {tuple(expected[mk].shape)} (weights for a different model size?)")
@@ -208,7 +210,7 @@ def map_weights(model_state: dict[str, torch.Tensor], parts: dict[str, dict[str,
         v = parts["motion"][fk]
         if mk in tables:
             ref_table = mm[mk]
-            if not ref_table.is_meta and not torch.allclose(v.float(), ref_table.float(), atol=1e-5):
+            if not (ref_table.is_meta or v.is_meta) and not torch.allclose(v.float(), ref_table.float(), atol=1e-5):
                 raise WeightsError(f"{files['motion']}: {fk} is not the sinusoidal position table the temporal "
                                    f"attention expects (max diff {(v.float() - ref_table.float()).abs().max():.3g})")
             continue
