@@ -24,6 +24,9 @@ never with getattr elsewhere):
     device                  the torch device it computes on (CUDA: the engine gives each stage a stream)
     denoise(jobs) / decode(jobs, latents)   (the `SplitGeneration` protocol) generation split in two,
                             so the engine overlaps decoding one segment with denoising the next
+    render_video(avatar, audio, seed, progress)   (the `WholeVideo` protocol) offline generation of the
+                            whole audio at once (models sampled over the whole video, e.g. EchoMimic's
+                            closed-loop context windows); `generate` then uses it instead of segments
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 
 __all__ = ["SAMPLE_RATE", "samples_per_frame", "AudioContext", "SegmentJob", "Backend", "SplitGeneration",
-           "BackendBase", "Capabilities", "capabilities", "DEFAULT_CLIP_FRAMES"]
+           "WholeVideo", "BackendBase", "Capabilities", "capabilities", "DEFAULT_CLIP_FRAMES"]
 
 DEFAULT_CLIP_FRAMES = 12   # EMO's f: the offline segment length of a backend that declares none
 
@@ -103,6 +106,15 @@ class SplitGeneration(Protocol):
         """Latents -> frames, as generate() returns them."""
 
 
+@runtime_checkable
+class WholeVideo(Protocol):
+    """Optional: offline generation of a whole audio in one sampling run (frames still come in chunks)."""
+
+    def render_video(self, avatar: Any, audio: np.ndarray, seed: int = 0, progress: Any = None) -> Any:
+        """Yield (frames (n, size, size, 3) uint8, the 16 kHz audio they cover) until the audio is covered;
+        progress(stage, done, total) may be called along the way."""
+
+
 class BackendBase:
     """Optional base class: every optional capability, declared with its default. A backend may
     subclass it (and override what it offers) or just set the same attributes itself."""
@@ -124,6 +136,7 @@ class Capabilities:
     stream_segment_frames: int | None
     clip_frames: int
     device: Any
+    whole_video: bool = False         # offers WholeVideo (render_video)
 
 
 def capabilities(backend: Any) -> Capabilities:
@@ -136,4 +149,5 @@ def capabilities(backend: Any) -> Capabilities:
         stream_segment_frames=int(segment) if segment is not None else None,
         clip_frames=int(getattr(backend, "clip_frames", None) or DEFAULT_CLIP_FRAMES),
         device=getattr(backend, "device", None),
+        whole_video=callable(getattr(backend, "render_video", None)),
     )

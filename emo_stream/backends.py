@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from emo_stream.backend import Backend
 from emo_stream.errors import ConfigError
+from emo_stream.timeline import DEFAULT_FPS
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class BackendSpec:
     name: str
     factory: str | Factory          # "package.module:function" (imported on first use) or a callable
     summary: str = ""
+    default_fps: int = DEFAULT_FPS  # the video rate when none is asked for (offline generate)
 
     def load_factory(self) -> Factory:
         if callable(self.factory):
@@ -52,7 +54,8 @@ class BackendSpec:
 _REGISTRY: dict[str, BackendSpec] = {}
 
 
-def register_backend(name: str, factory: str | Factory, summary: str = "", *, replace: bool = False) -> BackendSpec:
+def register_backend(name: str, factory: str | Factory, summary: str = "", *, replace: bool = False,
+                     default_fps: int = DEFAULT_FPS) -> BackendSpec:
     """Make a backend available under `name` (CLI --backend, server config `backend:`, benchmarks)."""
     if not name or not name.replace("-", "").replace("_", "").isalnum() or name != name.lower():
         raise ValueError(f"backend names are lower-case words (letters, digits, - and _): got {name!r}")
@@ -60,7 +63,7 @@ def register_backend(name: str, factory: str | Factory, summary: str = "", *, re
         raise ValueError(f"backend factory must be 'module:function' or a callable: got {factory!r}")
     if name in _REGISTRY and not replace:
         raise ValueError(f"backend {name!r} is already registered")
-    spec = BackendSpec(name, factory, summary)
+    spec = BackendSpec(name, factory, summary, default_fps)
     _REGISTRY[name] = spec
     return spec
 
@@ -83,17 +86,30 @@ def backend_spec(name: str) -> BackendSpec:
 
 
 def names_phrase() -> str:
-    """'preview or emo': the registered names for error messages."""
-    names = list(_REGISTRY)
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    """'one of preview, emo, ...': the registered names for error messages."""
+    return "one of " + ", ".join(_REGISTRY)
 
 
 def default_backend(model: str | None) -> str:
-    """The backend used when none is named: the model backend when a model is given, else the preview."""
-    return DEFAULT_MODEL_BACKEND if model else DEFAULT_BACKEND
+    """The backend used when none is named: the one that runs the model's family when a model folder is
+    given (an EchoMimic download -> echomimic), EMO for other models, else the preview."""
+    if not model:
+        return DEFAULT_BACKEND
+    from pathlib import Path
+
+    if Path(model).is_dir():
+        from emo_stream.errors import EmoStreamError
+        from emo_stream.models.families import family_of
+
+        try:
+            family, _ = family_of(model)
+        except EmoStreamError:
+            return DEFAULT_MODEL_BACKEND  # the EMO loader says what is wrong with the folder
+        return FAMILY_BACKENDS.get(family.name, DEFAULT_MODEL_BACKEND)
+    return DEFAULT_MODEL_BACKEND
 
 
-def create_backend(name: str | None = None, model: str | None = None, *, size: int = 512, fps: int = 25,
+def create_backend(name: str | None = None, model: str | None = None, *, size: int = 512, fps: int | None = None,
                    device: str | None = None, **options: Any) -> Backend:
     """Build a backend by name. With no name: `default_backend(model)` (the preview says why).
 
@@ -104,6 +120,7 @@ def create_backend(name: str | None = None, model: str | None = None, *, size: i
         if name == DEFAULT_BACKEND:
             log.warning(EMO_NOTICE)
     spec = backend_spec(name)
+    fps = spec.default_fps if fps is None else fps   # EMO and the preview 25, EchoMimic 24
     return spec.load_factory()(model=model, size=size, fps=fps, device=device, **options)
 
 
@@ -112,3 +129,6 @@ register_backend("preview", "emo_stream.preview.backend:create_backend",
                  "CPU preview animator: warps the portrait to the audio (no model, real-time on one core)")
 register_backend("emo", "emo_stream.emo_backend:create_backend",
                  "EMO diffusion model (--model: a checkpoint folder or a preset: tiny, sd15)")
+register_backend("echomimic", "emo_stream.echomimic_backend:create_backend",
+                 "EchoMimic v1 (--model: the BadToBest/EchoMimic download folder as it comes, acc or normal weights)",
+                 default_fps=24)

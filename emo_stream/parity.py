@@ -37,6 +37,7 @@ CASE_FILE = "case.json"
 # case.json["model"] -> "module:function" of run_cases(golden_dir) -> {case: max_abs_error}
 RUNNERS: dict[str, str] = {
     "echomimic-v1": "emo_stream.models.echomimic.parity:run_cases",
+    "hallo": "emo_stream.models.hallo.parity:run_cases",
 }
 
 
@@ -75,6 +76,10 @@ def run_parity(golden_dir: str | Path, only: list[str] | None = None) -> dict[st
     case = read_case(golden_dir)
     runner = runner_for(case["model"])
     if only:
+        import inspect
+
+        if "only" not in inspect.signature(runner).parameters:
+            raise GoldenFormatError(f"--case is not supported for model {case['model']!r}; run without it")
         return runner(Path(golden_dir), only=set(only))
     return runner(Path(golden_dir))
 

@@ -17,7 +17,7 @@ from server.config import ServerConfig
 from server.http import HttpRoutes
 from server.sessions import SessionManager
 from server.sync import Clock, MonotonicClock
-from server.ws_api import Connection
+from server.ws_api import ApiContext, Connection
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Any = None) -> Any
         # longer segments for EMO (temporal context, batching)
         options["segment_frames"] = capabilities(backend).stream_segment_frames or 8
     try:
-        engine_config = EngineConfig(max_sessions=config.sessions.max_sessions, **options)
+        engine_config = EngineConfig(max_sessions=config.sessions.max_sessions,
+                                     max_avatars=config.limits.max_avatars, **options)
     except TypeError as exc:
         raise ConfigError(f"engine settings: {exc}") from None
     return StreamingEngine(backend, engine_config, clock=clock)
@@ -70,6 +71,7 @@ class StreamServer:
         self.port = config.port
         self._server: Server | None = None
         self._camera: Any = None
+        self._api: ApiContext | None = None
         self._connections = 0
 
     @property
@@ -122,6 +124,7 @@ class StreamServer:
         image = await asyncio.to_thread(default_image, cfg)
         await self.avatars.set_default(image)
         self.sessions = SessionManager(self.engine, cfg, self.clock)
+        self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url)
         try:
             self._server = await self._listen()
         except OSError as exc:
@@ -132,7 +135,7 @@ class StreamServer:
         if self.virtual_camera:
             from server.virtual_camera import VirtualCamera
 
-            self._camera = VirtualCamera.try_start(self)
+            self._camera = VirtualCamera.try_start(self.sessions, cfg.size, cfg.fps)
         log.info("serving on %s (backend %s, %d sessions max)", self.base_url, self.backend_name,
                  cfg.sessions.max_sessions)
 
@@ -149,7 +152,7 @@ class StreamServer:
                 raise ConfigError(f"cannot use tls_cert/tls_key: {exc}") from None
         return await serve(
             self._handle, cfg.host, cfg.port,
-            process_request=HttpRoutes(self),
+            process_request=HttpRoutes(cfg, self.sessions, self.health),
             max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
             max_queue=16,
             ping_interval=cfg.keepalive.ping_interval_s,
@@ -165,7 +168,7 @@ class StreamServer:
     async def _handle(self, ws: ServerConnection) -> None:
         self._connections += 1
         try:
-            await Connection(self, ws).run()
+            await Connection(self._api, ws).run()
         except Exception:  # one broken connection never takes the server (or other sessions) down
             log.exception("connection failed")
         finally:
