@@ -260,6 +260,7 @@ class StandInRoom(rtc.EventEmitter):
         mirror = _Publication(sid=pub.sid, name=pub.name, kind=pub.kind, source=pub.source, track=pub.track)
         remote.track_publications[pub.sid] = mirror
         self.emit("track_published", mirror, remote)
+        self.emit("track_subscribed", pub.track, mirror, remote)   # everything is auto-subscribed here
 
     def _open_stream(self, info: _StreamInfo, sender: str, readers: dict[int, _Reader]) -> None:
         handler = self._byte_handlers.get(info.topic)

@@ -398,5 +398,63 @@ async def test_avatar_session_dispatches_the_worker_and_routes_the_agent_audio(h
         assert time.monotonic() - t0 < 20
         await asyncio.sleep(0.02)
     assert finished[0].playback_position == pytest.approx(len(pcm) / RATE, abs=1e-6)
+
+    # the worker dies in the middle of an utterance: the agent's playout ends (interrupted) instead of
+    # waiting forever, and the avatar is dispatched again; a new worker joins under the same identity
+    long = tts_audio(3.0, 6)
+    await agent_session.output.audio.capture_frame(rtc.AudioFrame(long.tobytes(), RATE, 1, len(long)))
+    agent_session.output.audio.flush()
+    await asyncio.sleep(0.5)
+    await job_run.stop()                                      # the avatar participant leaves the room
+    t0 = time.monotonic()
+    while len(finished) < 2 or len(dispatched) < 2:
+        assert time.monotonic() - t0 < 20, (finished, dispatched)
+        await asyncio.sleep(0.02)
+    assert finished[1].interrupted
+    assert dispatched[1].metadata == request.metadata         # same portrait, seed and identity
+    assert host.reserve()
+    replacement = Worker(hub, host, prepared, "room-p", "agent-p", info=info, reserved=True)
+    await asyncio.wait_for(replacement.started.wait(), 20)
+    pcm = tts_audio(0.3, 7)
+    await agent_session.output.audio.capture_frame(rtc.AudioFrame(pcm.tobytes(), RATE, 1, len(pcm)))
+    agent_session.output.audio.flush()
+    t0 = time.monotonic()
+    while len(finished) < 3:
+        assert time.monotonic() - t0 < 20
+        await asyncio.sleep(0.02)
+    assert finished[2].playback_position == pytest.approx(len(pcm) / RATE, abs=1e-6)
+    assert not finished[2].interrupted
     await session.aclose()
-    await job_run.stop()
+    await replacement.stop()
+    assert len(dispatched) == 2                               # closing the session does not re-dispatch
+
+
+async def test_talk_mode_animates_a_participants_microphone(host, avatar):
+    """Talk mode (no agent): the worker subscribes to a participant's microphone and publishes the
+    avatar speaking it."""
+    hub = Hub()
+    user = StandInRoom(hub, "room-t", "user-t")
+    await user.connect()
+    mic = rtc.AudioSource(48000, 1)
+    await user.local_participant.publish_track(rtc.LocalAudioTrack.create_audio_track("mic", mic))
+    info = DispatchInfo(avatar_identity="avatar-t", mode="talk", sender_identity="user-t", sample_rate=RATE)
+    worker = Worker(hub, host, avatar, "room-t", "user-t", info=info)
+    await asyncio.wait_for(worker.started.wait(), 20)
+    audio_track, _ = await worker.published()
+    tap = AudioTap(audio_track)
+    t = np.arange(4800) / 48000
+    for _ in range(15):                                  # 1.5 s of a 300 Hz tone, in real time
+        await mic.capture_frame(rtc.AudioFrame((6000 * np.sin(2 * np.pi * 300 * t)).astype(np.int16).tobytes(),
+                                               48000, 1, 4800))
+    t0 = time.monotonic()
+    while len(tap.voiced()) < RATE // 2:
+        assert time.monotonic() - t0 < 20, "the microphone never came back out of the avatar"
+        await asyncio.sleep(0.02)
+    heard = tap.voiced().astype(np.float64)[:RATE // 2]
+    spectrum = np.abs(np.fft.rfft(heard - heard.mean()))
+    assert abs(np.argmax(spectrum) * 2 - 300) <= 20      # it is the tone (2 Hz bins), resampled 48 -> 24 kHz
+    assert sum(1 for k, s in worker.generator.trace if k == "video" and s) > 10
+    await tap.close()
+    await worker.stop()
+    await user.disconnect()
+    await mic.aclose()

@@ -13,6 +13,7 @@ that audio on the agent's behalf.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import uuid
@@ -37,10 +38,13 @@ class AvatarSession(_AvatarSessionBase):
 
     def __init__(self, *, avatar: str | Path | np.ndarray | bytes | None = None, seed: int = 0,
                  agent_name: str = DEFAULT_AGENT_NAME, avatar_identity: str | None = None,
-                 worker_avatar: str | None = None, sample_rate: int = DEFAULT_SAMPLE_RATE) -> None:
+                 worker_avatar: str | None = None, sample_rate: int = DEFAULT_SAMPLE_RATE,
+                 max_redispatch: int = 3) -> None:
         """avatar: portrait path, http(s) URL (the worker downloads it), RGB uint8 array or image bytes;
         None: the worker's default portrait. worker_avatar: a portrait the worker was started with
-        (`emo-stream worker --avatar NAME=PATH`). agent_name: the workers' registered name."""
+        (`emo-stream worker --avatar NAME=PATH`). agent_name: the workers' registered name.
+        max_redispatch: how often a worker that left the room unexpectedly (crashed, lost its network) is
+        replaced by dispatching the avatar again (LiveKit places it on a worker with a free slot)."""
         super().__init__()
         self._identity = avatar_identity or f"emo-stream-{uuid.uuid4().hex[:8]}"
         self._agent_name = agent_name
@@ -54,6 +58,13 @@ class AvatarSession(_AvatarSessionBase):
         elif avatar is not None:
             self._image_b64 = encode_image(_as_rgb(avatar))
         self.dispatch_id: str | None = None
+        self.dispatches = 0
+        self._max_redispatch = max_redispatch
+        self._dispatch_args: tuple | None = None
+        self._audio_output: DataStreamAudioOutput | None = None
+        self._closing = False
+        self._watched_room: rtc.Room | None = None
+        self._redispatch_tasks: set[asyncio.Task] = set()
 
     @property
     def avatar_identity(self) -> str:
@@ -72,11 +83,47 @@ class AvatarSession(_AvatarSessionBase):
                     livekit_api_key: str | None = None, livekit_api_secret: str | None = None) -> None:
         """Dispatch a worker into `room` and send the agent's audio to it. Call before session.start()."""
         await super().start(agent_session, room)
-        info = self.dispatch_info(room.local_participant.identity)
-        await self._dispatch(room.name, info.to_json(), livekit_url, livekit_api_key, livekit_api_secret)
-        agent_session.output.audio = DataStreamAudioOutput(
+        job_ctx = get_job_context(required=False)
+        # the agent's identity is known from its job token even before the room is connected
+        agent_identity = job_ctx.local_participant_identity if job_ctx is not None else \
+            room.local_participant.identity
+        info = self.dispatch_info(agent_identity)
+        self._dispatch_args = (room.name, info.to_json(), livekit_url, livekit_api_key, livekit_api_secret)
+        await self._dispatch(*self._dispatch_args)
+        self._audio_output = DataStreamAudioOutput(
             room, destination_identity=self._identity, sample_rate=self._sample_rate,
             wait_remote_track=rtc.TrackKind.KIND_VIDEO)
+        agent_session.output.audio = self._audio_output
+        self._watched_room = room
+        room.on("participant_disconnected", self._on_participant_disconnected)
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._watched_room is not None:
+            self._watched_room.off("participant_disconnected", self._on_participant_disconnected)
+            self._watched_room = None
+        for task in list(self._redispatch_tasks):
+            task.cancel()
+        await super().aclose()
+
+    def _on_participant_disconnected(self, participant: rtc.RemoteParticipant) -> None:
+        """The avatar left while the agent is still here: its worker died or lost the network. End the
+        utterance it was playing (the agent would otherwise wait for its playback_finished forever) and
+        dispatch the avatar again; the new worker joins under the same identity, so the agent's audio
+        output keeps working."""
+        room = self._watched_room
+        if participant.identity != self._identity or self._closing or room is None or not room.isconnected():
+            return
+        if self._audio_output is not None:
+            self._audio_output.clear_buffer()   # the RPC fails: pending playouts end as interrupted
+        if self.dispatches > self._max_redispatch or self._dispatch_args is None:
+            log.error("avatar %s left room %s again; not dispatching it any more (max_redispatch=%d)",
+                      self._identity, room.name, self._max_redispatch)
+            return
+        log.warning("avatar %s left room %s unexpectedly: dispatching another worker", self._identity, room.name)
+        task = asyncio.ensure_future(self._dispatch(*self._dispatch_args))
+        self._redispatch_tasks.add(task)
+        task.add_done_callback(self._redispatch_tasks.discard)
 
     async def _dispatch(self, room_name: str, metadata: str, url: str | None, key: str | None,
                         secret: str | None) -> None:
@@ -92,6 +139,7 @@ class AvatarSession(_AvatarSessionBase):
             finally:
                 await lk.aclose()
         self.dispatch_id = dispatch.id
+        self.dispatches += 1
         log.info("dispatched %s into room %s as %s (dispatch %s)", self._agent_name, room_name, self._identity,
                  dispatch.id)
 

@@ -154,14 +154,27 @@ def load_hallo(path: str | Path, device: str | torch.device | None = None, dtype
         except Exception as exc:
             raise WeightsError(f"{net}: unreadable safetensors ({str(exc).splitlines()[0]})") from None
         source = str(net)
-    model = HalloModel(config, wav)
+    vae_dir = found.vae if found is not None else (path / "vae" if (path / "vae").is_dir() else None)
+    model = HalloModel(config, wav, vae=load_vae(vae_dir) if vae_dir is not None else None)
+    model.face_models = found.face_analysis if found is not None else (
+        path / "face_analysis" if (path / "face_analysis").is_dir() else None)
     model.load_net_state(state, source)
     model.eval()
     if dtype is not None:
         model.to(dtype)
+        model.wav2vec2.float()      # Hallo runs wav2vec2 in fp32 and casts its features
     if device is not None:
         model.to(device)
     return model
+
+
+def load_vae(folder: Path):
+    """diffusers AutoencoderKL folder (sd-vae-ft-mse as downloaded) -> the VAE (eval)."""
+    from diffusers import AutoencoderKL
+    try:
+        return AutoencoderKL.from_pretrained(str(folder)).eval()
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise WeightsError(f"{folder}: not a loadable diffusers VAE folder ({str(exc).splitlines()[0][:200]})") from None
 
 
 def convert(folder: Path, out: Path, config: HalloConfig | None = None) -> Path:
@@ -196,5 +209,11 @@ def convert(folder: Path, out: Path, config: HalloConfig | None = None) -> Path:
             shutil.copy2(found.wav2vec2 / name, wav_out / name)
     if found.vae is not None:
         shutil.copytree(found.vae, out / "vae", dirs_exist_ok=True)
+    if found.face_analysis is not None:   # the insightface recognition model (non-commercial licence)
+        from emo_stream.models.hallo.identity import find_recognition_model
+        rec = find_recognition_model(found.face_analysis)
+        if rec is not None:
+            (out / "face_analysis").mkdir(exist_ok=True)
+            shutil.copy2(rec, out / "face_analysis" / rec.name)
     log.info("wrote %s (%s)", out, found.describe())
     return out
