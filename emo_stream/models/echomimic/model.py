@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
+LATENT_SCALE = 0.18215   # EchoMimic's pipelines hard-code SD's VAE scaling factor
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -134,6 +135,23 @@ class EchoMimicModel(nn.Module):
             return {k: v.to(dt) for k, v in self.store.tokens.items()}
         finally:
             self.store.capture, self.store.tokens = False, {}
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> VAE mean * 0.18215 (EchoMimic's reference latents)."""
+        vae = self._need_vae()
+        return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * LATENT_SCALE
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, 4, h, w) latents -> (N, 3, H, W) in [-1, 1] (EchoMimic decodes latents / 0.18215 frame by frame)."""
+        vae = self._need_vae()
+        return vae.decode(latents.to(vae.device, vae.dtype) / LATENT_SCALE).sample
+
+    def _need_vae(self) -> AutoencoderKL:
+        if self.vae is None:
+            raise WeightsError("this EchoMimic model has no VAE (the download folder had no sd-vae-ft-mse/)")
+        return self.vae
 
     @torch.no_grad()
     def face_feature(self, face_mask: torch.Tensor) -> torch.Tensor:
