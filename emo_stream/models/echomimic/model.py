@@ -188,6 +188,8 @@ class EchoMimicModel(nn.Module):
         if audio.shape[:2] != (r, f):
             raise ValueError(f"audio tokens {tuple(audio.shape)} do not match latents {tuple(latents.shape)}")
         ctx = self.context
+        if with_reference is not None and not with_reference.is_meta and bool(with_reference.all()):
+            with_reference = None    # one host sync per call instead of one per attention layer
         ctx.frames, ctx.bank, ctx.with_reference = f, bank, with_reference
         ctx.face = face[:, :, 0] if face is not None else None
         try:
