@@ -118,3 +118,65 @@ def test_registry_routes_hallo_folders(tmp_path):
     assert "hallo" in backends.backend_names()
     with pytest.raises(ConfigError, match="needs --model"):
         backends.create_backend("hallo", None)
+
+
+@pytest.mark.slow   # ~30 s on one core
+def test_generate_cli_on_a_download_shaped_folder(tmp_path, portrait_path, capsys):
+    """`emo-stream generate --model pretrained_models` end to end: detection, loading as downloaded, the
+    backend chosen from the folder, an MP4 covering the audio."""
+    from diffusers import AutoencoderKL
+
+    from emo_stream.media import probe_durations
+    from emo_stream.models.hallo import parity as hparity
+    from server.cli import main as cli_main
+    from test_hallo import make_download
+
+    root = make_download(tmp_path / "pretrained_models", hparity.read_case(GOLDEN), variant="hallo2")
+    AutoencoderKL(block_out_channels=[32] * 4, layers_per_block=1, norm_num_groups=32,
+                  down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                  latent_channels=4, sample_size=SIZE).save_pretrained(root / "sd-vae-ft-mse")
+    out = tmp_path / "out.mp4"
+    rc = cli_main(["generate", "--model", str(root), "--image", str(portrait_path), "--audio",
+                   str(GOLDEN / "audio.wav"), "--out", str(out), "--size", str(SIZE), "--steps", "1",
+                   "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    info = probe_durations(out)
+    assert abs(info["frames"] - 33) <= 1 and abs(info["audio_s"] - 1.3) < 0.05, info   # 1.3 s at 25 fps
+
+
+class _FaceFree:
+    """The Hallo backend with a detection-free avatar (fixed landmarks), for the engine."""
+
+    def __init__(self, backend):
+        self.inner = backend
+        for name in ("name", "fps", "size", "audio_context", "new_state", "encode_audio", "generate",
+                     "stream_segment_frames", "clip_frames"):
+            setattr(self, name, getattr(backend, name))
+
+    def prepare_avatar(self, image):
+        return _avatar(self.inner)
+
+
+@pytest.mark.timeout(300)
+async def test_live_segments_through_the_streaming_engine(backend):
+    """`serve` path: the engine windows streamed audio, the backend renders segments that continue each
+    other through motion frames (frames numbered without gaps, the right size)."""
+    from emo_stream.streaming import EngineConfig, StreamingEngine
+
+    engine = StreamingEngine(_FaceFree(backend), EngineConfig(segment_frames=8, vad=False,
+                                                              energy_threshold_db=-120, max_delay_ms=1e9))
+    await engine.start()
+    avatar = await engine.prepare_avatar(np.zeros((SIZE, SIZE, 3), np.uint8))
+    session = engine.open_session(avatar)
+    audio = _audio(0.64) + np.random.default_rng(0).standard_normal(10240).astype(np.float32) * 1e-4
+    await session.push_audio(audio, sample_rate=16000)
+    session.end_of_speech()
+    frames = []
+    async for f in session.frames():
+        frames.append(f)
+        if f.segment_end:
+            break
+    await engine.stop()
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert len([f for f in frames if f.speech]) >= 16
+    assert all(f.image.shape == (SIZE, SIZE, 3) for f in frames)

@@ -117,8 +117,9 @@ def face_embedding(image_rgb: np.ndarray, landmarks68: np.ndarray, face_models: 
     (no onnxruntime, no recognition model in the download)."""
     model = find_recognition_model(face_models) if face_models else None
     if model is None:
+        where = face_models or "the model folder (no face_analysis/models)"
         log.warning("face identity: no insightface recognition model (%s) in %s; using a zero embedding",
-                    " / ".join(RECOGNITION_FILES), face_models)
+                    " / ".join(RECOGNITION_FILES), where)
         return np.zeros(512, np.float32)
     try:
         embedder = FaceEmbedder(model)

@@ -119,6 +119,43 @@ def config_for_download(found: HalloDownload) -> HalloConfig:
     return config
 
 
+def sizes_from_state(config: HalloConfig, state: dict[str, torch.Tensor]) -> HalloConfig:
+    """Module sizes read off net.pth's shapes (face locator, projections, audio / motion modules), so a
+    download whose net.pth is not SD1.5-sized (other bases, tests' shrunken sets) still builds. The UNet
+    itself comes from stable-diffusion-v1-5/unet/config.json."""
+    def shape(key: str) -> tuple[int, ...] | None:
+        v = state.get(key)
+        return tuple(v.shape) if v is not None else None
+
+    fl_in, fl_out = shape("face_locator.conv_in.weight"), shape("face_locator.conv_out.weight")
+    if fl_in and fl_out:
+        chans = [fl_in[0]] + [shape(f"face_locator.blocks.{i}.weight")[0]
+                              for i in range(1, 64, 2) if shape(f"face_locator.blocks.{i}.weight")]
+        config.face_locator = {"conditioning_embedding_channels": fl_out[0], "conditioning_channels": fl_in[1],
+                               "block_out_channels": chans}
+    ip, ipn = shape("imageproj.proj.weight"), shape("imageproj.norm.weight")
+    if ip and ipn:
+        config.imageproj = {"cross_attention_dim": ipn[0], "clip_embeddings_dim": ip[1],
+                            "clip_extra_context_tokens": ip[0] // ipn[0]}
+    p1, p3, pn = shape("audioproj.proj1.weight"), shape("audioproj.proj3.weight"), shape("audioproj.norm.weight")
+    if p1 and p3 and pn:
+        layers = config.wav2vec2.get("num_hidden_layers", 12)
+        hidden = config.wav2vec2.get("hidden_size", 768)
+        config.audioproj = {"seq_len": p1[1] // (layers * hidden), "blocks": layers, "channels": hidden,
+                            "intermediate_dim": p1[0], "output_dim": pn[0], "context_tokens": p3[0] // pn[0]}
+    extra = dict(config.unet_additional_kwargs)
+    k = next((k for k in state if k.endswith("attn2_0.to_k.weight")), None)
+    if k:
+        extra["audio_attention_dim"] = tuple(state[k].shape)[1]
+    pe = next((k for k in state if k.endswith("pos_encoder.pe")), None)
+    if pe:
+        mm = dict(extra.get("motion_module_kwargs") or {})
+        mm["temporal_position_encoding_max_len"] = tuple(state[pe].shape)[1]
+        extra["motion_module_kwargs"] = mm
+    config.unet_additional_kwargs = extra
+    return config
+
+
 def load_hallo(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """A HalloModel from a download folder or from our converted checkpoint (eval mode, on `device`)."""
     from emo_stream.models.hallo.audio import load_wav2vec2
@@ -134,6 +171,7 @@ def load_hallo(path: str | Path, device: str | torch.device | None = None, dtype
         config = config_for_download(found)
         wav = load_wav2vec2(found.wav2vec2)
         state = load_net_file(found.net)
+        config = sizes_from_state(config, state)
         source = str(found.net)
     else:
         cfg_path = path / "config.yaml"
@@ -189,8 +227,8 @@ def convert(folder: Path, out: Path, config: HalloConfig | None = None) -> Path:
         raise WeightsError(f"{found.root}: wav2vec/wav2vec2-base-960h is missing")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = config or config_for_download(found)
     state = load_net_file(found.net)
+    config = config or sizes_from_state(config_for_download(found), state)
     # check it loads before writing anything big (shape errors name the key)
     from emo_stream.models.hallo.model import HalloModel
     with torch.device("meta"):
