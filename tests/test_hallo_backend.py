@@ -142,3 +142,41 @@ def test_generate_cli_on_a_download_shaped_folder(tmp_path, portrait_path, capsy
     assert rc == 0
     info = probe_durations(out)
     assert abs(info["frames"] - 33) <= 1 and abs(info["audio_s"] - 1.3) < 0.05, info   # 1.3 s at 25 fps
+
+
+class _FaceFree:
+    """The Hallo backend with a detection-free avatar (fixed landmarks), for the engine."""
+
+    def __init__(self, backend):
+        self.inner = backend
+        for name in ("name", "fps", "size", "audio_context", "new_state", "encode_audio", "generate",
+                     "stream_segment_frames", "clip_frames"):
+            setattr(self, name, getattr(backend, name))
+
+    def prepare_avatar(self, image):
+        return _avatar(self.inner)
+
+
+@pytest.mark.timeout(300)
+async def test_live_segments_through_the_streaming_engine(backend):
+    """`serve` path: the engine windows streamed audio, the backend renders segments that continue each
+    other through motion frames (frames numbered without gaps, the right size)."""
+    from emo_stream.streaming import EngineConfig, StreamingEngine
+
+    engine = StreamingEngine(_FaceFree(backend), EngineConfig(segment_frames=8, vad=False,
+                                                              energy_threshold_db=-120, max_delay_ms=1e9))
+    await engine.start()
+    avatar = await engine.prepare_avatar(np.zeros((SIZE, SIZE, 3), np.uint8))
+    session = engine.open_session(avatar)
+    audio = _audio(0.64) + np.random.default_rng(0).standard_normal(10240).astype(np.float32) * 1e-4
+    await session.push_audio(audio, sample_rate=16000)
+    session.end_of_speech()
+    frames = []
+    async for f in session.frames():
+        frames.append(f)
+        if f.segment_end:
+            break
+    await engine.stop()
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert len([f for f in frames if f.speech]) >= 16
+    assert all(f.image.shape == (SIZE, SIZE, 3) for f in frames)
