@@ -1,6 +1,6 @@
 """The EchoMimic download folder in `generate` and behind the streaming engine, with the real EchoMimic
-modules at tiny size: a download-format folder of the golden set's shrunken random weights plus a tiny
-random sd-vae-ft-mse/ (skipped without ../shared/golden). 128 px (the golden set's latent size), few steps.
+modules at tiny size: a random download-format folder (emo_stream.models.echomimic.testing, no ../shared
+needed) with a tiny random sd-vae-ft-mse/. 128 px (16x16 latents: 4 UNet levels), few steps.
 
 What random weights cannot show: a natural picture, or a boundary that looks smooth (a random model's
 frames are unrelated to each other even inside one segment); the boundary-smoothness check with a
@@ -24,41 +24,30 @@ pytest.importorskip("emo_stream.models.echomimic.importer")
 from emo_stream.backend import SegmentJob  # noqa: E402
 from emo_stream.echomimic_backend import EchoMimicBackend  # noqa: E402
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "echomimic-v1"
 SIZE = 128
 pytestmark = pytest.mark.timeout(300)
 
 
-def write_tiny_vae(folder: Path, seed: int = 0) -> Path:
-    """A tiny random AutoencoderKL saved as a diffusers folder (the layout of sd-vae-ft-mse/): 8x down."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=[8, 8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1)
-    vae.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def echo_folder(tmp_path_factory) -> Path:
-    """The golden weights as an EchoMimic download folder (acc names) + a tiny VAE."""
-    if not (GOLDEN / "weights" / "reference_unet.pth").is_file():
-        pytest.skip("../shared/golden/echomimic-v1 is not present")
-    from emo_stream.models.families import FAMILIES
+    """A tiny random EchoMimic download folder (acc names), in the published formats, with a tiny VAE."""
+    from emo_stream.models.echomimic.testing import write_tiny_echomimic_folder
 
-    if "echomimic-v1" not in FAMILIES:
-        pytest.skip("the echomimic-v1 model family is not registered yet")
     d = tmp_path_factory.mktemp("EchoMimic")
-    w = GOLDEN / "weights"
-    for src, name in [("reference_unet.pth", "reference_unet.pth"), ("face_locator.pth", "face_locator.pth"),
-                      ("denoising_unet.pth", "denoising_unet_acc.pth"), ("motion_module.pth", "motion_module_acc.pth")]:
-        (d / name).symlink_to(w / src)
-    (d / "audio_processor").mkdir()
-    (d / "audio_processor" / "whisper_tiny.pt").symlink_to(w / "whisper_tiny.pt")
-    write_tiny_vae(d / "sd-vae-ft-mse")
+    write_tiny_echomimic_folder(d)
     return d
+
+
+def test_tiny_folder_round_trips_through_the_importer(tmp_path):
+    """The writer is the importer's exact inverse: what it wrote is what the importer loads."""
+    from emo_stream.models.echomimic.importer import load_download
+    from emo_stream.models.echomimic.testing import write_tiny_echomimic_folder
+
+    written = write_tiny_echomimic_folder(tmp_path / "normal", weights_set="normal", vae=False)
+    loaded = load_download(tmp_path / "normal")
+    assert loaded.config.weights_set == "normal" and loaded.vae is None
+    a, b = written.state_dict(), loaded.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +101,13 @@ def test_cli_generate_from_the_download_folder(echo_folder, portrait_path, tmp_p
 
 
 def test_offline_render_is_deterministic_and_long_videos_use_windows(backend):
-    avatar = _crop_avatar(backend)
-    audio = _tone(0.8)  # 20 frames at 25 fps: two overlapping windows
-    a = np.concatenate([f for f, _ in backend.render_video(avatar, audio, seed=1)])
-    b = np.concatenate([f for f, _ in backend.render_video(avatar, audio, seed=1)])
-    c = np.concatenate([f for f, _ in backend.render_video(avatar, audio, seed=2)])
-    assert a.shape == (20, SIZE, SIZE, 3)
+    one_step = EchoMimicBackend(backend.model, size=SIZE, fps=25, steps=1)
+    avatar = _crop_avatar(one_step)
+    audio = _tone(0.6)  # 15 frames: two overlapping 12-frame windows
+    a = np.concatenate([f for f, _ in one_step.render_video(avatar, audio, seed=1)])
+    b = np.concatenate([f for f, _ in one_step.render_video(avatar, audio, seed=1)])
+    c = np.concatenate([f for f, _ in one_step.render_video(avatar, audio, seed=2)])
+    assert a.shape == (15, SIZE, SIZE, 3)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 

@@ -33,7 +33,7 @@ class DenoiserContext:
 
     frames: int = 1
     bank: dict[str, torch.Tensor] | None = None    # block name -> (B, tokens, C) reference tokens
-    with_reference: torch.Tensor | None = None     # (R,) bool; row r uses bank row r % B
+    with_reference: torch.Tensor | None = None     # (R,) bool, None = all rows; row r uses bank row r % B
     face: torch.Tensor | None = None               # (R, C0, h, w) added after conv_in (per frame)
 
 
@@ -76,14 +76,13 @@ class BankReadProcessor:
             return _SDPA(attn, hidden_states, None, attention_mask, temb)
         rows, f = hidden_states.shape[0], ctx.frames
         samples = rows // f
-        use = ctx.with_reference if ctx.with_reference is not None else \
-            torch.ones(samples, dtype=torch.bool, device=hidden_states.device)
         session = torch.arange(samples, device=bank.device) % bank.shape[0]
-        row_use = use.repeat_interleave(f)
         # the bank row of every frame row, promoted to the activations' dtype (the fp16 rounding stays)
         ref = bank[session.repeat_interleave(f)].to(hidden_states.dtype)
-        if bool(row_use.all()):
+        use = ctx.with_reference
+        if use is None:                      # every row attends to the reference (no host sync; works on meta)
             return _SDPA(attn, hidden_states, torch.cat([hidden_states, ref], dim=1), attention_mask, temb)
+        row_use = use.to(hidden_states.device).repeat_interleave(f)
         idx_c, idx_u = row_use.nonzero()[:, 0], (~row_use).nonzero()[:, 0]
         parts = {}
         if len(idx_c):

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
+LATENT_SCALE = 0.18215   # EchoMimic's pipelines hard-code SD's VAE scaling factor
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -136,6 +137,23 @@ class EchoMimicModel(nn.Module):
             self.store.capture, self.store.tokens = False, {}
 
     @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> VAE mean * 0.18215 (EchoMimic's reference latents)."""
+        vae = self._need_vae()
+        return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * LATENT_SCALE
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, 4, h, w) latents -> (N, 3, H, W) in [-1, 1] (EchoMimic decodes latents / 0.18215 frame by frame)."""
+        vae = self._need_vae()
+        return vae.decode(latents.to(vae.device, vae.dtype) / LATENT_SCALE).sample
+
+    def _need_vae(self) -> AutoencoderKL:
+        if self.vae is None:
+            raise WeightsError("this EchoMimic model has no VAE (the download folder had no sd-vae-ft-mse/)")
+        return self.vae
+
+    @torch.no_grad()
     def face_feature(self, face_mask: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) or (B, 1, 1, H, W) mask in {0, 1} -> (B, C0, 1, H/8, W/8)."""
         return self.face_locator(face_mask.to(self.device))
@@ -170,6 +188,8 @@ class EchoMimicModel(nn.Module):
         if audio.shape[:2] != (r, f):
             raise ValueError(f"audio tokens {tuple(audio.shape)} do not match latents {tuple(latents.shape)}")
         ctx = self.context
+        if with_reference is not None and not with_reference.is_meta and bool(with_reference.all()):
+            with_reference = None    # one host sync per call instead of one per attention layer
         ctx.frames, ctx.bank, ctx.with_reference = f, bank, with_reference
         ctx.face = face[:, :, 0] if face is not None else None
         try:
