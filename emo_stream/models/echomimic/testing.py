@@ -90,15 +90,12 @@ def write_tiny_vae(folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
-def write_tiny_echomimic_folder(folder: str | Path, weights_set: str = "acc", seed: int = 0, channels: int = 32,
-                                vae: bool = True):
-    """Write a tiny EchoMimic download folder; returns the model it holds (for comparisons)."""
+def write_published_weights(folder: str | Path, model, weights_set: str = "acc",
+                            whisper_file: str = "audio_processor/whisper_tiny.pt") -> None:
+    """`model`'s weights as EchoMimic publishes them (the inverse of the importer's key mapping) in `folder`."""
     from emo_stream.models.echomimic.importer import FACE_LOCATOR, REFERENCE, WEIGHT_SETS
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(channels, weights_set=weights_set)
-    model = live_model(config, seed)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
@@ -121,8 +118,18 @@ def write_tiny_echomimic_folder(folder: str | Path, weights_set: str = "acc", se
             motion[published_motion_key(k)] = v
     torch.save(motion, folder / motion_file)
     whisper = {published_whisper_key(k): v.half() for k, v in part("whisper.encoder.").items()}
-    (folder / "audio_processor").mkdir(exist_ok=True)
-    torch.save({"dims": dict(config.whisper), "model_state_dict": whisper}, folder / "audio_processor" / "whisper_tiny.pt")
+    (folder / whisper_file).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"dims": dict(model.config.whisper), "model_state_dict": whisper}, folder / whisper_file)
+
+
+def write_tiny_echomimic_folder(folder: str | Path, weights_set: str = "acc", seed: int = 0, channels: int = 32,
+                                vae: bool = True):
+    """Write a tiny EchoMimic download folder; returns the model it holds (for comparisons)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(channels, weights_set=weights_set)
+    model = live_model(config, seed)
+    write_published_weights(folder, model, weights_set)
     if vae:
         write_tiny_vae(folder / "sd-vae-ft-mse", seed)
     return model
