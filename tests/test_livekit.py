@@ -119,13 +119,15 @@ class Agent:
         self.room = StandInRoom(hub, room_name, identity, kind=AGENT)
         self.avatar_identity = avatar_identity
         self.finished: list = []
+        self.started: list = []
         self.output: DataStreamAudioOutput | None = None
 
     async def connect(self) -> None:
         await self.room.connect()
         self.output = DataStreamAudioOutput(self.room, destination_identity=self.avatar_identity, sample_rate=RATE,
-                                            wait_remote_track=rtc.TrackKind.KIND_VIDEO)
+                                            wait_remote_track=rtc.TrackKind.KIND_VIDEO, wait_playback_start=True)
         self.output.on("playback_finished", self.finished.append)
+        self.output.on("playback_started", self.started.append)
 
     async def say(self, pcm: np.ndarray, chunk: int = 480) -> None:
         """Send one utterance (TTS pushes faster than real time) and close it."""
@@ -181,6 +183,7 @@ async def test_agent_audio_comes_back_sample_exact_with_video_at_model_fps(host,
 
     # one playback_finished per utterance, at the utterance's exact duration, not interrupted
     assert [e.interrupted for e in agent.finished] == [False, False]
+    assert len(agent.started) == 2                  # lk.playback_started once per utterance, from the worker
     assert agent.finished[0].playback_position == pytest.approx(len(first) / RATE, abs=1e-6)
     assert agent.finished[1].playback_position == pytest.approx(len(second) / RATE, abs=1e-6)
 
