@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -31,16 +30,10 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Any = None) -> Any
     if backend is None:
         backend = create_backend(config.backend, config.model, size=config.size, fps=config.fps,
                                  device=config.device)
-    options = dataclasses.asdict(config.engine)
-    if options["segment_frames"] is None:
-        # the latency knob suits each backend differently: one frame for the cheap preview animator,
-        # longer segments for EMO (temporal context, batching)
-        options["segment_frames"] = capabilities(backend).stream_segment_frames or 8
-    try:
-        engine_config = EngineConfig(max_sessions=config.sessions.max_sessions,
-                                     max_avatars=config.limits.max_avatars, **options)
-    except TypeError as exc:
-        raise ConfigError(f"engine settings: {exc}") from None
+    # the latency knob suits each backend differently: one frame for the cheap preview animator, longer
+    # segments for EMO (temporal context, batching)
+    segment = config.engine.segment_frames or capabilities(backend).stream_segment_frames or 8
+    engine_config = config.engine.engine_config(segment, config.sessions.max_sessions, config.limits.max_avatars)
     return StreamingEngine(backend, engine_config, clock=clock)
 
 

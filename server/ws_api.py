@@ -211,8 +211,7 @@ class Connection:
                         quality = self.start_msg.jpeg_quality
                     jpeg = await asyncio.to_thread(_jpeg, item.image, quality)
                     pcm = (np.clip(item.audio, -1, 1) * 32767).astype("<i2").tobytes()
-                    header = {"type": "frame", "index": item.seq, "pts": round(item.pts, 4), "speech": item.speech,
-                              "segment_end": item.segment_end, "sample_rate": 16000}
+                    header = protocol.frame_header(item.seq, item.pts, item.speech, item.segment_end)
                     await self.ws.send(protocol.encode_frame(header, jpeg, pcm))
                 else:
                     await self.ws.send(json.dumps(item, separators=(",", ":")))
@@ -246,10 +245,8 @@ class Connection:
         self.session = session
         self.start_msg = msg
         session.add_listener(self._on_session_event)
-        reply: dict[str, Any] = {
-            "type": "session_started", "session": session.id, "viewer_url": self.server.viewer_url(session.id),
-            "fps": self.cfg.fps, "size": self.cfg.size, "output_sample_rate": 16000, "protocol": protocol.PROTOCOL_VERSION,
-        }
+        reply: dict[str, Any] = protocol.session_started(session.id, self.server.viewer_url(session.id), self.cfg.fps,
+                                                         self.cfg.size)
         try:
             if msg.webrtc is not None:
                 from server.rtc import answer_offer, pump_mic
@@ -302,8 +299,7 @@ class Connection:
         session.viewers += 1
         self.viewing.append((session, pc))
         session.add_listener(self._on_view_event)
-        self.send({"type": "view_started", "session": session.id, "answer": {"type": answer.type, "sdp": answer.sdp},
-                   "fps": self.cfg.fps, "size": self.cfg.size})
+        self.send(protocol.view_started(session.id, answer.type, answer.sdp, self.cfg.fps, self.cfg.size))
 
     async def _viewer_gone(self, session: ServerSession, pc: Any) -> None:
         if (session, pc) in self.viewing:
@@ -312,18 +308,18 @@ class Connection:
             await session.remove_peer(pc)
 
     def _on_view_event(self, event: dict) -> None:
-        if event["type"] == "session_ended":
+        if event["type"] == protocol.SESSION_ENDED:
             self.send(event)
 
     async def _simple(self, msg: Simple) -> None:
         kind = msg.type
         if kind == "ping":
-            self.send({"type": "pong"})
+            self.send(protocol.pong())
             return
         if kind == "stats":
             if self.session is None:
                 raise ProtocolError("no session: send start first", "bad_state", kind)
-            self.send({"type": "stats", **self.session.stats()})
+            self.send(protocol.stats(self.session.stats()))
             return
         if self.session is None:
             raise ProtocolError(f"{kind}: no session on this connection (send start first)", "bad_state", kind)
@@ -344,7 +340,7 @@ class Connection:
                 self._feeder = session.spawn(self._feed_audio(session, self.start_msg.audio), "feed")
             self._drain_audio()
             session.clear()
-            self.send({"type": "cleared", "session": session.id})
+            self.send(protocol.cleared(session.id))
         elif kind == "stop":
             await self._end_session("stopped")
 
@@ -355,7 +351,7 @@ class Connection:
             upload, self.pending_avatar = self.pending_avatar, None
             protocol.check_image_bytes(data, upload)
             avatar_id = await self.server.avatars.add(data)
-            self.send({"type": "avatar_ready", "avatar": avatar_id})
+            self.send(protocol.avatar_ready(avatar_id))
             return
         if self.session is None or self.start_msg is None or self.start_msg.audio is None:
             if self._ended_by_server:
@@ -401,18 +397,18 @@ class Connection:
     async def _push_stats(self, session: ServerSession, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            self.send({"type": "stats", **session.stats()})
+            self.send(protocol.stats(session.stats()))
 
     # -- session events --------------------------------------------------------------------------
     def _on_session_event(self, event: dict) -> None:
         self.send(event)
-        if event.get("type") == "session_ended" and self.session is not None and event.get("session") == self.session.id:
+        if event.get("type") == protocol.SESSION_ENDED and self.session is not None and event.get("session") == self.session.id:
             # ended by the server (idle timeout, shutdown, failure): forget it and release a blocked reader
             self.session, self.start_msg = None, None
             self._ended_by_server = True
             self._session_gone.set()
             self._drain_audio()
-        if event.get("type") == "error" and event.get("fatal") and self.session is not None:
+        if event.get("type") == protocol.ERROR and event.get("fatal") and self.session is not None:
             # the engine or playout failed for this session only: free its slot, keep the connection
             task = asyncio.get_running_loop().create_task(self._end_session("failed"), name="ws-end-session")
             self._tasks.add(task)   # the loop keeps only a weak reference to a task

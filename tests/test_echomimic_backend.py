@@ -109,6 +109,14 @@ def test_contract_and_capabilities(backend):
     assert normal.sampling.steps == 30 and normal.sampling.guidance == 2.5
 
 
+def test_portrait_crop_and_mask_follow_echomimic(backend):
+    """The face box is half the crop's width, centred; the mask is that box padded by 10%."""
+    avatar = backend.prepare_avatar(_image(size=200))
+    x0, y0, x1, y1 = avatar.face_box
+    assert abs((x1 - x0) / SIZE - 0.5) < 0.02 and abs((x0 + x1) / 2 - SIZE / 2) < 1.5
+    assert abs((y0 + y1) / 2 - SIZE / 2) < 1.5
+
+
 def test_face_mask_is_the_box_padded_by_ten_percent():
     mask = echomimic_face_mask(np.array([40, 30, 90, 100]), 128)[0, 0, 0]
     ys, xs = np.nonzero(mask.numpy())

@@ -52,6 +52,9 @@ class _Session:
     def stats(self):
         return {"latency_ms": {"p50": 1.0, "p95": 2.0}, "input_queue_s": 0.0, "state": "idle"}
 
+    input_backlog_s = 0.0
+    output_queue_frames = 0
+
     async def close(self):
         self._closed.set()
 
