@@ -72,20 +72,15 @@ class EchoParts(Protocol):
         """16 kHz mono float32 -> (T, L + 1, 384) per-layer whisper features, 50 rows per second."""
 
 
-def audio_tokens(features: torch.Tensor, times_s: np.ndarray) -> torch.Tensor:
-    """EchoMimic's feature2chunks at given frame times: frame at time t takes feature rows
-    clip(int(t * 50) - 4 + j, 0, T - 1), j < 10, flattened -> (frames, 10 * (L + 1), 384)."""
+def tokens_at(features: torch.Tensor, times_s: np.ndarray) -> torch.Tensor:
+    """EchoMimic's feature2chunks for frames at given times (live: a window that starts mid-stream): the frame
+    at time t takes feature rows clip(int(t * 50) - 4 + j, 0, T - 1), j < 10, flattened ->
+    (frames, 10 * (L + 1), 384). Offline (t = i / fps from 0) this is models.echomimic.audio.audio_tokens."""
     rows = features.shape[0]
     first = np.floor(np.asarray(times_s, np.float64) * FEATURE_RATE + 1e-9).astype(np.int64) - ROWS_BEFORE
     idx = np.clip(first[:, None] + np.arange(ROWS)[None], 0, rows - 1)
     picked = features[torch.from_numpy(idx).to(features.device)]          # (frames, 10, L+1, 384)
     return picked.reshape(len(idx), -1, features.shape[-1])
-
-
-def offline_tokens(features: torch.Tensor, num_frames: int, fps: int) -> torch.Tensor:
-    """feature2chunks exactly as EchoMimic indexes it offline: int(i * 50 / fps) (integer arithmetic)."""
-    first = np.array([int(i * FEATURE_RATE / fps) for i in range(num_frames)], np.int64)
-    return audio_tokens(features, first / FEATURE_RATE)
 
 
 def echomimic_face_mask(box: np.ndarray, size: int) -> torch.Tensor:
@@ -209,7 +204,9 @@ class EchoMimicBackend(BackendBase):
         """
         m = self.model
         num_frames = max(1, int(round(len(audio) * self.fps / SAMPLE_RATE)))
-        tokens = offline_tokens(m.whisper_features(np.asarray(audio, np.float32)), num_frames, self.fps)
+        from emo_stream.models.echomimic.audio import audio_tokens
+
+        tokens = audio_tokens(m.whisper_features(np.asarray(audio, np.float32)), self.fps, num_frames)
         latents = self._denoise_video(avatar, tokens, seed, progress)
         edges = [int(round(i * SAMPLE_RATE / self.fps)) for i in range(num_frames + 1)]
         padded = np.concatenate([np.asarray(audio, np.float32), np.zeros(max(0, edges[-1] - len(audio)), np.float32)])
@@ -243,7 +240,7 @@ class EchoMimicBackend(BackendBase):
         """(num_frames, 10 * (L + 1), 384) audio tokens; audio[:start] is left context."""
         feats = self.model.whisper_features(np.asarray(audio, np.float32))
         times = (start + np.arange(num_frames) * SAMPLE_RATE / self.fps) / SAMPLE_RATE
-        return audio_tokens(feats, times)
+        return tokens_at(feats, times)
 
     def _silent_tokens(self, num_frames: int) -> torch.Tensor:
         if num_frames not in self._silence:

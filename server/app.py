@@ -9,7 +9,9 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 
+from emo_stream.backend import Backend
 from emo_stream.errors import ConfigError, EmoStreamError
+from emo_stream.streaming import StreamingEngine
 
 from server.avatars import AvatarStore
 from server.config import ServerConfig
@@ -21,11 +23,10 @@ from server.ws_api import ApiContext, Connection
 log = logging.getLogger(__name__)
 
 
-def build_engine(config: ServerConfig, clock: Clock, backend: Any = None) -> Any:
+def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = None) -> StreamingEngine:
     """Backend by name (emo_stream.backends) inside the streaming engine; model loading happens here."""
     from emo_stream.backend import capabilities
     from emo_stream.backends import create_backend
-    from emo_stream.streaming import EngineConfig, StreamingEngine
 
     if backend is None:
         backend = create_backend(config.backend, config.model, size=config.size, fps=config.fps,
@@ -50,8 +51,8 @@ def default_image(config: ServerConfig):
 class StreamServer:
     """`await start()`, then `url`; `await stop()`. Tests may pass a ready backend or engine, and a clock."""
 
-    def __init__(self, config: ServerConfig, *, backend: Any = None, engine: Any = None, clock: Clock | None = None,
-                 virtual_camera: bool = False):
+    def __init__(self, config: ServerConfig, *, backend: Backend | None = None, engine: StreamingEngine | None = None,
+                 clock: Clock | None = None, virtual_camera: bool = False):
         config.ensure_token()
         self.config = config
         self.clock = clock or MonotonicClock()
@@ -69,8 +70,9 @@ class StreamServer:
 
     @property
     def backend_name(self) -> str:
-        backend = getattr(self.engine, "backend", None)
-        return str(getattr(backend, "name", None) or self.config.backend or "preview")
+        if self.engine is not None:
+            return str(self.engine.backend.name)
+        return self.config.backend or "preview"
 
     @property
     def base_url(self) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from emo_stream.backend import Backend, SegmentJob, capabilities
-from emo_stream.echomimic_backend import EchoMimicBackend, audio_tokens, echomimic_face_mask, offline_tokens
+from emo_stream.echomimic_backend import EchoMimicBackend, echomimic_face_mask, tokens_at
 from emo_stream.echomimic_sampling import make_scheduler
 from emo_stream.face import FaceInfo
 from emo_stream.generate import generate_file
@@ -123,16 +123,14 @@ def test_face_mask_is_the_box_padded_by_ten_percent():
     assert (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) == (30 - 7, 100 + 7, 40 - 5, 90 + 5)
 
 
-def test_offline_tokens_follow_echomimics_indexing():
-    feats = torch.arange(50.)[:, None, None].expand(50, 2, 384)
-    tok = offline_tokens(feats, 26, 24)
-    assert tok.shape == (26, 20, 384)
-    for i in (0, 1, 7, 25):
-        rows = np.clip(int(i * 50 / 24) - 4 + np.arange(10), 0, 49)
-        assert tok[i, ::2, 0].tolist() == rows.tolist()
-    # live indexing at a time offset equals offline indexing of the same instants
-    live = audio_tokens(feats, np.array([10 / 24, 11 / 24]))
-    assert torch.equal(live, tok[10:12])
+def test_live_tokens_pick_the_rows_echomimic_picks_offline():
+    """Live windows start mid-stream: tokens by time equal EchoMimic's offline feature2chunks of the same frames."""
+    from emo_stream.models.echomimic.audio import audio_tokens
+
+    feats = torch.randn(50, 2, 384)
+    offline = audio_tokens(feats, 24, 26)
+    assert torch.equal(tokens_at(feats, np.arange(26) / 24), offline)
+    assert torch.equal(tokens_at(feats, np.array([10 / 24, 11 / 24])), offline[10:12])
 
 
 def test_render_video_any_length_and_sync(backend, tmp_path):

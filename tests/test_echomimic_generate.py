@@ -80,6 +80,20 @@ def test_model_alone_picks_echomimic_and_says_which_weights(echo_folder, caplog)
     assert "acc weights" in caplog.text
 
 
+def test_weights_set_choice(tmp_path, caplog):
+    from emo_stream.backends import create_backend
+    from emo_stream.errors import WeightsError
+    from emo_stream.models.echomimic.testing import write_tiny_echomimic_folder
+
+    write_tiny_echomimic_folder(tmp_path, weights_set="normal")
+    with caplog.at_level(logging.INFO):
+        b = create_backend(None, str(tmp_path), size=SIZE, device="cpu")
+    assert b.model.weights == "normal" and b.sampling.steps == 30 and b.sampling.guidance == 2.5
+    assert "normal weights" in caplog.text
+    with pytest.raises(WeightsError, match="acc weights asked for"):
+        create_backend(None, str(tmp_path), size=SIZE, device="cpu", weights_set="acc")
+
+
 def test_cli_generate_from_the_download_folder(echo_folder, portrait_path, tmp_path):
     """`emo-stream generate --model FOLDER`: face detection, 24 fps, duration and A/V sync of the MP4."""
     import wave
