@@ -130,8 +130,17 @@ async def _answer(coro, request: str):
     try:
         return await coro
     except Exception as exc:  # aiortc raises ValueError, AssertionError, ... on malformed SDP
-        raise ProtocolError(f"{request}.webrtc: cannot use this SDP offer ({exc.__class__.__name__}: {exc})"[:300],
+        raise ProtocolError(f"{request}.webrtc: cannot use this SDP offer ({_sdp_reason(exc)})"[:300],
                             "bad_message", request) from None
+
+
+def _sdp_reason(exc: Exception) -> str:
+    """aiortc's parser asserts without a message (e.g. on an m= line it cannot read): say what that means."""
+    if str(exc):
+        return f"{exc.__class__.__name__}: {exc}"
+    if isinstance(exc, (AssertionError, KeyError, IndexError)):
+        return "malformed SDP: a line (m=, a=, c=, ...) does not have the form RFC 8866 gives it"
+    return exc.__class__.__name__
 
 
 class Connection:
@@ -258,6 +267,8 @@ class Connection:
             if msg.stats_interval:
                 session.spawn(self._push_stats(session, msg.stats_interval), "stats")
         except Exception:
+            # the client never heard session_started: it gets the error alone, no session_ended
+            session.remove_listener(self._on_session_event)
             await self._end_session("setup failed")
             raise
         self.send(reply)
