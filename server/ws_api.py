@@ -13,6 +13,8 @@ import collections
 import io
 import json
 import logging
+import socket
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -158,10 +160,12 @@ class Connection:
         self._session_gone = asyncio.Event()
         self._ended_by_server = False
         self._feeder: asyncio.Task | None = None  # moves queued PCM into the session (audio starts)
+        self._last_frame_sent = float("-inf")  # monotonic time the writer last sent a JPEG frame
 
     # -- main loop -------------------------------------------------------------------------------
     async def run(self) -> None:
         writer = asyncio.create_task(self._writer(), name="ws-writer")
+        keepalive = asyncio.create_task(self._keepalive(), name="ws-keepalive")
         try:
             async for message in self.ws:
                 self._request = None  # the request an error reply refers to
@@ -191,7 +195,8 @@ class Connection:
         finally:
             await self.cleanup()
             writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            keepalive.cancel()
+            await asyncio.gather(writer, keepalive, return_exceptions=True)
 
     def send(self, event: dict) -> None:
         self.outbox.put_event(event)
@@ -209,10 +214,50 @@ class Connection:
                     header = {"type": "frame", "index": item.seq, "pts": round(item.pts, 4), "speech": item.speech,
                               "segment_end": item.segment_end, "sample_rate": 16000}
                     await self.ws.send(protocol.encode_frame(header, jpeg, pcm))
+                    self._last_frame_sent = time.monotonic()
                 else:
                     await self.ws.send(json.dumps(item, separators=(",", ":")))
         except (QueueClosed, ConnectionClosed):
             pass
+
+    async def _keepalive(self) -> None:
+        """Ping every ping_interval_s and expect the pong within ping_timeout_s - or within reader_timeout_s
+        while JPEG frames flow: then the ping waits behind frames a slow client has not read yet, and such
+        a client only loses its oldest frames (Outbox). No pong for that long: gone or stopped reading."""
+        ka = self.cfg.keepalive
+        try:
+            while True:
+                await asyncio.sleep(ka.ping_interval_s)
+                frames_flowing = time.monotonic() - self._last_frame_sent < ka.reader_timeout_s
+                limit = max(ka.ping_timeout_s, ka.reader_timeout_s) if frames_flowing else ka.ping_timeout_s
+                try:
+                    async with asyncio.timeout(limit):
+                        await (await self.ws.ping())
+                except TimeoutError:
+                    log.info("connection %s: no keepalive pong for %.1f s: closing it",
+                             self.ws.remote_address, limit)
+                    try:
+                        async with asyncio.timeout(ka.close_timeout_s + 1.0):
+                            await self.ws.close(1011, "keepalive ping timeout")
+                    except TimeoutError:
+                        self.ws.transport.abort()
+                    return
+        except ConnectionClosed:
+            pass
+
+    def _stats(self, session: ServerSession) -> dict:
+        # frames_dropped: JPEG frames this connection's client read too slowly to get (oldest first)
+        return {"type": "stats", **session.stats(), "frames_dropped": self.outbox.dropped}
+
+    def _bound_send_buffer(self) -> None:
+        """A small kernel send buffer keeps a slow reader's backlog in the Outbox, where frames are dropped."""
+        sock = self.ws.transport.get_extra_info("socket") if self.ws.transport is not None else None
+        if sock is None:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.cfg.limits.frames_send_buffer_bytes)
+        except OSError:
+            log.debug("cannot set SO_SNDBUF", exc_info=True)
 
     # -- text messages ---------------------------------------------------------------------------
     async def _text(self, text: str) -> None:
@@ -263,6 +308,7 @@ class Connection:
             else:
                 self._feeder = session.spawn(self._feed_audio(session, msg.audio), "feed")
             if msg.frames == "jpeg":
+                self._bound_send_buffer()
                 session.playout.subscribe("ws-frames", frames=None, audio=None, frames_sink=_FramesSink(self.outbox))
             if msg.stats_interval:
                 session.spawn(self._push_stats(session, msg.stats_interval), "stats")
@@ -320,7 +366,7 @@ class Connection:
         if kind == "stats":
             if self.session is None:
                 raise ProtocolError("no session: send start first", "bad_state", kind)
-            self.send({"type": "stats", **self.session.stats()})
+            self.send(self._stats(self.session))
             return
         if self.session is None:
             raise ProtocolError(f"{kind}: no session on this connection (send start first)", "bad_state", kind)
@@ -398,7 +444,7 @@ class Connection:
     async def _push_stats(self, session: ServerSession, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            self.send({"type": "stats", **session.stats()})
+            self.send(self._stats(session))
 
     # -- session events --------------------------------------------------------------------------
     def _on_session_event(self, event: dict) -> None:
