@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from _common import REPO, device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
-from emo_stream.backends import create_backend
+from emo_stream.backend import capabilities
+from emo_stream.backends import backend_names, create_backend
+from emo_stream.timeline import SAMPLE_RATE
 from emo_stream.media import load_audio, load_image
 from emo_stream.streaming import EngineConfig, StreamingEngine
 
@@ -47,7 +49,7 @@ def speech_audio(path: str | None, seconds: float | None) -> tuple[np.ndarray, s
         path = str(out)
     audio = load_audio(path)
     if seconds:
-        audio = audio[: int(seconds * 16000)]
+        audio = audio[: int(seconds * SAMPLE_RATE)]
     return audio, Path(path).name
 
 
@@ -62,7 +64,7 @@ def portrait(path: str | None) -> np.ndarray:
 
 
 async def run_mode(engine: StreamingEngine, avatar, audio: np.ndarray, sessions: int, realtime: bool) -> dict:
-    chunk = int(CHUNK_S * 16000)
+    chunk = int(CHUNK_S * SAMPLE_RATE)
     opened = [engine.open_session(avatar, seed=i) for i in range(sessions)]
     pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
     first_ready: list[float] = []
@@ -74,9 +76,9 @@ async def run_mode(engine: StreamingEngine, avatar, audio: np.ndarray, sessions:
                 delay = t0 + k * CHUNK_S - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                await session.push_audio(pcm[i:i + chunk], sample_rate=16000)
+                await session.push_audio(pcm[i:i + chunk], sample_rate=SAMPLE_RATE)
         else:
-            await session.push_audio(pcm, sample_rate=16000)
+            await session.push_audio(pcm, sample_rate=SAMPLE_RATE)
         session.end_of_speech()
 
     async def consume(session) -> int:
@@ -102,7 +104,7 @@ async def run_mode(engine: StreamingEngine, avatar, audio: np.ndarray, sessions:
     frames = int(sum(counts))
     return {
         "mode": "realtime" if realtime else "fast",
-        "audio_seconds": round(len(audio) / 16000, 2),
+        "audio_seconds": round(len(audio) / SAMPLE_RATE, 2),
         "wall_seconds": round(elapsed, 2),
         "speech_frames": frames,
         "throughput_fps": round(frames / elapsed, 1),
@@ -122,7 +124,7 @@ async def run_mode(engine: StreamingEngine, avatar, audio: np.ndarray, sessions:
 async def clear_to_idle(engine: StreamingEngine, avatar, audio: np.ndarray) -> float:
     """Milliseconds from session.clear() in the middle of speech to the first idle frame being available."""
     session = engine.open_session(avatar)
-    await session.push_audio(audio[: 16000 * 5])
+    await session.push_audio(audio[: SAMPLE_RATE * 5])
     async for f in session.frames():
         if f.speech and f.index > 30:
             break
@@ -140,7 +142,8 @@ async def main_async(args) -> dict:
     options = {k: v for k, v in (("steps", args.steps), ("decoder", args.decoder)) if v is not None}
     backend = create_backend(args.backend, args.model, size=args.size, fps=25, device=args.device, **options)
     audio, audio_name = speech_audio(args.audio, args.seconds)
-    if args.workers and args.workers > 1 and not getattr(backend, "concurrent_generate", False):
+    caps = capabilities(backend)
+    if args.workers and args.workers > 1 and not caps.concurrent_generate:
         logging.warning("backend %s does not declare concurrent_generate: its calls stay serialised", backend.name)
     config = EngineConfig(segment_frames=args.segment_frames, max_sessions=args.sessions + 1,
                           max_batch=args.max_batch or args.sessions, vad=not args.no_vad,
@@ -150,7 +153,7 @@ async def main_async(args) -> dict:
     rss0 = rss_mb()
     avatar = await engine.prepare_avatar(portrait(args.portrait))
     # warm-up: one short utterance (lazy initialisation, caches)
-    warm = await run_mode(engine, avatar, audio[:16000], 1, realtime=False)
+    warm = await run_mode(engine, avatar, audio[:SAMPLE_RATE], 1, realtime=False)
     del warm
     rss_avatar = rss_mb()
     runs = []
@@ -163,7 +166,7 @@ async def main_async(args) -> dict:
     return {
         "bench": "stream",
         "load_avg_1m_at_end": load_average(),   # the CPU box is shared: context for the numbers
-        "device": device_name(getattr(backend, "device", None)),
+        "device": device_name(caps.device),
         "backend": backend.name,
         "preset": args.model if args.backend == "emo" else None,
         "size": backend.size,
@@ -196,7 +199,7 @@ async def main_async(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=["preview", "emo"], default="preview")
+    p.add_argument("--backend", choices=backend_names(), default="preview")
     p.add_argument("--model", default=None, help="EMO preset or checkpoint (tiny, sd15, PATH)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=None)

@@ -3,42 +3,38 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 
+from emo_stream.backend import Backend
 from emo_stream.errors import ConfigError, EmoStreamError
+from emo_stream.streaming import StreamingEngine
 
 from server.avatars import AvatarStore
 from server.config import ServerConfig
 from server.http import HttpRoutes
 from server.sessions import SessionManager
 from server.sync import Clock, MonotonicClock
-from server.ws_api import Connection
+from server.ws_api import ApiContext, Connection
 
 log = logging.getLogger(__name__)
 
 
-def build_engine(config: ServerConfig, clock: Clock, backend: Any = None) -> Any:
+def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = None) -> StreamingEngine:
     """Backend by name (emo_stream.backends) inside the streaming engine; model loading happens here."""
+    from emo_stream.backend import capabilities
     from emo_stream.backends import create_backend
-    from emo_stream.streaming import EngineConfig, StreamingEngine
 
     if backend is None:
         backend = create_backend(config.backend, config.model, size=config.size, fps=config.fps,
                                  device=config.device)
-    options = dataclasses.asdict(config.engine)
-    if options["segment_frames"] is None:
-        # the latency knob suits each backend differently: one frame for the cheap preview animator,
-        # longer segments for EMO (temporal context, batching)
-        options["segment_frames"] = int(getattr(backend, "stream_segment_frames", 8))
-    try:
-        engine_config = EngineConfig(max_sessions=config.sessions.max_sessions, **options)
-    except TypeError as exc:
-        raise ConfigError(f"engine settings: {exc}") from None
+    # the latency knob suits each backend differently: one frame for the cheap preview animator, longer
+    # segments for EMO (temporal context, batching)
+    segment = config.engine.segment_frames or capabilities(backend).stream_segment_frames or 8
+    engine_config = config.engine.engine_config(segment, config.sessions.max_sessions, config.limits.max_avatars)
     return StreamingEngine(backend, engine_config, clock=clock)
 
 
@@ -55,8 +51,8 @@ def default_image(config: ServerConfig):
 class StreamServer:
     """`await start()`, then `url`; `await stop()`. Tests may pass a ready backend or engine, and a clock."""
 
-    def __init__(self, config: ServerConfig, *, backend: Any = None, engine: Any = None, clock: Clock | None = None,
-                 virtual_camera: bool = False):
+    def __init__(self, config: ServerConfig, *, backend: Backend | None = None, engine: StreamingEngine | None = None,
+                 clock: Clock | None = None, virtual_camera: bool = False):
         config.ensure_token()
         self.config = config
         self.clock = clock or MonotonicClock()
@@ -69,12 +65,14 @@ class StreamServer:
         self.port = config.port
         self._server: Server | None = None
         self._camera: Any = None
+        self._api: ApiContext | None = None
         self._connections = 0
 
     @property
     def backend_name(self) -> str:
-        backend = getattr(self.engine, "backend", None)
-        return str(getattr(backend, "name", None) or self.config.backend or "preview")
+        if self.engine is not None:
+            return str(self.engine.backend.name)
+        return self.config.backend or "preview"
 
     @property
     def base_url(self) -> str:
@@ -121,6 +119,7 @@ class StreamServer:
         image = await asyncio.to_thread(default_image, cfg)
         await self.avatars.set_default(image)
         self.sessions = SessionManager(self.engine, cfg, self.clock)
+        self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url)
         try:
             self._server = await self._listen()
         except OSError as exc:
@@ -131,7 +130,7 @@ class StreamServer:
         if self.virtual_camera:
             from server.virtual_camera import VirtualCamera
 
-            self._camera = VirtualCamera.try_start(self)
+            self._camera = VirtualCamera.try_start(self.sessions, cfg.size, cfg.fps)
         log.info("serving on %s (backend %s, %d sessions max)", self.base_url, self.backend_name,
                  cfg.sessions.max_sessions)
 
@@ -148,7 +147,7 @@ class StreamServer:
                 raise ConfigError(f"cannot use tls_cert/tls_key: {exc}") from None
         return await serve(
             self._handle, cfg.host, cfg.port,
-            process_request=HttpRoutes(self),
+            process_request=HttpRoutes(cfg, self.sessions, self.health),
             max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
             max_queue=16,
             ping_interval=None,  # server.ws_api.Connection pings: it tells a slow reader from a stopped one
@@ -163,7 +162,7 @@ class StreamServer:
     async def _handle(self, ws: ServerConnection) -> None:
         self._connections += 1
         try:
-            await Connection(self, ws).run()
+            await Connection(self._api, ws).run()
         except Exception:  # one broken connection never takes the server (or other sessions) down
             log.exception("connection failed")
         finally:

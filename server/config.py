@@ -9,9 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emo_stream.backends import backend_names, default_backend, names_phrase
 from emo_stream.config_io import build_dataclass, read_yaml
 from emo_stream.errors import ConfigError
 from emo_stream.resources import resource_dir
+from emo_stream.streaming.types import EngineConfig
+from emo_stream.timeline import SAMPLE_RATE
+
+from server.sync import AUDIO_RATE, VIDEO_CLOCK_RATE
 
 DEFAULT_CONFIG = resource_dir("configs") / "server.yaml"
 
@@ -26,14 +31,24 @@ class SessionsConfig:
 
 
 @dataclass
-class EngineSettings:
-    """Forwarded to emo_stream.streaming.EngineConfig (max_sessions comes from `sessions`)."""
+class EngineSettings(EngineConfig):
+    """The `engine:` section: every emo_stream.streaming.EngineConfig setting, with its defaults and its
+    validation, read from there (not repeated here). Two differences: segment_frames may be empty (the
+    backend's stream_segment_frames), and max_sessions / max_avatars come from `sessions` / `limits`."""
 
-    segment_frames: int | None = None  # None: the backend's stream_segment_frames (preview 1, EMO 8)
-    max_batch: int = 4
-    input_seconds: float = 30.0
-    output_frames: int = 50
-    vad: bool = True
+    segment_frames: int | None = None   # type: ignore[assignment]  (None: the backend's choice)
+
+    def __post_init__(self) -> None:
+        for name, section in (("max_sessions", "sessions"), ("max_avatars", "limits")):
+            if getattr(self, name) != getattr(EngineConfig, name):
+                raise ConfigError(f"engine.{name}: set {section}.{name} instead")
+        self.engine_config(1 if self.segment_frames is None else self.segment_frames, 1, 1)   # EngineConfig's checks
+
+    def engine_config(self, segment_frames: int, max_sessions: int, max_avatars: int) -> EngineConfig:
+        """The EngineConfig for a backend, with the server's session and avatar limits."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)}
+        values.update(segment_frames=segment_frames, max_sessions=max_sessions, max_avatars=max_avatars)
+        return EngineConfig(**values)
 
 
 @dataclass
@@ -109,12 +124,13 @@ class ServerConfig:
         _positive(self, "port", allow_zero=True)
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535: got {self.port}")
-        if self.backend not in (None, "preview", "emo"):
-            raise ConfigError(f"backend must be preview or emo: got {self.backend!r}")
+        if self.backend is not None and self.backend not in backend_names():
+            raise ConfigError(f"backend must be {names_phrase()}: got {self.backend!r}")
         if not 16 <= self.size <= 2048 or self.size % 2:
             raise ConfigError(f"size must be an even number of pixels in 16..2048: got {self.size}")
-        if self.fps <= 0 or 16000 % self.fps or 90000 % self.fps or 48000 % self.fps:
-            raise ConfigError(f"fps must divide 16000, 48000 and 90000 (e.g. 25, 20, 10): got {self.fps}")
+        rates = (SAMPLE_RATE, AUDIO_RATE, VIDEO_CLOCK_RATE)   # engine audio, WebRTC audio, RTP video clock
+        if self.fps <= 0 or any(rate % self.fps for rate in rates):
+            raise ConfigError(f"fps must divide {', '.join(map(str, sorted(rates)))} (e.g. 25, 20, 10): got {self.fps}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together: give both (PEM files) or neither")
         for name in ("tls_cert", "tls_key"):
@@ -123,7 +139,8 @@ class ServerConfig:
                 raise ConfigError(f"{name}: file not found: {value}")
         if self.token is not None and len(self.token) < 8:
             raise ConfigError("token must be at least 8 characters")
-        for section in (self.sessions, self.engine, self.limits, self.playout, self.keepalive):
+        self.engine.__post_init__()   # re-checked: flags may have changed it since loading
+        for section in (self.sessions, self.limits, self.playout, self.keepalive):
             for f in dataclasses.fields(section):
                 value = getattr(section, f.name)
                 zero_ok = f.name in self.ZERO_ALLOWED
@@ -157,5 +174,5 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfi
         if value is not None:
             data[key] = value
     if overrides.get("model") and "backend" not in {k for k, v in overrides.items() if v is not None}:
-        data["backend"] = "emo"  # --model alone means the EMO backend
+        data["backend"] = default_backend(overrides["model"])  # --model alone means the model backend
     return build_dataclass(ServerConfig, data, str(source) if from_file else "server settings").validate()

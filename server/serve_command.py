@@ -12,9 +12,11 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from emo_stream.backends import backend_names
+
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; other addresses need a token)")
     parser.add_argument("--port", type=int, default=None, help="port (default 8080; 0 picks a free one)")
-    parser.add_argument("--backend", choices=("preview", "emo"), default=None,
+    parser.add_argument("--backend", choices=backend_names(), default=None,
                         help="animation backend (default: emo when --model is given, else preview)")
     parser.add_argument("--model", default=None, help="EMO checkpoint folder or preset (tiny, sd15)")
     parser.add_argument("--avatar", default=None, help="default portrait image (default: a built-in portrait)")
@@ -42,17 +44,10 @@ def run(args: argparse.Namespace) -> int:
                          avatar=args.avatar, size=args.size, device=args.device, token=args.token,
                          tls_cert=args.tls_cert, tls_key=args.tls_key)
     if args.max_sessions is not None:
-        if args.max_sessions < 1:
-            from emo_stream.errors import ConfigError
-
-            raise ConfigError("--max-sessions must be at least 1")
         config.sessions.max_sessions = args.max_sessions
     if args.segment_frames is not None:
-        if not 1 <= args.segment_frames <= 64:
-            from emo_stream.errors import ConfigError
-
-            raise ConfigError("--segment-frames must be 1..64")
         config.engine.segment_frames = args.segment_frames
+    config.validate()   # the flags above get the same checks as the config file
     return asyncio.run(_serve(config, args.virtual_camera))
 
 

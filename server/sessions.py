@@ -9,7 +9,9 @@ import uuid
 from typing import Any, Callable
 
 from emo_stream.errors import EmoStreamError
+from emo_stream.streaming import AvatarHandle, EngineFullError, StreamingEngine, StreamSession
 
+from server import protocol
 from server.config import ServerConfig
 from server.sync import Clock, Playout
 
@@ -28,7 +30,7 @@ class ServerSession:
     forwarded to listeners (WebSocket outboxes).
     """
 
-    def __init__(self, engine_session: Any, config: ServerConfig, clock: Clock, kind: str):
+    def __init__(self, engine_session: StreamSession, config: ServerConfig, clock: Clock, kind: str):
         self.id: str = str(getattr(engine_session, "id", "") or uuid.uuid4().hex[:12])
         self.kind = kind
         self.engine_session = engine_session
@@ -93,11 +95,10 @@ class ServerSession:
             raise
         except Exception:
             log.exception("session %s: playout failed", self.id)
-            self._dispatch({"type": "error", "code": "internal", "message": "the session's playout failed",
-                            "fatal": True})
+            self._dispatch(protocol.error("internal", "the session's playout failed", fatal=True))
 
     def _engine_queue_depth(self) -> int:
-        return int(self.engine_session.stats().get("output_queue_frames", 0))
+        return self.engine_session.output_queue_frames
 
     # -- input -----------------------------------------------------------------------------------
     def received(self, seconds: float) -> None:
@@ -121,7 +122,7 @@ class ServerSession:
 
     def input_backlog_s(self) -> float:
         try:
-            return float(self.engine_session.stats().get("input_queue_s", 0.0))
+            return self.engine_session.input_backlog_s
         except Exception:
             return 0.0
 
@@ -161,7 +162,7 @@ class ServerSession:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(self._playout_task, *self._tasks, return_exceptions=True)
-        self._dispatch({"type": "session_ended", "reason": reason})
+        self._dispatch(protocol.session_ended(reason))
         self._listeners.clear()
 
 
@@ -175,7 +176,7 @@ async def _close_quietly(pc: Any) -> None:
 class SessionManager:
     """Opens sessions up to the configured capacity, finds them by id, reaps idle ones."""
 
-    def __init__(self, engine: Any, config: ServerConfig, clock: Clock):
+    def __init__(self, engine: StreamingEngine, config: ServerConfig, clock: Clock):
         self.engine = engine
         self.config = config
         self.clock = clock
@@ -202,7 +203,7 @@ class SessionManager:
     def all(self) -> list[ServerSession]:
         return list(self._sessions.values())
 
-    async def open(self, avatar: Any, *, seed: int = 0, kind: str = "ws") -> ServerSession:
+    async def open(self, avatar: AvatarHandle, *, seed: int = 0, kind: str = "ws") -> ServerSession:
         limit = self.config.sessions.max_sessions
         if len(self._sessions) + self._opening >= limit:
             self.busy_total += 1
@@ -210,9 +211,7 @@ class SessionManager:
         self._opening += 1
         try:
             engine_session = self.engine.open_session(avatar, seed=seed)
-        except EmoStreamError as exc:
-            if type(exc).__name__ != "EngineFullError":  # emo_stream.streaming.EngineFullError
-                raise
+        except EngineFullError as exc:
             self.busy_total += 1
             raise ServerBusyError(f"server busy: {exc}") from None
         finally:

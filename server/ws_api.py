@@ -15,7 +15,8 @@ import json
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from websockets.exceptions import ConnectionClosed
@@ -28,7 +29,9 @@ from server.sessions import ServerBusyError, ServerSession
 from server.sync import PlayoutFrame, QueueClosed
 
 if TYPE_CHECKING:
-    from server.app import StreamServer
+    from server.avatars import AvatarStore
+    from server.config import ServerConfig
+    from server.sessions import SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +148,19 @@ def _sdp_reason(exc: Exception) -> str:
     return exc.__class__.__name__
 
 
+@dataclass(frozen=True)
+class ApiContext:
+    """What a connection needs of the server (given to it, not the whole server)."""
+
+    config: "ServerConfig"
+    sessions: "SessionManager"
+    avatars: "AvatarStore"
+    viewer_url: Callable[[str], str]
+
+
 class Connection:
-    def __init__(self, server: "StreamServer", ws: Any):
-        self.server = server
+    def __init__(self, server: ApiContext, ws: Any):
+        self.server = server   # the server's parts this connection uses
         self.ws = ws
         self.cfg = server.config
         self.outbox = Outbox()
@@ -161,6 +174,7 @@ class Connection:
         self._ended_by_server = False
         self._feeder: asyncio.Task | None = None  # moves queued PCM into the session (audio starts)
         self._last_frame_sent = float("-inf")  # monotonic time the writer last sent a JPEG frame
+        self._tasks: set[asyncio.Task] = set()     # background work kept referenced until done
 
     # -- main loop -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -211,8 +225,7 @@ class Connection:
                         quality = self.start_msg.jpeg_quality
                     jpeg = await asyncio.to_thread(_jpeg, item.image, quality)
                     pcm = (np.clip(item.audio, -1, 1) * 32767).astype("<i2").tobytes()
-                    header = {"type": "frame", "index": item.seq, "pts": round(item.pts, 4), "speech": item.speech,
-                              "segment_end": item.segment_end, "sample_rate": 16000}
+                    header = protocol.frame_header(item.seq, item.pts, item.speech, item.segment_end)
                     await self.ws.send(protocol.encode_frame(header, jpeg, pcm))
                     self._last_frame_sent = time.monotonic()
                 else:
@@ -247,7 +260,7 @@ class Connection:
 
     def _stats(self, session: ServerSession) -> dict:
         # frames_dropped: JPEG frames this connection's client read too slowly to get (oldest first)
-        return {"type": "stats", **session.stats(), "frames_dropped": self.outbox.dropped}
+        return protocol.stats({**session.stats(), "frames_dropped": self.outbox.dropped})
 
     def _bound_send_buffer(self) -> None:
         """A small kernel send buffer keeps a slow reader's backlog in the Outbox, where frames are dropped."""
@@ -286,10 +299,8 @@ class Connection:
         self.session = session
         self.start_msg = msg
         session.add_listener(self._on_session_event)
-        reply: dict[str, Any] = {
-            "type": "session_started", "session": session.id, "viewer_url": self.server.viewer_url(session.id),
-            "fps": self.cfg.fps, "size": self.cfg.size, "output_sample_rate": 16000, "protocol": protocol.PROTOCOL_VERSION,
-        }
+        reply: dict[str, Any] = protocol.session_started(session.id, self.server.viewer_url(session.id), self.cfg.fps,
+                                                         self.cfg.size)
         try:
             if msg.webrtc is not None:
                 from server.rtc import answer_offer, pump_mic
@@ -345,8 +356,7 @@ class Connection:
         session.viewers += 1
         self.viewing.append((session, pc))
         session.add_listener(self._on_view_event)
-        self.send({"type": "view_started", "session": session.id, "answer": {"type": answer.type, "sdp": answer.sdp},
-                   "fps": self.cfg.fps, "size": self.cfg.size})
+        self.send(protocol.view_started(session.id, answer.type, answer.sdp, self.cfg.fps, self.cfg.size))
 
     async def _viewer_gone(self, session: ServerSession, pc: Any) -> None:
         if (session, pc) in self.viewing:
@@ -355,13 +365,13 @@ class Connection:
             await session.remove_peer(pc)
 
     def _on_view_event(self, event: dict) -> None:
-        if event["type"] == "session_ended":
+        if event["type"] == protocol.SESSION_ENDED:
             self.send(event)
 
     async def _simple(self, msg: Simple) -> None:
         kind = msg.type
         if kind == "ping":
-            self.send({"type": "pong"})
+            self.send(protocol.pong())
             return
         if kind == "stats":
             if self.session is None:
@@ -387,7 +397,7 @@ class Connection:
                 self._feeder = session.spawn(self._feed_audio(session, self.start_msg.audio), "feed")
             self._drain_audio()
             session.clear()
-            self.send({"type": "cleared", "session": session.id})
+            self.send(protocol.cleared(session.id))
         elif kind == "stop":
             await self._end_session("stopped")
 
@@ -398,7 +408,7 @@ class Connection:
             upload, self.pending_avatar = self.pending_avatar, None
             protocol.check_image_bytes(data, upload)
             avatar_id = await self.server.avatars.add(data)
-            self.send({"type": "avatar_ready", "avatar": avatar_id})
+            self.send(protocol.avatar_ready(avatar_id))
             return
         if self.session is None or self.start_msg is None or self.start_msg.audio is None:
             if self._ended_by_server:
@@ -449,15 +459,17 @@ class Connection:
     # -- session events --------------------------------------------------------------------------
     def _on_session_event(self, event: dict) -> None:
         self.send(event)
-        if event.get("type") == "session_ended" and self.session is not None and event.get("session") == self.session.id:
+        if event.get("type") == protocol.SESSION_ENDED and self.session is not None and event.get("session") == self.session.id:
             # ended by the server (idle timeout, shutdown, failure): forget it and release a blocked reader
             self.session, self.start_msg = None, None
             self._ended_by_server = True
             self._session_gone.set()
             self._drain_audio()
-        if event.get("type") == "error" and event.get("fatal") and self.session is not None:
+        if event.get("type") == protocol.ERROR and event.get("fatal") and self.session is not None:
             # the engine or playout failed for this session only: free its slot, keep the connection
-            asyncio.get_running_loop().create_task(self._end_session("failed"))
+            task = asyncio.get_running_loop().create_task(self._end_session("failed"), name="ws-end-session")
+            self._tasks.add(task)   # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._tasks.discard)
 
     def _drain_audio(self) -> None:
         while not self.audio_q.empty():
@@ -473,6 +485,8 @@ class Connection:
 
     async def cleanup(self) -> None:
         self.outbox.close()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._end_session("connection closed")
         for session, pc in list(self.viewing):
             await self._viewer_gone(session, pc)
