@@ -265,3 +265,13 @@ def test_mel_filters_match_transformers():
                              sampling_rate=16000, norm="slaney", mel_scale="slaney").T
     assert ours.dtype == np.float32 and ours.shape == (80, 201)
     assert np.abs(ours - theirs).max() < 1e-8                       # same filters up to float32 rounding
+
+
+def test_convert_picks_the_weights_set(golden, tmp_path, capsys):
+    import yaml
+
+    src = _fake_download(golden, tmp_path / "dl", ("acc", "normal"))
+    rc, _, err = _cli(capsys, "convert", src, "--out", tmp_path / "ckpt", "--weights-set", "normal")
+    assert rc == 0, err
+    cfg = yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())
+    assert cfg["weights_set"] == "normal" and cfg["sampling"]["steps"] == 30 and cfg["sampling"]["guidance"] == 2.5
