@@ -90,6 +90,10 @@ def names_phrase() -> str:
     return "one of " + ", ".join(_REGISTRY)
 
 
+# model family (emo_stream.models.families) -> the backend that runs it, when it is not DEFAULT_MODEL_BACKEND
+FAMILY_BACKENDS = {"echomimic-v1": "echomimic", "hallo": "hallo"}
+
+
 def default_backend(model: str | None) -> str:
     """The backend used when none is named: the one that runs the model's family when a model folder is
     given (an EchoMimic download -> echomimic), EMO for other models, else the preview."""
@@ -132,3 +136,5 @@ register_backend("emo", "emo_stream.emo_backend:create_backend",
 register_backend("echomimic", "emo_stream.echomimic_backend:create_backend",
                  "EchoMimic v1 (--model: the BadToBest/EchoMimic download folder as it comes, acc or normal weights)",
                  default_fps=24)
+register_backend("hallo", "emo_stream.hallo_backend:create_backend",
+                 "Hallo / Hallo2 (--model: the fudan-generative-ai/hallo or hallo2 download folder as it comes; slow, best fidelity)")

@@ -72,20 +72,15 @@ class EchoParts(Protocol):
         """16 kHz mono float32 -> (T, L + 1, 384) per-layer whisper features, 50 rows per second."""
 
 
-def audio_tokens(features: torch.Tensor, times_s: np.ndarray) -> torch.Tensor:
-    """EchoMimic's feature2chunks at given frame times: frame at time t takes feature rows
-    clip(int(t * 50) - 4 + j, 0, T - 1), j < 10, flattened -> (frames, 10 * (L + 1), 384)."""
+def tokens_at(features: torch.Tensor, times_s: np.ndarray) -> torch.Tensor:
+    """EchoMimic's feature2chunks for frames at given times (live: a window that starts mid-stream): the frame
+    at time t takes feature rows clip(int(t * 50) - 4 + j, 0, T - 1), j < 10, flattened ->
+    (frames, 10 * (L + 1), 384). Offline (t = i / fps from 0) this is models.echomimic.audio.audio_tokens."""
     rows = features.shape[0]
     first = np.floor(np.asarray(times_s, np.float64) * FEATURE_RATE + 1e-9).astype(np.int64) - ROWS_BEFORE
     idx = np.clip(first[:, None] + np.arange(ROWS)[None], 0, rows - 1)
     picked = features[torch.from_numpy(idx).to(features.device)]          # (frames, 10, L+1, 384)
     return picked.reshape(len(idx), -1, features.shape[-1])
-
-
-def offline_tokens(features: torch.Tensor, num_frames: int, fps: int) -> torch.Tensor:
-    """feature2chunks exactly as EchoMimic indexes it offline: int(i * 50 / fps) (integer arithmetic)."""
-    first = np.array([int(i * FEATURE_RATE / fps) for i in range(num_frames)], np.int64)
-    return audio_tokens(features, first / FEATURE_RATE)
 
 
 def echomimic_face_mask(box: np.ndarray, size: int) -> torch.Tensor:
@@ -127,8 +122,8 @@ class EchoMimicBackend(BackendBase):
 
     def __init__(self, model: EchoParts, size: int = 512, fps: int = 25, steps: int | None = None,
                  guidance: float | None = None, decoder: str | None = None, live_overlap: int = 4,
-                 segment_frames: int = 8, context_frames: int = 12, context_overlap: int = 3,
-                 face_analyzer=None):
+                 segment_frames: int = 8, context_frames: int | None = None, context_overlap: int | None = None,
+                 idle_steps: int | None = None, face_analyzer=None):
         if size <= 0 or size % 8:
             raise ConfigError(f"size must be a positive multiple of 8 for EchoMimic (got {size})")
         if fps <= 0:
@@ -136,6 +131,13 @@ class EchoMimicBackend(BackendBase):
         self.model = model
         self.size, self.fps = size, fps
         base = ACC if model.weights == "acc" else NORMAL
+        saved = getattr(model, "defaults", None)  # the checkpoint's own steps / guidance / windows
+        if saved is not None:
+            base = replace(base, steps=int(saved.steps), guidance=float(saved.guidance))
+            context_frames = context_frames or int(saved.context_frames)
+            context_overlap = int(saved.context_overlap) if context_overlap is None else context_overlap
+        context_frames = context_frames or 12
+        context_overlap = 3 if context_overlap is None else context_overlap
         try:
             self.sampling = replace(base, steps=base.steps if steps is None else int(steps),
                                     guidance=base.guidance if guidance is None else float(guidance),
@@ -152,6 +154,10 @@ class EchoMimicBackend(BackendBase):
             raise ConfigError(f"need 0 <= live_overlap and segment_frames >= 1 with live_overlap + segment_frames "
                               f"<= context_frames ({context_frames}); got {live_overlap} + {segment_frames}")
         self.live_overlap = live_overlap
+        # silence: half the steps and no guidance (idle motion should not cost what speech costs)
+        self.idle_steps = int(idle_steps) if idle_steps is not None else max(1, self.sampling.steps // 2)
+        if self.idle_steps < 1:
+            raise ConfigError(f"idle_steps must be >= 1 (got {self.idle_steps})")
         self.stream_segment_frames = segment_frames
         self.clip_frames = context_frames
         self.device = model.device
@@ -165,13 +171,15 @@ class EchoMimicBackend(BackendBase):
     # ---- avatar --------------------------------------------------------------------------------
     def prepare_avatar(self, image: np.ndarray) -> EchoAvatar:
         """Detect the face, crop to the model size, encode the reference and the face mask once."""
-        from emo_stream.face import FaceAnalyzer, prepare_portrait
+        from emo_stream.face import FaceAnalyzer, crop_portrait
 
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             raise ImageInputError("the portrait must be an RGB image")
         if self._face_analyzer is None:
             self._face_analyzer = FaceAnalyzer()
-        crop = prepare_portrait(image, self.size, self._face_analyzer)
+        # EchoMimic's infer scripts crop the face box widened by half its size on each side (the face is half
+        # the crop's width, centred), then build the mask from the same box
+        crop = crop_portrait(image, self._face_analyzer.analyze(image), self.size, face_fraction=0.5, center_shift=0.0)
         return self.avatar_from_crop(crop.image, crop.face.box)
 
     @torch.inference_mode()
@@ -200,7 +208,9 @@ class EchoMimicBackend(BackendBase):
         """
         m = self.model
         num_frames = max(1, int(round(len(audio) * self.fps / SAMPLE_RATE)))
-        tokens = offline_tokens(m.whisper_features(np.asarray(audio, np.float32)), num_frames, self.fps)
+        from emo_stream.models.echomimic.audio import audio_tokens
+
+        tokens = audio_tokens(m.whisper_features(np.asarray(audio, np.float32)), self.fps, num_frames)
         latents = self._denoise_video(avatar, tokens, seed, progress)
         edges = [int(round(i * SAMPLE_RATE / self.fps)) for i in range(num_frames + 1)]
         padded = np.concatenate([np.asarray(audio, np.float32), np.zeros(max(0, edges[-1] - len(audio)), np.float32)])
@@ -234,7 +244,7 @@ class EchoMimicBackend(BackendBase):
         """(num_frames, 10 * (L + 1), 384) audio tokens; audio[:start] is left context."""
         feats = self.model.whisper_features(np.asarray(audio, np.float32))
         times = (start + np.arange(num_frames) * SAMPLE_RATE / self.fps) / SAMPLE_RATE
-        return audio_tokens(feats, times)
+        return tokens_at(feats, times)
 
     def _silent_tokens(self, num_frames: int) -> torch.Tensor:
         if num_frames not in self._silence:
@@ -280,7 +290,8 @@ class EchoMimicBackend(BackendBase):
             hold = Held(latents=torch.cat([j.state.tail_latents for j in jobs]).to(dev, dt), noise=tail_noise)
             x = torch.cat([tail_noise, noise], dim=2)
         settings = replace(self.sampling, rotation=0, context_frames=max(self.sampling.context_frames, held + frames),
-                           guidance=self.sampling.guidance if speech else 1.0)
+                           guidance=self.sampling.guidance if speech else 1.0,
+                           steps=self.sampling.steps if speech else self.idle_steps)
         face = torch.cat([j.state.avatar.face for j in jobs])
         latents = sample(m.denoiser([j.state.avatar.bank for j in jobs]), x, audio, face, settings,
                          scheduler=make_scheduler(), held=hold)
@@ -318,23 +329,83 @@ class EchoMimicBackend(BackendBase):
         return torch.cat(images).numpy()
 
 
-def load_parts(model: str, device: torch.device, dtype: torch.dtype | None = None) -> EchoParts:
+class ModelParts:
+    """EchoParts over emo_stream.models.echomimic's EchoMimicModel, plus an optional TAESD decoder."""
+
+    VAE_SCALE = 0.18215  # EchoMimic's (and sd-vae-ft-mse's) latent scale
+
+    def __init__(self, model: Any, taesd: Any = None):
+        self.model, self.taesd = model, taesd
+        self.weights = model.config.weights_set
+        self.defaults = model.config.sampling
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def has_decoder(self, decoder: str) -> bool:
+        return (self.taesd if decoder == "taesd" else self.model.vae) is not None
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.model.vae
+        if vae is None:
+            from emo_stream.errors import WeightsError
+
+            raise WeightsError("the model has no VAE to encode the portrait: put the sd-vae-ft-mse folder "
+                               "(stabilityai/sd-vae-ft-mse) into the model folder")
+        return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * self.VAE_SCALE
+
+    def decode_latents(self, latents: torch.Tensor, decoder: str = "vae") -> torch.Tensor:
+        if decoder == "taesd":  # TAESD decodes SD-scaled latents directly (its scaling_factor is 1)
+            return self.taesd.decode(latents.to(self.taesd.device, self.taesd.dtype)).sample
+        vae = self.model.vae
+        return vae.decode(latents.to(vae.device, vae.dtype) / self.VAE_SCALE).sample
+
+    def reference_bank(self, ref_latents: torch.Tensor) -> Any:
+        return self.model.encode_reference(ref_latents)
+
+    def face_feature(self, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.face_feature(mask).to(self.dtype)
+
+    def denoiser(self, banks: list[Any]) -> EchoDenoiser:
+        # one batch of sessions: bank rows in session order (the model maps row r to bank row r % B)
+        bank = banks[0] if len(banks) == 1 else {k: torch.cat([b[k] for b in banks]) for k in banks[0]}
+        return self.model.denoiser_fn(bank)
+
+    def whisper_features(self, waveform: np.ndarray) -> torch.Tensor:
+        return self.model.audio_features(waveform)
+
+
+def load_taesd(folder: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """<model>/taesd (a diffusers AutoencoderTiny folder, e.g. madebyollin/taesd), or None."""
+    from pathlib import Path
+
+    path = Path(folder) / "taesd"
+    if not (path / "config.json").is_file():
+        return None
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny.from_pretrained(str(path)).to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_parts(model: str, device: torch.device, dtype: torch.dtype | None = None,
+               weights_set: str | None = None) -> EchoParts:
     """An EchoMimic download folder (as it comes) or our converted checkpoint -> the model, logging which
     weights set (acc or normal) was found."""
-    from emo_stream.errors import WeightsError
     from emo_stream.models.families import family_of
 
     family, found = family_of(model)
     if family.name != "echomimic-v1":
         raise ConfigError(f"{model} holds a {family.title} model, not EchoMimic: use --backend {family.name}")
     log.info("found %s", found)
-    loaded = family.load_model(model, device=device, dtype=dtype)
-    parts = loaded.echo_parts() if hasattr(loaded, "echo_parts") else loaded
-    missing = [k for k in ("encode_image", "decode_latents", "reference_bank", "face_feature", "denoiser",
-                           "whisper_features") if not callable(getattr(parts, k, None))]
-    if missing:
-        raise WeightsError(f"{model}: the EchoMimic model lacks {', '.join(missing)}")
-    return parts
+    kwargs = {"weights_set": weights_set} if weights_set else {}
+    loaded = family.load_model(model, device=device, dtype=dtype, **kwargs)
+    log.info("EchoMimic v1 %s weights loaded", loaded.config.weights_set)
+    return ModelParts(loaded, load_taesd(model, device, dtype or torch.float32))
 
 
 def create_backend(model: str | None = None, *, size: int = 512, fps: int = OFFLINE_FPS, device: str | None = None,
@@ -350,9 +421,9 @@ def create_backend(model: str | None = None, *, size: int = 512, fps: int = OFFL
         raise ConfigError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but CUDA is not available here (use --device cpu)")
-    known = {"steps", "guidance", "decoder", "live_overlap", "segment_frames", "face_analyzer"}
-    unknown = set(options) - known
+    known = {"steps", "guidance", "decoder", "live_overlap", "segment_frames", "idle_steps", "face_analyzer"}
+    unknown = set(options) - known - {"weights_set"}
     if unknown:
         raise ConfigError(f"unknown EchoMimic backend options: {', '.join(sorted(unknown))}")
-    parts = load_parts(model, dev, _parse_dtype(dtype, dev))
+    parts = load_parts(model, dev, _parse_dtype(dtype, dev), options.pop("weights_set", None))
     return EchoMimicBackend(parts, size=size, fps=fps, **options)

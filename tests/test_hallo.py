@@ -190,22 +190,29 @@ def test_registry_knows_hallo(tmp_path):
     assert "hallo" in parity.RUNNERS
 
 
+def make_download(root: Path, case: dict, variant: str = "hallo") -> Path:
+    """A download-shaped folder from the golden (shrunken) weights: net.pth, wav2vec2, the UNet config."""
+    (root / variant).mkdir(parents=True)
+    shutil.copy(GOLDEN / "weights" / "net.pth", root / variant / "net.pth")
+    shutil.copytree(GOLDEN / "weights" / "wav2vec2-base-960h", root / "wav2vec" / "wav2vec2-base-960h")
+    (root / "stable-diffusion-v1-5" / "unet").mkdir(parents=True)
+    (root / "stable-diffusion-v1-5" / "unet" / "config.json").write_text(json.dumps(case["unet_2d_config"]))
+    return root
+
+
 @needs_golden
 def test_converted_checkpoint_loads_without_the_download(tmp_path, golden):
-    """A download-shaped folder built from the golden weights -> convert -> load: same weights."""
-    model, case = golden
-    root = tmp_path / "pretrained_models"
-    (root / "hallo").mkdir(parents=True)
-    shutil.copy(GOLDEN / "weights" / "net.pth", root / "hallo" / "net.pth")
-    shutil.copytree(GOLDEN / "weights" / "wav2vec2-base-960h", root / "wav2vec" / "wav2vec2-base-960h")
+    """Download-shaped folder -> convert -> load: same weights, module sizes read off net.pth."""
     from emo_stream.models.hallo import loader
-    config = HalloConfig.from_case(case)
-    config.variant = "hallo"
-    out = loader.convert(root, tmp_path / "ckpt", config=config)
+    model, case = golden
+    root = make_download(tmp_path / "pretrained_models", case)
+    from_download = loader.load_hallo(root)
+    out = loader.convert(root, tmp_path / "ckpt")
     shutil.rmtree(root)
     loaded = loader.load_hallo(out)
     a, b = loaded.net_state_dict(), model.net_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.config.audioproj == from_download.config.audioproj == HalloConfig.from_case(case).audioproj
 
 
 # ---- masks from our landmarks ----------------------------------------------------------------------------

@@ -53,12 +53,6 @@ class BackboneContext:
     motion: dict[str, torch.Tensor] | None = None
     speed: torch.Tensor | None = None
 
-    @property
-    def motion_frames(self) -> int:
-        if not self.motion:
-            return 0
-        return next(iter(self.motion.values())).shape[1]
-
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, c = x.shape

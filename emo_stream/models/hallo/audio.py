@@ -113,7 +113,8 @@ def pad_to_clips(normed: np.ndarray, fps: int, clip_length: int) -> tuple[np.nda
 def layer_features(model: Wav2Vec2Model, normed: np.ndarray | torch.Tensor, seq_len: int) -> torch.Tensor:
     """Normalised samples -> (seq_len, layers, hidden): every transformer layer's output at the frame rate."""
     x = torch.as_tensor(np.asarray(normed, dtype=np.float32))[None]
-    x = x.to(next(model.parameters()).device)
+    p = next(model.parameters())
+    x = x.to(p.device, p.dtype)
     feats = model.feature_extractor(x).transpose(1, 2)                       # (1, T50, C)
     feats = F.interpolate(feats.transpose(1, 2), size=seq_len, mode="linear", align_corners=True).transpose(1, 2)
     hidden, _ = model.feature_projection(feats)

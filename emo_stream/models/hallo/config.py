@@ -3,7 +3,8 @@
 Defaults are Hallo's published inference setup (scripts/inference.py + configs/inference/default.yaml):
 SD1.5 UNet shapes, AnimateDiff v2 motion modules (max 32 positions), 768-d audio attention, wav2vec2-base
 (12 layers) features, 16-frame clips with 2 motion frames at 25 fps, DDIM 40 steps with guidance 3.5 on a
-zero-SNR v-prediction schedule, face expand ratio 1.1 and pose / face / lip weights 1.1.
+zero-SNR v-prediction schedule, face expand ratio 1.2 and pose / face / lip weights 1.0 (the script's
+command-line defaults, which OmegaConf-merge over default.yaml's 1.1 values).
 """
 
 from __future__ import annotations
@@ -69,8 +70,11 @@ class HalloConfig:
     fps: int = 25
     steps: int = 40
     guidance: float = 3.5
-    face_expand_ratio: float = 1.1
-    motion_scale: list[float] = field(default_factory=lambda: [1.1, 1.1, 1.1])   # pose, face, lip weights
+    face_expand_ratio: float = 1.2
+    motion_scale: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])   # pose, face, lip weights
+    seed: int = 42                            # inference.py: torch.manual_seed(42), one generator for all clips
+    hallo2_piece_seconds: float = 60.0        # Hallo2 computes audio features per 60 s piece
+    hallo2_motion_mask_rate: float = 0.25     # Hallo2: motion-frame pixels outside the face zeroed at this rate
     bank_dtype: str = "float16"               # Hallo rounds the reference bank to fp16 even in fp32 runs
     audio_window: int = 2                     # frame i sees audio frames i-2 .. i+2
 

@@ -52,7 +52,8 @@ def load_net_file(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
     except Exception as exc:  # truncated zip, pickle with code, not a torch file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"{path}: not a readable torch weights file ({first[:200]})") from None
+        first = first.split(". ")[0][:160]   # torch's messages run on; the first sentence says it
+        raise WeightsError(f"{path}: not a readable torch weights file, truncated or not a torch file ({first})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -119,6 +120,43 @@ def config_for_download(found: HalloDownload) -> HalloConfig:
     return config
 
 
+def sizes_from_state(config: HalloConfig, state: dict[str, torch.Tensor]) -> HalloConfig:
+    """Module sizes read off net.pth's shapes (face locator, projections, audio / motion modules), so a
+    download whose net.pth is not SD1.5-sized (other bases, tests' shrunken sets) still builds. The UNet
+    itself comes from stable-diffusion-v1-5/unet/config.json."""
+    def shape(key: str) -> tuple[int, ...] | None:
+        v = state.get(key)
+        return tuple(v.shape) if v is not None else None
+
+    fl_in, fl_out = shape("face_locator.conv_in.weight"), shape("face_locator.conv_out.weight")
+    if fl_in and fl_out:
+        chans = [fl_in[0]] + [shape(f"face_locator.blocks.{i}.weight")[0]
+                              for i in range(1, 64, 2) if shape(f"face_locator.blocks.{i}.weight")]
+        config.face_locator = {"conditioning_embedding_channels": fl_out[0], "conditioning_channels": fl_in[1],
+                               "block_out_channels": chans}
+    ip, ipn = shape("imageproj.proj.weight"), shape("imageproj.norm.weight")
+    if ip and ipn:
+        config.imageproj = {"cross_attention_dim": ipn[0], "clip_embeddings_dim": ip[1],
+                            "clip_extra_context_tokens": ip[0] // ipn[0]}
+    p1, p3, pn = shape("audioproj.proj1.weight"), shape("audioproj.proj3.weight"), shape("audioproj.norm.weight")
+    if p1 and p3 and pn:
+        layers = config.wav2vec2.get("num_hidden_layers", 12)
+        hidden = config.wav2vec2.get("hidden_size", 768)
+        config.audioproj = {"seq_len": p1[1] // (layers * hidden), "blocks": layers, "channels": hidden,
+                            "intermediate_dim": p1[0], "output_dim": pn[0], "context_tokens": p3[0] // pn[0]}
+    extra = dict(config.unet_additional_kwargs)
+    k = next((k for k in state if k.endswith("attn2_0.to_k.weight")), None)
+    if k:
+        extra["audio_attention_dim"] = tuple(state[k].shape)[1]
+    pe = next((k for k in state if k.endswith("pos_encoder.pe")), None)
+    if pe:
+        mm = dict(extra.get("motion_module_kwargs") or {})
+        mm["temporal_position_encoding_max_len"] = tuple(state[pe].shape)[1]
+        extra["motion_module_kwargs"] = mm
+    config.unet_additional_kwargs = extra
+    return config
+
+
 def load_hallo(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """A HalloModel from a download folder or from our converted checkpoint (eval mode, on `device`)."""
     from emo_stream.models.hallo.audio import load_wav2vec2
@@ -134,6 +172,7 @@ def load_hallo(path: str | Path, device: str | torch.device | None = None, dtype
         config = config_for_download(found)
         wav = load_wav2vec2(found.wav2vec2)
         state = load_net_file(found.net)
+        config = sizes_from_state(config, state)
         source = str(found.net)
     else:
         cfg_path = path / "config.yaml"
@@ -154,14 +193,27 @@ def load_hallo(path: str | Path, device: str | torch.device | None = None, dtype
         except Exception as exc:
             raise WeightsError(f"{net}: unreadable safetensors ({str(exc).splitlines()[0]})") from None
         source = str(net)
-    model = HalloModel(config, wav)
+    vae_dir = found.vae if found is not None else (path / "vae" if (path / "vae").is_dir() else None)
+    model = HalloModel(config, wav, vae=load_vae(vae_dir) if vae_dir is not None else None)
+    model.face_models = found.face_analysis if found is not None else (
+        path / "face_analysis" if (path / "face_analysis").is_dir() else None)
     model.load_net_state(state, source)
     model.eval()
     if dtype is not None:
         model.to(dtype)
+        model.wav2vec2.float()      # Hallo runs wav2vec2 in fp32 and casts its features
     if device is not None:
         model.to(device)
     return model
+
+
+def load_vae(folder: Path):
+    """diffusers AutoencoderKL folder (sd-vae-ft-mse as downloaded) -> the VAE (eval)."""
+    from diffusers import AutoencoderKL
+    try:
+        return AutoencoderKL.from_pretrained(str(folder)).eval()
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise WeightsError(f"{folder}: not a loadable diffusers VAE folder ({str(exc).splitlines()[0][:200]})") from None
 
 
 def convert(folder: Path, out: Path, config: HalloConfig | None = None) -> Path:
@@ -176,8 +228,8 @@ def convert(folder: Path, out: Path, config: HalloConfig | None = None) -> Path:
         raise WeightsError(f"{found.root}: wav2vec/wav2vec2-base-960h is missing")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = config or config_for_download(found)
     state = load_net_file(found.net)
+    config = config or sizes_from_state(config_for_download(found), state)
     # check it loads before writing anything big (shape errors name the key)
     from emo_stream.models.hallo.model import HalloModel
     with torch.device("meta"):
@@ -196,5 +248,11 @@ def convert(folder: Path, out: Path, config: HalloConfig | None = None) -> Path:
             shutil.copy2(found.wav2vec2 / name, wav_out / name)
     if found.vae is not None:
         shutil.copytree(found.vae, out / "vae", dirs_exist_ok=True)
+    if found.face_analysis is not None:   # the insightface recognition model (non-commercial licence)
+        from emo_stream.models.hallo.identity import find_recognition_model
+        rec = find_recognition_model(found.face_analysis)
+        if rec is not None:
+            (out / "face_analysis").mkdir(exist_ok=True)
+            shutil.copy2(rec, out / "face_analysis" / rec.name)
     log.info("wrote %s (%s)", out, found.describe())
     return out

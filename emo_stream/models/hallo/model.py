@@ -48,9 +48,11 @@ class ClipInputs:
 
 
 class HalloModel(nn.Module):
-    def __init__(self, config: HalloConfig, wav2vec2: nn.Module | None = None):
+    def __init__(self, config: HalloConfig, wav2vec2: nn.Module | None = None, vae: nn.Module | None = None):
         super().__init__()
         self.config = config
+        self.vae = vae                  # diffusers AutoencoderKL (sd-vae-ft-mse), not part of net.pth
+        self.face_models = None         # download's face_analysis/models (insightface ONNX), if any
         self.reference_unet = ReferenceNet(config.unet)
         self.denoising_unet = Denoiser(config.unet, config.unet_additional_kwargs)
         self.face_locator = FaceLocator(**config.face_locator)
@@ -145,6 +147,27 @@ class HalloModel(nn.Module):
             self._masks(clip, 2),
             torch.cat([torch.zeros_like(clip.face_feature), clip.face_feature]),
             scales, guided=True)
+
+    # ---- pixels <-> latents (the download's sd-vae-ft-mse) ------------------------------------------
+    def _need_vae(self):
+        if self.vae is None:
+            raise WeightsError("this Hallo model has no VAE (the download's sd-vae-ft-mse folder is missing)")
+        return self.vae
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) in [-1, 1] -> (n, 4, H/8, W/8): VAE posterior mean * 0.18215 (as Hallo)."""
+        vae = self._need_vae()
+        p = next(vae.parameters())
+        return vae.encode(pixels.to(p.device, p.dtype)).latent_dist.mean * 0.18215
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(n, 4, h, w) -> (n, 3, H, W) in [0, 1], one frame per VAE call (as Hallo's decode_latents)."""
+        vae = self._need_vae()
+        p = next(vae.parameters())
+        out = [vae.decode(x.to(p.device, p.dtype) / 0.18215).sample for x in latents.split(1)]
+        return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
 
     # ---- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
