@@ -23,6 +23,7 @@ Not thread-safe: one call at a time (the engine serialises model work on its dev
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Protocol
 
@@ -163,6 +164,7 @@ class EchoMimicBackend(BackendBase):
         self.device = model.device
         self._face_analyzer = face_analyzer
         self._silence: dict[int, torch.Tensor] = {}
+        self._audio_lock = threading.Lock()
         self._live_spf = samples_per_frame(fps) if SAMPLE_RATE % fps == 0 else None
         # whisper's look-ahead: a frame's last token row is 5 rows (100 ms) after it
         self.audio_context = AudioContext(left_samples=int(LEFT_CONTEXT_S * SAMPLE_RATE),
@@ -210,7 +212,9 @@ class EchoMimicBackend(BackendBase):
         num_frames = max(1, int(round(len(audio) * self.fps / SAMPLE_RATE)))
         from emo_stream.models.echomimic.audio import audio_tokens
 
-        tokens = audio_tokens(m.whisper_features(np.asarray(audio, np.float32)), self.fps, num_frames)
+        with self._audio_lock:
+            feats = m.whisper_features(np.asarray(audio, np.float32))
+        tokens = audio_tokens(feats, self.fps, num_frames)
         latents = self._denoise_video(avatar, tokens, seed, progress)
         edges = [int(round(i * SAMPLE_RATE / self.fps)) for i in range(num_frames + 1)]
         padded = np.concatenate([np.asarray(audio, np.float32), np.zeros(max(0, edges[-1] - len(audio)), np.float32)])
@@ -242,7 +246,10 @@ class EchoMimicBackend(BackendBase):
     # ---- live ----------------------------------------------------------------------------------
     def encode_audio(self, audio: np.ndarray, start: int, num_frames: int) -> torch.Tensor:
         """(num_frames, 10 * (L + 1), 384) audio tokens; audio[:start] is left context."""
-        feats = self.model.whisper_features(np.asarray(audio, np.float32))
+        # the engine may encode while denoise computes silent features: one whisper call at a time (the
+        # encoder's feature hook is not re-entrant)
+        with self._audio_lock:
+            feats = self.model.whisper_features(np.asarray(audio, np.float32))
         times = (start + np.arange(num_frames) * SAMPLE_RATE / self.fps) / SAMPLE_RATE
         return tokens_at(feats, times)
 
