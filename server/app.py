@@ -150,11 +150,10 @@ class StreamServer:
             process_request=HttpRoutes(cfg, self.sessions, self.health),
             max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
             max_queue=16,
-            ping_interval=cfg.keepalive.ping_interval_s,
-            ping_timeout=cfg.keepalive.ping_timeout_s,
+            ping_interval=None,  # server.ws_api.Connection pings: it tells a slow reader from a stopped one
             # a client that stopped reading never completes the closing handshake: without this its
             # session would outlive a failed keepalive by websockets' default 10 s
-            close_timeout=cfg.keepalive.ping_timeout_s,
+            close_timeout=cfg.keepalive.close_timeout_s,
             compression=None,  # audio and JPEG do not compress; save the CPU
             server_header="emo-stream",
             ssl=ssl_context,

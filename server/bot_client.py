@@ -106,6 +106,8 @@ class BotClient:
         self._reader = asyncio.create_task(self._read(), name="bot-reader")
 
     async def close(self) -> None:
+        if self._reader is not None and self._inbox.full():
+            self._reader.cancel()  # blocked on the full inbox of a caller that stopped receiving
         if self.ws is not None:
             await self.ws.close()
         if self._reader is not None:
@@ -208,7 +210,9 @@ class BotClient:
                 if not fut.done():
                     fut.set_exception(BotError(f"connection closed ({self._closed_reason or 'by the server'})",
                                                "closed"))
-            await self._inbox.put(None)
+            if self._inbox.full():  # the end mark must get in even if nobody is receiving
+                self._inbox.get_nowait()
+            self._inbox.put_nowait(None)
 
     def _deliver_reply(self, msg: dict) -> bool:
         for entry in self._waiters:

@@ -58,6 +58,9 @@ class LimitsConfig:
     max_image_pixels: int = 25_000_000
     max_text_bytes: int = 64 * 1024
     max_avatars: int = 16
+    # kernel send buffer of a connection receiving JPEG frames: a slow reader's frames then wait in the
+    # server's outbox, where the oldest are dropped (and counted), not stale in socket buffers
+    frames_send_buffer_bytes: int = 256 * 1024
 
 
 @dataclass
@@ -73,6 +76,10 @@ class PlayoutConfig:
 class KeepaliveConfig:
     ping_interval_s: float = 1.0
     ping_timeout_s: float = 1.0
+    # a connection receiving JPEG frames answers pings late when its client reads slowly (the ping waits
+    # behind unread frames): it may take this long; one that answers nothing for this long stopped reading
+    reader_timeout_s: float = 10.0
+    close_timeout_s: float = 1.0  # closing handshake with a client that may never answer it
 
 
 @dataclass

@@ -129,7 +129,7 @@ def make_echomimic_set(root: Path, **overrides: Any) -> Path:
     from emo_stream.models.echomimic.audio import frame_rows, log_mel
     from emo_stream.models.echomimic.layers import face_mask
     from emo_stream.models.echomimic.parity import _read_wav, config_from_case
-    from emo_stream.models.echomimic.testing import live_model, write_published_weights
+    from emo_stream.models.echomimic.testing import live_model, published_files
 
     spec = {**copy.deepcopy(ECHO_SPEC), **overrides}
     root = Path(root)
@@ -137,7 +137,9 @@ def make_echomimic_set(root: Path, **overrides: Any) -> Path:
     case = echomimic_case(spec)
     config = config_from_case(case)
     model = live_model(config, seed=spec["seed"]).eval()
-    write_published_weights(root / "weights", model, spec["weights_set"], whisper_file="whisper_tiny.pt")
+    for name, content in published_files(model, spec["weights_set"]).items():
+        (root / "weights" / name).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(content, root / "weights" / name)
     gen = torch.Generator().manual_seed(spec["seed"])
 
     with torch.no_grad():
