@@ -241,8 +241,17 @@ def _compare(errors: dict[str, float], g: "_Golden", file: str, section: dict, n
     holds it; listed in the section's "tensors" but missing is an error; neither: not reported."""
     if g.has(file, key):
         errors[name] = _err(ours() if callable(ours) else ours, g(file, key))
-    elif key in section.get("tensors", {}):
+    elif key in listed_tensors(section):
         raise GoldenFormatError(f"{g.root / file}: tensor {key!r} is listed in case.json but missing")
+
+
+def listed_tensors(section: dict) -> set[str]:
+    """The tensor names a case section promises: its "tensors" and "outputs" keys ("a / b" names two) and
+    its own keys holding a shape (e.g. audio_case "log_mel": [80, 100])."""
+    names = set(section.get("tensors") or {})
+    names |= {part.strip() for key in (section.get("outputs") or {}) for part in str(key).split("/")}
+    names |= {k for k, v in section.items() if isinstance(v, list) and v and all(isinstance(x, int) for x in v)}
+    return names
 
 
 def _denoiser_single(model, g: _Golden, df: str, dc: dict, gold_chunks, gold_face) -> dict[str, float]:
@@ -257,7 +266,7 @@ def _denoiser_single(model, g: _Golden, df: str, dc: dict, gold_chunks, gold_fac
     _compare(errors, g, df, dc, "denoiser_single.pred", "pred", lambda: model.denoise(x, t, audio, gold_face, None, bank))
     _compare(errors, g, df, dc, "denoiser_single.pred_bank_fp32", "pred_bank_fp32",
              lambda: model.denoise(x, t, audio, gold_face, None, _bank_fp32(model, ref)))
-    if any(g.has(df, k) or k in dc.get("tensors", {}) for k in ("cfg_pred_uncond", "cfg_pred_cond")):
+    if any(g.has(df, k) or k in listed_tensors(dc) for k in ("cfg_pred_uncond", "cfg_pred_cond")):
         pair = model.denoise(x.repeat(2, 1, 1, 1, 1), t, torch.cat([torch.zeros_like(audio), audio]),
                              torch.cat([torch.zeros_like(gold_face), gold_face]), torch.tensor([False, True]), bank)
         _compare(errors, g, df, dc, "denoiser_single.cfg_pred_uncond", "cfg_pred_uncond", pair[:1])
@@ -310,7 +319,7 @@ def _sampler_case(model, g: _Golden, name: str, sc: dict, scheduler_kwargs: dict
     _compare(errors, g, sf, sc, f"{name}.timesteps", "timesteps", scheduler.timesteps)
     for i in range(settings.steps):
         _compare(errors, g, sf, sc, f"{name}.step{i}_model_output", f"step{i}_model_output", outputs[i])
-    stored = set(g.keys(sf)) | set(sc.get("tensors", {}))
+    stored = set(g.keys(sf)) | listed_tensors(sc)
     for key in sorted(stored):
         m = re.fullmatch(r"step(\d+)_call(\d+)_out", key)
         if m:

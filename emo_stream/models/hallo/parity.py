@@ -64,8 +64,14 @@ def _compare(errors: dict[str, float], name: str, ours, tensors: dict[str, torch
     "tensors" lists but the file lacks is an error, one that is neither listed nor stored is not reported."""
     if key in tensors:
         errors[name] = _err(ours() if callable(ours) else ours, tensors[key])
-    elif key in section.get("tensors", {}):
+    elif key in listed_tensors(section):
         raise _format_error()(f"{file}: tensor {key!r} is listed in case.json but missing")
+
+
+def listed_tensors(section: dict) -> set[str]:
+    """The tensor names a case section promises: its "tensors" and "outputs" keys ("a / b" names two)."""
+    names = set(section.get("tensors") or {})
+    return names | {part.strip() for key in (section.get("outputs") or {}) for part in str(key).split("/")}
 
 
 def _section(case: dict, group: str) -> dict:
@@ -169,7 +175,7 @@ def replay_masks(model: HalloModel, golden: Path, case: dict) -> dict[str, float
             key = f"{part}_mask_level{k}"
             if key in mf:
                 err, seen = max(err, _err(m, mf[key])), True
-            elif key in mf_case.get("tensors", {}):
+            elif key in listed_tensors(mf_case):
                 raise _format_error()(f"{name}: tensor {key!r} is listed in case.json but missing")
     if seen:
         errors["masks_and_face.level_masks"] = err
@@ -218,7 +224,7 @@ def replay_audio(model: HalloModel, golden: Path, case: dict) -> dict[str, float
     cmp("windows", wins)
     for c in range(seq_len // clip_length):   # audio_tokens_clip0, and any later clip the file holds
         key = f"audio_tokens_clip{c}"
-        if key in au or key in au_case.get("tensors", {}):
+        if key in au or key in listed_tensors(au_case):
             cmp(key, lambda c=c: model.audio_tokens(wins[c * clip_length:(c + 1) * clip_length]))
     return errors
 
@@ -271,7 +277,7 @@ def replay_denoiser(model: HalloModel, golden: Path, case: dict, only_pred: bool
     cmp("pred", lambda: model.denoise(latents, t, clip, guided=False))
     if only_pred:
         return errors
-    if "pred_bank_fp32" in dn or "pred_bank_fp32" in dn_case.get("tensors", {}):
+    if "pred_bank_fp32" in dn or "pred_bank_fp32" in listed_tensors(dn_case):
         saved = model.config.bank_dtype
         model.config.bank_dtype = "float32"
         try:
@@ -279,7 +285,7 @@ def replay_denoiser(model: HalloModel, golden: Path, case: dict, only_pred: bool
             cmp("pred_bank_fp32", lambda: model.denoise(latents, t, clip, guided=False))
         finally:
             model.config.bank_dtype = saved
-    if any(k in dn or k in dn_case.get("tensors", {}) for k in ("cfg_pred_uncond", "cfg_pred_cond")):
+    if any(k in dn or k in listed_tensors(dn_case) for k in ("cfg_pred_uncond", "cfg_pred_cond")):
         model.prepare_reference(clip, guided=True)
         uncond, cond = model.denoise(latents, t, clip, guided=True).chunk(2)
         cmp("cfg_pred_uncond", uncond)
@@ -313,7 +319,7 @@ def replay_loop(model: HalloModel, golden: Path, case: dict) -> dict[str, float]
 
     final = model.sample_clip(init * model.scheduler.init_noise_sigma, golden_clip(model, golden, case),
                               steps=steps, guidance=float(lp_case["guidance_scale"]), callback=record)
-    listed = set(lp_case.get("tensors", {})) | set(lp)
+    listed = listed_tensors(lp_case) | set(lp)
     for key in sorted(k for k in listed if re.fullmatch(r"step\d+_(model_output|pred_uncond|pred_cond)", k)):
         if key not in lp:
             raise _format_error()(f"{name}: tensor {key!r} is listed in case.json but missing")
