@@ -48,6 +48,18 @@ def default_image(config: ServerConfig):
     return default_portrait(max(config.size, 256))  # painted large enough for face detection; framed to size later
 
 
+def reachable_address() -> str:
+    """This machine's address on the network it would route to (no packet is sent); loopback when none."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the outgoing interface
+            return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
 class StreamServer:
     """`await start()`, then `url`; `await stop()`. Tests may pass a ready backend or engine, and a clock."""
 
@@ -79,10 +91,10 @@ class StreamServer:
         if self.config.public_url:
             return self.config.public_url.rstrip("/")
         host = self.config.host
+        if host in ("0.0.0.0", "::", ""):
+            host = reachable_address()  # 0.0.0.0 in a URL is no address another machine can open
         if ":" in host:
             host = f"[{host}]"
-        elif host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
         return f"{'https' if self.config.tls else 'http'}://{host}:{self.port}"
 
     @property
