@@ -342,8 +342,11 @@ class EmoBackend(BackendBase):
 
 def create_backend(model: str | None = None, *, size: int = 512, fps: int = 25, device: str | None = None,
                    **options: Any) -> EmoBackend:
-    """Registry factory (emo_stream.backends): a checkpoint folder, init YAML or preset (default tiny)."""
-    model = model or "tiny"
+    """Registry factory (emo_stream.backends): a checkpoint folder, init YAML or preset."""
+    if not model:
+        # once this fell back to the tiny preset: minutes of random-weight noise after one warning line
+        raise ConfigError("the emo backend needs --model: a checkpoint folder (emo-stream train), an "
+                          "EchoMimic/Hallo download folder, or a preset like sd15/tiny for random-weight benchmarks")
     if model in PRESETS:
         # easy to get by mistake (--backend emo without --model): say why the video will be noise
         log.warning("EMO model %r is a preset with random weights: the video will be noise. For real "

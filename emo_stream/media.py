@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -149,9 +150,14 @@ class Mp4Writer:
         self.samples_written = 0  # at OUT_RATE
         # open the file ourselves: FFmpeg would only fail at the first frame (after all the set-up work)
         # with a traceback, and would pick the container from the suffix (none for "out" or "out.mp4/")
+        # written under a hidden temporary name and renamed when complete: a killed run leaves no
+        # truncated (0-byte) MP4 under the real name for a later step to trip over
+        self._partial = self.path.with_name(f".{self.path.name}.partial")
+        if self.path.is_dir():
+            raise OutputError(f"cannot write {self.path}: it is a folder")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "wb")
+            self._file = open(self._partial, "wb")
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc.__class__.__name__}") from None
         self._container = av.open(self._file, mode="w", format="mp4")
@@ -223,12 +229,28 @@ class Mp4Writer:
         self._container.close()
         self._container = None
         self._file.close()
+        os.replace(self._partial, self.path)
+
+    def abort(self) -> None:
+        """Give up: nothing is left under the output name (nor the temporary one)."""
+        if self._container is None:
+            return
+        try:
+            self._container.close()
+        except Exception:  # a half-written container may not close cleanly; it is deleted anyway
+            pass
+        self._container = None
+        self._file.close()
+        self._partial.unlink(missing_ok=True)
 
     def __enter__(self) -> "Mp4Writer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
 
 
 def probe_durations(path: str | Path) -> dict:

@@ -60,6 +60,22 @@ def reachable_address() -> str:
         return "127.0.0.1"
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail at once when another program holds the port (the real bind comes after the engine starts)."""
+    import socket
+
+    if not port:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server will
+            probe.bind(address)
+    except OSError as exc:
+        raise EmoStreamError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 class StreamServer:
     """`await start()`, then `url`; `await stop()`. Tests may pass a ready backend or engine, and a clock."""
 
@@ -124,6 +140,7 @@ class StreamServer:
 
     async def start(self) -> None:
         cfg = self.config
+        check_port_free(cfg.host, cfg.port)  # before minutes of model loading, not after
         if self.engine is None:
             self.engine = await asyncio.to_thread(build_engine, cfg, self.clock, self._backend)
         await self.engine.start()
