@@ -225,8 +225,10 @@ def test_batched_sessions_match_single_runs(backend):
         assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
 
 
-def test_idle_segments_need_no_features(backend):
+def test_idle_segments_need_no_features_and_cost_less(backend):
     avatar = backend.prepare_avatar(_image())
     state = backend.new_state(avatar, 0)
+    backend.model.denoiser_rows.clear()
     frames = backend.generate([SegmentJob(avatar, state, None, 6, speech=False)])[0]
     assert frames.shape == (6, SIZE, SIZE, 3)
+    assert len(backend.model.denoiser_rows) == backend.idle_steps == 3   # acc: 6 steps for speech
