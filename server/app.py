@@ -76,6 +76,19 @@ def check_port_free(host: str, port: int) -> None:
         raise EmoStreamError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def poster_jpeg(image, size: int) -> bytes:
+    """The default portrait as a JPEG (longer side at most `size`): the talk page shows it before Start."""
+    import io
+
+    from PIL import Image
+
+    picture = Image.fromarray(image)
+    picture.thumbnail((size, size))
+    buf = io.BytesIO()
+    picture.convert("RGB").save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
 class StreamServer:
     """`await start()`, then `url`; `await stop()`. Tests may pass a ready backend or engine, and a clock."""
 
@@ -93,6 +106,7 @@ class StreamServer:
         self.port = config.port
         self._server: Server | None = None
         self._camera: Any = None
+        self._poster: bytes | None = None
         self._api: ApiContext | None = None
         self._connections = 0
 
@@ -147,6 +161,7 @@ class StreamServer:
         self.avatars = AvatarStore(self.engine, cfg.limits.max_avatars, cfg.limits.max_image_pixels)
         image = await asyncio.to_thread(default_image, cfg)
         await self.avatars.set_default(image)
+        self._poster = await asyncio.to_thread(poster_jpeg, image, cfg.size)
         self.sessions = SessionManager(self.engine, cfg, self.clock)
         self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url)
         try:
@@ -176,7 +191,7 @@ class StreamServer:
                 raise ConfigError(f"cannot use tls_cert/tls_key: {exc}") from None
         return await serve(
             self._handle, cfg.host, cfg.port,
-            process_request=HttpRoutes(cfg, self.sessions, self.health),
+            process_request=HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster),
             max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
             max_queue=16,
             ping_interval=None,  # server.ws_api.Connection pings: it tells a slow reader from a stopped one

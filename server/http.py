@@ -96,8 +96,10 @@ def json_response(status: int, data: Any) -> Response:
 class HttpRoutes:
     """websockets' process_request hook: pages, static files, health and session stats."""
 
-    def __init__(self, config: "ServerConfig", sessions: "SessionManager", health: Callable[[], dict]):
+    def __init__(self, config: "ServerConfig", sessions: "SessionManager", health: Callable[[], dict],
+                 poster: Callable[[], bytes | None] = lambda: None):
         self.config = config
+        self.poster = poster  # the default avatar as a JPEG (the talk page shows it before Start)
         self.sessions = sessions
         self.health = health
         self.limiter = WrongTokenLimiter()
@@ -165,6 +167,9 @@ class HttpRoutes:
             if session is None:
                 return json_response(404, {"error": "no such session"})
             return json_response(200, session.stats())
+        if path == "/api/avatar.jpg":
+            poster = self.poster()
+            return response(200, poster, "image/jpeg") if poster else response(404, "no default avatar\n")
         if path == "/api/capacity":  # lets a page learn "busy" before asking for the mic
             if len(self.sessions) >= self.config.sessions.max_sessions:
                 return json_response(503, {"error": "busy", "message": "all session slots are in use"})

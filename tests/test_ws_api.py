@@ -196,6 +196,78 @@ async def test_avatar_upload_is_prepared_once(server):
         assert info["session"]
 
 
+def _rss_mib() -> float:
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        pytest.skip("no /proc/self/statm: RSS not measurable here")
+
+
+async def test_an_image_bomb_upload_stalls_no_session_and_its_memory_comes_back(server, monkeypatch):
+    """5000x5000 one-bit PNGs (a few KB each, exactly at the 25 MP limit): decoded small and, like the
+    hashing, off the event loop, so another session's frames keep coming; the memory is given back."""
+    import gc
+    import threading
+
+    from PIL import Image
+
+    import emo_stream.streaming.avatars as engine_avatars
+    import server.avatars as server_avatars
+
+    seen = []  # (what, thread, shape) of the heavy steps
+
+    def spy(what, fn):
+        def wrapped(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            shape = getattr(result, "shape", None) if what == "decode" else getattr(args[0], "shape", None)
+            seen.append((what, threading.current_thread() is threading.main_thread(), shape))
+            return result
+        return wrapped
+
+    monkeypatch.setattr(server_avatars, "image_from_bytes", spy("decode", server_avatars.image_from_bytes))
+    monkeypatch.setattr(engine_avatars, "avatar_key", spy("hash", engine_avatars.avatar_key))
+    bombs = []
+    for i in range(3):  # different bytes each: no upload is recognised as already prepared
+        picture = Image.new("1", (5000, 5000), 1)
+        picture.putpixel((i, i), 0)
+        buf = io.BytesIO()
+        picture.save(buf, format="PNG", optimize=True)
+        bombs.append(buf.getvalue())
+    assert max(len(b) for b in bombs) < 20_000
+    async with BotClient(server.base_url, inbox=10_000) as good, BotClient(server.base_url) as uploader:
+        await good.start(frames="jpeg")
+        await _until(good, lambda i: isinstance(i, ReceivedFrame) and i.index >= 10)  # playing steadily
+        gc.collect()
+        rss_before = _rss_mib()
+
+        async def upload_all():
+            for bomb in bombs:
+                try:
+                    await uploader.upload_avatar(bomb, "image/png")
+                except BotError as exc:  # a blank picture has no face: that may be the answer, never a crash
+                    assert exc.code == "bad_image", exc
+
+        uploads = asyncio.ensure_future(upload_all())
+        during = 0
+        async for item in good.receive(timeout=30):  # the other session's frames while the uploads run
+            during += isinstance(item, ReceivedFrame)
+            if uploads.done():
+                break
+        await uploads
+        gc.collect()
+        rss_after = _rss_mib()
+    assert during >= 3  # it was never frozen for the whole of three uploads
+    # every decode and hash ran in a worker thread, at a bounded size
+    decodes = [x for x in seen if x[0] == "decode"]
+    assert len(decodes) == 3 and not any(on_loop for _, on_loop, _ in seen), seen
+    assert all(max(shape[:2]) <= server_avatars.DECODE_MAX_SIDE for _, _, shape in decodes), decodes
+    # decoding full size used to keep ~180 MiB per upload; bounded decoding and malloc_trim give it back
+    assert rss_after - rss_before < 120, (rss_before, rss_after)
+
+
 def _png_header(width: int, height: int) -> bytes:
     """A tiny PNG that claims width x height pixels (a decompression bomb's shape, without the bytes)."""
     import struct
