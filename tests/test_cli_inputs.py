@@ -280,3 +280,9 @@ def test_an_interrupted_write_leaves_no_file_under_the_output_name(tmp_path):
     with Mp4Writer(out, fps=FPS, size=SIZE) as w:
         w.write_frames(np.zeros((3, SIZE, SIZE, 3), np.uint8))
     assert [p.name for p in tmp_path.iterdir()] == ["x.mp4"] and probe_durations(out)["frames"] == 3
+
+
+def test_cpu_emo_uses_half_the_cores_unless_told():
+    from emo_stream.emo_backend import cpu_threads_default
+
+    assert [cpu_threads_default(n) for n in (1, 2, 4, 16, 64)] == [1, 1, 2, 8, 8]
