@@ -52,10 +52,14 @@ def _write_stereo_mp3(path: Path, mono_16k: np.ndarray, rate: int = 44100) -> No
 
 
 @pytest.fixture(scope="module")
-def portrait(shared_data, tmp_path_factory) -> Path:
-    """A real portrait at 256 px (face detection stays fast)."""
+def portrait(portrait_path, tmp_path_factory) -> Path:
+    """A portrait at 256 px (face detection stays fast): a real photo with ../shared/data, else the built-in one."""
+    from tests.conftest import shared_data_dir
+
+    shared = shared_data_dir()
+    source = shared / "portraits" / "hallo_1.jpg" if shared is not None else portrait_path
     p = tmp_path_factory.mktemp("portrait") / "portrait.jpg"
-    Image.open(shared_data / "portraits" / "hallo_1.jpg").convert("RGB").resize((256, 256), Image.LANCZOS).save(p)
+    Image.open(source).convert("RGB").resize((256, 256), Image.LANCZOS).save(p)
     return p
 
 
