@@ -607,3 +607,34 @@ async def test_a_fast_bot_meets_backpressure(backend):
         await bot.close()
     finally:
         await srv.stop()
+
+
+async def test_time_lost_in_an_engine_stall_is_won_back_on_idle_frames(server):
+    """The engine held up for a second (e.g. a long avatar preparation holding the model): the playout
+    re-anchors, then leaves out idle frames until the stream is back on time (not seconds behind for
+    minutes), with only the one-frame cushion waiting in the engine."""
+    import threading
+    import time
+
+    async with BotClient(server.base_url, inbox=10_000) as bot:
+        await bot.start(frames="none")
+        await asyncio.sleep(1.0)
+        session = server.sessions.all()[0]
+        before = session.stats()["playout"]
+
+        def hold_the_model():
+            with server.engine._model_lock:
+                time.sleep(1.0)
+
+        stall = threading.Thread(target=hold_the_model)
+        stall.start()
+        await asyncio.to_thread(stall.join)
+        for _ in range(100):  # 10 s at most
+            await asyncio.sleep(0.1)
+            now = session.stats()
+            won_back = now["playout"]["skipped_idle_frames"] - before["skipped_idle_frames"]
+            if won_back >= 15 and now["output_queue_frames"] <= 3:
+                break
+        assert now["playout"]["reanchors"] > before["reanchors"]  # the stall did put the stream behind
+        assert won_back >= 15, now["playout"]  # ~25 frames were lost; nearly all come back as left-out idle
+        assert now["output_queue_frames"] <= 3, now
