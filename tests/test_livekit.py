@@ -119,13 +119,15 @@ class Agent:
         self.room = StandInRoom(hub, room_name, identity, kind=AGENT)
         self.avatar_identity = avatar_identity
         self.finished: list = []
+        self.started: list = []
         self.output: DataStreamAudioOutput | None = None
 
     async def connect(self) -> None:
         await self.room.connect()
         self.output = DataStreamAudioOutput(self.room, destination_identity=self.avatar_identity, sample_rate=RATE,
-                                            wait_remote_track=rtc.TrackKind.KIND_VIDEO)
+                                            wait_remote_track=rtc.TrackKind.KIND_VIDEO, wait_playback_start=True)
         self.output.on("playback_finished", self.finished.append)
+        self.output.on("playback_started", self.started.append)
 
     async def say(self, pcm: np.ndarray, chunk: int = 480) -> None:
         """Send one utterance (TTS pushes faster than real time) and close it."""
@@ -181,6 +183,7 @@ async def test_agent_audio_comes_back_sample_exact_with_video_at_model_fps(host,
 
     # one playback_finished per utterance, at the utterance's exact duration, not interrupted
     assert [e.interrupted for e in agent.finished] == [False, False]
+    assert len(agent.started) == 2                  # lk.playback_started once per utterance, from the worker
     assert agent.finished[0].playback_position == pytest.approx(len(first) / RATE, abs=1e-6)
     assert agent.finished[1].playback_position == pytest.approx(len(second) / RATE, abs=1e-6)
 
@@ -458,3 +461,86 @@ async def test_talk_mode_animates_a_participants_microphone(host, avatar):
     await worker.stop()
     await user.disconnect()
     await mic.aclose()
+
+
+def test_worker_command_errors_are_one_line(monkeypatch, capsys):
+    from server.cli import main
+
+    for key in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["worker"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "LIVEKIT_URL" in err and "LIVEKIT_API_SECRET" in err and len(err.splitlines()) == 1
+    assert main(["worker", "--url", "ws://127.0.0.1:9", "--api-key", "k", "--api-secret", "s",
+                 "--avatar", "noequals"]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+    assert main(["worker", "--url", "ws://127.0.0.1:9", "--api-key", "k", "--api-secret", "s",
+                 "--default-avatar", "/no/such.jpg"]) == 2
+    assert "/no/such.jpg" in capsys.readouterr().err
+
+
+@pytest.mark.slow   # ~20 s on the shared box: the process start (torch, livekit) and its exit dominate
+def test_worker_drains_and_exits_on_sigterm(tmp_path):
+    """The real command: it starts the engine and livekit-agents' AgentServer (the server address is a
+    closed loopback port, so it keeps retrying), and SIGTERM drains it and exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker", "--url", "ws://127.0.0.1:9",
+                             "--api-key", "devkey", "--api-secret", "secret" * 6, "--http-port", "0",
+                             "--size", "64", "--max-sessions", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "emo-stream worker:" in line:
+                break
+        assert any("2 rooms at most" in line for line in lines), "".join(lines)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, "".join(lines) + out
+    assert "draining" in out
+
+
+async def test_generator_resamples_audio_at_another_rate(host, avatar):
+    """An agent sending another rate than announced (or stereo) is still published, resampled to the
+    announced rate and mixed to mono; the engine still gets every utterance and its end."""
+    from livekit.agents.voice.avatar import AudioSegmentEnd
+
+    from emo_stream.livekit.generator import EngineVideoGenerator
+
+    assert host.reserve()
+    session = host.open_session(avatar)
+    try:
+        gen = EngineVideoGenerator(session, fps=FPS, sample_rate=RATE)
+        gen.trace = __import__("collections").deque()
+        t = np.arange(48000) / 48000                                  # 1 s, 48 kHz stereo
+        stereo = np.repeat((8000 * np.sin(2 * np.pi * 200 * t)).astype(np.int16)[:, None], 2, axis=1)
+        for i in range(0, 48000, 4800):
+            part = stereo[i:i + 4800]
+            await gen.push_audio(rtc.AudioFrame(part.tobytes(), 48000, 2, len(part)))
+        await gen.push_audio(AudioSegmentEnd())
+        out, ended = [], False
+        async for item in gen:
+            if isinstance(item, rtc.AudioFrame):
+                assert (item.sample_rate, item.num_channels) == (RATE, 1)
+                out.append(np.frombuffer(item.data, dtype=np.int16))
+            elif isinstance(item, AudioSegmentEnd):
+                ended = True
+                break
+        assert ended
+        audio = np.concatenate(out)
+        assert abs(len(audio) - RATE) <= 0.01 * RATE                 # 1 s at 24 kHz
+        spectrum = np.abs(np.fft.rfft(audio[:RATE // 2].astype(np.float64)))
+        assert abs(np.argmax(spectrum) * 2 - 200) <= 4
+    finally:
+        await session.close()
+        host.release()

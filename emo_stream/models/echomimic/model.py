@@ -16,6 +16,9 @@ Parts (attribute names are also the checkpoint key prefixes):
     tokens = model.audio_tokens(waveform_16k)                # (frames, 50, 384), 24 fps
     v = model.denoise(latents, t, audio, face, with_reference, bank)   # one call, (R, 4, f, h, w)
     latents = echomimic_sampling.sample(model.denoiser_fn(bank), x, audio[None], face, settings)
+
+Per-call inputs reach the processors through one shared DenoiserContext: a model runs one denoise call at a
+time (batch several sessions into one call instead of calling from several threads).
 """
 
 from __future__ import annotations
