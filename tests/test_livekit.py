@@ -508,3 +508,39 @@ def test_worker_drains_and_exits_on_sigterm(tmp_path):
             proc.kill()
     assert proc.returncode == 0, "".join(lines) + out
     assert "draining" in out
+
+
+async def test_generator_resamples_audio_at_another_rate(host, avatar):
+    """An agent sending another rate than announced (or stereo) is still published, resampled to the
+    announced rate and mixed to mono; the engine still gets every utterance and its end."""
+    from livekit.agents.voice.avatar import AudioSegmentEnd
+
+    from emo_stream.livekit.generator import EngineVideoGenerator
+
+    assert host.reserve()
+    session = host.open_session(avatar)
+    try:
+        gen = EngineVideoGenerator(session, fps=FPS, sample_rate=RATE)
+        gen.trace = __import__("collections").deque()
+        t = np.arange(48000) / 48000                                  # 1 s, 48 kHz stereo
+        stereo = np.repeat((8000 * np.sin(2 * np.pi * 200 * t)).astype(np.int16)[:, None], 2, axis=1)
+        for i in range(0, 48000, 4800):
+            part = stereo[i:i + 4800]
+            await gen.push_audio(rtc.AudioFrame(part.tobytes(), 48000, 2, len(part)))
+        await gen.push_audio(AudioSegmentEnd())
+        out, ended = [], False
+        async for item in gen:
+            if isinstance(item, rtc.AudioFrame):
+                assert (item.sample_rate, item.num_channels) == (RATE, 1)
+                out.append(np.frombuffer(item.data, dtype=np.int16))
+            elif isinstance(item, AudioSegmentEnd):
+                ended = True
+                break
+        assert ended
+        audio = np.concatenate(out)
+        assert abs(len(audio) - RATE) <= 0.01 * RATE                 # 1 s at 24 kHz
+        spectrum = np.abs(np.fft.rfft(audio[:RATE // 2].astype(np.float64)))
+        assert abs(np.argmax(spectrum) * 2 - 200) <= 4
+    finally:
+        await session.close()
+        host.release()
