@@ -34,7 +34,7 @@ from emo_stream.backend import AudioContext, BackendBase, SegmentJob
 from emo_stream.echomimic_sampling import (ACC, NORMAL, EchoDenoiser, Held, context_windows, initial_latents,
                                            make_scheduler, sample)
 from emo_stream.errors import ConfigError, ImageInputError
-from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
+from emo_stream.timeline import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,6 @@ class EchoMimicBackend(BackendBase):
         self._face_analyzer = face_analyzer
         self._silence: dict[int, torch.Tensor] = {}
         self._audio_lock = threading.Lock()
-        self._live_spf = samples_per_frame(fps) if SAMPLE_RATE % fps == 0 else None
         # whisper's look-ahead: a frame's last token row is 5 rows (100 ms) after it
         self.audio_context = AudioContext(left_samples=int(LEFT_CONTEXT_S * SAMPLE_RATE),
                                           lookahead_frames=int(np.ceil((ROWS - ROWS_BEFORE) / FEATURE_RATE * fps)))
