@@ -159,10 +159,7 @@ class EmoBackend(BackendBase):
                                           lookahead_frames=cfg.audio.window)
         self._face_analyzer = face_analyzer
         self._silence: dict[int, torch.Tensor] = {}
-        self._scheduler_config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                                      steps_offset=1, timestep_spacing="trailing",
-                                      prediction_type="epsilon")
+        self._scheduler_config = cfg.noise.scheduler_kwargs()   # the checkpoint's own noise schedule
         self._scheduler_name = scheduler or cfg.sampling.scheduler
         if self._scheduler_name not in ("ddim", "lcm"):
             raise ConfigError(f"scheduler must be ddim or lcm (got {self._scheduler_name!r})")
