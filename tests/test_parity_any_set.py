@@ -132,6 +132,15 @@ def test_missing_case_sections_are_not_reported(golden, tmp_path, capsys):
     assert {k.split(".")[0] for k in json.loads(out)} == _groups(case) and len(_groups(case)) == 2
 
 
+def test_echomimic_sizes_left_out_of_case_json_come_from_the_files(echo_set, tmp_path, capsys):
+    root = _copy(echo_set, tmp_path)
+    case = _case(root)
+    del case["face_locator"], case["weights"]["whisper_dims"]
+    _write_case(root, case)
+    rc, out, err = _cli(capsys, "parity", root, "--case", "face_locator", "--case", "audio")
+    assert rc == 0 and max(json.loads(out).values()) <= TOL, err
+
+
 def _one_line(capsys, root, *words, argv=()):
     rc, out, err = _cli(capsys, "parity", root, *argv)
     assert rc == 2 and len(err) == 1 and err[0].startswith("emo-stream parity: error:"), err
