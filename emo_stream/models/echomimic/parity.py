@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from emo_stream.errors import WeightsError
-from emo_stream.models.echomimic.config import (ARCHITECTURE, EchoMimicConfig, FaceLocatorConfig, SamplingDefaults,
-                                                sd15_denoiser, sd15_reference_unet)
+from emo_stream.models.echomimic.config import (ARCHITECTURE, EchoMimicConfig, FaceLocatorConfig, sd15_denoiser,
+                                                sd15_reference_unet)
 from emo_stream.parity import GoldenFormatError
 
 log = logging.getLogger(__name__)
