@@ -210,7 +210,7 @@ class EmoBackend:
         mask = torch.from_numpy(face_region_mask([face_box], self.size, margin=0.25))[None, None]
         x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 127.5 - 1
         latent = m.encode_image(x.to(m.device)).to(m.dtype)
-        reference = m.encode_reference(latent)
+        reference = m.encode_reference(latent, project=True)  # its key/values too: once per avatar
         return EmoAvatar(image=image, face_box=np.asarray(face_box, np.float32), face_mask=mask, latent=latent,
                          reference=reference, motion0=m.motion_from_reference(reference))
 
@@ -273,7 +273,7 @@ class EmoBackend:
         mask = torch.cat([j.state.avatar.face_mask for j in jobs])
         speed = torch.tensor([[m.config.speed.default if j.state.speed is None else j.state.speed] * frames
                               for j in jobs], device=dev)
-        cond = m.condition(reference, feats, mask, speed, motion)
+        cond = m.condition(reference, feats, mask, speed, motion, cache=True)
         from emo_stream.models.emo_model import Conditioning
 
         use_cfg = guidance != 1.0
