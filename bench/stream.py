@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from _common import REPO, device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
-from emo_stream.backends import create_backend
+from emo_stream.backend import capabilities
+from emo_stream.backends import backend_names, create_backend
 from emo_stream.media import load_audio, load_image
 from emo_stream.streaming import EngineConfig, StreamingEngine
 
@@ -140,7 +141,8 @@ async def main_async(args) -> dict:
     options = {k: v for k, v in (("steps", args.steps), ("decoder", args.decoder)) if v is not None}
     backend = create_backend(args.backend, args.model, size=args.size, fps=25, device=args.device, **options)
     audio, audio_name = speech_audio(args.audio, args.seconds)
-    if args.workers and args.workers > 1 and not getattr(backend, "concurrent_generate", False):
+    caps = capabilities(backend)
+    if args.workers and args.workers > 1 and not caps.concurrent_generate:
         logging.warning("backend %s does not declare concurrent_generate: its calls stay serialised", backend.name)
     config = EngineConfig(segment_frames=args.segment_frames, max_sessions=args.sessions + 1,
                           max_batch=args.max_batch or args.sessions, vad=not args.no_vad,
@@ -163,7 +165,7 @@ async def main_async(args) -> dict:
     return {
         "bench": "stream",
         "load_avg_1m_at_end": load_average(),   # the CPU box is shared: context for the numbers
-        "device": device_name(getattr(backend, "device", None)),
+        "device": device_name(caps.device),
         "backend": backend.name,
         "preset": args.model if args.backend == "emo" else None,
         "size": backend.size,
@@ -196,7 +198,7 @@ async def main_async(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=["preview", "emo"], default="preview")
+    p.add_argument("--backend", choices=backend_names(), default="preview")
     p.add_argument("--model", default=None, help="EMO preset or checkpoint (tiny, sd15, PATH)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=None)

@@ -1,25 +1,32 @@
-"""The small protocol every animation backend implements.
+"""The backend contract: what every animation backend implements, and what it may offer on top.
 
-The streaming engine (emo_stream.streaming) and the offline generator drive a backend; the EMO
-model (emo_stream.emo_backend) and the CPU preview animator (emo_stream.preview) are backends, and
-tests use trivial ones. A backend knows nothing of sessions, clocks or networking.
+The streaming engine (emo_stream.streaming) and the offline generator (emo_stream.generate) drive a
+backend; the EMO model (emo_stream.emo_backend) and the CPU preview animator (emo_stream.preview) are
+backends, and tests use trivial ones. A backend knows nothing of sessions, clocks or networking.
+Backends are found by name through the registry in emo_stream.backends.
 
-Timeline convention (shared by everything): audio is 16 kHz mono float32; at `fps` video frames
-per second, frame k covers audio samples [k * spf, (k + 1) * spf) with spf = 16000 // fps
-(640 at 25 fps).
+Timeline convention (emo_stream.timeline): audio is 16 kHz mono float32; at `fps` video frames per
+second, frame k covers audio samples [k * spf, (k + 1) * spf) with spf = SAMPLE_RATE // fps.
 
-Call order:
+Required (the `Backend` protocol), in call order:
     avatar = backend.prepare_avatar(rgb_image)          # once per portrait; cached by the caller
     state  = backend.new_state(avatar, seed)            # once per session (or offline run)
     feats  = backend.encode_audio(window, start, n)     # per segment, may run in its own stage
     frames = backend.generate([SegmentJob(...), ...])   # per step of the engine; jobs of many
                                                         # sessions are batched into one call
-Optional attribute `stream_segment_frames`: the segment length the backend suggests for live
-streaming (short for cheap backends: latency; longer for diffusion: temporal context, batching).
 
-Backends whose generation has a separate decode stage may also offer
-    latents = backend.denoise(jobs); frames = backend.decode(jobs, latents)
-so the engine can overlap decoding of one segment with denoising of the next.
+Optional capabilities (declared with their defaults on `BackendBase`; read through `capabilities()`,
+never with getattr elsewhere):
+    stream_segment_frames   segment length suggested for live streaming (short for cheap backends:
+                            latency; longer for diffusion: temporal context, batching)
+    clip_frames             segment length for offline generation
+    concurrent_generate     generate() calls for different sessions may run at the same time
+    device                  the torch device it computes on (CUDA: the engine gives each stage a stream)
+    denoise(jobs) / decode(jobs, latents)   (the `SplitGeneration` protocol) generation split in two,
+                            so the engine overlaps decoding one segment with denoising the next
+    render_video(avatar, audio, seed, progress)   (the `WholeVideo` protocol) offline generation of the
+                            whole audio at once (models sampled over the whole video, e.g. EchoMimic's
+                            closed-loop context windows); `generate` then uses it instead of segments
 """
 
 from __future__ import annotations
@@ -29,13 +36,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 
+__all__ = ["SAMPLE_RATE", "samples_per_frame", "AudioContext", "SegmentJob", "Backend", "SplitGeneration",
+           "WholeVideo", "BackendBase", "Capabilities", "capabilities", "DEFAULT_CLIP_FRAMES"]
 
-def samples_per_frame(fps: int) -> int:
-    if fps <= 0 or SAMPLE_RATE % fps:
-        raise ValueError(f"fps must be positive and divide {SAMPLE_RATE} (e.g. 25 or 20): got {fps}")
-    return SAMPLE_RATE // fps
+DEFAULT_CLIP_FRAMES = 12   # EMO's f: the offline segment length of a backend that declares none
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,8 @@ class SegmentJob:
 
 @runtime_checkable
 class Backend(Protocol):
+    """What every backend implements."""
+
     name: str
     fps: int
     size: int
@@ -84,3 +92,62 @@ class Backend(Protocol):
     def generate(self, jobs: list[SegmentJob]) -> list[np.ndarray]:
         """Frames for each job, (num_frames, size, size, 3) uint8 RGB, in order. Deterministic for a
         given state seed. Updates each job's state so the next segment continues from this one."""
+
+
+@runtime_checkable
+class SplitGeneration(Protocol):
+    """Optional: generate() in two stages, so the engine can overlap them across segments.
+    decode(jobs, denoise(jobs)) must equal generate(jobs)."""
+
+    def denoise(self, jobs: list[SegmentJob]) -> Any:
+        """The expensive part (e.g. the diffusion loop); returns what decode needs (latents)."""
+
+    def decode(self, jobs: list[SegmentJob], latents: Any) -> list[np.ndarray]:
+        """Latents -> frames, as generate() returns them."""
+
+
+@runtime_checkable
+class WholeVideo(Protocol):
+    """Optional: offline generation of a whole audio in one sampling run (frames still come in chunks)."""
+
+    def render_video(self, avatar: Any, audio: np.ndarray, seed: int = 0, progress: Any = None) -> Any:
+        """Yield (frames (n, size, size, 3) uint8, the 16 kHz audio they cover) until the audio is covered;
+        progress(stage, done, total) may be called along the way."""
+
+
+class BackendBase:
+    """Optional base class: every optional capability, declared with its default. A backend may
+    subclass it (and override what it offers) or just set the same attributes itself."""
+
+    name: str = "backend"
+    stream_segment_frames: int | None = None   # None: the engine's default segment length
+    clip_frames: int = DEFAULT_CLIP_FRAMES
+    concurrent_generate: bool = False
+    device: Any = None                         # torch.device, or None (CPU / not torch)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """A backend's optional capabilities, read once (see `capabilities`)."""
+
+    name: str
+    split: bool                       # offers SplitGeneration (denoise + decode)
+    concurrent_generate: bool
+    stream_segment_frames: int | None
+    clip_frames: int
+    device: Any
+    whole_video: bool = False         # offers WholeVideo (render_video)
+
+
+def capabilities(backend: Any) -> Capabilities:
+    """The one place optional backend attributes are looked up (duck-typed backends work too)."""
+    segment = getattr(backend, "stream_segment_frames", None)
+    return Capabilities(
+        name=str(getattr(backend, "name", None) or type(backend).__name__),
+        split=callable(getattr(backend, "denoise", None)) and callable(getattr(backend, "decode", None)),
+        concurrent_generate=bool(getattr(backend, "concurrent_generate", False)),
+        stream_segment_frames=int(segment) if segment is not None else None,
+        clip_frames=int(getattr(backend, "clip_frames", None) or DEFAULT_CLIP_FRAMES),
+        device=getattr(backend, "device", None),
+        whole_video=callable(getattr(backend, "render_video", None)),
+    )

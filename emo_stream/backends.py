@@ -1,16 +1,33 @@
-"""Choosing and building a backend by name: the one place the CLI, server and benchmarks go through."""
+"""The backend registry: choosing and building a backend by name.
+
+The one place the CLI (choices), the server config, `generate` and the benchmarks go through. Adding a
+backend is one new file (a class following emo_stream.backend's contract plus a factory function) and
+one `register_backend` line at the end of this module:
+
+    register_backend("mine", "emo_stream.mine:create_backend", "what it is, in one line")
+
+A factory is called as factory(model=..., size=..., fps=..., device=..., **options) and returns the
+backend; it raises ConfigError for options it does not know. It is given as "module:function" so that
+listing the names imports nothing heavy (torch); a callable works too (tests, plugins).
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from emo_stream.backend import Backend
 from emo_stream.errors import ConfigError
+from emo_stream.timeline import DEFAULT_FPS
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("preview", "emo")
+Factory = Callable[..., Backend]
+
+DEFAULT_BACKEND = "preview"        # no backend and no model: the CPU preview animator (with a notice)
+DEFAULT_MODEL_BACKEND = "emo"      # no backend but a model: the backend whose models it reads
 
 EMO_NOTICE = (
     "no EMO model configured: using the CPU preview animator. "
@@ -18,28 +35,105 @@ EMO_NOTICE = (
 )
 
 
-def create_backend(name: str | None = None, model: str | None = None, *, size: int = 512, fps: int = 25,
+@dataclass(frozen=True)
+class BackendSpec:
+    """A registered backend: its name, how to build it, one line for --help."""
+
+    name: str
+    factory: str | Factory          # "package.module:function" (imported on first use) or a callable
+    summary: str = ""
+    default_fps: int = DEFAULT_FPS  # the video rate when none is asked for (offline generate)
+
+    def load_factory(self) -> Factory:
+        if callable(self.factory):
+            return self.factory
+        module, _, attr = self.factory.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+_REGISTRY: dict[str, BackendSpec] = {}
+
+
+def register_backend(name: str, factory: str | Factory, summary: str = "", *, replace: bool = False,
+                     default_fps: int = DEFAULT_FPS) -> BackendSpec:
+    """Make a backend available under `name` (CLI --backend, server config `backend:`, benchmarks)."""
+    if not name or not name.replace("-", "").replace("_", "").isalnum() or name != name.lower():
+        raise ValueError(f"backend names are lower-case words (letters, digits, - and _): got {name!r}")
+    if isinstance(factory, str) and ":" not in factory:
+        raise ValueError(f"backend factory must be 'module:function' or a callable: got {factory!r}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"backend {name!r} is already registered")
+    spec = BackendSpec(name, factory, summary, default_fps)
+    _REGISTRY[name] = spec
+    return spec
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (tests, plugins reloading)."""
+    _REGISTRY.pop(name, None)
+
+
+def backend_names() -> tuple[str, ...]:
+    """Registered names, in registration order (built-ins first)."""
+    return tuple(_REGISTRY)
+
+
+def backend_spec(name: str) -> BackendSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown backend {name!r}: choose one of {', '.join(_REGISTRY)}") from None
+
+
+def names_phrase() -> str:
+    """'preview or emo': the registered names for error messages."""
+    names = list(_REGISTRY)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+# model family (emo_stream.models.families) -> the backend that runs it, when it is not DEFAULT_MODEL_BACKEND
+FAMILY_BACKENDS = {"echomimic-v1": "echomimic"}
+
+
+def default_backend(model: str | None) -> str:
+    """The backend used when none is named: the one that runs the model's family when a model folder is
+    given (an EchoMimic download -> echomimic), EMO for other models, else the preview."""
+    if not model:
+        return DEFAULT_BACKEND
+    from pathlib import Path
+
+    if Path(model).is_dir():
+        from emo_stream.errors import EmoStreamError
+        from emo_stream.models.families import family_of
+
+        try:
+            family, _ = family_of(model)
+        except EmoStreamError:
+            return DEFAULT_MODEL_BACKEND  # the EMO loader says what is wrong with the folder
+        return FAMILY_BACKENDS.get(family.name, DEFAULT_MODEL_BACKEND)
+    return DEFAULT_MODEL_BACKEND
+
+
+def create_backend(name: str | None = None, model: str | None = None, *, size: int = 512, fps: int | None = None,
                    device: str | None = None, **options: Any) -> Backend:
-    """Build a backend. With no name: EMO when a model is given, else the preview animator.
+    """Build a backend by name. With no name: `default_backend(model)` (the preview says why).
 
     `options` go to the backend (EMO: steps, guidance, decoder, dtype, ...); unknown ones are an error.
     """
     if name is None:
-        name = "emo" if model else "preview"
-        if name == "preview":
+        name = default_backend(model)
+        if name == DEFAULT_BACKEND:
             log.warning(EMO_NOTICE)
-    if name == "preview":
-        from emo_stream.preview import PreviewBackend
+    spec = backend_spec(name)
+    fps = spec.default_fps if fps is None else fps   # EMO and the preview 25, EchoMimic 24
+    return spec.load_factory()(model=model, size=size, fps=fps, device=device, **options)
 
-        return PreviewBackend(size=size, fps=fps, **options)
-    if name == "emo":
-        from emo_stream.emo_backend import EmoBackend
-        from emo_stream.models.config import PRESETS
 
-        model = model or "tiny"
-        if model in PRESETS:
-            # easy to get by mistake (--backend emo without --model): say why the video will be noise
-            log.warning("EMO model %r is a preset with random weights: the video will be noise. For real "
-                        "output pass --model with a trained checkpoint folder (see README).", model)
-        return EmoBackend.load(model, size=size, fps=fps, device=device, **options)
-    raise ConfigError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+# ---- built-in backends: one line each -----------------------------------------------------------------
+register_backend("preview", "emo_stream.preview.backend:create_backend",
+                 "CPU preview animator: warps the portrait to the audio (no model, real-time on one core)")
+register_backend("emo", "emo_stream.emo_backend:create_backend",
+                 "EMO diffusion model (--model: a checkpoint folder or a preset: tiny, sd15)")
+register_backend("echomimic", "emo_stream.echomimic_backend:create_backend",
+                 "EchoMimic v1 (--model: the BadToBest/EchoMimic download folder as it comes, acc or normal weights)",
+                 default_fps=24)

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import yaml
 
-from emo_stream.backend import SAMPLE_RATE, AudioContext, SegmentJob, samples_per_frame
+from emo_stream.backend import AudioContext, BackendBase, SegmentJob
+from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 from emo_stream.errors import ConfigError, ImageInputError, WeightsError
 from emo_stream.models.config import PRESETS, load_config
 from emo_stream.models.emo_model import CONFIG_FILE, EmoModel
@@ -119,7 +120,7 @@ def load_model(model: str | Path, device: torch.device | None = None, dtype: tor
     return m
 
 
-class EmoBackend:
+class EmoBackend(BackendBase):
     name = "emo"
 
     def __init__(self, model: EmoModel, size: int = 512, fps: int = 25, steps: int | None = None,
@@ -337,3 +338,14 @@ class EmoBackend:
         if not jobs:
             return []
         return self.decode(jobs, self.denoise(jobs))
+
+
+def create_backend(model: str | None = None, *, size: int = 512, fps: int = 25, device: str | None = None,
+                   **options: Any) -> EmoBackend:
+    """Registry factory (emo_stream.backends): a checkpoint folder, init YAML or preset (default tiny)."""
+    model = model or "tiny"
+    if model in PRESETS:
+        # easy to get by mistake (--backend emo without --model): say why the video will be noise
+        log.warning("EMO model %r is a preset with random weights: the video will be noise. For real "
+                    "output pass --model with a trained checkpoint folder (see README).", model)
+    return EmoBackend.load(model, size=size, fps=fps, device=device, **options)

@@ -15,18 +15,18 @@ from typing import Iterator
 
 import numpy as np
 
-from emo_stream.backend import Backend, SegmentJob, samples_per_frame
+from emo_stream.backend import Backend, SegmentJob, capabilities
+from emo_stream.backends import backend_names, create_backend
 from emo_stream.errors import OutputError
 from emo_stream.media import Mp4Writer, load_audio, load_image
+from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CLIP_FRAMES = 12  # EMO's f
 
 
 def frame_count(num_samples: int, fps: int) -> int:
     """Frames covering an audio of `num_samples` at 16 kHz: round(duration x fps), at least one."""
-    return max(1, int(round(num_samples / samples_per_frame(fps))))
+    return max(1, int(round(num_samples * fps / SAMPLE_RATE)))
 
 
 def iter_segments(backend: Backend, avatar, audio: np.ndarray, seed: int = 0,
@@ -34,7 +34,7 @@ def iter_segments(backend: Backend, avatar, audio: np.ndarray, seed: int = 0,
     """Yield (frames, audio they cover) per clip. The audio slices, concatenated, are the input audio
     trimmed or zero-padded to a whole number of frames."""
     spf = samples_per_frame(backend.fps)
-    clip = clip_frames or getattr(backend, "clip_frames", DEFAULT_CLIP_FRAMES)
+    clip = clip_frames or capabilities(backend).clip_frames
     total = frame_count(len(audio), backend.fps)
     lookahead = backend.audio_context.lookahead_frames * spf
     # zero padding: the last frame's samples and the encoder's look-ahead past the end
@@ -65,13 +65,34 @@ def generate_file(backend: Backend, image: str | Path | np.ndarray, audio: str |
     avatar = backend.prepare_avatar(image)
     total = frame_count(len(audio), backend.fps)
     written = 0
-    with Mp4Writer(out_path, fps=backend.fps, size=backend.size) as writer, \
-            tqdm(total=total, unit="frame", desc="generating", disable=not progress) as bar:
-        for frames, chunk in iter_segments(backend, avatar, audio, seed=seed):
-            writer.write_frames(frames)
-            writer.write_audio(chunk)
-            written += len(frames)
-            bar.update(len(frames))
+    if capabilities(backend).whole_video:
+        # sampled over the whole video first (one bar per stage), then decoded and written chunk by chunk
+        bars: dict = {}
+
+        def report(stage: str, done: int, stage_total: int) -> None:
+            if stage not in bars:
+                for b in bars.values():
+                    b.close()
+                bars[stage] = tqdm(total=stage_total, desc=stage, unit="call" if stage == "denoise" else "frame",
+                                   disable=not progress)
+            bars[stage].update(done - bars[stage].n)
+
+        chunks = backend.render_video(avatar, audio, seed=seed, progress=report)
+    else:
+        bars = {"generating": tqdm(total=total, unit="frame", desc="generating", disable=not progress)}
+        report = None
+        chunks = iter_segments(backend, avatar, audio, seed=seed)
+    try:
+        with Mp4Writer(out_path, fps=backend.fps, size=backend.size) as writer:
+            for frames, chunk in chunks:
+                writer.write_frames(frames)
+                writer.write_audio(chunk)
+                written += len(frames)
+                if report is None:
+                    bars["generating"].update(len(frames))
+    finally:
+        for b in bars.values():
+            b.close()
     return {"frames": written, "seconds": written / backend.fps, "out": str(out_path)}
 
 
@@ -94,22 +115,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="portrait photo (any size; one clearly visible face)")
     p.add_argument("--audio", required=True, help="speech or singing: wav, mp3, m4a, ... any rate, mono or stereo")
     p.add_argument("--out", required=True, help="output MP4 (H.264 + AAC)")
-    p.add_argument("--backend", choices=["preview", "emo"], default=None,
-                   help="default: emo when --model is given, else the CPU preview animator")
-    p.add_argument("--model", default=None, help="EMO checkpoint folder or preset name (tiny, sd15)")
-    p.add_argument("--steps", type=int, default=None, help="EMO sampling steps (default from the model config: 40)")
-    p.add_argument("--guidance", type=float, default=None, help="EMO classifier-free guidance scale")
-    p.add_argument("--decoder", choices=["vae", "taesd"], default=None, help="EMO latent decoder")
+    p.add_argument("--backend", choices=backend_names(), default=None,
+                   help="default: the one that runs --model's family (emo, echomimic), else the CPU preview animator")
+    p.add_argument("--model", default=None, help="model: an EchoMimic download folder, an emo-stream checkpoint folder, or a preset (tiny, sd15)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's: EMO 40, EchoMimic acc 6, normal 30)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none; default: the model's)")
+    p.add_argument("--decoder", choices=["vae", "taesd"], default=None, help="latent decoder: the model's VAE or TAESD")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=25)
+    p.add_argument("--fps", type=int, default=None, help="video frame rate (default: the model's: 25, EchoMimic 24)")
     p.add_argument("--size", type=int, default=512, help="output width and height in pixels")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from emo_stream.backends import create_backend
-
     # inputs and the output place are checked before the model loads (minutes for sd15)
     image, audio = load_image(args.image), load_audio(args.audio)
     check_writable(args.out)

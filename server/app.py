@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 def build_engine(config: ServerConfig, clock: Clock, backend: Any = None) -> Any:
     """Backend by name (emo_stream.backends) inside the streaming engine; model loading happens here."""
+    from emo_stream.backend import capabilities
     from emo_stream.backends import create_backend
     from emo_stream.streaming import EngineConfig, StreamingEngine
 
@@ -34,9 +35,10 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Any = None) -> Any
     if options["segment_frames"] is None:
         # the latency knob suits each backend differently: one frame for the cheap preview animator,
         # longer segments for EMO (temporal context, batching)
-        options["segment_frames"] = int(getattr(backend, "stream_segment_frames", 8))
+        options["segment_frames"] = capabilities(backend).stream_segment_frames or 8
     try:
-        engine_config = EngineConfig(max_sessions=config.sessions.max_sessions, **options)
+        engine_config = EngineConfig(max_sessions=config.sessions.max_sessions,
+                                     max_avatars=config.limits.max_avatars, **options)
     except TypeError as exc:
         raise ConfigError(f"engine settings: {exc}") from None
     return StreamingEngine(backend, engine_config, clock=clock)

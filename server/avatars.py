@@ -1,4 +1,8 @@
-"""Avatars the server can animate: the default portrait plus uploads, each prepared once and cached."""
+"""Avatars the server can animate: the default portrait plus uploads.
+
+Prepared avatars live in one place, the engine's cache (emo_stream.streaming.avatars): this module only
+checks and decodes uploads and remembers which upload bytes gave which avatar id, so a repeated upload
+skips decoding."""
 
 from __future__ import annotations
 
@@ -7,33 +11,30 @@ import collections
 import hashlib
 import io
 import logging
-from typing import Any
 
 import numpy as np
 
 from emo_stream.errors import ImageInputError
 from emo_stream.media import image_from_bytes
+from emo_stream.streaming import AvatarHandle, StreamingEngine, UnknownAvatarError
 
 log = logging.getLogger(__name__)
 
-
-class UnknownAvatarError(ImageInputError):
-    """An avatar id that was never uploaded here (or was evicted)."""
+__all__ = ["AvatarStore", "UnknownAvatarError"]
 
 
 class AvatarStore:
-    """Prepared avatars by id (LRU-bounded); uploads of the same bytes reuse the prepared avatar."""
+    """Upload bytes -> avatar id (prepared in the engine's cache); ids -> the engine's AvatarHandle."""
 
-    def __init__(self, engine: Any, max_avatars: int = 16, max_pixels: int = 25_000_000):
+    def __init__(self, engine: StreamingEngine, max_avatars: int = 16, max_pixels: int = 25_000_000):
         self.engine = engine
-        self.max_avatars = max_avatars
+        self.max_avatars = max_avatars   # upload digests remembered (the engine bounds the prepared ones)
         self.max_pixels = max_pixels
-        self.default: Any = None
-        self._by_id: collections.OrderedDict[str, Any] = collections.OrderedDict()
-        self._by_digest: dict[str, str] = {}
+        self.default: AvatarHandle | None = None
+        self._by_digest: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._lock = asyncio.Lock()  # one preparation at a time: it is heavy (face analysis, reference features)
 
-    async def set_default(self, image: np.ndarray) -> Any:
+    async def set_default(self, image: np.ndarray) -> AvatarHandle:
         self.default = await self.engine.prepare_avatar(image)
         return self.default
 
@@ -42,29 +43,27 @@ class AvatarStore:
         digest = hashlib.sha256(data).hexdigest()
         async with self._lock:
             known = self._by_digest.get(digest)
-            if known in self._by_id:
-                self._by_id.move_to_end(known)
-                return known
+            if known is not None:
+                try:
+                    self.engine.avatar(known)   # still prepared: marks it recently used
+                    self._by_digest.move_to_end(digest)
+                    return known
+                except UnknownAvatarError:
+                    pass
             image = await asyncio.to_thread(self._decode, data)
             handle = await self.engine.prepare_avatar(image)
-            avatar_id = str(getattr(handle, "id", digest[:16]))
-            self._by_id[avatar_id] = handle
-            self._by_id.move_to_end(avatar_id)
-            self._by_digest[digest] = avatar_id
-            while len(self._by_id) > self.max_avatars:
-                old, _ = self._by_id.popitem(last=False)
-                self._by_digest = {d: i for d, i in self._by_digest.items() if i != old}
-            log.info("avatar %s prepared (%d cached)", avatar_id, len(self._by_id))
-            return avatar_id
+            self._by_digest[digest] = handle.id
+            self._by_digest.move_to_end(digest)
+            while len(self._by_digest) > self.max_avatars:
+                self._by_digest.popitem(last=False)
+            log.info("avatar %s prepared (%d cached)", handle.id, len(self.engine.avatars))
+            return handle.id
 
-    def get(self, avatar_id: str | None) -> Any:
+    def get(self, avatar_id: str | None) -> AvatarHandle:
+        """The default avatar (None) or a prepared one; UnknownAvatarError when the engine has none by that id."""
         if avatar_id is None:
             return self.default
-        handle = self._by_id.get(avatar_id)
-        if handle is None:
-            raise UnknownAvatarError(f"unknown avatar {avatar_id!r}: upload it first (it may have been evicted)")
-        self._by_id.move_to_end(avatar_id)
-        return handle
+        return self.engine.avatar(avatar_id)
 
     def _decode(self, data: bytes) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError

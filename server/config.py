@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emo_stream.backends import backend_names, default_backend, names_phrase
 from emo_stream.config_io import build_dataclass, read_yaml
 from emo_stream.errors import ConfigError
 from emo_stream.resources import resource_dir
@@ -102,8 +103,8 @@ class ServerConfig:
         _positive(self, "port", allow_zero=True)
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535: got {self.port}")
-        if self.backend not in (None, "preview", "emo"):
-            raise ConfigError(f"backend must be preview or emo: got {self.backend!r}")
+        if self.backend is not None and self.backend not in backend_names():
+            raise ConfigError(f"backend must be {names_phrase()}: got {self.backend!r}")
         if not 16 <= self.size <= 2048 or self.size % 2:
             raise ConfigError(f"size must be an even number of pixels in 16..2048: got {self.size}")
         if self.fps <= 0 or 16000 % self.fps or 90000 % self.fps or 48000 % self.fps:
@@ -150,5 +151,5 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfi
         if value is not None:
             data[key] = value
     if overrides.get("model") and "backend" not in {k for k, v in overrides.items() if v is not None}:
-        data["backend"] = "emo"  # --model alone means the EMO backend
+        data["backend"] = default_backend(overrides["model"])  # --model alone means the model backend
     return build_dataclass(ServerConfig, data, str(source) if from_file else "server settings").validate()

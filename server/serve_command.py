@@ -12,9 +12,11 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from emo_stream.backends import backend_names
+
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; other addresses need a token)")
     parser.add_argument("--port", type=int, default=None, help="port (default 8080; 0 picks a free one)")
-    parser.add_argument("--backend", choices=("preview", "emo"), default=None,
+    parser.add_argument("--backend", choices=backend_names(), default=None,
                         help="animation backend (default: emo when --model is given, else preview)")
     parser.add_argument("--model", default=None, help="EMO checkpoint folder or preset (tiny, sd15)")
     parser.add_argument("--avatar", default=None, help="default portrait image (default: a built-in portrait)")

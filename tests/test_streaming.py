@@ -537,9 +537,10 @@ async def test_long_stream_keeps_internal_buffers_bounded(image):
 
 
 def test_stage_streams_are_inactive_off_cuda():
+    from emo_stream.backend import capabilities
     from emo_stream.streaming.device import StageStreams
 
-    streams = StageStreams(TickBackend())
+    streams = StageStreams(capabilities(TickBackend()).device)
     assert not streams.active
     streams.enter_stage("x")
     assert streams.mark() is None

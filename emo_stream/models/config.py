@@ -52,6 +52,7 @@ class SamplingConfig:
 
 @dataclass
 class EmoConfig:
+    architecture: str = "emo"          # model family key (emo_stream.models.families); always "emo" here
     name: str = "custom"
     clip_frames: int = 12
     motion_frames: int = 4
@@ -94,6 +95,8 @@ class EmoConfig:
             if not cond:
                 raise ConfigError(f"model config {self.name!r}: {msg}")
 
+        need(self.architecture == "emo", f"architecture is {self.architecture!r}; this config class holds "
+                                          f"EMO models only (see emo_stream.models.families)")
         need(self.clip_frames >= 1, f"clip_frames must be >= 1 (got {self.clip_frames})")
         need(self.motion_frames >= 1, f"motion_frames must be >= 1 (got {self.motion_frames})")
         for part in ("unet", "motion_adapter", "vae", "wav2vec2"):

@@ -348,4 +348,10 @@ class EmoModel(nn.Module):
         return counts
 
 
-__all__ = ["EmoModel", "Conditioning", "CONFIG_FILE", "WEIGHTS_FILE"]
+def load_emo_checkpoint(path: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> EmoModel:
+    """The "emo" family's loader (emo_stream.models.families)."""
+    return EmoModel.from_pretrained(path, device=device, dtype=dtype)
+
+
+__all__ = ["EmoModel", "load_emo_checkpoint", "Conditioning", "CONFIG_FILE", "WEIGHTS_FILE"]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from emo_stream.backend import AudioContext, SegmentJob, samples_per_frame
+from emo_stream.backend import AudioContext, BackendBase, SegmentJob, samples_per_frame
 from emo_stream.errors import ConfigError, ImageInputError
 from emo_stream.face import FaceAnalyzer, FaceInfo, no_face_error
 from emo_stream.preview.motion import MotionConfig, MotionModel, MotionState
@@ -62,7 +62,7 @@ def frame_portrait(image: np.ndarray, face: FaceInfo, size: int, face_fraction: 
     return np.asarray(crop).copy(), framed
 
 
-class PreviewBackend:
+class PreviewBackend(BackendBase):
     """CPU preview animator. Options: clip_frames (segment length the engine should use),
     face_fraction (framing), mouth / motion / warp (config dataclasses)."""
 
@@ -152,3 +152,9 @@ class PreviewBackend:
             avatar.warper.render(p, out=frames[i])
         state.frames += n
         return frames
+
+
+def create_backend(model: str | None = None, *, size: int = 512, fps: int = 25, device: str | None = None,
+                   **options: Any) -> PreviewBackend:
+    """Registry factory (emo_stream.backends): the preview needs no model and runs on the CPU."""
+    return PreviewBackend(size=size, fps=fps, **options)

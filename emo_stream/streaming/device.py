@@ -14,8 +14,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def _cuda_device(backend) -> Any:
-    dev = getattr(backend, "device", None)
+def _cuda_device(dev: Any) -> Any:
     if dev is None or getattr(dev, "type", None) != "cuda":
         return None
     try:
@@ -29,8 +28,9 @@ def _cuda_device(backend) -> Any:
 class StageStreams:
     """Per-thread CUDA streams and cross-stage events for a backend on CUDA."""
 
-    def __init__(self, backend, enabled: bool = True) -> None:
-        self.device = _cuda_device(backend) if enabled else None
+    def __init__(self, device: Any, enabled: bool = True) -> None:
+        """`device`: the backend's declared device (emo_stream.backend.capabilities)."""
+        self.device = _cuda_device(device) if enabled else None
 
     @property
     def active(self) -> bool:

@@ -17,22 +17,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import queue
 import threading
 import time
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
-from emo_stream.backend import Backend, samples_per_frame
-from emo_stream.errors import ImageInputError
+from emo_stream.backend import AudioContext, Backend, capabilities
+from emo_stream.streaming.avatars import AvatarCache
 from emo_stream.streaming.device import StageStreams
-from emo_stream.streaming.session import Job, StreamSession
-from emo_stream.streaming.types import AvatarHandle, Clock, EngineConfig, EngineFullError, MonotonicClock
+from emo_stream.streaming.pacing import is_behind
+from emo_stream.streaming.session import StreamSession
+from emo_stream.streaming.types import AvatarHandle, Clock, EngineConfig, EngineFullError, Job, MonotonicClock
+from emo_stream.timeline import samples_per_frame
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,12 @@ class _StageTimer:
 
 
 class StreamingEngine:
-    """See docs/streaming.md. Construct, `await start()`, prepare avatars, open sessions."""
+    """See docs/streaming.md. Construct, `await start()`, prepare avatars, open sessions.
+
+    The engine's work runs in its own threads; its asyncio methods may be called from any event loop
+    (a session belongs to the loop it was opened from), so one engine serves sessions of several loops.
+    It is the SessionHost its sessions see (config, clock, fps, frame_size, audio_context, wake, release).
+    """
 
     def __init__(self, backend: Backend, config: EngineConfig | None = None, clock: Clock | None = None) -> None:
         self.backend = backend
@@ -66,7 +71,8 @@ class StreamingEngine:
         self.clock: Clock = clock or MonotonicClock()
         self.fps = int(backend.fps)
         samples_per_frame(self.fps)   # validates fps
-        self._split = callable(getattr(backend, "denoise", None)) and callable(getattr(backend, "decode", None))
+        self.capabilities = capabilities(backend)
+        self._split = self.capabilities.split
         self._max_inflight = 3 if self._split else 2
         depth = self.config.max_sessions * self._max_inflight + 1
         self._q_encode: queue.Queue[Job] = queue.Queue(maxsize=depth)
@@ -80,20 +86,19 @@ class StreamingEngine:
         # modules and overlap freely with them.
         # Backends that declare `concurrent_generate = True` (calls for different sessions may run at
         # once, e.g. the CPU preview animator) get several generator workers and no lock.
-        concurrent = bool(getattr(backend, "concurrent_generate", False))
+        concurrent = self.capabilities.concurrent_generate
         workers = self.config.generate_workers
         self._workers = workers if workers is not None else (min(2, os.cpu_count() or 1) if concurrent else 1)
         self._model_lock = contextlib.nullcontext() if concurrent else threading.Lock()
         self._gen_lock = threading.Lock()
-        self._streams = StageStreams(backend, self.config.cuda_streams)
+        self._streams = StageStreams(self.capabilities.device, self.config.cuda_streams)
         self._gen_pending: list[Job] = []
         self._gen_busy: set[str] = set()
         self._running = False
         self._threads: list[threading.Thread] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._vad_model = None
-        self._avatars: OrderedDict[str, AvatarHandle] = OrderedDict()
-        self._avatar_tasks: dict[str, asyncio.Future] = {}
+        self.avatars = AvatarCache(self._prepare_locked, self.config.max_avatars,
+                                   in_use=lambda: [s.avatar.id for s in list(self._sessions.values())])
         self._timers = {name: _StageTimer() for name in ("plan", "encode", "generate", "denoise", "decode")}
         self._batch_sizes: list[int] = []
 
@@ -102,7 +107,6 @@ class StreamingEngine:
     async def start(self) -> None:
         if self._running:
             return
-        self._loop = asyncio.get_running_loop()
         if self.config.vad and self._vad_model is None:
             try:
                 from emo_stream.streaming.vad import load_silero
@@ -120,7 +124,7 @@ class StreamingEngine:
             t.start()
             self._threads.append(t)
         log.info("streaming engine started: backend %s, %d fps, segment %d frames, %s stages",
-                 getattr(self.backend, "name", type(self.backend).__name__), self.fps,
+                 self.capabilities.name, self.fps,
                  self.config.segment_frames, len(stages))
 
     async def stop(self) -> None:
@@ -148,6 +152,14 @@ class StreamingEngine:
         """Number of open sessions."""
         return len(self._sessions)
 
+    @property
+    def frame_size(self) -> int:
+        return int(self.backend.size)
+
+    @property
+    def audio_context(self) -> AudioContext:
+        return self.backend.audio_context
+
     def wake(self) -> None:
         self._wake_event.set()
 
@@ -155,30 +167,12 @@ class StreamingEngine:
 
     async def prepare_avatar(self, image: np.ndarray) -> AvatarHandle:
         """Prepare a portrait once (backend.prepare_avatar in a worker thread); cached by content hash,
-        so every session with the same photo shares its reference features."""
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ImageInputError("the portrait must be an RGB uint8 array of shape (H, W, 3)")
-        key = hashlib.sha1(repr(image.shape).encode() + np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
-        if key in self._avatars:
-            self._avatars.move_to_end(key)
-            return self._avatars[key]
-        if key in self._avatar_tasks:
-            return await asyncio.shield(self._avatar_tasks[key])
-        future = asyncio.get_running_loop().create_future()
-        self._avatar_tasks[key] = future
-        try:
-            prepared = await asyncio.to_thread(self._prepare_locked, image.copy())
-            handle = AvatarHandle(id=key, avatar=prepared, image_shape=tuple(image.shape))
-            self._avatars[key] = handle
-            self._evict_avatars()
-            future.set_result(handle)
-            return handle
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()   # retrieved: waiters (if any) get it; no "never retrieved" warning
-            raise
-        finally:
-            del self._avatar_tasks[key]
+        so every session with the same photo shares its reference features (see AvatarCache)."""
+        return await self.avatars.prepare(image)
+
+    def avatar(self, avatar_id: str) -> AvatarHandle:
+        """A prepared avatar by its id; UnknownAvatarError (an ImageInputError) when it is not cached."""
+        return self.avatars.get(avatar_id)
 
     def _prepare_locked(self, image: np.ndarray) -> Any:
         with self._model_lock:
@@ -186,18 +180,19 @@ class StreamingEngine:
             self._streams.synchronize()   # its tensors are complete before any stage stream reads them
             return avatar
 
-    def _evict_avatars(self) -> None:
-        in_use = {s.avatar.id for s in self._sessions.values()}
-        for key in list(self._avatars):
-            if len(self._avatars) <= self.config.max_avatars:
-                break
-            if key not in in_use:
-                del self._avatars[key]
-
-    def open_session(self, avatar: AvatarHandle, seed: int = 0) -> StreamSession:
-        """A new live session on a prepared avatar. Raises EngineFullError when max_sessions are open."""
-        if not self._running or self._loop is None:
+    def open_session(self, avatar: AvatarHandle, seed: int = 0,
+                     loop: asyncio.AbstractEventLoop | None = None) -> StreamSession:
+        """A new live session on a prepared avatar, bound to `loop` (default: the running loop, so call
+        it from the coroutine that will push audio and read frames). Raises EngineFullError when
+        max_sessions are open."""
+        if not self._running:
             raise RuntimeError("the streaming engine is not started (await engine.start())")
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise RuntimeError("open_session needs an event loop: call it from a coroutine, or pass "
+                                   "loop=") from None
         if not isinstance(avatar, AvatarHandle):
             raise TypeError("open_session needs an AvatarHandle from engine.prepare_avatar()")
         with self._sessions_lock:
@@ -205,14 +200,15 @@ class StreamingEngine:
                 raise EngineFullError(f"the server is busy: all {self.config.max_sessions} avatar sessions are "
                                       "in use, try again later")
             state = self.backend.new_state(avatar.avatar, seed)
-            session = StreamSession(self, avatar, state, seed, self._loop, self._vad_model)
+            session = StreamSession(self, avatar, state, seed, loop, self._vad_model)
             self._sessions[session.id] = session
         self.wake()
         log.info("session %s opened (avatar %s, %d/%d)", session.id, avatar.id, len(self._sessions),
                  self.config.max_sessions)
         return session
 
-    def _forget(self, session: StreamSession) -> None:
+    def release(self, session: StreamSession) -> None:
+        """SessionHost: a closed session gives its slot back (called by StreamSession.close)."""
         with self._sessions_lock:
             if self._sessions.pop(session.id, None) is not None:
                 log.info("session %s closed", session.id)
@@ -222,7 +218,7 @@ class StreamingEngine:
         """Engine-wide counters: stage busy times, batch sizes, queue depths."""
         sizes = self._batch_sizes[-1000:]
         return {
-            "backend": getattr(self.backend, "name", type(self.backend).__name__),
+            "backend": self.capabilities.name,
             "sessions": self.sessions,
             "stages": {k: v.snapshot() for k, v in self._timers.items() if v.calls},
             "mean_batch": round(float(np.mean(sizes)), 2) if sizes else None,
@@ -324,7 +320,7 @@ class StreamingEngine:
                 rest.append(job)
                 continue
             seen.add(sid)
-            if not job.hold and (now - float(job.due[0])) * 1000 > self.config.max_delay_ms:
+            if not job.hold and is_behind(now, float(job.due[0]), self.config.max_delay_ms):
                 # fell behind while queued: the fall-behind policy applies here too, so latency stays
                 # bounded by max_delay plus the one backend call in progress
                 job.hold, job.voiced = True, False

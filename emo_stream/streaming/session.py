@@ -16,64 +16,44 @@ import logging
 import threading
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import Any, AsyncIterator
 
 import numpy as np
 
-from emo_stream.backend import SAMPLE_RATE, SegmentJob
+from emo_stream.backend import SegmentJob
 from emo_stream.errors import EmoStreamError
 from emo_stream.streaming.ingest import AudioInbox, EndOfSpeech, PcmConverter
+from emo_stream.streaming.pacing import DuePacer
 from emo_stream.streaming.stats import SessionStats
-from emo_stream.streaming.types import AvatarHandle, OutputFrame
+from emo_stream.streaming.types import AvatarHandle, Job, OutputFrame, SessionHost
 from emo_stream.streaming.vad import VoiceActivity
-from emo_stream.streaming.window import AudioWindow, Cut
-
-if TYPE_CHECKING:
-    from emo_stream.streaming.engine import StreamingEngine
+from emo_stream.streaming.window import AudioWindow
+from emo_stream.timeline import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(eq=False)
-class Job:
-    """A segment of one session on its way through the engine's stages."""
-
-    session: "StreamSession"
-    epoch: int
-    first_index: int
-    num_frames: int
-    due: np.ndarray                 # per-frame due times (clock seconds)
-    speech: bool                    # frames carry pushed audio
-    voiced: bool = False            # rendered with audio features (VAD heard speech)
-    hold: bool = False              # fall-behind policy: repeat the previous image, no backend call
-    cut: Cut | None = None
-    segment_end: bool = False
-    features: Any = None
-    segment: SegmentJob | None = field(default=None, repr=False)
-    event: Any = field(default=None, repr=False)   # CUDA event after the last stage's work (GPU backends)
-
-    def stale(self) -> bool:
-        return self.session.job_is_stale(self)
+__all__ = ["StreamSession", "Job"]
 
 
 class StreamSession:
-    """Created by StreamingEngine.open_session(); see docs/streaming.md."""
+    """Created by StreamingEngine.open_session(); see docs/streaming.md. Its asyncio side belongs to
+    the event loop it was opened from (`loop`); each session may live on a different loop."""
 
-    def __init__(self, engine: "StreamingEngine", avatar: AvatarHandle, state: Any, seed: int,
+    def __init__(self, host: SessionHost, avatar: AvatarHandle, state: Any, seed: int,
                  loop: asyncio.AbstractEventLoop, vad_model=None) -> None:
-        cfg = engine.config
+        cfg = host.config
         self.id = uuid.uuid4().hex[:12]
         self.avatar = avatar
         self.seed = seed
         self.state = state
-        self._engine = engine
+        self._host = host
         self._cfg = cfg
-        self._clock = engine.clock
+        self._clock = host.clock
         self._loop = loop
-        self.fps = engine.fps
-        self._spf = SAMPLE_RATE // engine.fps
-        self._lookahead_frames = engine.backend.audio_context.lookahead_frames
+        self.fps = host.fps
+        self._spf = SAMPLE_RATE // host.fps
+        self._size = host.frame_size
+        self._lookahead_frames = host.audio_context.lookahead_frames
         self._lock = threading.Lock()
         # asyncio side
         self._converter = PcmConverter()
@@ -90,8 +70,8 @@ class StreamSession:
         self._next_index = 0                  # next timeline index to plan
         self._consumed_next = 0               # next index the consumer will read
         self._opened = self._clock.now()
-        self._due_next = self._opened         # D(next_index)
-        self._blocked = False                 # last plan stopped on output capacity
+        self._pacer = DuePacer(self.fps, self._opened, lead_frames=cfg.lead_frames,
+                               max_delay_ms=cfg.max_delay_ms, late_ms=cfg.late_ms)
         self._reset_pending = False
         self._last_push = self._opened
         self._last_speech_index = -1
@@ -102,7 +82,7 @@ class StreamSession:
         self._error: BaseException | None = None
         self._stats = SessionStats(self.fps, cfg.latency_window)
         # planner thread only
-        self._window = AudioWindow(self._spf, engine.backend.audio_context)
+        self._window = AudioWindow(self._spf, host.audio_context)
         self._vad = VoiceActivity(vad_model, cfg.vad_threshold, cfg.energy_threshold_db,
                                   int(cfg.vad_hangover_ms * SAMPLE_RATE / 1000))
 
@@ -130,7 +110,7 @@ class StreamSession:
                     self._last_push = now
                     x = x[space:]
             if space:
-                self._engine.wake()
+                self._host.wake()
             if len(x):
                 await self._space_event.wait()
 
@@ -162,7 +142,7 @@ class StreamSession:
             self._inbox.put_end(EndOfSpeech(now))
             self._last_push = now
         self._ts_origin = None
-        self._engine.wake()
+        self._host.wake()
 
     def clear(self) -> None:
         """Interrupt: drop queued audio and undelivered frames; the timeline continues with idle frames
@@ -181,7 +161,7 @@ class StreamSession:
             # bridge to the backend's first idle segment: the picture the consumer last got, held, so
             # idle frames are there at once whatever the backend is still busy with
             self._next_index = self._consumed_next
-            self._due_next = now
+            self._pacer.restart(now)
             if self._last_read_image is not None:
                 for _ in range(self._cfg.clear_hold_frames):
                     i = self._next_index
@@ -189,14 +169,13 @@ class StreamSession:
                                                  audio=np.zeros(self._spf, np.float32), speech=False))
                     self._stats.record(now, False, False, False, False, None)
                     self._next_index += 1
-                    self._due_next += 1 / self.fps
-            self._blocked = False
+                    self._pacer.skip()
             self._reset_pending = True
             self._mark_end_index = None
             self._last_speech_index = self._consumed_next - 1
         self._notify(self._frames_event)
         self._space_event.set()
-        self._engine.wake()
+        self._host.wake()
 
     async def next_frame(self) -> OutputFrame | None:
         """The next frame of the timeline (waits for it); None once the session is closed."""
@@ -213,7 +192,7 @@ class StreamSession:
                 if self._closed:
                     return None
             await self._frames_event.wait()
-        self._engine.wake()   # output capacity freed
+        self._host.wake()   # output capacity freed
         return frame
 
     async def frames(self) -> AsyncIterator[OutputFrame]:
@@ -247,7 +226,7 @@ class StreamSession:
     async def close(self) -> None:
         """Idempotent: frees the slot now; frames() ends; work in flight is discarded."""
         self._shutdown()
-        self._engine._forget(self)
+        self._host.release(self)
 
     def _shutdown(self) -> None:
         with self._lock:
@@ -318,7 +297,7 @@ class StreamSession:
                 if ready >= cfg.segment_frames or (ready > 0 and self._window.pending_flush()):
                     n = min(cfg.segment_frames, ready)
                     if capacity < n:
-                        self._blocked = True
+                        self._pacer.block()
                         break
                     jobs.append(self._speech_job(now, n, epoch))
                 elif self._window.buffered_samples() or self._inbox.pending():
@@ -334,29 +313,19 @@ class StreamSession:
                 else:
                     n = cfg.segment_frames
                     if capacity < n:
-                        self._blocked = True
+                        self._pacer.block()
                         break
-                    if self._blocked:
-                        self._due_next = max(self._due_next, now)
-                        self._blocked = False
-                    if self._due_next + (n - 1) / self.fps > now + cfg.lead_frames / self.fps:
+                    due = self._pacer.idle(now, n)
+                    if due is None:
                         break
-                    due = self._due_next + np.arange(n) / self.fps
                     jobs.append(self._add_job(Job(self, epoch, self._next_index, n, due, speech=False)))
             self._vad.forget_before(self._window.pos)
         return jobs
 
     def _speech_job(self, now: float, n: int, epoch: int) -> Job:
         cut = self._window.cut(n)
-        if self._blocked:   # waiting on the consumer is not falling behind
-            self._due_next = max(self._due_next, now)
-            self._blocked = False
-        due = np.empty(n, np.float64)
-        d = self._due_next
-        for i in range(n):
-            due[i] = d = max(d, cut.complete[i])
-            d += 1 / self.fps
-        hold = bool((now - due[0]) * 1000 > self._cfg.max_delay_ms)
+        due = self._pacer.speech(now, cut.complete[:n])
+        hold = self._pacer.behind(now, float(due[0]))
         lo = cut.first_frame * self._spf
         voiced = bool(self._vad.voiced(lo, lo + (n + self._lookahead_frames) * self._spf)) and not hold
         job = Job(self, epoch, self._next_index, n, due, speech=True, voiced=voiced, hold=hold, cut=cut,
@@ -370,7 +339,6 @@ class StreamSession:
 
     def _add_job(self, job: Job) -> Job:
         self._next_index += job.num_frames
-        self._due_next = float(job.due[-1]) + 1 / self.fps
         self._inflight_jobs += 1
         self._inflight_frames += job.num_frames
         job.segment = SegmentJob(avatar=self.avatar.avatar, state=self.state, features=None,
@@ -396,7 +364,7 @@ class StreamSession:
                 return
             self._inflight_jobs -= 1
             self._inflight_frames -= n
-            size = self._engine.backend.size
+            size = self._size
             for i in range(n):
                 index = job.first_index + i
                 if job.hold or images is None:
@@ -411,12 +379,12 @@ class StreamSession:
                                              speech=job.speech, segment_end=end, voiced=job.voiced,
                                              dropped=job.hold))
                 latency = now - float(job.cut.complete[i]) if job.speech else None
-                late = bool((now - float(job.due[i])) * 1000 > self._cfg.late_ms)
+                late = self._pacer.late(now, float(job.due[i]))
                 self._stats.record(now, job.speech, job.voiced, job.hold, late, latency)
             if job.speech and not job.hold:
                 self._stats.record_segment(now - float(job.cut.complete[-1]))
         self._notify(self._frames_event)
-        self._engine.wake()   # a pipeline slot is free: the next segment can be planned now
+        self._host.wake()   # a pipeline slot is free: the next segment can be planned now
 
     def discard(self, job: Job) -> None:
         """A stale job leaves the pipeline without work."""

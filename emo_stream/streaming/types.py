@@ -1,4 +1,5 @@
-"""Value types of the streaming engine: its configuration, the frames it emits, avatar handles, errors."""
+"""Value types of the streaming engine: its configuration, the frames it emits, avatar handles, errors,
+the segment jobs its stages pass along, and the narrow interface a session sees of its engine."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from emo_stream.backend import AudioContext, SegmentJob
 from emo_stream.errors import ConfigError, EmoStreamError
+from emo_stream.streaming.window import Cut
 
 
 class EngineFullError(EmoStreamError):
@@ -35,7 +38,7 @@ class EngineConfig:
     max_sessions: int = 4            # open_session beyond this raises EngineFullError
     max_batch: int = 4               # sessions batched into one backend call
     generate_workers: int | None = None  # parallel generator threads (default: 2 for backends declaring
-                                         # concurrent_generate, like the CPU preview; else 1)
+                                         # concurrent_generate; else 1)
     input_seconds: float = 30.0      # queued input audio per session before push_audio awaits
     output_frames: int = 50          # generated-but-undelivered frames per session (incl. in flight)
     idle_lead_frames: int | None = None  # idle frames generated at most this far ahead (default segment+2)
@@ -109,3 +112,55 @@ class OutputFrame:
     segment_end: bool = False   # last frame of an utterance closed by end_of_speech
     voiced: bool = False        # VAD heard speech in this frame's segment (rendered with audio features)
     dropped: bool = False       # fall-behind policy: held (previous image repeated) instead of generated
+
+
+class JobOwner(Protocol):
+    """What the engine's stages need of the session a job belongs to (StreamSession implements it)."""
+
+    id: str
+
+    def job_is_stale(self, job: "Job") -> bool: ...
+
+    def deliver(self, job: "Job", images: np.ndarray | None) -> None: ...
+
+    def discard(self, job: "Job") -> None: ...
+
+    def fail(self, exc: BaseException) -> None: ...
+
+
+@dataclass(eq=False)
+class Job:
+    """A segment of one session on its way through the engine's stages."""
+
+    session: JobOwner
+    epoch: int
+    first_index: int
+    num_frames: int
+    due: np.ndarray                 # per-frame due times (clock seconds)
+    speech: bool                    # frames carry pushed audio
+    voiced: bool = False            # rendered with audio features (VAD heard speech)
+    hold: bool = False              # fall-behind policy: repeat the previous image, no backend call
+    cut: Cut | None = None
+    segment_end: bool = False
+    features: Any = None
+    segment: SegmentJob | None = field(default=None, repr=False)
+    event: Any = field(default=None, repr=False)   # CUDA event after the last stage's work (GPU backends)
+
+    def stale(self) -> bool:
+        return self.session.job_is_stale(self)
+
+
+class SessionHost(Protocol):
+    """The narrow view a StreamSession has of the engine that runs it (StreamingEngine implements it)."""
+
+    config: EngineConfig
+    clock: Clock
+    fps: int
+    frame_size: int                 # the backend's output width and height
+    audio_context: AudioContext     # the backend's audio context
+
+    def wake(self) -> None:
+        """Something changed (audio pushed, frames read, a slot freed): plan again now."""
+
+    def release(self, session: Any) -> None:
+        """The session closed: free its slot."""

@@ -1,0 +1,39 @@
+"""`emo-stream convert DIR --out CKPT`: a downloaded model folder (e.g. EchoMimic v1 as published) -> our own
+checkpoint (config.yaml with the architecture key + model.safetensors) that loads without the original
+folder. Which family the folder holds is detected (emo_stream.models.families)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from emo_stream.errors import OutputError, WeightsError
+
+log = logging.getLogger(__name__)
+
+
+def convert(folder: str | Path, out: str | Path) -> Path:
+    from emo_stream.models.families import checkpoint_architecture, family_of
+
+    folder, out = Path(folder), Path(out)
+    if folder.is_dir() and checkpoint_architecture(folder) is not None:
+        raise WeightsError(f"{folder} is already an emo-stream checkpoint; nothing to convert")
+    family, found = family_of(folder)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise OutputError(f"--out {out} is not empty; choose a new folder")
+    log.info("converting %s -> %s", found, out)
+    return family.convert_folder(folder, out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", metavar="DIR", help="a downloaded model folder (e.g. BadToBest/EchoMimic)")
+    parser.add_argument("--out", required=True, metavar="CKPT", help="new checkpoint folder to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = convert(args.folder, args.out)
+    log.info("wrote %s", path)
+    return 0

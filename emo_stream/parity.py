@@ -1,0 +1,99 @@
+"""`emo-stream parity GOLDEN_DIR`: replay a golden set against our importer and report the max abs errors.
+
+A golden set is a folder holding a `case.json` (whose "model" names the family, e.g. "echomimic-v1"), the
+reference implementation's weights in their published file formats, fixed inputs and the reference
+outputs. The runner of that family loads the weights through the same importer users run, replays every
+case the set lists and returns {case name: max abs error vs the reference output} (fp32).
+
+The command prints that dict as JSON and exits 1 when any error is above the tolerance (1e-4 unless
+--tolerance says otherwise), 2 with one line on stderr when the folder is not a golden set or its files
+are broken (naming the file, and the key and shape for weights).
+
+Adding a family: write `run_cases(golden_dir: Path) -> dict[str, float]` (raise GoldenFormatError /
+WeightsError, one line, for a folder not in the format) and add it to RUNNERS under the name its sets use
+in case.json["model"]:
+
+    RUNNERS["hallo"] = "emo_stream.models.hallo.parity:run_cases"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+from emo_stream.errors import EmoStreamError
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 1e-4
+CASE_FILE = "case.json"
+
+# case.json["model"] -> "module:function" of run_cases(golden_dir) -> {case: max_abs_error}
+RUNNERS: dict[str, str] = {}
+
+
+class GoldenFormatError(EmoStreamError):
+    """The folder is not a golden set in the expected format (missing case.json, file or tensor)."""
+
+
+def read_case(golden_dir: str | Path) -> dict:
+    """case.json of a golden set, checked to be a JSON object with a "model" string."""
+    golden_dir = Path(golden_dir)
+    if not golden_dir.is_dir():
+        raise GoldenFormatError(f"golden folder not found: {golden_dir}")
+    path = golden_dir / CASE_FILE
+    if not path.is_file():
+        raise GoldenFormatError(f"{golden_dir} is not a golden set: no {CASE_FILE}")
+    try:
+        case = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GoldenFormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(case, dict) or not isinstance(case.get("model"), str):
+        raise GoldenFormatError(f"{path}: expected a JSON object with a \"model\" name")
+    return case
+
+
+def runner_for(model: str) -> Callable[[Path], dict[str, float]]:
+    if model not in RUNNERS:
+        raise GoldenFormatError(f"no parity runner for model {model!r} (known: {', '.join(sorted(RUNNERS)) or 'none'})")
+    from emo_stream.models.families import resolve
+
+    return resolve(RUNNERS[model])
+
+
+def run_parity(golden_dir: str | Path) -> dict[str, float]:
+    """{case: max abs error} for every case of the golden set in `golden_dir`."""
+    case = read_case(golden_dir)
+    return runner_for(case["model"])(Path(golden_dir))
+
+
+def failures(errors: dict[str, float], tolerance: float = TOLERANCE) -> list[str]:
+    """Cases above the tolerance (NaN counts as a failure)."""
+    return [k for k, v in errors.items() if not (math.isfinite(v) and v <= tolerance)]
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("golden_dir", metavar="GOLDEN_DIR", help="a golden set folder (with case.json)")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+                        help=f"max abs error allowed per case (default {TOLERANCE:g})")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1, as the golden sets were made)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    errors = run_parity(args.golden_dir)
+    print(json.dumps(errors, indent=1))
+    bad = failures(errors, args.tolerance)
+    if bad:
+        print(f"emo-stream parity: {len(bad)} case(s) above {args.tolerance:g}: {', '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0

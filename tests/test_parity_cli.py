@@ -1,0 +1,97 @@
+"""`emo-stream parity` and the model-family registry, independent of any one family: bad folders are one
+line (exit 2), errors above the tolerance exit 1, and checkpoints dispatch on their architecture key."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from emo_stream import parity
+from emo_stream.errors import WeightsError
+from emo_stream.models import families
+from server.cli import main as cli_main
+
+
+def _cli(capsys, *argv):
+    rc = cli_main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, [l for l in out.err.splitlines() if l.strip()]
+
+
+def fake_runner(golden_dir: Path) -> dict[str, float]:
+    return json.loads((golden_dir / "errors.json").read_text())
+
+
+@pytest.fixture
+def fake_set(tmp_path, monkeypatch):
+    monkeypatch.setitem(parity.RUNNERS, "fake-model", f"{__name__}:fake_runner")
+    (tmp_path / "case.json").write_text(json.dumps({"model": "fake-model"}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("errors,rc", [({"a": 0.0, "b": 9e-5}, 0), ({"a": 0.0, "b": 2e-4}, 1),
+                                        ({"a": math.nan}, 1)])
+def test_parity_prints_json_and_fails_above_tolerance(fake_set, capsys, errors, rc):
+    (fake_set / "errors.json").write_text(json.dumps(errors))
+    code, out, err = _cli(capsys, "parity", fake_set)
+    assert code == rc
+    assert json.loads(out).keys() == errors.keys()
+    if rc:
+        assert "above" in err[-1]
+
+
+def test_parity_tolerance_option(fake_set, capsys):
+    (fake_set / "errors.json").write_text(json.dumps({"a": 2e-4}))
+    assert _cli(capsys, "parity", fake_set, "--tolerance", "1e-3")[0] == 0
+
+
+@pytest.mark.parametrize("content,words", [(None, ["no case.json"]), ("{not json", ["not valid JSON"]),
+                                           ('{"x": 1}', ['"model"']),
+                                           ('{"model": "nope"}', ["no parity runner", "nope"])])
+def test_parity_bad_folder_is_one_line(tmp_path, capsys, content, words):
+    if content is not None:
+        (tmp_path / "case.json").write_text(content)
+    code, out, err = _cli(capsys, "parity", tmp_path)
+    assert code == 2 and len(err) == 1 and err[0].startswith("emo-stream parity: error:"), err
+    assert all(w in err[0] for w in words), err
+
+
+def test_parity_missing_folder(tmp_path, capsys):
+    code, _, err = _cli(capsys, "parity", tmp_path / "absent")
+    assert code == 2 and "not found" in err[-1]
+
+
+def test_checkpoint_architecture_key(tmp_path):
+    assert families.checkpoint_architecture(tmp_path) is None            # not a checkpoint
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"name": "old"}))
+    assert families.checkpoint_architecture(tmp_path) == "emo"           # written before the key existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"architecture": "martian"}))
+    with pytest.raises(WeightsError, match="unknown model architecture 'martian'"):
+        families.family_of(tmp_path)
+
+
+def test_unknown_folder_names_known_families(tmp_path):
+    with pytest.raises(WeightsError, match="not an emo-stream checkpoint"):
+        families.family_of(tmp_path)
+
+
+def test_emo_checkpoint_roundtrip_keeps_architecture(tmp_path):
+    from emo_stream.models import EmoModel, load_config
+
+    assert load_config("tiny").architecture == "emo"
+    model = EmoModel.build("tiny")
+    model.save_pretrained(tmp_path)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["architecture"] == "emo"
+    family, found = families.family_of(tmp_path)
+    assert family.name == "emo" and "EMO checkpoint" in found
+    loaded = families.load_model(tmp_path)
+    assert isinstance(loaded, EmoModel)
+
+
+def test_convert_unknown_folder_is_one_line(tmp_path, capsys):
+    code, _, err = _cli(capsys, "convert", tmp_path, "--out", tmp_path / "ckpt")
+    assert code == 2 and len(err) == 1 and "not an emo-stream checkpoint" in err[0], err
