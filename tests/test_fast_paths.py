@@ -33,13 +33,13 @@ def _inputs(m, b=2, f=3, n=4, seed=1):
 
 
 def _plain(m, i, speed, ref, mot, t):
-    m.backbone.prune_motion = False
+    m.set_shortcuts(False)
     try:
         c = m.condition(ref, i["feats"], i["mask"], speed, mot)
-        c.context.speed_uniform = False
+        assert not c.context.speed_uniform
         return m.predict_noise(i["x"], torch.tensor([t]), c)
     finally:
-        m.backbone.prune_motion = True
+        m.set_shortcuts(True)
 
 
 @pytest.mark.parametrize("varying_speed", [False, True])
@@ -121,6 +121,13 @@ def test_reference_net_single_token_shortcut(model):
         plain = m.reference_net(i["lat"])
     finally:
         unet.set_attn_processor(saved)
+    m.set_shortcuts(False)
+    try:
+        off = m.reference_net(i["lat"])
+    finally:
+        m.set_shortcuts(True)
+    for k in plain.sites:
+        assert torch.equal(off.sites[k], plain.sites[k])
     for k in plain.tokens:
         assert (fast.tokens[k] - plain.tokens[k]).abs().max() <= TOL
     for k in plain.sites:

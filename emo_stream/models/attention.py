@@ -152,9 +152,11 @@ class SingleTokenCrossAttnProcessor:
     single key is 1, so the output is to_out(to_v(token)) for every query. Exact; skips the per-pixel
     query projection and attention. Anything else goes through the standard processor."""
 
+    enabled = True
+
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
-        plain = (encoder_hidden_states is None or encoder_hidden_states.shape[1] != 1 or attention_mask is not None
+        plain = (not self.enabled or encoder_hidden_states is None or encoder_hidden_states.shape[1] != 1 or attention_mask is not None
                  or attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_cross
                  or attn.residual_connection or hidden_states.ndim != 3)
         if plain:

@@ -32,7 +32,8 @@ def _attention_module(unet: nn.Module, processor_name: str):
 
 @dataclass
 class BackboneOptions:
-    prune_motion: bool = True  # exact; False runs the plain path (tests compare the two)
+    prune_motion: bool = True   # exact shortcuts (see attention.py and this module); False runs the plain
+    uniform_speed: bool = True  # path, for tests and for counting what the shortcuts save (bench/flops.py)
 
 
 class MotionFramesTransformer(AnimateDiffTransformer3D):

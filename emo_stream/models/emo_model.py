@@ -209,8 +209,9 @@ class EmoModel(nn.Module):
                               motion={k: v.to(dev, dt) for k, v in motion.items()} if motion else None,
                               speed=speed_tokens,
                               # a constant head speed gives equal tokens: the speed attention is one vector
-                              speed_uniform=constant_speed or (speed_tokens.device.type != "meta" and
-                                                               bool((speed_tokens == speed_tokens[:, :1]).all())))
+                              speed_uniform=self.backbone.options.uniform_speed and (
+                                  constant_speed or (speed_tokens.device.type != "meta" and
+                                                     bool((speed_tokens == speed_tokens[:, :1]).all()))))
         if cache:
             if reference.kv is not None:
                 ctx.reference_kv = {k: (a.to(dev, dt), v.to(dev, dt)) for k, (a, v) in reference.kv.items()}
@@ -223,6 +224,17 @@ class EmoModel(nn.Module):
         """noisy_latents (B, 4, F, h, w), timesteps (B,) or scalar -> predicted noise (B, 4, F, h, w)."""
         x = noisy_latents.to(self.dtype) + cond.face[:, :, None]
         return self.backbone(x, timesteps, cond.audio_tokens, cond.context)
+
+    def set_shortcuts(self, on: bool) -> None:
+        """Switch the exact inference shortcuts (attention.py, backbone.py) on or off. Off computes everything
+        the plain way (same outputs to ~1e-6; tests and bench/flops.py compare the two). Reference and
+        audio/speed K/V caching are asked for per call instead (encode_reference(project=), condition(cache=))."""
+        from emo_stream.models.attention import SingleTokenCrossAttnProcessor
+
+        self.backbone.options.prune_motion = self.backbone.options.uniform_speed = bool(on)
+        for proc in self.reference_net.unet.attn_processors.values():
+            if isinstance(proc, SingleTokenCrossAttnProcessor):
+                proc.enabled = bool(on)
 
     # ---- training ------------------------------------------------------------------------------
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, reference_latents: torch.Tensor,
