@@ -125,7 +125,8 @@ class EmoBackend(BackendBase):
 
     def __init__(self, model: EmoModel, size: int = 512, fps: int = 25, steps: int | None = None,
                  guidance: float | None = None, decoder: str | None = None, idle_steps: int | None = None,
-                 face_analyzer=None, scheduler: str | None = None):
+                 face_analyzer=None, scheduler: str | None = None, compile: str = "off",
+                 channels_last: bool | None = None):
         cfg = model.config
         if size <= 0 or size % cfg.size_multiple:
             raise ConfigError(f"size must be a positive multiple of {cfg.size_multiple} for model {cfg.name!r} "
@@ -165,6 +166,10 @@ class EmoBackend(BackendBase):
         self._scheduler_name = scheduler or cfg.sampling.scheduler
         if self._scheduler_name not in ("ddim", "lcm"):
             raise ConfigError(f"scheduler must be ddim or lcm (got {self._scheduler_name!r})")
+        from emo_stream.execution import ExecutionOptions, apply_execution
+
+        # channels-last / torch.compile on CUDA; plain eager on the CPU (emo_stream/execution.py)
+        self.execution = apply_execution(model, ExecutionOptions(compile=compile, channels_last=channels_last))
 
     @classmethod
     def load(cls, model: str = "tiny", size: int = 512, fps: int = 25, device: str | None = None,
@@ -178,7 +183,7 @@ class EmoBackend(BackendBase):
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} asked for, but CUDA is not available here (use --device cpu)")
         m = load_model(model, device=dev, dtype=_parse_dtype(dtype, dev))
-        unknown = set(options) - {"idle_steps", "face_analyzer", "scheduler"}
+        unknown = set(options) - {"idle_steps", "face_analyzer", "scheduler", "compile", "channels_last"}
         if unknown:
             raise ConfigError(f"unknown EMO backend options: {', '.join(sorted(unknown))}")
         return cls(m, size=size, fps=fps, steps=steps, guidance=guidance, decoder=decoder, **options)
