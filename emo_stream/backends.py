@@ -86,13 +86,12 @@ def backend_spec(name: str) -> BackendSpec:
 
 
 def names_phrase() -> str:
-    """'preview or emo': the registered names for error messages."""
-    names = list(_REGISTRY)
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    """'one of preview, emo, ...': the registered names for error messages."""
+    return "one of " + ", ".join(_REGISTRY)
 
 
 # model family (emo_stream.models.families) -> the backend that runs it, when it is not DEFAULT_MODEL_BACKEND
-FAMILY_BACKENDS = {"echomimic-v1": "echomimic"}
+FAMILY_BACKENDS = {"echomimic-v1": "echomimic", "hallo": "hallo"}
 
 
 def default_backend(model: str | None) -> str:
@@ -137,3 +136,5 @@ register_backend("emo", "emo_stream.emo_backend:create_backend",
 register_backend("echomimic", "emo_stream.echomimic_backend:create_backend",
                  "EchoMimic v1 (--model: the BadToBest/EchoMimic download folder as it comes, acc or normal weights)",
                  default_fps=24)
+register_backend("hallo", "emo_stream.hallo_backend:create_backend",
+                 "Hallo / Hallo2 (--model: the fudan-generative-ai/hallo or hallo2 download folder as it comes; slow, best fidelity)")

@@ -127,7 +127,7 @@ class EchoMimicBackend(BackendBase):
 
     def __init__(self, model: EchoParts, size: int = 512, fps: int = 25, steps: int | None = None,
                  guidance: float | None = None, decoder: str | None = None, live_overlap: int = 4,
-                 segment_frames: int = 8, context_frames: int = 12, context_overlap: int = 3,
+                 segment_frames: int = 8, context_frames: int | None = None, context_overlap: int | None = None,
                  face_analyzer=None):
         if size <= 0 or size % 8:
             raise ConfigError(f"size must be a positive multiple of 8 for EchoMimic (got {size})")
@@ -136,6 +136,13 @@ class EchoMimicBackend(BackendBase):
         self.model = model
         self.size, self.fps = size, fps
         base = ACC if model.weights == "acc" else NORMAL
+        saved = getattr(model, "defaults", None)  # the checkpoint's own steps / guidance / windows
+        if saved is not None:
+            base = replace(base, steps=int(saved.steps), guidance=float(saved.guidance))
+            context_frames = context_frames or int(saved.context_frames)
+            context_overlap = int(saved.context_overlap) if context_overlap is None else context_overlap
+        context_frames = context_frames or 12
+        context_overlap = 3 if context_overlap is None else context_overlap
         try:
             self.sampling = replace(base, steps=base.steps if steps is None else int(steps),
                                     guidance=base.guidance if guidance is None else float(guidance),
@@ -318,23 +325,83 @@ class EchoMimicBackend(BackendBase):
         return torch.cat(images).numpy()
 
 
-def load_parts(model: str, device: torch.device, dtype: torch.dtype | None = None) -> EchoParts:
+class ModelParts:
+    """EchoParts over emo_stream.models.echomimic's EchoMimicModel, plus an optional TAESD decoder."""
+
+    VAE_SCALE = 0.18215  # EchoMimic's (and sd-vae-ft-mse's) latent scale
+
+    def __init__(self, model: Any, taesd: Any = None):
+        self.model, self.taesd = model, taesd
+        self.weights = model.config.weights_set
+        self.defaults = model.config.sampling
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def has_decoder(self, decoder: str) -> bool:
+        return (self.taesd if decoder == "taesd" else self.model.vae) is not None
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.model.vae
+        if vae is None:
+            from emo_stream.errors import WeightsError
+
+            raise WeightsError("the model has no VAE to encode the portrait: put the sd-vae-ft-mse folder "
+                               "(stabilityai/sd-vae-ft-mse) into the model folder")
+        return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * self.VAE_SCALE
+
+    def decode_latents(self, latents: torch.Tensor, decoder: str = "vae") -> torch.Tensor:
+        if decoder == "taesd":  # TAESD decodes SD-scaled latents directly (its scaling_factor is 1)
+            return self.taesd.decode(latents.to(self.taesd.device, self.taesd.dtype)).sample
+        vae = self.model.vae
+        return vae.decode(latents.to(vae.device, vae.dtype) / self.VAE_SCALE).sample
+
+    def reference_bank(self, ref_latents: torch.Tensor) -> Any:
+        return self.model.encode_reference(ref_latents)
+
+    def face_feature(self, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.face_feature(mask).to(self.dtype)
+
+    def denoiser(self, banks: list[Any]) -> EchoDenoiser:
+        # one batch of sessions: bank rows in session order (the model maps row r to bank row r % B)
+        bank = banks[0] if len(banks) == 1 else {k: torch.cat([b[k] for b in banks]) for k in banks[0]}
+        return self.model.denoiser_fn(bank)
+
+    def whisper_features(self, waveform: np.ndarray) -> torch.Tensor:
+        return self.model.audio_features(waveform)
+
+
+def load_taesd(folder: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """<model>/taesd (a diffusers AutoencoderTiny folder, e.g. madebyollin/taesd), or None."""
+    from pathlib import Path
+
+    path = Path(folder) / "taesd"
+    if not (path / "config.json").is_file():
+        return None
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny.from_pretrained(str(path)).to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_parts(model: str, device: torch.device, dtype: torch.dtype | None = None,
+               weights_set: str | None = None) -> EchoParts:
     """An EchoMimic download folder (as it comes) or our converted checkpoint -> the model, logging which
     weights set (acc or normal) was found."""
-    from emo_stream.errors import WeightsError
     from emo_stream.models.families import family_of
 
     family, found = family_of(model)
     if family.name != "echomimic-v1":
         raise ConfigError(f"{model} holds a {family.title} model, not EchoMimic: use --backend {family.name}")
     log.info("found %s", found)
-    loaded = family.load_model(model, device=device, dtype=dtype)
-    parts = loaded.echo_parts() if hasattr(loaded, "echo_parts") else loaded
-    missing = [k for k in ("encode_image", "decode_latents", "reference_bank", "face_feature", "denoiser",
-                           "whisper_features") if not callable(getattr(parts, k, None))]
-    if missing:
-        raise WeightsError(f"{model}: the EchoMimic model lacks {', '.join(missing)}")
-    return parts
+    kwargs = {"weights_set": weights_set} if weights_set else {}
+    loaded = family.load_model(model, device=device, dtype=dtype, **kwargs)
+    log.info("EchoMimic v1 %s weights loaded", loaded.config.weights_set)
+    return ModelParts(loaded, load_taesd(model, device, dtype or torch.float32))
 
 
 def create_backend(model: str | None = None, *, size: int = 512, fps: int = OFFLINE_FPS, device: str | None = None,
@@ -351,8 +418,8 @@ def create_backend(model: str | None = None, *, size: int = 512, fps: int = OFFL
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but CUDA is not available here (use --device cpu)")
     known = {"steps", "guidance", "decoder", "live_overlap", "segment_frames", "face_analyzer"}
-    unknown = set(options) - known
+    unknown = set(options) - known - {"weights_set"}
     if unknown:
         raise ConfigError(f"unknown EchoMimic backend options: {', '.join(sorted(unknown))}")
-    parts = load_parts(model, dev, _parse_dtype(dtype, dev))
+    parts = load_parts(model, dev, _parse_dtype(dtype, dev), options.pop("weights_set", None))
     return EchoMimicBackend(parts, size=size, fps=fps, **options)

@@ -102,7 +102,7 @@ def load_model(model: str | Path, device: torch.device | None = None, dtype: tor
         if not isinstance(data, dict) or "sd15" not in data or "wav2vec2" not in data:
             raise ConfigError(f"{path}: an init file needs keys sd15 and wav2vec2 (folders), optionally "
                               f"preset, motion_adapter, taesd, vae")
-        from emo_stream.models.init_weights import init_from_folders
+        from emo_stream.models.from_folders import init_from_folders
 
         base = path.parent
         folder = lambda key: (base / data[key]) if data.get(key) else None  # noqa: E731 (paths relative to the file)

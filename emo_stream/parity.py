@@ -11,7 +11,8 @@ are broken (naming the file, and the key and shape for weights).
 
 Adding a family: write `run_cases(golden_dir: Path) -> dict[str, float]` (raise GoldenFormatError /
 WeightsError, one line, for a folder not in the format) and add it to RUNNERS under the name its sets use
-in case.json["model"]:
+in case.json["model"]. A runner may also accept `only: set[str]` (the case groups to replay, e.g.
+{"denoiser_single"}), which `--case` passes:
 
     RUNNERS["hallo"] = "emo_stream.models.hallo.parity:run_cases"
 """
@@ -34,7 +35,10 @@ TOLERANCE = 1e-4
 CASE_FILE = "case.json"
 
 # case.json["model"] -> "module:function" of run_cases(golden_dir) -> {case: max_abs_error}
-RUNNERS: dict[str, str] = {}
+RUNNERS: dict[str, str] = {
+    "echomimic-v1": "emo_stream.models.echomimic.parity:run_cases",
+    "hallo": "emo_stream.models.hallo.parity:run_cases",
+}
 
 
 class GoldenFormatError(EmoStreamError):
@@ -66,10 +70,18 @@ def runner_for(model: str) -> Callable[[Path], dict[str, float]]:
     return resolve(RUNNERS[model])
 
 
-def run_parity(golden_dir: str | Path) -> dict[str, float]:
-    """{case: max abs error} for every case of the golden set in `golden_dir`."""
+def run_parity(golden_dir: str | Path, only: list[str] | None = None) -> dict[str, float]:
+    """{case: max abs error} for every case of the golden set in `golden_dir` (only: the case groups whose
+    names are listed, for runners that support it)."""
     case = read_case(golden_dir)
-    return runner_for(case["model"])(Path(golden_dir))
+    runner = runner_for(case["model"])
+    if only:
+        import inspect
+
+        if "only" not in inspect.signature(runner).parameters:
+            raise GoldenFormatError(f"--case is not supported for model {case['model']!r}; run without it")
+        return runner(Path(golden_dir), only=set(only))
+    return runner(Path(golden_dir))
 
 
 def failures(errors: dict[str, float], tolerance: float = TOLERANCE) -> list[str]:
@@ -82,6 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("golden_dir", metavar="GOLDEN_DIR", help="a golden set folder (with case.json)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE,
                         help=f"max abs error allowed per case (default {TOLERANCE:g})")
+    parser.add_argument("--case", action="append", metavar="NAME",
+                        help="replay only this case group (repeatable; e.g. denoiser_single, acc_loop)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1, as the golden sets were made)")
 
@@ -90,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    errors = run_parity(args.golden_dir)
+    errors = run_parity(args.golden_dir, args.case)
     print(json.dumps(errors, indent=1))
     bad = failures(errors, args.tolerance)
     if bad:

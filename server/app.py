@@ -17,7 +17,7 @@ from server.config import ServerConfig
 from server.http import HttpRoutes
 from server.sessions import SessionManager
 from server.sync import Clock, MonotonicClock
-from server.ws_api import Connection
+from server.ws_api import ApiContext, Connection
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class StreamServer:
         self.port = config.port
         self._server: Server | None = None
         self._camera: Any = None
+        self._api: ApiContext | None = None
         self._connections = 0
 
     @property
@@ -123,6 +124,7 @@ class StreamServer:
         image = await asyncio.to_thread(default_image, cfg)
         await self.avatars.set_default(image)
         self.sessions = SessionManager(self.engine, cfg, self.clock)
+        self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url)
         try:
             self._server = await self._listen()
         except OSError as exc:
@@ -133,7 +135,7 @@ class StreamServer:
         if self.virtual_camera:
             from server.virtual_camera import VirtualCamera
 
-            self._camera = VirtualCamera.try_start(self)
+            self._camera = VirtualCamera.try_start(self.sessions, cfg.size, cfg.fps)
         log.info("serving on %s (backend %s, %d sessions max)", self.base_url, self.backend_name,
                  cfg.sessions.max_sessions)
 
@@ -150,7 +152,7 @@ class StreamServer:
                 raise ConfigError(f"cannot use tls_cert/tls_key: {exc}") from None
         return await serve(
             self._handle, cfg.host, cfg.port,
-            process_request=HttpRoutes(self),
+            process_request=HttpRoutes(cfg, self.sessions, self.health),
             max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
             max_queue=16,
             ping_interval=cfg.keepalive.ping_interval_s,
@@ -166,7 +168,7 @@ class StreamServer:
     async def _handle(self, ws: ServerConnection) -> None:
         self._connections += 1
         try:
-            await Connection(self, ws).run()
+            await Connection(self._api, ws).run()
         except Exception:  # one broken connection never takes the server (or other sessions) down
             log.exception("connection failed")
         finally:

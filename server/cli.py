@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "serve": ("server.serve_command", "run the streaming server (talk page, OBS viewer, WebSocket API)"),
     "generate": ("emo_stream.generate", "render a portrait + audio file to an MP4 offline"),
+    "worker": ("server.worker_command", "join LiveKit as an avatar worker for LiveKit Agents (one per GPU)"),
     "bot": ("server.bot_client", "stream an audio file through a server's WebSocket API and record the reply"),
     "prepare": ("emo_stream.training.prepare", "turn a folder of talking-head videos into a training set"),
     "train": ("emo_stream.training.train", "train EMO stage 1, 2 or 3, or distill a few-step live student"),

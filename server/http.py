@@ -13,7 +13,7 @@ import logging
 import mimetypes
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.datastructures import Headers, MultipleValuesError
@@ -22,7 +22,8 @@ from websockets.http11 import Request, Response
 from emo_stream.resources import resource_dir
 
 if TYPE_CHECKING:
-    from server.app import StreamServer
+    from server.config import ServerConfig
+    from server.sessions import SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,16 @@ def json_response(status: int, data: Any) -> Response:
 
 
 class HttpRoutes:
-    def __init__(self, server: "StreamServer"):
-        self.server = server
+    """websockets' process_request hook: pages, static files, health and session stats."""
+
+    def __init__(self, config: "ServerConfig", sessions: "SessionManager", health: Callable[[], dict]):
+        self.config = config
+        self.sessions = sessions
+        self.health = health
 
     def token_ok(self, request: Request, query: dict[str, list[str]]) -> bool:
-        token = self.server.config.token
-        if not self.server.config.auth_required or not token:
+        token = self.config.token
+        if not self.config.auth_required or not token:
             return True
         given = (query.get("token") or [""])[0]
         auth = request.headers.get("Authorization", "")
@@ -90,7 +95,7 @@ class HttpRoutes:
         url = urlsplit(request.path)
         path, query = url.path, parse_qs(url.query)
         if path == "/healthz":
-            return json_response(200, self.server.health())
+            return json_response(200, self.health())
         if path == WS_PATH:
             if not self.token_ok(request, query):
                 return response(401, "missing or wrong token\n")
@@ -106,14 +111,14 @@ class HttpRoutes:
         if path in PAGES:
             return self.static(PAGES[path], csp=True)
         if path == "/api/sessions":
-            return json_response(200, {"sessions": [s.stats() for s in self.server.sessions.all()]})
+            return json_response(200, {"sessions": [s.stats() for s in self.sessions.all()]})
         if path.startswith("/api/sessions/"):
-            session = self.server.sessions.get(path.rsplit("/", 1)[-1])
+            session = self.sessions.get(path.rsplit("/", 1)[-1])
             if session is None:
                 return json_response(404, {"error": "no such session"})
             return json_response(200, session.stats())
         if path == "/api/capacity":  # lets a page learn "busy" before asking for the mic
-            if len(self.server.sessions) >= self.server.config.sessions.max_sessions:
+            if len(self.sessions) >= self.config.sessions.max_sessions:
                 return json_response(503, {"error": "busy", "message": "all session slots are in use"})
             return json_response(200, {"ok": True})
         return response(404, "not found\n")

@@ -132,8 +132,16 @@ def _set_mic_jitter_buffer(pc: RTCPeerConnection, packets: int) -> None:
 
     for transceiver in pc.getTransceivers():
         receiver = transceiver.receiver
-        if transceiver.kind == "audio" and hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
-            receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=16, prefetch=packets)
+        if transceiver.kind != "audio":
+            continue
+        if not hasattr(receiver, _JITTER_ATTR):   # aiortc renamed its private attribute: say so
+            log.warning("this aiortc has no RTCRtpReceiver.__jitter_buffer: mic_jitter_packets is ignored "
+                        "(aiortc's default 4-packet buffer adds ~60 ms of mic latency)")
+            continue
+        setattr(receiver, _JITTER_ATTR, JitterBuffer(capacity=16, prefetch=packets))
+
+
+_JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"   # aiortc's name-mangled private attribute
 
 
 async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaStreamTrack], None] | None = None,

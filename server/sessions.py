@@ -9,6 +9,7 @@ import uuid
 from typing import Any, Callable
 
 from emo_stream.errors import EmoStreamError
+from emo_stream.streaming import AvatarHandle, EngineFullError, StreamingEngine
 
 from server.config import ServerConfig
 from server.sync import Clock, Playout
@@ -175,7 +176,7 @@ async def _close_quietly(pc: Any) -> None:
 class SessionManager:
     """Opens sessions up to the configured capacity, finds them by id, reaps idle ones."""
 
-    def __init__(self, engine: Any, config: ServerConfig, clock: Clock):
+    def __init__(self, engine: StreamingEngine, config: ServerConfig, clock: Clock):
         self.engine = engine
         self.config = config
         self.clock = clock
@@ -202,7 +203,7 @@ class SessionManager:
     def all(self) -> list[ServerSession]:
         return list(self._sessions.values())
 
-    async def open(self, avatar: Any, *, seed: int = 0, kind: str = "ws") -> ServerSession:
+    async def open(self, avatar: AvatarHandle, *, seed: int = 0, kind: str = "ws") -> ServerSession:
         limit = self.config.sessions.max_sessions
         if len(self._sessions) + self._opening >= limit:
             self.busy_total += 1
@@ -210,9 +211,7 @@ class SessionManager:
         self._opening += 1
         try:
             engine_session = self.engine.open_session(avatar, seed=seed)
-        except EmoStreamError as exc:
-            if type(exc).__name__ != "EngineFullError":  # emo_stream.streaming.EngineFullError
-                raise
+        except EngineFullError as exc:
             self.busy_total += 1
             raise ServerBusyError(f"server busy: {exc}") from None
         finally:

@@ -16,7 +16,7 @@ import numpy as np
 from server.sync import QueueClosed
 
 if TYPE_CHECKING:
-    from server.app import StreamServer
+    from server.sessions import SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 class VirtualCamera:
     """Follows the most recently started session; between sessions it keeps showing the last frame."""
 
-    def __init__(self, server: "StreamServer", camera: Any):
-        self.server = server
+    def __init__(self, sessions: "SessionManager", camera: Any):
+        self.sessions = sessions
         self.camera = camera
         self._latest: np.ndarray = np.zeros((camera.height, camera.width, 3), np.uint8)
         self._stop = threading.Event()
@@ -34,25 +34,24 @@ class VirtualCamera:
         self._thread.start()
 
     @classmethod
-    def try_start(cls, server: "StreamServer") -> "VirtualCamera | None":
+    def try_start(cls, sessions: "SessionManager", size: int, fps: int) -> "VirtualCamera | None":
         try:
             import pyvirtualcam
         except ImportError:
             log.warning("--virtual-camera: pyvirtualcam is not installed (pip install 'emo-stream[camera]'); "
                         "continuing without a virtual camera")
             return None
-        size, fps = server.config.size, server.config.fps
         try:
             camera = pyvirtualcam.Camera(width=size, height=size, fps=fps)
         except Exception as exc:  # no v4l2loopback device / OBS virtual camera
             log.warning("--virtual-camera: no virtual camera device available (%s); continuing without one", exc)
             return None
         log.info("virtual camera %s: %dx%d at %d fps", camera.device, size, size, fps)
-        return cls(server, camera)
+        return cls(sessions, camera)
 
     async def _follow(self) -> None:
         while not self._stop.is_set():
-            session = self.server.sessions.latest() if self.server.sessions else None
+            session = self.sessions.latest()
             if session is None or session.closed:
                 await asyncio.sleep(0.2)
                 continue
@@ -61,7 +60,7 @@ class VirtualCamera:
                 while not session.closed:
                     frame = await sub.frames.get()
                     self._latest = frame.image  # the sender thread picks up the newest frame
-                    newer = self.server.sessions.latest()
+                    newer = self.sessions.latest()
                     if newer is not None and newer is not session:
                         break
             except QueueClosed:

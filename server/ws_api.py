@@ -13,7 +13,8 @@ import collections
 import io
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from websockets.exceptions import ConnectionClosed
@@ -26,7 +27,9 @@ from server.sessions import ServerBusyError, ServerSession
 from server.sync import PlayoutFrame, QueueClosed
 
 if TYPE_CHECKING:
-    from server.app import StreamServer
+    from server.avatars import AvatarStore
+    from server.config import ServerConfig
+    from server.sessions import SessionManager
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +137,19 @@ async def _answer(coro, request: str):
                             "bad_message", request) from None
 
 
+@dataclass(frozen=True)
+class ApiContext:
+    """What a connection needs of the server (given to it, not the whole server)."""
+
+    config: "ServerConfig"
+    sessions: "SessionManager"
+    avatars: "AvatarStore"
+    viewer_url: Callable[[str], str]
+
+
 class Connection:
-    def __init__(self, server: "StreamServer", ws: Any):
-        self.server = server
+    def __init__(self, server: ApiContext, ws: Any):
+        self.server = server   # the server's parts this connection uses
         self.ws = ws
         self.cfg = server.config
         self.outbox = Outbox()
@@ -149,6 +162,7 @@ class Connection:
         self._session_gone = asyncio.Event()
         self._ended_by_server = False
         self._feeder: asyncio.Task | None = None  # moves queued PCM into the session (audio starts)
+        self._tasks: set[asyncio.Task] = set()     # background work kept referenced until done
 
     # -- main loop -------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -400,7 +414,9 @@ class Connection:
             self._drain_audio()
         if event.get("type") == "error" and event.get("fatal") and self.session is not None:
             # the engine or playout failed for this session only: free its slot, keep the connection
-            asyncio.get_running_loop().create_task(self._end_session("failed"))
+            task = asyncio.get_running_loop().create_task(self._end_session("failed"), name="ws-end-session")
+            self._tasks.add(task)   # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._tasks.discard)
 
     def _drain_audio(self) -> None:
         while not self.audio_q.empty():
@@ -416,6 +432,8 @@ class Connection:
 
     async def cleanup(self) -> None:
         self.outbox.close()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._end_session("connection closed")
         for session, pc in list(self.viewing):
             await self._viewer_gone(session, pc)

@@ -99,7 +99,7 @@ def test_registered_backend_reaches_cli_config_and_generate(throwaway, tmp_path)
 
     assert "throwaway" in backend_names()
     assert load_config(None, backend="throwaway").backend == "throwaway"
-    with pytest.raises(ConfigError, match="backend must be preview, emo, .*throwaway"):
+    with pytest.raises(ConfigError, match="backend must be one of preview, emo, .*throwaway"):
         load_config(None, backend="magic")
 
     Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(tmp_path / "face.png")

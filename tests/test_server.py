@@ -121,7 +121,7 @@ def test_overrides_and_model_implies_emo(tmp_path):
     ("sessions:\n  max_session: 2\n", "unknown keys in 'sessions': ['max_session']"),
     ("port: eighty\n", "port must be int"),
     ("sessions:\n  max_sessions: 0\n", "must be positive"),
-    ("backend: magic\n", "backend must be preview or emo"),
+    ("backend: magic\n", "backend must be one of preview, emo"),
     ("fps: 24\n", "fps must divide"),
     ("size: 17\n", "size must be an even number"),
     ("sessions: [1, 2]\n", "sessions must be a mapping"),
@@ -452,3 +452,23 @@ async def test_delayed_video_track_keeps_every_frame_in_order_and_ends():
             got.append(await asyncio.wait_for(track.recv(), 5))
     assert got == list(range(12))
     assert sub.closed
+
+
+def test_mic_jitter_tweak_says_when_aiortc_renamed_its_attribute(caplog):
+    from aiortc import RTCPeerConnection
+
+    from server.rtc import _JITTER_ATTR, _set_mic_jitter_buffer
+
+    async def run():
+        pc = RTCPeerConnection()
+        pc.addTransceiver("audio", direction="recvonly")
+        receiver = pc.getTransceivers()[0].receiver
+        _set_mic_jitter_buffer(pc, 1)
+        assert getattr(receiver, _JITTER_ATTR)._prefetch == 1      # today's aiortc: our buffer is in
+        delattr(receiver, _JITTER_ATTR)                            # as if aiortc had renamed it
+        with caplog.at_level("WARNING", logger="server.rtc"):
+            _set_mic_jitter_buffer(pc, 1)
+        await pc.close()
+
+    asyncio.run(run())
+    assert "mic_jitter_packets is ignored" in caplog.text

@@ -35,7 +35,7 @@ def folders(tmp_path_factory):
 
 
 def test_init_from_folders_loads_every_part(folders, caplog):
-    with caplog.at_level(logging.INFO, logger="emo_stream.models.init_weights"):
+    with caplog.at_level(logging.INFO, logger="emo_stream.models"):
         model = init_from_folders("tiny", sd15=folders / "sd", wav2vec2=folders / "w2v",
                                   motion_adapter=folders / "motion", taesd=folders / "taesd")
     unet = load_file(folders / "sd" / "unet" / "diffusion_pytorch_model.safetensors")

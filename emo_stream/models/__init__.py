@@ -8,7 +8,7 @@
 
 from emo_stream.models.config import EmoConfig, load_config
 from emo_stream.models.emo_model import Conditioning, EmoModel
-from emo_stream.models.init_weights import init_from_folders
+from emo_stream.models.from_folders import init_from_folders
 from emo_stream.models.reference_net import ReferenceFeatures
 
 __all__ = ["EmoConfig", "EmoModel", "Conditioning", "ReferenceFeatures", "init_from_folders", "load_config"]

@@ -14,6 +14,8 @@ feed-forward and the output projection: about two thirds of their temporal cost.
 
 from __future__ import annotations
 
+import inspect
+
 import logging
 from dataclasses import dataclass
 
@@ -117,8 +119,10 @@ class Backbone(nn.Module):
             else:
                 procs[name] = AudioAttnProcessor(dim, audio_dim, heads, self.context, name=name)
         unet.set_attn_processor(procs)
-        self.sites = [n for n, m in unet.named_modules() if n.count(".") == 3 and ".motion_modules." in n
-                      or n.startswith("mid_block.motion_modules.") and n.count(".") == 2]
+        # the temporal modules themselves: down/up_blocks.I.motion_modules.J and mid_block.motion_modules.J
+        self.sites = [n for n, m in unet.named_modules()
+                      if (n.count(".") == 3 and ".motion_modules." in n and not n.startswith("mid_block."))
+                      or (n.startswith("mid_block.motion_modules.") and n.count(".") == 2)]
         for site in self.sites:
             module = unet.get_submodule(site)
             if type(module) is AnimateDiffTransformer3D:
@@ -167,25 +171,19 @@ class Backbone(nn.Module):
             motion = self.context.motion.get(site) if self.context.motion else None
             if motion is None:
                 return None
-            args = list(args)
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if len(args) > 4:
-                frames = args[4]
-            else:
-                frames = kwargs.get("num_frames", 1)
+            # arguments by name, whichever way diffusers passes them (positional or keyword)
+            call = signature.bind(*args, **kwargs)
+            hidden = call.arguments["hidden_states"]
+            frames = call.arguments.get("num_frames", signature.parameters["num_frames"].default)
             b = hidden.shape[0] // frames
             x = torch.cat([motion.to(hidden.dtype), hidden.reshape(b, frames, *hidden.shape[1:])], dim=1)
-            x = x.reshape(-1, *hidden.shape[1:])
-            n_total = frames + motion.shape[1]
-            if args:
-                args[0] = x
-            else:
-                kwargs["hidden_states"] = x
-            if len(args) > 4:
-                args[4] = n_total
-            else:
-                kwargs["num_frames"] = n_total
-            return tuple(args), kwargs
+            call.arguments["hidden_states"] = x.reshape(-1, *hidden.shape[1:])
+            call.arguments["num_frames"] = frames + motion.shape[1]
+            return call.args, call.kwargs
+        signature = inspect.signature(self.unet.get_submodule(site).forward)
+        if not {"hidden_states", "num_frames"} <= set(signature.parameters):
+            raise TypeError(f"temporal module {site}: forward() has no hidden_states/num_frames "
+                            f"({signature}); this diffusers version is not supported")
         return hook
 
     def _post_hook(self, site: str):

@@ -130,3 +130,9 @@ def load_model(folder: str | Path, **kwargs: Any) -> Any:
 
 # ---- the families ------------------------------------------------------------------------------------
 register(ModelFamily(name="emo", title="EMO", load="emo_stream.models.emo_model:load_emo_checkpoint"))
+register(ModelFamily(name="echomimic-v1", title="EchoMimic v1",
+                     load="emo_stream.models.echomimic.importer:load",
+                     detect="emo_stream.models.echomimic.importer:detect",
+                     convert="emo_stream.models.echomimic.importer:convert"))
+register(ModelFamily(name="hallo", title="Hallo / Hallo2", load="emo_stream.models.hallo.loader:load_hallo",
+                     detect="emo_stream.models.hallo.loader:detect", convert="emo_stream.models.hallo.loader:convert"))

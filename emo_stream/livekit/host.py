@@ -1,0 +1,102 @@
+"""The worker's one StreamingEngine, shared by jobs that each run on their own thread and event loop.
+
+livekit-agents' THREAD executor runs every job (room) in its own thread with its own asyncio loop, so
+all rooms of one GPU batch together in one engine. The engine is started on the worker's main loop;
+each job opens its session on its own loop (the engine accepts sessions from any loop).
+
+Capacity is counted in slots: `reserve()` when a job is accepted (so two rooms arriving at once cannot
+both take the last place), `release()` when its session is closed or it never got one. `load` = taken
+slots / capacity is what the worker reports to LiveKit. No livekit import here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+
+from emo_stream.streaming import AvatarHandle, EngineConfig, StreamingEngine, StreamSession, UnknownAvatarError
+
+log = logging.getLogger(__name__)
+
+
+class EngineHost:
+    """The engine plus thread-safe slot accounting and a portrait-source -> prepared-avatar map."""
+
+    def __init__(self, engine: StreamingEngine) -> None:
+        self.engine = engine
+        self.config: EngineConfig = engine.config
+        self.capacity = self.config.max_sessions
+        self._lock = threading.Lock()
+        self._taken = 0
+        self._avatar_ids: OrderedDict[str, str] = OrderedDict()   # URL / digest / name -> engine avatar id
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+
+    @property
+    def fps(self) -> int:
+        return self.engine.fps
+
+    @property
+    def size(self) -> int:
+        return int(self.engine.frame_size)
+
+    # ------------------------------------------------------------------ capacity
+
+    @property
+    def load(self) -> float:
+        """Taken slots / capacity: 0.0 idle, 1.0 full."""
+        with self._lock:
+            return self._taken / self.capacity
+
+    @property
+    def free_slots(self) -> int:
+        with self._lock:
+            return self.capacity - self._taken
+
+    def reserve(self) -> bool:
+        """Take a slot for a job about to start; False when the worker is full."""
+        with self._lock:
+            if self._taken >= self.capacity:
+                return False
+            self._taken += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            if self._taken <= 0:
+                raise RuntimeError("EngineHost.release() without a reserved slot")
+            self._taken -= 1
+
+    # ------------------------------------------------------------------ from a job's loop
+
+    async def prepare_avatar(self, key: str, load: Callable[[], np.ndarray]) -> AvatarHandle:
+        """The prepared avatar for `key` (a URL, a content digest, a name): loaded (downloaded, decoded)
+        and prepared once per worker; the engine shares one preparation per photo across all jobs."""
+        with self._lock:
+            avatar_id = self._avatar_ids.get(key)
+        if avatar_id is not None:
+            try:
+                return self.engine.avatar(avatar_id)
+            except UnknownAvatarError:   # evicted from the engine's cache: prepare again
+                pass
+        image = await asyncio.to_thread(load)
+        handle = await self.engine.prepare_avatar(image)
+        with self._lock:
+            self._avatar_ids[key] = handle.id
+            self._avatar_ids.move_to_end(key)
+            while len(self._avatar_ids) > 4 * self.config.max_avatars:
+                self._avatar_ids.popitem(last=False)
+        return handle
+
+    def open_session(self, avatar: AvatarHandle, seed: int = 0) -> StreamSession:
+        """A session bound to the calling loop (the job's), on a slot taken with reserve()."""
+        return self.engine.open_session(avatar, seed=seed)

@@ -1,0 +1,262 @@
+"""`emo-stream parity` for EchoMimic v1 golden sets (case.json "model": "echomimic-v1").
+
+Loads the set's `weights/` through the same importer users run (importer.load_download), sized by the set's
+own configs (case.json unet_2d_config / unet_3d_config / unet_additional_kwargs / face_locator /
+weights.whisper_dims), and replays every case listed: the face locator, the audio features, one denoiser call
+and the guidance pair, and each sampler run through emo_stream.echomimic_sampling (EchoMimic's pipelines:
+windows, rotation, averaging, guidance, acc pseudo-velocity, the normal pipeline's overlap-sum quirk).
+Returns {case.tensor: max abs error}.
+"""
+
+from __future__ import annotations
+
+import logging
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from emo_stream.errors import WeightsError
+from emo_stream.models.echomimic.config import (ARCHITECTURE, EchoMimicConfig, FaceLocatorConfig, SamplingDefaults,
+                                                sd15_denoiser, sd15_reference_unet)
+from emo_stream.parity import GoldenFormatError
+
+log = logging.getLogger(__name__)
+
+_BLOCKS_3D = {"CrossAttnDownBlock3D": "CrossAttnDownBlockMotion", "DownBlock3D": "DownBlockMotion",
+              "CrossAttnUpBlock3D": "CrossAttnUpBlockMotion", "UpBlock3D": "UpBlockMotion"}
+
+
+def _need(case: dict, key: str, where: str = "case.json") -> Any:
+    if key not in case:
+        raise GoldenFormatError(f"{where}: missing {key!r}")
+    return case[key]
+
+
+def config_from_case(case: dict) -> EchoMimicConfig:
+    """Our EchoMimicConfig from a golden set's EchoMimic-style configs (GoldenFormatError for variants our
+    model does not implement)."""
+    c2, c3 = _need(case, "unet_2d_config"), _need(case, "unet_3d_config")
+    add = _need(case, "unet_additional_kwargs")
+    mm = add.get("motion_module_kwargs", {})
+    levels = len(c3["block_out_channels"])
+    checks = {
+        "motion modules at every level": sorted(add.get("motion_module_resolutions", [])) ==
+        [2 ** i for i in range(levels)] and add.get("use_motion_module", True) and not add.get(
+            "motion_module_decoder_only", False),
+        "a mid-block motion module": add.get("motion_module_mid_block", True),
+        "Vanilla motion modules with 2 Temporal_Self attentions and 1 block": add.get(
+            "motion_module_type", "Vanilla") == "Vanilla" and mm.get("attention_block_types") ==
+        ["Temporal_Self", "Temporal_Self"] and mm.get("num_transformer_block", 1) == 1,
+        "temporal position encoding": mm.get("temporal_position_encoding", True),
+        "per-frame (inflated) group norm": add.get("use_inflated_groupnorm", True),
+        "no cross-frame or extra temporal attention in the spatial blocks": not add.get(
+            "unet_use_cross_frame_attention") and not add.get("unet_use_temporal_attention"),
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise GoldenFormatError(f"case.json: unsupported EchoMimic variant (this model implements {bad[0]})")
+    heads = c3["attention_head_dim"]
+    if isinstance(heads, list):
+        heads = heads[0]
+    ref = sd15_reference_unet(c2["block_out_channels"], c2["layers_per_block"], c2["attention_head_dim"],
+                              c2["norm_num_groups"])
+    ref.update(down_block_types=list(c2["down_block_types"]), up_block_types=list(c2["up_block_types"]),
+               sample_size=c2.get("sample_size", 64), norm_eps=c2.get("norm_eps", 1e-5),
+               cross_attention_dim=c2.get("cross_attention_dim", 768))
+    den = sd15_denoiser(c3["block_out_channels"], c3["layers_per_block"], heads, c3["norm_num_groups"],
+                        add["cross_attention_dim"], mm.get("num_attention_heads", 8),
+                        mm.get("temporal_position_encoding_max_len", 32))
+    try:
+        den.update(down_block_types=[_BLOCKS_3D[t] for t in c3["down_block_types"]],
+                   up_block_types=[_BLOCKS_3D[t] for t in c3["up_block_types"]])
+    except KeyError as exc:
+        raise GoldenFormatError(f"case.json: unknown 3D block type {exc}") from None
+    den.update(sample_size=c3.get("sample_size", 64), norm_eps=c3.get("norm_eps", 1e-5))
+    fl = _need(case, "face_locator")
+    dims = _need(_need(case, "weights"), "whisper_dims", "case.json weights")
+    return EchoMimicConfig(reference_unet=ref, denoiser=den, whisper={k: int(dims[k]) for k in (
+        "n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")},
+        face_locator=FaceLocatorConfig(channels=list(fl["block_out_channels"]),
+                                       out_channels=int(fl["conditioning_embedding_channels"]),
+                                       conditioning_channels=int(fl.get("conditioning_channels", 1))))
+
+
+class _Golden:
+    """Tensors of a golden set's safetensors files, with one-line errors for what is missing."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.files: dict[str, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, file: str, key: str) -> torch.Tensor:
+        if file not in self.files:
+            from safetensors.torch import load_file
+
+            path = self.root / file
+            if not path.is_file():
+                raise GoldenFormatError(f"{path} is missing")
+            try:
+                self.files[file] = load_file(str(path))
+            except Exception as exc:
+                raise GoldenFormatError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+        if key not in self.files[file]:
+            raise GoldenFormatError(f"{self.root / file}: tensor {key!r} is missing")
+        return self.files[file][key]
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if tuple(a.shape) != tuple(b.shape):
+        return float("inf")
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+def _read_wav(path: Path) -> torch.Tensor:
+    """PCM16 mono WAV -> int16 / 32768, what whisper.audio.load_audio returns for a 16 kHz mono file."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            if w.getsampwidth() != 2 or w.getnchannels() != 1 or w.getframerate() != 16000:
+                raise GoldenFormatError(f"{path}: expected 16 kHz mono PCM16")
+            pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    except (OSError, wave.Error, EOFError) as exc:
+        raise GoldenFormatError(f"{path}: cannot read ({exc})") from None
+    return torch.from_numpy(pcm.astype(np.float32) / 32768.0)
+
+
+def run_cases(golden_dir: Path, only: set[str] | None = None) -> dict[str, float]:
+    """{case.tensor: max abs error}; only: case groups to replay (face_locator, audio, denoiser_single, and
+    the sampler cases' names), all when None."""
+    from emo_stream.models.echomimic.audio import frame_rows, log_mel
+    from emo_stream.models.echomimic.importer import load_download
+    from emo_stream.models.echomimic.layers import face_mask
+    from emo_stream.parity import read_case
+
+    golden_dir = Path(golden_dir)
+    case = read_case(golden_dir)
+    if case["model"] != ARCHITECTURE:
+        raise GoldenFormatError(f"{golden_dir}: case.json model is {case['model']!r}, not {ARCHITECTURE!r}")
+    config = config_from_case(case)
+    weights = golden_dir / "weights"
+    if not weights.is_dir():
+        raise GoldenFormatError(f"{golden_dir}: no weights/ folder")
+    model = load_download(weights, config=config, with_vae=False)
+    scheduler_kwargs = case.get("noise_scheduler_kwargs", {})
+    g = _Golden(golden_dir)
+    errors: dict[str, float] = {}
+
+    def wanted(group: str) -> bool:
+        return only is None or group in only
+
+    if only is not None:
+        known = {"face_locator", "audio", "denoiser_single", *_need(case, "sampler_cases")}
+        unknown = sorted(set(only) - known)
+        if unknown:
+            raise GoldenFormatError(f"unknown case {unknown[0]!r} (known: {', '.join(sorted(known))})")
+
+    # face locator
+    fc = _need(case, "face_locator_case")
+    ff = fc.get("file", "face_locator.safetensors")
+    h, w = fc["image_hw"]
+    mask = face_mask(fc["face_box_xyxy_pixels"], h, w)
+    if wanted("face_locator"):
+        errors["face_locator.face_mask"] = _err(mask, g(ff, "face_mask"))
+        face = model.face_feature(g(ff, "face_mask"))
+        errors["face_locator.face_feature"] = _err(face, g(ff, "face_feature"))
+
+    # audio features
+    ac = _need(case, "audio_case")
+    af = ac.get("file", "audio.safetensors")
+    if wanted("audio"):
+        wav = _read_wav(golden_dir / ac.get("wav", "audio.wav").split()[0])
+        errors["audio.waveform"] = _err(wav, g(af, "waveform"))
+        errors["audio.log_mel"] = _err(log_mel(wav, model.whisper.n_mels), g(af, "log_mel"))
+        feats = model.audio_features(wav)
+        errors["audio.whisper_features"] = _err(feats, g(af, "whisper_features"))
+        fps = ac.get("fps", model.config.fps)
+        chunks = model.audio_tokens(wav, fps=fps)
+        errors["audio.whisper_chunks"] = _err(chunks, g(af, "whisper_chunks"))
+        errors["audio.chunk_feature_index"] = _err(frame_rows(len(chunks), feats.shape[0], fps),
+                                                   g(af, "chunk_feature_index"))
+    gold_face = g(ff, "face_feature")
+    gold_chunks = g(af, "whisper_chunks")
+
+    # one denoiser call, bank in fp16 (as EchoMimic) and fp32, and the guidance pair
+    dc = _need(case, "denoiser_single_case")
+    df = dc.get("file", "denoiser_single.safetensors")
+    if wanted("denoiser_single"):
+        errors.update(_denoiser_single(model, g, df, gold_chunks, gold_face))
+
+    # sampler runs
+    for name, sc in _need(case, "sampler_cases").items():
+        if not wanted(name):
+            continue
+        errors.update(_sampler_case(model, g, name, sc, scheduler_kwargs, gold_chunks, gold_face))
+    return errors
+
+
+def _denoiser_single(model, g: _Golden, df: str, gold_chunks, gold_face) -> dict[str, float]:
+    errors = {}
+    x, ref = g(df, "latents"), g(df, "ref_latents")
+    t = g(df, "timestep").reshape(())
+    audio = gold_chunks[: x.shape[2]][None]
+    bank = model.encode_reference(ref)
+    errors["denoiser_single.pred"] = _err(model.denoise(x, t, audio, gold_face, None, bank), g(df, "pred"))
+    bank32 = {k: v for k, v in _bank_fp32(model, ref).items()}
+    errors["denoiser_single.pred_bank_fp32"] = _err(model.denoise(x, t, audio, gold_face, None, bank32),
+                                                    g(df, "pred_bank_fp32"))
+    pair = model.denoise(x.repeat(2, 1, 1, 1, 1), t, torch.cat([torch.zeros_like(audio), audio]),
+                         torch.cat([torch.zeros_like(gold_face), gold_face]), torch.tensor([False, True]), bank)
+    errors["denoiser_single.cfg_pred_uncond"] = _err(pair[:1], g(df, "cfg_pred_uncond"))
+    errors["denoiser_single.cfg_pred_cond"] = _err(pair[1:], g(df, "cfg_pred_cond"))
+    return errors
+
+
+def _sampler_case(model, g: _Golden, name: str, sc: dict, scheduler_kwargs: dict, gold_chunks,
+                  gold_face) -> dict[str, float]:
+    from emo_stream.echomimic_sampling import EchoSampling, make_scheduler, sample
+
+    errors = {}
+    sf = sc.get("file", f"{name}.safetensors")
+    acc = "_acc" in sc.get("pipeline", "")
+    settings = EchoSampling(steps=int(sc["num_inference_steps"]), guidance=float(sc["guidance_scale"]),
+                            context_frames=int(sc["context_frames"]), context_overlap=int(sc["context_overlap"]),
+                            pseudo_velocity=acc, sum_unguided_overlaps=not acc)
+    if int(sc.get("context_stride", 1)) != 1 or int(sc.get("context_batch_size", 1)) != 1:
+        raise GoldenFormatError(f"case.json {name}: only context_stride 1 and context_batch_size 1 are replayed")
+    scheduler = make_scheduler(**scheduler_kwargs)
+    x0 = g(sf, "initial_latents")
+    frames = x0.shape[2]
+    bank = model.encode_reference(g(sf, "ref_latents"))
+    outputs: dict[int, torch.Tensor] = {}
+    calls: list[torch.Tensor] = []
+    denoise = model.denoiser_fn(bank)
+
+    def recording(*args, _denoise=denoise, _calls=calls):
+        out = _denoise(*args)
+        _calls.append(out)
+        return out
+
+    final = sample(recording, x0, gold_chunks[:frames][None], gold_face, settings, scheduler=scheduler,
+                   on_step=lambda i, v: outputs.__setitem__(i, v))
+    scheduler.set_timesteps(settings.steps)
+    errors[f"{name}.timesteps"] = _err(scheduler.timesteps, g(sf, "timesteps"))
+    for i in range(settings.steps):
+        errors[f"{name}.step{i}_model_output"] = _err(outputs[i], g(sf, f"step{i}_model_output"))
+    for j in range(len(calls)):
+        key = f"step0_call{j}_out"
+        if key in sc.get("tensors", {}):
+            errors[f"{name}.{key}"] = _err(calls[j], g(sf, key))
+    errors[f"{name}.final_latents"] = _err(final, g(sf, "final_latents"))
+    return errors
+
+
+def _bank_fp32(model, ref: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The bank kept in float32 (not what EchoMimic does; its golden output helps tell the cast apart)."""
+    saved = model.config.bank_dtype
+    model.config.bank_dtype = "float32"
+    try:
+        return model.encode_reference(ref)
+    finally:
+        model.config.bank_dtype = saved

@@ -1,0 +1,108 @@
+"""`emo-stream worker`: join LiveKit as an avatar worker for LiveKit Agents (one process per GPU).
+
+    LIVEKIT_URL=wss://... LIVEKIT_API_KEY=... LIVEKIT_API_SECRET=... emo-stream worker --backend emo --model CKPT
+
+See docs/livekit.md. Needs the livekit extra: pip install "emo-stream[livekit]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+from emo_stream.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    lk = parser.add_argument_group("LiveKit")
+    lk.add_argument("--url", default=None, help="LiveKit server URL, wss://... (default $LIVEKIT_URL)")
+    lk.add_argument("--api-key", default=None, help="API key (default $LIVEKIT_API_KEY)")
+    lk.add_argument("--api-secret", default=None, help="API secret (default $LIVEKIT_API_SECRET)")
+    lk.add_argument("--agent-name", default="emo-stream",
+                    help="name the worker registers under; AvatarSession(agent_name=...) dispatches it "
+                         "(default emo-stream)")
+    lk.add_argument("--drain-timeout", type=int, default=1800,
+                    help="seconds current rooms may go on after SIGTERM (default 1800)")
+    lk.add_argument("--http-port", type=int, default=8081,
+                    help="livekit-agents' health endpoint port (default 8081; 0: any free port)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--backend", choices=("preview", "emo"), default=None,
+                       help="animation backend (default: emo when --model is given, else preview)")
+    model.add_argument("--model", default=None, help="EMO checkpoint folder or preset (tiny, sd15)")
+    model.add_argument("--device", default=None, help="torch device for the EMO backend (e.g. cuda:1)")
+    model.add_argument("--size", type=int, default=None, help="output frame size in pixels")
+    model.add_argument("--config", default=None, help="server settings YAML for engine settings "
+                                                      "(default configs/server.yaml)")
+    model.add_argument("--max-sessions", type=int, default=None,
+                       help="rooms this worker serves at once (its capacity; default from config)")
+    model.add_argument("--segment-frames", type=int, default=None, help="frames generated per step")
+    av = parser.add_argument_group("portraits")
+    av.add_argument("--default-avatar", default=None,
+                    help="portrait for dispatches that name none (default: a built-in portrait)")
+    av.add_argument("--avatar", action="append", default=[], metavar="NAME=PATH",
+                    help="a portrait agents can pick by name (AvatarSession(worker_avatar=NAME)); repeatable")
+
+
+def _named_avatars(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--avatar wants NAME=PATH: got {item!r}")
+        out[name] = path
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import livekit.agents  # noqa: F401
+    except ImportError:
+        raise ConfigError('emo-stream worker needs the livekit packages: pip install "emo-stream[livekit]"') \
+            from None
+    from emo_stream.livekit.worker import WorkerConfig
+    from server.config import load_config
+
+    url = args.url or os.environ.get("LIVEKIT_URL")
+    key = args.api_key or os.environ.get("LIVEKIT_API_KEY")
+    secret = args.api_secret or os.environ.get("LIVEKIT_API_SECRET")
+    missing = [name for name, value in (("--url / LIVEKIT_URL", url), ("--api-key / LIVEKIT_API_KEY", key),
+                                        ("--api-secret / LIVEKIT_API_SECRET", secret)) if not value]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)}: the LiveKit server to join and its API key")
+    if args.max_sessions is not None and args.max_sessions < 1:
+        raise ConfigError("--max-sessions must be at least 1")
+    if args.segment_frames is not None and not 1 <= args.segment_frames <= 64:
+        raise ConfigError("--segment-frames must be 1..64")
+    if args.drain_timeout < 0:
+        raise ConfigError("--drain-timeout must be >= 0")
+    config = load_config(args.config, backend=args.backend, model=args.model, size=args.size, device=args.device)
+    if args.max_sessions is not None:
+        config.sessions.max_sessions = args.max_sessions
+    if args.segment_frames is not None:
+        config.engine.segment_frames = args.segment_frames
+    worker_config = WorkerConfig(url=url, api_key=key, api_secret=secret, agent_name=args.agent_name,
+                                 default_avatar=args.default_avatar, avatars=_named_avatars(args.avatar),
+                                 drain_timeout=args.drain_timeout, http_port=args.http_port).validate()
+    return asyncio.run(_serve(config, worker_config))
+
+
+async def _serve(config, worker_config) -> int:
+    from emo_stream.livekit.host import EngineHost
+    from emo_stream.livekit.worker import AvatarWorker
+    from emo_stream.streaming import MonotonicClock
+    from server.app import build_engine
+
+    host = EngineHost(build_engine(config, MonotonicClock()))
+    worker = AvatarWorker(host, worker_config)
+    await host.start()
+    try:
+        print(f"emo-stream worker: {worker_config.agent_name!r} on {worker_config.url}, backend "
+              f"{host.engine.backend.name}, {host.capacity} rooms at most", flush=True)
+        await worker.serve()
+    finally:
+        await host.stop()
+    return 0
