@@ -133,20 +133,42 @@ def main(argv: list[str] | None = None) -> int:
     per_frame = counted["tflop_per_frame_total"]
     # the reference is per avatar, not per frame: the timed loop does not run it
     per_frame_timed = per_frame - counted["parts"]["reference"]
-    results = []
-    first = None
+    name = f"gpu_live-{device.type}-{args.model}-{args.size}{('-' + args.tag) if args.tag else ''}.json"
+    res = {
+        "bench": "gpu_live", "device": device_name(device), "torch": torch.__version__, "model": args.model,
+        "random_weights": True, "size": args.size, "dtype": str(dtype), "execution": execution,
+        "steps": counted["steps"], "guidance": counted["guidance"], "decoder": counted["decoder"],
+        "segment_frames": frames, "tflop_per_frame": per_frame,
+        "tflop_per_frame_per_step": counted["tflop_per_frame_per_step"], "runs": [], "first_frame_ms": None,
+        "algorithmic_latency_ms": round((frames - 1 + backend.audio_context.lookahead_frames) * 1000 / backend.fps, 1),
+        "offline": None, "complete": False,
+    }
+
+    def save(final: bool = False) -> None:
+        """Written after every measurement: a run cut short by a time limit keeps what it measured."""
+        mem, what = peak_memory(device)
+        res.update(peak_memory_gib=round(mem / 2 ** 30, 2), peak_memory_measure=what,
+                   seconds=round(time.monotonic() - t_start, 1), complete=final)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / name).write_text(json.dumps(res, indent=2) + "\n")
+
+    def time_left() -> bool:
+        return time.monotonic() - t_start < args.time_limit
+
     for s in [int(x) for x in args.sessions.split(",") if x]:
-        if time.monotonic() - t_start > args.time_limit:
+        if not time_left():
             print(f"[gpu_live] time limit reached: skipping {s} sessions and more", flush=True)
             break
         r = run_sessions(backend, avatars, s, args.segments, args.warmup, frames)
         r["achieved_tflops"] = float(f"{r['aggregate_fps'] * per_frame_timed:.4g}")
-        results.append(r)
+        res["runs"].append(r)
         print(f"[gpu_live] {json.dumps(r)}", flush=True)
-        if first is None:
-            first = first_frame(backend, avatars[0], frames)
-    offline = None
-    if args.offline_model and time.monotonic() - t_start < args.time_limit:
+        save()
+        if res["first_frame_ms"] is None and time_left():
+            res["first_frame_ms"] = first_frame(backend, avatars[0], frames)
+            print(f"[gpu_live] first frame {res['first_frame_ms']} ms", flush=True)
+            save()
+    if args.offline_model and time_left():
         del backend
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -156,25 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         f = off.clip_frames
         timing = run_sessions(off, [av], 1, 1, 1, f)
         oc = counted_tflop(args.offline_model, args.size, "offline")
-        offline = {"model": args.offline_model, "steps": off.steps, "guidance": off.guidance, "decoder": off.decoder,
-                   "clip_frames": f, "seconds_per_clip": round(timing["segment_latency_ms"]["p50"] / 1000, 2),
-                   "compute_seconds_per_video_second": round(timing["segment_latency_ms"]["p50"] / 1000 / (f / 25), 2),
-                   "tflop_per_frame": oc["tflop_per_frame_total"],
-                   "achieved_tflops": float(f"{timing['aggregate_fps'] * oc['tflop_per_frame_total']:.4g}")}
-        print(f"[gpu_live] offline {json.dumps(offline)}", flush=True)
-    mem, what = peak_memory(device)
-    res = {
-        "bench": "gpu_live", "device": device_name(device), "torch": torch.__version__, "model": args.model,
-        "random_weights": True, "size": args.size, "dtype": str(dtype), "execution": execution,
-        "steps": counted["steps"], "guidance": counted["guidance"], "decoder": counted["decoder"],
-        "segment_frames": frames, "tflop_per_frame": per_frame, "tflop_per_frame_per_step":
-            counted["tflop_per_frame_per_step"], "runs": results, "first_frame_ms": first,
-        "algorithmic_latency_ms": round((frames - 1 + 2) * 40, 1),
-        "offline": offline, "peak_memory_gib": round(mem / 2 ** 30, 2), "peak_memory_measure": what,
-        "seconds": round(time.monotonic() - t_start, 1),
-    }
-    name = f"gpu_live-{device.type}-{args.model}-{args.size}{('-' + args.tag) if args.tag else ''}.json"
-    emit_json(res, Path(args.out) / name)
+        res["offline"] = {
+            "model": args.offline_model, "steps": off.steps, "guidance": off.guidance, "decoder": off.decoder,
+            "clip_frames": f, "seconds_per_clip": round(timing["segment_latency_ms"]["p50"] / 1000, 2),
+            "compute_seconds_per_video_second": round(timing["segment_latency_ms"]["p50"] / 1000 / (f / off.fps), 2),
+            "tflop_per_frame": oc["tflop_per_frame_total"],
+            "achieved_tflops": float(f"{timing['aggregate_fps'] * oc['tflop_per_frame_total']:.4g}")}
+        print(f"[gpu_live] offline {json.dumps(res['offline'])}", flush=True)
+    save(final=True)
+    emit_json(res)
     return 0
 
 

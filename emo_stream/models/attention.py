@@ -67,6 +67,12 @@ class BackboneContext:
     kv_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None      # per segment: audio/speed K/V
     speed_uniform: bool = False   # every sample's speed tokens are all equal
 
+    @property
+    def motion_frames(self) -> int:
+        if not self.motion:
+            return 0
+        return next(iter(self.motion.values())).shape[1]
+
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, c = x.shape
