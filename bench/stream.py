@@ -27,6 +27,7 @@ import numpy as np
 from _common import REPO, device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
 from emo_stream.backend import capabilities
 from emo_stream.backends import backend_names, create_backend
+from emo_stream.timeline import SAMPLE_RATE
 from emo_stream.media import load_audio, load_image
 from emo_stream.streaming import EngineConfig, StreamingEngine
 
@@ -48,7 +49,7 @@ def speech_audio(path: str | None, seconds: float | None) -> tuple[np.ndarray, s
         path = str(out)
     audio = load_audio(path)
     if seconds:
-        audio = audio[: int(seconds * 16000)]
+        audio = audio[: int(seconds * SAMPLE_RATE)]
     return audio, Path(path).name
 
 
@@ -63,7 +64,7 @@ def portrait(path: str | None) -> np.ndarray:
 
 
 async def run_mode(engine: StreamingEngine, avatar, audio: np.ndarray, sessions: int, realtime: bool) -> dict:
-    chunk = int(CHUNK_S * 16000)
+    chunk = int(CHUNK_S * SAMPLE_RATE)
     opened = [engine.open_session(avatar, seed=i) for i in range(sessions)]
     pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
     first_ready: list[float] = []
@@ -75,9 +76,9 @@ async def run_mode(engine: StreamingEngine, avatar, audio: np.ndarray, sessions:
                 delay = t0 + k * CHUNK_S - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                await session.push_audio(pcm[i:i + chunk], sample_rate=16000)
+                await session.push_audio(pcm[i:i + chunk], sample_rate=SAMPLE_RATE)
         else:
-            await session.push_audio(pcm, sample_rate=16000)
+            await session.push_audio(pcm, sample_rate=SAMPLE_RATE)
         session.end_of_speech()
 
     async def consume(session) -> int:
@@ -103,7 +104,7 @@ async def run_mode(engine: StreamingEngine, avatar, audio: np.ndarray, sessions:
     frames = int(sum(counts))
     return {
         "mode": "realtime" if realtime else "fast",
-        "audio_seconds": round(len(audio) / 16000, 2),
+        "audio_seconds": round(len(audio) / SAMPLE_RATE, 2),
         "wall_seconds": round(elapsed, 2),
         "speech_frames": frames,
         "throughput_fps": round(frames / elapsed, 1),
@@ -123,7 +124,7 @@ async def run_mode(engine: StreamingEngine, avatar, audio: np.ndarray, sessions:
 async def clear_to_idle(engine: StreamingEngine, avatar, audio: np.ndarray) -> float:
     """Milliseconds from session.clear() in the middle of speech to the first idle frame being available."""
     session = engine.open_session(avatar)
-    await session.push_audio(audio[: 16000 * 5])
+    await session.push_audio(audio[: SAMPLE_RATE * 5])
     async for f in session.frames():
         if f.speech and f.index > 30:
             break
@@ -152,7 +153,7 @@ async def main_async(args) -> dict:
     rss0 = rss_mb()
     avatar = await engine.prepare_avatar(portrait(args.portrait))
     # warm-up: one short utterance (lazy initialisation, caches)
-    warm = await run_mode(engine, avatar, audio[:16000], 1, realtime=False)
+    warm = await run_mode(engine, avatar, audio[:SAMPLE_RATE], 1, realtime=False)
     del warm
     rss_avatar = rss_mb()
     runs = []

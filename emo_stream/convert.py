@@ -13,7 +13,7 @@ from emo_stream.errors import OutputError, WeightsError
 log = logging.getLogger(__name__)
 
 
-def convert(folder: str | Path, out: str | Path) -> Path:
+def convert(folder: str | Path, out: str | Path, weights_set: str | None = None) -> Path:
     from emo_stream.models.families import checkpoint_architecture, family_of
 
     folder, out = Path(folder), Path(out)
@@ -25,15 +25,20 @@ def convert(folder: str | Path, out: str | Path) -> Path:
     if out.is_dir() and any(out.iterdir()):
         raise OutputError(f"--out {out} is not empty; choose a new folder")
     log.info("converting %s -> %s", found, out)
-    return family.convert_folder(folder, out)
+    options = {"weights_set": weights_set} if weights_set else {}
+    if options and family.name != "echomimic-v1":
+        raise WeightsError(f"--weights-set applies to EchoMimic folders, not {family.title}")
+    return family.convert_folder(folder, out, **options)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="DIR", help="a downloaded model folder (e.g. BadToBest/EchoMimic)")
     parser.add_argument("--out", required=True, metavar="CKPT", help="new checkpoint folder to write")
+    parser.add_argument("--weights-set", choices=("acc", "normal"), default=None,
+                        help="EchoMimic: which weights set to convert when the folder has both (default acc)")
 
 
 def run(args: argparse.Namespace) -> int:
-    path = convert(args.folder, args.out)
+    path = convert(args.folder, args.out, args.weights_set)
     log.info("wrote %s", path)
     return 0

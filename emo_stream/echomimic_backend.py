@@ -23,6 +23,7 @@ Not thread-safe: one call at a time (the engine serialises model work on its dev
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Protocol
 
@@ -72,20 +73,15 @@ class EchoParts(Protocol):
         """16 kHz mono float32 -> (T, L + 1, 384) per-layer whisper features, 50 rows per second."""
 
 
-def audio_tokens(features: torch.Tensor, times_s: np.ndarray) -> torch.Tensor:
-    """EchoMimic's feature2chunks at given frame times: frame at time t takes feature rows
-    clip(int(t * 50) - 4 + j, 0, T - 1), j < 10, flattened -> (frames, 10 * (L + 1), 384)."""
+def tokens_at(features: torch.Tensor, times_s: np.ndarray) -> torch.Tensor:
+    """EchoMimic's feature2chunks for frames at given times (live: a window that starts mid-stream): the frame
+    at time t takes feature rows clip(int(t * 50) - 4 + j, 0, T - 1), j < 10, flattened ->
+    (frames, 10 * (L + 1), 384). Offline (t = i / fps from 0) this is models.echomimic.audio.audio_tokens."""
     rows = features.shape[0]
     first = np.floor(np.asarray(times_s, np.float64) * FEATURE_RATE + 1e-9).astype(np.int64) - ROWS_BEFORE
     idx = np.clip(first[:, None] + np.arange(ROWS)[None], 0, rows - 1)
     picked = features[torch.from_numpy(idx).to(features.device)]          # (frames, 10, L+1, 384)
     return picked.reshape(len(idx), -1, features.shape[-1])
-
-
-def offline_tokens(features: torch.Tensor, num_frames: int, fps: int) -> torch.Tensor:
-    """feature2chunks exactly as EchoMimic indexes it offline: int(i * 50 / fps) (integer arithmetic)."""
-    first = np.array([int(i * FEATURE_RATE / fps) for i in range(num_frames)], np.int64)
-    return audio_tokens(features, first / FEATURE_RATE)
 
 
 def echomimic_face_mask(box: np.ndarray, size: int) -> torch.Tensor:
@@ -128,7 +124,7 @@ class EchoMimicBackend(BackendBase):
     def __init__(self, model: EchoParts, size: int = 512, fps: int = 25, steps: int | None = None,
                  guidance: float | None = None, decoder: str | None = None, live_overlap: int = 4,
                  segment_frames: int = 8, context_frames: int | None = None, context_overlap: int | None = None,
-                 face_analyzer=None):
+                 idle_steps: int | None = None, face_analyzer=None):
         if size <= 0 or size % 8:
             raise ConfigError(f"size must be a positive multiple of 8 for EchoMimic (got {size})")
         if fps <= 0:
@@ -159,11 +155,16 @@ class EchoMimicBackend(BackendBase):
             raise ConfigError(f"need 0 <= live_overlap and segment_frames >= 1 with live_overlap + segment_frames "
                               f"<= context_frames ({context_frames}); got {live_overlap} + {segment_frames}")
         self.live_overlap = live_overlap
+        # silence: half the steps and no guidance (idle motion should not cost what speech costs)
+        self.idle_steps = int(idle_steps) if idle_steps is not None else max(1, self.sampling.steps // 2)
+        if self.idle_steps < 1:
+            raise ConfigError(f"idle_steps must be >= 1 (got {self.idle_steps})")
         self.stream_segment_frames = segment_frames
         self.clip_frames = context_frames
         self.device = model.device
         self._face_analyzer = face_analyzer
         self._silence: dict[int, torch.Tensor] = {}
+        self._audio_lock = threading.Lock()
         self._live_spf = samples_per_frame(fps) if SAMPLE_RATE % fps == 0 else None
         # whisper's look-ahead: a frame's last token row is 5 rows (100 ms) after it
         self.audio_context = AudioContext(left_samples=int(LEFT_CONTEXT_S * SAMPLE_RATE),
@@ -172,13 +173,15 @@ class EchoMimicBackend(BackendBase):
     # ---- avatar --------------------------------------------------------------------------------
     def prepare_avatar(self, image: np.ndarray) -> EchoAvatar:
         """Detect the face, crop to the model size, encode the reference and the face mask once."""
-        from emo_stream.face import FaceAnalyzer, prepare_portrait
+        from emo_stream.face import FaceAnalyzer, crop_portrait
 
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             raise ImageInputError("the portrait must be an RGB image")
         if self._face_analyzer is None:
             self._face_analyzer = FaceAnalyzer()
-        crop = prepare_portrait(image, self.size, self._face_analyzer)
+        # EchoMimic's infer scripts crop the face box widened by half its size on each side (the face is half
+        # the crop's width, centred), then build the mask from the same box
+        crop = crop_portrait(image, self._face_analyzer.analyze(image), self.size, face_fraction=0.5, center_shift=0.0)
         return self.avatar_from_crop(crop.image, crop.face.box)
 
     @torch.inference_mode()
@@ -207,7 +210,11 @@ class EchoMimicBackend(BackendBase):
         """
         m = self.model
         num_frames = max(1, int(round(len(audio) * self.fps / SAMPLE_RATE)))
-        tokens = offline_tokens(m.whisper_features(np.asarray(audio, np.float32)), num_frames, self.fps)
+        from emo_stream.models.echomimic.audio import audio_tokens
+
+        with self._audio_lock:
+            feats = m.whisper_features(np.asarray(audio, np.float32))
+        tokens = audio_tokens(feats, self.fps, num_frames)
         latents = self._denoise_video(avatar, tokens, seed, progress)
         edges = [int(round(i * SAMPLE_RATE / self.fps)) for i in range(num_frames + 1)]
         padded = np.concatenate([np.asarray(audio, np.float32), np.zeros(max(0, edges[-1] - len(audio)), np.float32)])
@@ -239,9 +246,12 @@ class EchoMimicBackend(BackendBase):
     # ---- live ----------------------------------------------------------------------------------
     def encode_audio(self, audio: np.ndarray, start: int, num_frames: int) -> torch.Tensor:
         """(num_frames, 10 * (L + 1), 384) audio tokens; audio[:start] is left context."""
-        feats = self.model.whisper_features(np.asarray(audio, np.float32))
+        # the engine may encode while denoise computes silent features: one whisper call at a time (the
+        # encoder's feature hook is not re-entrant)
+        with self._audio_lock:
+            feats = self.model.whisper_features(np.asarray(audio, np.float32))
         times = (start + np.arange(num_frames) * SAMPLE_RATE / self.fps) / SAMPLE_RATE
-        return audio_tokens(feats, times)
+        return tokens_at(feats, times)
 
     def _silent_tokens(self, num_frames: int) -> torch.Tensor:
         if num_frames not in self._silence:
@@ -287,7 +297,8 @@ class EchoMimicBackend(BackendBase):
             hold = Held(latents=torch.cat([j.state.tail_latents for j in jobs]).to(dev, dt), noise=tail_noise)
             x = torch.cat([tail_noise, noise], dim=2)
         settings = replace(self.sampling, rotation=0, context_frames=max(self.sampling.context_frames, held + frames),
-                           guidance=self.sampling.guidance if speech else 1.0)
+                           guidance=self.sampling.guidance if speech else 1.0,
+                           steps=self.sampling.steps if speech else self.idle_steps)
         face = torch.cat([j.state.avatar.face for j in jobs])
         latents = sample(m.denoiser([j.state.avatar.bank for j in jobs]), x, audio, face, settings,
                          scheduler=make_scheduler(), held=hold)
@@ -417,7 +428,7 @@ def create_backend(model: str | None = None, *, size: int = 512, fps: int = OFFL
         raise ConfigError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but CUDA is not available here (use --device cpu)")
-    known = {"steps", "guidance", "decoder", "live_overlap", "segment_frames", "face_analyzer"}
+    known = {"steps", "guidance", "decoder", "live_overlap", "segment_frames", "idle_steps", "face_analyzer"}
     unknown = set(options) - known - {"weights_set"}
     if unknown:
         raise ConfigError(f"unknown EchoMimic backend options: {', '.join(sorted(unknown))}")

@@ -190,3 +190,22 @@ def prepare_portrait(image: np.ndarray, size: int, analyzer: FaceAnalyzer | None
     # landmarks are more precise when re-run at the working size
     crop.face.landmarks = analyzer.landmarks(crop.image, crop.face.box)
     return crop
+
+
+def head_speed(poses: np.ndarray, smooth: int = 3) -> np.ndarray:
+    """Per-frame head rotation speed in degrees per frame (the model's unit) from (T, 3) yaw/pitch/roll
+    in radians: norm of frame differences, smoothed because landmark poses jitter."""
+    poses = np.asarray(poses, np.float32)
+    if len(poses) < 2:
+        return np.zeros(len(poses), np.float32)
+    if smooth > 1 and len(poses) >= 2 * smooth:
+        # landmark poses jitter frame to frame; smooth the angles before differencing them
+        k = 2 * smooth - 1
+        padded = np.pad(poses, ((k // 2, k // 2), (0, 0)), mode="edge")
+        poses = np.stack([np.convolve(padded[:, j], np.ones(k) / k, mode="valid") for j in range(3)], axis=1)
+    d = np.degrees(np.linalg.norm(np.diff(poses, axis=0), axis=1))
+    d = np.concatenate([d[:1], d])
+    if smooth > 1 and len(d) >= smooth:
+        d = np.convolve(np.pad(d, (smooth // 2, smooth - 1 - smooth // 2), mode="edge"), np.ones(smooth) / smooth,
+                        mode="valid")
+    return d.astype(np.float32)

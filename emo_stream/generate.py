@@ -121,6 +121,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's: EMO 40, EchoMimic acc 6, normal 30)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none; default: the model's)")
     p.add_argument("--decoder", choices=["vae", "taesd"], default=None, help="latent decoder: the model's VAE or TAESD")
+    p.add_argument("--weights", choices=["acc", "normal"], default=None,
+                   help="EchoMimic: which weights set of the folder (default: acc when present)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=int, default=None, help="video frame rate (default: the model's: 25, EchoMimic 24)")
@@ -133,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     image, audio = load_image(args.image), load_audio(args.audio)
     check_writable(args.out)
     options = {k: getattr(args, k) for k in ("steps", "guidance", "decoder") if getattr(args, k) is not None}
+    if args.weights is not None:
+        options["weights_set"] = args.weights
     backend = create_backend(args.backend, args.model, size=args.size, fps=args.fps, device=args.device,
                              **options)
     summary = generate_file(backend, image, audio, args.out, seed=args.seed, progress=not args.no_progress)

@@ -11,10 +11,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from emo_stream.errors import AudioInputError, ImageInputError, OutputError
+from emo_stream.timeline import SAMPLE_RATE  # everything is resampled to the models' audio rate
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000  # the model's audio rate (wav2vec2); everything is resampled to it
 MIN_INPUT_RATE = 4000  # Hz: telephone speech is 8 kHz; lower rates in a file mean a broken header
 
 

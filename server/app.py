@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 
+from emo_stream.backend import Backend
 from emo_stream.errors import ConfigError, EmoStreamError
+from emo_stream.streaming import StreamingEngine
 
 from server.avatars import AvatarStore
 from server.config import ServerConfig
@@ -22,25 +23,18 @@ from server.ws_api import ApiContext, Connection
 log = logging.getLogger(__name__)
 
 
-def build_engine(config: ServerConfig, clock: Clock, backend: Any = None) -> Any:
+def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = None) -> StreamingEngine:
     """Backend by name (emo_stream.backends) inside the streaming engine; model loading happens here."""
     from emo_stream.backend import capabilities
     from emo_stream.backends import create_backend
-    from emo_stream.streaming import EngineConfig, StreamingEngine
 
     if backend is None:
         backend = create_backend(config.backend, config.model, size=config.size, fps=config.fps,
                                  device=config.device)
-    options = dataclasses.asdict(config.engine)
-    if options["segment_frames"] is None:
-        # the latency knob suits each backend differently: one frame for the cheap preview animator,
-        # longer segments for EMO (temporal context, batching)
-        options["segment_frames"] = capabilities(backend).stream_segment_frames or 8
-    try:
-        engine_config = EngineConfig(max_sessions=config.sessions.max_sessions,
-                                     max_avatars=config.limits.max_avatars, **options)
-    except TypeError as exc:
-        raise ConfigError(f"engine settings: {exc}") from None
+    # the latency knob suits each backend differently: one frame for the cheap preview animator, longer
+    # segments for EMO (temporal context, batching)
+    segment = config.engine.segment_frames or capabilities(backend).stream_segment_frames or 8
+    engine_config = config.engine.engine_config(segment, config.sessions.max_sessions, config.limits.max_avatars)
     return StreamingEngine(backend, engine_config, clock=clock)
 
 
@@ -57,8 +51,8 @@ def default_image(config: ServerConfig):
 class StreamServer:
     """`await start()`, then `url`; `await stop()`. Tests may pass a ready backend or engine, and a clock."""
 
-    def __init__(self, config: ServerConfig, *, backend: Any = None, engine: Any = None, clock: Clock | None = None,
-                 virtual_camera: bool = False):
+    def __init__(self, config: ServerConfig, *, backend: Backend | None = None, engine: StreamingEngine | None = None,
+                 clock: Clock | None = None, virtual_camera: bool = False):
         config.ensure_token()
         self.config = config
         self.clock = clock or MonotonicClock()
@@ -76,8 +70,9 @@ class StreamServer:
 
     @property
     def backend_name(self) -> str:
-        backend = getattr(self.engine, "backend", None)
-        return str(getattr(backend, "name", None) or self.config.backend or "preview")
+        if self.engine is not None:
+            return str(self.engine.backend.name)
+        return self.config.backend or "preview"
 
     @property
     def base_url(self) -> str:
@@ -155,11 +150,10 @@ class StreamServer:
             process_request=HttpRoutes(cfg, self.sessions, self.health),
             max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
             max_queue=16,
-            ping_interval=cfg.keepalive.ping_interval_s,
-            ping_timeout=cfg.keepalive.ping_timeout_s,
+            ping_interval=None,  # server.ws_api.Connection pings: it tells a slow reader from a stopped one
             # a client that stopped reading never completes the closing handshake: without this its
             # session would outlive a failed keepalive by websockets' default 10 s
-            close_timeout=cfg.keepalive.ping_timeout_s,
+            close_timeout=cfg.keepalive.close_timeout_s,
             compression=None,  # audio and JPEG do not compress; save the CPU
             server_header="emo-stream",
             ssl=ssl_context,

@@ -29,12 +29,14 @@ from websockets.exceptions import ConnectionClosed
 
 from emo_stream.errors import EmoStreamError
 
+from emo_stream.timeline import SAMPLE_RATE
+from server import protocol
 from server.protocol import decode_frame
 
 log = logging.getLogger(__name__)
 
-REPLIES = {"start": "session_started", "avatar": "avatar_ready", "stats": "stats", "view": "view_started",
-           "clear": "cleared", "ping": "pong"}
+REPLIES = {"start": protocol.SESSION_STARTED, "avatar": protocol.AVATAR_READY, "stats": protocol.STATS,
+           "view": protocol.VIEW_STARTED, "clear": protocol.CLEARED, "ping": protocol.PONG}
 
 
 class BotError(EmoStreamError):
@@ -104,6 +106,8 @@ class BotClient:
         self._reader = asyncio.create_task(self._read(), name="bot-reader")
 
     async def close(self) -> None:
+        if self._reader is not None and self._inbox.full():
+            self._reader.cancel()  # blocked on the full inbox of a caller that stopped receiving
         if self.ws is not None:
             await self.ws.close()
         if self._reader is not None:
@@ -142,7 +146,7 @@ class BotClient:
                 self._waiters.remove(entry)
         return reply["avatar"]
 
-    async def start(self, sample_rate: int = 16000, channels: int = 1, avatar: str | None = None,
+    async def start(self, sample_rate: int = SAMPLE_RATE, channels: int = 1, avatar: str | None = None,
                     frames: str = "jpeg", jpeg_quality: int = 80, seed: int = 0,
                     stats_interval: float | None = None) -> dict:
         msg: dict[str, Any] = {"type": "start", "audio": {"format": "pcm16", "sample_rate": sample_rate,
@@ -206,7 +210,9 @@ class BotClient:
                 if not fut.done():
                     fut.set_exception(BotError(f"connection closed ({self._closed_reason or 'by the server'})",
                                                "closed"))
-            await self._inbox.put(None)
+            if self._inbox.full():  # the end mark must get in even if nobody is receiving
+                self._inbox.get_nowait()
+            self._inbox.put_nowait(None)
 
     def _deliver_reply(self, msg: dict) -> bool:
         for entry in self._waiters:
@@ -217,7 +223,7 @@ class BotClient:
                 fut.set_result(msg)
                 self._waiters.remove(entry)
                 return True
-            if msg.get("type") == "error" and msg.get("request") == request:
+            if msg.get("type") == protocol.ERROR and msg.get("request") == request:
                 fut.set_exception(BotError(msg.get("message", "error"), msg.get("code", "error")))
                 self._waiters.remove(entry)
                 return True
@@ -251,7 +257,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from emo_stream.media import load_audio
 
-    audio = load_audio(args.audio, sample_rate=16000)
+    audio = load_audio(args.audio, sample_rate=SAMPLE_RATE)
     avatar = Path(args.avatar).read_bytes() if args.avatar else None
     if args.avatar and not Path(args.avatar).is_file():
         raise EmoStreamError(f"avatar not found: {args.avatar}")
@@ -275,7 +281,7 @@ async def stream_file(url: str, audio: np.ndarray, out: str | Path, *, token: st
         avatar_id = None
         if avatar is not None:
             avatar_id = await bot.upload_avatar(avatar, _content_type(avatar))
-        info = await bot.start(sample_rate=16000, avatar=avatar_id, frames="jpeg")
+        info = await bot.start(sample_rate=SAMPLE_RATE, avatar=avatar_id, frames="jpeg")
 
         async def sender() -> None:
             for i in range(0, len(pcm), step):
@@ -300,10 +306,10 @@ async def stream_file(url: str, audio: np.ndarray, out: str | Path, *, token: st
                     writer.write_audio(item.audio)
                     speech_frames += 1
                     frames += 1
-                elif item.get("type") == "playback_finished":
+                elif item.get("type") == protocol.PLAYBACK_FINISHED:
                     finished = item
                     break
-                elif item.get("type") == "error":
+                elif item.get("type") == protocol.ERROR:
                     raise BotError(item.get("message", "error"), item.get("code", "error"))
         finally:
             send_task.cancel()
@@ -314,7 +320,7 @@ async def stream_file(url: str, audio: np.ndarray, out: str | Path, *, token: st
     if writer is None:
         raise BotError("the server sent no speech frames", "empty")
     return {"out": str(out), "session": info["session"], "frames": frames, "seconds": round(frames / info["fps"], 3),
-            "input_seconds": round(len(audio) / 16000, 3), "finished": finished}
+            "input_seconds": round(len(audio) / SAMPLE_RATE, 3), "finished": finished}
 
 
 def _content_type(data: bytes) -> str:

@@ -13,6 +13,10 @@ from emo_stream.backends import backend_names, default_backend, names_phrase
 from emo_stream.config_io import build_dataclass, read_yaml
 from emo_stream.errors import ConfigError
 from emo_stream.resources import resource_dir
+from emo_stream.streaming.types import EngineConfig
+from emo_stream.timeline import SAMPLE_RATE
+
+from server.sync import AUDIO_RATE, VIDEO_CLOCK_RATE
 
 DEFAULT_CONFIG = resource_dir("configs") / "server.yaml"
 
@@ -27,14 +31,24 @@ class SessionsConfig:
 
 
 @dataclass
-class EngineSettings:
-    """Forwarded to emo_stream.streaming.EngineConfig (max_sessions comes from `sessions`)."""
+class EngineSettings(EngineConfig):
+    """The `engine:` section: every emo_stream.streaming.EngineConfig setting, with its defaults and its
+    validation, read from there (not repeated here). Two differences: segment_frames may be empty (the
+    backend's stream_segment_frames), and max_sessions / max_avatars come from `sessions` / `limits`."""
 
-    segment_frames: int | None = None  # None: the backend's stream_segment_frames (preview 1, EMO 8)
-    max_batch: int = 4
-    input_seconds: float = 30.0
-    output_frames: int = 50
-    vad: bool = True
+    segment_frames: int | None = None   # type: ignore[assignment]  (None: the backend's choice)
+
+    def __post_init__(self) -> None:
+        for name, section in (("max_sessions", "sessions"), ("max_avatars", "limits")):
+            if getattr(self, name) != getattr(EngineConfig, name):
+                raise ConfigError(f"engine.{name}: set {section}.{name} instead")
+        self.engine_config(1 if self.segment_frames is None else self.segment_frames, 1, 1)   # EngineConfig's checks
+
+    def engine_config(self, segment_frames: int, max_sessions: int, max_avatars: int) -> EngineConfig:
+        """The EngineConfig for a backend, with the server's session and avatar limits."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)}
+        values.update(segment_frames=segment_frames, max_sessions=max_sessions, max_avatars=max_avatars)
+        return EngineConfig(**values)
 
 
 @dataclass
@@ -44,6 +58,9 @@ class LimitsConfig:
     max_image_pixels: int = 25_000_000
     max_text_bytes: int = 64 * 1024
     max_avatars: int = 16
+    # kernel send buffer of a connection receiving JPEG frames: a slow reader's frames then wait in the
+    # server's outbox, where the oldest are dropped (and counted), not stale in socket buffers
+    frames_send_buffer_bytes: int = 256 * 1024
 
 
 @dataclass
@@ -59,6 +76,10 @@ class PlayoutConfig:
 class KeepaliveConfig:
     ping_interval_s: float = 1.0
     ping_timeout_s: float = 1.0
+    # a connection receiving JPEG frames answers pings late when its client reads slowly (the ping waits
+    # behind unread frames): it may take this long; one that answers nothing for this long stopped reading
+    reader_timeout_s: float = 10.0
+    close_timeout_s: float = 1.0  # closing handshake with a client that may never answer it
 
 
 @dataclass
@@ -107,8 +128,9 @@ class ServerConfig:
             raise ConfigError(f"backend must be {names_phrase()}: got {self.backend!r}")
         if not 16 <= self.size <= 2048 or self.size % 2:
             raise ConfigError(f"size must be an even number of pixels in 16..2048: got {self.size}")
-        if self.fps <= 0 or 16000 % self.fps or 90000 % self.fps or 48000 % self.fps:
-            raise ConfigError(f"fps must divide 16000, 48000 and 90000 (e.g. 25, 20, 10): got {self.fps}")
+        rates = (SAMPLE_RATE, AUDIO_RATE, VIDEO_CLOCK_RATE)   # engine audio, WebRTC audio, RTP video clock
+        if self.fps <= 0 or any(rate % self.fps for rate in rates):
+            raise ConfigError(f"fps must divide {', '.join(map(str, sorted(rates)))} (e.g. 25, 20, 10): got {self.fps}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together: give both (PEM files) or neither")
         for name in ("tls_cert", "tls_key"):
@@ -117,7 +139,8 @@ class ServerConfig:
                 raise ConfigError(f"{name}: file not found: {value}")
         if self.token is not None and len(self.token) < 8:
             raise ConfigError("token must be at least 8 characters")
-        for section in (self.sessions, self.engine, self.limits, self.playout, self.keepalive):
+        self.engine.__post_init__()   # re-checked: flags may have changed it since loading
+        for section in (self.sessions, self.limits, self.playout, self.keepalive):
             for f in dataclasses.fields(section):
                 value = getattr(section, f.name)
                 zero_ok = f.name in self.ZERO_ALLOWED

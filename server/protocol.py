@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from emo_stream.errors import EmoStreamError
+from emo_stream.timeline import SAMPLE_RATE
 
 PROTOCOL_VERSION = 1
 IMAGE_TYPES = {"image/jpeg": (b"\xff\xd8\xff",), "image/png": (b"\x89PNG\r\n\x1a\n",), "image/webp": (b"RIFF",)}
@@ -36,7 +37,7 @@ class ProtocolError(EmoStreamError):
 @dataclass(frozen=True)
 class AudioFormat:
     format: str = "pcm16"
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     channels: int = 1
 
     @property
@@ -216,11 +217,65 @@ def check_audio_chunk(data: bytes, fmt: AudioFormat, max_bytes: int) -> None:
                             "bad_audio")
 
 
+# ---- server -> client events: the one place each event's name and fields are written ----------------
+
+SESSION_STARTED, SESSION_ENDED, VIEW_STARTED = "session_started", "session_ended", "view_started"
+PLAYBACK_STARTED, PLAYBACK_FINISHED = "playback_started", "playback_finished"
+CLEARED, AVATAR_READY, STATS, PONG, ERROR, FRAME = "cleared", "avatar_ready", "stats", "pong", "error", "frame"
+OUTPUT_SAMPLE_RATE = SAMPLE_RATE   # audio the server sends back (bot frames), the engine's rate
+
+
 def error(code: str, message: str, request: str | None = None, fatal: bool = False) -> dict:
-    out = {"type": "error", "code": code, "message": message, "fatal": fatal}
+    out = {"type": ERROR, "code": code, "message": message, "fatal": fatal}
     if request:
         out["request"] = request
     return out
+
+
+def session_started(session: str, viewer_url: str, fps: int, size: int) -> dict:
+    return {"type": SESSION_STARTED, "session": session, "viewer_url": viewer_url, "fps": fps, "size": size,
+            "output_sample_rate": OUTPUT_SAMPLE_RATE, "protocol": PROTOCOL_VERSION}
+
+
+def session_ended(reason: str) -> dict:
+    return {"type": SESSION_ENDED, "reason": reason}
+
+
+def view_started(session: str, answer_type: str, sdp: str, fps: int, size: int) -> dict:
+    return {"type": VIEW_STARTED, "session": session, "answer": {"type": answer_type, "sdp": sdp}, "fps": fps,
+            "size": size}
+
+
+def playback_started(segment: int, pts: float) -> dict:
+    """The first speech frame of utterance `segment` was released to the viewers."""
+    return {"type": PLAYBACK_STARTED, "segment": segment, "pts": round(pts, 3)}
+
+
+def playback_finished(segment: int, position: float, interrupted: bool) -> dict:
+    """Utterance `segment` finished playing (`position` seconds of it were played) or was interrupted."""
+    return {"type": PLAYBACK_FINISHED, "segment": segment, "position": round(position, 3), "interrupted": interrupted}
+
+
+def cleared(session: str) -> dict:
+    return {"type": CLEARED, "session": session}
+
+
+def avatar_ready(avatar: str) -> dict:
+    return {"type": AVATAR_READY, "avatar": avatar}
+
+
+def stats(values: dict) -> dict:
+    return {"type": STATS, **values}
+
+
+def pong() -> dict:
+    return {"type": PONG}
+
+
+def frame_header(index: int, pts: float, speech: bool, segment_end: bool) -> dict:
+    """The JSON header of a binary frame message (see encode_frame)."""
+    return {"type": FRAME, "index": index, "pts": round(pts, 4), "speech": speech, "segment_end": segment_end,
+            "sample_rate": OUTPUT_SAMPLE_RATE}
 
 
 def encode_frame(header: dict, jpeg: bytes, pcm16: bytes) -> bytes:

@@ -44,17 +44,10 @@ def run(args: argparse.Namespace) -> int:
                          avatar=args.avatar, size=args.size, device=args.device, token=args.token,
                          tls_cert=args.tls_cert, tls_key=args.tls_key)
     if args.max_sessions is not None:
-        if args.max_sessions < 1:
-            from emo_stream.errors import ConfigError
-
-            raise ConfigError("--max-sessions must be at least 1")
         config.sessions.max_sessions = args.max_sessions
     if args.segment_frames is not None:
-        if not 1 <= args.segment_frames <= 64:
-            from emo_stream.errors import ConfigError
-
-            raise ConfigError("--segment-frames must be 1..64")
         config.engine.segment_frames = args.segment_frames
+    config.validate()   # the flags above get the same checks as the config file
     return asyncio.run(_serve(config, args.virtual_camera))
 
 

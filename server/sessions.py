@@ -9,8 +9,9 @@ import uuid
 from typing import Any, Callable
 
 from emo_stream.errors import EmoStreamError
-from emo_stream.streaming import AvatarHandle, EngineFullError, StreamingEngine
+from emo_stream.streaming import AvatarHandle, EngineFullError, StreamingEngine, StreamSession
 
+from server import protocol
 from server.config import ServerConfig
 from server.sync import Clock, Playout
 
@@ -29,7 +30,7 @@ class ServerSession:
     forwarded to listeners (WebSocket outboxes).
     """
 
-    def __init__(self, engine_session: Any, config: ServerConfig, clock: Clock, kind: str):
+    def __init__(self, engine_session: StreamSession, config: ServerConfig, clock: Clock, kind: str):
         self.id: str = str(getattr(engine_session, "id", "") or uuid.uuid4().hex[:12])
         self.kind = kind
         self.engine_session = engine_session
@@ -94,11 +95,10 @@ class ServerSession:
             raise
         except Exception:
             log.exception("session %s: playout failed", self.id)
-            self._dispatch({"type": "error", "code": "internal", "message": "the session's playout failed",
-                            "fatal": True})
+            self._dispatch(protocol.error("internal", "the session's playout failed", fatal=True))
 
     def _engine_queue_depth(self) -> int:
-        return int(self.engine_session.stats().get("output_queue_frames", 0))
+        return self.engine_session.output_queue_frames
 
     # -- input -----------------------------------------------------------------------------------
     def received(self, seconds: float) -> None:
@@ -122,7 +122,7 @@ class ServerSession:
 
     def input_backlog_s(self) -> float:
         try:
-            return float(self.engine_session.stats().get("input_queue_s", 0.0))
+            return self.engine_session.input_backlog_s
         except Exception:
             return 0.0
 
@@ -162,7 +162,7 @@ class ServerSession:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(self._playout_task, *self._tasks, return_exceptions=True)
-        self._dispatch({"type": "session_ended", "reason": reason})
+        self._dispatch(protocol.session_ended(reason))
         self._listeners.clear()
 
 

@@ -32,12 +32,16 @@ from typing import Any, AsyncIterator, Callable, Generic, Protocol, TypeVar
 import numpy as np
 from scipy.signal import firwin, upfirdn
 
+from emo_stream.timeline import SAMPLE_RATE
+
+from server import protocol
+
 log = logging.getLogger(__name__)
 
 VIDEO_CLOCK_RATE = 90000
 AUDIO_RATE = 48000
 AUDIO_CHUNK = 960  # 20 ms at 48 kHz: one Opus packet
-ENGINE_RATE = 16000
+ENGINE_RATE = SAMPLE_RATE   # what the engine emits (emo_stream.timeline)
 
 T = TypeVar("T")
 
@@ -381,7 +385,7 @@ class Playout:
                 self._in_segment = True
                 self._segment += 1
                 self._segment_frames = 0
-                self._emit({"type": "playback_started", "segment": self._segment, "pts": round(f.pts, 3)})
+                self._emit(protocol.playback_started(self._segment, f.pts))
             self._segment_frames += 1
         elif self._in_segment:
             # speech ran out without an explicit end (VAD-cut mic audio): the utterance is over
@@ -393,8 +397,7 @@ class Playout:
 
     def _finish_segment(self, interrupted: bool) -> None:
         self._in_segment = False
-        self._emit({"type": "playback_finished", "segment": self._segment,
-                    "position": round(self._segment_frames / self.fps, 3), "interrupted": interrupted})
+        self._emit(protocol.playback_finished(self._segment, self._segment_frames / self.fps, interrupted))
 
     def _emit(self, event: dict) -> None:
         if self.on_event is not None:

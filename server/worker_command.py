@@ -29,8 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="seconds current rooms may go on after SIGTERM (default 1800)")
     lk.add_argument("--http-port", type=int, default=8081,
                     help="livekit-agents' health endpoint port (default 8081; 0: any free port)")
+    from emo_stream.backends import backend_names
+
     model = parser.add_argument_group("model")
-    model.add_argument("--backend", choices=("preview", "emo"), default=None,
+    model.add_argument("--backend", choices=backend_names(), default=None,
                        help="animation backend (default: emo when --model is given, else preview)")
     model.add_argument("--model", default=None, help="EMO checkpoint folder or preset (tiny, sd15)")
     model.add_argument("--device", default=None, help="torch device for the EMO backend (e.g. cuda:1)")

@@ -13,6 +13,8 @@ import collections
 import io
 import json
 import logging
+import socket
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -133,8 +135,17 @@ async def _answer(coro, request: str):
     try:
         return await coro
     except Exception as exc:  # aiortc raises ValueError, AssertionError, ... on malformed SDP
-        raise ProtocolError(f"{request}.webrtc: cannot use this SDP offer ({exc.__class__.__name__}: {exc})"[:300],
+        raise ProtocolError(f"{request}.webrtc: cannot use this SDP offer ({_sdp_reason(exc)})"[:300],
                             "bad_message", request) from None
+
+
+def _sdp_reason(exc: Exception) -> str:
+    """aiortc's parser asserts without a message (e.g. on an m= line it cannot read): say what that means."""
+    if str(exc):
+        return f"{exc.__class__.__name__}: {exc}"
+    if isinstance(exc, (AssertionError, KeyError, IndexError)):
+        return "malformed SDP: a line (m=, a=, c=, ...) does not have the form RFC 8866 gives it"
+    return exc.__class__.__name__
 
 
 @dataclass(frozen=True)
@@ -162,11 +173,13 @@ class Connection:
         self._session_gone = asyncio.Event()
         self._ended_by_server = False
         self._feeder: asyncio.Task | None = None  # moves queued PCM into the session (audio starts)
+        self._last_frame_sent = float("-inf")  # monotonic time the writer last sent a JPEG frame
         self._tasks: set[asyncio.Task] = set()     # background work kept referenced until done
 
     # -- main loop -------------------------------------------------------------------------------
     async def run(self) -> None:
         writer = asyncio.create_task(self._writer(), name="ws-writer")
+        keepalive = asyncio.create_task(self._keepalive(), name="ws-keepalive")
         try:
             async for message in self.ws:
                 self._request = None  # the request an error reply refers to
@@ -196,7 +209,8 @@ class Connection:
         finally:
             await self.cleanup()
             writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            keepalive.cancel()
+            await asyncio.gather(writer, keepalive, return_exceptions=True)
 
     def send(self, event: dict) -> None:
         self.outbox.put_event(event)
@@ -211,13 +225,52 @@ class Connection:
                         quality = self.start_msg.jpeg_quality
                     jpeg = await asyncio.to_thread(_jpeg, item.image, quality)
                     pcm = (np.clip(item.audio, -1, 1) * 32767).astype("<i2").tobytes()
-                    header = {"type": "frame", "index": item.seq, "pts": round(item.pts, 4), "speech": item.speech,
-                              "segment_end": item.segment_end, "sample_rate": 16000}
+                    header = protocol.frame_header(item.seq, item.pts, item.speech, item.segment_end)
                     await self.ws.send(protocol.encode_frame(header, jpeg, pcm))
+                    self._last_frame_sent = time.monotonic()
                 else:
                     await self.ws.send(json.dumps(item, separators=(",", ":")))
         except (QueueClosed, ConnectionClosed):
             pass
+
+    async def _keepalive(self) -> None:
+        """Ping every ping_interval_s and expect the pong within ping_timeout_s - or within reader_timeout_s
+        while JPEG frames flow: then the ping waits behind frames a slow client has not read yet, and such
+        a client only loses its oldest frames (Outbox). No pong for that long: gone or stopped reading."""
+        ka = self.cfg.keepalive
+        try:
+            while True:
+                await asyncio.sleep(ka.ping_interval_s)
+                frames_flowing = time.monotonic() - self._last_frame_sent < ka.reader_timeout_s
+                limit = max(ka.ping_timeout_s, ka.reader_timeout_s) if frames_flowing else ka.ping_timeout_s
+                try:
+                    async with asyncio.timeout(limit):
+                        await (await self.ws.ping())
+                except TimeoutError:
+                    log.info("connection %s: no keepalive pong for %.1f s: closing it",
+                             self.ws.remote_address, limit)
+                    try:
+                        async with asyncio.timeout(ka.close_timeout_s + 1.0):
+                            await self.ws.close(1011, "keepalive ping timeout")
+                    except TimeoutError:
+                        self.ws.transport.abort()
+                    return
+        except ConnectionClosed:
+            pass
+
+    def _stats(self, session: ServerSession) -> dict:
+        # frames_dropped: JPEG frames this connection's client read too slowly to get (oldest first)
+        return protocol.stats({**session.stats(), "frames_dropped": self.outbox.dropped})
+
+    def _bound_send_buffer(self) -> None:
+        """A small kernel send buffer keeps a slow reader's backlog in the Outbox, where frames are dropped."""
+        sock = self.ws.transport.get_extra_info("socket") if self.ws.transport is not None else None
+        if sock is None:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.cfg.limits.frames_send_buffer_bytes)
+        except OSError:
+            log.debug("cannot set SO_SNDBUF", exc_info=True)
 
     # -- text messages ---------------------------------------------------------------------------
     async def _text(self, text: str) -> None:
@@ -246,10 +299,8 @@ class Connection:
         self.session = session
         self.start_msg = msg
         session.add_listener(self._on_session_event)
-        reply: dict[str, Any] = {
-            "type": "session_started", "session": session.id, "viewer_url": self.server.viewer_url(session.id),
-            "fps": self.cfg.fps, "size": self.cfg.size, "output_sample_rate": 16000, "protocol": protocol.PROTOCOL_VERSION,
-        }
+        reply: dict[str, Any] = protocol.session_started(session.id, self.server.viewer_url(session.id), self.cfg.fps,
+                                                         self.cfg.size)
         try:
             if msg.webrtc is not None:
                 from server.rtc import answer_offer, pump_mic
@@ -268,10 +319,13 @@ class Connection:
             else:
                 self._feeder = session.spawn(self._feed_audio(session, msg.audio), "feed")
             if msg.frames == "jpeg":
+                self._bound_send_buffer()
                 session.playout.subscribe("ws-frames", frames=None, audio=None, frames_sink=_FramesSink(self.outbox))
             if msg.stats_interval:
                 session.spawn(self._push_stats(session, msg.stats_interval), "stats")
         except Exception:
+            # the client never heard session_started: it gets the error alone, no session_ended
+            session.remove_listener(self._on_session_event)
             await self._end_session("setup failed")
             raise
         self.send(reply)
@@ -302,8 +356,7 @@ class Connection:
         session.viewers += 1
         self.viewing.append((session, pc))
         session.add_listener(self._on_view_event)
-        self.send({"type": "view_started", "session": session.id, "answer": {"type": answer.type, "sdp": answer.sdp},
-                   "fps": self.cfg.fps, "size": self.cfg.size})
+        self.send(protocol.view_started(session.id, answer.type, answer.sdp, self.cfg.fps, self.cfg.size))
 
     async def _viewer_gone(self, session: ServerSession, pc: Any) -> None:
         if (session, pc) in self.viewing:
@@ -312,18 +365,18 @@ class Connection:
             await session.remove_peer(pc)
 
     def _on_view_event(self, event: dict) -> None:
-        if event["type"] == "session_ended":
+        if event["type"] == protocol.SESSION_ENDED:
             self.send(event)
 
     async def _simple(self, msg: Simple) -> None:
         kind = msg.type
         if kind == "ping":
-            self.send({"type": "pong"})
+            self.send(protocol.pong())
             return
         if kind == "stats":
             if self.session is None:
                 raise ProtocolError("no session: send start first", "bad_state", kind)
-            self.send({"type": "stats", **self.session.stats()})
+            self.send(self._stats(self.session))
             return
         if self.session is None:
             raise ProtocolError(f"{kind}: no session on this connection (send start first)", "bad_state", kind)
@@ -344,7 +397,7 @@ class Connection:
                 self._feeder = session.spawn(self._feed_audio(session, self.start_msg.audio), "feed")
             self._drain_audio()
             session.clear()
-            self.send({"type": "cleared", "session": session.id})
+            self.send(protocol.cleared(session.id))
         elif kind == "stop":
             await self._end_session("stopped")
 
@@ -355,7 +408,7 @@ class Connection:
             upload, self.pending_avatar = self.pending_avatar, None
             protocol.check_image_bytes(data, upload)
             avatar_id = await self.server.avatars.add(data)
-            self.send({"type": "avatar_ready", "avatar": avatar_id})
+            self.send(protocol.avatar_ready(avatar_id))
             return
         if self.session is None or self.start_msg is None or self.start_msg.audio is None:
             if self._ended_by_server:
@@ -401,18 +454,18 @@ class Connection:
     async def _push_stats(self, session: ServerSession, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            self.send({"type": "stats", **session.stats()})
+            self.send(self._stats(session))
 
     # -- session events --------------------------------------------------------------------------
     def _on_session_event(self, event: dict) -> None:
         self.send(event)
-        if event.get("type") == "session_ended" and self.session is not None and event.get("session") == self.session.id:
+        if event.get("type") == protocol.SESSION_ENDED and self.session is not None and event.get("session") == self.session.id:
             # ended by the server (idle timeout, shutdown, failure): forget it and release a blocked reader
             self.session, self.start_msg = None, None
             self._ended_by_server = True
             self._session_gone.set()
             self._drain_audio()
-        if event.get("type") == "error" and event.get("fatal") and self.session is not None:
+        if event.get("type") == protocol.ERROR and event.get("fatal") and self.session is not None:
             # the engine or playout failed for this session only: free its slot, keep the connection
             task = asyncio.get_running_loop().create_task(self._end_session("failed"), name="ws-end-session")
             self._tasks.add(task)   # the loop keeps only a weak reference to a task

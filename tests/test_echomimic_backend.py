@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from emo_stream.backend import Backend, SegmentJob, capabilities
-from emo_stream.echomimic_backend import EchoMimicBackend, audio_tokens, echomimic_face_mask, offline_tokens
+from emo_stream.echomimic_backend import EchoMimicBackend, echomimic_face_mask, tokens_at
 from emo_stream.echomimic_sampling import make_scheduler
 from emo_stream.face import FaceInfo
 from emo_stream.generate import generate_file
@@ -109,22 +109,28 @@ def test_contract_and_capabilities(backend):
     assert normal.sampling.steps == 30 and normal.sampling.guidance == 2.5
 
 
+def test_portrait_crop_and_mask_follow_echomimic(backend):
+    """The face box is half the crop's width, centred; the mask is that box padded by 10%."""
+    avatar = backend.prepare_avatar(_image(size=200))
+    x0, y0, x1, y1 = avatar.face_box
+    assert abs((x1 - x0) / SIZE - 0.5) < 0.02 and abs((x0 + x1) / 2 - SIZE / 2) < 1.5
+    assert abs((y0 + y1) / 2 - SIZE / 2) < 1.5
+
+
 def test_face_mask_is_the_box_padded_by_ten_percent():
     mask = echomimic_face_mask(np.array([40, 30, 90, 100]), 128)[0, 0, 0]
     ys, xs = np.nonzero(mask.numpy())
     assert (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) == (30 - 7, 100 + 7, 40 - 5, 90 + 5)
 
 
-def test_offline_tokens_follow_echomimics_indexing():
-    feats = torch.arange(50.)[:, None, None].expand(50, 2, 384)
-    tok = offline_tokens(feats, 26, 24)
-    assert tok.shape == (26, 20, 384)
-    for i in (0, 1, 7, 25):
-        rows = np.clip(int(i * 50 / 24) - 4 + np.arange(10), 0, 49)
-        assert tok[i, ::2, 0].tolist() == rows.tolist()
-    # live indexing at a time offset equals offline indexing of the same instants
-    live = audio_tokens(feats, np.array([10 / 24, 11 / 24]))
-    assert torch.equal(live, tok[10:12])
+def test_live_tokens_pick_the_rows_echomimic_picks_offline():
+    """Live windows start mid-stream: tokens by time equal EchoMimic's offline feature2chunks of the same frames."""
+    from emo_stream.models.echomimic.audio import audio_tokens
+
+    feats = torch.randn(50, 2, 384)
+    offline = audio_tokens(feats, 24, 26)
+    assert torch.equal(tokens_at(feats, np.arange(26) / 24), offline)
+    assert torch.equal(tokens_at(feats, np.array([10 / 24, 11 / 24])), offline[10:12])
 
 
 def test_render_video_any_length_and_sync(backend, tmp_path):
@@ -219,8 +225,10 @@ def test_batched_sessions_match_single_runs(backend):
         assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
 
 
-def test_idle_segments_need_no_features(backend):
+def test_idle_segments_need_no_features_and_cost_less(backend):
     avatar = backend.prepare_avatar(_image())
     state = backend.new_state(avatar, 0)
+    backend.model.denoiser_rows.clear()
     frames = backend.generate([SegmentJob(avatar, state, None, 6, speech=False)])[0]
     assert frames.shape == (6, SIZE, SIZE, 3)
+    assert len(backend.model.denoiser_rows) == backend.idle_steps == 3   # acc: 6 steps for speech

@@ -80,6 +80,52 @@ def test_model_alone_picks_echomimic_and_says_which_weights(echo_folder, caplog)
     assert "acc weights" in caplog.text
 
 
+def test_weights_set_choice(tmp_path, caplog):
+    from emo_stream.backends import create_backend
+    from emo_stream.errors import WeightsError
+    from emo_stream.models.echomimic.testing import write_tiny_echomimic_folder
+
+    write_tiny_echomimic_folder(tmp_path, weights_set="normal")
+    with caplog.at_level(logging.INFO):
+        b = create_backend(None, str(tmp_path), size=SIZE, device="cpu")
+    assert b.model.weights == "normal" and b.sampling.steps == 30 and b.sampling.guidance == 2.5
+    assert "normal weights" in caplog.text
+    with pytest.raises(WeightsError, match="acc weights asked for"):
+        create_backend(None, str(tmp_path), size=SIZE, device="cpu", weights_set="acc")
+
+
+def test_converted_checkpoint_renders_the_same_video(backend, echo_folder, tmp_path):
+    """`emo-stream convert` output runs without the original folder and gives the same frames."""
+    from emo_stream.backends import create_backend
+    from emo_stream.convert import convert
+
+    ckpt = convert(echo_folder, tmp_path / "ckpt")
+    converted = create_backend(None, str(ckpt), size=SIZE, fps=25, device="cpu", steps=1)
+    assert isinstance(converted, EchoMimicBackend) and converted.model.weights == "acc"
+    original = EchoMimicBackend(backend.model, size=SIZE, fps=25, steps=1)
+    audio = _tone(0.3)
+    a = np.concatenate([f for f, _ in original.render_video(_crop_avatar(original), audio, seed=4)])
+    b = np.concatenate([f for f, _ in converted.render_video(_crop_avatar(converted), audio, seed=4)])
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_taesd_decoder_from_the_model_folder(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from emo_stream.backends import create_backend
+    from emo_stream.errors import ConfigError
+    from emo_stream.models.echomimic.testing import write_tiny_echomimic_folder
+
+    write_tiny_echomimic_folder(tmp_path)
+    with pytest.raises(ConfigError, match="taesd"):
+        create_backend(None, str(tmp_path), size=SIZE, device="cpu", decoder="taesd")
+    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                    num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).save_pretrained(tmp_path / "taesd")
+    b = create_backend(None, str(tmp_path), size=SIZE, fps=25, device="cpu", decoder="taesd", steps=1)
+    frames = np.concatenate([f for f, _ in b.render_video(_crop_avatar(b), _tone(0.2), seed=0)])
+    assert frames.shape == (5, SIZE, SIZE, 3)
+
+
 def test_cli_generate_from_the_download_folder(echo_folder, portrait_path, tmp_path):
     """`emo-stream generate --model FOLDER`: face detection, 24 fps, duration and A/V sync of the MP4."""
     import wave

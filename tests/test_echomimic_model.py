@@ -265,3 +265,35 @@ def test_mel_filters_match_transformers():
                              sampling_rate=16000, norm="slaney", mel_scale="slaney").T
     assert ours.dtype == np.float32 and ours.shape == (80, 201)
     assert np.abs(ours - theirs).max() < 1e-8                       # same filters up to float32 rounding
+
+
+def test_convert_picks_the_weights_set(golden, tmp_path, capsys):
+    import yaml
+
+    src = _fake_download(golden, tmp_path / "dl", ("acc", "normal"))
+    rc, _, err = _cli(capsys, "convert", src, "--out", tmp_path / "ckpt", "--weights-set", "normal")
+    assert rc == 0, err
+    cfg = yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())
+    assert cfg["weights_set"] == "normal" and cfg["sampling"]["steps"] == 30 and cfg["sampling"]["guidance"] == 2.5
+
+
+def test_convert_keeps_the_vae(golden, golden_model, tmp_path, capsys):
+    """sd-vae-ft-mse/ in the download folder goes into the checkpoint: encode/decode survive the round trip."""
+    from diffusers import AutoencoderKL
+
+    from emo_stream.models.families import load_model
+
+    src = _fake_download(golden, tmp_path / "dl", ("acc",))
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=4,
+                  sample_size=32).save_pretrained(src / "sd-vae-ft-mse")
+    direct = load_model(src)
+    assert direct.vae is not None
+    assert _cli(capsys, "convert", src, "--out", tmp_path / "ckpt")[0] == 0
+    shutil.rmtree(src)
+    model = load_model(tmp_path / "ckpt")
+    img = torch.rand(1, 3, 32, 32) * 2 - 1
+    lat = model.encode_image(img)
+    assert lat.shape == (1, 4, 16, 16) and torch.equal(lat, direct.encode_image(img))
+    assert torch.equal(model.decode_latents(lat), direct.decode_latents(lat))

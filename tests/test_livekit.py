@@ -119,13 +119,15 @@ class Agent:
         self.room = StandInRoom(hub, room_name, identity, kind=AGENT)
         self.avatar_identity = avatar_identity
         self.finished: list = []
+        self.started: list = []
         self.output: DataStreamAudioOutput | None = None
 
     async def connect(self) -> None:
         await self.room.connect()
         self.output = DataStreamAudioOutput(self.room, destination_identity=self.avatar_identity, sample_rate=RATE,
-                                            wait_remote_track=rtc.TrackKind.KIND_VIDEO)
+                                            wait_remote_track=rtc.TrackKind.KIND_VIDEO, wait_playback_start=True)
         self.output.on("playback_finished", self.finished.append)
+        self.output.on("playback_started", self.started.append)
 
     async def say(self, pcm: np.ndarray, chunk: int = 480) -> None:
         """Send one utterance (TTS pushes faster than real time) and close it."""
@@ -181,6 +183,7 @@ async def test_agent_audio_comes_back_sample_exact_with_video_at_model_fps(host,
 
     # one playback_finished per utterance, at the utterance's exact duration, not interrupted
     assert [e.interrupted for e in agent.finished] == [False, False]
+    assert len(agent.started) == 2                  # lk.playback_started once per utterance, from the worker
     assert agent.finished[0].playback_position == pytest.approx(len(first) / RATE, abs=1e-6)
     assert agent.finished[1].playback_position == pytest.approx(len(second) / RATE, abs=1e-6)
 
@@ -458,3 +461,50 @@ async def test_talk_mode_animates_a_participants_microphone(host, avatar):
     await worker.stop()
     await user.disconnect()
     await mic.aclose()
+
+
+def test_worker_command_errors_are_one_line(monkeypatch, capsys):
+    from server.cli import main
+
+    for key in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["worker"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "LIVEKIT_URL" in err and "LIVEKIT_API_SECRET" in err and len(err.splitlines()) == 1
+    assert main(["worker", "--url", "ws://127.0.0.1:9", "--api-key", "k", "--api-secret", "s",
+                 "--avatar", "noequals"]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+    assert main(["worker", "--url", "ws://127.0.0.1:9", "--api-key", "k", "--api-secret", "s",
+                 "--default-avatar", "/no/such.jpg"]) == 2
+    assert "/no/such.jpg" in capsys.readouterr().err
+
+
+@pytest.mark.slow   # ~20 s on the shared box: the process start (torch, livekit) and its exit dominate
+def test_worker_drains_and_exits_on_sigterm(tmp_path):
+    """The real command: it starts the engine and livekit-agents' AgentServer (the server address is a
+    closed loopback port, so it keeps retrying), and SIGTERM drains it and exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker", "--url", "ws://127.0.0.1:9",
+                             "--api-key", "devkey", "--api-secret", "secret" * 6, "--http-port", "0",
+                             "--size", "64", "--max-sessions", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "emo-stream worker:" in line:
+                break
+        assert any("2 rooms at most" in line for line in lines), "".join(lines)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, "".join(lines) + out
+    assert "draining" in out

@@ -67,7 +67,7 @@ def test_clip_contents_are_25fps_crops_with_synced_audio(prepared, shared_data):
         x0, y0, x1, y1 = boxes[0].astype(int)
         assert mask[(y0 + y1) // 2, (x0 + x1) // 2] == 1 and mask[0, 0] == 0
         assert meta["speed"].shape == (50,) and np.all(meta["speed"] >= 0) and np.all(meta["speed"] < 20)
-        assert set(np.unique(meta["speed_bucket"])) <= set(range(6))
+        assert "speed_bucket" not in meta   # bucketing is the model config's (speed.centers), not the data's
         # the face is a face: landmark mouth opening varies while speaking
         assert meta["mouth_opening"].std() > 0.005
 

@@ -52,6 +52,9 @@ class _Session:
     def stats(self):
         return {"latency_ms": {"p50": 1.0, "p95": 2.0}, "input_queue_s": 0.0, "state": "idle"}
 
+    input_backlog_s = 0.0
+    output_queue_frames = 0
+
     async def close(self):
         self._closed.set()
 
@@ -273,8 +276,18 @@ async def test_virtual_camera_skips_cleanly_without_a_device(caplog):
 
 
 async def test_unusable_sdp_offer_is_a_clear_error_and_frees_the_slot(server):
+    """One error with a reason; no session_ended for a session the client never heard start."""
+    from websockets.asyncio.client import connect
+
     from server.bot_client import BotClient, BotError
 
+    async with connect(server.base_url.replace("http", "ws") + "/api/ws") as ws:
+        await ws.send(json.dumps({"type": "start", "webrtc": {"type": "offer", "sdp": "v=0\r\nm=nonsense\r\n"}}))
+        first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert first["type"] == "error" and first["request"] == "start", first
+        assert "cannot use this SDP offer (malformed SDP" in first["message"] and ": )" not in first["message"]
+        await ws.send(json.dumps({"type": "ping"}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "pong"  # nothing else came between
     async with BotClient(server.base_url) as bot:
         with pytest.raises(BotError, match="cannot use this SDP offer"):
             await bot.request({"type": "start", "webrtc": {"type": "offer", "sdp": "v=0\r\nm=nonsense\r\n"}})

@@ -14,6 +14,7 @@ import pytest
 from server.app import StreamServer
 from server.bot_client import BotClient, BotError, ReceivedFrame
 from server.config import load_config
+from server.protocol import decode_frame
 
 SIZE = 64
 
@@ -295,11 +296,13 @@ async def test_a_broken_client_does_not_disturb_another_session(server, speech_1
 
 
 
-async def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed(server):
+async def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed(backend):
     """A hung bot (its TCP still up, nothing read): keepalive fails and the closing handshake cannot
     complete; the connection is cut and the session closed within a few seconds, not left holding a slot."""
     from websockets.asyncio.client import connect
 
+    server = await _server(backend)
+    server.config.keepalive.reader_timeout_s = 2.0  # the default (10 s) tolerates very slow readers
     ws = await connect(server.base_url.replace("http", "ws") + "/api/ws", max_queue=2, compression=None)
     try:
         await ws.send(json.dumps({"type": "start", "frames": "jpeg"}))
@@ -315,6 +318,57 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed(server)
         assert len(server.sessions) == 0 and server.health()["connections"] == 0
     finally:
         ws.transport.abort()
+        await server.stop()
+
+
+async def test_a_slow_reader_loses_its_oldest_frames_and_stays_connected(backend, speech_16k):
+    """A bot reading ~10 of the 25 frames a second: its oldest frames are dropped (counted in stats), its
+    late pongs do not get it disconnected, and another session keeps every frame."""
+    import socket
+
+    from websockets.asyncio.client import connect
+
+    srv = await _server(backend)
+    srv.config.limits.frames_send_buffer_bytes = 4096  # a short pipe: drops start within a second or two
+    try:
+        async with BotClient(srv.base_url, inbox=10_000) as good:  # read later, but never a slow reader
+            await good.start(frames="jpeg")
+            sock = socket.create_connection(("127.0.0.1", srv.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            slow = await connect(srv.base_url.replace("http", "ws") + "/api/ws", sock=sock, max_queue=2,
+                                 compression=None, close_timeout=1)
+            try:
+                await slow.send(json.dumps({"type": "start", "frames": "jpeg"}))
+                await good.send_audio(speech_16k)
+                await good.end_segment()
+                slow_frames, slow_events = [], []
+                for _ in range(40):  # ~4 s at ~10 messages a second
+                    message = await asyncio.wait_for(slow.recv(), 10)
+                    if isinstance(message, bytes):
+                        slow_frames.append(decode_frame(message)[0]["index"])
+                    else:
+                        slow_events.append(json.loads(message))
+                    await asyncio.sleep(0.1)
+                await slow.send(json.dumps({"type": "stats"}))
+                for _ in range(200):  # everything still queued, then the stats reply: still connected
+                    message = await asyncio.wait_for(slow.recv(), 10)
+                    if isinstance(message, str) and json.loads(message)["type"] == "stats":
+                        slow_stats = json.loads(message)
+                        break
+                good_items = await _until(good, _event("playback_finished"))
+                good_stats = await good.stats()
+            finally:
+                await slow.close()
+        assert "session_ended" not in [e["type"] for e in slow_events]
+        assert slow_stats["frames_dropped"] > 0
+        assert slow_frames == sorted(slow_frames) and slow_frames[-1] - slow_frames[0] > len(slow_frames)  # gaps
+        assert slow_stats["playout"]["subscriber_drops"] >= slow_stats["frames_dropped"]
+        # the other session lost nothing: every frame arrived, in order
+        assert good_stats["frames_dropped"] == 0
+        speech = [i.index for i in good_items if isinstance(i, ReceivedFrame) and i.speech]
+        assert speech == list(range(speech[0], speech[0] + -(-len(speech_16k) // 640)))
+    finally:
+        await srv.stop()
 
 
 async def test_a_talk_page_whose_peer_connection_closes_hears_session_ended(server):

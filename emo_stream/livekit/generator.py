@@ -28,6 +28,11 @@ from emo_stream.streaming import OutputFrame
 
 log = logging.getLogger(__name__)
 
+# Silence published before the first sound of an utterance that follows idle frames: the audio source
+# is empty then and plays at once, while the first speaking frame still waits for the synchronizer's
+# next video tick. Measured with bench/livekit_worker.py (see docs/livekit.md).
+ONSET_DELAY_MS = 60.0
+
 
 class _Utterance:
     """The original audio of one utterance, consumed frame by frame as the engine renders it."""
@@ -66,7 +71,8 @@ class EngineVideoGenerator(VideoGenerator):
     """Drives one engine session (emo_stream.streaming.StreamSession, opened on this job's loop) for
     AvatarRunner."""
 
-    def __init__(self, session: Any, *, fps: int, sample_rate: int, channels: int = 1) -> None:
+    def __init__(self, session: Any, *, fps: int, sample_rate: int, channels: int = 1,
+                 onset_delay_ms: float = ONSET_DELAY_MS) -> None:
         self._session = session
         self._fps = fps
         self._rate = sample_rate
@@ -83,6 +89,10 @@ class EngineVideoGenerator(VideoGenerator):
         # what was yielded, for tests and stats: (kind, speech) per item, bounded
         self.trace: deque[tuple[str, bool]] | None = None
         self.cleared_at_trace: list[int] = []
+        self._speaking = False
+        self._warned_private = False
+        self._onset_silence = np.zeros((int(sample_rate * onset_delay_ms / 1000), channels), np.int16)
+        self._onset_pending = False
 
     # ------------------------------------------------------------------ input (AvatarRunner._read_audio)
 
@@ -157,6 +167,10 @@ class EngineVideoGenerator(VideoGenerator):
                 return
             if frame.speech and epoch != self._epoch:
                 continue   # rendered before an interrupt: never shown
+            if frame.speech and not self._speaking:
+                self._skip_queued_idle_video()
+                self._onset_pending = True
+            self._speaking = frame.speech
             self._record("video", frame.speech)
             yield _video_frame(frame.image)
             if not frame.speech:
@@ -165,6 +179,11 @@ class EngineVideoGenerator(VideoGenerator):
             if utterance is None:
                 continue
             samples = utterance.take(None if frame.segment_end else self._spf)
+            if len(samples) and self._onset_pending and self.av_sync is not None and len(self._onset_silence):
+                # straight into the synchronizer, not through AvatarRunner: not part of the playback position
+                await self.av_sync.push(rtc.AudioFrame(self._onset_silence.tobytes(), self._rate, self._channels,
+                                                       len(self._onset_silence)))
+            self._onset_pending = False
             if len(samples):
                 self._record("audio", True)
                 yield rtc.AudioFrame(samples.tobytes(), self._rate, self._channels, len(samples))
@@ -172,6 +191,28 @@ class EngineVideoGenerator(VideoGenerator):
                 self._utterances.popleft()
                 self._record("end", True)
                 yield AudioSegmentEnd()
+
+    def _skip_queued_idle_video(self) -> None:
+        """Speech starts: drop the idle frames still waiting in the AVSynchronizer's video queue.
+
+        Audio goes straight to the audio source (empty during silence: it plays at once) while video
+        waits behind up to 100 ms of queued idle frames, so without this the first syllable is heard
+        ~50-100 ms before the mouth opens (measured with bench/livekit_worker.py). Skipping a couple of
+        idle frames is invisible. The queue is the synchronizer's private attribute (livekit is pinned
+        in the `livekit` extra); if it is renamed this logs once and does nothing."""
+        queue = getattr(self.av_sync, "_video_queue", None) if self.av_sync is not None else None
+        if not isinstance(queue, asyncio.Queue):
+            if self.av_sync is not None and not self._warned_private:
+                self._warned_private = True
+                log.warning("AVSynchronizer has no _video_queue any more: speech onsets may show the "
+                            "mouth up to 100 ms after the sound")
+            return
+        while True:
+            try:
+                queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            queue.task_done()
 
     def _record(self, kind: str, speech: bool) -> None:
         if self.trace is not None:

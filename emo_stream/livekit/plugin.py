@@ -92,7 +92,8 @@ class AvatarSession(_AvatarSessionBase):
         await self._dispatch(*self._dispatch_args)
         self._audio_output = DataStreamAudioOutput(
             room, destination_identity=self._identity, sample_rate=self._sample_rate,
-            wait_remote_track=rtc.TrackKind.KIND_VIDEO)
+            wait_remote_track=rtc.TrackKind.KIND_VIDEO,
+            wait_playback_start=True)   # playback starts when the worker publishes it (lk.playback_started)
         agent_session.output.audio = self._audio_output
         self._watched_room = room
         room.on("participant_disconnected", self._on_participant_disconnected)

@@ -4,6 +4,9 @@
     model = EmoModel.build("tiny")                 # random weights from a preset
     model = EmoModel.from_pretrained("ckpt/")      # our own checkpoint
     model = init_from_folders("sd15", sd15=..., wav2vec2=..., motion_adapter=..., taesd=...)
+
+Other public models of the family live in subpackages (echomimic/, hallo/); `families.load_model(folder)` loads
+any checkpoint or download folder by its architecture (see emo_stream.models.families).
 """
 
 from emo_stream.models.config import EmoConfig, load_config

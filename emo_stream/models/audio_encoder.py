@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-SAMPLE_RATE = 16000
 HOP = 320          # wav2vec2 samples per output vector
 FIELD_CENTER = 200  # half the 400-sample receptive field of one output vector
 MIN_SAMPLES = 400
@@ -59,7 +60,7 @@ class AudioEncoder(nn.Module):
         """
         if num_frames < 1:
             raise ValueError("num_frames must be >= 1")
-        spf = SAMPLE_RATE // fps
+        spf = samples_per_frame(fps)
         a = torch.as_tensor(np.asarray(audio, dtype=np.float32) if not torch.is_tensor(audio) else audio)
         h = self.hidden_states(a)                              # (T, D)
         m = self.window

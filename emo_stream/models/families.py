@@ -13,7 +13,7 @@ imported only when used, so importing the registry pulls in no model code.
               family, else a one-line description of what was found, e.g. "EchoMimic v1 download
               (acc weights: denoising_unet_acc.pth, motion_module_acc.pth)". Our own checkpoints are
               recognised by their architecture key instead, never by `detect`.
-    convert   function(folder: Path, out: Path) -> Path: native download -> our checkpoint (config.yaml with
+    convert   function(folder: Path, out: Path, **options) -> Path: native download -> our checkpoint (config.yaml with
               the architecture key + safetensors) that loads without the original folder; None if the
               family has no native format.
 
@@ -64,10 +64,11 @@ class ModelFamily:
     def detect_folder(self, folder: str | Path) -> str | None:
         return resolve(self.detect)(Path(folder)) if self.detect else None
 
-    def convert_folder(self, folder: str | Path, out: str | Path) -> Path:
+    def convert_folder(self, folder: str | Path, out: str | Path, **options: Any) -> Path:
+        """options: family-specific (EchoMimic: weights_set); only passed when given."""
         if not self.convert:
             raise WeightsError(f"{self.title} has no native download format to convert from")
-        return resolve(self.convert)(Path(folder), Path(out))
+        return resolve(self.convert)(Path(folder), Path(out), **options)
 
 
 FAMILIES: dict[str, ModelFamily] = {}

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from emo_stream.face import head_speed
+
 
 def speed_buckets(speed: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
     """(..., frames) speeds -> (..., frames, d) soft bucket codes in [-1, 1]."""
@@ -37,11 +39,8 @@ class SpeedEncoder(nn.Module):
 
 def rotation_speed(poses: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Head poses (frames, 3) yaw/pitch/roll in radians (emo_stream.face.FaceInfo.head_pose) -> speed per frame
-    in degrees per frame, the unit of the speed buckets. Frame 0 repeats frame 1's speed."""
-    p = torch.as_tensor(poses, dtype=torch.float32)
+    in degrees per frame, the unit of the speed buckets (emo_stream.face.head_speed, unsmoothed)."""
+    p = np.asarray(poses.detach().cpu() if isinstance(poses, torch.Tensor) else poses, np.float32)
     if p.ndim != 2 or p.shape[1] != 3:
         raise ValueError(f"poses must be (frames, 3), got {tuple(p.shape)}")
-    if len(p) < 2:
-        return torch.zeros(len(p))
-    step = torch.rad2deg(p[1:] - p[:-1]).norm(dim=1)
-    return torch.cat([step[:1], step])
+    return torch.from_numpy(head_speed(p, smooth=1))

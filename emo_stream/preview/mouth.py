@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
+
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def audio_features(audio: np.ndarray, start: int, num_frames: int, fps: int = 25
 
     Samples outside `audio` count as silence, so any left context / look-ahead length works.
     """
-    spf = SAMPLE_RATE // fps
+    spf = samples_per_frame(fps)
     win = config.window
     audio = np.asarray(audio, np.float32)
     centres = start + np.arange(num_frames) * spf + spf // 2 + config.lead_samples

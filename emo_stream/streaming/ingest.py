@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-from emo_stream.backend import SAMPLE_RATE
+from emo_stream.timeline import SAMPLE_RATE
 from emo_stream.errors import AudioInputError
 from emo_stream.media import to_mono_float
 

@@ -220,6 +220,19 @@ class StreamSession:
         return snap
 
     @property
+    def input_backlog_s(self) -> float:
+        """Seconds of pushed audio not yet turned into frames (the input queue and the window)."""
+        with self._lock:
+            queued = self._inbox.queued + (0 if self._reset_pending else self._window.buffered_samples())
+        return queued / SAMPLE_RATE
+
+    @property
+    def output_queue_frames(self) -> int:
+        """Frames generated and waiting to be read."""
+        with self._lock:
+            return len(self._out)
+
+    @property
     def closed(self) -> bool:
         return self._closed
 

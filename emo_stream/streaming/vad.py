@@ -12,6 +12,8 @@ import logging
 
 import numpy as np
 
+from emo_stream.timeline import SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
 CHUNK = 512  # silero-vad's chunk at 16 kHz
@@ -84,7 +86,7 @@ class VoiceActivity:
             if threads != 1:
                 torch.set_num_threads(1)
             with torch.inference_mode():
-                return [float(self._model(torch.from_numpy(c.copy()), 16000)) >= self.threshold for c in chunks]
+                return [float(self._model(torch.from_numpy(c.copy()), SAMPLE_RATE)) >= self.threshold for c in chunks]
         finally:
             if threads != 1:
                 torch.set_num_threads(threads)

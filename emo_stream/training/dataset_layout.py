@@ -2,14 +2,14 @@
 and the loaders, so one loader reads both.
 
     OUT/
-      dataset.json            size, fps, sample rate, speed buckets, who made it
+      dataset.json            size, fps, sample rate, who made it
       manifest.jsonl          one JSON object per clip (ClipRecord), appended as clips finish
       report.json             videos that were skipped and why (prepare only)
       clips/<id>/video.mp4    25 fps, size x size, H.264, no audio (face-centred square crop)
       clips/<id>/audio.wav    16 kHz mono PCM16, exactly frames x 640 samples
       clips/<id>/meta.npz     boxes (T, 4) face box per frame in crop pixels; mask (size, size) union of
                               the boxes; head_pose (T, 3) yaw/pitch/roll; speed (T,) head rotation
-                              speed in degrees per frame; speed_bucket (T,) index of the nearest bucket centre;
+                              speed in degrees per frame (emo_stream.face.head_speed);
                               synthetic sets add mouth (T,) the true mouth opening in [0, 1]
       clips/<id>/audio_features.npy   optional cached per-frame audio features (T, ...)
 """
@@ -19,23 +19,20 @@ from __future__ import annotations
 import json
 import logging
 import wave
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from emo_stream.errors import ConfigError
+from emo_stream.timeline import DEFAULT_FPS, SAMPLE_RATE, samples_per_frame
 
 log = logging.getLogger(__name__)
 
-FPS = 25
-SAMPLE_RATE = 16000
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
-
-# Head rotation speed bucket centres in degrees per frame, as the model's speed layers (configs/models/*.yaml
-# `speed.centers`; EMO maps speed onto d buckets: s_d = tanh((w - c_d) / r_d * 3)).
-DEFAULT_SPEED_CENTERS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0)
-DEFAULT_SPEED_RADIUS = 0.5
+FPS = DEFAULT_FPS
+SAMPLES_PER_FRAME = samples_per_frame(FPS)
+# head speed per frame: emo_stream.face.head_speed (one definition for preparing data and the model's unit);
+# its bucketing lives in the model config (configs/models/*.yaml `speed.centers`), not in the dataset
 
 
 @dataclass
@@ -69,38 +66,11 @@ class DatasetInfo:
     size: int
     fps: int = FPS
     sample_rate: int = SAMPLE_RATE
-    speed_centers: list[float] = field(default_factory=lambda: list(DEFAULT_SPEED_CENTERS))
-    speed_radius: float = DEFAULT_SPEED_RADIUS
     kind: str = "prepared"  # or "synthetic"
 
 
 def clip_dir(root: Path, clip_id: str) -> Path:
     return Path(root) / "clips" / clip_id
-
-
-def speed_to_bucket(speed: np.ndarray, centers=DEFAULT_SPEED_CENTERS) -> np.ndarray:
-    """Index of the nearest bucket centre for each rotation speed (degrees per frame)."""
-    c = np.asarray(centers, np.float32)
-    return np.abs(np.asarray(speed, np.float32)[:, None] - c[None, :]).argmin(axis=1).astype(np.int16)
-
-
-def head_speed(poses: np.ndarray, smooth: int = 3) -> np.ndarray:
-    """Per-frame head rotation speed in degrees per frame (the model's unit) from (T, 3) yaw/pitch/roll
-    in radians: norm of frame differences, smoothed because landmark poses jitter."""
-    poses = np.asarray(poses, np.float32)
-    if len(poses) < 2:
-        return np.zeros(len(poses), np.float32)
-    if smooth > 1 and len(poses) >= 2 * smooth:
-        # landmark poses jitter frame to frame; smooth the angles before differencing them
-        k = 2 * smooth - 1
-        padded = np.pad(poses, ((k // 2, k // 2), (0, 0)), mode="edge")
-        poses = np.stack([np.convolve(padded[:, j], np.ones(k) / k, mode="valid") for j in range(3)], axis=1)
-    d = np.degrees(np.linalg.norm(np.diff(poses, axis=0), axis=1))
-    d = np.concatenate([d[:1], d])
-    if smooth > 1 and len(d) >= smooth:
-        d = np.convolve(np.pad(d, (smooth // 2, smooth - 1 - smooth // 2), mode="edge"), np.ones(smooth) / smooth,
-                        mode="valid")
-    return d.astype(np.float32)
 
 
 def write_wav(path: Path, audio: np.ndarray, rate: int = SAMPLE_RATE) -> None:

@@ -19,6 +19,8 @@ from torch import nn
 
 from emo_stream.errors import ConfigError
 from emo_stream.models.emo_model import EmoModel
+from emo_stream.timeline import samples_per_frame
+from emo_stream.training.dataset_layout import FPS
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,6 @@ def enable_gradient_checkpointing(model) -> None:
 
 def audio_context_frames(model) -> tuple[int, int]:
     """(left, right) frames of audio around a clip the encoder gets, as the streaming backend gives it."""
-    from emo_stream.training.dataset_layout import FPS
-
     cfg = model.config.audio
     return int(round(cfg.left_context_seconds * FPS)), int(cfg.window)
 
@@ -68,11 +68,9 @@ def model_size_multiple(model) -> int:
 
 def audio_feature_fn(model_spec: str):
     """(audio 16 kHz, num_frames) -> (num_frames, 2m + 1, D) float16 features, for prepare's cache."""
-    from emo_stream.training.dataset_layout import FPS
-
     model = load_model(model_spec)
     left, right = audio_context_frames(model)
-    spf = 16000 // FPS
+    spf = samples_per_frame(FPS)
 
     def encode(audio: np.ndarray, num_frames: int) -> np.ndarray:
         padded = np.concatenate([np.zeros(left * spf, np.float32), audio, np.zeros(right * spf, np.float32)])
@@ -122,8 +120,8 @@ class TrainingModule(nn.Module):
             b = batch["target"].shape[0]
             return torch.zeros(b, frames, k, m.config.audio_feature_dim, device=batch["target"].device)
         left, _ = audio_context_frames(m)
-        spf = 16000 // 25
-        return torch.stack([m.audio_encoder.encode(a, left * spf, frames, 25) for a in batch["audio"]])
+        spf = samples_per_frame(FPS)
+        return torch.stack([m.audio_encoder.encode(a, left * spf, frames, FPS) for a in batch["audio"]])
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator, cond_drop: float = 0.0
                 ) -> torch.Tensor:

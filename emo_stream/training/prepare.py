@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from emo_stream.errors import ConfigError, EmoStreamError, OutputError
+from emo_stream.face import head_speed
 from emo_stream.training.dataset_layout import (FPS, SAMPLES_PER_FRAME, ClipRecord, DatasetInfo, append_manifest,
-                                                head_speed, read_manifest, speed_to_bucket, write_clip, write_info)
+                                                read_manifest, write_clip, write_info)
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def prepare_video(path: Path, out: Path, clip_prefix: str, opts: PrepareOptions,
         rec = ClipRecord(id=f"{clip_prefix}_{len(records):03d}", frames=len(frames), size=opts.size,
                          source=str(path), start_s=first / FPS)
         meta = dict(boxes=cboxes, mask=face_region_mask(cboxes, opts.size).astype(np.uint8), head_pose=poses,
-                    speed=speed, speed_bucket=speed_to_bucket(speed),
+                    speed=speed,
                     mouth_opening=np.array([f.mouth_opening() for f in faces], np.float32))
         write_clip(out, rec, crop, a, meta)
         if audio_encoder is not None:

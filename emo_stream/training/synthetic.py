@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from emo_stream.errors import ConfigError
+from emo_stream.face import head_speed
 from emo_stream.training.dataset_layout import (FPS, SAMPLES_PER_FRAME, ClipRecord, DatasetInfo, append_manifest,
-                                                head_speed, speed_to_bucket, write_clip, write_info)
+                                                write_clip, write_info)
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def make_clip(rng: np.random.Generator, ident: Identity, size: int, seconds: flo
     poses = np.stack([np.zeros(n), np.zeros(n), roll], axis=1).astype(np.float32)
     speed = head_speed(poses, smooth=1)
     meta = dict(boxes=boxes, mask=face_region_mask(boxes, size).astype(np.uint8), head_pose=poses, speed=speed,
-                speed_bucket=speed_to_bucket(speed), mouth_opening=mouth, eyes=eyes)
+                mouth_opening=mouth, eyes=eyes)
     return frames, audio, meta
 
 

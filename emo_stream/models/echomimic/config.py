@@ -89,6 +89,8 @@ class EchoMimicConfig:
     vae: dict[str, Any] | None = None
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SCHEDULER))
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # AnimateDiff's temporal modules normalise with 32 groups whatever the UNet's norm_num_groups
+    motion_norm_groups: int = 32
     # EchoMimic's ReferenceAttentionControl.update() casts the reference bank to this dtype even in fp32 runs
     bank_dtype: str = "float16"
     # what the unconditional branch of guidance drops (all three together, as EchoMimic's pipelines do)

@@ -89,7 +89,10 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
     """torch.load(weights_only=True) of a state-dict file, one-line errors (missing, truncated, not weights)."""
     from emo_stream.models.init_weights import read_state_dict
 
-    state = read_state_dict(path)
+    try:  # memory-mapped: the 3.4 GB UNet files are not copied into RAM before the model takes them
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format file, truncated, ...: the plain reader says what is wrong in one line
+        state = read_state_dict(path)
     if not isinstance(state, dict) or not state:
         raise WeightsError(f"{path}: not a state dict (got {type(state).__name__})")
     bad = next((k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)), None)

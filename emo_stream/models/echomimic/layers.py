@@ -123,8 +123,8 @@ class PerFrameGroupNorm(nn.GroupNorm):
         return y.reshape(b, f, c, h, w).transpose(1, 2)
 
     @classmethod
-    def replacing(cls, norm: nn.GroupNorm) -> "PerFrameGroupNorm":
-        new = cls(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine,
+    def replacing(cls, norm: nn.GroupNorm, num_groups: int | None = None) -> "PerFrameGroupNorm":
+        new = cls(num_groups or norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine,
                   device=norm.weight.device if norm.affine else None,
                   dtype=norm.weight.dtype if norm.affine else None)
         if norm.affine:
@@ -158,12 +158,17 @@ class FaceLocator(nn.Module):
         return self.conv_out(x)[:, :, None]
 
 
-def face_mask(box_xyxy, height: int, width: int) -> torch.Tensor:
+def face_mask(box_xyxy, height: int, width: int, clamp: bool = True) -> torch.Tensor:
     """EchoMimic's face mask (infer_audio2vid*.py): the box (x0, y0, x1, y1) in pixels grown by 10 % of its
-    height (rows) and width (columns) on each side -> (1, 1, 1, H, W) float32 in {0, 1}."""
+    height (rows) and width (columns) on each side -> (1, 1, 1, H, W) float32 in {0, 1}.
+
+    clamp=False keeps the original's numpy slicing exactly (a grown box starting above/left of the image gives
+    a negative start, which numpy counts from the far edge); clamp=True starts at 0 instead."""
     x0, y0, x1, y1 = (int(v) for v in box_xyxy)
     r_pad, c_pad = int((y1 - y0) * 0.1), int((x1 - x0) * 0.1)
+    top, left = y0 - r_pad, x0 - c_pad
+    if clamp:
+        top, left = max(top, 0), max(left, 0)
     mask = torch.zeros(height, width)
-    # numpy-style slicing as the original (a negative start wraps around there; clamp it here instead)
-    mask[max(y0 - r_pad, 0):y1 + r_pad, max(x0 - c_pad, 0):x1 + c_pad] = 1.0
+    mask[top:y1 + r_pad, left:x1 + c_pad] = 1.0
     return mask[None, None, None]

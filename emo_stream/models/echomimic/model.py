@@ -16,6 +16,9 @@ Parts (attribute names are also the checkpoint key prefixes):
     tokens = model.audio_tokens(waveform_16k)                # (frames, 50, 384), 24 fps
     v = model.denoise(latents, t, audio, face, with_reference, bank)   # one call, (R, 4, f, h, w)
     latents = echomimic_sampling.sample(model.denoiser_fn(bank), x, audio[None], face, settings)
+
+Per-call inputs reach the processors through one shared DenoiserContext: a model runs one denoise call at a
+time (batch several sessions into one call instead of calling from several threads).
 """
 
 from __future__ import annotations
@@ -59,12 +62,13 @@ def reference_unet_from_config(kwargs: dict) -> UNet2DConditionModel:
     return unet
 
 
-def denoiser_from_config(kwargs: dict) -> UNetMotionModel:
+def denoiser_from_config(kwargs: dict, motion_norm_groups: int = 32) -> UNetMotionModel:
+    """UNetMotionModel whose temporal modules normalise per frame with `motion_norm_groups` groups."""
     unet = UNetMotionModel(**kwargs)
     for name, module in unet.named_modules():
         if name.endswith("motion_modules") and isinstance(module, nn.ModuleList):
             for mm in module:
-                mm.norm = PerFrameGroupNorm.replacing(mm.norm)
+                mm.norm = PerFrameGroupNorm.replacing(mm.norm, motion_norm_groups)
     return unet
 
 
@@ -109,7 +113,7 @@ class EchoMimicModel(nn.Module):
     @classmethod
     def _build(cls, config: EchoMimicConfig) -> "EchoMimicModel":
         fl = config.face_locator
-        return cls(config, reference_unet_from_config(config.reference_unet), denoiser_from_config(config.denoiser),
+        return cls(config, reference_unet_from_config(config.reference_unet), denoiser_from_config(config.denoiser, config.motion_norm_groups),
                    FaceLocator(fl.out_channels, fl.conditioning_channels, fl.channels),
                    WhisperFeatures(config.whisper), AutoencoderKL(**config.vae) if config.vae else None)
 

@@ -38,7 +38,11 @@ def _need(case: dict, key: str, where: str = "case.json") -> Any:
 def config_from_case(case: dict) -> EchoMimicConfig:
     """Our EchoMimicConfig from a golden set's EchoMimic-style configs (GoldenFormatError for variants our
     model does not implement)."""
-    c2, c3 = _need(case, "unet_2d_config"), _need(case, "unet_3d_config")
+    import inspect
+
+    from diffusers import UNet2DConditionModel
+
+    c2, c3 = dict(_need(case, "unet_2d_config")), dict(_need(case, "unet_3d_config"))
     add = _need(case, "unet_additional_kwargs")
     mm = add.get("motion_module_kwargs", {})
     levels = len(c3["block_out_channels"])
@@ -47,34 +51,45 @@ def config_from_case(case: dict) -> EchoMimicConfig:
         [2 ** i for i in range(levels)] and add.get("use_motion_module", True) and not add.get(
             "motion_module_decoder_only", False),
         "a mid-block motion module": add.get("motion_module_mid_block", True),
-        "Vanilla motion modules with 2 Temporal_Self attentions and 1 block": add.get(
-            "motion_module_type", "Vanilla") == "Vanilla" and mm.get("attention_block_types") ==
-        ["Temporal_Self", "Temporal_Self"] and mm.get("num_transformer_block", 1) == 1,
-        "temporal position encoding": mm.get("temporal_position_encoding", True),
+        "Vanilla motion modules with 2 Temporal_Self attentions": add.get("motion_module_type", "Vanilla") ==
+        "Vanilla" and mm.get("attention_block_types", ["Temporal_Self"] * 2) == ["Temporal_Self", "Temporal_Self"],
+        "temporal position encoding": mm.get("temporal_position_encoding", False),
+        "temporal_attention_dim_div 1": mm.get("temporal_attention_dim_div", 1) == 1,
         "per-frame (inflated) group norm": add.get("use_inflated_groupnorm", True),
         "no cross-frame or extra temporal attention in the spatial blocks": not add.get(
             "unet_use_cross_frame_attention") and not add.get("unet_use_temporal_attention"),
+        "sinusoidal timesteps flip_sin_to_cos=True, freq_shift=0, center_input_sample=False":
+            c3.get("flip_sin_to_cos", True) and c3.get("freq_shift", 0) == 0 and not c3.get("center_input_sample"),
     }
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
         raise GoldenFormatError(f"case.json: unsupported EchoMimic variant (this model implements {bad[0]})")
+    # the 2D config is diffusers 0.24's UNet2DConditionModel kwargs, all still accepted
+    allowed = set(inspect.signature(UNet2DConditionModel.__init__).parameters) - {"self"}
+    unknown = sorted(set(c2) - allowed)
+    if unknown:
+        raise GoldenFormatError(f"case.json unet_2d_config: unknown key {unknown[0]!r}")
+    ref = sd15_reference_unet()
+    ref.update(c2)
     heads = c3["attention_head_dim"]
     if isinstance(heads, list):
+        if len(set(heads)) != 1:
+            raise GoldenFormatError("case.json unet_3d_config: per-level attention_head_dim is not supported")
         heads = heads[0]
-    ref = sd15_reference_unet(c2["block_out_channels"], c2["layers_per_block"], c2["attention_head_dim"],
-                              c2["norm_num_groups"])
-    ref.update(down_block_types=list(c2["down_block_types"]), up_block_types=list(c2["up_block_types"]),
-               sample_size=c2.get("sample_size", 64), norm_eps=c2.get("norm_eps", 1e-5),
-               cross_attention_dim=c2.get("cross_attention_dim", 768))
     den = sd15_denoiser(c3["block_out_channels"], c3["layers_per_block"], heads, c3["norm_num_groups"],
                         add["cross_attention_dim"], mm.get("num_attention_heads", 8),
-                        mm.get("temporal_position_encoding_max_len", 32))
+                        mm.get("temporal_position_encoding_max_len", 24))
     try:
         den.update(down_block_types=[_BLOCKS_3D[t] for t in c3["down_block_types"]],
                    up_block_types=[_BLOCKS_3D[t] for t in c3["up_block_types"]])
     except KeyError as exc:
         raise GoldenFormatError(f"case.json: unknown 3D block type {exc}") from None
-    den.update(sample_size=c3.get("sample_size", 64), norm_eps=c3.get("norm_eps", 1e-5))
+    for key in ("sample_size", "in_channels", "out_channels", "norm_eps", "act_fn", "mid_block_scale_factor",
+                "downsample_padding", "use_linear_projection"):
+        if key in c3:
+            den[key] = c3[key]
+    blocks = int(mm.get("num_transformer_block", 2))
+    den.update(temporal_transformer_layers_per_block=blocks, temporal_transformer_layers_per_mid_block=blocks)
     fl = _need(case, "face_locator")
     dims = _need(_need(case, "weights"), "whisper_dims", "case.json weights")
     return EchoMimicConfig(reference_unet=ref, denoiser=den, whisper={k: int(dims[k]) for k in (
@@ -82,6 +97,16 @@ def config_from_case(case: dict) -> EchoMimicConfig:
         face_locator=FaceLocatorConfig(channels=list(fl["block_out_channels"]),
                                        out_channels=int(fl["conditioning_embedding_channels"]),
                                        conditioning_channels=int(fl.get("conditioning_channels", 1))))
+
+
+def weights_set_of(case: dict) -> str | None:
+    """The weights set a golden set's case.json names ("acc" when it lists denoising_unet_acc.pth)."""
+    names = set(case.get("weights", {}))
+    if "denoising_unet_acc.pth" in names:
+        return "acc"
+    if "denoising_unet.pth" in names:
+        return "normal"
+    return None
 
 
 class _Golden:
@@ -141,7 +166,7 @@ def run_cases(golden_dir: Path, only: set[str] | None = None) -> dict[str, float
     weights = golden_dir / "weights"
     if not weights.is_dir():
         raise GoldenFormatError(f"{golden_dir}: no weights/ folder")
-    model = load_download(weights, config=config, with_vae=False)
+    model = load_download(weights, config=config, weights_set=weights_set_of(case), with_vae=False)
     scheduler_kwargs = case.get("noise_scheduler_kwargs", {})
     g = _Golden(golden_dir)
     errors: dict[str, float] = {}
@@ -159,7 +184,7 @@ def run_cases(golden_dir: Path, only: set[str] | None = None) -> dict[str, float
     fc = _need(case, "face_locator_case")
     ff = fc.get("file", "face_locator.safetensors")
     h, w = fc["image_hw"]
-    mask = face_mask(fc["face_box_xyxy_pixels"], h, w)
+    mask = face_mask(fc["face_box_xyxy_pixels"], h, w, clamp=False)
     if wanted("face_locator"):
         errors["face_locator.face_mask"] = _err(mask, g(ff, "face_mask"))
         face = model.face_feature(g(ff, "face_mask"))

@@ -90,25 +90,18 @@ def write_tiny_vae(folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
-def write_tiny_echomimic_folder(folder: str | Path, weights_set: str = "acc", seed: int = 0, channels: int = 32,
-                                vae: bool = True):
-    """Write a tiny EchoMimic download folder; returns the model it holds (for comparisons)."""
+def published_files(model, weights_set: str = "acc") -> dict[str, dict]:
+    """An EchoMimicModel's weights as the published files: {path in the download folder: what torch.save
+    writes there} (the inverse of the importer; no VAE)."""
     from emo_stream.models.echomimic.importer import FACE_LOCATOR, REFERENCE, WEIGHT_SETS
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = tiny_config(channels, weights_set=weights_set)
-    model = live_model(config, seed)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
     denoiser_file, motion_file = WEIGHT_SETS[weights_set]
-    torch.save(part("reference_unet."), folder / REFERENCE)
-    torch.save(part("face_locator."), folder / FACE_LOCATOR)
     den = part("denoiser.")
-    torch.save({k: v for k, v in den.items() if ".motion_modules." not in k}, folder / denoiser_file)
     motion = {}
     for k, v in den.items():
         if ".motion_modules." not in k:
@@ -119,10 +112,22 @@ def write_tiny_echomimic_folder(folder: str | Path, weights_set: str = "acc", se
                 motion[f"{base}attention_blocks.{j}.pos_encoder.pe"] = v
         else:
             motion[published_motion_key(k)] = v
-    torch.save(motion, folder / motion_file)
     whisper = {published_whisper_key(k): v.half() for k, v in part("whisper.encoder.").items()}
-    (folder / "audio_processor").mkdir(exist_ok=True)
-    torch.save({"dims": dict(config.whisper), "model_state_dict": whisper}, folder / "audio_processor" / "whisper_tiny.pt")
+    # OpenAI's dims also describe the text decoder, which EchoMimic never runs (and the file here omits)
+    dims = dict(model.config.whisper, n_vocab=64, n_text_ctx=16, n_text_state=64, n_text_head=2, n_text_layer=1)
+    return {REFERENCE: part("reference_unet."), FACE_LOCATOR: part("face_locator."),
+            denoiser_file: {k: v for k, v in den.items() if ".motion_modules." not in k}, motion_file: motion,
+            "audio_processor/whisper_tiny.pt": {"dims": dims, "model_state_dict": whisper}}
+
+
+def write_tiny_echomimic_folder(folder: str | Path, weights_set: str = "acc", seed: int = 0, channels: int = 32,
+                                vae: bool = True):
+    """Write a tiny EchoMimic download folder; returns the model it holds (for comparisons)."""
+    folder = Path(folder)
+    model = live_model(tiny_config(channels, weights_set=weights_set), seed)
+    for name, content in published_files(model, weights_set).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(content, folder / name)
     if vae:
         write_tiny_vae(folder / "sd-vae-ft-mse", seed)
     return model

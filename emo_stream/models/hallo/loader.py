@@ -52,7 +52,8 @@ def load_net_file(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
     except Exception as exc:  # truncated zip, pickle with code, not a torch file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"{path}: not a readable torch weights file ({first[:200]})") from None
+        first = first.split(". ")[0][:160]   # torch's messages run on; the first sentence says it
+        raise WeightsError(f"{path}: not a readable torch weights file, truncated or not a torch file ({first})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):

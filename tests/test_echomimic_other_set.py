@@ -1,0 +1,162 @@
+"""`emo-stream parity` is not tied to the shared golden set: a second set in the same format, at other sizes
+(wider and deeper UNets, 2 whisper layers, other face-locator widths, acc file names), written here in the
+published files' formats, replays through the same importer. Its reference outputs are made by our model, so
+this checks the plumbing (configs from case.json, file names, shapes), not EchoMimic's numbers: those are
+test_echomimic_model.py's job."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file as _save_file
+
+from server.cli import main as cli_main
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "echomimic-v1"
+
+_MOTION_BACK = [(r"\.attn1\.", ".attention_blocks.0."), (r"\.attn2\.", ".attention_blocks.1."),
+                (r"\.norm1\.", ".norms.0."), (r"\.norm2\.", ".norms.1."), (r"\.norm3\.", ".ff_norm.")]
+_WHISPER_BACK = {"self_attn.q_proj": "attn.query", "self_attn.k_proj": "attn.key", "self_attn.v_proj": "attn.value",
+                 "self_attn.out_proj": "attn.out", "self_attn_layer_norm": "attn_ln", "fc1": "mlp.0",
+                 "fc2": "mlp.2", "final_layer_norm": "mlp_ln"}
+
+
+def save_file(tensors: dict, path: str) -> None:
+    _save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
+def published_files(model) -> dict[str, dict]:
+    """Our EchoMimicModel's weights in the published files' key names (the inverse of the importer)."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ref = {k[len("reference_unet."):]: v for k, v in sd.items() if k.startswith("reference_unet.")}
+    den = {k[len("denoiser."):]: v for k, v in sd.items() if k.startswith("denoiser.") and ".motion_modules." not in k}
+    motion = {}
+    for k, v in sd.items():
+        if not (k.startswith("denoiser.") and ".motion_modules." in k):
+            continue
+        head, rest = re.match(r"denoiser\.(.*?\.motion_modules\.\d+)\.(.*)", k).groups()
+        if rest.endswith("pos_embed.pe"):
+            block = rest[: -len("pos_embed.pe")]
+            for j in (0, 1):
+                motion[f"{head}.temporal_transformer.{block}attention_blocks.{j}.pos_encoder.pe"] = v
+            continue
+        rest = "." + rest
+        for pat, new in _MOTION_BACK:
+            rest = re.sub(pat, new, rest)
+        motion[f"{head}.temporal_transformer{rest}"] = v
+    face = {k[len("face_locator."):]: v for k, v in sd.items() if k.startswith("face_locator.")}
+    whisper = {}
+    for k, v in sd.items():
+        if not k.startswith("whisper.encoder."):
+            continue
+        k = k[len("whisper.encoder."):]
+        if k == "embed_positions.weight":
+            k = "positional_embedding"
+        elif k.startswith("layer_norm."):
+            k = "ln_post." + k[len("layer_norm."):]
+        elif k.startswith("layers."):
+            _, n, rest = k.split(".", 2)
+            for ours, theirs in _WHISPER_BACK.items():
+                if rest.startswith(ours + "."):
+                    rest = theirs + rest[len(ours):]
+            k = f"blocks.{n}.{rest}"
+        whisper[f"encoder.{k}"] = v.half()
+    return {"reference_unet.pth": ref, "denoising_unet_acc.pth": den, "motion_module_acc.pth": motion,
+            "face_locator.pth": face,
+            "whisper_tiny.pt": {"dims": dict(model.config.whisper, n_vocab=64, n_text_ctx=16, n_text_state=64,
+                                             n_text_head=2, n_text_layer=1), "model_state_dict": whisper}}
+
+
+def make_set(root: Path) -> Path:
+    """A golden-format folder at other sizes, reference outputs computed by our model through the importer."""
+    from emo_stream.echomimic_sampling import EchoSampling, initial_latents, make_scheduler, sample
+    from emo_stream.models.echomimic.audio import frame_rows, log_mel
+    from emo_stream.models.echomimic.importer import load_download
+    from emo_stream.models.echomimic.layers import face_mask
+    from emo_stream.models.echomimic.model import EchoMimicModel
+    from emo_stream.models.echomimic.parity import config_from_case
+
+    case = json.loads((GOLDEN / "case.json").read_text())
+    new = copy.deepcopy(case)
+    for key in ("unet_2d_config", "unet_3d_config"):
+        new[key].update(block_out_channels=[32, 64, 64, 64], layers_per_block=2)
+    new["face_locator"].update(block_out_channels=[8, 8, 16, 32])
+    new["weights"] = {k.replace("denoising_unet.pth", "denoising_unet_acc.pth")
+                       .replace("motion_module.pth", "motion_module_acc.pth"): v for k, v in case["weights"].items()}
+    new["weights"]["whisper_dims"] = dict(case["weights"]["whisper_dims"], n_audio_layer=2)
+    new["face_locator_case"]["face_box_xyxy_pixels"] = [2, 3, 60, 70]   # grown box leaves the image (top/left)
+    sampler = new["sampler_cases"]
+    new["sampler_cases"] = {"acc_loop": sampler["acc_loop"], "std_long_video_cfg": sampler["std_long_video_cfg"]}
+    new["sampler_cases"]["acc_loop"]["num_inference_steps"] = 2
+    (root / "weights").mkdir(parents=True)
+    (root / "case.json").write_text(json.dumps(new))
+    shutil.copy(GOLDEN / "audio.wav", root / "audio.wav")
+
+    torch.manual_seed(0)
+    config = config_from_case(new)
+    for name, state in published_files(EchoMimicModel.build(config)).items():
+        torch.save(state, root / "weights" / name)
+    model = load_download(root / "weights", config=config_from_case(new), with_vae=False)
+
+    from emo_stream.models.echomimic.parity import _read_wav
+
+    wav = _read_wav(root / "audio.wav")
+    feats = model.audio_features(wav)
+    chunks = model.audio_tokens(wav, fps=24)
+    save_file({"waveform": wav, "log_mel": log_mel(wav), "whisper_features": feats, "whisper_chunks": chunks,
+               "chunk_feature_index": frame_rows(len(chunks), feats.shape[0], 24)}, str(root / "audio.safetensors"))
+    fc = new["face_locator_case"]
+    mask = face_mask(fc["face_box_xyxy_pixels"], *fc["image_hw"], clamp=False)
+    face = model.face_feature(mask)
+    save_file({"face_mask": mask, "face_feature": face}, str(root / "face_locator.safetensors"))
+
+    g = torch.Generator().manual_seed(5)
+    ref, x = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 12, 16, 16, generator=g)
+    t = torch.tensor([832])
+    audio = chunks[:12][None]
+    bank = model.encode_reference(ref)
+    pair = model.denoise(x.repeat(2, 1, 1, 1, 1), t[0], torch.cat([torch.zeros_like(audio), audio]),
+                         torch.cat([torch.zeros_like(face), face]), torch.tensor([False, True]), bank)
+    model.config.bank_dtype = "float32"
+    bank32 = model.encode_reference(ref)
+    model.config.bank_dtype = "float16"
+    save_file({"latents": x, "ref_latents": ref, "timestep": t,
+               "pred": model.denoise(x, t[0], audio, face, None, bank),
+               "pred_bank_fp32": model.denoise(x, t[0], audio, face, None, bank32),
+               "cfg_pred_uncond": pair[:1].contiguous(), "cfg_pred_cond": pair[1:].contiguous()},
+              str(root / "denoiser_single.safetensors"))
+
+    for name, sc in new["sampler_cases"].items():
+        acc = "_acc" in sc["pipeline"]
+        settings = EchoSampling(steps=sc["num_inference_steps"], guidance=sc["guidance_scale"],
+                                context_frames=sc["context_frames"], context_overlap=sc["context_overlap"],
+                                pseudo_velocity=acc, sum_unguided_overlaps=not acc)
+        frames = sc["video_length"]
+        x0 = initial_latents((1, 4, frames, 16, 16), torch.Generator().manual_seed(7))
+        ref = torch.randn(1, 4, 16, 16, generator=g)
+        steps: dict[str, torch.Tensor] = {}
+        sched = make_scheduler(**new["noise_scheduler_kwargs"])
+        final = sample(model.denoiser_fn(model.encode_reference(ref)), x0, chunks[:frames][None], face, settings,
+                       scheduler=sched, on_step=lambda i, v: steps.__setitem__(f"step{i}_model_output", v))
+        save_file({"initial_latents": x0, "ref_latents": ref, "final_latents": final,
+                   "timesteps": sched.timesteps.clone(), **steps}, str(root / f"{name}.safetensors"))
+    return root
+
+
+@pytest.mark.slow
+def test_parity_runs_on_another_set_in_the_format(tmp_path, capsys):
+    if not (GOLDEN / "case.json").is_file():
+        pytest.skip("../shared/golden/echomimic-v1 is not present")
+    torch.set_num_threads(1)
+    root = make_set(tmp_path / "other")
+    rc = cli_main(["parity", str(root)])
+    errors = json.loads(capsys.readouterr().out)
+    assert rc == 0, errors
+    assert "std_long_video_cfg.final_latents" in errors and "acc_loop.step1_model_output" in errors
+    assert max(errors.values()) <= 1e-6, errors
