@@ -169,7 +169,110 @@ def emo_records(size: int) -> list[dict[str, Any]]:
     ]
 
 
-COUNTERS: dict[str, Callable[[int], list[dict[str, Any]]]] = {"emo": emo_records}
+# ---- EchoMimic v1 --------------------------------------------------------------------------------------
+def _sd15_decoders() -> tuple[dict, dict]:
+    from emo_stream.models.config import load_config
+
+    cfg = load_config("sd15")
+    return cfg.vae, cfg.taesd
+
+
+def count_echomimic(weights: str, mode: str, size: int = 512) -> dict[str, Any]:
+    """EchoMimic v1 as emo_stream's EchoMimic backend runs it: offline, 12-frame context windows overlapping
+    by 3 (9 new frames per window); live, 8-frame segments denoised with the 4 held frames before them
+    (12 frames per call). acc weights: 6 steps without guidance; normal: 30 steps, guidance 2.5 (the
+    unconditional branch drops audio, face and reference). Audio: whisper-tiny over a 30 s mel window."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from emo_stream.models.echomimic.config import EchoMimicConfig
+    from emo_stream.models.echomimic.model import EchoMimicModel
+
+    vae_cfg, taesd_cfg = _sd15_decoders()
+    cfg = EchoMimicConfig(weights_set=weights, vae=vae_cfg)
+    steps, guidance = (6, 1.0) if weights == "acc" else (30, 2.5)
+    decoder = "taesd" if mode == "live" else "vae"
+    window, new = (12, 9) if mode == "offline" else (12, 8)
+    model = EchoMimicModel.build(cfg, empty=True).eval().to(META)
+    h = size // 8
+    holder: dict[str, Any] = {}
+    ref_t, _ = tflop(lambda: holder.__setitem__("bank", model.encode_reference(torch.zeros(1, 4, h, h, device=META))))
+    face_t, _ = tflop(lambda: holder.__setitem__("face", model.face_feature(torch.zeros(1, 1, size, size, device=META))))
+    try:
+        mel = torch.zeros(cfg.whisper["n_mels"], 3000, device=META)
+        audio_t, _ = tflop(lambda: model.whisper.features_from_mel(mel))
+        audio_note = "whisper-tiny encoder over one 30 s mel window, once per segment/window"
+    except Exception as exc:  # noqa: BLE001 (the audio encoder's share is small; say so rather than fail)
+        audio_t, audio_note = 0.0, f"not counted ({type(exc).__name__})"
+    tokens = torch.zeros(1, window, cfg.audio_tokens_per_frame, cfg.audio_dim, device=META)
+    x = torch.zeros(1, 4, window, h, h, device=META)
+    t = torch.tensor(500, device=META)
+    step_t, _ = tflop(lambda: model.denoise(x, t, tokens, holder["face"], None, holder["bank"]))
+    # the unconditional branch drops the reference: plain self-attention, as with no bank
+    uncond_t, _ = tflop(lambda: model.denoise(x, t, torch.zeros_like(tokens), None, None, None))
+    dec = AutoencoderTiny(**taesd_cfg) if decoder == "taesd" else AutoencoderKL(**vae_cfg)
+    dec = dec.to(META) if decoder == "taesd" else model.vae
+    dec_t, _ = tflop(lambda: dec.decode(torch.zeros(1, 4, h, h, device=META)))
+    per_step = step_t / new
+    parts = {"reference": ref_t / (AMORTISE_SECONDS * FPS), "motion": 0.0, "audio": audio_t / new,
+             "condition": face_t / (AMORTISE_SECONDS * FPS), "denoise": steps * per_step,
+             "guidance": steps * uncond_t / new if guidance != 1.0 else 0.0, "decode": dec_t}
+    return {"family": "echomimic-v1", "variant": f"EchoMimic v1 {weights} weights, {mode}", "mode": mode,
+            "steps": steps, "guidance": guidance, "decoder": decoder, "segment_frames": new,
+            "frames_per_denoiser_call": window, "size": size,
+            "tflop_per_frame_per_step": round(per_step, 4), "tflop_per_frame_total": round(sum(parts.values()), 4),
+            "parts": {k: round(v, 4) for k, v in parts.items()}, "reference_tflop_per_avatar": round(ref_t, 4),
+            "audio_counted": audio_note}
+
+
+def echomimic_records(size: int) -> list[dict[str, Any]]:
+    return [count_echomimic("normal", "offline", size), count_echomimic("acc", "offline", size),
+            count_echomimic("acc", "live", size)]
+
+
+# ---- Hallo ------------------------------------------------------------------------------------------
+def count_hallo(size: int = 512) -> dict[str, Any]:
+    """Hallo offline, as emo_stream.models.hallo samples a clip (bench/hallo_speed.py): per 16-frame clip the
+    ReferenceNet on the reference + 2 motion frames (twice with guidance), 40 guided DDIM steps, SD VAE.
+    The wav2vec2 audio encoder is not counted (its share is ~0.002 TFLOP per frame, as in EMO's)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+
+    from emo_stream.models.hallo.config import HalloConfig
+    from emo_stream.models.hallo.model import ClipInputs, HalloModel
+
+    vae_cfg, _ = _sd15_decoders()
+    cfg = HalloConfig(image_size=size)
+    with init_empty_weights(include_buffers=False):
+        model = HalloModel(cfg, None, vae=AutoencoderKL(**vae_cfg))
+    model = model.eval().to(META)
+    lat, f, nm = size // 8, cfg.clip_length, cfg.motion_frames
+    tok, adim = cfg.imageproj["cross_attention_dim"], cfg.audioproj["output_dim"]
+    z = lambda *shape: torch.zeros(*shape, device=META)  # noqa: E731
+    clip = ClipInputs(ref_latents=z(1 + nm, 4, lat, lat), face_tokens=z(1, 4, tok), uncond_face_tokens=z(1, 4, tok),
+                      audio_tokens=z(1, f, cfg.audioproj["context_tokens"], adim),
+                      masks=[tuple(z(1, (lat // 2 ** k) ** 2) for _ in range(3))
+                             for k in range(len(cfg.unet["block_out_channels"]))],
+                      face_feature=z(1, cfg.face_locator["conditioning_embedding_channels"], f, lat, lat))
+    guided = cfg.guidance > 1.0
+    ref_t, _ = tflop(lambda: model.prepare_reference(clip, guided))
+    x = z(1, 4, f, lat, lat)
+    t = torch.tensor(500, device=META)
+    both_t, _ = tflop(lambda: model.denoise(x, t, clip, guided))
+    one_t, _ = tflop(lambda: model.denoise(x, t, clip, False))
+    dec_t, _ = tflop(lambda: model.vae.decode(z(1, 4, lat, lat)))
+    per_step = one_t / f
+    parts = {"reference": ref_t / f, "motion": 0.0, "audio": 0.0, "condition": 0.0, "denoise": cfg.steps * per_step,
+             "guidance": cfg.steps * (both_t - one_t) / f if guided else 0.0, "decode": dec_t}
+    return {"family": "hallo", "variant": "Hallo, offline", "mode": "offline", "steps": cfg.steps,
+            "guidance": cfg.guidance, "decoder": "vae", "segment_frames": f, "motion_frames": nm, "size": size,
+            "tflop_per_frame_per_step": round(per_step, 4), "tflop_per_frame_total": round(sum(parts.values()), 4),
+            "parts": {k: round(v, 4) for k, v in parts.items()},
+            "notes": "reference = the ReferenceNet on reference + motion frames, once per clip (Hallo re-runs it); "
+                     "audio (wav2vec2) not counted; no live mode in this family"}
+
+
+COUNTERS: dict[str, Callable[[int], list[dict[str, Any]]]] = {
+    "emo": emo_records, "echomimic-v1": echomimic_records, "hallo": lambda size: [count_hallo(size)]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     records, missing = [], []
     for name in sorted(set(FAMILIES) | set(COUNTERS)):
         if name in COUNTERS:
-            records += COUNTERS[name](args.size)
+            try:
+                records += COUNTERS[name](args.size)
+            except Exception as exc:  # noqa: BLE001 (one family's counter must not hide the others)
+                logging.exception("counting %s failed", name)
+                missing.append(f"{name}: counter failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
         else:
             missing.append(f"{name}: registered family without a FLOP counter in bench/flops.py")
     default = [r for r in records if r.get("default")]
