@@ -136,7 +136,7 @@ def test_clear_config_errors(synth, tmp_path):
         config_from_dict({"stage": 1, "train": {}})
     with pytest.raises(ConfigError, match="unknown keys in 'train'"):
         config_from_dict({"data": {"root": "x"}, "train": {"learning_rate": 1}})
-    with pytest.raises(ConfigError, match="stage must be 1, 2 or 3"):
+    with pytest.raises(ConfigError, match="stage must be 1, 2, 3 or distill"):
         config_from_dict({"stage": 4, "data": {"root": "x"}})
     with pytest.raises(ConfigError, match="unknown trainable groups"):
         config_from_dict({"data": {"root": "x"}, "train": {"trainable": ["everything"]}})
