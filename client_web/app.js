@@ -8,6 +8,9 @@
   const TYPES = ["image/jpeg", "image/png", "image/webp"];
 
   let conn = null, pc = null, mic = null, sessionId = null, avatarId = null, avatarReadyText = null;
+  let fpsRun = 0;  // each start counts displayed frames anew; an older count must not write any more
+  const DEFAULT_POSTER = EmoSignal.apiUrl("/api/avatar.jpg");
+  video.poster = DEFAULT_POSTER;  // the avatar that will talk, shown before Start (and after Stop)
   window.emo = { frames: 0, stats: null, state: "idle" };  // read by tests and curious users
 
   function setState(text, cls) {
@@ -27,6 +30,7 @@
   function onEvent(msg) {
     switch (msg.type) {
       case "stats": {
+        if (msg.session !== sessionId) break;  // a last one in flight after stop
         window.emo.stats = msg;
         const lat = msg.latency_ms || {};
         $("latency").textContent = lat.p95 != null ? `${Math.round(lat.p95)} ms` : "-";
@@ -104,7 +108,8 @@
       $("viewer-link").href = reply.viewer_url;
       await pc.setRemoteDescription(reply.answer);
       stopBtn.disabled = false;
-      EmoSignal.countFrames(video, (fps) => { $("display-fps").textContent = fps.toFixed(1); });
+      const run = ++fpsRun;
+      EmoSignal.countFrames(video, (fps) => { if (run === fpsRun) $("display-fps").textContent = fps.toFixed(1); });
     } catch (err) {
       showError(err.message || String(err));
       await stop("error");
@@ -122,8 +127,9 @@
     video.srcObject = null;
     startBtn.disabled = false;
     stopBtn.disabled = true;
-    $("conn").textContent = "-";
-    $("session").textContent = "-";
+    fpsRun += 1;
+    for (const id of ["conn", "session", "latency", "fps", "display-fps", "av-offset"]) $(id).textContent = "-";
+    window.emo.stats = null;
     if (reason === "error") setState("error");
     else setState("idle");
     if (!reason && wasLive) notice("Stopped. Press Start talking to go again.");
@@ -150,12 +156,22 @@
       const reply = await announce;
       avatarId = reply.avatar;
       const img = $("avatar-preview");
+      if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
       img.src = URL.createObjectURL(file);
       img.hidden = false;
+      video.poster = img.src;
       $("avatar-status").textContent = sessionId ? "ready: used from the next start" : "ready: press start";
       avatarReadyText = $("avatar-status").textContent;
     } catch (err) {
-      $("avatar-status").textContent = "upload failed";
+      // the previous upload is not what will talk either: back to the built-in portrait, visibly
+      avatarId = null;
+      avatarReadyText = null;
+      const img = $("avatar-preview");
+      if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+      img.removeAttribute("src");
+      img.hidden = true;
+      video.poster = DEFAULT_POSTER;
+      $("avatar-status").textContent = "upload failed: the built-in portrait will talk";
       showError(err.message || String(err));
     }
   });

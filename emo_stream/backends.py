@@ -122,7 +122,7 @@ def create_backend(name: str | None = None, model: str | None = None, *, size: i
     if name is None:
         name = default_backend(model)
         if name == DEFAULT_BACKEND:
-            log.warning(EMO_NOTICE)
+            log.info(EMO_NOTICE)  # the normal first run: no warning each time
     spec = backend_spec(name)
     fps = spec.default_fps if fps is None else fps   # EMO and the preview 25, EchoMimic 24
     return spec.load_factory()(model=model, size=size, fps=fps, device=device, **options)

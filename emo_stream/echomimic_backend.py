@@ -34,7 +34,7 @@ from emo_stream.backend import AudioContext, BackendBase, SegmentJob
 from emo_stream.echomimic_sampling import (ACC, NORMAL, EchoDenoiser, Held, context_windows, initial_latents,
                                            make_scheduler, sample)
 from emo_stream.errors import ConfigError, ImageInputError
-from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
+from emo_stream.timeline import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,6 @@ class EchoMimicBackend(BackendBase):
         self._face_analyzer = face_analyzer
         self._silence: dict[int, torch.Tensor] = {}
         self._audio_lock = threading.Lock()
-        self._live_spf = samples_per_frame(fps) if SAMPLE_RATE % fps == 0 else None
         # whisper's look-ahead: a frame's last token row is 5 rows (100 ms) after it
         self.audio_context = AudioContext(left_samples=int(LEFT_CONTEXT_S * SAMPLE_RATE),
                                           lookahead_frames=int(np.ceil((ROWS - ROWS_BEFORE) / FEATURE_RATE * fps)))
@@ -339,8 +338,6 @@ class EchoMimicBackend(BackendBase):
 class ModelParts:
     """EchoParts over emo_stream.models.echomimic's EchoMimicModel, plus an optional TAESD decoder."""
 
-    VAE_SCALE = 0.18215  # EchoMimic's (and sd-vae-ft-mse's) latent scale
-
     def __init__(self, model: Any, taesd: Any = None):
         self.model, self.taesd = model, taesd
         self.weights = model.config.weights_set
@@ -358,19 +355,12 @@ class ModelParts:
         return (self.taesd if decoder == "taesd" else self.model.vae) is not None
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        vae = self.model.vae
-        if vae is None:
-            from emo_stream.errors import WeightsError
-
-            raise WeightsError("the model has no VAE to encode the portrait: put the sd-vae-ft-mse folder "
-                               "(stabilityai/sd-vae-ft-mse) into the model folder")
-        return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean * self.VAE_SCALE
+        return self.model.encode_image(images)
 
     def decode_latents(self, latents: torch.Tensor, decoder: str = "vae") -> torch.Tensor:
         if decoder == "taesd":  # TAESD decodes SD-scaled latents directly (its scaling_factor is 1)
             return self.taesd.decode(latents.to(self.taesd.device, self.taesd.dtype)).sample
-        vae = self.model.vae
-        return vae.decode(latents.to(vae.device, vae.dtype) / self.VAE_SCALE).sample
+        return self.model.decode_latents(latents)
 
     def reference_bank(self, ref_latents: torch.Tensor) -> Any:
         return self.model.encode_reference(ref_latents)

@@ -19,6 +19,7 @@ Not thread-safe: one call at a time per backend (the engine serialises model wor
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,10 +160,7 @@ class EmoBackend(BackendBase):
                                           lookahead_frames=cfg.audio.window)
         self._face_analyzer = face_analyzer
         self._silence: dict[int, torch.Tensor] = {}
-        self._scheduler_config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                                      steps_offset=1, timestep_spacing="trailing",
-                                      prediction_type="epsilon")
+        self._scheduler_config = cfg.noise.scheduler_kwargs()   # the checkpoint's own noise schedule
         self._scheduler_name = scheduler or cfg.sampling.scheduler
         if self._scheduler_name not in ("ddim", "lcm"):
             raise ConfigError(f"scheduler must be ddim or lcm (got {self._scheduler_name!r})")
@@ -182,6 +180,8 @@ class EmoBackend(BackendBase):
             raise ConfigError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} asked for, but CUDA is not available here (use --device cpu)")
+        if dev.type == "cpu":
+            _default_cpu_threads()
         m = load_model(model, device=dev, dtype=_parse_dtype(dtype, dev))
         unknown = set(options) - {"idle_steps", "face_analyzer", "scheduler", "compile", "channels_last"}
         if unknown:
@@ -345,10 +345,36 @@ class EmoBackend(BackendBase):
         return self.decode(jobs, self.denoise(jobs))
 
 
+def cpu_threads_default(cores: int | None = None) -> int:
+    """Torch threads for EMO on the CPU: half the cores, at most 8. Torch's default (every core) lost to
+    one thread by 3.4x on a 2-core box shared with the server's own threads (event loop, encoders, JPEG):
+    the diffusion thread pool and those threads fight over the same cores."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(8, cores // 2))
+
+
+def _default_cpu_threads() -> None:
+    # only when nobody chose: OMP_NUM_THREADS / MKL_NUM_THREADS, or torch.set_num_threads before loading
+    if any(os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+        return
+    if torch.get_num_threads() != _TORCH_THREADS_AT_IMPORT:
+        return
+    threads = cpu_threads_default()
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        log.info("EMO on the CPU: %d torch thread(s) of %d cores (OMP_NUM_THREADS chooses)", threads, os.cpu_count())
+
+
+_TORCH_THREADS_AT_IMPORT = torch.get_num_threads()  # torch's own choice unless changed before this import
+
+
 def create_backend(model: str | None = None, *, size: int = 512, fps: int = 25, device: str | None = None,
                    **options: Any) -> EmoBackend:
-    """Registry factory (emo_stream.backends): a checkpoint folder, init YAML or preset (default tiny)."""
-    model = model or "tiny"
+    """Registry factory (emo_stream.backends): a checkpoint folder, init YAML or preset."""
+    if not model:
+        # once this fell back to the tiny preset: minutes of random-weight noise after one warning line
+        raise ConfigError("the emo backend needs --model: a checkpoint folder (emo-stream train), an "
+                          "EchoMimic/Hallo download folder, or a preset like sd15/tiny for random-weight benchmarks")
     if model in PRESETS:
         # easy to get by mistake (--backend emo without --model): say why the video will be noise
         log.warning("EMO model %r is a preset with random weights: the video will be noise. For real "

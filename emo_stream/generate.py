@@ -96,17 +96,25 @@ def generate_file(backend: Backend, image: str | Path | np.ndarray, audio: str |
     return {"frames": written, "seconds": written / backend.fps, "out": str(out_path)}
 
 
+MP4_SUFFIXES = ("", ".mp4", ".m4v")  # what the writer makes is MP4 (H.264 + AAC) whatever the name says
+
+
 def check_writable(path: str | Path) -> None:
-    """Fail early, in one line, when the output file cannot be created."""
+    """Fail early, in one line, when the output file cannot be created where and as asked."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"cannot write {path}: it is a folder")
-    # missing folders are created by the writer: the nearest existing one must take new entries
+    if path.suffix.lower() not in MP4_SUFFIXES:
+        raise OutputError(f"cannot write {path}: the output is an MP4 (H.264 + AAC); name it with .mp4, "
+                          f"not {path.suffix}")
     parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {path}: {parent} is not a folder")
+    ancestor = parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot write {path}: {ancestor} is not a folder")
+    if ancestor != parent:  # a typo in the folder would otherwise quietly create a new tree
+        raise OutputError(f"cannot write {path}: the folder {parent} does not exist (create it first)")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise OutputError(f"cannot write {path}: permission denied")
 

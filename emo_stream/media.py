@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -33,9 +34,36 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ImageInputError(f"not a readable image: {path} ({exc.__class__.__name__})") from None
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
-    """Any PIL image -> RGB uint8, upright (EXIF), transparency over white, 16-bit/float scaled to 8 bits."""
-    img = ImageOps.exif_transpose(img)
+_EXIF_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                   4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                   7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _reduced(img: Image.Image, max_side: int) -> Image.Image:
+    """Shrink by a whole factor so the longer side is at most about `max_side`, upright (EXIF). JPEGs were
+    already decoded small (draft); this bounds the copies made after decoding (RGB, arrays) for the rest."""
+    orientation = img.getexif().get(0x0112, 1)
+    factor = -(-max(img.size) // max_side)
+    if img.mode == "1":
+        img = img.convert("L")  # 1 byte a pixel either way in Pillow; reduce() needs L
+    elif img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode.startswith("I;16"):
+        img = img.convert("I")
+    if factor > 1:
+        img = img.reduce(factor)
+    method = _EXIF_TRANSPOSE.get(orientation)
+    return img.transpose(method) if method is not None else img
+
+
+def _to_rgb(img: Image.Image, max_side: int | None = None) -> np.ndarray:
+    """Any PIL image -> RGB uint8, upright (EXIF), transparency over white, 16-bit/float scaled to 8 bits;
+    with `max_side`, shrunk early (before the full-size copies) so the longer side is at most about that."""
+    if max_side and max(img.size) > max_side:
+        img.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale (no-op otherwise)
+        img = _reduced(img, max_side)
+    else:
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # Pillow's convert("RGB") clips these to 0..255 (a 16-bit grey PNG comes out white): scale instead
         x = np.asarray(img, dtype=np.float64)
@@ -49,13 +77,14 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-def image_from_bytes(data: bytes) -> np.ndarray:
-    """Decode an uploaded image (PNG, JPEG, WebP...) to RGB uint8."""
+def image_from_bytes(data: bytes, max_side: int | None = None) -> np.ndarray:
+    """Decode an uploaded image (PNG, JPEG, WebP...) to RGB uint8; with `max_side`, no larger than about that
+    (a 5000x5000 upload must not cost gigabytes: the models work at 512 px)."""
     import io
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return _to_rgb(img)
+            return _to_rgb(img, max_side)
     except Image.DecompressionBombError:
         raise ImageInputError(f"image too large (more than {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels): "
                               f"use a smaller photo") from None
@@ -149,9 +178,14 @@ class Mp4Writer:
         self.samples_written = 0  # at OUT_RATE
         # open the file ourselves: FFmpeg would only fail at the first frame (after all the set-up work)
         # with a traceback, and would pick the container from the suffix (none for "out" or "out.mp4/")
+        # written under a hidden temporary name and renamed when complete: a killed run leaves no
+        # truncated (0-byte) MP4 under the real name for a later step to trip over
+        self._partial = self.path.with_name(f".{self.path.name}.partial")
+        if self.path.is_dir():
+            raise OutputError(f"cannot write {self.path}: it is a folder")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "wb")
+            self._file = open(self._partial, "wb")
         except OSError as exc:
             raise OutputError(f"cannot write {self.path}: {exc.strerror or exc.__class__.__name__}") from None
         self._container = av.open(self._file, mode="w", format="mp4")
@@ -223,12 +257,28 @@ class Mp4Writer:
         self._container.close()
         self._container = None
         self._file.close()
+        os.replace(self._partial, self.path)
+
+    def abort(self) -> None:
+        """Give up: nothing is left under the output name (nor the temporary one)."""
+        if self._container is None:
+            return
+        try:
+            self._container.close()
+        except Exception:  # a half-written container may not close cleanly; it is deleted anyway
+            pass
+        self._container = None
+        self._file.close()
+        self._partial.unlink(missing_ok=True)
 
     def __enter__(self) -> "Mp4Writer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
 
 
 def probe_durations(path: str | Path) -> dict:

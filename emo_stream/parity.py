@@ -75,13 +75,22 @@ def run_parity(golden_dir: str | Path, only: list[str] | None = None) -> dict[st
     names are listed, for runners that support it)."""
     case = read_case(golden_dir)
     runner = runner_for(case["model"])
+    kwargs = {}
     if only:
         import inspect
 
         if "only" not in inspect.signature(runner).parameters:
             raise GoldenFormatError(f"--case is not supported for model {case['model']!r}; run without it")
-        return runner(Path(golden_dir), only=set(only))
-    return runner(Path(golden_dir))
+        kwargs["only"] = set(only)
+    try:
+        return runner(Path(golden_dir), **kwargs)
+    except EmoStreamError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        # a case.json entry of the wrong type or shape: one line rather than a traceback (-v logs it)
+        log.debug("parity runner failed", exc_info=True)
+        raise GoldenFormatError(f"{golden_dir}: case.json or a reference file is not in the golden format "
+                                f"({type(exc).__name__}: {exc})") from None
 
 
 def failures(errors: dict[str, float], tolerance: float = TOLERANCE) -> list[str]:
@@ -90,7 +99,23 @@ def failures(errors: dict[str, float], tolerance: float = TOLERANCE) -> list[str
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------
+EPILOG = """\
+Every case section case.json lists is replayed (a set may leave any of them out); sizes, file names, seeds,
+boxes, windows, steps and guidance all come from case.json and the weight files, so any folder in the
+golden format works, not only the shared ones.
+
+exit status:
+  0  every case within the tolerance
+  1  some case above the tolerance (or NaN); the JSON is printed and stderr names the cases
+  2  not a golden set or broken files: one line on stderr naming the folder or file (and the key and shape
+     for weights), e.g. no case.json, an unknown "model", a listed output file or tensor missing, weights
+     missing or of another size
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("golden_dir", metavar="GOLDEN_DIR", help="a golden set folder (with case.json)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE,
                         help=f"max abs error allowed per case (default {TOLERANCE:g})")

@@ -48,6 +48,47 @@ def default_image(config: ServerConfig):
     return default_portrait(max(config.size, 256))  # painted large enough for face detection; framed to size later
 
 
+def reachable_address() -> str:
+    """This machine's address on the network it would route to (no packet is sent); loopback when none."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks the outgoing interface
+            return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail at once when another program holds the port (the real bind comes after the engine starts)."""
+    import socket
+
+    if not port:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server will
+            probe.bind(address)
+    except OSError as exc:
+        raise EmoStreamError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def poster_jpeg(image, size: int) -> bytes:
+    """The default portrait as a JPEG (longer side at most `size`): the talk page shows it before Start."""
+    import io
+
+    from PIL import Image
+
+    picture = Image.fromarray(image)
+    picture.thumbnail((size, size))
+    buf = io.BytesIO()
+    picture.convert("RGB").save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
 class StreamServer:
     """`await start()`, then `url`; `await stop()`. Tests may pass a ready backend or engine, and a clock."""
 
@@ -65,6 +106,7 @@ class StreamServer:
         self.port = config.port
         self._server: Server | None = None
         self._camera: Any = None
+        self._poster: bytes | None = None
         self._api: ApiContext | None = None
         self._connections = 0
 
@@ -79,10 +121,10 @@ class StreamServer:
         if self.config.public_url:
             return self.config.public_url.rstrip("/")
         host = self.config.host
+        if host in ("0.0.0.0", "::", ""):
+            host = reachable_address()  # 0.0.0.0 in a URL is no address another machine can open
         if ":" in host:
             host = f"[{host}]"
-        elif host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
         return f"{'https' if self.config.tls else 'http'}://{host}:{self.port}"
 
     @property
@@ -112,12 +154,14 @@ class StreamServer:
 
     async def start(self) -> None:
         cfg = self.config
+        check_port_free(cfg.host, cfg.port)  # before minutes of model loading, not after
         if self.engine is None:
             self.engine = await asyncio.to_thread(build_engine, cfg, self.clock, self._backend)
         await self.engine.start()
         self.avatars = AvatarStore(self.engine, cfg.limits.max_avatars, cfg.limits.max_image_pixels)
         image = await asyncio.to_thread(default_image, cfg)
         await self.avatars.set_default(image)
+        self._poster = await asyncio.to_thread(poster_jpeg, image, cfg.size)
         self.sessions = SessionManager(self.engine, cfg, self.clock)
         self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url)
         try:
@@ -147,7 +191,7 @@ class StreamServer:
                 raise ConfigError(f"cannot use tls_cert/tls_key: {exc}") from None
         return await serve(
             self._handle, cfg.host, cfg.port,
-            process_request=HttpRoutes(cfg, self.sessions, self.health),
+            process_request=HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster),
             max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
             max_queue=16,
             ping_interval=None,  # server.ws_api.Connection pings: it tells a slow reader from a stopped one

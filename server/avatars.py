@@ -20,6 +20,11 @@ from emo_stream.streaming import AvatarHandle, StreamingEngine, UnknownAvatarErr
 
 log = logging.getLogger(__name__)
 
+# uploads are decoded no larger than this (longer side): enough to find a face in a group photo and crop
+# it at the model's 512 px, without a 5000x5000 upload costing gigabytes and a stall
+DECODE_MAX_SIDE = 2048
+PREPARING_AT_ONCE = 2  # uploads decoded/prepared concurrently; more wait their turn (the model is shared)
+
 __all__ = ["AvatarStore", "UnknownAvatarError"]
 
 
@@ -32,7 +37,7 @@ class AvatarStore:
         self.max_pixels = max_pixels
         self.default: AvatarHandle | None = None
         self._by_digest: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self._lock = asyncio.Lock()  # one preparation at a time: it is heavy (face analysis, reference features)
+        self._slots = asyncio.Semaphore(PREPARING_AT_ONCE)  # heavy: decode, face analysis, reference features
 
     async def set_default(self, image: np.ndarray) -> AvatarHandle:
         self.default = await self.engine.prepare_avatar(image)
@@ -40,8 +45,8 @@ class AvatarStore:
 
     async def add(self, data: bytes) -> str:
         """Upload bytes -> avatar id. Raises ImageInputError / NoFaceError with a user-facing message."""
-        digest = hashlib.sha256(data).hexdigest()
-        async with self._lock:
+        async with self._slots:
+            digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())  # 8 MB: off the loop
             known = self._by_digest.get(digest)
             if known is not None:
                 try:
@@ -51,7 +56,11 @@ class AvatarStore:
                 except UnknownAvatarError:
                     pass
             image = await asyncio.to_thread(self._decode, data)
-            handle = await self.engine.prepare_avatar(image)
+            try:
+                handle = await self.engine.prepare_avatar(image)
+            finally:
+                del image
+                await asyncio.to_thread(_give_back_memory)
             self._by_digest[digest] = handle.id
             self._by_digest.move_to_end(digest)
             while len(self._by_digest) > self.max_avatars:
@@ -79,4 +88,15 @@ class AvatarStore:
             raise ImageInputError(f"avatar: {width}x{height} is too large (limit {self.max_pixels} pixels)")
         if min(width, height) < 64:
             raise ImageInputError(f"avatar: {width}x{height} is too small (at least 64 pixels a side)")
-        return image_from_bytes(data)
+        return image_from_bytes(data, DECODE_MAX_SIDE)
+
+
+def _give_back_memory() -> None:
+    """Decoding and preparing touch large temporary buffers in worker threads; glibc keeps freed memory in
+    per-thread arenas, so hand it back to the system (Linux/glibc only; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

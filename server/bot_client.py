@@ -258,9 +258,14 @@ def run(args: argparse.Namespace) -> int:
     from emo_stream.media import load_audio
 
     audio = load_audio(args.audio, sample_rate=SAMPLE_RATE)
-    avatar = Path(args.avatar).read_bytes() if args.avatar else None
     if args.avatar and not Path(args.avatar).is_file():
         raise EmoStreamError(f"avatar not found: {args.avatar}")
+    avatar = Path(args.avatar).read_bytes() if args.avatar else None
+    if avatar is not None and _content_type(avatar) is None:
+        raise EmoStreamError(f"avatar {args.avatar} is not an image: give a JPEG, PNG or WebP portrait")
+    from emo_stream.generate import check_writable
+
+    check_writable(args.out)
     summary = asyncio.run(stream_file(args.url, audio, args.out, token=args.token, avatar=avatar,
                                       chunk_ms=args.chunk_ms, realtime=args.realtime, timeout=args.timeout))
     print(json.dumps(summary))
@@ -280,7 +285,7 @@ async def stream_file(url: str, audio: np.ndarray, out: str | Path, *, token: st
     async with BotClient(url, token) as bot:
         avatar_id = None
         if avatar is not None:
-            avatar_id = await bot.upload_avatar(avatar, _content_type(avatar))
+            avatar_id = await bot.upload_avatar(avatar, _content_type(avatar) or "image/jpeg")
         info = await bot.start(sample_rate=SAMPLE_RATE, avatar=avatar_id, frames="jpeg")
 
         async def sender() -> None:
@@ -323,9 +328,9 @@ async def stream_file(url: str, audio: np.ndarray, out: str | Path, *, token: st
             "input_seconds": round(len(audio) / SAMPLE_RATE, 3), "finished": finished}
 
 
-def _content_type(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return "image/png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "image/jpeg"
+def _content_type(data: bytes) -> str | None:
+    """The upload type by the file's magic bytes (None: not an image the server takes)."""
+    for content_type, magics in protocol.IMAGE_TYPES.items():
+        if any(data.startswith(m) for m in magics) and (content_type != "image/webp" or data[8:12] == b"WEBP"):
+            return content_type
+    return None

@@ -7,10 +7,12 @@ loopback) every route except /healthz needs ?token=... or "Authorization: Bearer
 
 from __future__ import annotations
 
+import collections
 import hmac
 import json
 import logging
 import mimetypes
+import time
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -52,6 +54,41 @@ def response(status: int, body: bytes | str, content_type: str = "text/plain; ch
     return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
+class WrongTokenLimiter:
+    """Wrong tokens from one address: after `attempts` within `window_s` it is refused (429) until the
+    oldest falls out of the window, so guessing a token online is hopeless. Bounded memory."""
+
+    MAX_ADDRESSES = 4096
+
+    def __init__(self, attempts: int = 10, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.attempts = attempts
+        self.window_s = window_s
+        self.clock = clock
+        self._failures: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+
+    def _recent(self, address: str) -> collections.deque[float]:
+        now = self.clock()
+        times = self._failures.get(address, collections.deque())
+        while times and now - times[0] > self.window_s:
+            times.popleft()
+        return times
+
+    def retry_after(self, address: str) -> float:
+        """Seconds this address must wait before its next attempt counts (0: it may try now)."""
+        times = self._recent(address)
+        if len(times) < self.attempts:
+            return 0.0
+        return max(1.0, self.window_s - (self.clock() - times[0]))
+
+    def failed(self, address: str) -> None:
+        times = self._recent(address)
+        times.append(self.clock())
+        self._failures[address] = times
+        self._failures.move_to_end(address)
+        while len(self._failures) > self.MAX_ADDRESSES:
+            self._failures.popitem(last=False)
+
+
 def json_response(status: int, data: Any) -> Response:
     return response(status, json.dumps(data, indent=1), "application/json")
 
@@ -59,10 +96,13 @@ def json_response(status: int, data: Any) -> Response:
 class HttpRoutes:
     """websockets' process_request hook: pages, static files, health and session stats."""
 
-    def __init__(self, config: "ServerConfig", sessions: "SessionManager", health: Callable[[], dict]):
+    def __init__(self, config: "ServerConfig", sessions: "SessionManager", health: Callable[[], dict],
+                 poster: Callable[[], bytes | None] = lambda: None):
         self.config = config
+        self.poster = poster  # the default avatar as a JPEG (the talk page shows it before Start)
         self.sessions = sessions
         self.health = health
+        self.limiter = WrongTokenLimiter()
 
     def token_ok(self, request: Request, query: dict[str, list[str]]) -> bool:
         token = self.config.token
@@ -84,7 +124,15 @@ class HttpRoutes:
 
     async def __call__(self, connection: Any, request: Request) -> Response | None:
         try:
-            return self.route(request)
+            address = connection.remote_address[0] if getattr(connection, "remote_address", None) else "?"
+            wait = self.limiter.retry_after(address)
+            if wait and self.config.auth_required and self.config.token and request.path.split("?")[0] != "/healthz":
+                return response(429, f"too many wrong tokens from {address}: try again in {wait:.0f} s\n",
+                                extra={"Retry-After": str(int(wait + 0.999))})
+            reply = self.route(request)
+            if reply is not None and reply.status_code == 401:
+                self.limiter.failed(address)
+            return reply
         except MultipleValuesError as exc:  # e.g. two Authorization or Origin headers: ambiguous, refuse
             return response(400, f"header {exc} given more than once\n")
         except Exception:
@@ -104,12 +152,14 @@ class HttpRoutes:
             return None  # go on with the WebSocket handshake
         if path == "/favicon.ico":
             return response(204, b"")
-        if path.startswith("/static/"):  # scripts and styles are public; pages and data need the token
+        if path.startswith("/static/") and not path.lower().endswith(".html"):  # scripts, styles: public
             return self.static(path[len("/static/"):])
         if not self.token_ok(request, query):
             return response(401, "missing or wrong token: open the URL the server printed (it ends in ?token=...)\n")
         if path in PAGES:
             return self.static(PAGES[path], csp=True)
+        if path.startswith("/static/"):  # a page by its file name: the token was checked above
+            return self.static(path[len("/static/"):], csp=True)
         if path == "/api/sessions":
             return json_response(200, {"sessions": [s.stats() for s in self.sessions.all()]})
         if path.startswith("/api/sessions/"):
@@ -117,6 +167,9 @@ class HttpRoutes:
             if session is None:
                 return json_response(404, {"error": "no such session"})
             return json_response(200, session.stats())
+        if path == "/api/avatar.jpg":
+            poster = self.poster()
+            return response(200, poster, "image/jpeg") if poster else response(404, "no default avatar\n")
         if path == "/api/capacity":  # lets a page learn "busy" before asking for the mic
             if len(self.sessions) >= self.config.sessions.max_sessions:
                 return json_response(503, {"error": "busy", "message": "all session slots are in use"})

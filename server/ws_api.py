@@ -17,6 +17,7 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import urlsplit
 
 import numpy as np
 from websockets.exceptions import ConnectionClosed
@@ -258,6 +259,15 @@ class Connection:
         except ConnectionClosed:
             pass
 
+    def _viewer_url(self, session_id: str) -> str:
+        """Bound to every interface, the host this client reached us by is one it can open the viewer at."""
+        url = self.server.viewer_url(session_id)
+        request = getattr(self.ws, "request", None)
+        host = request.headers.get("Host") if request is not None else None
+        if host and not self.cfg.public_url and self.cfg.host in ("0.0.0.0", "::", ""):
+            url = urlsplit(url)._replace(netloc=host).geturl()
+        return url
+
     def _stats(self, session: ServerSession) -> dict:
         # frames_dropped: JPEG frames this connection's client read too slowly to get (oldest first)
         return protocol.stats({**session.stats(), "frames_dropped": self.outbox.dropped})
@@ -299,7 +309,7 @@ class Connection:
         self.session = session
         self.start_msg = msg
         session.add_listener(self._on_session_event)
-        reply: dict[str, Any] = protocol.session_started(session.id, self.server.viewer_url(session.id), self.cfg.fps,
+        reply: dict[str, Any] = protocol.session_started(session.id, self._viewer_url(session.id), self.cfg.fps,
                                                          self.cfg.size)
         try:
             if msg.webrtc is not None:

@@ -1,7 +1,11 @@
-"""Shared fixtures: test inputs are made here (espeak-ng speech) or read from ../shared/data (skipped if absent)."""
+"""Shared fixtures: test inputs are made here (espeak-ng speech, the built-in portrait) or read from
+../shared/data, which only adds realism (real photos and clips): core behaviour is tested without it.
+
+EMO_TESTS_NO_SHARED=1 runs the tests as a fresh clone without ../shared would (nothing there is read)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,13 +14,21 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED = REPO.parent / "shared"
+if os.environ.get("EMO_TESTS_NO_SHARED"):
+    SHARED = REPO / ".no-shared"  # as in a fresh clone: no ../shared next to it
+SHARED_DATA = SHARED / "data"
+
+
+def shared_data_dir() -> Path | None:
+    """../shared/data when present (real portraits, speech, clips), else None."""
+    return SHARED_DATA if (SHARED_DATA / "README.md").is_file() else None
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (real portraits, speech, clips); tests using it skip cleanly without it."""
-    if not (SHARED_DATA / "README.md").is_file():
+    if shared_data_dir() is None:
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
 
@@ -58,5 +70,14 @@ def speech_16k(speech_wav) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def portrait_path(shared_data) -> Path:
-    return shared_data / "clips" / "short_case_10" / "ref.jpg"
+def portrait_path(tmp_path_factory) -> Path:
+    """A real photo from ../shared/data when present, else the built-in painted portrait (512 px)."""
+    if shared_data_dir() is not None:
+        return SHARED_DATA / "clips" / "short_case_10" / "ref.jpg"
+    from PIL import Image
+
+    from emo_stream.preview.default_avatar import default_portrait
+
+    path = tmp_path_factory.mktemp("portrait") / "portrait.png"
+    Image.fromarray(default_portrait(512)).save(path)
+    return path

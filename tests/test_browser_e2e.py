@@ -91,6 +91,13 @@ def browser(tmp_path_factory):
         b.close()
 
 
+POSTER_WIDTH = """() => new Promise((done) => {
+  const img = new Image();
+  img.onload = () => done(img.naturalWidth);
+  img.onerror = () => done(0);
+  img.src = document.getElementById('avatar').poster;
+})"""
+
 INBOUND = """async () => {
   const out = {};
   const report = await window.emo.pc.getStats();
@@ -105,6 +112,9 @@ def test_talk_page_round_trip(browser, server_url, tmp_path):
     page.goto(server_url + "/")
     assert page.locator("button#start").is_visible() and page.locator("video#avatar").count() == 1
     assert page.locator("button#stop").is_disabled()
+    # before Start the avatar that will talk is shown (the server's default portrait), not a black box
+    assert page.get_attribute("video#avatar", "poster").split("?")[0].endswith("/api/avatar.jpg")
+    assert page.evaluate(POSTER_WIDTH) > 0
 
     # upload a portrait: prepared once on the server, used by the next start
     from PIL import Image
@@ -117,6 +127,20 @@ def test_talk_page_round_trip(browser, server_url, tmp_path):
     page.wait_for_function("() => document.getElementById('avatar-status').textContent.startsWith('ready')",
                            timeout=30000)
     assert page.locator("#avatar-preview").is_visible()
+    assert page.get_attribute("video#avatar", "poster").startswith("blob:") and page.evaluate(POSTER_WIDTH) > 0
+
+    # a failed upload clears the old thumbnail: the built-in portrait talks, and the page shows it
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 20)
+    page.set_input_files("#avatar-file", str(broken))
+    page.wait_for_function("() => document.getElementById('avatar-status').textContent.startsWith('upload failed')",
+                           timeout=30000)
+    assert not page.locator("#avatar-preview").is_visible()
+    assert page.get_attribute("video#avatar", "poster").split("?")[0].endswith("/api/avatar.jpg")
+    assert page.locator("#error").is_visible()
+    page.set_input_files("#avatar-file", str(portrait))  # and the good one again (known: no second preparation)
+    page.wait_for_function("() => document.getElementById('avatar-status').textContent.startsWith('ready')",
+                           timeout=30000)
 
     page.click("button#start")
     page.wait_for_function("() => window.emo.state === 'live'", timeout=20000)
@@ -144,20 +168,38 @@ def test_talk_page_round_trip(browser, server_url, tmp_path):
     assert stats["audio"]["totalAudioEnergy"] > 0  # the mic's speech comes back, not silence
 
     # lip sync as the browser plays it: both tracks' estimated playout positions (sender clock) agree
-    # within a couple of frames (each reading is only as fine as one video frame, 40 ms)
-    offsets = []
-    for _ in range(5):
-        now = page.evaluate(INBOUND)
-        a, v = now["audio"].get("estimatedPlayoutTimestamp"), now["video"].get("estimatedPlayoutTimestamp")
-        if a and v:
-            offsets.append(a - v)
-        page.wait_for_timeout(200)
-    if offsets:
-        assert abs(sorted(offsets)[len(offsets) // 2]) < 80, offsets
+    # within a couple of frames. One reading is only as fine as one video frame (40 ms) and wobbles more
+    # on a busy machine (a late decode), so: the median of 15 readings, in up to three windows - a real
+    # offset shows in every window, a load spike in one
+    medians = []
+    for _ in range(3):
+        offsets = []
+        for _ in range(15):
+            now = page.evaluate(INBOUND)
+            a, v = now["audio"].get("estimatedPlayoutTimestamp"), now["video"].get("estimatedPlayoutTimestamp")
+            if a and v:
+                offsets.append(a - v)
+            page.wait_for_timeout(100)
+        if not offsets:
+            break  # this chromium does not report playout estimates
+        medians.append(sorted(offsets)[len(offsets) // 2])
+        if abs(medians[-1]) < 80:
+            break
+    if medians and abs(medians[-1]) >= 80:
+        load = os.getloadavg()[0] / (os.cpu_count() or 1)
+        # a starved browser (load far above the cores) renders video late: that measures the machine, not
+        # the stream - the server's own offset is still asserted below; at normal load this must hold
+        if load <= 1.5:
+            raise AssertionError(f"lips vs sound in the browser: medians {medians} ms (limit 80)")
+        import warnings
+
+        warnings.warn(f"A/V offset {medians} ms not checked: load average {load:.1f} per core")
 
     # the server's live stats reach the page
     page.wait_for_function("() => window.emo.stats && window.emo.stats.playout.frames > 0", timeout=5000)
     assert page.locator("#latency").inner_text() != "-"
+    # and the server released audio and video together (what the browser measured above starts from this)
+    assert page.evaluate("window.emo.stats.playout.max_av_offset_ms") < 40
 
     # an OBS-style viewer of the same session
     viewer = context.new_page()
@@ -173,6 +215,9 @@ def test_talk_page_round_trip(browser, server_url, tmp_path):
     page.click("button#stop")
     _wait_sessions(server_url, 0, timeout=3)
     assert page.locator("button#start").is_enabled()
+    page.wait_for_timeout(1500)  # a stats push in flight at Stop must not bring old figures back
+    for figure in ("latency", "fps", "display-fps", "av-offset", "session"):
+        assert page.locator(f"#{figure}").inner_text() == "-", figure
     viewer.wait_for_function("() => document.getElementById('notice').textContent.length > 0", timeout=5000)
 
     # closing the tab mid-session frees the slot within 2 s (plus polling slack)

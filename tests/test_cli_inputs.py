@@ -52,21 +52,26 @@ def _write_stereo_mp3(path: Path, mono_16k: np.ndarray, rate: int = 44100) -> No
 
 
 @pytest.fixture(scope="module")
-def portrait(shared_data, tmp_path_factory) -> Path:
-    """A real portrait at 256 px (face detection stays fast)."""
+def portrait(portrait_path, tmp_path_factory) -> Path:
+    """A portrait at 256 px (face detection stays fast): a real photo with ../shared/data, else the built-in one."""
+    from tests.conftest import shared_data_dir
+
+    shared = shared_data_dir()
+    source = shared / "portraits" / "hallo_1.jpg" if shared is not None else portrait_path
     p = tmp_path_factory.mktemp("portrait") / "portrait.jpg"
-    Image.open(shared_data / "portraits" / "hallo_1.jpg").convert("RGB").resize((256, 256), Image.LANCZOS).save(p)
+    Image.open(source).convert("RGB").resize((256, 256), Image.LANCZOS).save(p)
     return p
 
 
 def test_odd_inputs_work_and_stay_in_sync(portrait, speech_16k, tmp_path, capsys):
-    """16-bit grey PNG portrait + stereo 44.1 kHz MP3 + --out in a missing folder, without a suffix."""
+    """16-bit grey PNG portrait + stereo 44.1 kHz MP3 + --out without a suffix."""
     grey16 = tmp_path / "grey16.png"
     grey = np.asarray(Image.open(portrait).convert("L"), np.uint16) * 257
     Image.fromarray(grey).save(grey16)  # mode I;16: Pillow's convert("RGB") used to turn it white
     mp3 = tmp_path / "speech.mp3"
     _write_stereo_mp3(mp3, speech_16k)
     out = tmp_path / "new" / "folder" / "result"
+    out.parent.mkdir(parents=True)
     rc, err = _cli(capsys, "generate", "--image", grey16, "--audio", mp3, "--out", out, "--size", SIZE,
                    "--no-progress")
     assert rc == 0, err
@@ -114,6 +119,11 @@ def _corrupt_wav(path: Path) -> Path:
     ("emo_guidance_nan", ["--backend", "emo", "--model", "tiny", "--guidance", "nan"], ["guidance"]),
     ("out_is_a_folder", ["--out", "{tmp}"], ["cannot write"]),
     ("out_under_a_file", ["--out", "{tmp}/notes.txt/x.mp4"], ["cannot write"]),
+    ("out_avi", ["--out", "{tmp}/x.avi"], ["cannot write", "MP4", ".avi"]),
+    ("out_in_a_missing_folder", ["--out", "{tmp}/no/such/x.mp4"], ["does not exist", "create it first"]),
+    ("preview_with_a_model", ["--backend", "preview", "--model", "tiny"], ["preview", "no model", "tiny"]),
+    ("emo_without_a_model", ["--backend", "emo"], ["needs --model", "checkpoint folder", "EchoMimic/Hallo",
+                                                   "sd15/tiny"]),
     ("corrupt_wav_header", ["--audio", "{tmp}/corrupt.wav"], ["cannot decode audio", "WAV"]),
     ("wav_header_says_7_hz", ["--audio", "{tmp}/rate7.wav"], ["7 Hz", "re-encode"]),
     ("tiny_photo", ["--image", "{tmp}/tiny.jpg"], ["too small"]),
@@ -187,14 +197,14 @@ def test_train_errors_are_one_line(sets, words, tmp_path, capsys):
     _assert_one_line_error(rc, err, "train", *words)
 
 
-def test_emo_without_a_model_warns_that_weights_are_random(caplog):
-    """`--backend emo` without --model falls back to the tiny preset: say so, or the noise looks like a bug."""
+def test_a_preset_warns_that_weights_are_random(caplog):
+    """The tiny/sd15 presets are for benchmarks: say so, or the noise looks like a bug."""
     import logging
 
     from emo_stream.backends import create_backend
 
-    with caplog.at_level(logging.WARNING, logger="emo_stream.backends"):
-        backend = create_backend("emo", None, size=SIZE, device="cpu", steps=1)
+    with caplog.at_level(logging.WARNING, logger="emo_stream"):
+        backend = create_backend("emo", "tiny", size=SIZE, device="cpu", steps=1)
     assert backend.name == "emo"
     assert any("random weights" in r.getMessage() for r in caplog.records)
 
@@ -220,3 +230,63 @@ def test_generate_checks_inputs_and_output_before_loading_the_model(portrait, sp
                    "--out", str(tmp_path), "--backend", "emo", "--model", str(tmp_path / "no-such-model"))
     _assert_one_line_error(rc, err, "generate", "folder")
     assert "model" not in err[0]
+
+
+def test_the_default_backend_notice_is_not_a_warning(caplog):
+    """No model, no backend: the preview, mentioned at INFO level (not a warning on every first run)."""
+    import logging
+
+    from emo_stream.backends import create_backend
+
+    with caplog.at_level(logging.INFO, logger="emo_stream"):
+        backend = create_backend(None, None, size=SIZE)
+    assert backend.name == "preview"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("preview" in r.getMessage() for r in caplog.records)
+
+
+def test_bot_avatar_that_is_no_image_is_a_one_line_error(speech_wav, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a portrait")
+    rc, err = _cli(capsys, "bot", "--url", "http://127.0.0.1:9", "--audio", speech_wav, "--out", tmp_path / "r.mp4",
+                   "--avatar", notes)
+    _assert_one_line_error(rc, err, "bot", "notes.txt is not an image", "JPEG")
+
+
+def test_a_port_in_use_is_reported_before_the_engine_starts(tmp_path):
+    import asyncio
+    import socket
+
+    from emo_stream.errors import EmoStreamError
+    from server.app import StreamServer
+    from server.config import load_config
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        # a model that does not exist: had the engine been built first, that would be the error
+        cfg = load_config(None, port=port, backend="emo", model=str(tmp_path / "no-such-model"))
+        with pytest.raises(EmoStreamError, match=f"cannot listen on 127.0.0.1:{port}"):
+            asyncio.run(StreamServer(cfg).start())
+
+
+def test_an_interrupted_write_leaves_no_file_under_the_output_name(tmp_path):
+    from emo_stream.media import Mp4Writer
+
+    out = tmp_path / "x.mp4"
+    with pytest.raises(KeyboardInterrupt):
+        with Mp4Writer(out, fps=FPS, size=SIZE) as w:
+            w.write_frames(np.zeros((3, SIZE, SIZE, 3), np.uint8))
+            assert not out.exists()  # written under a temporary name until complete
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with Mp4Writer(out, fps=FPS, size=SIZE) as w:
+        w.write_frames(np.zeros((3, SIZE, SIZE, 3), np.uint8))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.mp4"] and probe_durations(out)["frames"] == 3
+
+
+def test_cpu_emo_uses_half_the_cores_unless_told():
+    from emo_stream.emo_backend import cpu_threads_default
+
+    assert [cpu_threads_default(n) for n in (1, 2, 4, 16, 64)] == [1, 1, 2, 8, 8]

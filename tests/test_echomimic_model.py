@@ -13,8 +13,9 @@ import torch
 
 from emo_stream.errors import WeightsError
 from server.cli import main as cli_main
+from tests.conftest import SHARED
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "echomimic-v1"
+GOLDEN = SHARED / "golden" / "echomimic-v1"  # ../shared (tests.conftest; EMO_TESTS_NO_SHARED hides it)
 WEIGHTS = ("reference_unet.pth", "denoising_unet.pth", "motion_module.pth", "face_locator.pth", "whisper_tiny.pt")
 
 

@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import save_file as _save_file
 
 from server.cli import main as cli_main
+from tests.conftest import SHARED
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "echomimic-v1"
+GOLDEN = SHARED / "golden" / "echomimic-v1"  # ../shared (tests.conftest; EMO_TESTS_NO_SHARED hides it)
 
 _MOTION_BACK = [(r"\.attn1\.", ".attention_blocks.0."), (r"\.attn2\.", ".attention_blocks.1."),
                 (r"\.norm1\.", ".norms.0."), (r"\.norm2\.", ".norms.1."), (r"\.norm3\.", ".ff_norm.")]

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from emo_stream.echomimic_sampling import (ACC, NORMAL, EchoSampling, Held, context_windows, initial_latents,
                                            make_scheduler, pseudo_velocity, rotated, sample)
+from tests.conftest import SHARED
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "echomimic-v1"
+GOLDEN = SHARED / "golden" / "echomimic-v1"  # ../shared (tests.conftest; EMO_TESTS_NO_SHARED hides it)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Face detection, cropping and masks on real portraits (skipped without ../shared/data)."""
+"""Face detection, cropping and masks: on real portraits from ../shared/data when present, else on
+synthetic ones made here from the built-in portrait (mirrored, off-centre on a larger canvas)."""
 
 import numpy as np
 import pytest
@@ -13,11 +14,25 @@ def analyzer():
     return FaceAnalyzer()
 
 
-def test_finds_faces_in_real_portraits(shared_data, analyzer):
-    paths = sorted((shared_data / "portraits").glob("*.jpg"))
-    assert paths
-    for p in paths:
-        crop = prepare_portrait(load_image(p), 256, analyzer)
+def _portraits() -> list[np.ndarray]:
+    from tests.conftest import shared_data_dir
+
+    shared = shared_data_dir()
+    if shared is not None:
+        return [load_image(p) for p in sorted((shared / "portraits").glob("*.jpg"))]
+    from emo_stream.preview.default_avatar import default_portrait
+
+    face = default_portrait(384)
+    canvas = np.full((640, 900, 3), 90, np.uint8)  # a wide photo with the face off to one side
+    canvas[200:584, 480:864] = face
+    return [face, face[:, ::-1].copy(), canvas]
+
+
+def test_finds_faces_in_portraits(analyzer):
+    images = _portraits()
+    assert images
+    for image in images:
+        crop = prepare_portrait(image, 256, analyzer)
         assert crop.image.shape == (256, 256, 3)
         x0, y0, x1, y1 = crop.face.box
         # the face sits inside the crop, roughly centred, and the landmarks lie in its box
@@ -34,11 +49,11 @@ def test_no_face_is_a_clear_error(analyzer):
         analyzer.analyze(noise)
 
 
-def test_small_photos(shared_data, analyzer):
+def test_small_photos(analyzer):
     from PIL import Image
 
     # a 60 px photo of a face: found (upsampled once more); a 40 px one: "too small", not "use a frontal face"
-    photo = Image.open(shared_data / "portraits" / "hallo_1.jpg").convert("RGB")
+    photo = Image.fromarray(_portraits()[0])
     small = np.asarray(photo.resize((60, 60), Image.LANCZOS))
     assert analyzer.detect(small) is not None
     with pytest.raises(NoFaceError, match="too small"):

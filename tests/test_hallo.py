@@ -18,8 +18,9 @@ from emo_stream.models.hallo.config import HalloConfig
 from emo_stream.models.hallo.loader import detect, find_download, load_net_file
 from emo_stream.models.hallo.masks import boxes_from_dlib68, expand_box, region_masks
 from emo_stream.models.hallo.model import HalloModel
+from tests.conftest import SHARED
 
-GOLDEN = Path(__file__).resolve().parents[1] / ".." / "shared" / "golden" / "hallo"
+GOLDEN = SHARED / "golden" / "hallo"  # ../shared (tests.conftest; EMO_TESTS_NO_SHARED hides it)
 needs_golden = pytest.mark.skipif(not (GOLDEN / "case.json").is_file(), reason="../shared/golden/hallo absent")
 TOL = 1e-4
 

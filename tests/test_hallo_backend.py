@@ -3,7 +3,6 @@ motion frames, live segments continuing each other, Hallo2's motion-frame maskin
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,9 @@ import torch
 
 from emo_stream.backend import SegmentJob, capabilities
 from emo_stream.errors import ConfigError
+from tests.conftest import SHARED
 
-GOLDEN = Path(__file__).resolve().parents[1] / ".." / "shared" / "golden" / "hallo"
+GOLDEN = SHARED / "golden" / "hallo"  # ../shared (tests.conftest; EMO_TESTS_NO_SHARED hides it)
 pytestmark = pytest.mark.skipif(not (GOLDEN / "case.json").is_file(), reason="../shared/golden/hallo absent")
 SIZE = 128
 

@@ -508,3 +508,129 @@ def test_worker_drains_and_exits_on_sigterm(tmp_path):
             proc.kill()
     assert proc.returncode == 0, "".join(lines) + out
     assert "draining" in out
+
+
+async def test_generator_resamples_audio_at_another_rate(host, avatar):
+    """An agent sending another rate than announced (or stereo) is still published, resampled to the
+    announced rate and mixed to mono; the engine still gets every utterance and its end."""
+    from livekit.agents.voice.avatar import AudioSegmentEnd
+
+    from emo_stream.livekit.generator import EngineVideoGenerator
+
+    assert host.reserve()
+    session = host.open_session(avatar)
+    try:
+        gen = EngineVideoGenerator(session, fps=FPS, sample_rate=RATE)
+        gen.trace = __import__("collections").deque()
+        t = np.arange(48000) / 48000                                  # 1 s, 48 kHz stereo
+        stereo = np.repeat((8000 * np.sin(2 * np.pi * 200 * t)).astype(np.int16)[:, None], 2, axis=1)
+        for i in range(0, 48000, 4800):
+            part = stereo[i:i + 4800]
+            await gen.push_audio(rtc.AudioFrame(part.tobytes(), 48000, 2, len(part)))
+        await gen.push_audio(AudioSegmentEnd())
+        out, ended = [], False
+        async for item in gen:
+            if isinstance(item, rtc.AudioFrame):
+                assert (item.sample_rate, item.num_channels) == (RATE, 1)
+                out.append(np.frombuffer(item.data, dtype=np.int16))
+            elif isinstance(item, AudioSegmentEnd):
+                ended = True
+                break
+        assert ended
+        audio = np.concatenate(out)
+        assert abs(len(audio) - RATE) <= 0.01 * RATE                 # 1 s at 24 kHz
+        spectrum = np.abs(np.fft.rfft(audio[:RATE // 2].astype(np.float64)))
+        assert abs(np.argmax(spectrum) * 2 - 200) <= 4
+    finally:
+        await session.close()
+        host.release()
+
+
+class JobContextStandIn:
+    """What AvatarWorker.entrypoint uses of livekit-agents' JobContext."""
+
+    def __init__(self, job, room: StandInRoom) -> None:
+        self.job = job
+        self.room = room
+        self.reasons: list[str] = []
+
+    async def connect(self, auto_subscribe=None) -> None:
+        await self.room.connect()
+
+    def shutdown(self, reason: str = "") -> None:
+        self.reasons.append(reason)
+
+
+async def test_worker_entrypoint_serves_a_dispatched_room_and_frees_its_slot(host):
+    from livekit.agents import JobRequest
+    from livekit.protocol import agent as agent_proto
+    from livekit.protocol import models
+
+    from emo_stream.livekit.worker import AvatarWorker, WorkerConfig
+
+    worker = AvatarWorker(host, WorkerConfig())
+
+    async def accept(args):
+        pass
+
+    def dispatch(job_id: str, info: DispatchInfo):
+        job = agent_proto.Job(id=job_id, room=models.Room(name=f"room-{job_id}"), metadata=info.to_json())
+        return job, JobRequest(job=job, on_reject=None, on_accept=accept)
+
+    # a portrait name the worker does not have: the room ends with the reason, the slot comes back
+    bad_info = DispatchInfo(avatar_identity="avatar-e1", sender_identity="agent-e1", avatar="nobody")
+    job, request = dispatch("e1", bad_info)
+    await worker.on_request(request)
+    assert host.free_slots == host.capacity - 1
+    ctx = JobContextStandIn(job, StandInRoom(Hub(), "room-e1", "avatar-e1", kind=AGENT))
+    thread = LoopThread("job-e1")
+    await thread.submit(worker.entrypoint(ctx))
+    thread.close()
+    assert "unknown avatar 'nobody'" in ctx.reasons[0]
+    assert host.free_slots == host.capacity and not worker._senders
+
+    # a good dispatch: the job thread serves the agent until it leaves
+    hub = Hub()
+    info = DispatchInfo(avatar_identity="avatar-e2", sender_identity="agent-e2", sample_rate=RATE, seed=5)
+    job, request = dispatch("e2", info)
+    await worker.on_request(request)
+    agent = Agent(hub, "room-e2", "agent-e2", "avatar-e2")
+    await agent.connect()
+    ctx = JobContextStandIn(job, StandInRoom(hub, "room-e2", "avatar-e2", kind=AGENT))
+    thread = LoopThread("job-e2")
+    running = thread.submit(worker.entrypoint(ctx))
+    pcm = tts_audio(0.4, 8)
+    await agent.say(pcm)
+    await agent.wait_finished(1)
+    assert agent.finished[0].playback_position == pytest.approx(len(pcm) / RATE, abs=1e-6)
+    assert host.free_slots == host.capacity - 1 and worker._senders == {"agent-e2"}
+    await agent.room.disconnect()                              # the agent leaves: the avatar follows
+    await asyncio.wait_for(running, 20)
+    thread.close()
+    assert ctx.reasons == ["avatar finished"]
+    assert host.free_slots == host.capacity and not worker._senders
+
+
+async def test_a_portrait_is_loaded_and_prepared_once_per_worker(host):
+    from emo_stream.livekit.metadata import encode_image
+    from emo_stream.livekit.worker import AvatarWorker, WorkerConfig
+    from emo_stream.preview.default_avatar import default_portrait
+
+    worker = AvatarWorker(host, WorkerConfig())
+    loads = []
+    original = worker._load_image
+
+    def counting(info):
+        loads.append(info.image_key())
+        return original(info)
+
+    worker._load_image = counting
+    b64 = encode_image(default_portrait(200))
+    first = DispatchInfo(avatar_identity="a1", image_b64=b64, seed=1)
+    second = DispatchInfo(avatar_identity="a2", image_b64=b64, seed=2)   # another room, same portrait
+    h1, h2 = await asyncio.gather(worker.avatar_for(first), worker.avatar_for(second))
+    h3 = await worker.avatar_for(first)
+    assert h1 == h2 == h3
+    assert len(loads) <= 2 and len(set(loads)) == 1      # concurrent first requests may both decode
+    await worker.avatar_for(first)
+    assert len(loads) <= 2                               # later rooms: no decoding, no preparation

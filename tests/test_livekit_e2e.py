@@ -116,7 +116,7 @@ async def test_worker_against_a_real_livekit_server():
 
         assert finished[0].playback_position == pytest.approx(1.5, abs=0.05)
         assert not finished[0].interrupted
-        assert len(frames) > 25 and frames[-1] == (128, 128)            # the avatar's video reached the viewer
+        assert len(frames) > 25 and (128, 128) in frames                # the avatar's video reached the viewer
         loud = np.abs(np.concatenate(heard).astype(np.int32)) > 2000
         assert loud.sum() > 0.8 * RATE                                  # and the agent's voice with it (Opus)
         await avatar.aclose()

@@ -31,8 +31,8 @@ def test_dispatch_metadata_round_trip_and_errors():
 def test_portrait_travels_in_the_metadata_downscaled():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (900, 600, 3), dtype=np.uint8)
-    b64 = encode_image(image)
-    assert len(b64) < 200_000
+    b64 = encode_image(image)                       # noise: the worst case for JPEG
+    assert len(b64) <= 256 * 1024
     back = decode_image(b64)
     assert back.shape == (384, 256, 3)
     with pytest.raises(ImageInputError, match="base64"):

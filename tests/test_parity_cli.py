@@ -95,3 +95,34 @@ def test_emo_checkpoint_roundtrip_keeps_architecture(tmp_path):
 def test_convert_unknown_folder_is_one_line(tmp_path, capsys):
     code, _, err = _cli(capsys, "convert", tmp_path, "--out", tmp_path / "ckpt")
     assert code == 2 and len(err) == 1 and "not an emo-stream checkpoint" in err[0], err
+
+
+def test_emo_checkpoint_carries_its_noise_schedule(tmp_path):
+    """The schedule is saved with the model; sampling and training read it (defaults: SD1.5 epsilon)."""
+    import torch
+
+    from emo_stream.emo_backend import EmoBackend
+    from emo_stream.models import EmoModel, load_config
+    from emo_stream.training.model_adapter import TrainingModule
+
+    cfg = load_config("tiny")
+    assert (cfg.noise.prediction_type, cfg.noise.beta_schedule, cfg.uncond_drops) == ("epsilon", "scaled_linear",
+                                                                                      ["audio"])
+    cfg.noise.prediction_type, cfg.noise.rescale_betas_zero_snr = "v_prediction", True
+    EmoModel.build(cfg).save_pretrained(tmp_path)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["noise"]["prediction_type"] == "v_prediction" and saved["noise"]["rescale_betas_zero_snr"]
+    model = families.load_model(tmp_path)
+    backend = EmoBackend(model, size=64, steps=2)
+    assert backend._scheduler().config.prediction_type == "v_prediction"
+    assert float(backend._scheduler().alphas_cumprod[-1]) == 0.0          # zero terminal SNR
+    module = TrainingModule(model, stage=1)
+    assert module.prediction_type == "v_prediction" and float(module.alphas_cumprod[-1]) == 0.0
+    bad = load_config("tiny").to_dict()
+    bad["noise"]["prediction_type"] = "sample"
+    from emo_stream.errors import ConfigError
+    from emo_stream.models.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="prediction_type"):
+        config_from_dict(bad)
+    assert torch.is_tensor(module.alphas_cumprod)

@@ -1,4 +1,5 @@
-"""`emo-stream prepare` on real talking-head clips, plus a corrupt file and a faceless video made here."""
+"""`emo-stream prepare` on talking-head clips (real ones from ../shared/data, else made here by the preview
+animator from the built-in portrait and espeak speech), plus a corrupt file and a faceless video made here."""
 
 from __future__ import annotations
 
@@ -16,11 +17,33 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def prepared(shared_data, tmp_path_factory):
+def talking_heads(tmp_path_factory, speech_wav) -> dict:
+    """name -> talking-head MP4: real clips (25 and 30 fps) from ../shared/data, else two made here."""
+    from tests.conftest import shared_data_dir
+
+    shared = shared_data_dir()
+    if shared is not None:
+        return {name: shared / "clips" / name / "gt.mp4" for name in ("short_case_10", "emo_talk_emotion")}
+    from emo_stream.backends import create_backend
+    from emo_stream.generate import generate_file
+    from emo_stream.preview.default_avatar import default_portrait
+
+    folder = tmp_path_factory.mktemp("made")
+    backend = create_backend("preview", size=192)
+    portrait = default_portrait(256)
+    clips = {}
+    for name, image in (("built_in", portrait), ("built_in_mirrored", portrait[:, ::-1].copy())):
+        clips[name] = folder / f"{name}.mp4"
+        generate_file(backend, image, speech_wav, clips[name], progress=False)
+    return clips
+
+
+@pytest.fixture(scope="module")
+def prepared(talking_heads, tmp_path_factory):
     videos = tmp_path_factory.mktemp("videos")
-    for name in ("short_case_10", "emo_talk_emotion"):  # 25 and 30 fps sources
-        (videos / f"{name}.mp4").symlink_to(shared_data / "clips" / name / "gt.mp4")
-    (videos / "broken.mp4").write_bytes((shared_data / "clips" / "short_case_10" / "gt.mp4").read_bytes()[:4000])
+    for name, path in talking_heads.items():
+        (videos / f"{name}.mp4").symlink_to(path)
+    (videos / "broken.mp4").write_bytes(next(iter(talking_heads.values())).read_bytes()[:4000])
     rng = np.random.default_rng(0)
     with Mp4Writer(videos / "sub" / "noface.mp4", fps=25, size=96) as w:  # noise, with a tone as audio
         w.write_frames(rng.integers(0, 255, (50, 96, 96, 3), dtype=np.uint8))
@@ -34,10 +57,10 @@ def prepared(shared_data, tmp_path_factory):
     return videos, out, opts, report
 
 
-def test_prepares_real_clips_and_reports_bad_videos(prepared):
+def test_prepares_clips_and_reports_bad_videos(prepared, talking_heads):
     videos, out, _, report = prepared
     clips = read_manifest(out)
-    assert sorted(c.source.split("/")[-1] for c in clips) == ["emo_talk_emotion.mp4", "short_case_10.mp4"]
+    assert sorted(c.source.split("/")[-1] for c in clips) == sorted(f"{n}.mp4" for n in talking_heads)
     skipped = report["skipped"]
     assert set(skipped) == {str(videos / n) for n in ("broken.mp4", "sub/noface.mp4", "short.mp4")}
     assert "too short" in skipped[str(videos / "short.mp4")]
@@ -46,7 +69,7 @@ def test_prepares_real_clips_and_reports_bad_videos(prepared):
     assert json.loads((out / "report.json").read_text())["clips"] == 2
 
 
-def test_clip_contents_are_25fps_crops_with_synced_audio(prepared, shared_data):
+def test_clip_contents_are_25fps_crops_with_synced_audio(prepared):
     _, out, _, _ = prepared
     for rec in read_manifest(out):
         d = out / "clips" / rec.id
@@ -87,7 +110,7 @@ def test_clear_errors(tmp_path):
         prepare_dataset(tmp_path / "empty", tmp_path / "out", PrepareOptions(size=SIZE))
 
 
-def test_rotated_phone_video_is_turned_upright(shared_data, tmp_path):
+def test_rotated_phone_video_is_turned_upright(talking_heads, tmp_path):
     """Phones store portrait video sideways plus a display rotation; players (and prepare) turn it upright."""
     import shutil
     import subprocess
@@ -102,7 +125,7 @@ def test_rotated_phone_video_is_turned_upright(shared_data, tmp_path):
     phone, sideways = videos / "phone.mp4", tmp_path / "sideways.mp4"
     # pixels turned a quarter clockwise, then (stream copy) tagged to be shown turned back: FFmpeg 5 writes
     # the tag as the display matrix
-    subprocess.run([ffmpeg, "-loglevel", "error", "-i", str(shared_data / "clips" / "short_case_10" / "gt.mp4"),
+    subprocess.run([ffmpeg, "-loglevel", "error", "-i", str(next(iter(talking_heads.values()))),
                     "-t", "1.4", "-vf", "transpose=1,scale=192:192", "-c:a", "aac", str(sideways)], check=True)
     subprocess.run([ffmpeg, "-loglevel", "error", "-i", str(sideways), "-c", "copy", "-metadata:s:v:0", "rotate=90",
                     str(phone)], check=True)

@@ -224,14 +224,21 @@ async def test_speech_after_idle_and_onset(image):
 
 async def test_clear_drops_queued_work_and_returns_to_idle(image):
     clock = FakeClock()
-    engine = await open_engine(TickBackend(), clock, segment_frames=4, output_frames=12, input_seconds=2.0)
+    # the gate holds generation still while clear() and stats() are checked: otherwise a worker thread
+    # may already deliver the first post-clear idle frames between the two calls (a test race only)
+    gate = threading.Event()
+    gate.set()
+    backend = TickBackend(on_generate=lambda jobs: gate.wait(10))
+    engine = await open_engine(backend, clock, segment_frames=4, output_frames=12, input_seconds=2.0)
     session = engine.open_session(await engine.prepare_avatar(image))
     await session.push_audio(tone(1.8))   # fits the input queue
     first = await read_until(session, lambda f: f.speech)
     first += [await session.next_frame() for _ in range(3)]
     assert session.stats()["input_queue_s"] > 0.5
+    gate.clear()     # jobs already past the gate belong to the old epoch: clear() discards them
     session.clear()
     st = session.stats()
+    gate.set()
     # queued audio and frames are gone; two idle frames holding the last picture bridge to the backend
     assert st["input_queue_s"] == 0 and st["output_queue_frames"] == 2
     after = await drain(session, 0.2)

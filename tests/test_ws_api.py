@@ -196,6 +196,78 @@ async def test_avatar_upload_is_prepared_once(server):
         assert info["session"]
 
 
+def _rss_mib() -> float:
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        pytest.skip("no /proc/self/statm: RSS not measurable here")
+
+
+async def test_an_image_bomb_upload_stalls_no_session_and_its_memory_comes_back(server, monkeypatch):
+    """5000x5000 one-bit PNGs (a few KB each, exactly at the 25 MP limit): decoded small and, like the
+    hashing, off the event loop, so another session's frames keep coming; the memory is given back."""
+    import gc
+    import threading
+
+    from PIL import Image
+
+    import emo_stream.streaming.avatars as engine_avatars
+    import server.avatars as server_avatars
+
+    seen = []  # (what, thread, shape) of the heavy steps
+
+    def spy(what, fn):
+        def wrapped(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            shape = getattr(result, "shape", None) if what == "decode" else getattr(args[0], "shape", None)
+            seen.append((what, threading.current_thread() is threading.main_thread(), shape))
+            return result
+        return wrapped
+
+    monkeypatch.setattr(server_avatars, "image_from_bytes", spy("decode", server_avatars.image_from_bytes))
+    monkeypatch.setattr(engine_avatars, "avatar_key", spy("hash", engine_avatars.avatar_key))
+    bombs = []
+    for i in range(3):  # different bytes each: no upload is recognised as already prepared
+        picture = Image.new("1", (5000, 5000), 1)
+        picture.putpixel((i, i), 0)
+        buf = io.BytesIO()
+        picture.save(buf, format="PNG", optimize=True)
+        bombs.append(buf.getvalue())
+    assert max(len(b) for b in bombs) < 20_000
+    async with BotClient(server.base_url, inbox=10_000) as good, BotClient(server.base_url) as uploader:
+        await good.start(frames="jpeg")
+        await _until(good, lambda i: isinstance(i, ReceivedFrame) and i.index >= 10)  # playing steadily
+        gc.collect()
+        rss_before = _rss_mib()
+
+        async def upload_all():
+            for bomb in bombs:
+                try:
+                    await uploader.upload_avatar(bomb, "image/png")
+                except BotError as exc:  # a blank picture has no face: that may be the answer, never a crash
+                    assert exc.code == "bad_image", exc
+
+        uploads = asyncio.ensure_future(upload_all())
+        during = 0
+        async for item in good.receive(timeout=30):  # the other session's frames while the uploads run
+            during += isinstance(item, ReceivedFrame)
+            if uploads.done():
+                break
+        await uploads
+        gc.collect()
+        rss_after = _rss_mib()
+    assert during >= 3  # it was never frozen for the whole of three uploads
+    # every decode and hash ran in a worker thread, at a bounded size
+    decodes = [x for x in seen if x[0] == "decode"]
+    assert len(decodes) == 3 and not any(on_loop for _, on_loop, _ in seen), seen
+    assert all(max(shape[:2]) <= server_avatars.DECODE_MAX_SIDE for _, _, shape in decodes), decodes
+    # decoding full size used to keep ~180 MiB per upload; bounded decoding and malloc_trim give it back
+    assert rss_after - rss_before < 120, (rss_before, rss_after)
+
+
 def _png_header(width: int, height: int) -> bytes:
     """A tiny PNG that claims width x height pixels (a decompression bomb's shape, without the bytes)."""
     import struct
@@ -432,6 +504,53 @@ async def test_token_auth_when_configured(backend):
         async with BotClient(srv.base_url, token="secret-token-123") as bot:
             info = await bot.start(frames="none")
             assert "token=secret-token-123" in info["viewer_url"]
+        # the talk page under /static/ is a page too; its scripts and styles stay public
+        assert (await _get(srv.base_url + "/static/index.html"))[0] == 401
+        assert (await _get(srv.base_url + "/static/INDEX.HTML"))[0] == 401
+        assert (await _get(srv.base_url + "/static/index.html?token=secret-token-123"))[0] == 200
+        assert (await _get(srv.base_url + "/static/app.js"))[0] == 200
+    finally:
+        await srv.stop()
+
+
+async def test_wrong_tokens_are_rate_limited(backend):
+    srv = await _server(backend, token="secret-token-123")
+    try:
+        statuses = [(await _get(srv.base_url + f"/?token=guess-{i}"))[0] for i in range(12)]
+        assert statuses[:8] == [401] * 8 and statuses[-1] == 429  # 10 wrong tries a minute (a few 401s above)
+        # now even the right token waits, for pages and the WebSocket alike; health stays open
+        assert (await _get(srv.base_url + "/?token=secret-token-123"))[0] == 429
+        with pytest.raises(BotError, match="429"):
+            async with BotClient(srv.base_url, token="secret-token-123"):
+                pass
+        assert (await _get(srv.base_url + "/healthz"))[0] == 200
+    finally:
+        await srv.stop()
+
+
+def test_wrong_token_limiter_forgets_after_its_window():
+    from server.http import WrongTokenLimiter
+
+    now = [0.0]
+    limiter = WrongTokenLimiter(attempts=3, window_s=60, clock=lambda: now[0])
+    for _ in range(3):
+        assert limiter.retry_after("10.0.0.1") == 0
+        limiter.failed("10.0.0.1")
+    assert limiter.retry_after("10.0.0.1") == pytest.approx(60) and limiter.retry_after("10.0.0.2") == 0
+    now[0] = 61.0
+    assert limiter.retry_after("10.0.0.1") == 0
+
+
+async def test_bound_to_all_interfaces_the_urls_name_a_reachable_host(backend):
+    from server.app import reachable_address
+
+    srv = await _server(backend, host="0.0.0.0", token="secret-token-123")
+    try:
+        assert "0.0.0.0" not in srv.base_url and f"//{reachable_address()}:" in srv.base_url
+        # a client gets the viewer link at the host it reached the server by
+        async with BotClient(f"http://localhost:{srv.port}", token="secret-token-123") as bot:
+            info = await bot.start(frames="none")
+        assert info["viewer_url"].startswith(f"http://localhost:{srv.port}/viewer?session=")
     finally:
         await srv.stop()
 
@@ -488,3 +607,34 @@ async def test_a_fast_bot_meets_backpressure(backend):
         await bot.close()
     finally:
         await srv.stop()
+
+
+async def test_time_lost_in_an_engine_stall_is_won_back_on_idle_frames(server):
+    """The engine held up for a second (e.g. a long avatar preparation holding the model): the playout
+    re-anchors, then leaves out idle frames until the stream is back on time (not seconds behind for
+    minutes), with only the one-frame cushion waiting in the engine."""
+    import threading
+    import time
+
+    async with BotClient(server.base_url, inbox=10_000) as bot:
+        await bot.start(frames="none")
+        await asyncio.sleep(1.0)
+        session = server.sessions.all()[0]
+        before = session.stats()["playout"]
+
+        def hold_the_model():
+            with server.engine._model_lock:
+                time.sleep(1.0)
+
+        stall = threading.Thread(target=hold_the_model)
+        stall.start()
+        await asyncio.to_thread(stall.join)
+        for _ in range(100):  # 10 s at most
+            await asyncio.sleep(0.1)
+            now = session.stats()
+            won_back = now["playout"]["skipped_idle_frames"] - before["skipped_idle_frames"]
+            if won_back >= 15 and now["output_queue_frames"] <= 3:
+                break
+        assert now["playout"]["reanchors"] > before["reanchors"]  # the stall did put the stream behind
+        assert won_back >= 15, now["playout"]  # ~25 frames were lost; nearly all come back as left-out idle
+        assert now["output_queue_frames"] <= 3, now

@@ -86,7 +86,7 @@ class EngineVideoGenerator(VideoGenerator):
         self._resampler_key: tuple[int, int] | None = None
         self._epoch = 0
         self.av_sync: rtc.AVSynchronizer | None = None   # set by the job: cleared on interrupt
-        # what was yielded, for tests and stats: (kind, speech) per item, bounded
+        # set to a deque to record what is yielded, (kind, speech) per item (tests, benchmarks)
         self.trace: deque[tuple[str, bool]] | None = None
         self.cleared_at_trace: list[int] = []
         self._speaking = False
@@ -173,8 +173,8 @@ class EngineVideoGenerator(VideoGenerator):
             self._speaking = frame.speech
             self._record("video", frame.speech)
             yield _video_frame(frame.image)
-            if not frame.speech:
-                continue
+            if not frame.speech or epoch != self._epoch:
+                continue   # idle, or interrupted while the runner was publishing this frame
             utterance = self._utterances[0] if self._utterances else None
             if utterance is None:
                 continue

@@ -27,6 +27,7 @@ VERSION = 1
 MODES = ("agent", "talk")
 MAX_IMAGE_BYTES = 20 * 1024 * 1024       # a portrait fetched from a URL
 METADATA_IMAGE_SIDE = 384                # a local portrait is sent downscaled to this (keeps metadata small)
+MAX_METADATA_IMAGE_BYTES = 256 * 1024    # its base64 JPEG at most this (the server's metadata cap is 512 KiB)
 DEFAULT_SAMPLE_RATE = 24000              # the agent's TTS audio is sent to the worker at this rate
 
 
@@ -82,14 +83,20 @@ class DispatchInfo:
 
 
 def encode_image(image: np.ndarray, side: int = METADATA_IMAGE_SIDE) -> str:
-    """RGB uint8 -> base64 JPEG no larger than `side` pixels (to travel in the dispatch metadata)."""
+    """RGB uint8 -> base64 JPEG no larger than `side` pixels and MAX_METADATA_IMAGE_BYTES (LiveKit caps
+    dispatch metadata, 512 KiB by default): the quality drops until it fits."""
     from PIL import Image
 
     img = Image.fromarray(image)
     img.thumbnail((side, side))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    for quality in (90, 80, 65, 50, 35):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+        encoded = base64.b64encode(buf.getvalue()).decode("ascii")
+        if len(encoded) <= MAX_METADATA_IMAGE_BYTES:
+            return encoded
+    raise ImageInputError("the portrait does not fit in the dispatch metadata even at low JPEG quality: "
+                          "pass an http(s) URL the worker can download instead")
 
 
 def decode_image(b64: str) -> np.ndarray:

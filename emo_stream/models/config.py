@@ -51,6 +51,25 @@ class SamplingConfig:
 
 
 @dataclass
+class NoiseConfig:
+    """The noise schedule the model was trained with; training and sampling both build their diffusers
+    schedulers from it (defaults: SD1.5's scaled-linear betas, epsilon prediction)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"   # "linear", "scaled_linear", "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"       # "epsilon" or "v_prediction"
+    rescale_betas_zero_snr: bool = False   # zero terminal SNR (needs v_prediction to be useful)
+    timestep_spacing: str = "trailing"     # how inference timesteps are spread: "leading", "trailing", "linspace"
+    steps_offset: int = 1
+
+    def scheduler_kwargs(self) -> dict[str, Any]:
+        """kwargs for diffusers DDIMScheduler / LCMScheduler / DDPMScheduler."""
+        return dict(dataclasses.asdict(self), clip_sample=False, set_alpha_to_one=False)
+
+
+@dataclass
 class EmoConfig:
     architecture: str = "emo"          # model family key (emo_stream.models.families); always "emo" here
     name: str = "custom"
@@ -65,6 +84,9 @@ class EmoConfig:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     face_locator: FaceLocatorConfig = field(default_factory=FaceLocatorConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    # what classifier-free guidance's unconditional branch drops (EMO: the audio tokens only)
+    uncond_drops: list[str] = field(default_factory=lambda: ["audio"])
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -130,6 +152,14 @@ class EmoConfig:
         need(self.sampling.decoder in ("vae", "taesd"), "sampling.decoder must be vae or taesd")
         need(self.sampling.decoder != "taesd" or self.taesd is not None, "decoder taesd needs a taesd section")
         need(self.sampling.scheduler in ("ddim", "lcm"), "sampling.scheduler must be ddim or lcm")
+        need(self.noise.prediction_type in ("epsilon", "v_prediction"), "noise.prediction_type must be epsilon "
+                                                                         "or v_prediction")
+        need(self.noise.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
+             "noise.beta_schedule must be linear, scaled_linear or squaredcos_cap_v2")
+        need(self.noise.timestep_spacing in ("leading", "trailing", "linspace"),
+             "noise.timestep_spacing must be leading, trailing or linspace")
+        need(self.noise.num_train_timesteps >= 2, "noise.num_train_timesteps must be >= 2")
+        need(self.uncond_drops == ["audio"], "uncond_drops must be [audio] (EMO's guidance drops the audio only)")
         return self
 
 

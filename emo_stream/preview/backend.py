@@ -157,4 +157,9 @@ class PreviewBackend(BackendBase):
 def create_backend(model: str | None = None, *, size: int = 512, fps: int = 25, device: str | None = None,
                    **options: Any) -> PreviewBackend:
     """Registry factory (emo_stream.backends): the preview needs no model and runs on the CPU."""
+    if model:
+        from emo_stream.errors import ConfigError
+
+        raise ConfigError(f"the preview backend takes no model (got {model!r}): leave out the backend to run "
+                          "the model with its own, or name one (emo, echomimic, hallo)")
     return PreviewBackend(size=size, fps=fps, **options)

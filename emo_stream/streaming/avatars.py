@@ -23,7 +23,9 @@ from emo_stream.streaming.types import AvatarHandle
 
 def avatar_key(image: np.ndarray) -> str:
     """The content id of an RGB portrait (also the AvatarHandle id)."""
-    return hashlib.sha1(repr(image.shape).encode() + np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
+    digest = hashlib.sha1(repr(image.shape).encode())
+    digest.update(memoryview(np.ascontiguousarray(image)).cast("B"))  # no copy of the pixels
+    return digest.hexdigest()[:16]
 
 
 class UnknownAvatarError(ImageInputError, KeyError):
@@ -51,7 +53,7 @@ class AvatarCache:
     async def prepare(self, image: np.ndarray) -> AvatarHandle:
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ImageInputError("the portrait must be an RGB uint8 array of shape (H, W, 3)")
-        key = avatar_key(image)
+        key = await asyncio.to_thread(avatar_key, image)  # hashing a large photo must not stall other sessions
         with self._lock:
             handle = self._avatars.get(key)
             if handle is not None:
@@ -64,7 +66,7 @@ class AvatarCache:
         if not owner:   # someone (maybe on another loop) is preparing it: share the result
             return await asyncio.shield(asyncio.wrap_future(future))
         try:
-            prepared = await asyncio.to_thread(self._prepare_fn, image.copy())
+            prepared = await asyncio.to_thread(lambda: self._prepare_fn(image.copy()))  # the copy too: off the loop
             handle = AvatarHandle(id=key, avatar=prepared, image_shape=tuple(image.shape))
             with self._lock:
                 self._avatars[key] = handle

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 PARAM_GROUPS = EmoModel.PARAMETER_GROUPS  # config.py validates `train.trainable` against these
 
-# the sampler's schedule (emo_backend.EmoBackend): SD1.5's scaled-linear betas, epsilon prediction
+# the default schedule (EmoConfig.noise overrides it): SD1.5's scaled-linear betas, epsilon prediction
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 prediction_type="epsilon")
 
@@ -91,7 +91,12 @@ class TrainingModule(nn.Module):
 
         self.model = model
         self.stage = stage
-        self.noise_schedule = DDPMScheduler(**SCHEDULE)
+        noise_cfg = getattr(model.config, "noise", None)
+        kwargs = {k: v for k, v in noise_cfg.scheduler_kwargs().items()
+                  if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+                           "rescale_betas_zero_snr")} if noise_cfg is not None else SCHEDULE
+        self.prediction_type = kwargs.get("prediction_type", "epsilon")
+        self.noise_schedule = DDPMScheduler(**kwargs)
         self.register_buffer("alphas_cumprod", self.noise_schedule.alphas_cumprod.clone().float(), persistent=False)
 
     def train(self, mode: bool = True) -> "TrainingModule":
@@ -147,6 +152,8 @@ class TrainingModule(nn.Module):
         noisy = a.sqrt() * clean + (1 - a).sqrt() * noise
         speed = batch.get("speed") if self.stage != 1 else None
         pred = m(noisy, t, reference, feats, batch["mask"], speed, motion, drop_audio=drop)
+        if self.prediction_type == "v_prediction":   # v = sqrt(a) * noise - sqrt(1 - a) * x0
+            return torch.nn.functional.mse_loss(pred.float(), a.sqrt() * noise - (1 - a).sqrt() * clean)
         return torch.nn.functional.mse_loss(pred.float(), noise)
 
 

@@ -116,7 +116,14 @@ class _Golden:
         self.root = root
         self.files: dict[str, dict[str, torch.Tensor]] = {}
 
-    def __call__(self, file: str, key: str) -> torch.Tensor:
+    def has(self, file: str, key: str) -> bool:
+        return key in self.keys(file)
+
+    def keys(self, file: str) -> list[str]:
+        self._read(file)
+        return list(self.files[file])
+
+    def _read(self, file: str) -> None:
         if file not in self.files:
             from safetensors.torch import load_file
 
@@ -127,6 +134,9 @@ class _Golden:
                 self.files[file] = load_file(str(path))
             except Exception as exc:
                 raise GoldenFormatError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+
+    def __call__(self, file: str, key: str) -> torch.Tensor:
+        self._read(file)
         if key not in self.files[file]:
             raise GoldenFormatError(f"{self.root / file}: tensor {key!r} is missing")
         return self.files[file][key]
@@ -152,7 +162,9 @@ def _read_wav(path: Path) -> torch.Tensor:
 
 def run_cases(golden_dir: Path, only: set[str] | None = None) -> dict[str, float]:
     """{case.tensor: max abs error}; only: case groups to replay (face_locator, audio, denoiser_single, and
-    the sampler cases' names), all when None."""
+    the sampler cases' names), all when None. Every case section is optional (a set without e.g.
+    std_long_video_cfg simply does not report it); an output tensor is compared when its file holds it, and
+    one that the section's "tensors" lists but the file lacks is an error."""
     from emo_stream.models.echomimic.audio import frame_rows, log_mel
     from emo_stream.models.echomimic.importer import load_download
     from emo_stream.models.echomimic.layers import face_mask
@@ -162,6 +174,16 @@ def run_cases(golden_dir: Path, only: set[str] | None = None) -> dict[str, float
     case = read_case(golden_dir)
     if case["model"] != ARCHITECTURE:
         raise GoldenFormatError(f"{golden_dir}: case.json model is {case['model']!r}, not {ARCHITECTURE!r}")
+    fc, ac, dc = (case.get(k) or {} for k in ("face_locator_case", "audio_case", "denoiser_single_case"))
+    samplers = case.get("sampler_cases") or {}
+    if not (fc or ac or dc or samplers):
+        raise GoldenFormatError(f"{golden_dir / 'case.json'}: lists no case (face_locator_case, audio_case, "
+                                f"denoiser_single_case, sampler_cases)")
+    if only is not None:
+        known = {"face_locator", "audio", "denoiser_single", *samplers}
+        unknown = sorted(set(only) - known)
+        if unknown:
+            raise GoldenFormatError(f"unknown case {unknown[0]!r} (known: {', '.join(sorted(known))})")
     config = config_from_case(case)
     weights = golden_dir / "weights"
     if not weights.is_dir():
@@ -171,109 +193,140 @@ def run_cases(golden_dir: Path, only: set[str] | None = None) -> dict[str, float
     g = _Golden(golden_dir)
     errors: dict[str, float] = {}
 
-    def wanted(group: str) -> bool:
-        return only is None or group in only
-
-    if only is not None:
-        known = {"face_locator", "audio", "denoiser_single", *_need(case, "sampler_cases")}
-        unknown = sorted(set(only) - known)
-        if unknown:
-            raise GoldenFormatError(f"unknown case {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    def wanted(group: str, section: dict) -> bool:
+        return bool(section) and (only is None or group in only)
 
     # face locator
-    fc = _need(case, "face_locator_case")
     ff = fc.get("file", "face_locator.safetensors")
-    h, w = fc["image_hw"]
-    mask = face_mask(fc["face_box_xyxy_pixels"], h, w, clamp=False)
-    if wanted("face_locator"):
-        errors["face_locator.face_mask"] = _err(mask, g(ff, "face_mask"))
-        face = model.face_feature(g(ff, "face_mask"))
-        errors["face_locator.face_feature"] = _err(face, g(ff, "face_feature"))
+    if wanted("face_locator", fc):
+        h, w = _need(fc, "image_hw", "case.json face_locator_case")
+        mask = face_mask(_need(fc, "face_box_xyxy_pixels", "case.json face_locator_case"), h, w, clamp=False)
+        _compare(errors, g, ff, fc, "face_locator.face_mask", "face_mask", mask)
+        _compare(errors, g, ff, fc, "face_locator.face_feature", "face_feature",
+                 lambda: model.face_feature(g(ff, "face_mask")))
 
     # audio features
-    ac = _need(case, "audio_case")
     af = ac.get("file", "audio.safetensors")
-    if wanted("audio"):
-        wav = _read_wav(golden_dir / ac.get("wav", "audio.wav").split()[0])
-        errors["audio.waveform"] = _err(wav, g(af, "waveform"))
-        errors["audio.log_mel"] = _err(log_mel(wav, model.whisper.n_mels), g(af, "log_mel"))
-        feats = model.audio_features(wav)
-        errors["audio.whisper_features"] = _err(feats, g(af, "whisper_features"))
+    if wanted("audio", ac):
+        wav = _read_wav(golden_dir / str(ac.get("wav", "audio.wav")).split()[0])
         fps = ac.get("fps", model.config.fps)
+        feats = model.audio_features(wav)
         chunks = model.audio_tokens(wav, fps=fps)
-        errors["audio.whisper_chunks"] = _err(chunks, g(af, "whisper_chunks"))
-        errors["audio.chunk_feature_index"] = _err(frame_rows(len(chunks), feats.shape[0], fps),
-                                                   g(af, "chunk_feature_index"))
-    gold_face = g(ff, "face_feature")
-    gold_chunks = g(af, "whisper_chunks")
+        for key, ours in (("waveform", wav), ("log_mel", lambda: log_mel(wav, model.whisper.n_mels)),
+                          ("whisper_features", feats), ("whisper_chunks", chunks),
+                          ("chunk_feature_index", lambda: frame_rows(len(chunks), feats.shape[0], fps))):
+            _compare(errors, g, af, ac, f"audio.{key}", key, ours)
+
+    # the denoiser cases take the reference face feature and audio tokens (an upstream error is reported
+    # once, by its own case); read only when a denoiser case runs
+    def gold_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+        if not fc or not ac:
+            raise GoldenFormatError(f"{golden_dir / 'case.json'}: the denoiser cases need face_locator_case and "
+                                    f"audio_case (their face_feature and whisper_chunks are the inputs)")
+        return g(af, "whisper_chunks"), g(ff, "face_feature")
 
     # one denoiser call, bank in fp16 (as EchoMimic) and fp32, and the guidance pair
-    dc = _need(case, "denoiser_single_case")
-    df = dc.get("file", "denoiser_single.safetensors")
-    if wanted("denoiser_single"):
-        errors.update(_denoiser_single(model, g, df, gold_chunks, gold_face))
+    if wanted("denoiser_single", dc):
+        errors.update(_denoiser_single(model, g, dc.get("file", "denoiser_single.safetensors"), dc, *gold_inputs()))
 
     # sampler runs
-    for name, sc in _need(case, "sampler_cases").items():
-        if not wanted(name):
-            continue
-        errors.update(_sampler_case(model, g, name, sc, scheduler_kwargs, gold_chunks, gold_face))
+    for name, sc in samplers.items():
+        if wanted(name, sc):
+            errors.update(_sampler_case(model, g, name, sc, scheduler_kwargs, *gold_inputs()))
     return errors
 
 
-def _denoiser_single(model, g: _Golden, df: str, gold_chunks, gold_face) -> dict[str, float]:
-    errors = {}
+def _compare(errors: dict[str, float], g: "_Golden", file: str, section: dict, name: str, key: str, ours) -> None:
+    """errors[name] = max abs error of `ours` (a tensor or a function making it) vs file:key when the file
+    holds it; listed in the section's "tensors" but missing is an error; neither: not reported."""
+    if g.has(file, key):
+        errors[name] = _err(ours() if callable(ours) else ours, g(file, key))
+    elif key in listed_tensors(section):
+        raise GoldenFormatError(f"{g.root / file}: tensor {key!r} is listed in case.json but missing")
+
+
+def listed_tensors(section: dict) -> set[str]:
+    """The tensor names a case section promises: its "tensors" and "outputs" keys ("a / b" names two) and
+    its own keys holding a shape (e.g. audio_case "log_mel": [80, 100])."""
+    names = set(section.get("tensors") or {})
+    names |= {part.strip() for key in (section.get("outputs") or {}) for part in str(key).split("/")}
+    names |= {k for k, v in section.items() if isinstance(v, list) and v and all(isinstance(x, int) for x in v)}
+    return names
+
+
+def _denoiser_single(model, g: _Golden, df: str, dc: dict, gold_chunks, gold_face) -> dict[str, float]:
+    errors: dict[str, float] = {}
     x, ref = g(df, "latents"), g(df, "ref_latents")
-    t = g(df, "timestep").reshape(())
+    if g.has(df, "timestep"):
+        t = g(df, "timestep").reshape(())
+    else:
+        t = torch.tensor(int(_need(dc, "timestep", "case.json denoiser_single_case")))
     audio = gold_chunks[: x.shape[2]][None]
     bank = model.encode_reference(ref)
-    errors["denoiser_single.pred"] = _err(model.denoise(x, t, audio, gold_face, None, bank), g(df, "pred"))
-    bank32 = {k: v for k, v in _bank_fp32(model, ref).items()}
-    errors["denoiser_single.pred_bank_fp32"] = _err(model.denoise(x, t, audio, gold_face, None, bank32),
-                                                    g(df, "pred_bank_fp32"))
-    pair = model.denoise(x.repeat(2, 1, 1, 1, 1), t, torch.cat([torch.zeros_like(audio), audio]),
-                         torch.cat([torch.zeros_like(gold_face), gold_face]), torch.tensor([False, True]), bank)
-    errors["denoiser_single.cfg_pred_uncond"] = _err(pair[:1], g(df, "cfg_pred_uncond"))
-    errors["denoiser_single.cfg_pred_cond"] = _err(pair[1:], g(df, "cfg_pred_cond"))
+    _compare(errors, g, df, dc, "denoiser_single.pred", "pred", lambda: model.denoise(x, t, audio, gold_face, None, bank))
+    _compare(errors, g, df, dc, "denoiser_single.pred_bank_fp32", "pred_bank_fp32",
+             lambda: model.denoise(x, t, audio, gold_face, None, _bank_fp32(model, ref)))
+    if any(g.has(df, k) or k in listed_tensors(dc) for k in ("cfg_pred_uncond", "cfg_pred_cond")):
+        pair = model.denoise(x.repeat(2, 1, 1, 1, 1), t, torch.cat([torch.zeros_like(audio), audio]),
+                             torch.cat([torch.zeros_like(gold_face), gold_face]), torch.tensor([False, True]), bank)
+        _compare(errors, g, df, dc, "denoiser_single.cfg_pred_uncond", "cfg_pred_uncond", pair[:1])
+        _compare(errors, g, df, dc, "denoiser_single.cfg_pred_cond", "cfg_pred_cond", pair[1:])
     return errors
 
 
 def _sampler_case(model, g: _Golden, name: str, sc: dict, scheduler_kwargs: dict, gold_chunks,
                   gold_face) -> dict[str, float]:
-    from emo_stream.echomimic_sampling import EchoSampling, make_scheduler, sample
+    import re
 
-    errors = {}
+    from emo_stream.echomimic_sampling import EchoSampling, context_windows, make_scheduler, rotated, sample
+
+    errors: dict[str, float] = {}
+    where = f"case.json sampler_cases.{name}"
     sf = sc.get("file", f"{name}.safetensors")
     acc = "_acc" in sc.get("pipeline", "")
-    settings = EchoSampling(steps=int(sc["num_inference_steps"]), guidance=float(sc["guidance_scale"]),
-                            context_frames=int(sc["context_frames"]), context_overlap=int(sc["context_overlap"]),
+    settings = EchoSampling(steps=int(_need(sc, "num_inference_steps", where)),
+                            guidance=float(_need(sc, "guidance_scale", where)),
+                            context_frames=int(_need(sc, "context_frames", where)),
+                            context_overlap=int(_need(sc, "context_overlap", where)),
                             pseudo_velocity=acc, sum_unguided_overlaps=not acc)
     if int(sc.get("context_stride", 1)) != 1 or int(sc.get("context_batch_size", 1)) != 1:
-        raise GoldenFormatError(f"case.json {name}: only context_stride 1 and context_batch_size 1 are replayed")
+        raise GoldenFormatError(f"{where}: only context_stride 1 and context_batch_size 1 are replayed")
     scheduler = make_scheduler(**scheduler_kwargs)
     x0 = g(sf, "initial_latents")
     frames = x0.shape[2]
+    # the context windows our sampler uses, against the ones the set lists (step 0 and after rotation)
+    base = context_windows(frames, settings.context_frames, settings.context_overlap)
+    listed = {"windows_step0": base,
+              "windows_per_step_after_rotation": [rotated(base, i, settings.rotation, frames)
+                                                  for i in range(settings.steps)]}
+    shown = {k: v for k, v in listed.items() if k in sc}
+    if shown:   # (per step: the steps replayed)
+        same = all(sc[k][: len(v)] == v for k, v in shown.items())
+        errors[f"{name}.windows"] = 0.0 if same else float("inf")
     bank = model.encode_reference(g(sf, "ref_latents"))
     outputs: dict[int, torch.Tensor] = {}
-    calls: list[torch.Tensor] = []
+    calls: dict[int, list[torch.Tensor]] = {}
     denoise = model.denoiser_fn(bank)
 
-    def recording(*args, _denoise=denoise, _calls=calls):
+    def recording(*args, _denoise=denoise, _calls=calls, _outputs=outputs):
         out = _denoise(*args)
-        _calls.append(out)
+        _calls.setdefault(len(_outputs), []).append(out)   # calls of the step in progress
         return out
 
     final = sample(recording, x0, gold_chunks[:frames][None], gold_face, settings, scheduler=scheduler,
                    on_step=lambda i, v: outputs.__setitem__(i, v))
     scheduler.set_timesteps(settings.steps)
-    errors[f"{name}.timesteps"] = _err(scheduler.timesteps, g(sf, "timesteps"))
+    _compare(errors, g, sf, sc, f"{name}.timesteps", "timesteps", scheduler.timesteps)
     for i in range(settings.steps):
-        errors[f"{name}.step{i}_model_output"] = _err(outputs[i], g(sf, f"step{i}_model_output"))
-    for j in range(len(calls)):
-        key = f"step0_call{j}_out"
-        if key in sc.get("tensors", {}):
-            errors[f"{name}.{key}"] = _err(calls[j], g(sf, key))
-    errors[f"{name}.final_latents"] = _err(final, g(sf, "final_latents"))
+        _compare(errors, g, sf, sc, f"{name}.step{i}_model_output", f"step{i}_model_output", outputs[i])
+    stored = set(g.keys(sf)) | listed_tensors(sc)
+    for key in sorted(stored):
+        m = re.fullmatch(r"step(\d+)_call(\d+)_out", key)
+        if m:
+            i, j = int(m.group(1)), int(m.group(2))
+            ours = calls.get(i, [])
+            _compare(errors, g, sf, sc, f"{name}.{key}", key, ours[j] if j < len(ours) else torch.empty(0))
+    _compare(errors, g, sf, sc, f"{name}.final_latents", "final_latents", final)
     return errors
 
 

@@ -84,7 +84,7 @@ class HalloConfig:
         if self.clip_length < 1 or self.motion_frames < 0:
             raise ConfigError("hallo clip_length must be >= 1 and motion_frames >= 0")
         max_len = self.unet_additional_kwargs.get("motion_module_kwargs", {}).get(
-            "temporal_position_encoding_max_len", 32)
+            "temporal_position_encoding_max_len", 24)   # VanillaTemporalModule's default
         if self.clip_length + self.motion_frames > max_len:
             raise ConfigError(f"hallo clip_length + motion_frames = {self.clip_length + self.motion_frames} "
                               f"exceeds the motion modules' {max_len} positions")
@@ -103,7 +103,8 @@ class HalloConfig:
     @classmethod
     def from_case(cls, case: dict[str, Any]) -> "HalloConfig":
         """The configuration a golden set's case.json describes (shrunken sizes, its own clip length)."""
-        dn = case.get("denoiser_single_case", {})
+        dn = case.get("denoiser_single_case") or {}
+        au = case.get("audio_case") or {}
         wav = dict(case.get("weights", {}).get("wav2vec2_config", {}))
         return cls(unet=dict(case["unet_2d_config"]),
                    unet_additional_kwargs=dict(case["unet_additional_kwargs"]),
@@ -112,8 +113,8 @@ class HalloConfig:
                    audioproj=dict(case["module_args"]["audioproj"]),
                    scheduler=dict(case["noise_scheduler_kwargs"]),
                    wav2vec2=wav,
-                   image_size=int(case.get("masks_and_face_case", {}).get("image_hw", [512])[0]),
-                   clip_length=int(dn.get("clip_length", 16)),
+                   image_size=int((case.get("masks_and_face_case") or {}).get("image_hw", [512])[0]),
+                   clip_length=int(dn.get("clip_length", au.get("clip_length", 16))),
                    motion_frames=int(dn.get("n_motion_frames", 2)),
                    motion_scale=[float(s) for s in dn.get("motion_scale", [1.0, 1.0, 1.0])],
                    face_expand_ratio=1.2)

@@ -225,12 +225,17 @@ class TemporalTransformer(nn.Module):
 
 
 class MotionModule(nn.Module):
-    def __init__(self, channels: int, num_attention_heads: int = 8, num_transformer_block: int = 1,
+    # defaults: AnimateDiff's VanillaTemporalModule (used where a config leaves a key out)
+    def __init__(self, channels: int, num_attention_heads: int = 8, num_transformer_block: int = 2,
                  attention_block_types: list[str] | tuple[str, ...] = ("Temporal_Self", "Temporal_Self"),
-                 temporal_position_encoding_max_len: int = 32, norm_groups: int = 32, **_: object):
+                 temporal_position_encoding_max_len: int = 24, norm_groups: int = 32,
+                 temporal_position_encoding: bool = True, temporal_attention_dim_div: int = 1, **_: object):
         super().__init__()
         if any(t != "Temporal_Self" for t in attention_block_types):
             raise ValueError(f"only Temporal_Self motion attention is supported, got {list(attention_block_types)}")
+        if not temporal_position_encoding or temporal_attention_dim_div != 1:
+            raise ValueError("only motion modules with temporal_position_encoding and temporal_attention_dim_div 1 "
+                             "are supported (Hallo's configuration)")
         self.temporal_transformer = TemporalTransformer(channels, num_attention_heads, num_transformer_block,
                                                         len(attention_block_types),
                                                         temporal_position_encoding_max_len, norm_groups)

@@ -5,6 +5,12 @@ masks_and_face / audio / denoiser_single / cfg_loop safetensors and audio.wav. E
 recomputed from the inputs the README names, never copied from another reference output, except where a
 case is defined on another case's output (the denoiser takes the reference face tokens and audio tokens, so
 an error there is reported once, by its own case, and not compounded).
+
+Nothing is tied to the dev set: sizes come from case.json's configs and the weight files, file names from each
+case's "file" / "wav", clip length, motion frames, motion scale, timestep, steps, guidance and seeds from the
+case sections. Every case section is optional (a set without e.g. cfg_loop_case simply does not report it); an
+output tensor is compared when its file holds it, and one that the section's "tensors" lists but the file
+lacks is an error.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emo_stream.errors import WeightsError
+from emo_stream.errors import ConfigError, WeightsError
 from emo_stream.models.hallo import audio as haudio
 from emo_stream.models.hallo.config import HalloConfig
 from emo_stream.models.hallo.loader import load_net_file
@@ -25,6 +31,9 @@ from emo_stream.models.hallo.masks import boxes_from_mediapipe, region_masks
 from emo_stream.models.hallo.model import ClipInputs, HalloModel
 
 FILES = ("masks_and_face.safetensors", "audio.safetensors", "denoiser_single.safetensors", "cfg_loop.safetensors")
+# case group (the prefix of its error names, and --case NAME) -> its case.json section
+GROUPS = {"masks_and_face": "masks_and_face_case", "audio": "audio_case", "denoiser_single": "denoiser_single_case",
+          "cfg_loop": "cfg_loop_case"}
 
 
 def _format_error():
@@ -49,6 +58,26 @@ def _need(tensors: dict[str, torch.Tensor], key: str, file: str) -> torch.Tensor
     return tensors[key].float()
 
 
+def _compare(errors: dict[str, float], name: str, ours, tensors: dict[str, torch.Tensor], key: str,
+             section: dict, file: str) -> None:
+    """errors[name] = max abs error of `ours` vs tensors[key] when the file holds it; a tensor the section's
+    "tensors" lists but the file lacks is an error, one that is neither listed nor stored is not reported."""
+    if key in tensors:
+        errors[name] = _err(ours() if callable(ours) else ours, tensors[key])
+    elif key in listed_tensors(section):
+        raise _format_error()(f"{file}: tensor {key!r} is listed in case.json but missing")
+
+
+def listed_tensors(section: dict) -> set[str]:
+    """The tensor names a case section promises: its "tensors" and "outputs" keys ("a / b" names two)."""
+    names = set(section.get("tensors") or {})
+    return names | {part.strip() for key in (section.get("outputs") or {}) for part in str(key).split("/")}
+
+
+def _section(case: dict, group: str) -> dict:
+    return case.get(GROUPS[group]) or {}
+
+
 def _err(a: torch.Tensor | np.ndarray, b: torch.Tensor) -> float:
     a = torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a).float()
     if tuple(a.shape) != tuple(b.shape):
@@ -58,19 +87,38 @@ def _err(a: torch.Tensor | np.ndarray, b: torch.Tensor) -> float:
 
 def read_wav_pcm16(path: Path) -> np.ndarray:
     """16-bit mono WAV -> float32 / 32768 (what librosa.load gives for such a file at its own rate)."""
-    with wave.open(str(path), "rb") as w:
-        if w.getsampwidth() != 2 or w.getnchannels() != 1 or w.getframerate() != haudio.SAMPLE_RATE:
-            raise _format_error()(f"{path}: expected 16 kHz mono PCM16")
-        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    if not Path(path).is_file():
+        raise _format_error()(f"{path} is missing")
+    try:
+        with wave.open(str(path), "rb") as w:
+            if w.getsampwidth() != 2 or w.getnchannels() != 1 or w.getframerate() != haudio.SAMPLE_RATE:
+                raise _format_error()(f"{path}: expected 16 kHz mono PCM16")
+            data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+    except (OSError, wave.Error, EOFError) as exc:
+        raise _format_error()(f"{path}: cannot read ({exc})") from None
     return data.astype(np.float32) / 32768.0
 
 
+def wav_path(golden: Path, case: dict) -> Path:
+    """The audio case's wav: case.json audio_case "wav" is "NAME (description)"."""
+    return golden / str(_section(case, "audio").get("wav", "audio.wav")).split()[0]
+
+
 def build_model(golden: Path, case: dict) -> HalloModel:
-    config = HalloConfig.from_case(case)
-    wav_dir = golden / "weights" / "wav2vec2-base-960h"
+    try:
+        config = HalloConfig.from_case(case)
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise _format_error()(f"{golden / 'case.json'}: unusable Hallo config ({exc})") from None
+    weights = golden / "weights"
+    if not weights.is_dir():
+        raise _format_error()(f"{golden}: no weights/ folder")
+    wav_dir = weights / "wav2vec2-base-960h"
     wav2vec2 = haudio.load_wav2vec2(wav_dir) if wav_dir.is_dir() else None
-    model = HalloModel(config, wav2vec2).eval()
-    net = golden / "weights" / "net.pth"
+    try:
+        model = HalloModel(config, wav2vec2).eval()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _format_error()(f"{golden / 'case.json'}: unsupported Hallo variant ({exc})") from None
+    net = weights / "net.pth"
     model.load_net_state(load_net_file(net), str(net))
     return model
 
@@ -85,63 +133,99 @@ def read_case(golden: Path) -> dict:
         raise _format_error()(f"{case_path}: not valid JSON ({exc})") from None
     if case.get("model") != "hallo":
         raise _format_error()(f"{case_path}: model is {case.get('model')!r}, not 'hallo'")
-    for key in ("unet_2d_config", "unet_additional_kwargs", "module_args", "noise_scheduler_kwargs",
-                "masks_and_face_case", "audio_case", "denoiser_single_case", "cfg_loop_case"):
+    for key in ("unet_2d_config", "unet_additional_kwargs", "module_args", "noise_scheduler_kwargs"):
         if key not in case:
             raise _format_error()(f"{case_path}: missing {key!r}")
+    for key in ("face_locator", "imageproj", "audioproj"):
+        if key not in case["module_args"]:
+            raise _format_error()(f"{case_path}: module_args lacks {key!r}")
+    if not any(case.get(section) for section in GROUPS.values()):
+        raise _format_error()(f"{case_path}: lists no case ({', '.join(GROUPS.values())})")
     return case
 
 
 @torch.no_grad()
 def replay_masks(model: HalloModel, golden: Path, case: dict) -> dict[str, float]:
     errors: dict[str, float] = {}
-    mf_case = case["masks_and_face_case"]
-    mf = _load(golden, mf_case.get("file", FILES[0]))
-    h, w = mf_case["image_hw"]
-    lm = _need(mf, "landmarks_xy", "masks_and_face").numpy()
+    mf_case = _section(case, "masks_and_face")
+    name = mf_case.get("file", FILES[0])
+    mf = _load(golden, name)
+
+    def cmp(err_name: str, ours, key: str) -> None:
+        _compare(errors, f"masks_and_face.{err_name}", ours, mf, key, mf_case, name)
+
+    if "image_hw" in mf_case:
+        h, w = mf_case["image_hw"]
+    else:
+        h = w = model.config.image_size
+    lm = _need(mf, "landmarks_xy", name).numpy()
     face_box, lip_box = boxes_from_mediapipe(lm)
-    if mf_case.get("given_face_box_xyxy") is not None:
-        errors["masks_and_face.face_box"] = float(np.abs(np.array(face_box) -
-                                                         np.array(mf_case["given_face_box_xyxy"])).max())
-        errors["masks_and_face.lip_box"] = float(np.abs(np.array(lip_box) -
-                                                        np.array(mf_case["given_lip_box_xyxy"])).max())
-    rm = region_masks(face_box, lip_box, w, h, face_expand_ratio=model.config.face_expand_ratio)
-    errors["masks_and_face.png_face_mask"] = _err(rm.face_mask.astype(np.float32), mf["png_face_mask"])
-    for name, arr in (("background", rm.background), ("face", rm.face), ("lip", rm.lip)):
-        errors[f"masks_and_face.png_sep_{name}"] = _err(arr.astype(np.float32), mf[f"png_sep_{name}"])
-    errors["masks_and_face.face_region"] = _err(rm.face_region(), _need(mf, "face_region", "masks_and_face"))
-    err = 0.0
+    for key, box in (("given_face_box_xyxy", face_box), ("given_lip_box_xyxy", lip_box)):
+        if mf_case.get(key) is not None:
+            errors[f"masks_and_face.{key.split('_')[1]}_box"] = float(np.abs(np.array(box) -
+                                                                             np.array(mf_case[key])).max())
+    rm = region_masks(face_box, lip_box, w, h, face_expand_ratio=face_expand_ratio(case, model.config))
+    cmp("png_face_mask", rm.face_mask.astype(np.float32), "png_face_mask")
+    for part, arr in (("background", rm.background), ("face", rm.face), ("lip", rm.lip)):
+        cmp(f"png_sep_{part}", arr.astype(np.float32), f"png_sep_{part}")
+    cmp("face_region", rm.face_region, "face_region")
+    err, seen = 0.0, False
     for k, (full, face, lip) in enumerate(rm.levels((h, w), len(model.config.unet["block_out_channels"]))):
-        for name, m in (("full", full), ("face", face), ("lip", lip)):
-            err = max(err, _err(m, _need(mf, f"{name}_mask_level{k}", "masks_and_face")))
-    errors["masks_and_face.level_masks"] = err
-    cond_tokens, uncond_tokens = model.face_tokens(_need(mf, "face_embedding", "masks_and_face"))
-    errors["masks_and_face.face_tokens"] = _err(cond_tokens, _need(mf, "face_tokens", "masks_and_face"))
-    errors["masks_and_face.face_tokens_uncond"] = _err(uncond_tokens,
-                                                       _need(mf, "face_tokens_uncond", "masks_and_face"))
+        for part, m in (("full", full), ("face", face), ("lip", lip)):
+            key = f"{part}_mask_level{k}"
+            if key in mf:
+                err, seen = max(err, _err(m, mf[key])), True
+            elif key in listed_tensors(mf_case):
+                raise _format_error()(f"{name}: tensor {key!r} is listed in case.json but missing")
+    if seen:
+        errors["masks_and_face.level_masks"] = err
+    if "face_embedding" in mf:
+        cond_tokens, uncond_tokens = model.face_tokens(mf["face_embedding"].float())
+        cmp("face_tokens", cond_tokens, "face_tokens")
+        cmp("face_tokens_uncond", uncond_tokens, "face_tokens_uncond")
     return errors
+
+
+def face_expand_ratio(case: dict, config: HalloConfig) -> float:
+    """The face box's expand ratio: masks_and_face_case "face_expand_ratio", else the number its rules name
+    ("... face_expand_ratio 1.2 ..."), else the config's (Hallo's default 1.2)."""
+    mf_case = _section(case, "masks_and_face")
+    if "face_expand_ratio" in mf_case:
+        return float(mf_case["face_expand_ratio"])
+    for rule in mf_case.get("rules", []):
+        found = re.search(r"face_expand_ratio\D{0,3}?(\d+(?:\.\d+)?)", str(rule))
+        if found:
+            return float(found.group(1))
+    return config.face_expand_ratio
 
 
 @torch.no_grad()
 def replay_audio(model: HalloModel, golden: Path, case: dict) -> dict[str, float]:
     errors: dict[str, float] = {}
-    au_case = case["audio_case"]
-    au = _load(golden, au_case.get("file", FILES[1]))
+    au_case = _section(case, "audio")
+    name = au_case.get("file", FILES[1])
+    au = _load(golden, name)
+
+    def cmp(err_name: str, ours, key: str | None = None) -> None:
+        _compare(errors, f"audio.{err_name}", ours, au, key or err_name, au_case, name)
+
     clip_length = int(au_case.get("clip_length", model.config.clip_length))
     fps = int(au_case.get("fps", model.config.fps))
-    wav = read_wav_pcm16(golden / "audio.wav")
-    errors["audio.waveform"] = _err(wav, _need(au, "waveform", "audio"))
+    wav = read_wav_pcm16(wav_path(golden, case))
+    cmp("waveform", wav)
     normed = haudio.normalize(wav)
-    errors["audio.feature_extractor_out"] = _err(normed, _need(au, "feature_extractor_out", "audio"))
+    cmp("feature_extractor_out", normed)
     if model.wav2vec2 is None:
         raise WeightsError(f"{golden / 'weights'}: no wav2vec2-base-960h folder")
     padded, seq_len = haudio.pad_to_clips(normed, fps, clip_length)
     feats = haudio.layer_features(model.wav2vec2, padded, seq_len)
-    errors["audio.wav2vec_hidden_states"] = _err(feats, _need(au, "wav2vec_hidden_states", "audio"))
+    cmp("wav2vec_hidden_states", feats)
     wins = haudio.windows(feats, model.config.audio_window)
-    errors["audio.windows"] = _err(wins, _need(au, "windows", "audio"))
-    errors["audio.audio_tokens_clip0"] = _err(model.audio_tokens(wins[:clip_length]),
-                                              _need(au, "audio_tokens_clip0", "audio"))
+    cmp("windows", wins)
+    for c in range(seq_len // clip_length):   # audio_tokens_clip0, and any later clip the file holds
+        key = f"audio_tokens_clip{c}"
+        if key in au or key in listed_tensors(au_case):
+            cmp(key, lambda c=c: model.audio_tokens(wins[c * clip_length:(c + 1) * clip_length]))
     return errors
 
 
@@ -149,58 +233,81 @@ def replay_audio(model: HalloModel, golden: Path, case: dict) -> dict[str, float
 def golden_clip(model: HalloModel, golden: Path, case: dict) -> ClipInputs:
     """The clip the denoiser cases use, from the golden inputs the README names (reference face tokens,
     audio tokens and masks, so an upstream error is reported once, by its own case)."""
-    mf = _load(golden, case["masks_and_face_case"].get("file", FILES[0]))
-    au = _load(golden, case["audio_case"].get("file", FILES[1]))
-    dn = _load(golden, case["denoiser_single_case"].get("file", FILES[2]))
-    frames = int(case["denoiser_single_case"].get("clip_length", model.config.clip_length))
+    mf_name = _section(case, "masks_and_face").get("file", FILES[0])
+    au_name = _section(case, "audio").get("file", FILES[1])
+    dn_name = _section(case, "denoiser_single").get("file", FILES[2])
+    mf, au = _load(golden, mf_name), _load(golden, au_name)
+    if _section(case, "denoiser_single"):
+        ref = _need(_load(golden, dn_name), "ref_latents", dn_name)
+    else:   # a set with a loop but no single call: the loop's file carries its reference latents
+        lp_name = _section(case, "cfg_loop").get("file", FILES[3])
+        ref = _need(_load(golden, lp_name), "ref_latents", lp_name)
+    audio_tokens = _need(au, "audio_tokens_clip0", au_name)
+    frames = audio_tokens.shape[1]
     n_levels = len(model.config.unet["block_out_channels"])
-    return ClipInputs(ref_latents=_need(dn, "ref_latents", "denoiser_single"),
-                      face_tokens=_need(mf, "face_tokens", "masks_and_face"),
-                      uncond_face_tokens=_need(mf, "face_tokens_uncond", "masks_and_face"),
-                      audio_tokens=_need(au, "audio_tokens_clip0", "audio"),
-                      masks=[tuple(_need(mf, f"{n}_mask_level{k}", "masks_and_face") for n in ("full", "face", "lip"))
+    return ClipInputs(ref_latents=ref,
+                      face_tokens=_need(mf, "face_tokens", mf_name),
+                      uncond_face_tokens=_need(mf, "face_tokens_uncond", mf_name),
+                      audio_tokens=audio_tokens,
+                      masks=[tuple(_need(mf, f"{n}_mask_level{k}", mf_name) for n in ("full", "face", "lip"))
                              for k in range(n_levels)],
-                      face_feature=model.face_feature(_need(mf, "face_region", "masks_and_face"), frames))
+                      face_feature=model.face_feature(_need(mf, "face_region", mf_name), frames))
 
 
 @torch.no_grad()
 def replay_denoiser(model: HalloModel, golden: Path, case: dict, only_pred: bool = False) -> dict[str, float]:
     errors: dict[str, float] = {}
-    dn = _load(golden, case["denoiser_single_case"].get("file", FILES[2]))
+    dn_case = _section(case, "denoiser_single")
+    name = dn_case.get("file", FILES[2])
+    dn = _load(golden, name)
+
+    def cmp(err_name: str, ours, key: str | None = None) -> None:
+        _compare(errors, f"denoiser_single.{err_name}", ours, dn, key or err_name, dn_case, name)
+
     clip = golden_clip(model, golden, case)
-    errors["denoiser_single.face_locator_feature"] = _err(clip.face_feature,
-                                                          _need(dn, "face_locator_feature", "denoiser_single"))
-    latents = _need(dn, "latents", "denoiser_single")
-    t = _need(dn, "timestep", "denoiser_single").long()
+    cmp("face_locator_feature", clip.face_feature)
+    latents = _need(dn, "latents", name)
+    if "timestep" in dn:
+        t = dn["timestep"].long()
+    elif "timestep" in dn_case:
+        t = torch.tensor([int(dn_case["timestep"])])
+    else:
+        raise _format_error()(f"{name}: no 'timestep' tensor and case.json denoiser_single_case has no timestep")
     model.prepare_reference(clip, guided=False)
-    errors["denoiser_single.pred"] = _err(model.denoise(latents, t, clip, guided=False),
-                                          _need(dn, "pred", "denoiser_single"))
+    cmp("pred", lambda: model.denoise(latents, t, clip, guided=False))
     if only_pred:
         return errors
-    saved = model.config.bank_dtype
-    model.config.bank_dtype = "float32"
-    try:
-        model.prepare_reference(clip, guided=False)
-        errors["denoiser_single.pred_bank_fp32"] = _err(model.denoise(latents, t, clip, guided=False),
-                                                        _need(dn, "pred_bank_fp32", "denoiser_single"))
-    finally:
-        model.config.bank_dtype = saved
-    model.prepare_reference(clip, guided=True)
-    uncond, cond = model.denoise(latents, t, clip, guided=True).chunk(2)
-    errors["denoiser_single.cfg_pred_uncond"] = _err(uncond, _need(dn, "cfg_pred_uncond", "denoiser_single"))
-    errors["denoiser_single.cfg_pred_cond"] = _err(cond, _need(dn, "cfg_pred_cond", "denoiser_single"))
+    if "pred_bank_fp32" in dn or "pred_bank_fp32" in listed_tensors(dn_case):
+        saved = model.config.bank_dtype
+        model.config.bank_dtype = "float32"
+        try:
+            model.prepare_reference(clip, guided=False)
+            cmp("pred_bank_fp32", lambda: model.denoise(latents, t, clip, guided=False))
+        finally:
+            model.config.bank_dtype = saved
+    if any(k in dn or k in listed_tensors(dn_case) for k in ("cfg_pred_uncond", "cfg_pred_cond")):
+        model.prepare_reference(clip, guided=True)
+        uncond, cond = model.denoise(latents, t, clip, guided=True).chunk(2)
+        cmp("cfg_pred_uncond", uncond)
+        cmp("cfg_pred_cond", cond)
     return errors
 
 
 @torch.no_grad()
 def replay_loop(model: HalloModel, golden: Path, case: dict) -> dict[str, float]:
     errors: dict[str, float] = {}
-    lp_case = case["cfg_loop_case"]
-    lp = _load(golden, lp_case.get("file", FILES[3]))
+    lp_case = _section(case, "cfg_loop")
+    name = lp_case.get("file", FILES[3])
+    lp = _load(golden, name)
+    for key in ("num_inference_steps", "guidance_scale"):
+        if key not in lp_case:
+            raise _format_error()(f"case.json cfg_loop_case: missing {key!r}")
+    if float(lp_case.get("eta", 0.0)) != 0.0:
+        raise _format_error()("case.json cfg_loop_case: only eta 0 (Hallo's DDIM setting) is replayed")
     steps = int(lp_case["num_inference_steps"])
     model.scheduler.set_timesteps(steps)
-    errors["cfg_loop.timesteps"] = _err(model.scheduler.timesteps.float(), _need(lp, "timesteps", "cfg_loop"))
-    init = _need(lp, "initial_latents", "cfg_loop")
+    _compare(errors, "cfg_loop.timesteps", model.scheduler.timesteps.float(), lp, "timesteps", lp_case, name)
+    init = _need(lp, "initial_latents", name)
     seed = re.search(r"manual_seed\((\d+)\)", str(lp_case.get("generator", "")))
     if seed:   # the initial noise is torch.randn after torch.manual_seed(seed)
         noise = torch.randn(tuple(init.shape), generator=torch.Generator().manual_seed(int(seed.group(1))))
@@ -212,18 +319,30 @@ def replay_loop(model: HalloModel, golden: Path, case: dict) -> dict[str, float]
 
     final = model.sample_clip(init * model.scheduler.init_noise_sigma, golden_clip(model, golden, case),
                               steps=steps, guidance=float(lp_case["guidance_scale"]), callback=record)
-    for key in sorted(k for k in lp if k.startswith("step")):
-        errors[f"cfg_loop.{key}"] = _err(seen.get(key, torch.empty(0)), lp[key])
-    errors["cfg_loop.final_latents"] = _err(final, _need(lp, "final_latents", "cfg_loop"))
+    listed = listed_tensors(lp_case) | set(lp)
+    for key in sorted(k for k in listed if re.fullmatch(r"step\d+_(model_output|pred_uncond|pred_cond)", k)):
+        if key not in lp:
+            raise _format_error()(f"{name}: tensor {key!r} is listed in case.json but missing")
+        errors[f"cfg_loop.{key}"] = _err(seen[key] if seen.get(key) is not None else torch.empty(0), lp[key])
+    _compare(errors, "cfg_loop.final_latents", final, lp, "final_latents", lp_case, name)
     return errors
 
 
-def run_cases(golden_dir: str | Path) -> dict[str, float]:
-    """{case.tensor: max abs error} for every case of a Hallo golden set."""
+REPLAYS = {"masks_and_face": replay_masks, "audio": replay_audio, "denoiser_single": replay_denoiser,
+           "cfg_loop": replay_loop}
+
+
+def run_cases(golden_dir: str | Path, only: set[str] | None = None) -> dict[str, float]:
+    """{case.tensor: max abs error} for every case a Hallo golden set lists (only: these case groups)."""
     golden = Path(golden_dir)
     case = read_case(golden)
+    if only is not None:
+        unknown = sorted(set(only) - set(REPLAYS))
+        if unknown:
+            raise _format_error()(f"unknown case {unknown[0]!r} (known: {', '.join(REPLAYS)})")
     model = build_model(golden, case)
     errors: dict[str, float] = {}
-    for replay in (replay_masks, replay_audio, replay_denoiser, replay_loop):
-        errors.update(replay(model, golden, case))
+    for group, replay in REPLAYS.items():
+        if _section(case, group) and (only is None or group in only):
+            errors.update(replay(model, golden, case))
     return errors

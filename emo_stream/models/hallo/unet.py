@@ -105,6 +105,9 @@ class BankReadProcessor:
         return out
 
 
+MOTION_NORM_GROUPS = 32
+
+
 def motion_features(bank: torch.Tensor, samples: int, h: int, w: int) -> torch.Tensor:
     """Bank rows after each sample's reference row -> (samples, c, n_motion, h, w)."""
     x = bank.reshape(samples, bank.shape[0] // samples, *bank.shape[1:])[:, 1:]   # (s, nm, h*w, c)
@@ -176,7 +179,9 @@ class Denoiser(nn.Module):
         self.n_levels = len(chans)
 
         def motion(c: int) -> MotionModule:
-            return MotionModule(c, norm_groups=groups, **mm_kwargs)
+            # AnimateDiff's TemporalTransformer3DModel keeps its default 32 norm groups whatever the UNet's
+            # norm_num_groups (VanillaTemporalModule does not pass it on)
+            return MotionModule(c, norm_groups=MOTION_NORM_GROUPS, **mm_kwargs)
 
         # attach audio / motion modules under Hallo's names (channel rules of its UNet3DConditionModel)
         for i, block in enumerate(self.unet.down_blocks):
