@@ -43,17 +43,18 @@ _LAYER = re.compile(r"^(?P<pre>(?:reference_net|backbone)\.unet\.(?P<part>down_b
                     r"(?:resnets|attentions|motion_modules)\.)(?P<k>\d+)(?P<post>\.)")
 
 
-def ddim_timesteps(steps: int) -> list[int]:
-    """The sampler's timesteps for `steps` steps (EmoBackend's DDIM: trailing spacing), then -1 for 'clean'."""
+def ddim_timesteps(steps: int, noise=None) -> list[int]:
+    """The sampler's timesteps for `steps` steps (EmoBackend's DDIM with the model's noise config, default
+    SD1.5's with trailing spacing), then the 'clean' index (DDIMScheduler's previous-timestep rule)."""
     from diffusers import DDIMScheduler
 
-    from emo_stream.training.model_adapter import SCHEDULE
+    from emo_stream.models.config import NoiseConfig
 
-    sched = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                          timestep_spacing="trailing")
+    noise = noise or NoiseConfig()
+    sched = DDIMScheduler(**noise.scheduler_kwargs())
     sched.set_timesteps(steps)
     ts = [int(t) for t in sched.timesteps]
-    ratio = 1000 // steps  # DDIMScheduler's previous-timestep rule
+    ratio = noise.num_train_timesteps // steps
     for a, b in zip(ts, ts[1:]):
         if a - ratio != b:
             raise ConfigError(f"{steps} steps: DDIM timesteps {ts} are not evenly spaced")
@@ -125,12 +126,15 @@ class DistillModule(nn.Module):
 
         if teacher_steps % steps:
             raise ConfigError(f"distill.teacher_steps ({teacher_steps}) must be a multiple of distill.steps ({steps})")
+        noise = getattr(teacher.config, "noise", None)
+        if noise is not None and noise.prediction_type != "epsilon":
+            raise ConfigError(f"distill supports epsilon-prediction teachers; this one predicts {noise.prediction_type}")
         self.model = student
         self._teacher = [teacher.eval().requires_grad_(False)]
         self.steps, self.teacher_steps, self.guidance = steps, teacher_steps, float(guidance)
         self.motion_noise = motion_noise
-        self.student_t = ddim_timesteps(steps)          # t_0 .. t_{K-1}, then the 'clean' index -1
-        self.teacher_t = ddim_timesteps(teacher_steps)
+        self.student_t = ddim_timesteps(steps, noise)   # t_0 .. t_{K-1}, then the 'clean' index (-1)
+        self.teacher_t = ddim_timesteps(teacher_steps, noise)
         if not set(self.student_t) <= set(self.teacher_t):
             raise ConfigError(f"student timesteps {self.student_t} are not on the teacher's {self.teacher_t}")
         # latents / audio feature helpers and the noise schedule; in a list: the student is registered once
