@@ -194,7 +194,8 @@ def map_weights(model_state: dict[str, torch.Tensor], parts: dict[str, dict[str,
     out: dict[str, torch.Tensor] = {}
 
     def part(prefix: str, only=None) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix) and (only is None or only(k))}
+        return {k[len(prefix):]: v for k, v in model_state.items()
+                if k.startswith(prefix) and (only is None or only(k))}
 
     # reference_unet.pth: identical names
     ref = part("reference_unet.")

@@ -113,7 +113,8 @@ class EchoMimicModel(nn.Module):
     @classmethod
     def _build(cls, config: EchoMimicConfig) -> "EchoMimicModel":
         fl = config.face_locator
-        return cls(config, reference_unet_from_config(config.reference_unet), denoiser_from_config(config.denoiser, config.motion_norm_groups),
+        return cls(config, reference_unet_from_config(config.reference_unet),
+                   denoiser_from_config(config.denoiser, config.motion_norm_groups),
                    FaceLocator(fl.out_channels, fl.conditioning_channels, fl.channels),
                    WhisperFeatures(config.whisper), AutoencoderKL(**config.vae) if config.vae else None)
 

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from emo_stream.errors import WeightsError
-from emo_stream.models.echomimic.config import (ARCHITECTURE, EchoMimicConfig, FaceLocatorConfig, SamplingDefaults,
-                                                sd15_denoiser, sd15_reference_unet)
+from emo_stream.models.echomimic.config import (ARCHITECTURE, EchoMimicConfig, FaceLocatorConfig, sd15_denoiser,
+                                                sd15_reference_unet)
 from emo_stream.parity import GoldenFormatError
 
 log = logging.getLogger(__name__)
@@ -35,9 +34,10 @@ def _need(case: dict, key: str, where: str = "case.json") -> Any:
     return case[key]
 
 
-def config_from_case(case: dict) -> EchoMimicConfig:
+def config_from_case(case: dict, weights: Path | None = None) -> EchoMimicConfig:
     """Our EchoMimicConfig from a golden set's EchoMimic-style configs (GoldenFormatError for variants our
-    model does not implement)."""
+    model does not implement). The face locator and whisper sizes come from case.json ("face_locator",
+    "weights.whisper_dims"), or, where it leaves them out, from the files in `weights`."""
     import inspect
 
     from diffusers import UNet2DConditionModel
@@ -90,8 +90,19 @@ def config_from_case(case: dict) -> EchoMimicConfig:
             den[key] = c3[key]
     blocks = int(mm.get("num_transformer_block", 2))
     den.update(temporal_transformer_layers_per_block=blocks, temporal_transformer_layers_per_mid_block=blocks)
-    fl = _need(case, "face_locator")
-    dims = _need(_need(case, "weights"), "whisper_dims", "case.json weights")
+    fl, dims = case.get("face_locator"), (case.get("weights") or {}).get("whisper_dims")
+    if fl is None or dims is None:
+        if weights is None:
+            raise GoldenFormatError(f"case.json: missing {'face_locator' if fl is None else 'weights.whisper_dims'}")
+        from emo_stream.models.echomimic.importer import infer_config, read_parts
+
+        _, files, parts, file_dims = read_parts(weights, weights_set_of(case))
+        inferred = infer_config(parts["denoiser"], parts["motion"], parts["face_locator"], file_dims, files)
+        dims = dims if dims is not None else inferred.whisper
+        face = inferred.face_locator
+        if fl is None:
+            fl = {"block_out_channels": face.channels, "conditioning_channels": face.conditioning_channels,
+                  "conditioning_embedding_channels": face.out_channels}
     return EchoMimicConfig(reference_unet=ref, denoiser=den, whisper={k: int(dims[k]) for k in (
         "n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")},
         face_locator=FaceLocatorConfig(channels=list(fl["block_out_channels"]),
@@ -184,10 +195,10 @@ def run_cases(golden_dir: Path, only: set[str] | None = None) -> dict[str, float
         unknown = sorted(set(only) - known)
         if unknown:
             raise GoldenFormatError(f"unknown case {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    config = config_from_case(case)
     weights = golden_dir / "weights"
     if not weights.is_dir():
         raise GoldenFormatError(f"{golden_dir}: no weights/ folder")
+    config = config_from_case(case, weights)
     model = load_download(weights, config=config, weights_set=weights_set_of(case), with_vae=False)
     scheduler_kwargs = case.get("noise_scheduler_kwargs", {})
     g = _Golden(golden_dir)
@@ -263,7 +274,8 @@ def _denoiser_single(model, g: _Golden, df: str, dc: dict, gold_chunks, gold_fac
         t = torch.tensor(int(_need(dc, "timestep", "case.json denoiser_single_case")))
     audio = gold_chunks[: x.shape[2]][None]
     bank = model.encode_reference(ref)
-    _compare(errors, g, df, dc, "denoiser_single.pred", "pred", lambda: model.denoise(x, t, audio, gold_face, None, bank))
+    _compare(errors, g, df, dc, "denoiser_single.pred", "pred",
+             lambda: model.denoise(x, t, audio, gold_face, None, bank))
     _compare(errors, g, df, dc, "denoiser_single.pred_bank_fp32", "pred_bank_fp32",
              lambda: model.denoise(x, t, audio, gold_face, None, _bank_fp32(model, ref)))
     if any(g.has(df, k) or k in listed_tensors(dc) for k in ("cfg_pred_uncond", "cfg_pred_cond")):
@@ -278,7 +290,8 @@ def _sampler_case(model, g: _Golden, name: str, sc: dict, scheduler_kwargs: dict
                   gold_face) -> dict[str, float]:
     import re
 
-    from emo_stream.echomimic_sampling import EchoSampling, context_windows, make_scheduler, rotated, sample
+    from emo_stream.echomimic_sampling import (EchoSampling, context_windows, initial_latents, make_scheduler,
+                                               rotated, sample)
 
     errors: dict[str, float] = {}
     where = f"case.json sampler_cases.{name}"
@@ -294,6 +307,10 @@ def _sampler_case(model, g: _Golden, name: str, sc: dict, scheduler_kwargs: dict
     scheduler = make_scheduler(**scheduler_kwargs)
     x0 = g(sf, "initial_latents")
     frames = x0.shape[2]
+    seed = re.search(r"manual_seed\((\d+)\)", str(sc.get("generator", "")))
+    if seed:   # prepare_latents: randn from that generator, clamped (the pipeline's own noise)
+        noise = initial_latents(tuple(x0.shape), torch.Generator().manual_seed(int(seed.group(1))))
+        errors[f"{name}.initial_latents"] = _err(noise, x0)
     # the context windows our sampler uses, against the ones the set lists (step 0 and after rotation)
     base = context_windows(frames, settings.context_frames, settings.context_overlap)
     listed = {"windows_step0": base,
