@@ -206,6 +206,15 @@ def test_malformed_case_entry_is_one_line(golden, tmp_path, capsys):
     _one_line(capsys, root, "case.json", argv=("--case", section[: -len("_case")]))
 
 
+def test_unsupported_variant_is_one_line(golden, tmp_path, capsys):
+    """A configuration knob our model does not implement is refused by name, never silently ignored."""
+    root = _copy(golden, tmp_path)
+    case = _case(root)
+    case["unet_additional_kwargs"]["use_inflated_groupnorm"] = False
+    _write_case(root, case)
+    _one_line(capsys, root, "unsupported", "group norm")
+
+
 def test_case_json_naming_no_case_is_one_line(golden, tmp_path, capsys):
     root = _copy(golden, tmp_path)
     case = {k: v for k, v in _case(root).items() if not (k.endswith("_case") or k == "sampler_cases")}
