@@ -129,7 +129,8 @@ class EmoBackend(BackendBase):
 
     def __init__(self, model: EmoModel, size: int = 512, fps: int = 25, steps: int | None = None,
                  guidance: float | None = None, decoder: str | None = None, idle_steps: int | None = None,
-                 face_analyzer=None, scheduler: str | None = None):
+                 face_analyzer=None, scheduler: str | None = None, compile: str = "off",
+                 channels_last: bool | None = None):
         cfg = model.config
         if size <= 0 or size % cfg.size_multiple:
             raise ConfigError(f"size must be a positive multiple of {cfg.size_multiple} for model {cfg.name!r} "
@@ -166,6 +167,10 @@ class EmoBackend(BackendBase):
         self._scheduler_name = scheduler or cfg.sampling.scheduler
         if self._scheduler_name not in ("ddim", "lcm"):
             raise ConfigError(f"scheduler must be ddim or lcm (got {self._scheduler_name!r})")
+        from emo_stream.execution import ExecutionOptions, apply_execution
+
+        # channels-last / torch.compile on CUDA; plain eager on the CPU (emo_stream/execution.py)
+        self.execution = apply_execution(model, ExecutionOptions(compile=compile, channels_last=channels_last))
 
     @classmethod
     def load(cls, model: str = "tiny", size: int = 512, fps: int = 25, device: str | None = None,
@@ -178,7 +183,7 @@ class EmoBackend(BackendBase):
         if dev.type == "cpu":
             _default_cpu_threads()
         m = load_model(model, device=dev, dtype=_parse_dtype(dtype, dev))
-        unknown = set(options) - {"idle_steps", "face_analyzer", "scheduler"}
+        unknown = set(options) - {"idle_steps", "face_analyzer", "scheduler", "compile", "channels_last"}
         if unknown:
             raise ConfigError(f"unknown EMO backend options: {', '.join(sorted(unknown))}")
         return cls(m, size=size, fps=fps, steps=steps, guidance=guidance, decoder=decoder, **options)
@@ -211,7 +216,7 @@ class EmoBackend(BackendBase):
         mask = torch.from_numpy(face_region_mask([face_box], self.size, margin=0.25))[None, None]
         x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 127.5 - 1
         latent = m.encode_image(x.to(m.device)).to(m.dtype)
-        reference = m.encode_reference(latent)
+        reference = m.encode_reference(latent, project=True)  # its key/values too: once per avatar
         return EmoAvatar(image=image, face_box=np.asarray(face_box, np.float32), face_mask=mask, latent=latent,
                          reference=reference, motion0=m.motion_from_reference(reference))
 
@@ -274,7 +279,7 @@ class EmoBackend(BackendBase):
         mask = torch.cat([j.state.avatar.face_mask for j in jobs])
         speed = torch.tensor([[m.config.speed.default if j.state.speed is None else j.state.speed] * frames
                               for j in jobs], device=dev)
-        cond = m.condition(reference, feats, mask, speed, motion)
+        cond = m.condition(reference, feats, mask, speed, motion, cache=True)
         from emo_stream.models.emo_model import Conditioning
 
         use_cfg = guidance != 1.0

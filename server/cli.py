@@ -14,7 +14,7 @@ COMMANDS = {
     "worker": ("server.worker_command", "join LiveKit as an avatar worker for LiveKit Agents (one per GPU)"),
     "bot": ("server.bot_client", "stream an audio file through a server's WebSocket API and record the reply"),
     "prepare": ("emo_stream.training.prepare", "turn a folder of talking-head videos into a training set"),
-    "train": ("emo_stream.training.train", "train EMO stage 1, 2 or 3"),
+    "train": ("emo_stream.training.train", "train EMO stage 1, 2 or 3, or distill a few-step live student"),
     "parity": ("emo_stream.parity", "replay a golden set (case.json + reference weights) and report max abs errors"),
     "convert": ("emo_stream.convert", "convert a downloaded model folder (e.g. EchoMimic) to an emo-stream checkpoint"),
 }

@@ -130,7 +130,7 @@ def test_motion_frames_change_the_next_clip(live_backend, speech_16k):
 def test_reference_net_runs_once_per_avatar(live_backend, speech_16k, monkeypatch):
     calls = []
     original = live_backend.model.encode_reference
-    monkeypatch.setattr(live_backend.model, "encode_reference", lambda x: calls.append(1) or original(x))
+    monkeypatch.setattr(live_backend.model, "encode_reference", lambda *a, **k: calls.append(1) or original(*a, **k))
     avatar = live_backend.prepare_avatar(_image())
     state = live_backend.new_state(avatar, 0)
     audio = _speech(speech_16k)

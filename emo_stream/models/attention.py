@@ -15,6 +15,16 @@ conditioning is expressed that way:
 
 Processors read per-call conditioning from a shared `BackboneContext` that the backbone fills before each
 forward (diffusers does not pass extra inputs to the temporal modules).
+
+Constant work is done once (each shortcut is exact: tests compare it with the plain path to 1e-5):
+- reference K/V: the reference tokens' key/value projections depend only on the avatar, so inference
+  precomputes them once per avatar (`BackboneContext.reference_kv`) instead of per step and frame.
+- audio / speed K/V: the audio and speed tokens are constant for a segment; with `kv_cache` set (inference)
+  their projections are computed at the first denoising step and reused by the others.
+- uniform speed: when every speed token of a sample is the same (a constant head speed, the live case),
+  attention to them returns that token's value whatever the query: the cross-attention is one vector per
+  sample, no per-pixel query projection.
+- single-token cross-attention (the ReferenceNet's null text token): the output is to_out(to_v(token)).
 """
 
 from __future__ import annotations
@@ -52,6 +62,16 @@ class BackboneContext:
     reference: dict[str, torch.Tensor] | None = None
     motion: dict[str, torch.Tensor] | None = None
     speed: torch.Tensor | None = None
+    # inference shortcuts (see the module docstring); None / False: compute everything per call
+    reference_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> (k, v), (batch, tokens, C)
+    kv_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None      # per segment: audio/speed K/V
+    speed_uniform: bool = False   # every sample's speed tokens are all equal
+
+    @property
+    def motion_frames(self) -> int:
+        if not self.motion:
+            return 0
+        return next(iter(self.motion.values())).shape[1]
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -85,12 +105,25 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])
 
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def kv(self, context: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        context = context.to(dtype)
+        return self.to_k(context), self.to_v(context)
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`kv`: precomputed self.kv(context) (a segment's cache); `context` is then not read."""
         q = self.to_q(hidden_states)
-        context = context.to(q.dtype)
-        o = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(self.to_k(context), self.heads),
-                                           _heads(self.to_v(context), self.heads))
+        k, v = kv if kv is not None else self.kv(context, q.dtype)
+        o = F.scaled_dot_product_attention(_heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads))
         return self.to_out[0](_merge(o))
+
+
+def _cached_kv(cache: dict | None, key: str, compute) -> tuple[torch.Tensor, torch.Tensor]:
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
 
 
 def new_cross_attention(query_dim: int, context_dim: int, heads: int) -> CrossAttention:
@@ -114,6 +147,25 @@ class ReferenceWriteProcessor:
         return _DEFAULT(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
+class SingleTokenCrossAttnProcessor:
+    """ReferenceNet attn2 (SD's text cross-attention; the ReferenceNet sees one null token): softmax over a
+    single key is 1, so the output is to_out(to_v(token)) for every query. Exact; skips the per-pixel
+    query projection and attention. Anything else goes through the standard processor."""
+
+    enabled = True
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
+        plain = (not self.enabled or encoder_hidden_states is None or encoder_hidden_states.shape[1] != 1 or attention_mask is not None
+                 or attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_cross
+                 or attn.residual_connection or hidden_states.ndim != 3)
+        if plain:
+            return _DEFAULT(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        v = attn.to_v(encoder_hidden_states.to(hidden_states.dtype))          # (batch, 1, inner)
+        out = attn.to_out[1](attn.to_out[0](v)) / attn.rescale_output_factor  # (batch, 1, dim)
+        return out.expand(-1, hidden_states.shape[1], -1)
+
+
 class ReferenceAttnProcessor:
     """Backbone attn1: self-attention whose keys/values also include the ReferenceNet tokens of this layer
     (the pretrained attn1 weights are reused, as in AnimateAnyone/EMO)."""
@@ -132,9 +184,12 @@ class ReferenceAttnProcessor:
             raise ValueError(f"{self.name}: {rows} frames for {ref.shape[0]} reference rows (batch mismatch)")
         frames = rows // ref.shape[0]
         q = attn.to_q(hidden_states)
-        # project the reference once per sample, then share it across that sample's frames
-        k = torch.cat([attn.to_k(hidden_states), attn.to_k(ref).repeat_interleave(frames, 0)], dim=1)
-        v = torch.cat([attn.to_v(hidden_states), attn.to_v(ref).repeat_interleave(frames, 0)], dim=1)
+        # the reference's projections: precomputed once per avatar when given, else once per sample here;
+        # either way shared across the sample's frames
+        cached = self.context.reference_kv.get(self.name) if self.context.reference_kv else None
+        rk, rv = cached if cached is not None else (attn.to_k(ref), attn.to_v(ref))
+        k = torch.cat([attn.to_k(hidden_states), rk.to(q.dtype).repeat_interleave(frames, 0)], dim=1)
+        v = torch.cat([attn.to_v(hidden_states), rv.to(q.dtype).repeat_interleave(frames, 0)], dim=1)
         out = F.scaled_dot_product_attention(_heads(q, attn.heads), _heads(k, attn.heads), _heads(v, attn.heads))
         out = attn.to_out[1](attn.to_out[0](_merge(out).to(q.dtype)))
         return out / attn.rescale_output_factor
@@ -146,15 +201,21 @@ class AudioAttnProcessor(nn.Module):
     The audio tokens arrive as the UNet's `encoder_hidden_states`, (batch * frames, tokens, dim).
     """
 
-    def __init__(self, query_dim: int, audio_dim: int, heads: int):
+    def __init__(self, query_dim: int, audio_dim: int, heads: int, context: BackboneContext | None = None,
+                 name: str = "audio"):
         super().__init__()
         self.attn = new_cross_attention(query_dim, audio_dim, heads)
+        self._context = [context]  # a list: not an nn.Module attribute, not in the state dict
+        self.name = name
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
         if encoder_hidden_states is None:
             return torch.zeros_like(hidden_states)
-        return self.attn(hidden_states, encoder_hidden_states)
+        ctx = self._context[0]
+        cache = ctx.kv_cache if ctx is not None else None
+        kv = _cached_kv(cache, self.name, lambda: self.attn.kv(encoder_hidden_states, hidden_states.dtype))
+        return self.attn(hidden_states, encoder_hidden_states, kv=kv)
 
 
 class SpeedAttnProcessor(nn.Module):
@@ -164,10 +225,11 @@ class SpeedAttnProcessor(nn.Module):
     same speed tokens, so the queries are regrouped per sample instead of copying keys per pixel.
     """
 
-    def __init__(self, query_dim: int, speed_dim: int, heads: int, context: BackboneContext):
+    def __init__(self, query_dim: int, speed_dim: int, heads: int, context: BackboneContext, name: str = "speed"):
         super().__init__()
         self.attn = new_cross_attention(query_dim, speed_dim, heads)
         self.context = context
+        self.name = name
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
@@ -177,12 +239,19 @@ class SpeedAttnProcessor(nn.Module):
             return out
         rows, frames, channels = hidden_states.shape
         batch = speed.shape[0]
-        if speed.shape[1] != frames or rows % batch:
+        # every query attends to all the sample's speed tokens; with the motion frames pruned
+        # (backbone.MotionFramesTransformer) only the clip frames ask, the keys stay n + f
+        pruned = encoder_hidden_states is not None and speed.shape[1] == frames + self.context.motion_frames
+        if not (speed.shape[1] == frames or pruned) or rows % batch:
             raise ValueError(f"speed tokens {tuple(speed.shape)} do not match temporal attention input "
                              f"{tuple(hidden_states.shape)}")
         a = self.attn
+        if self.context.speed_uniform:
+            # all keys equal: the softmax weights are uniform over equal values -> the value itself
+            o = a.to_out[0](a.to_v(speed[:, :1].to(hidden_states.dtype)))          # (batch, 1, C)
+            return out + o.repeat_interleave(rows // batch, 0)
         q = a.to_q(hidden_states).reshape(batch, (rows // batch) * frames, -1)
-        k, v = a.to_k(speed.to(q.dtype)), a.to_v(speed.to(q.dtype))
+        k, v = _cached_kv(self.context.kv_cache, self.name, lambda: a.kv(speed, q.dtype))
         o = F.scaled_dot_product_attention(_heads(q, a.heads), _heads(k, a.heads), _heads(v, a.heads))
         o = a.to_out[0](_merge(o)).reshape(rows, frames, -1)
         return out + o

@@ -17,7 +17,7 @@ from emo_stream.errors import ConfigError
 from emo_stream.resources import resource_dir
 
 PRESETS_DIR = resource_dir("configs") / "models"
-PRESETS = ("tiny", "sd15")
+PRESETS = ("tiny", "sd15", "sd15_live")
 
 
 @dataclass

@@ -52,16 +52,24 @@ class Conditioning:
 
     def with_null_audio(self) -> "Conditioning":
         """The unconditional branch of classifier-free guidance: same everything, audio tokens zeroed."""
-        return Conditioning(self.context, torch.zeros_like(self.audio_tokens), self.face)
+        ctx = BackboneContext(**{**self.context.__dict__,
+                                 "kv_cache": {} if self.context.kv_cache is not None else None})
+        return Conditioning(ctx, torch.zeros_like(self.audio_tokens), self.face)
 
     @staticmethod
     def cat(a: "Conditioning", b: "Conditioning") -> "Conditioning":
         ca, cb = a.context, b.context
+        kv = None
+        if ca.reference_kv and cb.reference_kv:
+            kv = {k: (torch.cat([v[0], cb.reference_kv[k][0]]), torch.cat([v[1], cb.reference_kv[k][1]]))
+                  for k, v in ca.reference_kv.items()}
         ctx = BackboneContext(
             batch=ca.batch + cb.batch,
             reference={k: torch.cat([v, cb.reference[k]]) for k, v in ca.reference.items()} if ca.reference else None,
             motion={k: torch.cat([v, cb.motion[k]]) for k, v in ca.motion.items()} if ca.motion else None,
-            speed=torch.cat([ca.speed, cb.speed]) if ca.speed is not None else None)
+            speed=torch.cat([ca.speed, cb.speed]) if ca.speed is not None else None,
+            reference_kv=kv, kv_cache={} if ca.kv_cache is not None and cb.kv_cache is not None else None,
+            speed_uniform=ca.speed_uniform and cb.speed_uniform)
         return Conditioning(ctx, torch.cat([a.audio_tokens, b.audio_tokens]), torch.cat([a.face, b.face]))
 
 
@@ -149,9 +157,15 @@ class EmoModel(nn.Module):
             return self.taesd.decode(latents.to(self.taesd.dtype)).sample
         return self.vae.decode(latents.to(self.vae.dtype) / self.vae_scale).sample
 
-    def encode_reference(self, reference_latents: torch.Tensor) -> ReferenceFeatures:
-        """ReferenceNet at t=0 on the reference latent(s) (batch, 4, h, w): the avatar's cached features."""
-        return self.reference_net(reference_latents)
+    def encode_reference(self, reference_latents: torch.Tensor, project: bool = False) -> ReferenceFeatures:
+        """ReferenceNet at t=0 on the reference latent(s) (batch, 4, h, w): the avatar's cached features.
+
+        project=True also computes the tokens' key/value projections of the backbone's reference-attention
+        (constant per avatar; inference caches them with the features)."""
+        features = self.reference_net(reference_latents)
+        if project:
+            features.kv = self.backbone.reference_kv(features.tokens)
+        return features
 
     def encode_motion(self, motion_latents: torch.Tensor) -> dict[str, torch.Tensor]:
         """Motion-frame latents (batch, 4, n, h, w) -> site -> (batch, n, C, h', w') for the temporal modules."""
@@ -166,7 +180,8 @@ class EmoModel(nn.Module):
         return {k: v[:, None].expand(-1, n, *v.shape[1:]) for k, v in reference.sites.items()}
 
     def condition(self, reference: ReferenceFeatures, audio_features: torch.Tensor, face_mask: torch.Tensor,
-                  speed: torch.Tensor | None = None, motion: dict[str, torch.Tensor] | None = None) -> Conditioning:
+                  speed: torch.Tensor | None = None, motion: dict[str, torch.Tensor] | None = None,
+                  cache: bool = False) -> Conditioning:
         """Per-clip conditioning.
 
         reference       ReferenceFeatures, batch B (one row per sample)
@@ -175,10 +190,13 @@ class EmoModel(nn.Module):
         speed           (B, F) or (B, n + F) head speed per frame (degrees/frame); None: config default
         motion          site -> (B, n, C, h, w) motion-frame features (encode_motion / motion_from_reference);
                         None: no motion frames (the temporal modules then see only the clip)
+        cache           inference: reuse the reference's precomputed key/values (reference.kv) and compute
+                        the audio and speed key/values once for all the segment's denoising steps
         """
         b, f = audio_features.shape[:2]
         dev, dt = self.device, self.dtype
         n = next(iter(motion.values())).shape[1] if motion else 0
+        constant_speed = speed is None
         if speed is None:
             speed = torch.full((b, f), self.config.speed.default, device=dev)
         speed = speed.to(dev).float()
@@ -186,9 +204,18 @@ class EmoModel(nn.Module):
             speed = torch.cat([speed[:, :1].expand(-1, n), speed], dim=1)
         if speed.shape != (b, n + f):
             raise ValueError(f"speed must be (batch, frames) or (batch, n + frames); got {tuple(speed.shape)}")
+        speed_tokens = self.speed_encoder(speed).to(dt)
         ctx = BackboneContext(batch=b, reference={k: v.to(dev, dt) for k, v in reference.tokens.items()},
                               motion={k: v.to(dev, dt) for k, v in motion.items()} if motion else None,
-                              speed=self.speed_encoder(speed).to(dt))
+                              speed=speed_tokens,
+                              # a constant head speed gives equal tokens: the speed attention is one vector
+                              speed_uniform=self.backbone.options.uniform_speed and (
+                                  constant_speed or (speed_tokens.device.type != "meta" and
+                                                     bool((speed_tokens == speed_tokens[:, :1]).all()))))
+        if cache:
+            if reference.kv is not None:
+                ctx.reference_kv = {k: (a.to(dev, dt), v.to(dev, dt)) for k, (a, v) in reference.kv.items()}
+            ctx.kv_cache = {}
         tokens = self.audio_proj(audio_features.to(dev)).to(dt)
         face = self.face_locator(face_mask.to(dev))
         return Conditioning(ctx, tokens, face.to(dt))
@@ -197,6 +224,17 @@ class EmoModel(nn.Module):
         """noisy_latents (B, 4, F, h, w), timesteps (B,) or scalar -> predicted noise (B, 4, F, h, w)."""
         x = noisy_latents.to(self.dtype) + cond.face[:, :, None]
         return self.backbone(x, timesteps, cond.audio_tokens, cond.context)
+
+    def set_shortcuts(self, on: bool) -> None:
+        """Switch the exact inference shortcuts (attention.py, backbone.py) on or off. Off computes everything
+        the plain way (same outputs to ~1e-6; tests and bench/flops.py compare the two). Reference and
+        audio/speed K/V caching are asked for per call instead (encode_reference(project=), condition(cache=))."""
+        from emo_stream.models.attention import SingleTokenCrossAttnProcessor
+
+        self.backbone.options.prune_motion = self.backbone.options.uniform_speed = bool(on)
+        for proc in self.reference_net.unet.attn_processors.values():
+            if isinstance(proc, SingleTokenCrossAttnProcessor):
+                proc.enabled = bool(on)
 
     # ---- training ------------------------------------------------------------------------------
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, reference_latents: torch.Tensor,

@@ -17,7 +17,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from emo_stream.models.attention import ReferenceStore, ReferenceWriteProcessor
+from emo_stream.models.attention import ReferenceStore, ReferenceWriteProcessor, SingleTokenCrossAttnProcessor
 
 
 @dataclass
@@ -26,15 +26,24 @@ class ReferenceFeatures:
 
     tokens: dict[str, torch.Tensor]   # attn1 processor name -> (batch, h*w, channels)
     sites: dict[str, torch.Tensor]    # backbone temporal site name -> (batch, channels, h, w)
+    # the tokens' key/value projections in the backbone's reference-attention (Backbone.reference_kv),
+    # computed once per avatar at inference; None: projected at every backbone call
+    kv: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def to(self, device=None, dtype=None) -> "ReferenceFeatures":
-        return ReferenceFeatures({k: v.to(device=device, dtype=dtype) for k, v in self.tokens.items()},
-                                 {k: v.to(device=device, dtype=dtype) for k, v in self.sites.items()})
+        conv = lambda v: v.to(device=device, dtype=dtype)  # noqa: E731
+        kv = {k: (conv(a), conv(b)) for k, (a, b) in self.kv.items()} if self.kv is not None else None
+        return ReferenceFeatures({k: conv(v) for k, v in self.tokens.items()},
+                                 {k: conv(v) for k, v in self.sites.items()}, kv)
 
     @staticmethod
     def cat(items: list["ReferenceFeatures"]) -> "ReferenceFeatures":
+        kv = None
+        if all(i.kv is not None for i in items):
+            kv = {k: (torch.cat([i.kv[k][0] for i in items]), torch.cat([i.kv[k][1] for i in items]))
+                  for k in items[0].kv}
         return ReferenceFeatures({k: torch.cat([i.tokens[k] for i in items]) for k in items[0].tokens},
-                                 {k: torch.cat([i.sites[k] for i in items]) for k in items[0].sites})
+                                 {k: torch.cat([i.sites[k] for i in items]) for k in items[0].sites}, kv)
 
 
 def temporal_sites(unet: UNet2DConditionModel) -> dict[str, str]:
@@ -63,8 +72,9 @@ class ReferenceNet(nn.Module):
         self.store = ReferenceStore()
         procs = {}
         for name in unet.attn_processors:
+            # attn2 sees one null token: its output is a constant (exact shortcut, attention.py)
             procs[name] = ReferenceWriteProcessor(name, self.store) if name.endswith("attn1.processor") \
-                else unet.attn_processors[name]
+                else SingleTokenCrossAttnProcessor()
         unet.set_attn_processor(procs)
         modules = dict(unet.named_modules())
         self.site_map = temporal_sites(unet)

@@ -27,7 +27,21 @@ STAGE_TRAINABLE = {
     1: ["referencenet", "backbone", "face_locator"],
     2: ["temporal", "audio"],
     3: ["temporal", "speed"],
+    # distillation (training/distill.py): the whole student but its ReferenceNet (frozen unless it is pruned)
+    "distill": ["backbone", "temporal", "audio", "speed", "face_locator"],
 }
+STAGES = (1, 2, 3, "distill")
+
+
+@dataclass
+class DistillSection:
+    """`stage: distill` only: the teacher and the student's sampler (see emo_stream/training/distill.py)."""
+
+    teacher: str | None = None             # checkpoint folder (ours) or preset; the student starts from it
+    steps: int = 4                         # the student's DDIM steps (2-4 for live)
+    teacher_steps: int = 40                # the teacher's guided DDIM steps it learns to match
+    guidance: float | None = None          # the teacher's guidance scale (default: its config's)
+    student_layers_per_block: int | None = None  # fewer layers per UNet level (BK-SDM); None: the teacher's
 
 
 @dataclass
@@ -82,15 +96,21 @@ class TrainSection:
 
 @dataclass
 class TrainConfig:
-    stage: int = 1
+    stage: int | str = 1
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     source: str = "<dict>"
 
     @property
     def trainable(self) -> list[str]:
-        return list(self.train.trainable or STAGE_TRAINABLE[self.stage])
+        if self.train.trainable:
+            return list(self.train.trainable)
+        groups = list(STAGE_TRAINABLE[self.stage])
+        if self.stage == "distill" and self.distill.student_layers_per_block is not None:
+            groups.append("referencenet")  # a pruned ReferenceNet must learn to feed the pruned backbone
+        return groups
 
     def validate(self) -> "TrainConfig":
         def need(cond: bool, msg: str) -> None:
@@ -98,7 +118,20 @@ class TrainConfig:
                 raise ConfigError(f"{self.source}: {msg}")
 
         t, d = self.train, self.data
-        need(self.stage in (1, 2, 3), f"stage must be 1, 2 or 3 (got {self.stage})")
+        if isinstance(self.stage, str) and self.stage.isdigit():
+            self.stage = int(self.stage)
+        need(self.stage in STAGES, f"stage must be 1, 2, 3 or distill (got {self.stage})")
+        if self.stage == "distill":
+            dd = self.distill
+            need(bool(dd.teacher), "distill.teacher is missing: the teacher checkpoint folder (or a preset)")
+            need(1 <= dd.steps <= 8, f"distill.steps must be in 1..8 (got {dd.steps})")
+            need(dd.teacher_steps >= dd.steps and dd.teacher_steps % dd.steps == 0,
+                 f"distill.teacher_steps ({dd.teacher_steps}) must be a multiple of distill.steps ({dd.steps})")
+            need(dd.guidance is None or dd.guidance >= 1, "distill.guidance must be >= 1 (1: no guidance)")
+            need(dd.student_layers_per_block is None or dd.student_layers_per_block >= 1,
+                 "distill.student_layers_per_block must be >= 1")
+            need(t.vae_steps == 0, "train.vae_steps must be 0 for distill: the student keeps the teacher's VAE")
+            self.model.init = str(dd.teacher)  # the student starts from the teacher
         need(bool(d.root), "data.root is missing: the folder made by `emo-stream prepare` (or the synthetic generator)")
         need(t.max_steps >= 1, "train.max_steps must be >= 1")
         need(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
@@ -131,7 +164,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", base_dir: Pat
     working directory (like every CLI path)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-    check_keys(data, ("stage", "model", "data", "train"), source)  # `source` is ours, not a YAML key
+    check_keys(data, ("stage", "model", "data", "train", "distill"), source)  # `source` is ours, not a YAML key
     data = dict(data)
     section = data.get("data")
     if isinstance(section, dict) and "root" in section:

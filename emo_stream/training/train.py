@@ -1,4 +1,5 @@
-"""`emo-stream train --stage 1|2|3 --config FILE`: EMO's three training stages with accelerate.
+"""`emo-stream train --stage 1|2|3|distill --config FILE`: EMO's three training stages with accelerate, and
+the distillation of a trained model into a few-step guidance-free live student (training/distill.py).
 
 One command for every scale: plain `emo-stream train ...` runs on one device; the same command under
 `accelerate launch [--multi_gpu --num_machines ...] -m server.cli train ...` runs data-parallel on many
@@ -96,7 +97,13 @@ class Trainer:
                                   f"{exc.strerror or exc.__class__.__name__}") from None
         torch.manual_seed(t.seed)
 
-        self.model = ma.load_model(cfg.model.init, cfg.model.options)
+        self.distill_info = None
+        if cfg.stage == "distill":
+            from emo_stream.training import distill
+
+            self.model, distill_module, self.distill_info = distill.build(cfg, device=acc.device)
+        else:
+            self.model = ma.load_model(cfg.model.init, cfg.model.options)
         mcfg = self.model.config
         self.f = cfg.data.clip_frames or mcfg.clip_frames
         self.n = cfg.data.motion_frames or mcfg.motion_frames
@@ -112,9 +119,12 @@ class Trainer:
         self.trainable_groups = sorted(cfg.trainable)
         if t.gradient_checkpointing:
             ma.enable_gradient_checkpointing(self.model)
-        self.module = ma.TrainingModule(self.model, stage=cfg.stage, motion_noise=t.motion_noise)
+        if cfg.stage == "distill":
+            self.module = distill_module
+        else:
+            self.module = ma.TrainingModule(self.model, stage=cfg.stage, motion_noise=t.motion_noise)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        log.info("stage %d: training %s (%.2fM parameters)", cfg.stage, ", ".join(cfg.trainable),
+        log.info("stage %s: training %s (%.2fM parameters)", cfg.stage, ", ".join(cfg.trainable),
                  sum(p.numel() for p in params) / 1e6)
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
         warm = t.warmup_steps
@@ -218,8 +228,10 @@ class Trainer:
                 params = [p for p in model.parameters() if p.requires_grad]
                 self.ema.store(params)
                 self.ema.copy_to(params)
-            ma.save_model(model, final, training={"stage": self.cfg.stage, "steps": self.step,
-                                                  "config": self.cfg.to_dict()})
+            training = {"stage": self.cfg.stage, "steps": self.step, "config": self.cfg.to_dict()}
+            if self.distill_info is not None:
+                training["distilled"] = self.distill_info
+            ma.save_model(model, final, training=training)
             if self.ema is not None:
                 self.ema.restore(params)
         acc.wait_for_everyone()
@@ -374,8 +386,9 @@ def _parse_value(text: str) -> Any:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", type=int, choices=[1, 2, 3], required=True,
-                   help="1 image pretraining, 2 video (temporal + audio), 3 temporal + speed")
+    p.add_argument("--stage", choices=["1", "2", "3", "distill"], required=True,
+                   help="1 image pretraining, 2 video (temporal + audio), 3 temporal + speed, distill: a trained "
+                        "model (distill.teacher) -> a few-step guidance-free live student")
     p.add_argument("--config", required=True, help="training YAML (see configs/train/)")
     p.add_argument("--resume", default="auto",
                    help="'auto' (latest checkpoint in output_dir, if any), a checkpoint folder, or 'no'")
@@ -392,6 +405,7 @@ def run(args: argparse.Namespace) -> int:
         k, v = item.split("=", 1)
         overrides[k.strip()] = _parse_value(v)
     cfg = load_train_config(args.config, overrides)
+    args.stage = int(args.stage) if args.stage.isdigit() else args.stage
     if cfg.stage != args.stage:
         if "stage" in yaml.safe_load(Path(args.config).read_text() or "{}"):
             raise ConfigError(f"--stage {args.stage} but {args.config} is a stage {cfg.stage} config")
@@ -399,5 +413,5 @@ def run(args: argparse.Namespace) -> int:
         cfg.validate()
     resume = None if args.resume in ("no", "none", "") else args.resume
     summary = train(cfg, resume=resume, progress=not args.no_progress)
-    log.info("stage %d done after %d steps; model in %s", summary["stage"], summary["steps"], summary["final"])
+    log.info("stage %s done after %d steps; model in %s", summary["stage"], summary["steps"], summary["final"])
     return 0

@@ -100,8 +100,9 @@ def config_from_case(case: dict, weights: Path | None = None) -> EchoMimicConfig
         inferred = infer_config(parts["denoiser"], parts["motion"], parts["face_locator"], file_dims, files)
         dims = dims if dims is not None else inferred.whisper
         face = inferred.face_locator
-        fl = fl if fl is not None else {"block_out_channels": face.channels, "conditioning_channels":
-                                        face.conditioning_channels, "conditioning_embedding_channels": face.out_channels}
+        if fl is None:
+            fl = {"block_out_channels": face.channels, "conditioning_channels": face.conditioning_channels,
+                  "conditioning_embedding_channels": face.out_channels}
     return EchoMimicConfig(reference_unet=ref, denoiser=den, whisper={k: int(dims[k]) for k in (
         "n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")},
         face_locator=FaceLocatorConfig(channels=list(fl["block_out_channels"]),
@@ -273,7 +274,8 @@ def _denoiser_single(model, g: _Golden, df: str, dc: dict, gold_chunks, gold_fac
         t = torch.tensor(int(_need(dc, "timestep", "case.json denoiser_single_case")))
     audio = gold_chunks[: x.shape[2]][None]
     bank = model.encode_reference(ref)
-    _compare(errors, g, df, dc, "denoiser_single.pred", "pred", lambda: model.denoise(x, t, audio, gold_face, None, bank))
+    _compare(errors, g, df, dc, "denoiser_single.pred", "pred",
+             lambda: model.denoise(x, t, audio, gold_face, None, bank))
     _compare(errors, g, df, dc, "denoiser_single.pred_bank_fp32", "pred_bank_fp32",
              lambda: model.denoise(x, t, audio, gold_face, None, _bank_fp32(model, ref)))
     if any(g.has(df, k) or k in listed_tensors(dc) for k in ("cfg_pred_uncond", "cfg_pred_cond")):

@@ -104,7 +104,27 @@ def wav_path(golden: Path, case: dict) -> Path:
     return golden / str(_section(case, "audio").get("wav", "audio.wav")).split()[0]
 
 
+def _unsupported(case: dict) -> str | None:
+    """The first unet_additional_kwargs setting our Hallo model does not implement (None: all supported)."""
+    add = case["unet_additional_kwargs"]
+    levels = len(case["unet_2d_config"].get("block_out_channels", [0] * 4))
+    checks = {
+        "per-frame (inflated) group norm": add.get("use_inflated_groupnorm", True),
+        "no cross-frame or extra temporal attention in the spatial blocks":
+            not add.get("unet_use_cross_frame_attention") and not add.get("unet_use_temporal_attention"),
+        "motion modules in the encoder too (not decoder-only)": not add.get("motion_module_decoder_only", False),
+        "Vanilla motion modules": add.get("motion_module_type", "Vanilla") == "Vanilla",
+        "audio modules in every up/down/mid block": not add.get("use_audio_module", True) or (
+            set(add.get("stack_enable_blocks_name", ["up", "down", "mid"])) == {"up", "down", "mid"}
+            and set(add.get("stack_enable_blocks_depth", range(levels))) >= set(range(levels))),
+    }
+    return next((name for name, ok in checks.items() if not ok), None)
+
+
 def build_model(golden: Path, case: dict) -> HalloModel:
+    bad = _unsupported(case)
+    if bad:
+        raise _format_error()(f"{golden / 'case.json'}: unsupported Hallo variant (this model implements {bad})")
     try:
         config = HalloConfig.from_case(case)
     except (KeyError, TypeError, ValueError, ConfigError) as exc:

@@ -1,0 +1,194 @@
+"""Live-path throughput and latency of the EMO backend, on a GPU (or, for trying the script, a CPU).
+
+    python bench/gpu_live.py [--model sd15_live] [--size 512] [--sessions 1,4,8,16] [--out DIR]
+
+Random weights (the arithmetic is the same as with trained ones). For each session count S: S sessions of
+the live default (8-frame segments, the model's steps and guidance, TAESD) run segment after segment, batched
+into one denoise and one decode call per segment as the engine does; each timed segment includes encoding
+every session's audio (wav2vec2, left context included), denoising, decoding and the copy to the CPU.
+
+Records (JSON, one file per run in --out, also printed):
+    aggregate_fps              frames of all sessions per second of wall time
+    segment_latency_ms p50/p95 from a segment's audio in hand to all its frames decoded on the CPU; every
+                               frame of the segment is ready then, so it is also each frame's compute latency
+    first_frame_ms             a fresh session's first segment (reference motion frames), 1 session, warm
+    algorithmic_latency_ms     audio a frame waits for before its segment can start: the rest of its segment
+                               plus the encoder look-ahead (for the first frame of a segment, the worst case)
+    tflop_per_frame            counted for the same configuration (bench/flops.py, meta device)
+    achieved_tflops            aggregate_fps x tflop_per_frame
+    peak_memory_gib            CUDA max_memory_allocated
+With --offline-model, one offline clip (the model's own steps, guidance and decoder) too: seconds of compute per
+second of video.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import device_name, emit_json, peak_memory  # bench/; puts the repo on sys.path
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def counted_tflop(model: str, size: int, mode: str) -> dict:
+    from flops import count_emo
+
+    return count_emo(model, mode, size=size)
+
+
+def run_sessions(backend, avatars, sessions: int, segments: int, warmup: int, frames: int) -> dict:
+    from emo_stream.backend import SegmentJob
+
+    dev = backend.device
+    spf, left = backend.spf, backend.audio_context.left_samples
+    look = backend.audio_context.lookahead_frames
+    rng = np.random.default_rng(sessions)
+    audio = (rng.standard_normal(left + (frames + look) * spf) * 0.1).astype(np.float32)
+    states = [backend.new_state(avatars[i % len(avatars)], seed=i) for i in range(sessions)]
+    lat_ms = []
+    t_all = 0.0
+    for k in range(warmup + segments):
+        sync(dev)
+        t0 = time.perf_counter()
+        jobs = [SegmentJob(avatar=s.avatar, state=s, features=backend.encode_audio(audio, left, frames),
+                           num_frames=frames) for s in states]
+        out = backend.decode(jobs, backend.denoise(jobs))
+        sync(dev)
+        dt = time.perf_counter() - t0
+        assert len(out) == sessions and out[0].shape[0] == frames
+        if k >= warmup:
+            lat_ms.append(dt * 1000)
+            t_all += dt
+    return {"sessions": sessions, "segments_timed": segments, "segment_frames": frames,
+            "aggregate_fps": round(sessions * frames * segments / t_all, 2),
+            "segment_latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 1),
+                                   "p95": round(float(np.percentile(lat_ms, 95)), 1),
+                                   "max": round(max(lat_ms), 1)}}
+
+
+def first_frame(backend, avatar, frames: int, repeats: int = 3) -> float:
+    from emo_stream.backend import SegmentJob
+
+    spf, left = backend.spf, backend.audio_context.left_samples
+    look = backend.audio_context.lookahead_frames
+    audio = (np.random.default_rng(7).standard_normal(left + (frames + look) * spf) * 0.1).astype(np.float32)
+    best = []
+    for r in range(repeats):
+        state = backend.new_state(avatar, seed=100 + r)  # fresh: no motion frames yet
+        sync(backend.device)
+        t0 = time.perf_counter()
+        job = SegmentJob(avatar=avatar, state=state, features=backend.encode_audio(audio, left, frames),
+                         num_frames=frames)
+        backend.decode([job], backend.denoise([job]))
+        sync(backend.device)
+        best.append((time.perf_counter() - t0) * 1000)
+    return round(float(np.median(best)), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="sd15_live")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--sessions", default="1,4,8,16")
+    p.add_argument("--segments", type=int, default=6, help="timed segments per session count")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--compile", default="off", help="off | default | reduce-overhead | max-autotune")
+    p.add_argument("--offline-model", default=None, help="also time one offline clip of this preset (e.g. sd15)")
+    p.add_argument("--time-limit", type=float, default=400, help="seconds; stop adding session counts after it")
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_live"))
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    t_start = time.monotonic()
+    from emo_stream.emo_backend import EmoBackend
+    from emo_stream.training.synthetic import identity_reference
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    dtype = args.dtype if device.type == "cuda" else "float32"
+    t0 = time.monotonic()
+    backend = EmoBackend.load(args.model, size=args.size, device=str(device), dtype=dtype, compile=args.compile)
+    frames = backend.stream_segment_frames
+    execution = {**backend.execution, "attention": "torch scaled_dot_product_attention"}
+    print(f"[gpu_live] {args.model} loaded on {device} in {time.monotonic() - t0:.1f} s: {backend.execution}, "
+          f"steps {backend.steps}, guidance {backend.guidance}, decoder {backend.decoder}", flush=True)
+    avatars = []
+    for i in range(2):
+        image, box = identity_reference(args.size, seed=0, index=i)
+        avatars.append(backend.avatar_from_crop(image, box))
+    counted = counted_tflop(args.model, args.size, "live")
+    per_frame = counted["tflop_per_frame_total"]
+    # the reference is per avatar, not per frame: the timed loop does not run it
+    per_frame_timed = per_frame - counted["parts"]["reference"]
+    name = f"gpu_live-{device.type}-{args.model}-{args.size}{('-' + args.tag) if args.tag else ''}.json"
+    res = {
+        "bench": "gpu_live", "device": device_name(device), "torch": torch.__version__, "model": args.model,
+        "random_weights": True, "size": args.size, "dtype": str(dtype), "execution": execution,
+        "steps": counted["steps"], "guidance": counted["guidance"], "decoder": counted["decoder"],
+        "segment_frames": frames, "tflop_per_frame": per_frame,
+        "tflop_per_frame_per_step": counted["tflop_per_frame_per_step"], "runs": [], "first_frame_ms": None,
+        "algorithmic_latency_ms": round((frames - 1 + backend.audio_context.lookahead_frames) * 1000 / backend.fps, 1),
+        "offline": None, "complete": False,
+    }
+
+    def save(final: bool = False) -> None:
+        """Written after every measurement: a run cut short by a time limit keeps what it measured."""
+        mem, what = peak_memory(device)
+        res.update(peak_memory_gib=round(mem / 2 ** 30, 2), peak_memory_measure=what,
+                   seconds=round(time.monotonic() - t_start, 1), complete=final)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / name).write_text(json.dumps(res, indent=2) + "\n")
+
+    def time_left() -> bool:
+        return time.monotonic() - t_start < args.time_limit
+
+    for s in [int(x) for x in args.sessions.split(",") if x]:
+        if not time_left():
+            print(f"[gpu_live] time limit reached: skipping {s} sessions and more", flush=True)
+            break
+        r = run_sessions(backend, avatars, s, args.segments, args.warmup, frames)
+        r["achieved_tflops"] = float(f"{r['aggregate_fps'] * per_frame_timed:.4g}")
+        res["runs"].append(r)
+        print(f"[gpu_live] {json.dumps(r)}", flush=True)
+        save()
+        if res["first_frame_ms"] is None and time_left():
+            res["first_frame_ms"] = first_frame(backend, avatars[0], frames)
+            print(f"[gpu_live] first frame {res['first_frame_ms']} ms", flush=True)
+            save()
+    if args.offline_model and time_left():
+        del backend
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        off = EmoBackend.load(args.offline_model, size=args.size, device=str(device), dtype=dtype)
+        image, box = identity_reference(args.size, seed=0, index=0)
+        av = off.avatar_from_crop(image, box)
+        f = off.clip_frames
+        timing = run_sessions(off, [av], 1, 1, 1, f)
+        oc = counted_tflop(args.offline_model, args.size, "offline")
+        res["offline"] = {
+            "model": args.offline_model, "steps": off.steps, "guidance": off.guidance, "decoder": off.decoder,
+            "clip_frames": f, "seconds_per_clip": round(timing["segment_latency_ms"]["p50"] / 1000, 2),
+            "compute_seconds_per_video_second": round(timing["segment_latency_ms"]["p50"] / 1000 / (f / off.fps), 2),
+            "tflop_per_frame": oc["tflop_per_frame_total"],
+            "achieved_tflops": float(f"{timing['aggregate_fps'] * oc['tflop_per_frame_total']:.4g}")}
+        print(f"[gpu_live] offline {json.dumps(res['offline'])}", flush=True)
+    save(final=True)
+    emit_json(res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
