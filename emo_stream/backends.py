@@ -94,23 +94,51 @@ def names_phrase() -> str:
 FAMILY_BACKENDS = {"echomimic-v1": "echomimic", "hallo": "hallo"}
 
 
+def family_backend(family_name: str) -> str:
+    """The backend that runs a model family (architecture key "echomimic-v1" -> "echomimic")."""
+    return FAMILY_BACKENDS.get(family_name, DEFAULT_MODEL_BACKEND)
+
+
 def default_backend(model: str | None) -> str:
     """The backend used when none is named: the one that runs the model's family when a model folder is
-    given (an EchoMimic download -> echomimic), EMO for other models, else the preview."""
+    given (an EchoMimic download -> echomimic), EMO for other models, else the preview. A folder that is
+    no model at all is a WeightsError saying so (not the EMO loader's "config.yaml is missing")."""
     if not model:
         return DEFAULT_BACKEND
     from pathlib import Path
 
-    if Path(model).is_dir():
-        from emo_stream.errors import EmoStreamError
+    if Path(model).expanduser().is_dir():
         from emo_stream.models.families import family_of
 
-        try:
-            family, _ = family_of(model)
-        except EmoStreamError:
-            return DEFAULT_MODEL_BACKEND  # the EMO loader says what is wrong with the folder
-        return FAMILY_BACKENDS.get(family.name, DEFAULT_MODEL_BACKEND)
+        family, _ = family_of(Path(model).expanduser())
+        return family_backend(family.name)
     return DEFAULT_MODEL_BACKEND
+
+
+def model_family_for(backend: str, model: str, family_name: str):
+    """(family, what was found) of `model`, which the `backend` runs only for `family_name`: any other
+    family is one ConfigError naming the backend that runs it (shared by the model backends' factories)."""
+    from emo_stream.models.families import family_of
+
+    family, found = family_of(model)
+    if family.name != family_name:
+        raise ConfigError(f"{model} holds an {family.title} model, which --backend {backend} does not run: "
+                          f"use --backend {family_backend(family.name)} (or leave --backend out)")
+    return family, found
+
+
+def torch_device(device: str | None):
+    """--device -> torch.device (default cuda when available, else cpu); bad or unavailable ones are one
+    ConfigError line. Shared by the model backends' factories."""
+    import torch
+
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here (use --device cpu)")
+    return dev
 
 
 def create_backend(name: str | None = None, model: str | None = None, *, size: int = 512, fps: int | None = None,

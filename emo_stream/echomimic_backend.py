@@ -149,8 +149,9 @@ class EchoMimicBackend(BackendBase):
         if self.decoder not in ("vae", "taesd"):
             raise ConfigError(f"decoder must be vae or taesd (got {self.decoder!r})")
         if not model.has_decoder(self.decoder):
-            raise ConfigError(f"decoder {self.decoder} asked for, but the model folder has none "
-                              f"(TAESD: put a diffusers AutoencoderTiny folder at <model>/taesd)")
+            where = ("sd-vae-ft-mse/ (a diffusers AutoencoderKL folder, see README) in the download folder"
+                     if self.decoder == "vae" else "a diffusers AutoencoderTiny folder at <model>/taesd")
+            raise ConfigError(f"decoder {self.decoder} asked for, but the model has none: it needs {where}")
         if not 0 <= live_overlap < context_frames or not 1 <= segment_frames <= context_frames - live_overlap:
             raise ConfigError(f"need 0 <= live_overlap and segment_frames >= 1 with live_overlap + segment_frames "
                               f"<= context_frames ({context_frames}); got {live_overlap} + {segment_frames}")
@@ -393,11 +394,9 @@ def load_parts(model: str, device: torch.device, dtype: torch.dtype | None = Non
                weights_set: str | None = None) -> EchoParts:
     """An EchoMimic download folder (as it comes) or our converted checkpoint -> the model, logging which
     weights set (acc or normal) was found."""
-    from emo_stream.models.families import family_of
+    from emo_stream.backends import model_family_for
 
-    family, found = family_of(model)
-    if family.name != "echomimic-v1":
-        raise ConfigError(f"{model} holds a {family.title} model, not EchoMimic: use --backend {family.name}")
+    family, found = model_family_for("echomimic", model, "echomimic-v1")
     log.info("found %s", found)
     kwargs = {"weights_set": weights_set} if weights_set else {}
     loaded = family.load_model(model, device=device, dtype=dtype, **kwargs)
@@ -410,14 +409,10 @@ def create_backend(model: str | None = None, *, size: int = 512, fps: int = OFFL
     """Registry factory (emo_stream.backends): --model is an EchoMimic download folder or our checkpoint of one."""
     if not model:
         raise ConfigError("the echomimic backend needs --model: the BadToBest/EchoMimic download folder (see README)")
+    from emo_stream.backends import torch_device
     from emo_stream.emo_backend import _parse_dtype
 
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here (use --device cpu)")
+    dev = torch_device(device)
     known = {"steps", "guidance", "decoder", "live_overlap", "segment_frames", "idle_steps", "face_analyzer"}
     unknown = set(options) - known - {"weights_set"}
     if unknown:

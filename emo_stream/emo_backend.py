@@ -94,6 +94,9 @@ def load_model(model: str | Path, device: torch.device | None = None, dtype: tor
             torch.manual_seed(seed)
             m = EmoModel.build(load_config(spec))
     elif path.is_dir():
+        from emo_stream.backends import model_family_for
+
+        model_family_for("emo", str(path), "emo")   # an EchoMimic/Hallo folder: name the backend that runs it
         m = EmoModel.from_pretrained(path)
     elif path.is_file() and path.suffix in (".yaml", ".yml"):
         try:
@@ -174,12 +177,9 @@ class EmoBackend(BackendBase):
              steps: int | None = None, guidance: float | None = None, decoder: str | None = None,
              dtype: Any = None, **options: Any) -> "EmoBackend":
         """Build the backend from a preset name, a checkpoint folder or an init YAML (see load_model)."""
-        try:
-            dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        except RuntimeError:
-            raise ConfigError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} asked for, but CUDA is not available here (use --device cpu)")
+        from emo_stream.backends import torch_device
+
+        dev = torch_device(device)
         if dev.type == "cpu":
             _default_cpu_threads()
         m = load_model(model, device=dev, dtype=_parse_dtype(dtype, dev))

@@ -77,7 +77,7 @@ class HalloBackend(BackendBase):
             raise ConfigError("the Hallo model has no VAE: the download's sd-vae-ft-mse folder is missing")
         self.model = model
         self.size, self.fps = size, fps
-        self.steps = int(steps or cfg.steps)
+        self.steps = int(cfg.steps if steps is None else steps)   # --steps 0 is an error, not the default
         self.guidance = float(cfg.guidance if guidance is None else guidance)
         if self.steps < 1:
             raise ConfigError("steps must be >= 1")
@@ -250,22 +250,15 @@ def create_backend(model: str | None = None, *, size: int = 512, fps: int = 25, 
     if not model:
         raise ConfigError("the hallo backend needs --model: the fudan-generative-ai/hallo (or hallo2) "
                           "download folder (see docs/model.md)")
+    from emo_stream.backends import model_family_for, torch_device
     from emo_stream.emo_backend import _parse_dtype
-    from emo_stream.models.families import family_of
 
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r} (e.g. cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here (use --device cpu)")
+    dev = torch_device(device)
     known = {"steps", "guidance", "decoder", "segment_frames", "left_context_s", "face_analyzer"}
     unknown = set(options) - known
     if unknown:
         raise ConfigError(f"unknown Hallo backend options: {', '.join(sorted(unknown))}")
-    family, found = family_of(model)
-    if family.name != "hallo":
-        raise ConfigError(f"{model} holds a {family.title} model, not Hallo: use --backend {family.name}")
+    family, found = model_family_for("hallo", model, "hallo")
     log.info("found %s", found)
     loaded = family.load_model(model, device=dev, dtype=_parse_dtype(dtype, dev))
     return HalloBackend(loaded, size=size, fps=fps, **options)

@@ -89,6 +89,10 @@ class WrongTokenLimiter:
             self._failures.popitem(last=False)
 
 
+def _token_given(request: Request) -> bool:
+    return "token=" in urlsplit(request.path).query or "Authorization" in request.headers
+
+
 def json_response(status: int, data: Any) -> Response:
     return response(status, json.dumps(data, indent=1), "application/json")
 
@@ -130,8 +134,8 @@ class HttpRoutes:
                 return response(429, f"too many wrong tokens from {address}: try again in {wait:.0f} s\n",
                                 extra={"Retry-After": str(int(wait + 0.999))})
             reply = self.route(request)
-            if reply is not None and reply.status_code == 401:
-                self.limiter.failed(address)
+            if reply is not None and reply.status_code == 401 and _token_given(request):
+                self.limiter.failed(address)  # a guess; a link opened without its token is no attack
             return reply
         except MultipleValuesError as exc:  # e.g. two Authorization or Origin headers: ambiguous, refuse
             return response(400, f"header {exc} given more than once\n")

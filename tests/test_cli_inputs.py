@@ -136,7 +136,7 @@ def test_generate_errors_are_one_line(case, args, words, portrait, speech_wav, t
         w.setsampwidth(2)
         w.setframerate(7)
         w.writeframes(np.zeros(16000, "<i2").tobytes())
-    Image.open(portrait).resize((40, 40), Image.BILINEAR).save(tmp_path / "tiny.jpg")
+    Image.open(portrait).resize((20, 20), Image.BILINEAR).save(tmp_path / "tiny.jpg")  # no face detector finds one
     base = {"--image": str(portrait), "--audio": str(speech_wav), "--out": str(tmp_path / "out.mp4"),
             "--size": str(SIZE)}
     extra = []

@@ -1,13 +1,13 @@
 """`emo-stream parity` works on ANY folder in the golden format, not only the two shared dev sets.
 
-The sets here come from tests/golden_sets.py: other UNet widths/depths/heads, motion-module heads and position
-table length, whisper / wav2vec2 depths, face-locator widths, image size, boxes, fps, audio length, frame
-counts, clip length, motion frames, motion scale, steps, timesteps, guidance, context windows, seeds and file
-names, with random weights written in the published formats. Their reference outputs are made by OUR
-implementation, so these tests check that nothing in the runners is tied to the dev sets (every value comes
-from case.json or the weight files), NOT that our numbers equal EchoMimic's / Hallo's: the shared sets made
-by the original code check that (test_echomimic_model.py, test_hallo.py). A perturbed output must fail, and
-broken folders are one line with exit status 2. Needs nothing from ../shared.
+The sets here come from tests/golden_sets.py: other UNet widths/depths/heads, motion-module heads and
+position table length, whisper / wav2vec2 depths, face-locator widths, image size (non-square too), boxes,
+fps, audio length, frame counts, clip length, motion frames, motion scale, steps, timesteps, guidance, context
+windows, seeds and file names, with random weights written in the published formats. Their reference outputs
+are made by OUR implementation, so these tests check that nothing in the runners is tied to the dev sets
+(every value comes from case.json or the weight files), NOT that our numbers equal EchoMimic's / Hallo's: the
+shared sets made by the original code check that (test_echomimic_model.py, test_hallo.py). A perturbed output
+must fail, and broken folders are one line with exit status 2. Needs nothing from ../shared.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_generated_sets_differ_from_the_dev_sets(echo_set, hallo_set):
     assert echo["weights"]["whisper_dims"]["n_audio_layer"] == 2 and "denoising_unet_acc.pth" in echo["weights"]
     assert {s["video_length"] for s in echo["sampler_cases"].values()} == {10, 16}
     assert hallo["denoiser_single_case"]["clip_length"] == 12 and hallo["denoiser_single_case"]["n_motion_frames"] == 3
-    assert hallo["cfg_loop_case"]["num_inference_steps"] == 4
+    assert hallo["cfg_loop_case"]["num_inference_steps"] == 4 and hallo["masks_and_face_case"]["image_hw"] == [64, 128]
     assert hallo["weights"]["wav2vec2_config"]["num_hidden_layers"] == 3
 
 
@@ -100,6 +100,13 @@ def _perturb(root: Path, file: str, key: str, by: float = 1e-3) -> None:
     tensors = load_file(str(root / file))
     tensors[key] = tensors[key] + by
     save_file(tensors, str(root / file))
+
+
+@pytest.mark.slow
+def test_parity_passes_on_a_non_square_echomimic_set(tmp_path, capsys):
+    root = make_echomimic_set(tmp_path / "echo", image=[128, 64], box=[6, 20, 50, 100])
+    rc, out, err = _cli(capsys, "parity", root)
+    assert rc == 0 and max(json.loads(out).values()) <= TOL, err
 
 
 def test_perturbed_output_must_fail(golden, tmp_path, capsys):

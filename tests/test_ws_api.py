@@ -516,6 +516,7 @@ async def test_token_auth_when_configured(backend):
 async def test_wrong_tokens_are_rate_limited(backend):
     srv = await _server(backend, token="secret-token-123")
     try:
+        assert [(await _get(srv.base_url + "/"))[0] for _ in range(12)] == [401] * 12  # no token: not guessing
         statuses = [(await _get(srv.base_url + f"/?token=guess-{i}"))[0] for i in range(12)]
         assert statuses[:8] == [401] * 8 and statuses[-1] == 429  # 10 wrong tries a minute (a few 401s above)
         # now even the right token waits, for pages and the WebSocket alike; health stays open

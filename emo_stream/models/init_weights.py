@@ -58,8 +58,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except WeightsError:
         raise
     except Exception as exc:  # corrupt/truncated files: name the file, keep one line
-        raise WeightsError(f"cannot read weights file {path}: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise WeightsError(f"cannot read weights file {path}: {_unreadable_reason(exc)}") from None
+
+
+def _unreadable_reason(exc: Exception) -> str:
+    """Why torch/safetensors could not read a file, in a few words (their own messages run to paragraphs)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if "central directory" in first or isinstance(exc, EOFError) or "incomplete metadata" in first:
+        return "truncated or corrupt (incomplete download? fetch the file again)"
+    if "Unsupported global" in text:   # a real pickle naming classes/functions: refused, never run
+        return ("it holds pickled Python objects besides tensors; refused (weights are read with "
+                "torch.load(weights_only=True), never as code)")
+    if type(exc).__name__ in ("UnpicklingError", "KeyError"):   # bytes that are no pickle at all
+        return "not a torch weights file (neither a torch zip archive nor a tensor pickle)"
+    # unknown: the library's first sentence, bounded
+    sentence = first.split(". ")[0]
+    return f"{type(exc).__name__}: {sentence[:200]}"
 
 
 def find_weights(folder: Path, what: str) -> Path:

@@ -327,7 +327,12 @@ def load(path: str | Path, device=None, dtype=None, weights_set: str | None = No
 
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
-        return EchoMimicModel.from_pretrained(path, device=device, dtype=dtype)
+        model = EchoMimicModel.from_pretrained(path, device=device, dtype=dtype)
+        if weights_set is not None and weights_set != model.config.weights_set:
+            # a converted checkpoint holds one set: asking for the other must not pass silently
+            raise WeightsError(f"{path}: {weights_set} weights asked for, but this checkpoint holds the "
+                               f"{model.config.weights_set} set (convert the download with --weights-set {weights_set})")
+        return model
     return load_download(path, weights_set=weights_set, device=device, dtype=dtype)
 
 
