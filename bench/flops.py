@@ -44,6 +44,11 @@ FPS = 25
 META = torch.device("meta")
 
 
+def _r(v: float) -> float:
+    """4 significant digits: sd15 figures read as 0.8074, the tiny preset's stay non-zero."""
+    return float(f"{v:.4g}")
+
+
 def tflop(fn: Callable[[], Any], by_module: bool = False) -> tuple[float, dict]:
     """(TFLOP counted while running fn, per-module counts if asked)."""
     counter = FlopCounterMode(display=False, depth=None if by_module else 1)
@@ -77,7 +82,7 @@ def backbone_breakdown(counts: dict, frames: int) -> dict[str, float]:
     for name, ops in counts.items():  # the speed cross-attention, inside the temporal modules
         if re.fullmatch(prefix + r".*\.motion_modules\.\d\.transformer_blocks\.\d\.attn2\.processor\.attn", name):
             out["  of which speed cross-attention"] += sum(ops.values()) / 1e12 / frames
-    return {k: round(v, 4) for k, v in out.items()}
+    return {k: _r(v) for k, v in out.items()}
 
 
 # ---- EMO ---------------------------------------------------------------------------------------------
@@ -143,10 +148,10 @@ def count_emo(preset: str, mode: str, steps: int | None = None, guidance: float 
         "family": "emo", "variant": variant or preset, "preset": preset, "mode": mode, "steps": steps,
         "guidance": guidance, "decoder": decoder, "segment_frames": f, "motion_frames": n, "size": size,
         "exact_shortcuts": shortcuts,
-        "tflop_per_frame_per_step": round(per_step, 4),
-        "tflop_per_frame_total": round(sum(parts.values()), 4),
-        "parts": {k: round(v, 4) for k, v in parts.items()},
-        "reference_tflop_per_avatar": round(ref_t, 4),
+        "tflop_per_frame_per_step": _r(per_step),
+        "tflop_per_frame_total": _r(sum(parts.values())),
+        "parts": {k: _r(v) for k, v in parts.items()},
+        "reference_tflop_per_avatar": _r(ref_t),
     }
     if breakdown:
         rec["per_step_breakdown"] = backbone_breakdown(counts, f)
@@ -219,8 +224,8 @@ def count_echomimic(weights: str, mode: str, size: int = 512) -> dict[str, Any]:
     return {"family": "echomimic-v1", "variant": f"EchoMimic v1 {weights} weights, {mode}", "mode": mode,
             "steps": steps, "guidance": guidance, "decoder": decoder, "segment_frames": new,
             "frames_per_denoiser_call": window, "size": size,
-            "tflop_per_frame_per_step": round(per_step, 4), "tflop_per_frame_total": round(sum(parts.values()), 4),
-            "parts": {k: round(v, 4) for k, v in parts.items()}, "reference_tflop_per_avatar": round(ref_t, 4),
+            "tflop_per_frame_per_step": _r(per_step), "tflop_per_frame_total": _r(sum(parts.values())),
+            "parts": {k: _r(v) for k, v in parts.items()}, "reference_tflop_per_avatar": _r(ref_t),
             "audio_counted": audio_note}
 
 
@@ -265,8 +270,8 @@ def count_hallo(size: int = 512) -> dict[str, Any]:
              "guidance": cfg.steps * (both_t - one_t) / f if guided else 0.0, "decode": dec_t}
     return {"family": "hallo", "variant": "Hallo, offline", "mode": "offline", "steps": cfg.steps,
             "guidance": cfg.guidance, "decoder": "vae", "segment_frames": f, "motion_frames": nm, "size": size,
-            "tflop_per_frame_per_step": round(per_step, 4), "tflop_per_frame_total": round(sum(parts.values()), 4),
-            "parts": {k: round(v, 4) for k, v in parts.items()},
+            "tflop_per_frame_per_step": _r(per_step), "tflop_per_frame_total": _r(sum(parts.values())),
+            "parts": {k: _r(v) for k, v in parts.items()},
             "notes": "reference = the ReferenceNet on reference + motion frames, once per clip (Hallo re-runs it); "
                      "audio (wav2vec2) not counted; no live mode in this family"}
 

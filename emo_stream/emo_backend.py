@@ -280,6 +280,10 @@ class EmoBackend(BackendBase):
         speed = torch.tensor([[m.config.speed.default if j.state.speed is None else j.state.speed] * frames
                               for j in jobs], device=dev)
         cond = m.condition(reference, feats, mask, speed, motion, cache=True)
+        if self.execution["compile"] != "off":
+            # CUDA graphs reuse their outputs' memory on the next replay: keep no tensor made inside the
+            # compiled denoiser across steps (the audio/speed K/V are tiny; the reference K/V come from outside)
+            cond.context.kv_cache = None
         from emo_stream.models.emo_model import Conditioning
 
         use_cfg = guidance != 1.0
