@@ -124,16 +124,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audio", required=True, help="speech or singing: wav, mp3, m4a, ... any rate, mono or stereo")
     p.add_argument("--out", required=True, help="output MP4 (H.264 + AAC)")
     p.add_argument("--backend", choices=backend_names(), default=None,
-                   help="default: the one that runs --model's family (emo, echomimic, hallo), else the CPU preview animator")
-    p.add_argument("--model", default=None, help="model: an EchoMimic or Hallo download folder, an emo-stream checkpoint folder, or a preset (tiny, sd15)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's: EMO 40, EchoMimic acc 6, normal 30, Hallo 40)")
+                   help="default: the one that runs --model's family (emo, echomimic, hallo), "
+                        "else the CPU preview animator")
+    p.add_argument("--model", default=None, help="model: an EchoMimic or Hallo download folder, an emo-stream "
+                                                 "checkpoint folder, or a preset (tiny, sd15)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the model's: EMO 40, EchoMimic acc 6, normal 30, Hallo 40)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none; default: the model's)")
     p.add_argument("--decoder", choices=["vae", "taesd"], default=None, help="latent decoder: the model's VAE or TAESD")
     p.add_argument("--weights", "--weights-set", dest="weights", choices=["acc", "normal"], default=None,
                    help="EchoMimic: which weights set of the folder (default: acc when present)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=None, help="video frame rate (default: the model's: EMO and Hallo 25, EchoMimic 24)")
+    p.add_argument("--fps", type=int, default=None,
+                   help="video frame rate (default: the model's: EMO and Hallo 25, EchoMimic 24)")
     p.add_argument("--size", type=int, default=512, help="output width and height in pixels")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -16,7 +16,7 @@ COMMANDS = {
     "prepare": ("emo_stream.training.prepare", "turn a folder of talking-head videos into a training set"),
     "train": ("emo_stream.training.train", "train EMO stage 1, 2 or 3, or distill a few-step live student"),
     "parity": ("emo_stream.parity", "replay a golden set (case.json + reference weights) and report max abs errors"),
-    "convert": ("emo_stream.convert", "convert a downloaded model folder (EchoMimic, Hallo) to an emo-stream checkpoint"),
+    "convert": ("emo_stream.convert", "convert a downloaded model folder (EchoMimic, Hallo) to our checkpoint"),
 }
 
 
