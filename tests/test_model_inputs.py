@@ -190,3 +190,11 @@ def test_generate_weights_flag_only_for_echomimic(tmp_path, portrait_path, capsy
                    "--weights", "normal"])
     err = capsys.readouterr().err
     assert rc == 2 and "--weights applies to EchoMimic models, not the preview backend" in err, err
+
+
+def test_a_missing_model_path_lists_the_download_folders_too(tmp_path):
+    from emo_stream.backends import create_backend
+
+    with pytest.raises(WeightsError, match="model not found") as info:
+        create_backend(None, str(tmp_path / "absent"), size=64, device="cpu")
+    assert "EchoMimic or Hallo download folder" in str(info.value) and "preset" in str(info.value)
