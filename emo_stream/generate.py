@@ -135,7 +135,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", "--weights-set", dest="weights", choices=["acc", "normal"], default=None,
                    help="EchoMimic: which weights set of the folder (default: acc when present)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same video")
     p.add_argument("--fps", type=int, default=None,
                    help="video frame rate (default: the model's: EMO and Hallo 25, EchoMimic 24)")
     p.add_argument("--size", type=int, default=512, help="output width and height in pixels")

@@ -20,13 +20,25 @@ COMMANDS = {
 }
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Options show their default unless the help already says it (or there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS   # (0 is a default worth showing: no `in (False, ...)`)
+        if not action.option_strings or "default" in text or nothing or action.help == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only `command`'s module is imported (the others may pull in torch or aiortc)."""
     parser = argparse.ArgumentParser(prog="emo-stream", description="EMO talking-avatar generation and streaming")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpWithDefaults)
         p.set_defaults(_module=module)
         if name == command:
             _load(module).add_arguments(p)

@@ -198,3 +198,15 @@ def test_a_missing_model_path_lists_the_download_folders_too(tmp_path):
     with pytest.raises(WeightsError, match="model not found") as info:
         create_backend(None, str(tmp_path / "absent"), size=64, device="cpu")
     assert "EchoMimic or Hallo download folder" in str(info.value) and "preset" in str(info.value)
+
+
+def test_help_shows_defaults(capsys):
+    """Options with a default say it in --help (prepare's --size, generate's --seed, bot's --chunk-ms)."""
+    from server.cli import main as cli_main
+
+    for command, flag in (("prepare", "--size SIZE"), ("generate", "--seed SEED"), ("bot", "--chunk-ms")):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+        text = capsys.readouterr().out.split("options:", 1)[1]   # past the usage lines
+        line = " ".join(text.split(flag, 1)[1].split("--", 1)[0].split())
+        assert "(default: " in line, (command, line)
