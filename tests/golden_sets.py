@@ -180,6 +180,7 @@ def make_echomimic_set(root: Path, **overrides: Any) -> Path:
                   "pred_bank_fp32": model.denoise(x, t[0], tokens, face, None, bank32),
                   "cfg_pred_uncond": pair[:1], "cfg_pred_cond": pair[1:]}
         _save(single, root / case["denoiser_single_case"]["file"])
+        case["denoiser_single_case"]["tensors"] = _shapes(single)   # listed, so a missing one is an error
 
         for name, s in spec["samplers"].items():
             acc = "_acc" in s["pipeline"]

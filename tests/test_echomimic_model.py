@@ -1,6 +1,9 @@
 """EchoMimic v1 import: exact against EchoMimic's own outputs (`emo-stream parity` on ../shared/golden), a
 perturbed weight fails, broken files are one line naming file/key/shape, full-size key coverage from the
-published manifests, weights-set detection, and convert round trip."""
+published manifests, weights-set detection, and convert round trip.
+
+Only the comparisons with EchoMimic's outputs and manifests need ../shared/golden; the rest run on the
+`echomimic_set` fixture (tests.conftest): the shared set when present, else a generated one in its layout."""
 
 from __future__ import annotations
 
@@ -13,17 +16,21 @@ import torch
 
 from emo_stream.errors import WeightsError
 from server.cli import main as cli_main
-from tests.conftest import SHARED
+from tests.conftest import needs_shared_golden
 
-GOLDEN = SHARED / "golden" / "echomimic-v1"  # ../shared (tests.conftest; EMO_TESTS_NO_SHARED hides it)
 WEIGHTS = ("reference_unet.pth", "denoising_unet.pth", "motion_module.pth", "face_locator.pth", "whisper_tiny.pt")
+needs_reference = needs_shared_golden("echomimic-v1")
 
 
 @pytest.fixture(scope="module")
-def golden() -> Path:
-    if not (GOLDEN / "case.json").is_file():
-        pytest.skip("../shared/golden/echomimic-v1 is not present")
-    return GOLDEN
+def golden(echomimic_set) -> Path:
+    """../shared/golden/echomimic-v1, else a generated set in its layout (tests.conftest.echomimic_set)."""
+    return echomimic_set
+
+
+def _case_file(golden: Path, section: str) -> Path:
+    """A reference tensor file named by case.json (the shared and the generated sets name them differently)."""
+    return golden / json.loads((golden / "case.json").read_text())[section]["file"]
 
 
 def _cli(capsys, *argv):
@@ -50,6 +57,7 @@ def golden_model(golden):
 
 
 # ---- exactness -----------------------------------------------------------------------------------------
+@needs_reference
 def test_parity_on_golden_set(golden, capsys):
     torch.set_num_threads(1)
     rc, out, err = _cli(capsys, "parity", golden)
@@ -77,13 +85,14 @@ def test_perturbed_weight_must_fail(golden, tmp_path, capsys):
     assert "denoiser_single.pred" in err[-1]
 
 
+@needs_reference
 def test_reference_bank_fp16_cast_is_what_echomimic_does(golden_model, golden):
     """The golden `pred` (bank cast to fp16) and `pred_bank_fp32` differ by ~1e-4: only the cast matches."""
     from safetensors.torch import load_file
 
-    d = load_file(str(golden / "denoiser_single.safetensors"))
-    audio = load_file(str(golden / "audio.safetensors"))["whisper_chunks"][:12][None]
-    face = load_file(str(golden / "face_locator.safetensors"))["face_feature"]
+    d = load_file(str(_case_file(golden, "denoiser_single_case")))
+    audio = load_file(str(_case_file(golden, "audio_case")))["whisper_chunks"][:12][None]
+    face = load_file(str(_case_file(golden, "face_locator_case")))["face_feature"]
     bank = golden_model.encode_reference(d["ref_latents"])
     assert all(v.dtype == torch.float16 for v in bank.values())
     v = golden_model.denoise(d["latents"], d["timestep"][0], audio, face, None, bank)
@@ -137,15 +146,16 @@ def test_missing_golden_tensor_is_one_line(golden, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     root = _copy_set(golden, tmp_path / "set")
-    f = root / "denoiser_single.safetensors"
+    f = _case_file(root, "denoiser_single_case")
     t = load_file(str(f))
     t.pop("pred")
     save_file(t, str(f))
     rc, _, err = _cli(capsys, "parity", root, "--case", "denoiser_single")
-    assert rc == 2 and "denoiser_single.safetensors" in err[-1] and "'pred'" in err[-1], err
+    assert rc == 2 and f.name in err[-1] and "'pred'" in err[-1], err
 
 
 # ---- full-size key coverage (published manifests, meta device) ----------------------------------------
+@needs_reference
 def test_full_size_key_coverage(golden):
     from emo_stream.models.echomimic.config import EchoMimicConfig
     from emo_stream.models.echomimic.importer import infer_config, map_weights
@@ -231,9 +241,9 @@ def test_convert_round_trip(golden, golden_model, tmp_path, capsys):
     assert cfg["scheduler"]["prediction_type"] == "v_prediction" and cfg["scheduler"]["rescale_betas_zero_snr"]
     assert cfg["uncond_drops"] == ["audio", "face", "reference"] and cfg["fps"] == 24
     model = load_model(tmp_path / "ckpt")
-    d = load_file(str(golden / "denoiser_single.safetensors"))
-    audio = load_file(str(golden / "audio.safetensors"))["whisper_chunks"][:12][None]
-    face = model.face_feature(load_file(str(golden / "face_locator.safetensors"))["face_mask"])
+    d = load_file(str(_case_file(golden, "denoiser_single_case")))
+    audio = load_file(str(_case_file(golden, "audio_case")))["whisper_chunks"][:12][None]
+    face = model.face_feature(load_file(str(_case_file(golden, "face_locator_case")))["face_mask"])
     a = model.denoise(d["latents"], d["timestep"][0], audio, face, None, model.encode_reference(d["ref_latents"]))
     b = golden_model.denoise(d["latents"], d["timestep"][0], audio, face, None,
                              golden_model.encode_reference(d["ref_latents"]))

@@ -18,22 +18,28 @@ from emo_stream.models.hallo.config import HalloConfig
 from emo_stream.models.hallo.loader import detect, find_download, load_net_file
 from emo_stream.models.hallo.masks import boxes_from_dlib68, expand_box, region_masks
 from emo_stream.models.hallo.model import HalloModel
-from tests.conftest import SHARED
+from tests.conftest import SHARED_GOLDEN, needs_shared_golden
 
-GOLDEN = SHARED / "golden" / "hallo"  # ../shared (tests.conftest; EMO_TESTS_NO_SHARED hides it)
-needs_golden = pytest.mark.skipif(not (GOLDEN / "case.json").is_file(), reason="../shared/golden/hallo absent")
+# Hallo's own outputs and the full-size manifest are only in ../shared/golden/hallo; everything else runs on
+# `hallo_set` (tests.conftest): the shared set when present, else a generated one in the same format.
+needs_golden = needs_shared_golden("hallo")
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def golden():
+def GOLDEN(hallo_set) -> Path:
+    return hallo_set
+
+
+@pytest.fixture(scope="module")
+def golden(GOLDEN):
     torch.set_num_threads(1)
     case = hparity.read_case(GOLDEN)
     return hparity.build_model(GOLDEN, case), case
 
 
 @pytest.fixture(scope="module")
-def all_errors(golden):
+def all_errors(golden, GOLDEN):
     model, case = golden
     errors = {}
     for replay in (hparity.replay_masks, hparity.replay_audio, hparity.replay_denoiser, hparity.replay_loop):
@@ -51,7 +57,7 @@ def test_every_golden_case_within_tolerance(all_errors, group):
 
 
 @needs_golden
-def test_every_reference_tensor_is_replayed(all_errors):
+def test_every_reference_tensor_is_replayed(all_errors, GOLDEN):
     from safetensors import safe_open
     case = json.loads((GOLDEN / "case.json").read_text())
     for section, prefix, skip in (("denoiser_single_case", "denoiser_single", {"latents", "timestep", "ref_latents",
@@ -62,8 +68,7 @@ def test_every_reference_tensor_is_replayed(all_errors):
         assert {f"{prefix}.{n}" for n in names} <= set(all_errors), names
 
 
-@needs_golden
-def test_perturbed_weight_must_fail(golden):
+def test_perturbed_weight_must_fail(golden, GOLDEN):
     model, case = golden
     w = model.denoising_unet.unet.up_blocks[1].audio_modules[0].transformer_blocks[0].zero_conv_lip.weight
     saved = w.detach().clone()
@@ -77,8 +82,7 @@ def test_perturbed_weight_must_fail(golden):
     assert err > 10 * TOL
 
 
-@needs_golden
-def test_motion_modules_of_blocks_without_transformers_never_run(golden):
+def test_motion_modules_of_blocks_without_transformers_never_run(golden, GOLDEN):
     """Hallo's inference runs the denoiser in training mode with gradient checkpointing: DownBlock3D /
     UpBlock3D then skip their motion modules, CrossAttn blocks run theirs."""
     model, case = golden
@@ -101,7 +105,7 @@ def test_motion_modules_of_blocks_without_transformers_never_run(golden):
 
 
 @needs_golden
-def test_fp16_bank_rounding_matters(golden):
+def test_fp16_bank_rounding_matters(golden, GOLDEN):
     """Hallo rounds the reference bank to fp16 even in fp32; the fp32 bank misses `pred` by ~3e-4."""
     from safetensors.torch import load_file
     model, case = golden
@@ -119,7 +123,7 @@ def test_fp16_bank_rounding_matters(golden):
 
 # ---- key coverage at full size -----------------------------------------------------------------------
 @needs_golden
-def test_full_size_net_pth_keys_on_meta_device():
+def test_full_size_net_pth_keys_on_meta_device(GOLDEN):
     manifest = json.loads((GOLDEN / "manifests" / "net.json").read_text())
     expected = {t["key"]: tuple(t["shape"]) for t in manifest["tensors"]}
     with torch.device("meta"):
@@ -132,8 +136,7 @@ def test_full_size_net_pth_keys_on_meta_device():
 
 
 # ---- importer errors ---------------------------------------------------------------------------------
-@needs_golden
-def test_truncated_net_pth_is_one_line(tmp_path):
+def test_truncated_net_pth_is_one_line(tmp_path, GOLDEN):
     bad = tmp_path / "net.pth"
     bad.write_bytes((GOLDEN / "weights" / "net.pth").read_bytes()[:4000])
     with pytest.raises(WeightsError) as exc:
@@ -148,8 +151,7 @@ def test_foreign_state_dict_names_file_and_key(tmp_path):
         load_net_file(path)
 
 
-@needs_golden
-def test_shape_mismatch_names_the_key(golden):
+def test_shape_mismatch_names_the_key(golden, GOLDEN):
     model, _ = golden
     state = dict(load_net_file(GOLDEN / "weights" / "net.pth"))
     key = "imageproj.proj.weight"
@@ -191,8 +193,10 @@ def test_registry_knows_hallo(tmp_path):
     assert "hallo" in parity.RUNNERS
 
 
-def make_download(root: Path, case: dict, variant: str = "hallo") -> Path:
-    """A download-shaped folder from the golden (shrunken) weights: net.pth, wav2vec2, the UNet config."""
+def make_download(root: Path, case: dict, variant: str = "hallo", golden: Path | None = None) -> Path:
+    """A download-shaped folder from a golden-format set's weights (default ../shared/golden/hallo): net.pth,
+    wav2vec2, the UNet config."""
+    GOLDEN = golden or SHARED_GOLDEN / "hallo"
     (root / variant).mkdir(parents=True)
     shutil.copy(GOLDEN / "weights" / "net.pth", root / variant / "net.pth")
     shutil.copytree(GOLDEN / "weights" / "wav2vec2-base-960h", root / "wav2vec" / "wav2vec2-base-960h")
@@ -201,12 +205,11 @@ def make_download(root: Path, case: dict, variant: str = "hallo") -> Path:
     return root
 
 
-@needs_golden
-def test_converted_checkpoint_loads_without_the_download(tmp_path, golden):
+def test_converted_checkpoint_loads_without_the_download(tmp_path, golden, GOLDEN):
     """Download-shaped folder -> convert -> load: same weights, module sizes read off net.pth."""
     from emo_stream.models.hallo import loader
     model, case = golden
-    root = make_download(tmp_path / "pretrained_models", case)
+    root = make_download(tmp_path / "pretrained_models", case, golden=GOLDEN)
     from_download = loader.load_hallo(root)
     out = loader.convert(root, tmp_path / "ckpt")
     shutil.rmtree(root)

@@ -1,4 +1,4 @@
-"""The Hallo backend on the shrunken golden weights (+ a random tiny VAE): offline clips chained through
+"""The Hallo backend on golden-format weights (../shared/golden/hallo, else a generated set; + a random tiny VAE): offline clips chained through
 motion frames, live segments continuing each other, Hallo2's motion-frame masking, and the registry."""
 
 from __future__ import annotations
@@ -10,15 +10,13 @@ import torch
 
 from emo_stream.backend import SegmentJob, capabilities
 from emo_stream.errors import ConfigError
-from tests.conftest import SHARED, read_until
+from tests.conftest import read_until
 
-GOLDEN = SHARED / "golden" / "hallo"  # ../shared (tests.conftest; EMO_TESTS_NO_SHARED hides it)
-pytestmark = pytest.mark.skipif(not (GOLDEN / "case.json").is_file(), reason="../shared/golden/hallo absent")
 SIZE = 128
 
 
 @pytest.fixture(scope="module")
-def backend():
+def backend(hallo_set):
     from diffusers import AutoencoderKL
 
     from emo_stream.hallo_backend import HalloBackend
@@ -26,7 +24,7 @@ def backend():
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = hparity.build_model(GOLDEN, hparity.read_case(GOLDEN))
+    model = hparity.build_model(hallo_set, hparity.read_case(hallo_set))
     model.vae = AutoencoderKL(block_out_channels=[32] * 4, layers_per_block=1, norm_num_groups=32,
                               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                               latent_channels=4, sample_size=SIZE).eval()
@@ -121,7 +119,7 @@ def test_registry_routes_hallo_folders(tmp_path):
 
 
 @pytest.mark.slow   # ~30 s on one core
-def test_generate_cli_on_a_download_shaped_folder(tmp_path, portrait_path, capsys):
+def test_generate_cli_on_a_download_shaped_folder(tmp_path, portrait_path, capsys, hallo_set):
     """`emo-stream generate --model pretrained_models` end to end: detection, loading as downloaded, the
     backend chosen from the folder, an MP4 covering the audio."""
     from diffusers import AutoencoderKL
@@ -131,13 +129,20 @@ def test_generate_cli_on_a_download_shaped_folder(tmp_path, portrait_path, capsy
     from server.cli import main as cli_main
     from test_hallo import make_download
 
-    root = make_download(tmp_path / "pretrained_models", hparity.read_case(GOLDEN), variant="hallo2")
+    from emo_stream.media import load_audio
+    from tests.golden_sets import write_wav
+
+    root = make_download(tmp_path / "pretrained_models", hparity.read_case(hallo_set), variant="hallo2",
+                         golden=hallo_set)
     AutoencoderKL(block_out_channels=[32] * 4, layers_per_block=1, norm_num_groups=32,
                   down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                   latent_channels=4, sample_size=SIZE).save_pretrained(root / "sd-vae-ft-mse")
+    wav = tmp_path / "speech.wav"          # 1.3 s, as the shared set's audio.wav
+    write_wav(wav, 1.3, seed=0)
+    assert abs(len(load_audio(wav)) / 16000 - 1.3) < 1e-3
     out = tmp_path / "out.mp4"
     rc = cli_main(["generate", "--model", str(root), "--image", str(portrait_path), "--audio",
-                   str(GOLDEN / "audio.wav"), "--out", str(out), "--size", str(SIZE), "--steps", "1",
+                   str(wav), "--out", str(out), "--size", str(SIZE), "--steps", "1",
                    "--device", "cpu", "--no-progress"])
     assert rc == 0
     info = probe_durations(out)
