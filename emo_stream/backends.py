@@ -30,8 +30,8 @@ DEFAULT_BACKEND = "preview"        # no backend and no model: the CPU preview an
 DEFAULT_MODEL_BACKEND = "emo"      # no backend but a model: the backend whose models it reads
 
 EMO_NOTICE = (
-    "no EMO model configured: using the CPU preview animator. "
-    "For EMO, pass --backend emo --model PATH (a trained emo-stream checkpoint, or a preset; see README)."
+    "no model configured: using the CPU preview animator. For real pictures pass --model DIR: an EchoMimic "
+    "or Hallo download folder as it comes, or an emo-stream checkpoint (see README)."
 )
 
 

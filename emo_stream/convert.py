@@ -32,9 +32,11 @@ def convert(folder: str | Path, out: str | Path, weights_set: str | None = None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", metavar="DIR", help="a downloaded model folder (e.g. BadToBest/EchoMimic)")
+    parser.add_argument("folder", metavar="DIR",
+                        help="a downloaded model folder (BadToBest/EchoMimic, fudan-generative-ai/hallo or hallo2)")
     parser.add_argument("--out", required=True, metavar="CKPT", help="new checkpoint folder to write")
-    parser.add_argument("--weights-set", "--weights", dest="weights_set", choices=("acc", "normal"), default=None,
+    parser.add_argument("--weights-set", "--weights", dest="weights_set", choices=("acc", "normal"),
+                        default=None,
                         help="EchoMimic: which weights set to convert when the folder has both (default acc)")
 
 

@@ -116,8 +116,8 @@ def load_model(model: str | Path, device: torch.device | None = None, dtype: tor
         m = init_from_folders(data.get("preset", "sd15"), sd15=folder("sd15"), wav2vec2=folder("wav2vec2"),
                               motion_adapter=folder("motion_adapter"), taesd=folder("taesd"), vae=folder("vae"))
     else:
-        raise WeightsError(f"model not found: {spec} (give a preset: {', '.join(PRESETS)}; a checkpoint folder "
-                           f"with {CONFIG_FILE}; or an init .yaml)")
+        raise WeightsError(f"model not found: {spec} (give an EchoMimic or Hallo download folder; a checkpoint "
+                           f"folder with {CONFIG_FILE}; a preset: {', '.join(PRESETS)}; or an init .yaml)")
     m.eval()
     if device is not None or dtype is not None:
         m.to(device=device, dtype=dtype)

@@ -16,8 +16,8 @@ from typing import Iterator
 import numpy as np
 
 from emo_stream.backend import Backend, SegmentJob, capabilities
-from emo_stream.backends import backend_names, create_backend
-from emo_stream.errors import OutputError
+from emo_stream.backends import backend_names, create_backend, default_backend
+from emo_stream.errors import ConfigError, OutputError
 from emo_stream.media import Mp4Writer, load_audio, load_image
 from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 
@@ -124,16 +124,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audio", required=True, help="speech or singing: wav, mp3, m4a, ... any rate, mono or stereo")
     p.add_argument("--out", required=True, help="output MP4 (H.264 + AAC)")
     p.add_argument("--backend", choices=backend_names(), default=None,
-                   help="default: the one that runs --model's family (emo, echomimic, hallo), else the CPU preview animator")
-    p.add_argument("--model", default=None, help="model: an EchoMimic or Hallo download folder, an emo-stream checkpoint folder, or a preset (tiny, sd15)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's: EMO 40, EchoMimic acc 6, normal 30, Hallo 40)")
+                   help="default: the one that runs --model's family (emo, echomimic, hallo), "
+                        "else the CPU preview animator")
+    p.add_argument("--model", default=None, help="model: an EchoMimic or Hallo download folder, an emo-stream "
+                                                 "checkpoint folder, or a preset (tiny, sd15)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the model's: EMO 40, EchoMimic acc 6, normal 30, Hallo 40)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none; default: the model's)")
     p.add_argument("--decoder", choices=["vae", "taesd"], default=None, help="latent decoder: the model's VAE or TAESD")
     p.add_argument("--weights", "--weights-set", dest="weights", choices=["acc", "normal"], default=None,
                    help="EchoMimic: which weights set of the folder (default: acc when present)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=None, help="video frame rate (default: the model's: EMO and Hallo 25, EchoMimic 24)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same video")
+    p.add_argument("--fps", type=int, default=None,
+                   help="video frame rate (default: the model's: EMO and Hallo 25, EchoMimic 24)")
     p.add_argument("--size", type=int, default=512, help="output width and height in pixels")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -144,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out)
     options = {k: getattr(args, k) for k in ("steps", "guidance", "decoder") if getattr(args, k) is not None}
     if args.weights is not None:
+        name = args.backend or default_backend(args.model)
+        if name != "echomimic":   # say it in the flag's words, not as an unknown backend option
+            raise ConfigError(f"--weights applies to EchoMimic models, not the {name} backend")
         options["weights_set"] = args.weights
     backend = create_backend(args.backend, args.model, size=args.size, fps=args.fps, device=args.device,
                              **options)

@@ -48,6 +48,9 @@ class GoldenFormatError(EmoStreamError):
 def read_case(golden_dir: str | Path) -> dict:
     """case.json of a golden set, checked to be a JSON object with a "model" string."""
     golden_dir = Path(golden_dir)
+    if golden_dir.exists() and not golden_dir.is_dir():
+        raise GoldenFormatError(f"{golden_dir} is a file, not a golden set folder (give the folder holding "
+                                f"{CASE_FILE})")
     if not golden_dir.is_dir():
         raise GoldenFormatError(f"golden folder not found: {golden_dir}")
     path = golden_dir / CASE_FILE

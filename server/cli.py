@@ -16,8 +16,20 @@ COMMANDS = {
     "prepare": ("emo_stream.training.prepare", "turn a folder of talking-head videos into a training set"),
     "train": ("emo_stream.training.train", "train EMO stage 1, 2 or 3, or distill a few-step live student"),
     "parity": ("emo_stream.parity", "replay a golden set (case.json + reference weights) and report max abs errors"),
-    "convert": ("emo_stream.convert", "convert a downloaded model folder (e.g. EchoMimic) to an emo-stream checkpoint"),
+    "convert": ("emo_stream.convert", "convert a downloaded model folder (EchoMimic, Hallo) to our checkpoint"),
 }
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Options show their default unless the help already says it (or there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == [] \
+            or action.default == argparse.SUPPRESS   # (0 is a default worth showing: no `in (False, ...)`)
+        if not action.option_strings or "default" in text or nothing or action.help == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -26,7 +38,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpWithDefaults)
         p.set_defaults(_module=module)
         if name == command:
             _load(module).add_arguments(p)

@@ -33,9 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     model = parser.add_argument_group("model")
     model.add_argument("--backend", choices=backend_names(), default=None,
-                       help="animation backend (default: the one that runs --model's family: emo, echomimic or hallo; without --model, preview)")
-    model.add_argument("--model", default=None, help="model: an EchoMimic or Hallo download folder, an emo-stream checkpoint folder (emo-stream train / convert), or a preset (tiny, sd15)")
-    model.add_argument("--device", default=None, help="torch device for the model backends, e.g. cuda:1 (default: cuda if available, else cpu)")
+                       help="animation backend (default: the one that runs --model's family: emo, echomimic "
+                            "or hallo; without --model, preview)")
+    model.add_argument("--model", default=None,
+                       help="model: an EchoMimic or Hallo download folder, an emo-stream checkpoint folder "
+                            "(emo-stream train / convert), or a preset (tiny, sd15)")
+    model.add_argument("--device", default=None,
+                       help="torch device for the model backends, e.g. cuda:1 "
+                            "(default: cuda if available, else cpu)")
     model.add_argument("--size", type=int, default=None, help="output frame size in pixels")
     model.add_argument("--config", default=None, help="server settings YAML for engine settings "
                                                       "(default configs/server.yaml)")

@@ -20,6 +20,17 @@ if os.environ.get("EMO_TESTS_NO_SHARED"):
 SHARED_DATA = SHARED / "data"
 
 
+async def read_until(session, pred, limit: int = 5000) -> list:
+    """A streaming session's frames up to and including the first for which pred(frame) holds (at most
+    `limit`): e.g. read_until(session, lambda f: f.segment_end) reads one utterance."""
+    frames = []
+    async for f in session.frames():
+        frames.append(f)
+        if pred(f) or len(frames) >= limit:
+            break
+    return frames
+
+
 def shared_data_dir() -> Path | None:
     """../shared/data when present (real portraits, speech, clips), else None."""
     return SHARED_DATA if (SHARED_DATA / "README.md").is_file() else None

@@ -23,6 +23,7 @@ pytest.importorskip("emo_stream.models.echomimic.importer")
 
 from emo_stream.backend import SegmentJob  # noqa: E402
 from emo_stream.echomimic_backend import EchoMimicBackend  # noqa: E402
+from tests.conftest import read_until  # noqa: E402
 
 SIZE = 128
 pytestmark = pytest.mark.timeout(300)
@@ -209,11 +210,7 @@ def test_engine_streams_echomimic_segments(backend):
         audio = _tone(0.7)
         await session.push_audio(audio, sample_rate=16000)
         session.end_of_speech()
-        frames = []
-        async for f in session.frames():
-            frames.append(f)
-            if f.segment_end:
-                break
+        frames = await read_until(session, lambda f: f.segment_end)
         await engine.stop()
         return frames
 

@@ -10,7 +10,7 @@ import torch
 
 from emo_stream.backend import SegmentJob, capabilities
 from emo_stream.errors import ConfigError
-from tests.conftest import SHARED
+from tests.conftest import SHARED, read_until
 
 GOLDEN = SHARED / "golden" / "hallo"  # ../shared (tests.conftest; EMO_TESTS_NO_SHARED hides it)
 pytestmark = pytest.mark.skipif(not (GOLDEN / "case.json").is_file(), reason="../shared/golden/hallo absent")
@@ -171,11 +171,7 @@ async def test_live_segments_through_the_streaming_engine(backend):
     audio = _audio(0.64) + np.random.default_rng(0).standard_normal(10240).astype(np.float32) * 1e-4
     await session.push_audio(audio, sample_rate=16000)
     session.end_of_speech()
-    frames = []
-    async for f in session.frames():
-        frames.append(f)
-        if f.segment_end:
-            break
+    frames = await read_until(session, lambda f: f.segment_end)
     await engine.stop()
     assert [f.index for f in frames] == list(range(len(frames)))
     assert len([f for f in frames if f.speech]) >= 16

@@ -27,6 +27,8 @@ def bad_files(tmp_path_factory) -> Path:
     torch.save({"w": torch.zeros(64)}, d / "ok.pth")
     good = (d / "ok.pth").read_bytes()
     (d / "truncated.pth").write_bytes(good[: len(good) // 2])
+    torch.save({"w": torch.zeros(100_000)}, d / "big.pth")
+    (d / "cut_early.pth").write_bytes((d / "big.pth").read_bytes()[:50_000])   # torch: OSError EINVAL
     (d / "empty.pth").write_bytes(b"")
     (d / "junk.pth").write_bytes(b"not weights at all " * 8)
     torch.save({"w": _Code()}, d / "code.pth")
@@ -38,6 +40,7 @@ def bad_files(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name, says", [
     ("truncated.pth", "truncated or corrupt"), ("empty.pth", "truncated or corrupt"),
+    ("cut_early.pth", "truncated or corrupt"),
     ("truncated.safetensors", "truncated or corrupt"), ("junk.pth", "not a torch weights file"),
     ("code.pth", "pickled Python objects"),
 ])
@@ -51,6 +54,16 @@ def test_unreadable_weight_files_are_one_short_line(bad_files, name, says, capsy
     assert "\n" not in msg and len(msg) < 300, msg          # torch's own text runs to a paragraph
     assert "miniz" not in msg and "two options" not in msg  # nor does it advise loading unsafely
     assert "pwned" not in capsys.readouterr().out            # and no code ran
+
+
+@pytest.mark.parametrize("name, says", [("cut_early.pth", "truncated or corrupt"), ("junk.pth", "not a torch weights"),
+                                        ("code.pth", "pickled Python objects")])
+def test_hallo_net_pth_reads_with_the_same_messages(bad_files, name, says):
+    from emo_stream.models.hallo.loader import load_net_file
+
+    with pytest.raises(WeightsError, match=says) as info:
+        load_net_file(bad_files / name)
+    assert str(bad_files / name) in str(info.value) and "Errno" not in str(info.value)
 
 
 # ---- which backend runs which folder ---------------------------------------------------------------------
@@ -70,6 +83,10 @@ def test_a_folder_that_is_no_model_says_so(tmp_path):
     with pytest.raises(WeightsError, match="not a download folder of a known model"):
         create_backend(None, str(tmp_path))
     assert default_backend("tiny") == "emo" and default_backend(None) == "preview"
+    from server.config import load_config   # serve / worker: --model alone goes through the same check
+
+    with pytest.raises(WeightsError, match="not a download folder of a known model"):
+        load_config(None, model=str(tmp_path))
 
 
 @pytest.mark.parametrize("backend", ["emo", "echomimic"])
@@ -160,3 +177,40 @@ def test_weights_set_spelled_alike_in_generate_and_convert():
 def test_errors_stay_emo_stream_errors():
     # the CLI turns EmoStreamError into one line and exit 2; the new helpers raise nothing else
     assert issubclass(WeightsError, EmoStreamError) and issubclass(ConfigError, EmoStreamError)
+
+
+def test_generate_weights_flag_only_for_echomimic(tmp_path, portrait_path, capsys):
+    """--weights on another backend is one line in the flag's words (was: 'unknown option(s) ... weights_set')."""
+    from emo_stream.timeline import SAMPLE_RATE
+    from server.cli import main as cli_main
+    import numpy as np
+    import wave
+
+    audio = tmp_path / "a.wav"
+    with wave.open(str(audio), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(SAMPLE_RATE)
+        w.writeframes(np.zeros(SAMPLE_RATE // 2, "<i2").tobytes())
+    rc = cli_main(["generate", "--image", str(portrait_path), "--audio", str(audio), "--out", str(tmp_path / "o.mp4"),
+                   "--weights", "normal"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--weights applies to EchoMimic models, not the preview backend" in err, err
+
+
+def test_a_missing_model_path_lists_the_download_folders_too(tmp_path):
+    from emo_stream.backends import create_backend
+
+    with pytest.raises(WeightsError, match="model not found") as info:
+        create_backend(None, str(tmp_path / "absent"), size=64, device="cpu")
+    assert "EchoMimic or Hallo download folder" in str(info.value) and "preset" in str(info.value)
+
+
+def test_help_shows_defaults(capsys):
+    """Options with a default say it in --help (prepare's --size, generate's --seed, bot's --chunk-ms)."""
+    from server.cli import main as cli_main
+
+    for command, flag in (("prepare", "--size SIZE"), ("generate", "--seed SEED"), ("bot", "--chunk-ms")):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+        text = capsys.readouterr().out.split("options:", 1)[1]   # past the usage lines
+        line = " ".join(text.split(flag, 1)[1].split("--", 1)[0].split())
+        assert "(default: " in line, (command, line)

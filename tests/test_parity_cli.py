@@ -63,6 +63,9 @@ def test_parity_bad_folder_is_one_line(tmp_path, capsys, content, words):
 def test_parity_missing_folder(tmp_path, capsys):
     code, _, err = _cli(capsys, "parity", tmp_path / "absent")
     assert code == 2 and "not found" in err[-1]
+    (tmp_path / "case.json").write_text("{}")
+    code, _, err = _cli(capsys, "parity", tmp_path / "case.json")     # the file instead of its folder
+    assert code == 2 and len(err) == 1 and "is a file, not a golden set folder" in err[0], err
 
 
 def test_checkpoint_architecture_key(tmp_path):

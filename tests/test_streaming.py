@@ -14,6 +14,7 @@ from emo_stream.backend import AudioContext, SegmentJob
 from emo_stream.errors import EmoStreamError
 from emo_stream.streaming import EngineConfig, EngineFullError, OutputFrame, StreamingEngine
 from emo_stream.streaming.ingest import PcmConverter
+from tests.conftest import read_until
 
 FPS, SPF, SIZE = 25, 640, 8
 pytestmark = pytest.mark.timeout(60)
@@ -89,14 +90,6 @@ def tone(seconds: float, rate: int = 16000, freq: float = 220.0) -> np.ndarray:
 def padded(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x, np.zeros((-len(x)) % SPF, np.float32)])
 
-
-async def read_until(session, pred, limit: int = 5000) -> list[OutputFrame]:
-    frames = []
-    async for f in session.frames():
-        frames.append(f)
-        if pred(f) or len(frames) >= limit:
-            break
-    return frames
 
 
 async def drain(session, quiet: float = 0.3) -> list[OutputFrame]:

@@ -21,6 +21,7 @@ import pytest
 emo_backend = pytest.importorskip("emo_stream.emo_backend")
 
 from emo_stream.streaming import EngineConfig, StreamingEngine  # noqa: E402
+from tests.conftest import read_until  # noqa: E402
 
 SPF = 640
 pytestmark = pytest.mark.timeout(120)
@@ -84,11 +85,7 @@ async def test_streamed_features_match_offline(emo, speech_16k):
         session.end_of_speech()
 
     producer = asyncio.create_task(produce())
-    frames = []
-    async for f in session.frames():
-        frames.append(f)
-        if f.segment_end:
-            break
+    frames = await read_until(session, lambda f: f.segment_end)
     await producer
     await engine.stop()
     speech = [f for f in frames if f.speech]

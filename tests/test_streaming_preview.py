@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from emo_stream.streaming import EngineConfig, StreamingEngine
+from tests.conftest import read_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,11 +28,7 @@ async def test_preview_backend_streams_speech_and_idle(speech_16k):
             await s.push_audio(pcm48[i:i + 1920], sample_rate=48000)
         s.end_of_speech()
     for session in (a, b):
-        frames = []
-        async for f in session.frames():
-            frames.append(f)
-            if f.segment_end:
-                break
+        frames = await read_until(session, lambda f: f.segment_end)
         assert [f.index for f in frames] == list(range(len(frames)))
         speech = [f for f in frames if f.speech]
         assert len(speech) == -(-len(speech_16k) // 640)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from emo_stream.streaming.vad import CHUNK, VoiceActivity, load_silero
+from tests.conftest import read_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,11 +74,7 @@ async def test_engine_renders_silence_as_idle(speech_16k):
     silence = np.zeros(16000, np.float32)
     await session.push_audio(np.concatenate([silence, speech_16k]))
     session.end_of_speech()
-    frames = []
-    async for f in session.frames():
-        frames.append(f)
-        if f.segment_end:
-            break
+    frames = await read_until(session, lambda f: f.segment_end)
     speech = [f for f in frames if f.speech]
     voiced = [f.voiced for f in speech]
     onset = 25   # the first frame of speech audio (1 s of silence first)

@@ -58,14 +58,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except WeightsError:
         raise
     except Exception as exc:  # corrupt/truncated files: name the file, keep one line
-        raise WeightsError(f"cannot read weights file {path}: {_unreadable_reason(exc)}") from None
+        raise WeightsError(f"cannot read weights file {path}: {unreadable_reason(exc)}") from None
 
 
-def _unreadable_reason(exc: Exception) -> str:
+def unreadable_reason(exc: Exception) -> str:
     """Why torch/safetensors could not read a file, in a few words (their own messages run to paragraphs)."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else ""
-    if "central directory" in first or isinstance(exc, EOFError) or "incomplete metadata" in first:
+    cut_short = isinstance(exc, OSError) and exc.errno == 22   # torch's zip reader seeking past the end
+    if cut_short or "central directory" in first or isinstance(exc, EOFError) or "incomplete metadata" in first:
         return "truncated or corrupt (incomplete download? fetch the file again)"
     if "Unsupported global" in text:   # a real pickle naming classes/functions: refused, never run
         return ("it holds pickled Python objects besides tensors; refused (weights are read with "

@@ -331,7 +331,8 @@ def load(path: str | Path, device=None, dtype=None, weights_set: str | None = No
         if weights_set is not None and weights_set != model.config.weights_set:
             # a converted checkpoint holds one set: asking for the other must not pass silently
             raise WeightsError(f"{path}: {weights_set} weights asked for, but this checkpoint holds the "
-                               f"{model.config.weights_set} set (convert the download with --weights-set {weights_set})")
+                               f"{model.config.weights_set} set (convert the download with "
+                               f"--weights-set {weights_set})")
         return model
     return load_download(path, weights_set=weights_set, device=device, dtype=dtype)
 

@@ -44,16 +44,14 @@ def load_net_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"{path}: file not found (expected Hallo's net.pth)")
     try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:   # legacy (non-zip) format, or a broken file: the plain load says which
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)   # legacy (non-zip) format
-    except Exception as exc:  # truncated zip, pickle with code, not a torch file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        first = first.split(". ")[0][:160]   # torch's messages run on; the first sentence says it
-        raise WeightsError(f"{path}: not a readable torch weights file, truncated or not a torch file ({first})") from None
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated zip, pickle with code, not a torch file: one line, as every loader
+            from emo_stream.models.init_weights import unreadable_reason
+
+            raise WeightsError(f"cannot read weights file {path}: {unreadable_reason(exc)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
