@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--teacher-steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="low: the student starts as the teacher")
     p.add_argument("--identities", type=int, default=2, help="identities rendered at evaluation")
     p.add_argument("--eval-seconds", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)

@@ -122,7 +122,7 @@ def model_family_for(backend: str, model: str, family_name: str):
 
     family, found = family_of(model)
     if family.name != family_name:
-        raise ConfigError(f"{model} holds an {family.title} model, which --backend {backend} does not run: "
+        raise ConfigError(f"{model} holds {family.title} weights, which --backend {backend} does not run: "
                           f"use --backend {family_backend(family.name)} (or leave --backend out)")
     return family, found
 

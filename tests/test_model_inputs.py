@@ -83,6 +83,10 @@ def test_a_folder_that_is_no_model_says_so(tmp_path):
     with pytest.raises(WeightsError, match="not a download folder of a known model"):
         create_backend(None, str(tmp_path))
     assert default_backend("tiny") == "emo" and default_backend(None) == "preview"
+    from server.config import load_config   # serve / worker: --model alone goes through the same check
+
+    with pytest.raises(WeightsError, match="not a download folder of a known model"):
+        load_config(None, model=str(tmp_path))
 
 
 @pytest.mark.parametrize("backend", ["emo", "echomimic"])
