@@ -141,6 +141,34 @@ def torch_device(device: str | None):
     return dev
 
 
+def model_options(backend: str, *, steps: int | None = None, guidance: float | None = None,
+                  decoder: str | None = None, weights: str | None = None) -> dict[str, Any]:
+    """The sampling settings a user gave (None = the model's default) as backend options, checked once for
+    generate, serve and worker alike. Each backend still refuses options it does not take."""
+    import math
+
+    options: dict[str, Any] = {}
+    if steps is not None:
+        if steps < 1:
+            raise ConfigError(f"steps must be at least 1: got {steps}")
+        options["steps"] = steps
+    if guidance is not None:
+        if not math.isfinite(guidance) or guidance <= 0:
+            raise ConfigError(f"guidance must be a positive number (1 = no guidance): got {guidance}")
+        options["guidance"] = guidance
+    if decoder is not None:
+        if decoder not in ("vae", "taesd"):
+            raise ConfigError(f"decoder must be vae or taesd: got {decoder!r}")
+        options["decoder"] = decoder
+    if weights is not None:
+        if backend != "echomimic":   # said in the flag's words, not as an unknown backend option
+            raise ConfigError(f"--weights applies to EchoMimic models, not the {backend} backend")
+        if weights not in ("acc", "normal"):
+            raise ConfigError(f"weights must be acc or normal: got {weights!r}")
+        options["weights_set"] = weights
+    return options
+
+
 def create_backend(name: str | None = None, model: str | None = None, *, size: int = 512, fps: int | None = None,
                    device: str | None = None, **options: Any) -> Backend:
     """Build a backend by name. With no name: `default_backend(model)` (the preview says why).

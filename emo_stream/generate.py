@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from emo_stream.backend import Backend, SegmentJob, capabilities
-from emo_stream.backends import backend_names, create_backend, default_backend
+from emo_stream.backends import backend_names, create_backend, default_backend, model_options
 from emo_stream.errors import ConfigError, OutputError
 from emo_stream.media import Mp4Writer, load_audio, load_image
 from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
@@ -146,12 +146,8 @@ def run(args: argparse.Namespace) -> int:
     # inputs and the output place are checked before the model loads (minutes for sd15)
     image, audio = load_image(args.image), load_audio(args.audio)
     check_writable(args.out)
-    options = {k: getattr(args, k) for k in ("steps", "guidance", "decoder") if getattr(args, k) is not None}
-    if args.weights is not None:
-        name = args.backend or default_backend(args.model)
-        if name != "echomimic":   # say it in the flag's words, not as an unknown backend option
-            raise ConfigError(f"--weights applies to EchoMimic models, not the {name} backend")
-        options["weights_set"] = args.weights
+    options = model_options(args.backend or default_backend(args.model), steps=args.steps, guidance=args.guidance,
+                            decoder=args.decoder, weights=args.weights)
     backend = create_backend(args.backend, args.model, size=args.size, fps=args.fps, device=args.device,
                              **options)
     summary = generate_file(backend, image, audio, args.out, seed=args.seed, progress=not args.no_progress)

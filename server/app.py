@@ -26,11 +26,13 @@ log = logging.getLogger(__name__)
 def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = None) -> StreamingEngine:
     """Backend by name (emo_stream.backends) inside the streaming engine; model loading happens here."""
     from emo_stream.backend import capabilities
-    from emo_stream.backends import create_backend
+    from emo_stream.backends import create_backend, default_backend, model_options
 
     if backend is None:
+        options = model_options(config.backend or default_backend(config.model), steps=config.steps,
+                                guidance=config.guidance, decoder=config.decoder, weights=config.weights)
         backend = create_backend(config.backend, config.model, size=config.size, fps=config.fps,
-                                 device=config.device)
+                                 device=config.device, **options)
     # the latency knob suits each backend differently: one frame for the cheap preview animator, longer
     # segments for EMO (temporal context, batching)
     segment = config.engine.segment_frames or capabilities(backend).stream_segment_frames or 8

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emo_stream.backends import backend_names, default_backend, names_phrase
+from emo_stream.backends import backend_names, default_backend, model_options, names_phrase
 from emo_stream.config_io import build_dataclass, read_yaml
 from emo_stream.errors import ConfigError
 from emo_stream.resources import resource_dir
@@ -96,6 +96,11 @@ class ServerConfig:
     size: int = 512
     fps: int = 25
     device: str | None = None
+    # sampling settings of the model backends (None: the model's own defaults; see `emo-stream generate`)
+    steps: int | None = None
+    guidance: float | None = None
+    decoder: str | None = None   # vae | taesd
+    weights: str | None = None   # EchoMimic weights set of a folder holding both: acc | normal
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     engine: EngineSettings = field(default_factory=EngineSettings)
     ZERO_ALLOWED = frozenset({"webrtc_video_delay_ms"})  # numeric settings where 0 means "off"
@@ -126,6 +131,8 @@ class ServerConfig:
             raise ConfigError(f"port must be at most 65535: got {self.port}")
         if self.backend is not None and self.backend not in backend_names():
             raise ConfigError(f"backend must be {names_phrase()}: got {self.backend!r}")
+        model_options(self.backend or "preview", steps=self.steps, guidance=self.guidance, decoder=self.decoder,
+                      weights=self.weights)   # the same checks and messages as generate's flags
         if not 16 <= self.size <= 2048 or self.size % 2:
             raise ConfigError(f"size must be an even number of pixels in 16..2048: got {self.size}")
         rates = (SAMPLE_RATE, AUDIO_RATE, VIDEO_CLOCK_RATE)   # engine audio, WebRTC audio, RTP video clock

@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="torch device for the model backends "
                              "(default: cuda if available, else cpu)")
+    add_sampling_arguments(parser)
     parser.add_argument("--max-sessions", type=int, default=None, help="concurrent sessions (default from config)")
     parser.add_argument("--segment-frames", type=int, default=None,
                         help="frames generated per step: lower is less latency, higher is more context/throughput")
@@ -36,6 +37,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="access token for pages and API")
     parser.add_argument("--virtual-camera", action="store_true",
                         help="also send the latest session's video to a virtual camera (pyvirtualcam)")
+
+
+def add_sampling_arguments(parser) -> None:
+    """--steps/--guidance/--decoder/--weights for the live model (serve and worker; generate has its own)."""
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps per segment (default: the model's; EchoMimic acc 6, normal 30)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (1 = none, the live default; default: the model's)")
+    parser.add_argument("--decoder", choices=["vae", "taesd"], default=None,
+                        help="latent decoder (default: the model's)")
+    parser.add_argument("--weights", "--weights-set", dest="weights", choices=["acc", "normal"], default=None,
+                        help="EchoMimic: which weights set of a folder holding both (default: acc)")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("steps", "guidance", "decoder", "weights")}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, host=args.host, port=args.port, backend=args.backend, model=args.model,
                          avatar=args.avatar, size=args.size, device=args.device, token=args.token,
-                         tls_cert=args.tls_cert, tls_key=args.tls_key)
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, **sampling_overrides(args))
     if args.max_sessions is not None:
         config.sessions.max_sessions = args.max_sessions
     if args.segment_frames is not None:

@@ -13,6 +13,7 @@ import logging
 import os
 
 from emo_stream.errors import ConfigError
+from server.serve_command import add_sampling_arguments, sampling_overrides
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--size", type=int, default=None, help="output frame size in pixels")
     model.add_argument("--config", default=None, help="server settings YAML for engine settings "
                                                       "(default configs/server.yaml)")
+    add_sampling_arguments(model)
     model.add_argument("--max-sessions", type=int, default=None,
                        help="rooms this worker serves at once (its capacity; default from config)")
     model.add_argument("--segment-frames", type=int, default=None, help="frames generated per step")
@@ -86,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--segment-frames must be 1..64")
     if args.drain_timeout < 0:
         raise ConfigError("--drain-timeout must be >= 0")
-    config = load_config(args.config, backend=args.backend, model=args.model, size=args.size, device=args.device)
+    config = load_config(args.config, backend=args.backend, model=args.model, size=args.size, device=args.device,
+                         **sampling_overrides(args))
     if args.max_sessions is not None:
         config.sessions.max_sessions = args.max_sessions
     if args.segment_frames is not None:

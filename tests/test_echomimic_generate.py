@@ -217,3 +217,25 @@ def test_engine_streams_echomimic_segments(backend):
     frames = asyncio.run(run())
     speech = [f for f in frames if f.speech]
     assert len(speech) >= 16 and all(f.image.shape == (SIZE, SIZE, 3) for f in frames)
+
+
+def test_serve_settings_choose_steps_guidance_and_weights_of_the_live_model(echo_folder):
+    """serve/worker take the same sampling settings as generate (config keys or --steps/--guidance/--weights)."""
+    from emo_stream.errors import ConfigError, WeightsError
+    from server.app import build_engine
+    from server.config import load_config
+    from server.sync import MonotonicClock
+
+    config = load_config(None, model=str(echo_folder), size=SIZE, device="cpu", steps=3, guidance=1.5,
+                         weights="acc")
+    engine = build_engine(config, MonotonicClock())
+    assert engine.backend.sampling.steps == 3 and engine.backend.sampling.guidance == 1.5
+    assert engine.backend.model.weights == "acc"
+    with pytest.raises(WeightsError, match="normal weights asked for"):   # the folder holds acc only
+        build_engine(load_config(None, model=str(echo_folder), size=SIZE, device="cpu", weights="normal"),
+                     MonotonicClock())
+    for bad, message in (({"model": str(echo_folder), "steps": 0}, "steps must be at least 1"),
+                         ({"model": str(echo_folder), "guidance": -1.0}, "guidance must be"),
+                         ({"weights": "acc"}, "--weights applies to EchoMimic models, not the preview backend")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, **bad)
