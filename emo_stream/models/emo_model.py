@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from diffusers import AutoencoderKL, AutoencoderTiny, MotionAdapter, UNet2DConditionModel
 from torch import nn
 
 from emo_stream.errors import WeightsError
+from emo_stream.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
+from emo_stream.models.checkpoint import load_checkpoint as load_checkpoint_folder
 from emo_stream.models.attention import BackboneContext, zero_module
 from emo_stream.models.audio_encoder import AudioEncoder, AudioProjection
 from emo_stream.models.backbone import Backbone
@@ -37,9 +38,6 @@ from emo_stream.models.reference_net import ReferenceFeatures, ReferenceNet
 from emo_stream.models.speed import SpeedEncoder
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
@@ -312,40 +310,14 @@ class EmoModel(nn.Module):
     # ---- checkpoints -------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write config.yaml + model.safetensors (every part, VAE and wav2vec2 included)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "emo_stream": "1"})
-        return directory
+        return save_checkpoint(self, self.config.to_dict(), directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> "EmoModel":
         """Load a checkpoint written by save_pretrained. Raises WeightsError naming the file/key/shape."""
-        from emo_stream.models.init_weights import load_checked, read_state_dict
-
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise WeightsError(f"model folder not found: {directory}")
-        cfg_path = directory / CONFIG_FILE
-        if not cfg_path.is_file():
-            raise WeightsError(f"{cfg_path} is missing: not an emo-stream checkpoint folder "
-                               f"(expected {CONFIG_FILE} and {WEIGHTS_FILE})")
-        try:
-            data = yaml.safe_load(cfg_path.read_text())
-        except yaml.YAMLError as exc:
-            raise WeightsError(f"{cfg_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        config = config_from_dict(data, source=str(cfg_path))
-        state = read_state_dict(directory / WEIGHTS_FILE)
-        model = cls.build(config, empty=True)  # no random init of ~2B parameters just to overwrite them
-        load_checked(model, state, directory / WEIGHTS_FILE, assign=True)
-        model.eval()
-        if device is not None or dtype is not None:
-            model.to(device=device, dtype=dtype)
-        return model
+        return load_checkpoint_folder(directory, lambda data, source: config_from_dict(data, source=source),
+                               lambda config: cls.build(config, empty=True), device, dtype)
 
     def parameter_counts(self) -> dict[str, int]:
         counts = {name: sum(p.numel() for p in m.parameters()) for name, m in self.named_children() if m is not None}

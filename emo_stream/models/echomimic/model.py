@@ -28,22 +28,20 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNetMotionModel
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
 from emo_stream.errors import WeightsError
+from emo_stream.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint  # noqa: F401 (re-exported)
+from emo_stream.models.checkpoint import load_checkpoint as load_checkpoint_folder
 from emo_stream.models.echomimic.audio import WhisperFeatures, audio_tokens
 from emo_stream.models.echomimic.config import EchoMimicConfig, config_from_dict
 from emo_stream.models.echomimic.layers import (BankReadProcessor, BankStore, BankWriteProcessor, DenoiserContext,
                                                 FaceLocator, PerFrameGroupNorm, ScaledCrossAttnProcessor)
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "model.safetensors"
 LATENT_SCALE = 0.18215   # EchoMimic's pipelines hard-code SD's VAE scaling factor
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -213,38 +211,14 @@ class EchoMimicModel(nn.Module):
     # ---- checkpoints -------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         """config.yaml (architecture: echomimic-v1, every setting) + model.safetensors (every part)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "emo_stream": "1",
-                                                                   "architecture": self.config.architecture})
-        return directory
+        return save_checkpoint(self, self.config.to_dict(), directory, architecture=self.config.architecture)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> "EchoMimicModel":
         """Load a checkpoint written by save_pretrained (WeightsError naming file, key and shape)."""
-        from emo_stream.models.init_weights import load_checked, read_state_dict
-
-        directory = Path(directory)
-        cfg_path = directory / CONFIG_FILE
-        if not cfg_path.is_file():
-            raise WeightsError(f"{cfg_path} is missing: not an emo-stream checkpoint folder")
-        try:
-            data = yaml.safe_load(cfg_path.read_text())
-        except yaml.YAMLError as exc:
-            raise WeightsError(f"{cfg_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        config = config_from_dict(data, source=str(cfg_path))
-        state = read_state_dict(directory / WEIGHTS_FILE)
-        model = cls.build(config, empty=True)
-        load_checked(model, state, directory / WEIGHTS_FILE, assign=True)
-        model.eval()
-        if device is not None or dtype is not None:
-            model.to(device=device, dtype=dtype)
-        return model
+        return load_checkpoint_folder(directory, lambda data, source: config_from_dict(data, source=source),
+                               lambda config: cls.build(config, empty=True), device, dtype)
 
 
 def load_checkpoint(path: str | Path, device=None, dtype=None, **_) -> EchoMimicModel:
