@@ -173,15 +173,12 @@ class EchoMimicBackend(BackendBase):
     # ---- avatar --------------------------------------------------------------------------------
     def prepare_avatar(self, image: np.ndarray) -> EchoAvatar:
         """Detect the face, crop to the model size, encode the reference and the face mask once."""
-        from emo_stream.face import FaceAnalyzer, crop_portrait
+        from emo_stream.face import crop_portrait
 
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-            raise ImageInputError("the portrait must be an RGB image")
-        if self._face_analyzer is None:
-            self._face_analyzer = FaceAnalyzer()
         # EchoMimic's infer scripts crop the face box widened by half its size on each side (the face is half
         # the crop's width, centred), then build the mask from the same box
-        crop = crop_portrait(image, self._face_analyzer.analyze(image), self.size, face_fraction=0.5, center_shift=0.0)
+        face = self.portrait_analyzer(image).analyze(image)
+        crop = crop_portrait(image, face, self.size, face_fraction=0.5, center_shift=0.0)
         return self.avatar_from_crop(crop.image, crop.face.box)
 
     @torch.inference_mode()
