@@ -155,12 +155,13 @@ def face_mask(box_xyxy, height: int, width: int, clamp: bool = True) -> torch.Te
     height (rows) and width (columns) on each side -> (1, 1, 1, H, W) float32 in {0, 1}.
 
     clamp=False keeps the original's numpy slicing exactly (a grown box starting above/left of the image gives
-    a negative start, which numpy counts from the far edge); clamp=True starts at 0 instead."""
+    a negative start, which numpy counts from the far edge); clamp=True cuts the box at the image's top/left
+    edges instead (a box entirely above/left of the image gives an empty mask)."""
     x0, y0, x1, y1 = (int(v) for v in box_xyxy)
     r_pad, c_pad = int((y1 - y0) * 0.1), int((x1 - x0) * 0.1)
-    top, left = y0 - r_pad, x0 - c_pad
+    top, left, bottom, right = y0 - r_pad, x0 - c_pad, y1 + r_pad, x1 + c_pad
     if clamp:
-        top, left = max(top, 0), max(left, 0)
+        top, left, bottom, right = max(top, 0), max(left, 0), max(bottom, 0), max(right, 0)
     mask = torch.zeros(height, width)
-    mask[top:y1 + r_pad, left:x1 + c_pad] = 1.0
+    mask[top:bottom, left:right] = 1.0
     return mask[None, None, None]
