@@ -7,7 +7,6 @@ skips decoding."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import io
 import logging
@@ -17,6 +16,7 @@ import numpy as np
 from emo_stream.errors import ImageInputError
 from emo_stream.media import image_from_bytes
 from emo_stream.streaming import AvatarHandle, StreamingEngine, UnknownAvatarError
+from emo_stream.streaming.avatars import SourceIndex
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,9 @@ class AvatarStore:
     def __init__(self, engine: StreamingEngine, max_avatars: int = 16, max_pixels: int = 25_000_000):
         self.engine = engine
         self.max_avatars = max_avatars   # upload digests remembered (the engine bounds the prepared ones)
+        self._by_digest = SourceIndex(engine.avatars, max_avatars)
         self.max_pixels = max_pixels
         self.default: AvatarHandle | None = None
-        self._by_digest: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._slots = asyncio.Semaphore(PREPARING_AT_ONCE)  # heavy: decode, face analysis, reference features
 
     async def set_default(self, image: np.ndarray) -> AvatarHandle:
@@ -47,24 +47,16 @@ class AvatarStore:
         """Upload bytes -> avatar id. Raises ImageInputError / NoFaceError with a user-facing message."""
         async with self._slots:
             digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())  # 8 MB: off the loop
-            known = self._by_digest.get(digest)
+            known = self._by_digest.lookup(digest)
             if known is not None:
-                try:
-                    self.engine.avatar(known)   # still prepared: marks it recently used
-                    self._by_digest.move_to_end(digest)
-                    return known
-                except UnknownAvatarError:
-                    pass
+                return known.id
             image = await asyncio.to_thread(self._decode, data)
             try:
                 handle = await self.engine.prepare_avatar(image)
             finally:
                 del image
                 await asyncio.to_thread(_give_back_memory)
-            self._by_digest[digest] = handle.id
-            self._by_digest.move_to_end(digest)
-            while len(self._by_digest) > self.max_avatars:
-                self._by_digest.popitem(last=False)
+            self._by_digest.remember(digest, handle)
             log.info("avatar %s prepared (%d cached)", handle.id, len(self.engine.avatars))
             return handle.id
 

@@ -128,20 +128,26 @@ class HttpRoutes:
 
     async def __call__(self, connection: Any, request: Request) -> Response | None:
         try:
-            address = connection.remote_address[0] if getattr(connection, "remote_address", None) else "?"
-            wait = self.limiter.retry_after(address)
-            if wait and self.config.auth_required and self.config.token and request.path.split("?")[0] != "/healthz":
-                return response(429, f"too many wrong tokens from {address}: try again in {wait:.0f} s\n",
-                                extra={"Retry-After": str(int(wait + 0.999))})
-            reply = self.route(request)
-            if reply is not None and reply.status_code == 401 and _token_given(request):
-                self.limiter.failed(address)  # a guess; a link opened without its token is no attack
-            return reply
+            if self.config.auth_required and self.config.token:
+                return self._route_limited(connection, request)
+            return self.route(request)   # no token to guess: nothing to limit
         except MultipleValuesError as exc:  # e.g. two Authorization or Origin headers: ambiguous, refuse
             return response(400, f"header {exc} given more than once\n")
         except Exception:
             log.exception("HTTP %s failed", request.path)
             return response(500, "internal error\n")
+
+    def _route_limited(self, connection: Any, request: Request) -> Response | None:
+        """route(), refusing addresses that sent too many wrong tokens (WrongTokenLimiter)."""
+        address = connection.remote_address[0] if getattr(connection, "remote_address", None) else "?"
+        wait = self.limiter.retry_after(address)
+        if wait and request.path.split("?")[0] != "/healthz":
+            return response(429, f"too many wrong tokens from {address}: try again in {wait:.0f} s\n",
+                            extra={"Retry-After": str(int(wait + 0.999))})
+        reply = self.route(request)
+        if reply is not None and reply.status_code == 401 and _token_given(request):
+            self.limiter.failed(address)  # a guess; a link opened without its token is no attack
+        return reply
 
     def route(self, request: Request) -> Response | None:
         url = urlsplit(request.path)

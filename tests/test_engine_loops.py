@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from emo_stream.streaming import EngineConfig, StreamingEngine, UnknownAvatarError
+from emo_stream.streaming.avatars import AvatarCache, SourceIndex
 from test_streaming import SIZE, SPF, TickBackend, padded, tone
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,3 +95,14 @@ async def test_avatars_by_id_and_open_session_needs_a_loop():
     with pytest.raises(RuntimeError, match="needs an event loop"):
         await asyncio.to_thread(engine.open_session, handle)
     await engine.stop()
+
+
+async def test_source_index_finds_a_prepared_source_until_the_cache_drops_it():
+    prepared: list[int] = []
+    cache = AvatarCache(lambda image: prepared.append(int(image[0, 0, 0])), max_avatars=1)
+    index = SourceIndex(cache, max_keys=2)
+    first = await cache.prepare(np.full((8, 8, 3), 1, np.uint8))
+    index.remember("a.png", first)
+    assert index.lookup("a.png") is first and index.lookup("b.png") is None
+    await cache.prepare(np.full((8, 8, 3), 2, np.uint8))   # the cache holds one: "a.png"'s avatar is dropped
+    assert index.lookup("a.png") is None and prepared == [1, 2]

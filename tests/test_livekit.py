@@ -164,14 +164,19 @@ class AudioTap:
         await self.stream.aclose()
 
 
-async def test_agent_audio_comes_back_sample_exact_with_video_at_model_fps(host, avatar):
+async def agent_and_worker(host, avatar, room: str, agent_id: str):
+    """A worker serving `room` for an agent that has connected; the worker's audio track read back."""
     hub = Hub()
-    worker = Worker(hub, host, avatar, "room-a", "agent-a")
-    agent = Agent(hub, "room-a", "agent-a", worker.info.avatar_identity)
+    worker = Worker(hub, host, avatar, room, agent_id)
+    agent = Agent(hub, room, agent_id, worker.info.avatar_identity)
     await agent.connect()
     await asyncio.wait_for(worker.started.wait(), 20)
     audio_track, _ = await worker.published()
-    tap = AudioTap(audio_track)
+    return worker, agent, AudioTap(audio_track)
+
+
+async def test_agent_audio_comes_back_sample_exact_with_video_at_model_fps(host, avatar):
+    worker, agent, tap = await agent_and_worker(host, avatar, "room-a", "agent-a")
     assert worker.runner._options.video_fps == host.fps == FPS
 
     first, second = tts_audio(0.62, 1), tts_audio(0.45, 2)   # not whole frames: the tail is flushed too
@@ -208,13 +213,7 @@ async def test_agent_audio_comes_back_sample_exact_with_video_at_model_fps(host,
 
 
 async def test_clear_buffer_stops_audio_and_mouth_and_reports_interrupted(host, avatar):
-    hub = Hub()
-    worker = Worker(hub, host, avatar, "room-b", "agent-b")
-    agent = Agent(hub, "room-b", "agent-b", worker.info.avatar_identity)
-    await agent.connect()
-    await asyncio.wait_for(worker.started.wait(), 20)
-    audio_track, _ = await worker.published()
-    tap = AudioTap(audio_track)
+    worker, agent, tap = await agent_and_worker(host, avatar, "room-b", "agent-b")
 
     long = tts_audio(4.0, 3)
     await agent.say(long)

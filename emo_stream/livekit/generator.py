@@ -221,10 +221,11 @@ class EngineVideoGenerator(VideoGenerator):
 
 def _video_frame(image: np.ndarray) -> rtc.VideoFrame:
     h, w = image.shape[:2]
-    rgba = np.empty((h, w, 4), np.uint8)
+    buf = bytearray(h * w * 4)   # filled in place and handed over as is: no second copy per frame
+    rgba = np.frombuffer(buf, np.uint8).reshape(h, w, 4)
     rgba[..., :3] = image
     rgba[..., 3] = 255
-    return rtc.VideoFrame(w, h, rtc.VideoBufferType.RGBA, rgba.tobytes())
+    return rtc.VideoFrame(w, h, rtc.VideoBufferType.RGBA, buf)
 
 
 def _remix(frame: rtc.AudioFrame, channels: int) -> rtc.AudioFrame:

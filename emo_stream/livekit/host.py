@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
 
-from emo_stream.streaming import AvatarHandle, EngineConfig, StreamingEngine, StreamSession, UnknownAvatarError
+from emo_stream.streaming import AvatarHandle, EngineConfig, StreamingEngine, StreamSession
+from emo_stream.streaming.avatars import SourceIndex
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class EngineHost:
         self.capacity = self.config.max_sessions
         self._lock = threading.Lock()
         self._taken = 0
-        self._avatar_ids: OrderedDict[str, str] = OrderedDict()   # URL / digest / name -> engine avatar id
+        self._sources = SourceIndex(engine.avatars, 4 * self.config.max_avatars)   # URL / digest / name
 
     async def start(self) -> None:
         await self.engine.start()
@@ -81,20 +81,12 @@ class EngineHost:
     async def prepare_avatar(self, key: str, load: Callable[[], np.ndarray]) -> AvatarHandle:
         """The prepared avatar for `key` (a URL, a content digest, a name): loaded (downloaded, decoded)
         and prepared once per worker; the engine shares one preparation per photo across all jobs."""
-        with self._lock:
-            avatar_id = self._avatar_ids.get(key)
-        if avatar_id is not None:
-            try:
-                return self.engine.avatar(avatar_id)
-            except UnknownAvatarError:   # evicted from the engine's cache: prepare again
-                pass
+        handle = self._sources.lookup(key)
+        if handle is not None:
+            return handle
         image = await asyncio.to_thread(load)
         handle = await self.engine.prepare_avatar(image)
-        with self._lock:
-            self._avatar_ids[key] = handle.id
-            self._avatar_ids.move_to_end(key)
-            while len(self._avatar_ids) > 4 * self.config.max_avatars:
-                self._avatar_ids.popitem(last=False)
+        self._sources.remember(key, handle)
         return handle
 
     def open_session(self, avatar: AvatarHandle, seed: int = 0) -> StreamSession:

@@ -96,3 +96,34 @@ class AvatarCache:
                 break
             if key not in in_use:
                 del self._avatars[key]
+
+
+class SourceIndex:
+    """Where a portrait came from (an upload's digest, a URL, a name) -> its id in an AvatarCache, so a
+    repeated source is neither loaded nor decoded again. LRU-bounded to `max_keys`; thread-safe."""
+
+    def __init__(self, cache: AvatarCache, max_keys: int) -> None:
+        self._cache = cache
+        self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._ids: OrderedDict[str, str] = OrderedDict()
+
+    def lookup(self, key: str) -> AvatarHandle | None:
+        """The prepared avatar this source gave, if the cache still holds it (marks both recently used)."""
+        with self._lock:
+            avatar_id = self._ids.get(key)
+            if avatar_id is not None:
+                self._ids.move_to_end(key)
+        if avatar_id is None:
+            return None
+        try:
+            return self._cache.get(avatar_id)
+        except UnknownAvatarError:   # evicted from the cache: the caller prepares it again
+            return None
+
+    def remember(self, key: str, handle: AvatarHandle) -> None:
+        with self._lock:
+            self._ids[key] = handle.id
+            self._ids.move_to_end(key)
+            while len(self._ids) > self.max_keys:
+                self._ids.popitem(last=False)
