@@ -6,6 +6,7 @@ this module as `_common`. Importing it also puts the repository root on sys.path
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -84,3 +85,24 @@ def emit_json(result: dict[str, Any], out: str | Path | None = None, indent: int
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
     return text
+
+
+def add_render_args(p: argparse.ArgumentParser, size: int) -> None:
+    """The options every offline-render benchmark shares (bench/generate.py, bench/echomimic.py): image size,
+    sampling overrides, device/dtype, CPU threads and where to write the JSON."""
+    p.add_argument("--size", type=int, default=size)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--decoder", choices=["vae", "taesd"], default="vae")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+
+
+def apply_threads(threads: int | None) -> None:
+    """--threads, if given: a script, so setting process-wide torch threads is fine here."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)

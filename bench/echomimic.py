@@ -20,7 +20,8 @@ import time
 import numpy as np
 import torch
 
-from _common import device_name, emit_json, load_average, peak_memory  # bench/; puts the repo on sys.path
+# bench/_common; importing it puts the repo on sys.path
+from _common import add_render_args, apply_threads, device_name, emit_json, load_average, peak_memory
 from emo_stream.backend import SegmentJob
 from emo_stream.echomimic_backend import create_backend
 
@@ -33,19 +34,11 @@ def _sync(dev: torch.device) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description="EchoMimic offline and live benchmark")
     p.add_argument("--model", required=True, help="EchoMimic download folder or our checkpoint of one")
-    p.add_argument("--size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--decoder", choices=["vae", "taesd"], default="vae")
+    add_render_args(p, size=512)
     p.add_argument("--seconds", type=float, default=4.0, help="audio duration to render offline")
     p.add_argument("--segments", type=int, default=6, help="live segments to time")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)  # a script: process-wide threads are fine here
+    apply_threads(args.threads)
 
     opts = dict(size=args.size, device=args.device, dtype=args.dtype, steps=args.steps, guidance=args.guidance,
                 decoder=args.decoder)

@@ -57,31 +57,41 @@ def tflop(fn: Callable[[], Any], by_module: bool = False) -> tuple[float, dict]:
     return counter.get_total_flops() / 1e12, (counter.get_flop_counts() if by_module else {})
 
 
+# kind of layer -> module-name pattern under Backbone.unet (non-overlapping; first match wins)
+_LAYER_KINDS = (
+    ("resnets", r"(down_blocks\.\d|up_blocks\.\d|mid_block)\.resnets\.\d"),
+    ("down/upsamplers", r".*\.(downsamplers|upsamplers)\.\d"),
+    ("conv_in/out, time", r"(conv_in|conv_out|time_embedding)"),
+    ("spatial self-attention + reference-attention", r".*\.attentions\.\d\.transformer_blocks\.\d\.attn1"),
+    ("audio cross-attention", r".*\.attentions\.\d\.transformer_blocks\.\d\.attn2"),
+    ("spatial feed-forward", r".*\.attentions\.\d\.transformer_blocks\.\d\.ff"),
+    ("spatial proj in/out", r".*\.attentions\.\d\.(proj_in|proj_out)"),
+    ("temporal modules (incl. speed)", r".*\.motion_modules\.\d"),
+)
+# the speed cross-attention, inside the temporal modules (so counted on top of the kinds above)
+_SPEED_XATTN = r".*\.motion_modules\.\d\.transformer_blocks\.\d\.attn2\.processor\.attn"
+
+
+def _totals(per_step: float, parts: dict[str, float]) -> dict[str, Any]:
+    """The per-frame fields every family's record shares, rounded."""
+    return {"tflop_per_frame_per_step": _r(per_step), "tflop_per_frame_total": _r(sum(parts.values())),
+            "parts": {k: _r(v) for k, v in parts.items()}}
+
+
 def backbone_breakdown(counts: dict, frames: int) -> dict[str, float]:
     """Where one backbone pass goes, TFLOP per frame, by kind of layer (non-overlapping module names)."""
     out: Counter = Counter()
+    speed: float | None = None
     prefix = r"Backbone\.unet\."
     for name, ops in counts.items():
         v = sum(ops.values()) / 1e12 / frames
-        if re.fullmatch(prefix + r"(down_blocks\.\d|up_blocks\.\d|mid_block)\.resnets\.\d", name):
-            out["resnets"] += v
-        elif re.fullmatch(prefix + r".*\.(downsamplers|upsamplers)\.\d", name):
-            out["down/upsamplers"] += v
-        elif re.fullmatch(prefix + r"(conv_in|conv_out|time_embedding)", name):
-            out["conv_in/out, time"] += v
-        elif re.fullmatch(prefix + r".*\.attentions\.\d\.transformer_blocks\.\d\.attn1", name):
-            out["spatial self-attention + reference-attention"] += v
-        elif re.fullmatch(prefix + r".*\.attentions\.\d\.transformer_blocks\.\d\.attn2", name):
-            out["audio cross-attention"] += v
-        elif re.fullmatch(prefix + r".*\.attentions\.\d\.transformer_blocks\.\d\.ff", name):
-            out["spatial feed-forward"] += v
-        elif re.fullmatch(prefix + r".*\.attentions\.\d\.(proj_in|proj_out)", name):
-            out["spatial proj in/out"] += v
-        elif re.fullmatch(prefix + r".*\.motion_modules\.\d", name):
-            out["temporal modules (incl. speed)"] += v
-    for name, ops in counts.items():  # the speed cross-attention, inside the temporal modules
-        if re.fullmatch(prefix + r".*\.motion_modules\.\d\.transformer_blocks\.\d\.attn2\.processor\.attn", name):
-            out["  of which speed cross-attention"] += sum(ops.values()) / 1e12 / frames
+        kind = next((k for k, pat in _LAYER_KINDS if re.fullmatch(prefix + pat, name)), None)
+        if kind is not None:
+            out[kind] += v
+        if re.fullmatch(prefix + _SPEED_XATTN, name):
+            speed = (speed or 0.0) + v
+    if speed is not None:
+        out["  of which speed cross-attention"] += speed
     return {k: _r(v) for k, v in out.items()}
 
 
@@ -147,10 +157,7 @@ def count_emo(preset: str, mode: str, steps: int | None = None, guidance: float 
     rec: dict[str, Any] = {
         "family": "emo", "variant": variant or preset, "preset": preset, "mode": mode, "steps": steps,
         "guidance": guidance, "decoder": decoder, "segment_frames": f, "motion_frames": n, "size": size,
-        "exact_shortcuts": shortcuts,
-        "tflop_per_frame_per_step": _r(per_step),
-        "tflop_per_frame_total": _r(sum(parts.values())),
-        "parts": {k: _r(v) for k, v in parts.items()},
+        "exact_shortcuts": shortcuts, **_totals(per_step, parts),
         "reference_tflop_per_avatar": _r(ref_t),
     }
     if breakdown:
@@ -223,9 +230,8 @@ def count_echomimic(weights: str, mode: str, size: int = 512) -> dict[str, Any]:
              "guidance": steps * uncond_t / new if guidance != 1.0 else 0.0, "decode": dec_t}
     return {"family": "echomimic-v1", "variant": f"EchoMimic v1 {weights} weights, {mode}", "mode": mode,
             "steps": steps, "guidance": guidance, "decoder": decoder, "segment_frames": new,
-            "frames_per_denoiser_call": window, "size": size,
-            "tflop_per_frame_per_step": _r(per_step), "tflop_per_frame_total": _r(sum(parts.values())),
-            "parts": {k: _r(v) for k, v in parts.items()}, "reference_tflop_per_avatar": _r(ref_t),
+            "frames_per_denoiser_call": window, "size": size, **_totals(per_step, parts),
+            "reference_tflop_per_avatar": _r(ref_t),
             "audio_counted": audio_note}
 
 
@@ -270,8 +276,7 @@ def count_hallo(size: int = 512) -> dict[str, Any]:
              "guidance": cfg.steps * (both_t - one_t) / f if guided else 0.0, "decode": dec_t}
     return {"family": "hallo", "variant": "Hallo, offline", "mode": "offline", "steps": cfg.steps,
             "guidance": cfg.guidance, "decoder": "vae", "segment_frames": f, "motion_frames": nm, "size": size,
-            "tflop_per_frame_per_step": _r(per_step), "tflop_per_frame_total": _r(sum(parts.values())),
-            "parts": {k: _r(v) for k, v in parts.items()},
+            **_totals(per_step, parts),
             "notes": "reference = the ReferenceNet on reference + motion frames, once per clip (Hallo re-runs it); "
                      "audio (wav2vec2) not counted; no live mode in this family"}
 

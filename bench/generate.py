@@ -17,7 +17,8 @@ import time
 import numpy as np
 import torch
 
-from _common import device_name, emit_json, load_average, peak_memory  # bench/; puts the repo on sys.path
+# bench/_common; importing it puts the repo on sys.path
+from _common import add_render_args, apply_threads, device_name, emit_json, load_average, peak_memory
 from emo_stream.backend import SegmentJob
 from emo_stream.emo_backend import EmoBackend
 from emo_stream.generate import iter_segments
@@ -26,18 +27,10 @@ from emo_stream.generate import iter_segments
 def main() -> int:
     p = argparse.ArgumentParser(description="EMO offline generation benchmark")
     p.add_argument("--preset", default="tiny", help="preset name or checkpoint folder")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--decoder", choices=["vae", "taesd"], default="vae")
+    add_render_args(p, size=64)
     p.add_argument("--seconds", type=float, default=4.0, help="audio duration to render (after warm-up)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)  # a script: setting process-wide threads is fine here
+    apply_threads(args.threads)
 
     backend = EmoBackend.load(args.preset, size=args.size, device=args.device, steps=args.steps,
                               guidance=args.guidance, decoder=args.decoder, dtype=args.dtype)

@@ -31,6 +31,18 @@ async def read_until(session, pred, limit: int = 5000) -> list:
     return frames
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after: the CI box has 2 shared cores, and one thread per test
+    process is much faster than oversubscribing (use via pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def shared_data_dir() -> Path | None:
     """../shared/data when present (real portraits, speech, clips), else None."""
     return SHARED_DATA if (SHARED_DATA / "README.md").is_file() else None

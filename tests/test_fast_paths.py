@@ -96,14 +96,14 @@ def test_pruning_keeps_gradients_exact(model):
     ref, mot = m.encode_reference(i["lat"]), m.encode_motion(i["motion"])
     grads = []
     for prune in (True, False):
-        m.backbone.prune_motion = prune
+        m.backbone.options.prune_motion = prune
         with torch.enable_grad():
             m.zero_grad(set_to_none=True)
             c = m.condition(ref, i["feats"], i["mask"], i["speed"], mot)
             m.predict_noise(i["x"], torch.tensor([400]), c).square().mean().backward()
         p = m.backbone.unet.down_blocks[0].motion_modules[0].transformer_blocks[0].ff.net[2].weight
         grads.append(p.grad.clone())
-    m.backbone.prune_motion = True
+    m.backbone.options.prune_motion = True
     m.zero_grad(set_to_none=True)
     assert grads[0].abs().max() > 0
     assert (grads[0] - grads[1]).abs().max() <= TOL

@@ -17,13 +17,7 @@ from emo_stream.training.train import Trainer, train
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the CI box has 2 shared cores; one thread per test process is much faster than oversubscribing
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -205,15 +205,14 @@ class AudioAttnProcessor(nn.Module):
                  name: str = "audio"):
         super().__init__()
         self.attn = new_cross_attention(query_dim, audio_dim, heads)
-        self._context = [context]  # a list: not an nn.Module attribute, not in the state dict
+        self.context = context  # a plain object: not a submodule, not in the state dict
         self.name = name
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, **kwargs) -> torch.Tensor:
         if encoder_hidden_states is None:
             return torch.zeros_like(hidden_states)
-        ctx = self._context[0]
-        cache = ctx.kv_cache if ctx is not None else None
+        cache = self.context.kv_cache if self.context is not None else None
         kv = _cached_kv(cache, self.name, lambda: self.attn.kv(encoder_hidden_states, hidden_states.dtype))
         return self.attn(hidden_states, encoder_hidden_states, kv=kv)
 

@@ -15,7 +15,6 @@ feed-forward and the output projection: about two thirds of their temporal cost.
 from __future__ import annotations
 
 import inspect
-
 import logging
 from dataclasses import dataclass
 
@@ -131,14 +130,6 @@ class Backbone(nn.Module):
             else:  # another temporal module: concatenate / drop with hooks, no pruning
                 module.register_forward_pre_hook(self._pre_hook(site), with_kwargs=True)
                 module.register_forward_hook(self._post_hook(site))
-
-    @property
-    def prune_motion(self) -> bool:
-        return self.options.prune_motion
-
-    @prune_motion.setter
-    def prune_motion(self, on: bool) -> None:
-        self.options.prune_motion = bool(on)
 
     def reference_kv(self, tokens: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Reference tokens (layer -> (batch, tokens, C)) -> their key/value projections in each layer's
