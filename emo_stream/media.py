@@ -77,6 +77,12 @@ def _to_rgb(img: Image.Image, max_side: int | None = None) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
+# portraits arriving as bytes (uploads, LiveKit dispatch metadata and URLs) are decoded no larger than this
+# (longer side): enough to find a face in a group photo and crop it at the model's 512 px, without a
+# 5000x5000 image costing gigabytes and a stall
+PORTRAIT_MAX_SIDE = 2048
+
+
 def image_from_bytes(data: bytes, max_side: int | None = None) -> np.ndarray:
     """Decode an uploaded image (PNG, JPEG, WebP...) to RGB uint8; with `max_side`, no larger than about that
     (a 5000x5000 upload must not cost gigabytes: the models work at 512 px)."""

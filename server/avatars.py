@@ -14,15 +14,12 @@ import logging
 import numpy as np
 
 from emo_stream.errors import ImageInputError
-from emo_stream.media import image_from_bytes
+from emo_stream.media import PORTRAIT_MAX_SIDE, image_from_bytes
 from emo_stream.streaming import AvatarHandle, StreamingEngine, UnknownAvatarError
 from emo_stream.streaming.avatars import SourceIndex
 
 log = logging.getLogger(__name__)
 
-# uploads are decoded no larger than this (longer side): enough to find a face in a group photo and crop
-# it at the model's 512 px, without a 5000x5000 upload costing gigabytes and a stall
-DECODE_MAX_SIDE = 2048
 PREPARING_AT_ONCE = 2  # uploads decoded/prepared concurrently; more wait their turn (the model is shared)
 
 __all__ = ["AvatarStore", "UnknownAvatarError"]
@@ -80,7 +77,7 @@ class AvatarStore:
             raise ImageInputError(f"avatar: {width}x{height} is too large (limit {self.max_pixels} pixels)")
         if min(width, height) < 64:
             raise ImageInputError(f"avatar: {width}x{height} is too small (at least 64 pixels a side)")
-        return image_from_bytes(data, DECODE_MAX_SIDE)
+        return image_from_bytes(data, PORTRAIT_MAX_SIDE)
 
 
 def _give_back_memory() -> None:

@@ -49,3 +49,18 @@ def test_emo_stream_imports_without_livekit():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "pip install" in out.stdout and "emo-stream[livekit]" in out.stdout
+
+
+def test_dispatch_portraits_are_decoded_with_the_upload_size_bound():
+    """A huge image in the metadata (or at a URL) must not cost gigabytes: the same bound as uploads."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from emo_stream.media import PORTRAIT_MAX_SIDE
+
+    buf = io.BytesIO()
+    Image.new("1", (5000, 3000), 1).save(buf, format="PNG")   # a few KB on the wire
+    image = decode_image(base64.b64encode(buf.getvalue()).decode("ascii"))
+    assert max(image.shape[:2]) <= PORTRAIT_MAX_SIDE and image.shape[2] == 3

@@ -11,6 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from emo_stream.media import PORTRAIT_MAX_SIDE
 from server.app import StreamServer
 from server.bot_client import BotClient, BotError, ReceivedFrame
 from server.config import load_config
@@ -263,7 +264,7 @@ async def test_an_image_bomb_upload_stalls_no_session_and_its_memory_comes_back(
     # every decode and hash ran in a worker thread, at a bounded size
     decodes = [x for x in seen if x[0] == "decode"]
     assert len(decodes) == 3 and not any(on_loop for _, on_loop, _ in seen), seen
-    assert all(max(shape[:2]) <= server_avatars.DECODE_MAX_SIDE for _, _, shape in decodes), decodes
+    assert all(max(shape[:2]) <= PORTRAIT_MAX_SIDE for _, _, shape in decodes), decodes
     # decoding full size used to keep ~180 MiB per upload; bounded decoding and malloc_trim give it back
     assert rss_after - rss_before < 120, (rss_before, rss_after)
 

@@ -100,18 +100,18 @@ def encode_image(image: np.ndarray, side: int = METADATA_IMAGE_SIDE) -> str:
 
 
 def decode_image(b64: str) -> np.ndarray:
-    from emo_stream.media import image_from_bytes
+    from emo_stream.media import PORTRAIT_MAX_SIDE, image_from_bytes
 
     try:
         data = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise ImageInputError("dispatch metadata image_b64 is not valid base64") from None
-    return image_from_bytes(data)
+    return image_from_bytes(data, PORTRAIT_MAX_SIDE)
 
 
 def fetch_image(url: str, timeout: float = 20.0) -> np.ndarray:
     """Download a portrait (http/https only, at most MAX_IMAGE_BYTES) and decode it."""
-    from emo_stream.media import image_from_bytes
+    from emo_stream.media import PORTRAIT_MAX_SIDE, image_from_bytes
 
     if urllib.parse.urlparse(url).scheme not in ("http", "https"):
         raise ImageInputError(f"avatar image URL must be http(s): {url}")
@@ -122,4 +122,4 @@ def fetch_image(url: str, timeout: float = 20.0) -> np.ndarray:
         raise ImageInputError(f"could not download the avatar image {url}: {exc}") from None
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageInputError(f"avatar image {url} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
-    return image_from_bytes(data)
+    return image_from_bytes(data, PORTRAIT_MAX_SIDE)

@@ -146,12 +146,12 @@ class AvatarSession(_AvatarSessionBase):
 
 
 def _as_rgb(avatar: str | Path | np.ndarray | bytes) -> np.ndarray:
-    from emo_stream.media import image_from_bytes, load_image
+    from emo_stream.media import PORTRAIT_MAX_SIDE, image_from_bytes, load_image
 
     if isinstance(avatar, np.ndarray):
         if avatar.dtype != np.uint8 or avatar.ndim != 3 or avatar.shape[2] != 3:
             raise ImageInputError("avatar array must be RGB uint8 of shape (H, W, 3)")
         return avatar
     if isinstance(avatar, (bytes, bytearray)):
-        return image_from_bytes(bytes(avatar))
+        return image_from_bytes(bytes(avatar), PORTRAIT_MAX_SIDE)
     return load_image(avatar)
