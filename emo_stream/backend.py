@@ -36,6 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from emo_stream.errors import ImageInputError
 from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 
 __all__ = ["SAMPLE_RATE", "samples_per_frame", "AudioContext", "SegmentJob", "Backend", "SplitGeneration",
@@ -124,6 +125,17 @@ class BackendBase:
     clip_frames: int = DEFAULT_CLIP_FRAMES
     concurrent_generate: bool = False
     device: Any = None                         # torch.device, or None (CPU / not torch)
+    _face_analyzer: Any = None                 # emo_stream.face.FaceAnalyzer, made on first use
+
+    def portrait_analyzer(self, image: np.ndarray) -> Any:
+        """Check a user's portrait is an RGB array and return this backend's FaceAnalyzer (dlib's models load
+        once, on the first portrait, not at start-up)."""
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+            raise ImageInputError("the portrait must be an RGB image")
+        if self._face_analyzer is None:
+            from emo_stream.face import FaceAnalyzer
+            self._face_analyzer = FaceAnalyzer()
+        return self._face_analyzer
 
 
 @dataclass(frozen=True)

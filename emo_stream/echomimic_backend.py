@@ -85,13 +85,11 @@ def tokens_at(features: torch.Tensor, times_s: np.ndarray) -> torch.Tensor:
 
 
 def echomimic_face_mask(box: np.ndarray, size: int) -> torch.Tensor:
-    """EchoMimic's mask: the face box widened by int(10%) of its width/height on each side, 1 inside,
-    as a (1, 1, 1, size, size) float tensor."""
-    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
-    r_pad, c_pad = int((y1 - y0) * 0.1), int((x1 - x0) * 0.1)
-    mask = torch.zeros(1, 1, 1, size, size)
-    mask[..., max(0, y0 - r_pad):max(0, y1 + r_pad), max(0, x0 - c_pad):max(0, x1 + c_pad)] = 1.0
-    return mask
+    """EchoMimic's mask of a (size, size) crop: the face box (rounded to pixels) widened by int(10%) of its
+    width/height on each side, 1 inside, as a (1, 1, 1, size, size) float tensor."""
+    from emo_stream.models.echomimic.layers import face_mask
+
+    return face_mask([round(float(v)) for v in box], size, size, clamp=True)
 
 
 @dataclass
@@ -173,15 +171,12 @@ class EchoMimicBackend(BackendBase):
     # ---- avatar --------------------------------------------------------------------------------
     def prepare_avatar(self, image: np.ndarray) -> EchoAvatar:
         """Detect the face, crop to the model size, encode the reference and the face mask once."""
-        from emo_stream.face import FaceAnalyzer, crop_portrait
+        from emo_stream.face import crop_portrait
 
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-            raise ImageInputError("the portrait must be an RGB image")
-        if self._face_analyzer is None:
-            self._face_analyzer = FaceAnalyzer()
         # EchoMimic's infer scripts crop the face box widened by half its size on each side (the face is half
         # the crop's width, centred), then build the mask from the same box
-        crop = crop_portrait(image, self._face_analyzer.analyze(image), self.size, face_fraction=0.5, center_shift=0.0)
+        face = self.portrait_analyzer(image).analyze(image)
+        crop = crop_portrait(image, face, self.size, face_fraction=0.5, center_shift=0.0)
         return self.avatar_from_crop(crop.image, crop.face.box)
 
     @torch.inference_mode()

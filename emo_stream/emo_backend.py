@@ -195,13 +195,9 @@ class EmoBackend(BackendBase):
     # ---- avatar --------------------------------------------------------------------------------
     def prepare_avatar(self, image: np.ndarray) -> EmoAvatar:
         """Detect the face, crop and align to the model size, encode the reference once."""
-        from emo_stream.face import FaceAnalyzer, prepare_portrait
+        from emo_stream.face import prepare_portrait
 
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-            raise ImageInputError("the portrait must be an RGB image")
-        if self._face_analyzer is None:
-            self._face_analyzer = FaceAnalyzer()
-        crop = prepare_portrait(image, self.size, self._face_analyzer)
+        crop = prepare_portrait(image, self.size, self.portrait_analyzer(image))
         return self.avatar_from_crop(crop.image, crop.face.box)
 
     @torch.inference_mode()

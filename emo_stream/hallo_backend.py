@@ -95,13 +95,9 @@ class HalloBackend(BackendBase):
 
     # ---- avatar ------------------------------------------------------------------------------------
     def prepare_avatar(self, image: np.ndarray) -> HalloAvatar:
-        from emo_stream.face import FaceAnalyzer, prepare_portrait
+        from emo_stream.face import prepare_portrait
 
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-            raise ImageInputError("the portrait must be an RGB image")
-        if self._face_analyzer is None:
-            self._face_analyzer = FaceAnalyzer()
-        crop = prepare_portrait(image, self.size, self._face_analyzer)
+        crop = prepare_portrait(image, self.size, self.portrait_analyzer(image))
         from emo_stream.models.hallo.identity import face_embedding
         emb = face_embedding(crop.image, crop.face.landmarks, self.model.face_models)
         return self.avatar_from_crop(crop.image, crop.face.landmarks, emb)
@@ -183,7 +179,7 @@ class HalloBackend(BackendBase):
     @torch.no_grad()
     def render_video(self, avatar: HalloAvatar, audio: np.ndarray, seed: int | None = None,
                      progress: Callable[[str, int, int], None] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        from emo_stream.models.hallo.audio import frame_count, normalize, pad_to_clips, windows
+        from emo_stream.models.hallo.audio import frame_count
         cfg = self.model.config
         audio = np.asarray(audio, np.float32)
         n_frames = frame_count(len(audio), self.fps)

@@ -34,7 +34,7 @@ class AvatarStore:
     def __init__(self, engine: StreamingEngine, max_avatars: int = 16, max_pixels: int = 25_000_000):
         self.engine = engine
         self.max_avatars = max_avatars   # upload digests remembered (the engine bounds the prepared ones)
-        self._by_digest = SourceIndex(engine.avatars, max_avatars)
+        self._by_digest = SourceIndex(lambda avatar_id: self.engine.avatar(avatar_id), max_avatars)
         self.max_pixels = max_pixels
         self.default: AvatarHandle | None = None
         self._slots = asyncio.Semaphore(PREPARING_AT_ONCE)  # heavy: decode, face analysis, reference features

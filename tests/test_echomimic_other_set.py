@@ -21,57 +21,8 @@ from tests.conftest import SHARED
 
 GOLDEN = SHARED / "golden" / "echomimic-v1"  # ../shared (tests.conftest; EMO_TESTS_NO_SHARED hides it)
 
-_MOTION_BACK = [(r"\.attn1\.", ".attention_blocks.0."), (r"\.attn2\.", ".attention_blocks.1."),
-                (r"\.norm1\.", ".norms.0."), (r"\.norm2\.", ".norms.1."), (r"\.norm3\.", ".ff_norm.")]
-_WHISPER_BACK = {"self_attn.q_proj": "attn.query", "self_attn.k_proj": "attn.key", "self_attn.v_proj": "attn.value",
-                 "self_attn.out_proj": "attn.out", "self_attn_layer_norm": "attn_ln", "fc1": "mlp.0",
-                 "fc2": "mlp.2", "final_layer_norm": "mlp_ln"}
-
-
 def save_file(tensors: dict, path: str) -> None:
     _save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-
-
-def published_files(model) -> dict[str, dict]:
-    """Our EchoMimicModel's weights in the published files' key names (the inverse of the importer)."""
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ref = {k[len("reference_unet."):]: v for k, v in sd.items() if k.startswith("reference_unet.")}
-    den = {k[len("denoiser."):]: v for k, v in sd.items() if k.startswith("denoiser.") and ".motion_modules." not in k}
-    motion = {}
-    for k, v in sd.items():
-        if not (k.startswith("denoiser.") and ".motion_modules." in k):
-            continue
-        head, rest = re.match(r"denoiser\.(.*?\.motion_modules\.\d+)\.(.*)", k).groups()
-        if rest.endswith("pos_embed.pe"):
-            block = rest[: -len("pos_embed.pe")]
-            for j in (0, 1):
-                motion[f"{head}.temporal_transformer.{block}attention_blocks.{j}.pos_encoder.pe"] = v
-            continue
-        rest = "." + rest
-        for pat, new in _MOTION_BACK:
-            rest = re.sub(pat, new, rest)
-        motion[f"{head}.temporal_transformer{rest}"] = v
-    face = {k[len("face_locator."):]: v for k, v in sd.items() if k.startswith("face_locator.")}
-    whisper = {}
-    for k, v in sd.items():
-        if not k.startswith("whisper.encoder."):
-            continue
-        k = k[len("whisper.encoder."):]
-        if k == "embed_positions.weight":
-            k = "positional_embedding"
-        elif k.startswith("layer_norm."):
-            k = "ln_post." + k[len("layer_norm."):]
-        elif k.startswith("layers."):
-            _, n, rest = k.split(".", 2)
-            for ours, theirs in _WHISPER_BACK.items():
-                if rest.startswith(ours + "."):
-                    rest = theirs + rest[len(ours):]
-            k = f"blocks.{n}.{rest}"
-        whisper[f"encoder.{k}"] = v.half()
-    return {"reference_unet.pth": ref, "denoising_unet_acc.pth": den, "motion_module_acc.pth": motion,
-            "face_locator.pth": face,
-            "whisper_tiny.pt": {"dims": dict(model.config.whisper, n_vocab=64, n_text_ctx=16, n_text_state=64,
-                                             n_text_head=2, n_text_layer=1), "model_state_dict": whisper}}
 
 
 def make_set(root: Path) -> Path:
@@ -80,8 +31,8 @@ def make_set(root: Path) -> Path:
     from emo_stream.models.echomimic.audio import frame_rows, log_mel
     from emo_stream.models.echomimic.importer import load_download
     from emo_stream.models.echomimic.layers import face_mask
-    from emo_stream.models.echomimic.model import EchoMimicModel
     from emo_stream.models.echomimic.parity import config_from_case
+    from emo_stream.models.echomimic.testing import live_model, published_files
 
     case = json.loads((GOLDEN / "case.json").read_text())
     new = copy.deepcopy(case)
@@ -99,9 +50,9 @@ def make_set(root: Path) -> Path:
     (root / "case.json").write_text(json.dumps(new))
     shutil.copy(GOLDEN / "audio.wav", root / "audio.wav")
 
-    torch.manual_seed(0)
     config = config_from_case(new)
-    for name, state in published_files(EchoMimicModel.build(config)).items():
+    for name, state in published_files(live_model(config)).items():   # every layer live (zero-init ones too)
+        (root / "weights" / name).parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, root / "weights" / name)
     model = load_download(root / "weights", config=config_from_case(new), with_vae=False)
 

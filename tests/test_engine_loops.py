@@ -100,7 +100,7 @@ async def test_avatars_by_id_and_open_session_needs_a_loop():
 async def test_source_index_finds_a_prepared_source_until_the_cache_drops_it():
     prepared: list[int] = []
     cache = AvatarCache(lambda image: prepared.append(int(image[0, 0, 0])), max_avatars=1)
-    index = SourceIndex(cache, max_keys=2)
+    index = SourceIndex(cache.get, max_keys=2)
     first = await cache.prepare(np.full((8, 8, 3), 1, np.uint8))
     index.remember("a.png", first)
     assert index.lookup("a.png") is first and index.lookup("b.png") is None

@@ -33,7 +33,7 @@ class EngineHost:
         self.capacity = self.config.max_sessions
         self._lock = threading.Lock()
         self._taken = 0
-        self._sources = SourceIndex(engine.avatars, 4 * self.config.max_avatars)   # URL / digest / name
+        self._sources = SourceIndex(engine.avatar, 4 * self.config.max_avatars)   # URL / digest / name
 
     async def start(self) -> None:
         await self.engine.start()

@@ -99,11 +99,13 @@ class AvatarCache:
 
 
 class SourceIndex:
-    """Where a portrait came from (an upload's digest, a URL, a name) -> its id in an AvatarCache, so a
-    repeated source is neither loaded nor decoded again. LRU-bounded to `max_keys`; thread-safe."""
+    """Where a portrait came from (an upload's digest, a URL, a name) -> its prepared avatar's id, so a
+    repeated source is neither loaded nor decoded again. `find` is the engine's avatar(id) (AvatarCache.get):
+    it marks the avatar recently used and raises UnknownAvatarError once it is dropped. LRU-bounded to
+    `max_keys`; thread-safe."""
 
-    def __init__(self, cache: AvatarCache, max_keys: int) -> None:
-        self._cache = cache
+    def __init__(self, find: Callable[[str], AvatarHandle], max_keys: int) -> None:
+        self._find = find
         self.max_keys = max_keys
         self._lock = threading.Lock()
         self._ids: OrderedDict[str, str] = OrderedDict()
@@ -117,7 +119,7 @@ class SourceIndex:
         if avatar_id is None:
             return None
         try:
-            return self._cache.get(avatar_id)
+            return self._find(avatar_id)
         except UnknownAvatarError:   # evicted from the cache: the caller prepares it again
             return None
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
 from torch import nn
 
 _SDPA = AttnProcessor2_0()
@@ -132,19 +132,14 @@ class PerFrameGroupNorm(nn.GroupNorm):
         return new
 
 
-class FaceLocator(nn.Module):
-    """EchoMimic's face locator (its key names): conv_in + SiLU, per stage [conv + SiLU, stride-2 conv + SiLU],
-    conv_out. Its (B, C0, H/8, W/8) output is added to the denoiser's conv_in output, the same on every frame."""
+class FaceLocator(ControlNetConditioningEmbedding):
+    """EchoMimic's face locator is diffusers' ControlNet conditioning embedding (same layers and key names:
+    conv_in + SiLU, per stage [conv + SiLU, stride-2 conv + SiLU], zero-initialised conv_out). Its
+    (B, C0, H/8, W/8) output is added to the denoiser's conv_in output, the same on every frame."""
 
     def __init__(self, out_channels: int, conditioning_channels: int = 1,
                  channels: tuple[int, ...] | list[int] = (16, 32, 96, 256)):
-        super().__init__()
-        self.conv_in = nn.Conv2d(conditioning_channels, channels[0], 3, padding=1)
-        self.blocks = nn.ModuleList()
-        for cin, cout in zip(channels[:-1], channels[1:]):
-            self.blocks.append(nn.Conv2d(cin, cin, 3, padding=1))
-            self.blocks.append(nn.Conv2d(cin, cout, 3, padding=1, stride=2))
-        self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)
+        super().__init__(out_channels, conditioning_channels, tuple(channels))
 
     def forward(self, mask: torch.Tensor) -> torch.Tensor:
         """mask (B, 1, H, W) or (B, 1, 1, H, W) in [0, 1] -> (B, C0, 1, H/8, W/8)."""
@@ -152,10 +147,7 @@ class FaceLocator(nn.Module):
             if mask.shape[2] != 1:
                 raise ValueError(f"face mask must have one frame, got {tuple(mask.shape)}")
             mask = mask[:, :, 0]
-        x = F.silu(self.conv_in(mask.to(self.conv_in.weight.dtype)))
-        for conv in self.blocks:
-            x = F.silu(conv(x))
-        return self.conv_out(x)[:, :, None]
+        return super().forward(mask.to(self.conv_in.weight.dtype))[:, :, None]
 
 
 def face_mask(box_xyxy, height: int, width: int, clamp: bool = True) -> torch.Tensor:
@@ -163,12 +155,13 @@ def face_mask(box_xyxy, height: int, width: int, clamp: bool = True) -> torch.Te
     height (rows) and width (columns) on each side -> (1, 1, 1, H, W) float32 in {0, 1}.
 
     clamp=False keeps the original's numpy slicing exactly (a grown box starting above/left of the image gives
-    a negative start, which numpy counts from the far edge); clamp=True starts at 0 instead."""
+    a negative start, which numpy counts from the far edge); clamp=True cuts the box at the image's top/left
+    edges instead (a box entirely above/left of the image gives an empty mask)."""
     x0, y0, x1, y1 = (int(v) for v in box_xyxy)
     r_pad, c_pad = int((y1 - y0) * 0.1), int((x1 - x0) * 0.1)
-    top, left = y0 - r_pad, x0 - c_pad
+    top, left, bottom, right = y0 - r_pad, x0 - c_pad, y1 + r_pad, x1 + c_pad
     if clamp:
-        top, left = max(top, 0), max(left, 0)
+        top, left, bottom, right = max(top, 0), max(left, 0), max(bottom, 0), max(right, 0)
     mask = torch.zeros(height, width)
-    mask[top:y1 + r_pad, left:x1 + c_pad] = 1.0
+    mask[top:bottom, left:right] = 1.0
     return mask[None, None, None]

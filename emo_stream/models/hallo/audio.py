@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from emo_stream.errors import WeightsError
-
-SAMPLE_RATE = 16000
+from emo_stream.timeline import SAMPLE_RATE   # the one project-wide audio rate
 
 
 def load_wav2vec2(folder: str | Path) -> Wav2Vec2Model:

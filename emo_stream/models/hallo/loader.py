@@ -34,7 +34,6 @@ from emo_stream.models.hallo.config import ARCHITECTURE, HalloConfig
 log = logging.getLogger(__name__)
 
 NET_PREFIXES = ("reference_unet.", "denoising_unet.", "face_locator.", "imageproj.", "audioproj.")
-RECOGNITION_ONNX = ("glintr100.onnx", "w600k_r50.onnx")   # insightface antelopev2 / buffalo_l recognition
 
 
 def load_net_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -3,8 +3,10 @@ clip's guided DDIM sampling exactly as Hallo's FaceAnimatePipeline runs it.
 
     model = HalloModel(HalloConfig(), wav2vec2)          # random weights
     model.load_net_state(torch.load("hallo/net.pth", weights_only=True), "hallo/net.pth")
-    cond = model.clip_inputs(ref_latents, face_embedding, audio_windows, masks, face_region)
-    latents = model.sample_clip(noise, cond, steps=40, guidance=3.5)
+    cond, uncond = model.face_tokens(face_embedding)
+    clip = ClipInputs(ref_latents, cond, uncond, model.audio_tokens(audio_windows), masks,
+                      model.face_feature(face_region, frames))
+    latents = model.sample_clip(noise, clip, steps=40, guidance=3.5)
 
 Guidance batch (Hallo's order): [uncond, cond]. Uncond = face tokens of a zero embedding (imageproj(0),
 not zeros), zero audio tokens, zero face-locator feature, no reference attention (self only), same masks,
@@ -104,14 +106,6 @@ class HalloModel(nn.Module):
         """(3, H, W) face-region image in {0, 1} -> (1, C, frames, H/8, W/8), the same for every frame."""
         feat = self.face_locator(face_region[None])                # (1, C, h, w)
         return feat[:, :, None].repeat(1, 1, frames, 1, 1)
-
-    def clip_inputs(self, ref_latents: torch.Tensor, face_embedding: torch.Tensor, audio_windows: torch.Tensor,
-                    masks: list[tuple[torch.Tensor, ...]], face_region: torch.Tensor) -> ClipInputs:
-        cond, uncond = self.face_tokens(face_embedding)
-        frames = audio_windows.shape[0]
-        return ClipInputs(ref_latents=ref_latents, face_tokens=cond, uncond_face_tokens=uncond,
-                          audio_tokens=self.audio_tokens(audio_windows), masks=masks,
-                          face_feature=self.face_feature(face_region, frames))
 
     # ---- one denoiser call -----------------------------------------------------------------------
     def _bank_dtype(self) -> torch.dtype | None:

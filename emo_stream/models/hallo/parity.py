@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import wave
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,6 @@ from emo_stream.models.hallo.loader import load_net_file
 from emo_stream.models.hallo.masks import boxes_from_mediapipe, region_masks
 from emo_stream.models.hallo.model import ClipInputs, HalloModel
 
-FILES = ("masks_and_face.safetensors", "audio.safetensors", "denoiser_single.safetensors", "cfg_loop.safetensors")
 # case group (the prefix of its error names, and --case NAME) -> its case.json section
 GROUPS = {"masks_and_face": "masks_and_face_case", "audio": "audio_case", "denoiser_single": "denoiser_single_case",
           "cfg_loop": "cfg_loop_case"}
@@ -76,6 +76,30 @@ def listed_tensors(section: dict) -> set[str]:
 
 def _section(case: dict, group: str) -> dict:
     return case.get(GROUPS[group]) or {}
+
+
+def _file_name(case: dict, group: str) -> str:
+    return _section(case, group).get("file", f"{group}.safetensors")
+
+
+@dataclass
+class _CaseFile:
+    """One case group's section, file and tensors, and the errors its replay reports as "group.name"."""
+
+    group: str
+    section: dict
+    name: str
+    tensors: dict[str, torch.Tensor]
+    errors: dict[str, float] = field(default_factory=dict)
+
+    def cmp(self, err_name: str, ours, key: str | None = None) -> None:
+        _compare(self.errors, f"{self.group}.{err_name}", ours, self.tensors, key or err_name, self.section,
+                 self.name)
+
+
+def _open(golden: Path, case: dict, group: str) -> _CaseFile:
+    name = _file_name(case, group)
+    return _CaseFile(group, _section(case, group), name, _load(golden, name))
 
 
 def _err(a: torch.Tensor | np.ndarray, b: torch.Tensor) -> float:
@@ -166,14 +190,8 @@ def read_case(golden: Path) -> dict:
 
 @torch.no_grad()
 def replay_masks(model: HalloModel, golden: Path, case: dict) -> dict[str, float]:
-    errors: dict[str, float] = {}
-    mf_case = _section(case, "masks_and_face")
-    name = mf_case.get("file", FILES[0])
-    mf = _load(golden, name)
-
-    def cmp(err_name: str, ours, key: str) -> None:
-        _compare(errors, f"masks_and_face.{err_name}", ours, mf, key, mf_case, name)
-
+    cf = _open(golden, case, "masks_and_face")
+    mf_case, name, mf, errors, cmp = cf.section, cf.name, cf.tensors, cf.errors, cf.cmp
     if "image_hw" in mf_case:
         h, w = mf_case["image_hw"]
     else:
@@ -221,14 +239,8 @@ def face_expand_ratio(case: dict, config: HalloConfig) -> float:
 
 @torch.no_grad()
 def replay_audio(model: HalloModel, golden: Path, case: dict) -> dict[str, float]:
-    errors: dict[str, float] = {}
-    au_case = _section(case, "audio")
-    name = au_case.get("file", FILES[1])
-    au = _load(golden, name)
-
-    def cmp(err_name: str, ours, key: str | None = None) -> None:
-        _compare(errors, f"audio.{err_name}", ours, au, key or err_name, au_case, name)
-
+    cf = _open(golden, case, "audio")
+    au_case, au, errors, cmp = cf.section, cf.tensors, cf.errors, cf.cmp
     clip_length = int(au_case.get("clip_length", model.config.clip_length))
     fps = int(au_case.get("fps", model.config.fps))
     wav = read_wav_pcm16(wav_path(golden, case))
@@ -253,15 +265,11 @@ def replay_audio(model: HalloModel, golden: Path, case: dict) -> dict[str, float
 def golden_clip(model: HalloModel, golden: Path, case: dict) -> ClipInputs:
     """The clip the denoiser cases use, from the golden inputs the README names (reference face tokens,
     audio tokens and masks, so an upstream error is reported once, by its own case)."""
-    mf_name = _section(case, "masks_and_face").get("file", FILES[0])
-    au_name = _section(case, "audio").get("file", FILES[1])
-    dn_name = _section(case, "denoiser_single").get("file", FILES[2])
+    mf_name, au_name = _file_name(case, "masks_and_face"), _file_name(case, "audio")
     mf, au = _load(golden, mf_name), _load(golden, au_name)
-    if _section(case, "denoiser_single"):
-        ref = _need(_load(golden, dn_name), "ref_latents", dn_name)
-    else:   # a set with a loop but no single call: the loop's file carries its reference latents
-        lp_name = _section(case, "cfg_loop").get("file", FILES[3])
-        ref = _need(_load(golden, lp_name), "ref_latents", lp_name)
+    # a set with a loop but no single call: the loop's file carries its reference latents
+    ref_name = _file_name(case, "denoiser_single" if _section(case, "denoiser_single") else "cfg_loop")
+    ref = _need(_load(golden, ref_name), "ref_latents", ref_name)
     audio_tokens = _need(au, "audio_tokens_clip0", au_name)
     frames = audio_tokens.shape[1]
     n_levels = len(model.config.unet["block_out_channels"])
@@ -276,14 +284,8 @@ def golden_clip(model: HalloModel, golden: Path, case: dict) -> ClipInputs:
 
 @torch.no_grad()
 def replay_denoiser(model: HalloModel, golden: Path, case: dict, only_pred: bool = False) -> dict[str, float]:
-    errors: dict[str, float] = {}
-    dn_case = _section(case, "denoiser_single")
-    name = dn_case.get("file", FILES[2])
-    dn = _load(golden, name)
-
-    def cmp(err_name: str, ours, key: str | None = None) -> None:
-        _compare(errors, f"denoiser_single.{err_name}", ours, dn, key or err_name, dn_case, name)
-
+    cf = _open(golden, case, "denoiser_single")
+    dn_case, name, dn, errors, cmp = cf.section, cf.name, cf.tensors, cf.errors, cf.cmp
     clip = golden_clip(model, golden, case)
     cmp("face_locator_feature", clip.face_feature)
     latents = _need(dn, "latents", name)
@@ -315,10 +317,8 @@ def replay_denoiser(model: HalloModel, golden: Path, case: dict, only_pred: bool
 
 @torch.no_grad()
 def replay_loop(model: HalloModel, golden: Path, case: dict) -> dict[str, float]:
-    errors: dict[str, float] = {}
-    lp_case = _section(case, "cfg_loop")
-    name = lp_case.get("file", FILES[3])
-    lp = _load(golden, name)
+    cf = _open(golden, case, "cfg_loop")
+    lp_case, name, lp, errors = cf.section, cf.name, cf.tensors, cf.errors
     for key in ("num_inference_steps", "guidance_scale"):
         if key not in lp_case:
             raise _format_error()(f"case.json cfg_loop_case: missing {key!r}")
@@ -326,7 +326,7 @@ def replay_loop(model: HalloModel, golden: Path, case: dict) -> dict[str, float]
         raise _format_error()("case.json cfg_loop_case: only eta 0 (Hallo's DDIM setting) is replayed")
     steps = int(lp_case["num_inference_steps"])
     model.scheduler.set_timesteps(steps)
-    _compare(errors, "cfg_loop.timesteps", model.scheduler.timesteps.float(), lp, "timesteps", lp_case, name)
+    cf.cmp("timesteps", model.scheduler.timesteps.float())
     init = _need(lp, "initial_latents", name)
     seed = re.search(r"manual_seed\((\d+)\)", str(lp_case.get("generator", "")))
     if seed:   # the initial noise is torch.randn after torch.manual_seed(seed)
@@ -344,7 +344,7 @@ def replay_loop(model: HalloModel, golden: Path, case: dict) -> dict[str, float]
         if key not in lp:
             raise _format_error()(f"{name}: tensor {key!r} is listed in case.json but missing")
         errors[f"cfg_loop.{key}"] = _err(seen[key] if seen.get(key) is not None else torch.empty(0), lp[key])
-    _compare(errors, "cfg_loop.final_latents", final, lp, "final_latents", lp_case, name)
+    cf.cmp("final_latents", final)
     return errors
 
 
