@@ -118,6 +118,11 @@ class CrossAttention(nn.Module):
         return self.to_out[0](_merge(o))
 
 
+def cat_kv(items: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer -> (k, v) dicts concatenated along the batch (reference K/V of several samples)."""
+    return {k: (torch.cat([i[k][0] for i in items]), torch.cat([i[k][1] for i in items])) for k in items[0]}
+
+
 def _cached_kv(cache: dict | None, key: str, compute) -> tuple[torch.Tensor, torch.Tensor]:
     if cache is None:
         return compute()

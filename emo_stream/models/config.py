@@ -68,6 +68,10 @@ class NoiseConfig:
         """kwargs for diffusers DDIMScheduler / LCMScheduler / DDPMScheduler."""
         return dict(dataclasses.asdict(self), clip_sample=False, set_alpha_to_one=False)
 
+    def ddpm_kwargs(self) -> dict[str, Any]:
+        """kwargs for the training DDPMScheduler: the schedule itself (inference spacing/offset do not apply)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("timestep_spacing", "steps_offset")}
+
 
 @dataclass
 class EmoConfig:

@@ -29,7 +29,7 @@ from torch import nn
 from emo_stream.errors import WeightsError
 from emo_stream.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
 from emo_stream.models.checkpoint import load_checkpoint as load_checkpoint_folder
-from emo_stream.models.attention import BackboneContext, zero_module
+from emo_stream.models.attention import BackboneContext, cat_kv, zero_module
 from emo_stream.models.audio_encoder import AudioEncoder, AudioProjection
 from emo_stream.models.backbone import Backbone
 from emo_stream.models.config import EmoConfig, config_from_dict, load_config
@@ -57,10 +57,7 @@ class Conditioning:
     @staticmethod
     def cat(a: "Conditioning", b: "Conditioning") -> "Conditioning":
         ca, cb = a.context, b.context
-        kv = None
-        if ca.reference_kv and cb.reference_kv:
-            kv = {k: (torch.cat([v[0], cb.reference_kv[k][0]]), torch.cat([v[1], cb.reference_kv[k][1]]))
-                  for k, v in ca.reference_kv.items()}
+        kv = cat_kv([ca.reference_kv, cb.reference_kv]) if ca.reference_kv and cb.reference_kv else None
         ctx = BackboneContext(
             batch=ca.batch + cb.batch,
             reference={k: torch.cat([v, cb.reference[k]]) for k, v in ca.reference.items()} if ca.reference else None,

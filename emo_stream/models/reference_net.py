@@ -17,7 +17,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from emo_stream.models.attention import ReferenceStore, ReferenceWriteProcessor, SingleTokenCrossAttnProcessor
+from emo_stream.models.attention import (ReferenceStore, ReferenceWriteProcessor, SingleTokenCrossAttnProcessor,
+                                         cat_kv)
 
 
 @dataclass
@@ -38,10 +39,7 @@ class ReferenceFeatures:
 
     @staticmethod
     def cat(items: list["ReferenceFeatures"]) -> "ReferenceFeatures":
-        kv = None
-        if all(i.kv is not None for i in items):
-            kv = {k: (torch.cat([i.kv[k][0] for i in items]), torch.cat([i.kv[k][1] for i in items]))
-                  for k in items[0].kv}
+        kv = cat_kv([i.kv for i in items]) if all(i.kv is not None for i in items) else None
         return ReferenceFeatures({k: torch.cat([i.tokens[k] for i in items]) for k in items[0].tokens},
                                  {k: torch.cat([i.sites[k] for i in items]) for k in items[0].sites}, kv)
 

@@ -26,10 +26,6 @@ log = logging.getLogger(__name__)
 
 PARAM_GROUPS = EmoModel.PARAMETER_GROUPS  # config.py validates `train.trainable` against these
 
-# the default schedule (EmoConfig.noise overrides it): SD1.5's scaled-linear betas, epsilon prediction
-SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="epsilon")
-
 
 def load_model(init: str, options: dict[str, Any] | None = None):
     """A preset (random weights), a checkpoint folder, or an init YAML naming pretrained folders."""
@@ -91,12 +87,9 @@ class TrainingModule(nn.Module):
 
         self.model = model
         self.stage = stage
-        noise_cfg = getattr(model.config, "noise", None)
-        kwargs = {k: v for k, v in noise_cfg.scheduler_kwargs().items()
-                  if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
-                           "rescale_betas_zero_snr")} if noise_cfg is not None else SCHEDULE
-        self.prediction_type = kwargs.get("prediction_type", "epsilon")
-        self.noise_schedule = DDPMScheduler(**kwargs)
+        noise = model.config.noise   # the checkpoint's own schedule (EmoConfig.noise)
+        self.prediction_type = noise.prediction_type
+        self.noise_schedule = DDPMScheduler(**noise.ddpm_kwargs())
         self.register_buffer("alphas_cumprod", self.noise_schedule.alphas_cumprod.clone().float(), persistent=False)
 
     def train(self, mode: bool = True) -> "TrainingModule":
