@@ -15,6 +15,7 @@ from emo_stream.streaming import StreamingEngine
 
 from server.avatars import AvatarStore
 from server.config import ServerConfig
+from server.auth import ADMIN, RedactingLogger
 from server.http import HttpRoutes
 from server.sessions import SessionManager
 from server.sync import Clock, MonotonicClock
@@ -110,6 +111,7 @@ class StreamServer:
         self._camera: Any = None
         self._poster: bytes | None = None
         self._api: ApiContext | None = None
+        self.routes = HttpRoutes(config, None, self.health)   # replaced in start(), with the sessions
         self._connections = 0
 
     @property
@@ -136,9 +138,10 @@ class StreamServer:
         return self.base_url + suffix
 
     def viewer_url(self, session_id: str) -> str:
+        """The OBS viewer's URL: it carries the viewer token, which opens this page and nothing else."""
         url = f"{self.base_url}/viewer?session={session_id}"
         if self.config.auth_required and self.config.token:
-            url += f"&token={self.config.token}"
+            url += f"&token={self.routes.viewer_token}"
         return url
 
     def health(self) -> dict:
@@ -165,7 +168,10 @@ class StreamServer:
         await self.avatars.set_default(image)
         self._poster = await asyncio.to_thread(poster_jpeg, image, cfg.size)
         self.sessions = SessionManager(self.engine, cfg, self.clock)
-        self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url)
+        self.routes = HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster)
+        self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url,
+                               role_of=lambda ws: self.routes.role(ws.request) or ADMIN,
+                               address_of=lambda ws: self.routes.client_address(ws, ws.request))
         try:
             self._server = await self._listen()
         except OSError as exc:
@@ -193,7 +199,8 @@ class StreamServer:
                 raise ConfigError(f"cannot use tls_cert/tls_key: {exc}") from None
         return await serve(
             self._handle, cfg.host, cfg.port,
-            process_request=HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster),
+            process_request=self.routes,
+            logger=RedactingLogger(logging.getLogger("websockets.server"), self.routes.secrets),
             max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
             max_queue=16,
             ping_interval=None,  # server.ws_api.Connection pings: it tells a slow reader from a stopped one
