@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -16,8 +17,10 @@ from emo_stream.streaming import StreamingEngine
 from server.avatars import AvatarStore
 from server.config import ServerConfig
 from server.http import HttpRoutes
+from server.http_requests import HttpConnection
 from server.sessions import SessionManager
 from server.sync import Clock, MonotonicClock
+from server.whip import WebRtcHttp
 from server.ws_api import ApiContext, Connection
 
 log = logging.getLogger(__name__)
@@ -110,6 +113,7 @@ class StreamServer:
         self._camera: Any = None
         self._poster: bytes | None = None
         self._api: ApiContext | None = None
+        self.webrtc_http: WebRtcHttp | None = None   # WHIP and WHEP
         self._connections = 0
 
     @property
@@ -182,6 +186,8 @@ class StreamServer:
 
     async def _listen(self) -> Server:
         cfg = self.config
+        routes = HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster)
+        self.webrtc_http = WebRtcHttp(cfg, self.sessions, self.avatars, routes)
         ssl_context = None
         if cfg.tls:
             import ssl
@@ -193,7 +199,9 @@ class StreamServer:
                 raise ConfigError(f"cannot use tls_cert/tls_key: {exc}") from None
         return await serve(
             self._handle, cfg.host, cfg.port,
-            process_request=HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster),
+            process_request=routes,
+            # POST/DELETE/PATCH/OPTIONS (WHIP, WHEP) are answered by HttpConnection, GET goes on to websockets
+            create_connection=functools.partial(HttpConnection, router=self.webrtc_http),
             max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
             max_queue=16,
             ping_interval=None,  # server.ws_api.Connection pings: it tells a slow reader from a stopped one
@@ -223,6 +231,8 @@ class StreamServer:
             self._camera.stop()
         if self._server is not None:
             self._server.close()
+        if self.webrtc_http is not None:
+            await self.webrtc_http.close_all()
         if self.sessions is not None:
             await self.sessions.close_all()
         if self._server is not None:

@@ -1,7 +1,7 @@
 """Plain HTTP on the WebSocket port (websockets' process_request hook): pages, static files, health and stats.
 
-websockets only parses GET requests, which is all the server needs: signalling and uploads travel
-over the WebSocket (/api/ws). Auth: when a token is configured (always when bound beyond
+websockets only parses GET requests: signalling and uploads travel over the WebSocket (/api/ws),
+and the other methods WHIP and WHEP need are read by server.http_requests before websockets sees them. Auth: when a token is configured (always when bound beyond
 loopback) every route except /healthz needs ?token=... or "Authorization: Bearer ...".
 """
 
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 CLIENT_DIR = resource_dir("client_web")
 WS_PATH = "/api/ws"
+WHIP_PATH, WHEP_PATH = "/whip", "/whep"   # POST endpoints (server.whip); a GET there gets 405
+ENDPOINT_METHODS = "POST, OPTIONS"
+RESOURCE_METHODS = "DELETE, OPTIONS"
 PAGES = {"/": "index.html", "/index.html": "index.html", "/viewer": "viewer.html", "/viewer.html": "viewer.html"}
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".png": "image/png",
                 ".svg": "image/svg+xml", ".ico": "image/x-icon", ".jpg": "image/jpeg"}
@@ -52,6 +55,19 @@ def response(status: int, body: bytes | str, content_type: str = "text/plain; ch
     for k, v in (extra or {}).items():
         headers[k] = v
     return Response(status, HTTPStatus(status).phrase, headers, body)
+
+
+def is_webrtc_http_path(path: str) -> bool:
+    return path in (WHIP_PATH, WHEP_PATH) or path.startswith((WHIP_PATH + "/", WHEP_PATH + "/"))
+
+
+def method_not_allowed(path: str) -> Response:
+    """405 for a method the WHIP/WHEP paths do not take (GET included: they are POST endpoints)."""
+    allow = ENDPOINT_METHODS if path in (WHIP_PATH, WHEP_PATH) else RESOURCE_METHODS
+    what = "a WHIP endpoint (RFC 9725)" if path.startswith(WHIP_PATH) else "a WHEP endpoint"
+    if path not in (WHIP_PATH, WHEP_PATH):
+        what += " session: DELETE ends it (no trickle ICE: the answer carries every candidate)"
+    return response(405, f"{path} is {what}; allowed: {allow}\n", extra={"Allow": allow})
 
 
 class WrongTokenLimiter:
@@ -160,6 +176,8 @@ class HttpRoutes:
             if not self.origin_ok(request):
                 return response(403, "cross-origin WebSocket refused\n")
             return None  # go on with the WebSocket handshake
+        if is_webrtc_http_path(path):
+            return method_not_allowed(path)   # WHIP/WHEP take POST and DELETE (server.whip)
         if path == "/favicon.ico":
             return response(204, b"")
         if path.startswith("/static/") and not path.lower().endswith(".html"):  # scripts, styles: public
