@@ -1,7 +1,8 @@
 """Plain HTTP on the WebSocket port (websockets' process_request hook): pages, static files, health and stats.
 
-websockets only parses GET requests, which is all the server needs: signalling and uploads travel
-over the WebSocket (/api/ws). Auth (server.auth, docs/security.md): when a token is configured (always
+websockets only parses GET requests: signalling and uploads travel over the WebSocket (/api/ws),
+and the other methods WHIP and WHEP need are read by server.http_requests before websockets sees
+them. Auth (server.auth, docs/security.md): when a token is configured (always
 when bound beyond loopback) every route needs ?token=... or "Authorization: Bearer ..." except /healthz's
 status and the public scripts; the viewer token opens the viewer page and `view` only. In loopback mode
 only requests addressed to a loopback name (or a configured one) are answered: DNS rebinding.
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 CLIENT_DIR = resource_dir("client_web")
 WS_PATH = "/api/ws"
+WHIP_PATH, WHEP_PATH = "/whip", "/whep"   # POST endpoints (server.whip); a GET there gets 405
+ENDPOINT_METHODS = "POST, OPTIONS"
+RESOURCE_METHODS = "DELETE, OPTIONS"
 PAGES = {"/": "index.html", "/index.html": "index.html", "/viewer": "viewer.html", "/viewer.html": "viewer.html"}
 VIEWER_PAGES = {"/viewer", "/viewer.html", "/static/viewer.html"}   # what the viewer token opens over HTTP
 PUBLIC_HEALTH = ("status", "backend")   # /healthz without the master token (when one is needed)
@@ -60,6 +64,24 @@ def response(status: int, body: bytes | str, content_type: str = "text/plain; ch
     return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
+def is_webrtc_http_path(path: str) -> bool:
+    return path in (WHIP_PATH, WHEP_PATH) or path.startswith((WHIP_PATH + "/", WHEP_PATH + "/"))
+
+
+def method_not_allowed(path: str) -> Response:
+    """405 for a method the WHIP/WHEP paths do not take (GET included: they are POST endpoints)."""
+    allow = ENDPOINT_METHODS if path in (WHIP_PATH, WHEP_PATH) else RESOURCE_METHODS
+    what = "a WHIP endpoint (RFC 9725)" if path.startswith(WHIP_PATH) else "a WHEP endpoint"
+    if path not in (WHIP_PATH, WHEP_PATH):
+        what += " session: DELETE ends it (no trickle ICE: the answer carries every candidate)"
+    return response(405, f"{path} is {what}; allowed: {allow}\n", extra={"Allow": allow})
+
+
+def misdirected() -> Response:
+    return response(421, "this server answers to localhost, 127.0.0.1 and [::1] at its port (add other names to "
+                         "allowed_hosts)\n")
+
+
 def json_response(status: int, data: Any) -> Response:
     return response(status, json.dumps(data, indent=1), "application/json")
 
@@ -75,6 +97,7 @@ class HttpRoutes:
         self.health = health
         self.limiter = WrongTokenLimiter()
         self.trusted_proxies = parse_networks("trusted_proxies", config.trusted_proxies)
+        self.local_port = config.port   # the bound port (StreamServer sets it when the port was 0)
 
     @property
     def viewer_token(self) -> str | None:
@@ -98,14 +121,17 @@ class HttpRoutes:
     def client_address(self, connection: Any, request: Request) -> str:
         """The client's address: the TCP peer, or the forwarded one when the peer is a trusted proxy."""
         peer = connection.remote_address[0] if getattr(connection, "remote_address", None) else "?"
-        return client_address(peer, request.headers.get_all("X-Forwarded-For"), self.trusted_proxies)
+        return self.forwarded_address(str(peer), request.headers)
 
-    def host_ok(self, connection: Any, request: Request) -> bool:
+    def forwarded_address(self, peer: str, headers: Any) -> str:
+        return client_address(peer, headers.get_all("X-Forwarded-For"), self.trusted_proxies)
+
+    def host_ok(self, request: Any, connection: Any = None) -> bool:
         """Loopback mode: refuse requests addressed to a name that is not ours (DNS rebinding)."""
         if not self.config.loopback:
             return True   # reached over the network: the token guards, whatever name was used
         local = getattr(connection, "local_address", None)
-        port = local[1] if local else self.config.port
+        port = local[1] if local else self.local_port
         names = list(self.config.allowed_hosts)
         if self.config.public_url:
             names.append(urlsplit(self.config.public_url).hostname or "")
@@ -121,9 +147,8 @@ class HttpRoutes:
 
     async def __call__(self, connection: Any, request: Request) -> Response | None:
         try:
-            if not self.host_ok(connection, request):
-                return response(421, "this server answers to localhost, 127.0.0.1 and [::1] at its port "
-                                     "(add other names to allowed_hosts)\n")
+            if not self.host_ok(request, connection):
+                return misdirected()
             if self.config.auth_required and self.config.token:
                 return await self._route_limited(connection, request)
             return self.route(request, ADMIN)   # no token to guess: nothing to limit
@@ -133,24 +158,27 @@ class HttpRoutes:
             log.exception("HTTP %s failed", redact(request.path, self.secrets()))
             return response(500, "internal error\n")
 
-    async def _route_limited(self, connection: Any, request: Request) -> Response | None:
-        """route(), each token a request carries (however its name is spelled) checked at the pace the
-        wrong-token limiter allows this address."""
-        address = self.client_address(connection, request)
+    async def check_token(self, address: str, request: Any) -> tuple[str | None, Response | None]:
+        """The request's role (ADMIN, VIEWER or None), its token - however the parameter's name is
+        spelled - checked at the pace the wrong-token limiter allows `address`; or a 429 to send."""
         query = query_params(request.path)
         carries_token = given_token(request.headers, query) is not None
         if carries_token:
             wait = await self.limiter.admit(address)
             if wait:
-                return response(429, f"too many wrong tokens from {address}: try again in {wait:.0f} s\n",
-                                extra={"Retry-After": str(int(wait + 0.999))})
+                return None, response(429, f"too many wrong tokens from {address}: try again in {wait:.0f} s\n",
+                                      extra={"Retry-After": str(int(wait + 0.999))})
         role = self.role(request, query)
         if carries_token:
             if role is None:
-                self.limiter.failed(address)
+                self.limiter.failed(address)   # a guess; a link opened without its token is no attack
             else:
                 self.limiter.succeeded(address)
-        return self.route(request, role)
+        return role, None
+
+    async def _route_limited(self, connection: Any, request: Request) -> Response | None:
+        role, refusal = await self.check_token(self.client_address(connection, request), request)
+        return refusal or self.route(request, role)
 
     def route(self, request: Request, role: str | None = ADMIN) -> Response | None:
         path = urlsplit(request.path).path
@@ -165,6 +193,8 @@ class HttpRoutes:
             if not self.origin_ok(request):
                 return response(403, "cross-origin WebSocket refused\n")
             return None  # go on with the WebSocket handshake
+        if is_webrtc_http_path(path):
+            return method_not_allowed(path)   # WHIP/WHEP take POST and DELETE (server.whip)
         if path == "/favicon.ico":
             return response(204, b"")
         if path.startswith("/static/") and not path.lower().endswith(".html"):  # scripts, styles: public

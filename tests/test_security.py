@@ -35,10 +35,10 @@ async def server():
 
 
 async def _raw(port: int, path: str, headers: dict | None = None, host: str | None = None,
-               upgrade: bool = False) -> tuple[int, str]:
+               upgrade: bool = False, method: str = "GET") -> tuple[int, str]:
     """One request on its own connection, as an attacker or a browser would send it: (status, body)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}"]
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     if upgrade:
         lines += ["Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
@@ -172,6 +172,9 @@ async def test_loopback_mode_answers_only_loopback_and_configured_host_names():
         assert (await _raw(port, "/api/sessions", origin, host=evil))[0] == 421
         assert (await _raw(port, "/api/ws", origin, host=evil, upgrade=True))[0] == 421
         assert (await _raw(port, "/", host=evil))[0] == 421
+        sdp = {"Content-Type": "application/sdp", "Content-Length": "0"}
+        assert (await _raw(port, "/whip", {**origin, **sdp}, host=evil, method="POST"))[0] == 421   # WHIP too
+        assert (await _raw(port, "/whip", {**origin, **sdp}, host=evil, method="OPTIONS"))[0] == 421
         for bad in (f"localhost:{port + 1}", "127.0.0.1", f"127.0.0.1.nip.io:{port}", f"[::2]:{port}"):
             assert (await _raw(port, "/api/sessions", host=bad))[0] == 421, bad
         for good in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}",
