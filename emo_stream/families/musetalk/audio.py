@@ -26,11 +26,13 @@ WHISPER_HZ = 50                    # encoder steps per second (10 ms mel hop, co
 SEGMENT_SAMPLES = 30 * SAMPLE_RATE  # whisper's fixed 30 s input; longer audio is cut into such segments
 
 
-def log_mel(extractor, wav: np.ndarray) -> torch.Tensor:
-    """(segments, mels, 3000) float32: the feature extractor on each 30 s segment (zero-padded), as MuseTalk."""
+def log_mel(extractor, wav: np.ndarray, device: str = "cpu") -> torch.Tensor:
+    """(segments, mels, 3000) float32: the feature extractor on each 30 s segment (zero-padded), as MuseTalk.
+    device: where the extractor's torch STFT runs (the live path uses the model's GPU)."""
     wav = np.asarray(wav, np.float32)
     segments = [wav[i:i + SEGMENT_SAMPLES] for i in range(0, max(len(wav), 1), SEGMENT_SAMPLES)]
-    feats = [extractor(s, return_tensors="pt", sampling_rate=SAMPLE_RATE).input_features for s in segments]
+    feats = [extractor(s, return_tensors="pt", sampling_rate=SAMPLE_RATE, device=device).input_features
+             for s in segments]
     return torch.cat(feats, dim=0)
 
 
@@ -93,8 +95,9 @@ def window_states(encoder, extractor, wav: np.ndarray, padded: bool = True) -> t
     (cheaper, but an input length whisper never saw)."""
     wav = np.asarray(wav, np.float32)[:SEGMENT_SAMPLES]
     steps = math.floor(len(wav) / SAMPLE_RATE * WHISPER_HZ)
+    device = encoder.conv1.weight.device
     if padded:
-        return encoder_states(encoder, log_mel(extractor, wav))[0, :steps]
+        return encoder_states(encoder, log_mel(extractor, wav, str(device) if device.type == "cuda" else "cpu"))[0, :steps]
     mel = extractor(wav, return_tensors="pt", sampling_rate=SAMPLE_RATE, padding="max_length",
                     max_length=max(2, 2 * steps) * extractor.hop_length, truncation=True).input_features
     return encoder_states(encoder, mel[:, :, : 2 * steps])[0, :steps]
