@@ -152,8 +152,9 @@ class HttpRoutes:
     def route(self, request: Request) -> Response | None:
         url = urlsplit(request.path)
         path, query = url.path, parse_qs(url.query)
-        if path == "/healthz":
-            return json_response(200, self.health())
+        if path == "/healthz":   # 503 unless serving normally: a load balancer / orchestrator takes it out
+            health = self.health()
+            return json_response(200 if health.get("status") == "ok" else 503, health)
         if path == WS_PATH:
             if not self.token_ok(request, query):
                 return response(401, "missing or wrong token\n")
@@ -181,6 +182,10 @@ class HttpRoutes:
             poster = self.poster()
             return response(200, poster, "image/jpeg") if poster else response(404, "no default avatar\n")
         if path == "/api/capacity":  # lets a page learn "busy" before asking for the mic
+            health = self.health()
+            if health.get("status") not in ("ok", "starting"):
+                return json_response(503, {"error": "unavailable", "message": f"the avatar engine is unavailable "
+                                           f"({health['status']}: {health.get('reason')})"})
             if len(self.sessions) >= self.config.sessions.max_sessions:
                 return json_response(503, {"error": "busy", "message": "all session slots are in use"})
             return json_response(200, {"ok": True})
