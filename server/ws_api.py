@@ -273,6 +273,12 @@ class Connection:
             url = urlsplit(url)._replace(netloc=host).geturl()
         return url
 
+    def _ice(self) -> dict:
+        """The client's address (forwarded, behind a trusted proxy) and the server address it reached:
+        what the ICE candidate policy (server.ice_policy) judges offers and answers by."""
+        local = getattr(self.ws, "local_address", None)
+        return {"peer": self.server.address_of(self.ws), "local": str(local[0]) if local else None}
+
     def _stats(self, session: ServerSession) -> dict:
         # frames_dropped: JPEG frames this connection's client read too slowly to get (oldest first)
         return protocol.stats({**session.stats(), "frames_dropped": self.outbox.dropped})
@@ -331,7 +337,7 @@ class Connection:
                     on_mic=lambda track: session.spawn(pump_mic(track, session, backlog), "mic"),
                     on_closed=lambda: self._peer_gone(session),
                     mic_jitter_packets=self.cfg.sessions.mic_jitter_packets,
-                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000), "start")
+                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000, **self._ice()), "start")
                 session.add_peer(pc)
                 reply["answer"] = {"type": answer.type, "sdp": answer.sdp}
             else:
@@ -373,7 +379,8 @@ class Connection:
                                             audio=self.cfg.playout.audio_queue_chunks)
             pc, answer = await _answer(answer_offer(msg.webrtc.sdp, sub,
                                                     on_closed=lambda: self._viewer_gone(session, pc),
-                                                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000),
+                                                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000,
+                                                    **self._ice()),
                                        "view")
         except BaseException:
             session.viewers -= 1
