@@ -99,19 +99,27 @@ def encode_image(image: np.ndarray, side: int = METADATA_IMAGE_SIDE) -> str:
                           "pass an http(s) URL the worker can download instead")
 
 
-def decode_image(b64: str) -> np.ndarray:
+def portrait_from_bytes(data: bytes, what: str, pool=None) -> np.ndarray:
+    """The one decode policy (emo_stream.media: JPEG/PNG/WebP, pixels bounded from the header, at most
+    PORTRAIT_MAX_SIDE), in `pool`'s worker processes when given (an emo_stream.portrait_pool.PortraitPool:
+    the worker's, so one job's image cannot starve the other rooms)."""
     from emo_stream.media import PORTRAIT_MAX_SIDE, image_from_bytes
 
+    if pool is not None:
+        return pool.decode(data, what=what).image
+    return image_from_bytes(data, PORTRAIT_MAX_SIDE, what=what)
+
+
+def decode_image(b64: str, pool=None) -> np.ndarray:
     try:
         data = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise ImageInputError("dispatch metadata image_b64 is not valid base64") from None
-    return image_from_bytes(data, PORTRAIT_MAX_SIDE)
+    return portrait_from_bytes(data, "dispatch metadata image_b64", pool)
 
 
-def fetch_image(url: str, timeout: float = 20.0) -> np.ndarray:
-    """Download a portrait (http/https only, at most MAX_IMAGE_BYTES) and decode it."""
-    from emo_stream.media import PORTRAIT_MAX_SIDE, image_from_bytes
+def fetch_image(url: str, timeout: float = 20.0, pool=None) -> np.ndarray:
+    """Download a portrait (http/https only, at most MAX_IMAGE_BYTES) and decode it (in `pool` when given)."""
 
     if urllib.parse.urlparse(url).scheme not in ("http", "https"):
         raise ImageInputError(f"avatar image URL must be http(s): {url}")
@@ -122,4 +130,4 @@ def fetch_image(url: str, timeout: float = 20.0) -> np.ndarray:
         raise ImageInputError(f"could not download the avatar image {url}: {exc}") from None
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageInputError(f"avatar image {url} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
-    return image_from_bytes(data, PORTRAIT_MAX_SIDE)
+    return portrait_from_bytes(data, "the avatar image URL", pool)
