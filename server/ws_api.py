@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 AUDIO_QUEUE_MESSAGES = 8   # audio messages read ahead of the engine per connection
 MAX_OUTBOX_FRAMES = 8      # frames waiting for a slow client before the oldest are dropped
 MAX_OUTBOX_EVENTS = 1000   # a client this far behind on events is broken: disconnect it
+VIEWER = "viewer"          # server.auth.VIEWER: a connection opened with the viewer token
+VIEWER_REQUESTS = ("view", "ping")
 
 
 class Outbox:
@@ -158,6 +160,8 @@ class ApiContext:
     sessions: "SessionManager"
     avatars: "AvatarStore"
     viewer_url: Callable[[str], str]
+    role_of: Callable[[Any], str] = lambda ws: "admin"        # server.auth.ADMIN / VIEWER of a connection
+    address_of: Callable[[Any], str] = lambda ws: ws.remote_address[0]   # the client's (behind trusted proxies)
 
 
 class Connection:
@@ -165,6 +169,7 @@ class Connection:
         self.server = server   # the server's parts this connection uses
         self.ws = ws
         self.cfg = server.config
+        self.role = server.role_of(ws)   # "viewer": the viewer token - view and ping only
         self.outbox = Outbox()
         self.session: ServerSession | None = None
         self.start_msg: Start | None = None
@@ -271,6 +276,12 @@ class Connection:
             url = urlsplit(url)._replace(netloc=host).geturl()
         return url
 
+    def _ice(self) -> dict:
+        """The client's address (forwarded, behind a trusted proxy) and the server address it reached:
+        what the ICE candidate policy (server.ice_policy) judges offers and answers by."""
+        local = getattr(self.ws, "local_address", None)
+        return {"peer": self.server.address_of(self.ws), "local": str(local[0]) if local else None}
+
     def _stats(self, session: ServerSession) -> dict:
         # frames_dropped: JPEG frames this connection's client read too slowly to get (oldest first)
         return protocol.stats({**session.stats(), "frames_dropped": self.outbox.dropped})
@@ -290,6 +301,9 @@ class Connection:
         limits = self.cfg.limits
         msg = protocol.parse_message(text, limits.max_text_bytes, limits.max_upload_bytes)
         self._request = getattr(msg, "type", None) or {Start: "start", View: "view", AvatarUpload: "avatar"}[type(msg)]
+        if self.role == VIEWER and self._request not in VIEWER_REQUESTS:
+            raise ProtocolError(f"{self._request}: the viewer token allows only view and ping", "forbidden",
+                                self._request)
         if not isinstance(msg, AvatarUpload):
             self.pending_avatar = None  # an announced upload must be followed by its bytes at once
         if isinstance(msg, Start):
@@ -326,7 +340,7 @@ class Connection:
                     on_mic=lambda track: session.spawn(pump_mic(track, session, backlog), "mic"),
                     on_closed=lambda: self._peer_gone(session),
                     mic_jitter_packets=self.cfg.sessions.mic_jitter_packets,
-                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000), "start")
+                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000, **self._ice()), "start")
                 session.add_peer(pc)
                 reply["answer"] = {"type": answer.type, "sdp": answer.sdp}
             else:
@@ -368,7 +382,8 @@ class Connection:
                                             audio=self.cfg.playout.audio_queue_chunks)
             pc, answer = await _answer(answer_offer(msg.webrtc.sdp, sub,
                                                     on_closed=lambda: self._viewer_gone(session, pc),
-                                                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000),
+                                                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000,
+                                                    **self._ice()),
                                        "view")
         except BaseException:
             session.viewers -= 1
@@ -423,6 +438,8 @@ class Connection:
 
     # -- binary messages -------------------------------------------------------------------------
     async def _binary(self, data: bytes) -> None:
+        if self.role == VIEWER:
+            raise ProtocolError("the viewer token allows only view and ping", "forbidden")
         if self.pending_avatar is not None:
             self._request = "avatar"
             upload, self.pending_avatar = self.pending_avatar, None

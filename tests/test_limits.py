@@ -25,6 +25,8 @@ async def _server(backend, **limits) -> StreamServer:
     cfg = load_config(None, port=0, size=SIZE, backend="preview")
     cfg.engine.vad = False
     cfg.sessions.max_sessions = 4
+    # the clients share this process and its event loop: a loaded machine must not make them miss pings
+    cfg.keepalive.ping_timeout_s = cfg.keepalive.reader_timeout_s = 30.0
     for name, value in limits.items():
         section = cfg.sessions if hasattr(cfg.sessions, name) else cfg.limits
         setattr(section, name, value)
