@@ -154,8 +154,14 @@ class StreamServer:
         return url
 
     def health(self) -> dict:
+        """/healthz: status "ok" (HTTP 200), else "starting", or the engine's "device_error" / "stalled" with a reason
+        (HTTP 503; emo_stream.streaming.faults)."""
+        engine = getattr(self.engine, "health", None)
+        engine = engine.status() if engine is not None else {"status": "ok", "reason": None}
+        status = "starting" if self._server is None else engine["status"]
         return {
-            "status": "ok" if self._server is not None else "starting",
+            "status": status,
+            "reason": engine.get("reason"),
             "backend": self.backend_name,
             "sessions": len(self.sessions) if self.sessions else 0,
             "max_sessions": self.config.sessions.max_sessions,

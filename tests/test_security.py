@@ -282,6 +282,10 @@ def test_secrets_on_the_command_line_are_warned_about(tmp_path, capsys, monkeypa
     assert read_secret(flag=None, file=None, **read) == "from-the-environment-0123456789"
     with pytest.raises(ConfigError, match="--token-file .*nope"):
         read_secret(flag=None, file=str(tmp_path / "nope"), **read)
+    assert main(["bot", "--url", "http://127.0.0.1:9", "--token", TOKEN, "--audio", str(tmp_path / "none.wav"),
+                 "--out", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "--token puts the token in the process list" in err and TOKEN not in err
     assert main(["worker", "--api-secret", TOKEN, "--drain-timeout", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--api-secret puts the API secret in the process list" in err and TOKEN not in err

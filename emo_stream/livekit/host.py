@@ -57,8 +57,16 @@ class EngineHost:
     # ------------------------------------------------------------------ capacity
 
     @property
+    def healthy(self) -> bool:
+        """False once the engine's device failed or a call on it hangs (emo_stream.streaming.faults)."""
+        return self.engine.health.healthy
+
+    @property
     def load(self) -> float:
-        """Taken slots / capacity: 0.0 idle, 1.0 full."""
+        """Taken slots / capacity: 0.0 idle, 1.0 full; 1.0 too while the engine is unhealthy, so LiveKit sends no
+        more rooms here."""
+        if not self.healthy:
+            return 1.0
         with self._lock:
             return self._taken / self.capacity
 
@@ -68,7 +76,9 @@ class EngineHost:
             return self.capacity - self._taken
 
     def reserve(self) -> bool:
-        """Take a slot for a job about to start; False when the worker is full."""
+        """Take a slot for a job about to start; False when the worker is full or its engine unhealthy."""
+        if not self.healthy:
+            return False
         with self._lock:
             if self._taken >= self.capacity:
                 return False

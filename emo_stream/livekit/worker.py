@@ -114,8 +114,13 @@ class AvatarWorker:
             await request.reject(terminate=False)
             return
         if not self.host.reserve():
-            log.info("job %s (room %s) turned down: all %d slots in use", request.id, request.room.name,
-                     self.host.capacity)
+            if not self.host.healthy:
+                status = self.host.engine.health.status()
+                log.error("job %s (room %s) turned down: the engine is unhealthy (%s: %s)", request.id,
+                          request.room.name, status["status"], status["reason"])
+            else:
+                log.info("job %s (room %s) turned down: all %d slots in use", request.id, request.room.name,
+                         self.host.capacity)
             await request.reject(terminate=False)
             return
         self._reserved.add(request.id)
