@@ -23,6 +23,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from emo_stream.errors import EmoStreamError, ImageInputError
+from emo_stream.portrait_pool import PortraitPoolBusy
 from emo_stream.streaming import EngineUnhealthyError
 
 from server import protocol
@@ -199,6 +200,8 @@ class Connection:
                     self.send(protocol.error(exc.code, str(exc), exc.request or self._request))
                 except ServerBusyError as exc:
                     self.send(protocol.error("busy", str(exc), "start"))
+                except PortraitPoolBusy as exc:  # too many uploads being decoded right now
+                    self.send(protocol.error("busy", str(exc), self._request))
                 except ImageInputError as exc:  # unreadable image, no face: the user's input, not our crash
                     self.send(protocol.error("bad_image", str(exc), self._request))
                 except EngineUnhealthyError as exc:   # a failed or hung device: this server takes no sessions

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from emo_stream.portrait_pool import PortraitPool
 from emo_stream.streaming import AvatarHandle, EngineConfig, StreamingEngine, StreamSession
 from emo_stream.streaming.avatars import SourceIndex
 
@@ -27,8 +28,11 @@ log = logging.getLogger(__name__)
 class EngineHost:
     """The engine plus thread-safe slot accounting and a portrait-source -> prepared-avatar map."""
 
-    def __init__(self, engine: StreamingEngine) -> None:
+    def __init__(self, engine: StreamingEngine, pool: PortraitPool | None = None) -> None:
         self.engine = engine
+        # portraits from dispatch metadata, URLs and files are decoded in its processes (workers start
+        # with the first image); stop() ends them
+        self.pool = pool if pool is not None else PortraitPool()
         self.config: EngineConfig = engine.config
         self.capacity = self.config.max_sessions
         self._lock = threading.Lock()
@@ -40,6 +44,7 @@ class EngineHost:
 
     async def stop(self) -> None:
         await self.engine.stop()
+        self.pool.close()
 
     @property
     def fps(self) -> int:
