@@ -114,8 +114,13 @@ class AvatarWorker:
             await request.reject(terminate=False)
             return
         if not self.host.reserve():
-            log.info("job %s (room %s) turned down: all %d slots in use", request.id, request.room.name,
-                     self.host.capacity)
+            if not self.host.healthy:
+                status = self.host.engine.health.status()
+                log.error("job %s (room %s) turned down: the engine is unhealthy (%s: %s)", request.id,
+                          request.room.name, status["status"], status["reason"])
+            else:
+                log.info("job %s (room %s) turned down: all %d slots in use", request.id, request.room.name,
+                         self.host.capacity)
             await request.reject(terminate=False)
             return
         self._reserved.add(request.id)
@@ -169,20 +174,21 @@ class AvatarWorker:
         return await self.host.prepare_avatar(key, lambda: self._load_image(info))
 
     def _load_image(self, info: DispatchInfo) -> np.ndarray:
-        from emo_stream.media import load_image
-
+        # every image, the operator's files too, is decoded in the host's portrait pool: a job loading
+        # one must not take the CPU from rooms already streaming
+        pool = self.host.pool
         if info.image_b64:
-            return decode_image(info.image_b64)
+            return decode_image(info.image_b64, pool=pool)
         if info.image_url:
-            return fetch_image(info.image_url, self.config.url_policy())
+            return fetch_image(info.image_url, self.config.url_policy(), pool=pool)
         if info.avatar:
             path = self.config.avatars.get(info.avatar)
             if path is None:
                 raise ImageInputError(f"unknown avatar {info.avatar!r}: this worker has "
                                       f"{', '.join(sorted(self.config.avatars)) or 'no named avatars'}")
-            return load_image(path)
+            return _load_file(path, pool)
         if self.config.default_avatar:
-            return load_image(self.config.default_avatar)
+            return _load_file(self.config.default_avatar, pool)
         from emo_stream.preview.default_avatar import default_portrait
 
         return default_portrait(self.host.size)
@@ -233,3 +239,14 @@ class AvatarWorker:
 
     def status(self) -> dict[str, Any]:
         return {"capacity": self.host.capacity, "free": self.host.free_slots, "load": self.host.load}
+
+
+def _load_file(path: str, pool) -> np.ndarray:
+    """An operator's portrait file, decoded in the portrait pool like any other image."""
+    from emo_stream.media import MAX_FILE_PIXELS
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ImageInputError(f"cannot read the portrait {path}: {exc.strerror or exc}") from None
+    return pool.decode(data, what=f"portrait {path}", max_pixels=MAX_FILE_PIXELS).image
