@@ -194,3 +194,5 @@ register_backend("echomimic", "emo_stream.echomimic_backend:create_backend",
                  default_fps=24)
 register_backend("hallo", "emo_stream.hallo_backend:create_backend",
                  "Hallo / Hallo2 (--model: the fudan-generative-ai/hallo or hallo2 download folder as it comes; slow, best fidelity)")
+register_backend("synctest", "emo_stream.families.synctest.backend:create_backend",
+                 "A/V sync test pattern: a flash following each frame's audio envelope and a frame counter (no model)")
