@@ -19,18 +19,60 @@ log = logging.getLogger(__name__)
 MIN_INPUT_RATE = 4000  # Hz: telephone speech is 8 kHz; lower rates in a file mean a broken header
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 (H, W, 3), honouring EXIF orientation."""
+# One decode policy for every portrait, trusted or not (uploads, LiveKit metadata and URLs, --avatar files):
+# only these formats, recognised by their magic bytes before Pillow sees the data (Pillow would otherwise
+# pick any of its ~40 decoders - TIFF, BMP, GIF, ICO, TGA, SGI, DDS, EPS via Ghostscript...), and a pixel
+# count checked from the header before anything is decoded.
+PORTRAIT_FORMATS = ("JPEG", "PNG", "WEBP")
+# width * height of portraits arriving as bytes (uploads, LiveKit); the server's limits.max_image_pixels
+MAX_PORTRAIT_PIXELS = 25_000_000
+# an operator's own file (--avatar, generate --image) may be a full-size camera photo (a 61 MP sensor)
+MAX_FILE_PIXELS = 100_000_000
+
+
+def image_format(head: bytes) -> str | None:
+    """The allowed format the first 12 bytes of a file announce (PORTRAIT_FORMATS), or None."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _open_checked(source, head: bytes, what: str, max_pixels: int) -> Image.Image:
+    """Open (header only) an allowed image no larger than max_pixels; ImageInputError naming `what`."""
+    fmt = image_format(head)
+    if fmt is None:
+        raise ImageInputError(f"{what}: not a JPEG, PNG or WebP image (other formats are refused: convert it)")
+    try:
+        img = Image.open(source, formats=[fmt])
+    except Image.DecompressionBombError:   # Pillow's own guard (far above ours): the same answer
+        raise ImageInputError(f"{what}: the image is too large (limit {max_pixels} pixels)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageInputError(f"{what}: not a readable image ({exc.__class__.__name__})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        img.close()
+        raise ImageInputError(f"{what}: {width}x{height} is too large (limit {max_pixels} pixels); use a smaller "
+                              f"photo")
+    return img
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_FILE_PIXELS) -> np.ndarray:
+    """Read a JPEG, PNG or WebP file as RGB uint8 (H, W, 3), honouring EXIF orientation."""
     path = Path(path)
     if not path.is_file():
         raise ImageInputError(f"image not found: {path}")
     try:
-        with Image.open(path) as img:
-            return _to_rgb(img)
-    except Image.DecompressionBombError:
-        raise ImageInputError(f"image too large: {path} (more than {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels); "
-                              f"use a smaller photo") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            with _open_checked(f, head, f"image {path}", max_pixels) as img:
+                return _to_rgb(img)
+    except ImageInputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageInputError(f"not a readable image: {path} ({exc.__class__.__name__})") from None
 
 
@@ -83,19 +125,25 @@ def _to_rgb(img: Image.Image, max_side: int | None = None) -> np.ndarray:
 PORTRAIT_MAX_SIDE = 2048
 
 
-def image_from_bytes(data: bytes, max_side: int | None = None) -> np.ndarray:
-    """Decode an uploaded image (PNG, JPEG, WebP...) to RGB uint8; with `max_side`, no larger than about that
-    (a 5000x5000 upload must not cost gigabytes: the models work at 512 px)."""
+def image_from_bytes(data: bytes, max_side: int | None = None, max_pixels: int = MAX_PORTRAIT_PIXELS,
+                     what: str = "image", min_side: int = 1) -> np.ndarray:
+    """Decode an image (JPEG, PNG or WebP only; at most max_pixels, checked from the header) to RGB uint8;
+    with `max_side`, no larger than about that (a 5000x5000 upload must not cost gigabytes: the models work
+    at 512 px). Untrusted bytes are decoded in a separate process: see emo_stream.portrait_pool."""
     import io
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _open_checked(io.BytesIO(data), data[:12], what, max_pixels) as img:
+            if min(img.size) < min_side:
+                raise ImageInputError(f"{what}: {img.size[0]}x{img.size[1]} is too small (at least {min_side} "
+                                      f"pixels a side)")
             return _to_rgb(img, max_side)
+    except ImageInputError:
+        raise
     except Image.DecompressionBombError:
-        raise ImageInputError(f"image too large (more than {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels): "
-                              f"use a smaller photo") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageInputError(f"not a readable image ({exc.__class__.__name__})") from None
+        raise ImageInputError(f"{what}: the image is too large (limit {max_pixels} pixels)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageInputError(f"{what}: not a readable image ({exc.__class__.__name__})") from None
 
 
 def to_mono_float(pcm: np.ndarray, channels: int) -> np.ndarray:

@@ -94,6 +94,7 @@ async def _serve(config, virtual_camera: bool) -> int:
 
     server = StreamServer(config, virtual_camera=virtual_camera)
     await server.start()
+    server.avatars.pool.warm()   # the upload decoder's process starts now, not with the first upload
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
