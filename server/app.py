@@ -16,6 +16,7 @@ from emo_stream.streaming import StreamingEngine
 
 from server.avatars import AvatarStore
 from server.config import ServerConfig
+from server.auth import ADMIN, RedactingLogger
 from server.http import HttpRoutes
 from server.http_requests import HttpConnection
 from server.sessions import SessionManager
@@ -45,8 +46,10 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = N
 
 def default_image(config: ServerConfig):
     if config.avatar:
-        from emo_stream.media import load_image
+        from emo_stream.media import is_video_path, load_image, load_video
 
+        if is_video_path(config.avatar):   # a short idle video (backends with video avatars: musetalk)
+            return load_video(config.avatar, fps=config.fps)
         return load_image(config.avatar)
     from emo_stream.preview.default_avatar import default_portrait
 
@@ -87,24 +90,20 @@ def poster_jpeg(image, size: int) -> bytes:
 
     from PIL import Image
 
-    picture = Image.fromarray(image)
+    picture = Image.fromarray(image[0] if image.ndim == 4 else image)   # a video avatar: its first frame
     picture.thumbnail((size, size))
     buf = io.BytesIO()
     picture.convert("RGB").save(buf, format="JPEG", quality=85)
     return buf.getvalue()
 
 
-def client_address(ws: ServerConnection) -> str:
-    """The address a connection's limits are counted against (its peer's IP address)."""
-    peer = getattr(ws, "remote_address", None)
-    return str(peer[0]) if peer else "?"
-
-
 class StreamServer:
     """`await start()`, then `url`; `await stop()`. Tests may pass a ready backend or engine, and a clock."""
 
     def __init__(self, config: ServerConfig, *, backend: Backend | None = None, engine: StreamingEngine | None = None,
-                 clock: Clock | None = None, virtual_camera: bool = False):
+                 clock: Clock | None = None, virtual_camera: bool = False, portrait_pool: Any = None):
+        """portrait_pool: an emo_stream.portrait_pool.PortraitPool to share (tests); by default the server
+        makes its own from limits.decode_* and closes it on stop()."""
         config.ensure_token()
         self.config = config
         self.clock = clock or MonotonicClock()
@@ -120,7 +119,10 @@ class StreamServer:
         self._poster: bytes | None = None
         self._api: ApiContext | None = None
         self.webrtc_http: WebRtcHttp | None = None   # WHIP and WHEP
+        self.routes = HttpRoutes(config, None, self.health)   # replaced in start(), with the sessions
         self._connections = 0
+        self._portrait_pool = portrait_pool
+        self._own_pool = False
         self._per_address: dict[str, int] = {}   # open WebSocket connections per client address
 
     @property
@@ -147,14 +149,21 @@ class StreamServer:
         return self.base_url + suffix
 
     def viewer_url(self, session_id: str) -> str:
+        """The OBS viewer's URL: it carries the viewer token, which opens this page and nothing else."""
         url = f"{self.base_url}/viewer?session={session_id}"
         if self.config.auth_required and self.config.token:
-            url += f"&token={self.config.token}"
+            url += f"&token={self.routes.viewer_token}"
         return url
 
     def health(self) -> dict:
+        """/healthz: status "ok" (HTTP 200), else "starting", or the engine's "device_error" / "stalled" with a reason
+        (HTTP 503; emo_stream.streaming.faults)."""
+        engine = getattr(self.engine, "health", None)
+        engine = engine.status() if engine is not None else {"status": "ok", "reason": None}
+        status = "starting" if self._server is None else engine["status"]
         return {
-            "status": "ok" if self._server is not None else "starting",
+            "status": status,
+            "reason": engine.get("reason"),
             "backend": self.backend_name,
             "sessions": len(self.sessions) if self.sessions else 0,
             "max_sessions": self.config.sessions.max_sessions,
@@ -171,12 +180,21 @@ class StreamServer:
         if self.engine is None:
             self.engine = await asyncio.to_thread(build_engine, cfg, self.clock, self._backend)
         await self.engine.start()
-        self.avatars = AvatarStore(self.engine, cfg.limits.max_avatars, cfg.limits.max_image_pixels)
+        if self._portrait_pool is None:   # its workers start with the first upload
+            from emo_stream.portrait_pool import PortraitPool
+
+            self._portrait_pool = PortraitPool(cfg.limits.pool_limits())
+            self._own_pool = True
+        self.avatars = AvatarStore(self.engine, cfg.limits.max_avatars, cfg.limits.max_image_pixels,
+                                   pool=self._portrait_pool)
         image = await asyncio.to_thread(default_image, cfg)
         await self.avatars.set_default(image)
         self._poster = await asyncio.to_thread(poster_jpeg, image, cfg.size)
         self.sessions = SessionManager(self.engine, cfg, self.clock)
-        self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url)
+        self.routes = HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster)
+        self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url,
+                               role_of=lambda ws: self.routes.role(ws.request) or ADMIN,
+                               address_of=lambda ws: self.routes.client_address(ws, ws.request))
         try:
             self._server = await self._listen()
         except OSError as exc:
@@ -184,6 +202,7 @@ class StreamServer:
             raise EmoStreamError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
         self.sessions.start()
         self.port = self._server.sockets[0].getsockname()[1]
+        self.routes.local_port = self.port
         if self.virtual_camera:
             from server.virtual_camera import VirtualCamera
 
@@ -193,7 +212,7 @@ class StreamServer:
 
     async def _listen(self) -> Server:
         cfg = self.config
-        routes = HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster)
+        routes = self.routes
         self.webrtc_http = WebRtcHttp(cfg, self.sessions, self.avatars, routes)
         ssl_context = None
         if cfg.tls:
@@ -207,6 +226,7 @@ class StreamServer:
         return await serve(
             self._handle, cfg.host, cfg.port,
             process_request=routes,
+            logger=RedactingLogger(logging.getLogger("websockets.server"), routes.secrets),   # no tokens in -v logs
             # POST/DELETE/PATCH/OPTIONS (WHIP, WHEP) are answered by HttpConnection, GET goes on to websockets
             create_connection=functools.partial(HttpConnection, router=self.webrtc_http),
             max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
@@ -221,7 +241,7 @@ class StreamServer:
         )
 
     async def _handle(self, ws: ServerConnection) -> None:
-        address = client_address(ws)
+        address = self.routes.client_address(ws, ws.request)   # the forwarded one behind a trusted proxy
         # checked and counted with no await in between: connections arriving together cannot all pass
         limit = self.config.limits.max_connections_per_address
         if self._per_address.get(address, 0) >= limit:
@@ -259,3 +279,5 @@ class StreamServer:
             self._server = None
         if self.engine is not None:
             await self.engine.stop()
+        if self._own_pool and self._portrait_pool is not None:
+            self._portrait_pool.close()

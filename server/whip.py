@@ -23,7 +23,6 @@ without one (loopback only) only same-origin pages may call these endpoints.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import secrets
 from dataclasses import dataclass
@@ -34,8 +33,9 @@ from websockets.http11 import Response
 from emo_stream.errors import EmoStreamError
 from emo_stream.streaming import UnknownAvatarError
 
+from server.auth import ADMIN, VIEWER
 from server.http import (ENDPOINT_METHODS, RESOURCE_METHODS, WHEP_PATH, WHIP_PATH, is_webrtc_http_path,
-                         method_not_allowed, response)
+                         method_not_allowed, misdirected, response)
 from server import protocol
 from server.http_requests import HttpRequest
 from server.sessions import ServerBusyError, ServerSession
@@ -83,6 +83,8 @@ class WebRtcHttp:
     # -- entry -------------------------------------------------------------------------------------
     async def __call__(self, request: HttpRequest) -> Response:
         path = request.route
+        if not self.routes.host_ok(request):   # loopback mode: no other site's name (DNS rebinding)
+            return misdirected()
         if not is_webrtc_http_path(path):
             return response(405, f"{request.method} is not used on {path}: this server's pages and APIs take GET "
                                  "(and WebSocket on /api/ws); WHIP and WHEP take POST on /whip and /whep\n",
@@ -95,18 +97,13 @@ class WebRtcHttp:
         return self._cors(request, reply)
 
     async def _limited(self, request: HttpRequest) -> Response:
-        """route(), with wrong tokens counted per address as on the GET routes (server.http)."""
-        limiter = self.routes.limiter
-        auth = self.config.auth_required and bool(self.config.token)
-        if auth:
-            wait = limiter.retry_after(request.remote)
-            if wait:
-                return response(429, f"too many wrong tokens from {request.remote}: try again in {wait:.0f} s\n",
-                                extra={"Retry-After": str(int(wait + 0.999))})
-        reply = await self.route(request)
-        if auth and reply.status_code == 401 and _token_given(request):
-            limiter.failed(request.remote)
-        return reply
+        """route(), its token checked at the pace the wrong-token limiter allows the client (server.http)."""
+        if self.config.auth_required and self.config.token:
+            address = self.routes.forwarded_address(request.remote, request.headers)
+            _, refusal = await self.routes.check_token(address, request)
+            if refusal is not None:
+                return refusal
+        return await self.route(request)
 
     async def route(self, request: HttpRequest) -> Response:
         path, method = request.route, request.method
@@ -144,14 +141,11 @@ class WebRtcHttp:
     def _role(self, request: HttpRequest) -> str | None:
         """'full' for the server's token (or no token needed), 'viewer' for the read-only viewer token,
         None otherwise."""
-        if self.routes.token_ok(request, request.query):
-            return "full"
-        viewer = getattr(self.config, "viewer_token", None)
-        if viewer:
-            given = _given_token(request)
-            if given and hmac.compare_digest(given.encode(), viewer.encode()):
-                return "viewer"
-        return None
+        return {ADMIN: "full", VIEWER: "viewer"}.get(self.routes.role(request))
+
+    def _ice(self, request: HttpRequest) -> dict:
+        """The client's and our address, for the ICE candidate policy (server.ice_policy)."""
+        return {"peer": self.routes.forwarded_address(request.remote, request.headers), "local": request.local}
 
     def _cors(self, request: HttpRequest, reply: Response, allow: str | None = None) -> Response:
         origin = request.headers.get("Origin")
@@ -197,7 +191,7 @@ class WebRtcHttp:
                 on_mic=lambda track: session.spawn(pump_mic(track, session, backlog), "whip-mic"),
                 on_closed=lambda: self._peer_gone(rid),
                 mic_jitter_packets=cfg.sessions.mic_jitter_packets,
-                video_delay_s=cfg.playout.webrtc_video_delay_ms / 1000)
+                video_delay_s=cfg.playout.webrtc_video_delay_ms / 1000, **self._ice(request))
         except Exception as exc:
             await self.sessions.close(session, "WHIP offer refused")
             return _bad_offer(exc)
@@ -232,7 +226,7 @@ class WebRtcHttp:
                     "whep", frames=cfg.playout.video_queue_frames if video else None,
                     audio=cfg.playout.audio_queue_chunks if audio else None),
                 need_audio_in=False, on_closed=lambda: self._peer_gone(rid),
-                video_delay_s=cfg.playout.webrtc_video_delay_ms / 1000)
+                video_delay_s=cfg.playout.webrtc_video_delay_ms / 1000, **self._ice(request))
         except Exception as exc:
             return _bad_offer(exc)
         if session.closed:   # ended while the answer was made
@@ -279,17 +273,6 @@ class WebRtcHttp:
         for resource in list(self.resources.values()):
             resource.gone = True
         self.resources.clear()
-
-
-def _given_token(request: HttpRequest) -> str:
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return (request.query.get("token") or [""])[0]
-
-
-def _token_given(request: HttpRequest) -> bool:
-    return bool(_given_token(request))
 
 
 def _unauthorized() -> Response:

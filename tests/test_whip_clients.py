@@ -23,7 +23,7 @@ from tests.conftest import REPO, espeak_wav
 pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
-TOKEN = "whip-test-token-42"
+TOKEN = "whip-test-token-0123456789abcdef"   # at least 128 bits (issue 23)
 SPEECH = "Hello, I am talking to my avatar through WHIP. It should move its lips while I speak, and keep going."
 
 # The whole client side of WHIP and WHEP, as a player or a publisher page would write it.
@@ -94,9 +94,9 @@ def _wait(what, cond, timeout: float):
 def server_url():
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--size", "128",
-         "--backend", "preview", "--token", TOKEN],
+         "--backend", "preview"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        env={**os.environ, "PYTHONPATH": str(REPO), "EMO_STREAM_TOKEN": TOKEN})   # not in argv (ps)
     url, lines, t0 = None, [], time.monotonic()
     while time.monotonic() - t0 < 90:
         line = proc.stdout.readline()

@@ -137,3 +137,6 @@ register(ModelFamily(name="echomimic-v1", title="EchoMimic v1",
                      convert="emo_stream.models.echomimic.importer:convert"))
 register(ModelFamily(name="hallo", title="Hallo / Hallo2", load="emo_stream.models.hallo.loader:load_hallo",
                      detect="emo_stream.models.hallo.loader:detect", convert="emo_stream.models.hallo.loader:convert"))
+register(ModelFamily(name="musetalk", title="MuseTalk 1.5", load="emo_stream.families.musetalk.loader:load",
+                     detect="emo_stream.families.musetalk.loader:detect",
+                     convert="emo_stream.families.musetalk.loader:convert"))
