@@ -338,3 +338,63 @@ async def test_a_waiting_reader_buffers_a_bounded_amount(tmp_path):
     print(f"server RSS {before:.0f} MiB -> peak {peak[0]:.0f} MiB (+{grown:.0f}); 8 MiB messages sent {sent}")
     # per connection: the message being handled, max_queue's frames and one being received, 8 MiB each
     assert grown < 4 * 3 * 8 + 40, (before, peak[0], sent)
+
+
+# -- avatars owned by the client that uploaded them; uploads rate-limited per address (issue 23.9) -------
+
+def _portraits(n: int) -> list[bytes]:
+    """n different JPEG portraits with a face (the built-in one, a few pixels changed each)."""
+    import io
+
+    from PIL import Image
+
+    from emo_stream.preview.default_avatar import default_portrait
+
+    base = default_portrait(192)
+    out = []
+    for i in range(n):
+        picture = base.copy()
+        picture[i // 8, i % 8] = (i * 37 % 256, 0, 255)   # a corner pixel: another photo, the same face
+        buf = io.BytesIO()
+        Image.fromarray(picture).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+async def test_another_clients_uploads_cannot_evict_an_avatar(backend):
+    """The victim uploads its portrait; another connection uploads 17 different ones (more than the 16
+    places): the victim's avatar stays and its `start` works (it used to be dropped, least recently used)."""
+    pictures = _portraits(18)
+    srv = await _server(backend, avatar_uploads_per_minute=100.0)
+    try:
+        async with BotClient(srv.base_url) as victim, BotClient(srv.base_url) as other:
+            mine = await victim.upload_avatar(pictures[0], "image/png")
+            theirs = [await other.upload_avatar(p, "image/png") for p in pictures[1:]]
+            assert len(set(theirs)) == 17 and mine not in theirs
+            info = await victim.start(avatar=mine, frames="none")
+            assert info["session"]
+            # each connection holds at most its quota (4): the other's older ones were its own to lose
+            cache = srv.engine.avatars
+            held = sorted(len(cache.owned_by(o)) for o in {o for ids in cache._owners.values() for o in ids})
+            assert held == [1, 4], held
+    finally:
+        await srv.stop()
+
+
+async def test_uploads_are_rate_limited_per_address(backend):
+    """Past limits.avatar_uploads_per_minute from one address, uploads are refused (rate_limited) before
+    any decoding, on every connection from that address."""
+    pictures = _portraits(4)
+    srv = await _server(backend, avatar_uploads_per_minute=3.0)
+    srv.avatars.rate.clock = lambda: 0.0   # no refill while the decodes take their time: counting only
+    try:
+        async with BotClient(srv.base_url) as first, BotClient(srv.base_url) as second:
+            for p in pictures[:3]:
+                await first.upload_avatar(p, "image/png")
+            jobs = srv.avatars.pool.jobs_done
+            with pytest.raises(BotError, match="too many uploads") as exc:
+                await second.upload_avatar(pictures[3], "image/png")
+            assert exc.value.code == "rate_limited" and srv.avatars.pool.jobs_done == jobs
+            assert (await second.request({"type": "ping"}))["type"] == "pong"
+    finally:
+        await srv.stop()

@@ -171,10 +171,10 @@ class StreamingEngine:
 
     # ------------------------------------------------------------------ avatars and sessions
 
-    async def prepare_avatar(self, image: np.ndarray) -> AvatarHandle:
+    async def prepare_avatar(self, image: np.ndarray, owner: str | None = None) -> AvatarHandle:
         """Prepare a portrait once (backend.prepare_avatar in a worker thread); cached by content hash,
         so every session with the same photo shares its reference features (see AvatarCache)."""
-        return await self.avatars.prepare(image)
+        return await self.avatars.prepare(image, owner)
 
     def avatar(self, avatar_id: str) -> AvatarHandle:
         """A prepared avatar by its id; UnknownAvatarError (an ImageInputError) when it is not cached."""
