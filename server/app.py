@@ -46,8 +46,10 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = N
 
 def default_image(config: ServerConfig):
     if config.avatar:
-        from emo_stream.media import load_image
+        from emo_stream.media import is_video_path, load_image, load_video
 
+        if is_video_path(config.avatar):   # a short idle video (backends with video avatars: musetalk)
+            return load_video(config.avatar, fps=config.fps)
         return load_image(config.avatar)
     from emo_stream.preview.default_avatar import default_portrait
 
@@ -88,7 +90,7 @@ def poster_jpeg(image, size: int) -> bytes:
 
     from PIL import Image
 
-    picture = Image.fromarray(image)
+    picture = Image.fromarray(image[0] if image.ndim == 4 else image)   # a video avatar: its first frame
     picture.thumbnail((size, size))
     buf = io.BytesIO()
     picture.convert("RGB").save(buf, format="JPEG", quality=85)
