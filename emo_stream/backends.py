@@ -91,7 +91,7 @@ def names_phrase() -> str:
 
 
 # model family (emo_stream.models.families) -> the backend that runs it, when it is not DEFAULT_MODEL_BACKEND
-FAMILY_BACKENDS = {"echomimic-v1": "echomimic", "hallo": "hallo"}
+FAMILY_BACKENDS = {"echomimic-v1": "echomimic", "hallo": "hallo", "musetalk": "musetalk"}
 
 
 def family_backend(family_name: str) -> str:
@@ -194,5 +194,7 @@ register_backend("echomimic", "emo_stream.echomimic_backend:create_backend",
                  default_fps=24)
 register_backend("hallo", "emo_stream.hallo_backend:create_backend",
                  "Hallo / Hallo2 (--model: the fudan-generative-ai/hallo or hallo2 download folder as it comes; slow, best fidelity)")
+register_backend("musetalk", "emo_stream.families.musetalk.backend:create_backend",
+                 "MuseTalk 1.5 (--model: MuseTalk's models/ download folder as it comes): real-time lip sync of the mouth region")
 register_backend("synctest", "emo_stream.families.synctest.backend:create_backend",
                  "A/V sync test pattern: a flash following each frame's audio envelope and a frame counter (no model)")

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model: an EchoMimic or Hallo download folder, an emo-stream checkpoint folder "
                              "(emo-stream train / convert), or a preset (tiny, sd15)")
-    parser.add_argument("--avatar", default=None, help="default portrait image (default: a built-in portrait)")
+    parser.add_argument("--avatar", default=None, help="default portrait image, or for musetalk a short idle video "
+                                                       "(default: a built-in portrait)")
     parser.add_argument("--config", default=None, help="server settings YAML (default configs/server.yaml)")
     parser.add_argument("--size", type=int, default=None, help="output frame size in pixels")
     parser.add_argument("--device", default=None,
