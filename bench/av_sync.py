@@ -60,14 +60,21 @@ spec = importlib.util.spec_from_file_location("emo_synctest_backend", sys.argv[1
 mod = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = mod
 spec.loader.exec_module(mod)
+argv = sys.argv[2:]
 try:
     from emo_stream import backends as reg
+except ImportError:   # a newer layout registers it itself
+    reg = None
+if reg is not None and hasattr(reg, "register_backend"):
     if "synctest" not in reg.backend_names():
         reg.register_backend("synctest", mod.create_backend, "A/V sync test pattern")
-except ImportError:   # a newer layout registers it itself
-    pass
+elif reg is not None:
+    # a checkout from before the backend registry: its CLI knows preview and emo only, so the preview's name
+    # stands for the pattern there
+    reg.create_backend = lambda name=None, model=None, **kw: mod.create_backend(None, **kw)
+    argv = [("preview" if a == "synctest" else a) for a in argv]
 from server.cli import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(argv))
 """
 
 # Wraps getUserMedia (the stream the page sends is the one we know of), taps a stream's sound envelope on an
