@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from emo_stream.backend import Backend, SegmentJob, capabilities
-from emo_stream.backends import backend_names, create_backend, default_backend, model_options
+from emo_stream.registry import family_names, create_backend, default_backend, model_options
 from emo_stream.errors import ConfigError, OutputError
 from emo_stream.media import Mp4Writer, load_audio, load_image
 from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
@@ -123,7 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="portrait photo (any size; one clearly visible face)")
     p.add_argument("--audio", required=True, help="speech or singing: wav, mp3, m4a, ... any rate, mono or stereo")
     p.add_argument("--out", required=True, help="output MP4 (H.264 + AAC)")
-    p.add_argument("--backend", choices=backend_names(), default=None,
+    p.add_argument("--backend", choices=family_names(), default=None,
                    help="default: the one that runs --model's family (emo, echomimic, hallo), "
                         "else the CPU preview animator")
     p.add_argument("--model", default=None, help="model: an EchoMimic or Hallo download folder, an emo-stream "

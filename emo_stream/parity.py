@@ -9,12 +9,12 @@ The command prints that dict as JSON and exits 1 when any error is above the tol
 --tolerance says otherwise), 2 with one line on stderr when the folder is not a golden set or its files
 are broken (naming the file, and the key and shape for weights).
 
-Adding a family: write `run_cases(golden_dir: Path) -> dict[str, float]` (raise GoldenFormatError /
-WeightsError, one line, for a folder not in the format) and add it to RUNNERS under the name its sets use
-in case.json["model"]. A runner may also accept `only: set[str]` (the case groups to replay, e.g.
-{"denoiser_single"}), which `--case` passes:
+Adding a family's runner: write `run_cases(golden_dir: Path) -> dict[str, float]` in its folder (raise
+GoldenFormatError / WeightsError, one line, for a folder not in the format) and name it in the family's
+declaration with the case.json["model"] values its sets use (emo_stream.registry finds it). A runner may also
+accept `only: set[str]` (the case groups to replay, e.g. {"denoiser_single"}), which `--case` passes:
 
-    RUNNERS["hallo"] = "emo_stream.models.hallo.parity:run_cases"
+    FAMILY = Family(name="hallo", ..., parity="emo_stream.families.hallo.parity:run_cases", parity_models=("hallo",))
 """
 
 from __future__ import annotations
@@ -33,12 +33,6 @@ log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4
 CASE_FILE = "case.json"
-
-# case.json["model"] -> "module:function" of run_cases(golden_dir) -> {case: max_abs_error}
-RUNNERS: dict[str, str] = {
-    "echomimic-v1": "emo_stream.models.echomimic.parity:run_cases",
-    "hallo": "emo_stream.models.hallo.parity:run_cases",
-}
 
 
 class GoldenFormatError(EmoStreamError):
@@ -66,11 +60,14 @@ def read_case(golden_dir: str | Path) -> dict:
 
 
 def runner_for(model: str) -> Callable[[Path], dict[str, float]]:
-    if model not in RUNNERS:
-        raise GoldenFormatError(f"no parity runner for model {model!r} (known: {', '.join(sorted(RUNNERS)) or 'none'})")
-    from emo_stream.models.families import resolve
+    """case.json's "model" -> the run_cases of the registered family that replays it."""
+    from emo_stream import registry
 
-    return resolve(RUNNERS[model])
+    family = registry.parity_family(model)
+    if family is None:
+        known = ", ".join(sorted(registry.parity_models())) or "none"
+        raise GoldenFormatError(f"no parity runner for model {model!r} (known: {known})")
+    return family.parity_runner()
 
 
 def run_parity(golden_dir: str | Path, only: list[str] | None = None) -> dict[str, float]:

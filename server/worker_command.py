@@ -30,10 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="seconds current rooms may go on after SIGTERM (default 1800)")
     lk.add_argument("--http-port", type=int, default=8081,
                     help="livekit-agents' health endpoint port (default 8081; 0: any free port)")
-    from emo_stream.backends import backend_names
+    from emo_stream.registry import family_names
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backend", choices=backend_names(), default=None,
+    model.add_argument("--backend", choices=family_names(), default=None,
                        help="animation backend (default: the one that runs --model's family: emo, echomimic "
                             "or hallo; without --model, preview)")
     model.add_argument("--model", default=None,

@@ -172,7 +172,7 @@ class AvatarWorker:
             return load_image(path)
         if self.config.default_avatar:
             return load_image(self.config.default_avatar)
-        from emo_stream.preview.default_avatar import default_portrait
+        from emo_stream.default_avatar import default_portrait
 
         return default_portrait(self.host.size)
 
