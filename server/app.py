@@ -91,6 +91,12 @@ def poster_jpeg(image, size: int) -> bytes:
     return buf.getvalue()
 
 
+def client_address(ws: ServerConnection) -> str:
+    """The address a connection's limits are counted against (its peer's IP address)."""
+    peer = getattr(ws, "remote_address", None)
+    return str(peer[0]) if peer else "?"
+
+
 class StreamServer:
     """`await start()`, then `url`; `await stop()`. Tests may pass a ready backend or engine, and a clock."""
 
@@ -111,6 +117,7 @@ class StreamServer:
         self._poster: bytes | None = None
         self._api: ApiContext | None = None
         self._connections = 0
+        self._per_address: dict[str, int] = {}   # open WebSocket connections per client address
 
     @property
     def backend_name(self) -> str:
@@ -206,6 +213,15 @@ class StreamServer:
         )
 
     async def _handle(self, ws: ServerConnection) -> None:
+        address = client_address(ws)
+        # checked and counted with no await in between: connections arriving together cannot all pass
+        limit = self.config.limits.max_connections_per_address
+        if self._per_address.get(address, 0) >= limit:
+            log.info("refusing a connection from %s: it has %d open (limits.max_connections_per_address)",
+                     address, limit)
+            await ws.close(1013, f"too many connections from this address (limit {limit}); try again later")
+            return
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         self._connections += 1
         try:
             await Connection(self._api, ws).run()
@@ -213,6 +229,9 @@ class StreamServer:
             log.exception("connection failed")
         finally:
             self._connections -= 1
+            left = self._per_address.pop(address) - 1
+            if left:
+                self._per_address[address] = left
 
     async def serve_forever(self) -> None:
         assert self._server is not None

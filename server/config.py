@@ -61,6 +61,9 @@ class LimitsConfig:
     # kernel send buffer of a connection receiving JPEG frames: a slow reader's frames then wait in the
     # server's outbox, where the oldest are dropped (and counted), not stale in socket buffers
     frames_send_buffer_bytes: int = 256 * 1024
+    # open WebSocket connections from one client address (a talk page or a bot needs one, a viewer one
+    # more): one host cannot take every file descriptor and peer connection of the server
+    max_connections_per_address: int = 32
 
 
 @dataclass

@@ -357,13 +357,20 @@ class Connection:
                                 "try again later", "busy", "view")
         from server.rtc import answer_offer
 
-        sub = session.playout.subscribe("viewer", frames=self.cfg.playout.video_queue_frames,
-                                        audio=self.cfg.playout.audio_queue_chunks)
-        pc, answer = await _answer(answer_offer(msg.webrtc.sdp, sub, on_closed=lambda: self._viewer_gone(session, pc),
-                                                video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000),
-                                   "view")
-        session.add_peer(pc)
+        # the slot is taken before the first await: views arriving together on other connections all
+        # see it, so no more than max_viewers ever pass the check (it is given back if the answer fails)
         session.viewers += 1
+        try:
+            sub = session.playout.subscribe("viewer", frames=self.cfg.playout.video_queue_frames,
+                                            audio=self.cfg.playout.audio_queue_chunks)
+            pc, answer = await _answer(answer_offer(msg.webrtc.sdp, sub,
+                                                    on_closed=lambda: self._viewer_gone(session, pc),
+                                                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000),
+                                       "view")
+        except BaseException:
+            session.viewers -= 1
+            raise
+        session.add_peer(pc)
         self.viewing.append((session, pc))
         session.add_listener(self._on_view_event)
         self.send(protocol.view_started(session.id, answer.type, answer.sdp, self.cfg.fps, self.cfg.size))
