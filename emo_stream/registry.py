@@ -84,8 +84,9 @@ def families() -> tuple[Family, ...]:
 
 
 def family_names() -> tuple[str, ...]:
-    """The --backend choices (CLI, server config, benchmarks), in registration order."""
-    return tuple(_FAMILIES)
+    """The --backend choices (CLI, server config, benchmarks): the families with a backend, in registration
+    order."""
+    return tuple(name for name, f in _FAMILIES.items() if f.backend)
 
 
 def get_family(name: str) -> Family:
@@ -93,12 +94,12 @@ def get_family(name: str) -> Family:
     try:
         return _FAMILIES[name]
     except KeyError:
-        raise ConfigError(f"unknown backend {name!r}: choose one of {', '.join(_FAMILIES)}") from None
+        raise ConfigError(f"unknown backend {name!r}: choose one of {', '.join(family_names())}") from None
 
 
 def names_phrase() -> str:
-    """'one of preview, emo, ...': the registered names for error messages."""
-    return "one of " + ", ".join(_FAMILIES)
+    """'one of preview, emo, ...': the registered backend names for error messages."""
+    return "one of " + ", ".join(family_names())
 
 
 # ---- checkpoints and download folders ----------------------------------------------------------------------
@@ -236,3 +237,4 @@ register_family("emo_stream.families.emo")
 register_family("emo_stream.families.echomimic")
 register_family("emo_stream.families.hallo")
 register_family("emo_stream.families.synctest")
+register_family("emo_stream.families.musetalk")

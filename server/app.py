@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -15,9 +16,12 @@ from emo_stream.streaming import StreamingEngine
 
 from server.avatars import AvatarStore
 from server.config import ServerConfig
+from server.auth import ADMIN, RedactingLogger
 from server.http import HttpRoutes
+from server.http_requests import HttpConnection
 from server.sessions import SessionManager
 from server.sync import Clock, MonotonicClock
+from server.whip import WebRtcHttp
 from server.ws_api import ApiContext, Connection
 
 log = logging.getLogger(__name__)
@@ -91,12 +95,6 @@ def poster_jpeg(image, size: int) -> bytes:
     return buf.getvalue()
 
 
-def client_address(ws: ServerConnection) -> str:
-    """The address a connection's limits are counted against (its peer's IP address)."""
-    peer = getattr(ws, "remote_address", None)
-    return str(peer[0]) if peer else "?"
-
-
 class StreamServer:
     """`await start()`, then `url`; `await stop()`. Tests may pass a ready backend or engine, and a clock."""
 
@@ -116,6 +114,8 @@ class StreamServer:
         self._camera: Any = None
         self._poster: bytes | None = None
         self._api: ApiContext | None = None
+        self.webrtc_http: WebRtcHttp | None = None   # WHIP and WHEP
+        self.routes = HttpRoutes(config, None, self.health)   # replaced in start(), with the sessions
         self._connections = 0
         self._per_address: dict[str, int] = {}   # open WebSocket connections per client address
 
@@ -143,9 +143,10 @@ class StreamServer:
         return self.base_url + suffix
 
     def viewer_url(self, session_id: str) -> str:
+        """The OBS viewer's URL: it carries the viewer token, which opens this page and nothing else."""
         url = f"{self.base_url}/viewer?session={session_id}"
         if self.config.auth_required and self.config.token:
-            url += f"&token={self.config.token}"
+            url += f"&token={self.routes.viewer_token}"
         return url
 
     def health(self) -> dict:
@@ -172,7 +173,10 @@ class StreamServer:
         await self.avatars.set_default(image)
         self._poster = await asyncio.to_thread(poster_jpeg, image, cfg.size)
         self.sessions = SessionManager(self.engine, cfg, self.clock)
-        self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url)
+        self.routes = HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster)
+        self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url,
+                               role_of=lambda ws: self.routes.role(ws.request) or ADMIN,
+                               address_of=lambda ws: self.routes.client_address(ws, ws.request))
         try:
             self._server = await self._listen()
         except OSError as exc:
@@ -180,6 +184,7 @@ class StreamServer:
             raise EmoStreamError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
         self.sessions.start()
         self.port = self._server.sockets[0].getsockname()[1]
+        self.routes.local_port = self.port
         if self.virtual_camera:
             from server.virtual_camera import VirtualCamera
 
@@ -189,6 +194,8 @@ class StreamServer:
 
     async def _listen(self) -> Server:
         cfg = self.config
+        routes = self.routes
+        self.webrtc_http = WebRtcHttp(cfg, self.sessions, self.avatars, routes)
         ssl_context = None
         if cfg.tls:
             import ssl
@@ -200,7 +207,10 @@ class StreamServer:
                 raise ConfigError(f"cannot use tls_cert/tls_key: {exc}") from None
         return await serve(
             self._handle, cfg.host, cfg.port,
-            process_request=HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster),
+            process_request=routes,
+            logger=RedactingLogger(logging.getLogger("websockets.server"), routes.secrets),   # no tokens in -v logs
+            # POST/DELETE/PATCH/OPTIONS (WHIP, WHEP) are answered by HttpConnection, GET goes on to websockets
+            create_connection=functools.partial(HttpConnection, router=self.webrtc_http),
             max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
             max_queue=16,
             ping_interval=None,  # server.ws_api.Connection pings: it tells a slow reader from a stopped one
@@ -213,7 +223,7 @@ class StreamServer:
         )
 
     async def _handle(self, ws: ServerConnection) -> None:
-        address = client_address(ws)
+        address = self.routes.client_address(ws, ws.request)   # the forwarded one behind a trusted proxy
         # checked and counted with no await in between: connections arriving together cannot all pass
         limit = self.config.limits.max_connections_per_address
         if self._per_address.get(address, 0) >= limit:
@@ -242,6 +252,8 @@ class StreamServer:
             self._camera.stop()
         if self._server is not None:
             self._server.close()
+        if self.webrtc_http is not None:
+            await self.webrtc_http.close_all()
         if self.sessions is not None:
             await self.sessions.close_all()
         if self._server is not None:

@@ -89,8 +89,13 @@ class KeepaliveConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)         # master token: pages, API, health details
+    viewer_token: str | None = field(default=None, repr=False)  # view only (default: derived from token)
     public_url: str | None = None
+    # addresses of reverse proxies whose X-Forwarded-For names the client (the wrong-token limiter and
+    # the ICE policy use the client's address); empty: the TCP peer is the client
+    trusted_proxies: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)     # Host names answered in loopback mode
     tls_cert: str | None = None
     tls_key: str | None = None
     backend: str | None = None  # None: emo when a model is set, else preview (with a notice)
@@ -147,8 +152,13 @@ class ServerConfig:
             value = getattr(self, name)
             if value and not Path(value).is_file():
                 raise ConfigError(f"{name}: file not found: {value}")
-        if self.token is not None and len(self.token) < 8:
-            raise ConfigError("token must be at least 8 characters")
+        from server.auth import check_token, parse_networks
+
+        check_token("token", self.token)
+        check_token("viewer_token", self.viewer_token)
+        if self.viewer_token and self.viewer_token == self.token:
+            raise ConfigError("viewer_token must differ from token (it grants viewing only)")
+        parse_networks("trusted_proxies", self.trusted_proxies)
         self.engine.__post_init__()   # re-checked: flags may have changed it since loading
         for section in (self.sessions, self.limits, self.playout, self.keepalive):
             for f in dataclasses.fields(section):

@@ -34,7 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frames generated per step: lower is less latency, higher is more context/throughput")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve https/wss (with --tls-key)")
     parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
-    parser.add_argument("--token", default=None, help="access token for pages and API")
+    parser.add_argument("--token-file", default=None,
+                        help="file holding the master token for pages and API (or $EMO_STREAM_TOKEN; at least "
+                             "128 bits, e.g. 22 random characters; default: none on loopback, generated beyond)")
+    parser.add_argument("--viewer-token-file", default=None,
+                        help="file holding the token of the OBS viewer URL, which opens that page only "
+                             "(or $EMO_STREAM_VIEWER_TOKEN; default: derived from the master token)")
+    parser.add_argument("--token", default=None,
+                        help="the master token on the command line: other users see it in the process list; "
+                             "prefer --token-file or $EMO_STREAM_TOKEN")
     parser.add_argument("--virtual-camera", action="store_true",
                         help="also send the latest session's video to a virtual camera (pyvirtualcam)")
 
@@ -62,8 +70,15 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("websockets").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
         logging.getLogger("aioice").setLevel(logging.WARNING)
 
+    from server.auth import read_secret
+
+    token = read_secret(flag=args.token, flag_name="--token", file=args.token_file, file_flag="--token-file",
+                        env="EMO_STREAM_TOKEN", what="token")
+    viewer_token = read_secret(flag=None, flag_name="", file=args.viewer_token_file,
+                               file_flag="--viewer-token-file", env="EMO_STREAM_VIEWER_TOKEN", what="viewer token")
     config = load_config(args.config, host=args.host, port=args.port, backend=args.backend, model=args.model,
-                         avatar=args.avatar, size=args.size, device=args.device, token=args.token,
+                         avatar=args.avatar, size=args.size, device=args.device, token=token,
+                         viewer_token=viewer_token,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, **sampling_overrides(args))
     if args.max_sessions is not None:
         config.sessions.max_sessions = args.max_sessions

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 AUDIO_QUEUE_MESSAGES = 8   # audio messages read ahead of the engine per connection
 MAX_OUTBOX_FRAMES = 8      # frames waiting for a slow client before the oldest are dropped
 MAX_OUTBOX_EVENTS = 1000   # a client this far behind on events is broken: disconnect it
+VIEWER = "viewer"          # server.auth.VIEWER: a connection opened with the viewer token
+VIEWER_REQUESTS = ("view", "ping")
 
 
 class Outbox:
@@ -157,6 +159,8 @@ class ApiContext:
     sessions: "SessionManager"
     avatars: "AvatarStore"
     viewer_url: Callable[[str], str]
+    role_of: Callable[[Any], str] = lambda ws: "admin"        # server.auth.ADMIN / VIEWER of a connection
+    address_of: Callable[[Any], str] = lambda ws: ws.remote_address[0]   # the client's (behind trusted proxies)
 
 
 class Connection:
@@ -164,6 +168,7 @@ class Connection:
         self.server = server   # the server's parts this connection uses
         self.ws = ws
         self.cfg = server.config
+        self.role = server.role_of(ws)   # "viewer": the viewer token - view and ping only
         self.outbox = Outbox()
         self.session: ServerSession | None = None
         self.start_msg: Start | None = None
@@ -287,6 +292,9 @@ class Connection:
         limits = self.cfg.limits
         msg = protocol.parse_message(text, limits.max_text_bytes, limits.max_upload_bytes)
         self._request = getattr(msg, "type", None) or {Start: "start", View: "view", AvatarUpload: "avatar"}[type(msg)]
+        if self.role == VIEWER and self._request not in VIEWER_REQUESTS:
+            raise ProtocolError(f"{self._request}: the viewer token allows only view and ping", "forbidden",
+                                self._request)
         if not isinstance(msg, AvatarUpload):
             self.pending_avatar = None  # an announced upload must be followed by its bytes at once
         if isinstance(msg, Start):
@@ -420,6 +428,8 @@ class Connection:
 
     # -- binary messages -------------------------------------------------------------------------
     async def _binary(self, data: bytes) -> None:
+        if self.role == VIEWER:
+            raise ProtocolError("the viewer token allows only view and ping", "forbidden")
         if self.pending_avatar is not None:
             self._request = "avatar"
             upload, self.pending_avatar = self.pending_avatar, None

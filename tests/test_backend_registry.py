@@ -185,14 +185,32 @@ def test_registry_rejects_bad_registrations(throwaway):
         Family(name="other", title="Other", backend="emo_stream.nowhere")
     with pytest.raises(ValueError, match="lower-case"):
         Family(name="Bad Name", title="Bad", backend=make_throwaway)
-    with pytest.raises(ValueError, match="needs a backend"):
-        Family(name="other", title="Other")
     with pytest.raises(ValueError, match="architecture 'hallo' is already registered by 'hallo'"):
         register_family(Family(name="other", title="Other", backend=make_throwaway, architecture="hallo"))
     with pytest.raises(ValueError, match="parity model 'throwaway' is already replayed by 'throwaway'"):
         register_family(Family(name="other", title="Other", backend=make_throwaway, parity=throwaway_parity,
                                parity_models=("throwaway",)))
     assert "other" not in family_names()
+
+
+def test_a_family_without_a_backend_loads_but_is_no_backend_choice(tmp_path):
+    """A model family whose backend has not landed yet: its folders are recognised, --backend does not offer it."""
+    def detect(folder):
+        return "Modelonly download" if (folder / "modelonly.bin").is_file() else None
+
+    register_family(Family(name="modelonly", title="Modelonly", detect=detect, load=lambda path, **kw: "loaded",
+                           architecture="modelonly-v1"))
+    try:
+        assert "modelonly" not in family_names()
+        (tmp_path / "modelonly.bin").write_bytes(b"")
+        from emo_stream.registry import default_backend, family_of, load_model
+
+        assert family_of(tmp_path)[0].name == "modelonly" and load_model(tmp_path) == "loaded"
+        assert default_backend(str(tmp_path)) == "modelonly"
+        with pytest.raises(ConfigError, match="Modelonly has no backend yet"):
+            create_backend(None, str(tmp_path))
+    finally:
+        unregister_family("modelonly")
 
 
 def test_register_family_reads_a_package_declaration(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from emo_stream.errors import WeightsError
+from emo_stream.errors import ConfigError, WeightsError
 from emo_stream.timeline import DEFAULT_FPS
 
 def resolve(entry: str | Callable[..., Any]) -> Callable[..., Any]:
@@ -36,7 +36,8 @@ class Family:
     title          a human name for messages ("EchoMimic v1")
     summary        one line for --help
     backend        factory(model=..., size=..., fps=..., device=..., **options) -> Backend; raises ConfigError
-                   for options it does not take
+                   for options it does not take. None: a model family without a backend yet (it loads,
+                   converts and replays golden sets, but is no --backend choice)
     architecture   the `architecture` key our checkpoints of this family carry in config.yaml
                    ("echomimic-v1"), or None for a family without weights (the preview)
     detect         function(folder: Path) -> str | None: a one-line description of the native download found
@@ -54,7 +55,7 @@ class Family:
     name: str
     title: str
     summary: str = ""
-    backend: str | Callable[..., Any] = ""
+    backend: str | Callable[..., Any] | None = None
     architecture: str | None = None
     detect: str | Callable[..., Any] | None = None
     load: str | Callable[..., Any] | None = None
@@ -72,14 +73,15 @@ class Family:
             entry = getattr(self, field)
             if isinstance(entry, str) and entry and ":" not in entry:
                 raise ValueError(f"{name}: {field} must be 'module:function' or a callable: got {entry!r}")
-        if not self.backend:
-            raise ValueError(f"{name}: a family needs a backend factory ('module:function' or a callable)")
         if isinstance(self.parity_models, str):   # ("hallo") is a string, not a tuple: say so
             raise ValueError(f"{name}: parity_models must be a tuple of names, got {self.parity_models!r}")
         if self.parity_models and not self.parity:
             raise ValueError(f"{name}: parity_models given without a parity runner")
 
     def backend_factory(self) -> Callable[..., Any]:
+        if not self.backend:
+            raise ConfigError(f"{self.title} has no backend yet: it loads, converts and replays golden sets, "
+                              f"but cannot animate (--backend)")
         return resolve(self.backend)
 
     def detect_folder(self, folder: str | Path) -> str | None:

@@ -15,8 +15,6 @@ import binascii
 import hashlib
 import io
 import json
-import urllib.parse
-import urllib.request
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -109,17 +107,10 @@ def decode_image(b64: str) -> np.ndarray:
     return image_from_bytes(data, PORTRAIT_MAX_SIDE)
 
 
-def fetch_image(url: str, timeout: float = 20.0) -> np.ndarray:
-    """Download a portrait (http/https only, at most MAX_IMAGE_BYTES) and decode it."""
+def fetch_image(url: str, policy=None) -> np.ndarray:
+    """Download a portrait under `policy` (emo_stream.livekit.url_fetch.UrlPolicy; default: public
+    addresses only, 20 s and MAX_IMAGE_BYTES for the whole download) and decode it."""
+    from emo_stream.livekit.url_fetch import UrlPolicy, fetch
     from emo_stream.media import PORTRAIT_MAX_SIDE, image_from_bytes
 
-    if urllib.parse.urlparse(url).scheme not in ("http", "https"):
-        raise ImageInputError(f"avatar image URL must be http(s): {url}")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:   # noqa: S310 (scheme checked above)
-            data = resp.read(MAX_IMAGE_BYTES + 1)
-    except OSError as exc:
-        raise ImageInputError(f"could not download the avatar image {url}: {exc}") from None
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ImageInputError(f"avatar image {url} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
-    return image_from_bytes(data, PORTRAIT_MAX_SIDE)
+    return image_from_bytes(fetch(url, policy or UrlPolicy(max_bytes=MAX_IMAGE_BYTES)), PORTRAIT_MAX_SIDE)

@@ -24,7 +24,8 @@ from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
 from emo_stream.errors import ConfigError, EmoStreamError, ImageInputError
 from emo_stream.livekit.host import EngineHost
 from emo_stream.livekit.job import run_avatar_job
-from emo_stream.livekit.metadata import DispatchInfo, decode_image, fetch_image
+from emo_stream.livekit.metadata import MAX_IMAGE_BYTES, DispatchInfo, decode_image, fetch_image
+from emo_stream.livekit.url_fetch import UrlPolicy
 from emo_stream.streaming import AvatarHandle
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,15 @@ class WorkerConfig:
 
     url: str | None = None
     api_key: str | None = None
-    api_secret: str | None = None
+    api_secret: str | None = field(default=None, repr=False)   # never in a repr (logs, tracebacks)
     agent_name: str = DEFAULT_AGENT_NAME
     default_avatar: str | None = None              # portrait path; None: the built-in portrait
     avatars: dict[str, str] = field(default_factory=dict)   # NAME -> portrait path (metadata "avatar")
     drain_timeout: int = 1800                      # seconds current rooms may keep going after SIGTERM
     http_port: int = 8081                          # livekit-agents' health endpoint (0: any free port)
+    http_host: str = "127.0.0.1"                   # ... on loopback unless configured (it reports load)
+    image_hosts: tuple[str, ...] = ()              # hosts portrait URLs may name (empty: any public host)
+    image_networks: tuple[str, ...] = ()           # non-public networks portrait URLs may reach anyway
     idle_threads: int = 1                          # job threads kept warm
 
     def validate(self) -> "WorkerConfig":
@@ -54,7 +58,13 @@ class WorkerConfig:
             raise ConfigError(f"--default-avatar {self.default_avatar}: file not found")
         if not self.agent_name:
             raise ConfigError("the agent name must not be empty (explicit dispatch needs it)")
+        self.url_policy()   # bad --image-network: one line now, not at the first job
         return self
+
+    def url_policy(self) -> UrlPolicy:
+        """Where dispatch metadata's image_url may lead (emo_stream.livekit.url_fetch)."""
+        return UrlPolicy(hosts=tuple(self.image_hosts), networks=tuple(self.image_networks),
+                         max_bytes=MAX_IMAGE_BYTES)
 
 
 class AvatarWorker:
@@ -80,6 +90,7 @@ class AvatarWorker:
             ws_url=cfg.url or None,
             api_key=cfg.api_key or None,
             api_secret=cfg.api_secret or None,
+            host=cfg.http_host,
             port=cfg.http_port,
         )
         server.rtc_session(self.entrypoint, agent_name=cfg.agent_name, on_request=self.on_request)
@@ -163,7 +174,7 @@ class AvatarWorker:
         if info.image_b64:
             return decode_image(info.image_b64)
         if info.image_url:
-            return fetch_image(info.image_url)
+            return fetch_image(info.image_url, self.config.url_policy())
         if info.avatar:
             path = self.config.avatars.get(info.avatar)
             if path is None:
