@@ -46,8 +46,10 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = N
 
 def default_image(config: ServerConfig):
     if config.avatar:
-        from emo_stream.media import load_image
+        from emo_stream.media import is_video_path, load_image, load_video
 
+        if is_video_path(config.avatar):   # a short idle video (backends with video avatars: musetalk)
+            return load_video(config.avatar, fps=config.fps)
         return load_image(config.avatar)
     from emo_stream.default_avatar import default_portrait
 
@@ -88,7 +90,7 @@ def poster_jpeg(image, size: int) -> bytes:
 
     from PIL import Image
 
-    picture = Image.fromarray(image)
+    picture = Image.fromarray(image[0] if image.ndim == 4 else image)   # a video avatar: its first frame
     picture.thumbnail((size, size))
     buf = io.BytesIO()
     picture.convert("RGB").save(buf, format="JPEG", quality=85)
@@ -99,7 +101,9 @@ class StreamServer:
     """`await start()`, then `url`; `await stop()`. Tests may pass a ready backend or engine, and a clock."""
 
     def __init__(self, config: ServerConfig, *, backend: Backend | None = None, engine: StreamingEngine | None = None,
-                 clock: Clock | None = None, virtual_camera: bool = False):
+                 clock: Clock | None = None, virtual_camera: bool = False, portrait_pool: Any = None):
+        """portrait_pool: an emo_stream.portrait_pool.PortraitPool to share (tests); by default the server
+        makes its own from limits.decode_* and closes it on stop()."""
         config.ensure_token()
         self.config = config
         self.clock = clock or MonotonicClock()
@@ -117,6 +121,8 @@ class StreamServer:
         self.webrtc_http: WebRtcHttp | None = None   # WHIP and WHEP
         self.routes = HttpRoutes(config, None, self.health)   # replaced in start(), with the sessions
         self._connections = 0
+        self._portrait_pool = portrait_pool
+        self._own_pool = False
         self._per_address: dict[str, int] = {}   # open WebSocket connections per client address
 
     @property
@@ -150,8 +156,14 @@ class StreamServer:
         return url
 
     def health(self) -> dict:
+        """/healthz: status "ok" (HTTP 200), else "starting", or the engine's "device_error" / "stalled" with a reason
+        (HTTP 503; emo_stream.streaming.faults)."""
+        engine = getattr(self.engine, "health", None)
+        engine = engine.status() if engine is not None else {"status": "ok", "reason": None}
+        status = "starting" if self._server is None else engine["status"]
         return {
-            "status": "ok" if self._server is not None else "starting",
+            "status": status,
+            "reason": engine.get("reason"),
             "backend": self.backend_name,
             "sessions": len(self.sessions) if self.sessions else 0,
             "max_sessions": self.config.sessions.max_sessions,
@@ -168,7 +180,13 @@ class StreamServer:
         if self.engine is None:
             self.engine = await asyncio.to_thread(build_engine, cfg, self.clock, self._backend)
         await self.engine.start()
-        self.avatars = AvatarStore(self.engine, cfg.limits.max_avatars, cfg.limits.max_image_pixels)
+        if self._portrait_pool is None:   # its workers start with the first upload
+            from emo_stream.portrait_pool import PortraitPool
+
+            self._portrait_pool = PortraitPool(cfg.limits.pool_limits())
+            self._own_pool = True
+        self.avatars = AvatarStore(self.engine, cfg.limits.max_avatars, cfg.limits.max_image_pixels,
+                                   pool=self._portrait_pool)
         image = await asyncio.to_thread(default_image, cfg)
         await self.avatars.set_default(image)
         self._poster = await asyncio.to_thread(poster_jpeg, image, cfg.size)
@@ -261,3 +279,5 @@ class StreamServer:
             self._server = None
         if self.engine is not None:
             await self.engine.stop()
+        if self._own_pool and self._portrait_pool is not None:
+            self._portrait_pool.close()

@@ -7,7 +7,7 @@ import ipaddress
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emo_stream.registry import family_names, default_backend, model_options, names_phrase
 from emo_stream.config_io import build_dataclass, read_yaml
@@ -17,6 +17,9 @@ from emo_stream.streaming.types import EngineConfig
 from emo_stream.timeline import SAMPLE_RATE
 
 from server.sync import AUDIO_RATE, VIDEO_CLOCK_RATE
+
+if TYPE_CHECKING:
+    from emo_stream.portrait_pool import PoolLimits
 
 DEFAULT_CONFIG = resource_dir("configs") / "server.yaml"
 
@@ -64,6 +67,17 @@ class LimitsConfig:
     # open WebSocket connections from one client address (a talk page or a bot needs one, a viewer one
     # more): one host cannot take every file descriptor and peer connection of the server
     max_connections_per_address: int = 32
+    # untrusted images (uploads) are decoded in separate low-priority processes (emo_stream.portrait_pool)
+    decode_workers: int = 1          # processes; each uses at most one core
+    decode_queue: int = 4            # uploads waiting behind them; more get a "busy" error
+    decode_timeout_s: float = 30.0   # a decode (with face detection) still running then is killed
+    decode_memory_mb: int = 1024     # address space a decode may use beyond the worker's own
+
+    def pool_limits(self) -> "PoolLimits":
+        from emo_stream.portrait_pool import PoolLimits
+
+        return PoolLimits(workers=self.decode_workers, max_waiting=self.decode_queue,
+                          timeout_s=self.decode_timeout_s, memory_mb=self.decode_memory_mb)
 
 
 @dataclass

@@ -184,9 +184,11 @@ class HttpRoutes:
         path = urlsplit(request.path).path
         if path == "/healthz":
             health = self.health()
+            # 503 unless serving normally: a load balancer / orchestrator takes the server out
+            code = 200 if health.get("status") == "ok" else 503
             if role != ADMIN:   # sessions, viewers and uptime tell when the user is live: the token's
                 health = {k: health[k] for k in PUBLIC_HEALTH if k in health}
-            return json_response(200, health)
+            return json_response(code, health)
         if path == WS_PATH:
             if role is None:
                 return response(401, "missing or wrong token\n")
@@ -218,6 +220,10 @@ class HttpRoutes:
             poster = self.poster()
             return response(200, poster, "image/jpeg") if poster else response(404, "no default avatar\n")
         if path == "/api/capacity":  # lets a page learn "busy" before asking for the mic
+            health = self.health()
+            if health.get("status") not in ("ok", "starting"):
+                return json_response(503, {"error": "unavailable", "message": f"the avatar engine is unavailable "
+                                           f"({health['status']}: {health.get('reason')})"})
             if len(self.sessions) >= self.config.sessions.max_sessions:
                 return json_response(503, {"error": "busy", "message": "all session slots are in use"})
             return json_response(200, {"ok": True})

@@ -39,6 +39,7 @@ class HttpRequest:
     headers: Headers
     body: bytes
     remote: str
+    local: str = ""      # the server address the client reached (ICE: the one candidate it needs)
 
     @property
     def route(self) -> str:
@@ -123,8 +124,9 @@ class HttpConnection(ServerConnection):
         if len(self._buf) - body_start < length:
             return   # wait for the rest of the body
         peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        local = self.transport.get_extra_info("sockname") if self.transport is not None else None
         request = HttpRequest(method, target, headers, bytes(self._buf[body_start:body_start + length]),
-                              remote=str(peer[0]) if peer else "?")
+                              remote=str(peer[0]) if peer else "?", local=str(local[0]) if local else "")
         self._buf = bytearray()
         self._answered = True   # whatever else the client sends is ignored
         self._task = self.loop.create_task(self._answer(request), name=f"http-{method}")

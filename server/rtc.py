@@ -147,7 +147,8 @@ _JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"   # aiortc's name-mangled privat
 async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaStreamTrack], None] | None = None,
                        on_closed: Callable[[], Any] | None = None,
                        mic_jitter_packets: int | None = None,
-                       video_delay_s: float = 0.0) -> tuple[RTCPeerConnection, RTCSessionDescription]:
+                       video_delay_s: float = 0.0, peer: str | None = None,
+                       local: str | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
     """Answer a browser's offer: our video+audio tracks go out on its transceivers; its mic comes in via on_mic.
 
     on_closed runs once when the connection fails or closes (tab closed, network dropped).
@@ -174,7 +175,7 @@ async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaSt
             on_mic(track)
 
     try:
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=_policed_offer(sdp, peer), type="offer"))
         kinds = {t.kind for t in pc.getTransceivers()}
         missing = {"audio", "video"} - kinds
         if missing:  # else aiortc fails later with "None is not in list"
@@ -190,7 +191,7 @@ async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaSt
         sub.close()
         await pc.close()
         raise
-    return pc, pc.localDescription
+    return pc, _policed_answer(pc.localDescription, peer, local)
 
 
 # directions in an offer, from the offerer's side; a media section without one is sendrecv (RFC 8866)
@@ -220,7 +221,8 @@ async def answer_media_offer(sdp: str, subscribe: Callable[[bool, bool], Subscri
                              on_mic: Callable[[MediaStreamTrack], None] | None = None,
                              on_closed: Callable[[], Any] | None = None,
                              mic_jitter_packets: int | None = None,
-                             video_delay_s: float = 0.0) -> tuple[RTCPeerConnection, RTCSessionDescription]:
+                             video_delay_s: float = 0.0, peer: str | None = None,
+                       local: str | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
     """Answer an offer from a standard client (WHIP, WHEP) that may carry any mix of media sections.
 
     The avatar's video and audio go out on the sections the client receives on (recvonly/sendrecv);
@@ -258,7 +260,7 @@ async def answer_media_offer(sdp: str, subscribe: Callable[[bool, bool], Subscri
             on_mic(track)
 
     try:
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=_policed_offer(sdp, peer), type="offer"))
         for transceiver in pc.getTransceivers():
             if transceiver.kind == "video" and "video" not in receives:
                 transceiver.direction = "inactive"   # the client's camera is not ours to decode
@@ -277,4 +279,20 @@ async def answer_media_offer(sdp: str, subscribe: Callable[[bool, bool], Subscri
             sub.close()
         await pc.close()
         raise
-    return pc, pc.localDescription
+    return pc, _policed_answer(pc.localDescription, peer, local)
+
+
+def _policed_offer(sdp: str, peer: str | None) -> str:
+    """With the client's address known (`peer`), only the ICE candidates server.ice_policy allows."""
+    from server.ice_policy import filter_offer
+
+    return sdp if peer is None else filter_offer(sdp, peer)
+
+
+def _policed_answer(answer: RTCSessionDescription, peer: str | None, local: str | None) -> RTCSessionDescription:
+    """The answer showing only the server addresses the client needs (server.ice_policy)."""
+    from server.ice_policy import filter_answer
+
+    if peer is None:
+        return answer
+    return RTCSessionDescription(sdp=filter_answer(answer.sdp, peer, local), type=answer.type)

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="model: an EchoMimic or Hallo download folder, an emo-stream checkpoint folder "
                              "(emo-stream train / convert), or a preset (tiny, sd15)")
-    parser.add_argument("--avatar", default=None, help="default portrait image (default: a built-in portrait)")
+    parser.add_argument("--avatar", default=None, help="default portrait image, or for musetalk a short idle video "
+                                                       "(default: a built-in portrait)")
     parser.add_argument("--config", default=None, help="server settings YAML (default configs/server.yaml)")
     parser.add_argument("--size", type=int, default=None, help="output frame size in pixels")
     parser.add_argument("--device", default=None,
@@ -93,6 +94,7 @@ async def _serve(config, virtual_camera: bool) -> int:
 
     server = StreamServer(config, virtual_camera=virtual_camera)
     await server.start()
+    server.avatars.pool.warm()   # the upload decoder's process starts now, not with the first upload
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

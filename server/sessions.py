@@ -93,6 +93,9 @@ class ServerSession:
             await self.playout.run()
         except asyncio.CancelledError:
             raise
+        except EmoStreamError as exc:   # the engine failed this session (backend error, broken device, stall)
+            log.error("session %s: %s", self.id, exc)
+            self._dispatch(protocol.error("generation_failed", str(exc), fatal=True))
         except Exception:
             log.exception("session %s: playout failed", self.id)
             self._dispatch(protocol.error("internal", "the session's playout failed", fatal=True))

@@ -143,6 +143,10 @@ class WebRtcHttp:
         None otherwise."""
         return {ADMIN: "full", VIEWER: "viewer"}.get(self.routes.role(request))
 
+    def _ice(self, request: HttpRequest) -> dict:
+        """The client's and our address, for the ICE candidate policy (server.ice_policy)."""
+        return {"peer": self.routes.forwarded_address(request.remote, request.headers), "local": request.local}
+
     def _cors(self, request: HttpRequest, reply: Response, allow: str | None = None) -> Response:
         origin = request.headers.get("Origin")
         if origin is None:
@@ -187,7 +191,7 @@ class WebRtcHttp:
                 on_mic=lambda track: session.spawn(pump_mic(track, session, backlog), "whip-mic"),
                 on_closed=lambda: self._peer_gone(rid),
                 mic_jitter_packets=cfg.sessions.mic_jitter_packets,
-                video_delay_s=cfg.playout.webrtc_video_delay_ms / 1000)
+                video_delay_s=cfg.playout.webrtc_video_delay_ms / 1000, **self._ice(request))
         except Exception as exc:
             await self.sessions.close(session, "WHIP offer refused")
             return _bad_offer(exc)
@@ -222,7 +226,7 @@ class WebRtcHttp:
                     "whep", frames=cfg.playout.video_queue_frames if video else None,
                     audio=cfg.playout.audio_queue_chunks if audio else None),
                 need_audio_in=False, on_closed=lambda: self._peer_gone(rid),
-                video_delay_s=cfg.playout.webrtc_video_delay_ms / 1000)
+                video_delay_s=cfg.playout.webrtc_video_delay_ms / 1000, **self._ice(request))
         except Exception as exc:
             return _bad_offer(exc)
         if session.closed:   # ended while the answer was made

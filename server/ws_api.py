@@ -23,6 +23,8 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from emo_stream.errors import EmoStreamError, ImageInputError
+from emo_stream.portrait_pool import PortraitPoolBusy
+from emo_stream.streaming import EngineUnhealthyError
 
 from server import protocol
 from server.protocol import AvatarUpload, ProtocolError, Simple, Start, View
@@ -198,8 +200,12 @@ class Connection:
                     self.send(protocol.error(exc.code, str(exc), exc.request or self._request))
                 except ServerBusyError as exc:
                     self.send(protocol.error("busy", str(exc), "start"))
+                except PortraitPoolBusy as exc:  # too many uploads being decoded right now
+                    self.send(protocol.error("busy", str(exc), self._request))
                 except ImageInputError as exc:  # unreadable image, no face: the user's input, not our crash
                     self.send(protocol.error("bad_image", str(exc), self._request))
+                except EngineUnhealthyError as exc:   # a failed or hung device: this server takes no sessions
+                    self.send(protocol.error("unavailable", str(exc), self._request))
                 except EmoStreamError as exc:
                     self.send(protocol.error("bad_input", str(exc), self._request))
                 except ConnectionClosed:
@@ -273,6 +279,12 @@ class Connection:
             url = urlsplit(url)._replace(netloc=host).geturl()
         return url
 
+    def _ice(self) -> dict:
+        """The client's address (forwarded, behind a trusted proxy) and the server address it reached:
+        what the ICE candidate policy (server.ice_policy) judges offers and answers by."""
+        local = getattr(self.ws, "local_address", None)
+        return {"peer": self.server.address_of(self.ws), "local": str(local[0]) if local else None}
+
     def _stats(self, session: ServerSession) -> dict:
         # frames_dropped: JPEG frames this connection's client read too slowly to get (oldest first)
         return protocol.stats({**session.stats(), "frames_dropped": self.outbox.dropped})
@@ -331,7 +343,7 @@ class Connection:
                     on_mic=lambda track: session.spawn(pump_mic(track, session, backlog), "mic"),
                     on_closed=lambda: self._peer_gone(session),
                     mic_jitter_packets=self.cfg.sessions.mic_jitter_packets,
-                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000), "start")
+                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000, **self._ice()), "start")
                 session.add_peer(pc)
                 reply["answer"] = {"type": answer.type, "sdp": answer.sdp}
             else:
@@ -373,7 +385,8 @@ class Connection:
                                             audio=self.cfg.playout.audio_queue_chunks)
             pc, answer = await _answer(answer_offer(msg.webrtc.sdp, sub,
                                                     on_closed=lambda: self._viewer_gone(session, pc),
-                                                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000),
+                                                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000,
+                                                    **self._ice()),
                                        "view")
         except BaseException:
             session.viewers -= 1
@@ -494,7 +507,8 @@ class Connection:
             self._drain_audio()
         if event.get("type") == protocol.ERROR and event.get("fatal") and self.session is not None:
             # the engine or playout failed for this session only: free its slot, keep the connection
-            task = asyncio.get_running_loop().create_task(self._end_session("failed"), name="ws-end-session")
+            reason = event.get("message") if event.get("code") == "generation_failed" else "failed"
+            task = asyncio.get_running_loop().create_task(self._end_session(reason), name="ws-end-session")
             self._tasks.add(task)   # the loop keeps only a weak reference to a task
             task.add_done_callback(self._tasks.discard)
 

@@ -282,6 +282,10 @@ def test_secrets_on_the_command_line_are_warned_about(tmp_path, capsys, monkeypa
     assert read_secret(flag=None, file=None, **read) == "from-the-environment-0123456789"
     with pytest.raises(ConfigError, match="--token-file .*nope"):
         read_secret(flag=None, file=str(tmp_path / "nope"), **read)
+    assert main(["bot", "--url", "http://127.0.0.1:9", "--token", TOKEN, "--audio", str(tmp_path / "none.wav"),
+                 "--out", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "--token puts the token in the process list" in err and TOKEN not in err
     assert main(["worker", "--api-secret", TOKEN, "--drain-timeout", "-1"]) == 2
     err = capsys.readouterr().err
     assert "--api-secret puts the API secret in the process list" in err and TOKEN not in err
@@ -347,3 +351,150 @@ async def test_worker_health_server_listens_on_loopback_unless_configured():
             await server.aclose()
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
+
+
+# -- item 7: ICE candidates in offers limited and policed; answers show only what the client needs -----
+
+def _offer_with(sdp: str, candidates: list[str]) -> str:
+    """The offer with extra candidate lines in its first media section."""
+    lines = sdp.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("m="))
+    lines[first + 1:first + 1] = candidates
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _udp_targets(n: int) -> list:
+    import socket
+
+    socks = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+        socks.append(s)
+    return socks
+
+
+def _probed(socks) -> int:
+    """How many of the sockets received anything (STUN checks)."""
+    hit = 0
+    for s in socks:
+        try:
+            s.recv(2048)
+            hit += 1
+        except BlockingIOError:
+            pass
+    return hit
+
+
+async def _view(server, sdp: str, headers: dict | None = None) -> str:
+    """A `view` of the server's only session with this offer; the answer's SDP."""
+    from websockets.asyncio.client import connect
+
+    url = server.base_url.replace("http", "ws") + "/api/ws"
+    async with connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}", **(headers or {})}) as ws:
+        await ws.send(json.dumps({"type": "view", "session": "latest", "webrtc": {"type": "offer", "sdp": sdp}}))
+        while True:
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 20))
+            if reply["type"] in ("view_started", "error"):
+                assert reply["type"] == "view_started", reply
+                await asyncio.sleep(2.5)   # the server's ICE agent checks its candidate pairs meanwhile
+                return reply["answer"]["sdp"] if "answer" in reply else reply["sdp"]
+
+
+async def _recvonly_offer():
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc
+
+
+async def test_an_offer_with_many_candidates_makes_the_server_probe_a_few(server):
+    from server.bot_client import BotClient
+    from server.ice_policy import MAX_PER_SECTION
+
+    socks = _udp_targets(40)
+    pc = await _recvonly_offer()
+    try:
+        async with BotClient(server.base_url, token=TOKEN) as owner:
+            await owner.start(frames="none")
+            extra = [f"a=candidate:x{i} 1 udp 2130706431 127.0.0.1 {s.getsockname()[1]} typ host"
+                     for i, s in enumerate(socks)]
+            answer = await _view(server, _offer_with(pc.localDescription.sdp, extra))
+        probed = _probed(socks)
+        # a client on this machine may name loopback candidates: some are checked, never all 40
+        assert 0 < probed <= MAX_PER_SECTION, probed
+        assert "a=candidate:" in answer   # and it is shown the server's candidates (loopback: all)
+    finally:
+        await pc.close()
+        for s in socks:
+            s.close()
+
+
+async def test_a_remote_client_cannot_point_the_server_at_loopback_or_learn_private_addresses():
+    from server.bot_client import BotClient
+
+    srv = await _server(token=TOKEN, trusted_proxies=["127.0.0.1"])   # a client on the internet, via a proxy
+    socks = _udp_targets(6)
+    pc = await _recvonly_offer()
+    try:
+        async with BotClient(srv.base_url, token=TOKEN) as owner:
+            await owner.start(frames="none")
+            extra = [f"a=candidate:x{i} 1 udp 2130706431 127.0.0.1 {s.getsockname()[1]} typ host"
+                     for i, s in enumerate(socks)]
+            answer = await _view(srv, _offer_with(pc.localDescription.sdp, extra), {"X-Forwarded-For": "9.9.9.9"})
+        assert _probed(socks) == 0
+        from server.ice_policy import PRIVATE, scope
+
+        shown = [line.split()[4] for line in answer.splitlines() if line.startswith("a=candidate:")]
+        assert all(scope(address) > PRIVATE for address in shown), shown   # no LAN or loopback address of ours
+    finally:
+        await pc.close()
+        for s in socks:
+            s.close()
+        await srv.stop()
+
+
+# addresses below are only text in SDP and headers: no packet is sent to them
+@pytest.mark.parametrize("candidate, peer, allowed", [
+    ("1 1 udp 1 1.1.1.1 5000 typ host", "8.8.8.8", True),
+    ("1 1 udp 1 192.168.1.20 5000 typ host", "8.8.8.8", False),     # LAN address from the internet
+    ("1 1 udp 1 192.168.1.20 5000 typ host", "192.168.1.30", True),
+    ("1 1 udp 1 127.0.0.1 5000 typ host", "192.168.1.30", False),        # our own loopback from the LAN
+    ("1 1 udp 1 127.0.0.1 5000 typ host", "127.0.0.1", True),
+    ("1 1 udp 1 abcd-1234.local 5000 typ host", "127.0.0.1", True),      # Chrome's mDNS names
+    ("1 1 udp 1 abcd-1234.local 5000 typ host", "8.8.8.8", False),
+    ("1 1 udp 1 internal.example 5000 typ host", "127.0.0.1", False),
+    ("1 1 udp 1 169.254.169.254 80 typ host", "127.0.0.1", False),       # cloud metadata
+    ("1 1 udp 1 fe80::1 5000 typ host", "127.0.0.1", False),
+    ("1 1 udp 1 224.0.0.251 5353 typ host", "127.0.0.1", False),
+    ("1 1 udp 1 255.255.255.255 5000 typ host", "127.0.0.1", False),
+    ("1 1 udp 1 0.0.0.0 5000 typ host", "127.0.0.1", False),
+    ("1 1 udp 1 1.1.1.1 0 typ host", "127.0.0.1", False),
+    ("1 1 tcp 1 1.1.1.1 9 typ host tcptype active", "127.0.0.1", False),
+    ("1 1 udp 1 ::ffff:10.0.0.1 5000 typ host", "8.8.8.8", False),
+    ("1 1 udp 1 1.1.1.1 5000 typ srflx raddr 10.0.0.1 rport 5000", "8.8.8.8", True),
+])
+def test_offer_candidate_policy(candidate, peer, allowed):
+    from server.ice_policy import remote_candidate_allowed
+
+    assert remote_candidate_allowed("a=candidate:" + candidate, peer) is allowed
+
+
+def test_answers_show_the_address_the_client_reached():
+    from server.ice_policy import filter_answer
+
+    sdp = ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+           "m=audio 4000 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 172.17.0.1\r\n"
+           "a=candidate:1 1 udp 1 172.17.0.1 4000 typ host\r\na=candidate:2 1 udp 1 192.168.1.5 4001 typ host\r\n"
+           "a=candidate:3 1 udp 1 fd00::5 4002 typ host\r\na=candidate:4 1 udp 1 1.0.0.50 4003 typ host\r\n"
+           "a=end-of-candidates\r\n")
+    lan = filter_answer(sdp, "192.168.1.30", "192.168.1.5")
+    assert "192.168.1.5 4001" in lan and "172.17.0.1" not in lan and "fd00::5" not in lan and "1.0.0.50" not in lan
+    assert "m=audio 4001 " in lan and "c=IN IP4 192.168.1.5" in lan
+    internet = filter_answer(sdp, "8.8.8.8", "127.0.0.1")   # behind a reverse proxy on this machine
+    assert "1.0.0.50" in internet and "192.168.1.5" not in internet and "172.17.0.1" not in internet
+    assert filter_answer(sdp, "127.0.0.1", "127.0.0.1") == sdp   # a local client: all (it can list them itself)

@@ -208,27 +208,26 @@ def _rss_mib() -> float:
 
 
 async def test_an_image_bomb_upload_stalls_no_session_and_its_memory_comes_back(server, monkeypatch):
-    """5000x5000 one-bit PNGs (a few KB each, exactly at the 25 MP limit): decoded small and, like the
-    hashing, off the event loop, so another session's frames keep coming; the memory is given back."""
+    """5000x5000 one-bit PNGs (a few KB each, exactly at the 25 MP limit): decoded small in the portrait
+    pool's worker process and hashed off the event loop, so another session's frames keep coming; the
+    memory is given back."""
     import gc
+    import os
     import threading
 
     from PIL import Image
 
     import emo_stream.streaming.avatars as engine_avatars
-    import server.avatars as server_avatars
 
-    seen = []  # (what, thread, shape) of the heavy steps
+    seen = []  # (what, thread, shape) of the heavy steps in this process
 
     def spy(what, fn):
         def wrapped(*args, **kwargs):
             result = fn(*args, **kwargs)
-            shape = getattr(result, "shape", None) if what == "decode" else getattr(args[0], "shape", None)
-            seen.append((what, threading.current_thread() is threading.main_thread(), shape))
+            seen.append((what, threading.current_thread() is threading.main_thread(), getattr(args[0], "shape", None)))
             return result
         return wrapped
 
-    monkeypatch.setattr(server_avatars, "image_from_bytes", spy("decode", server_avatars.image_from_bytes))
     monkeypatch.setattr(engine_avatars, "avatar_key", spy("hash", engine_avatars.avatar_key))
     bombs = []
     for i in range(3):  # different bytes each: no upload is recognised as already prepared
@@ -261,10 +260,12 @@ async def test_an_image_bomb_upload_stalls_no_session_and_its_memory_comes_back(
         gc.collect()
         rss_after = _rss_mib()
     assert during >= 3  # it was never frozen for the whole of three uploads
-    # every decode and hash ran in a worker thread, at a bounded size
-    decodes = [x for x in seen if x[0] == "decode"]
-    assert len(decodes) == 3 and not any(on_loop for _, on_loop, _ in seen), seen
-    assert all(max(shape[:2]) <= PORTRAIT_MAX_SIDE for _, _, shape in decodes), decodes
+    # every decode ran in the pool's worker process, every hash in a worker thread, at a bounded size
+    pool = server.avatars.pool
+    assert pool.jobs_done == 3 and pool.last_pids and os.getpid() not in pool.last_pids
+    hashes = [x for x in seen if x[0] == "hash"]
+    assert len(hashes) == 3 and not any(on_loop for _, on_loop, _ in seen), seen
+    assert all(max(shape[:2]) <= PORTRAIT_MAX_SIDE for _, _, shape in hashes), hashes
     # decoding full size used to keep ~180 MiB per upload; bounded decoding and malloc_trim give it back
     assert rss_after - rss_before < 120, (rss_before, rss_after)
 

@@ -22,7 +22,7 @@ from emo_stream.streaming.types import AvatarHandle
 
 
 def avatar_key(image: np.ndarray) -> str:
-    """The content id of an RGB portrait (also the AvatarHandle id)."""
+    """The content id of an RGB portrait or of a video avatar's frames (also the AvatarHandle id)."""
     digest = hashlib.sha1(repr(image.shape).encode())
     digest.update(memoryview(np.ascontiguousarray(image)).cast("B"))  # no copy of the pixels
     return digest.hexdigest()[:16]
@@ -51,8 +51,10 @@ class AvatarCache:
         return len(self._avatars)
 
     async def prepare(self, image: np.ndarray) -> AvatarHandle:
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ImageInputError("the portrait must be an RGB uint8 array of shape (H, W, 3)")
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim not in (3, 4) \
+                or image.shape[-1] != 3:
+            raise ImageInputError("the portrait must be an RGB uint8 array of shape (H, W, 3) (or, for backends "
+                                  "that take video avatars, frames (T, H, W, 3))")
         key = await asyncio.to_thread(avatar_key, image)  # hashing a large photo must not stall other sessions
         with self._lock:
             handle = self._avatars.get(key)

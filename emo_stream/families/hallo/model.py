@@ -104,8 +104,7 @@ class HalloModel(nn.Module):
 
     def face_feature(self, face_region: torch.Tensor, frames: int) -> torch.Tensor:
         """(3, H, W) face-region image in {0, 1} -> (1, C, frames, H/8, W/8), the same for every frame."""
-        feat = self.face_locator(face_region[None])                # (1, C, h, w)
-        return feat[:, :, None].repeat(1, 1, frames, 1, 1)
+        return self.face_locator(face_region[None, :, None].repeat(1, 1, frames, 1, 1))
 
     # ---- one denoiser call -----------------------------------------------------------------------
     def _bank_dtype(self) -> torch.dtype | None:

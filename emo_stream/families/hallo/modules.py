@@ -128,14 +128,16 @@ class AudioBlock(nn.Module):
         normed = self.norm2(x)
         n, length, c = x.shape
         h, w = hw
-        out = x
+        parts = []
         for attn, conv, mask, scale in zip((self.attn2_0, self.attn2_1, self.attn2_2),
                                            (self.zero_conv_full, self.zero_conv_face, self.zero_conv_lip),
                                            masks, scales):
             y = attend(attn, normed, audio) * mask[:, :, None]
             y = conv(y.reshape(n, h, w, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(n, length, c)
-            out = out + scale * y
-        # Hallo sums scale*full + scale*face + scale*lip + residual in that order
+            parts.append(scale * y)
+        # Hallo's order, ((full + face) + lip) + residual: float sums round by order, and a 1x1 level's
+        # single-value group norms turn a last-bit difference into 1e-3 at the output
+        out = parts[0] + parts[1] + parts[2] + x
         return self.ff(self.norm3(out)) + out
 
 
@@ -220,7 +222,11 @@ class TemporalTransformer(nn.Module):
         y = self.proj_in(y.transpose(1, 2).reshape(b * h * w, f, c))
         for block in self.transformer_blocks:
             y = block(y)
-        y = self.proj_out(y).reshape(b, h, w, f, c).permute(0, 3, 4, 1, 2).reshape(b * f, c, h, w)
+        # proj_out and the residual sum in AnimateDiff's own layout ((b f), h*w, c -> permuted, .contiguous()):
+        # the sum takes its memory layout from its operands, and at a 1x1 level that layout reads as
+        # channels-last, which sends the next group norm and conv down other kernels (other rounding)
+        y = y.reshape(b, h * w, f, c).transpose(1, 2).reshape(b * f, h * w, c)
+        y = self.proj_out(y).reshape(b * f, h, w, c).permute(0, 3, 1, 2).contiguous()
         return (y + frames).reshape(b, f, c, h, w).transpose(1, 2)
 
 

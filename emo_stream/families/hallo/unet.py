@@ -225,8 +225,21 @@ class Denoiser(nn.Module):
             index = int(name.rsplit(".", 1)[1])
             transformer.register_forward_hook(self._after_transformer(name, parent, index))
         self.unet.conv_in.register_forward_hook(self._after_conv_in)
+        # the timestep embedding and each resnet's projection of it run once per sample, not per frame:
+        # Hallo's 3D UNet sees batch `samples` there, and a GEMM over 1 row rounds differently from one over
+        # `frames` rows (1e-7, which the 1x1 level's single-value group norms turn into 1e-3)
+        for module in [self.unet.time_embedding] + [m.time_emb_proj for m in self.unet.modules()
+                                                     if getattr(m, "time_emb_proj", None) is not None]:
+            module.register_forward_pre_hook(self._per_sample_in)
+            module.register_forward_hook(self._per_sample_out)
 
     # -- hooks ---------------------------------------------------------------------------------------
+    def _per_sample_in(self, _module, args):
+        return (args[0][:: self.state.frames], *args[1:])
+
+    def _per_sample_out(self, _module, _args, output):
+        return output.repeat_interleave(self.state.frames, dim=0)
+
     def _after_conv_in(self, _module, _args, output):
         if self.state.face_feature is None:
             return output

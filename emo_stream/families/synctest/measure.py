@@ -42,7 +42,10 @@ def bursts(times: np.ndarray, env: np.ndarray, threshold: float, quiet_s: float 
 
 def _window_means(times: np.ndarray, env: np.ndarray, starts: np.ndarray, width: float) -> np.ndarray:
     """Mean envelope over [s, s + width) for each start (blocks treated as constant over their spacing)."""
-    dt = np.diff(times, append=times[-1] + (times[-1] - times[-2] if len(times) > 1 else 1e-3))
+    spacing = float(np.median(np.diff(times))) if len(times) > 1 else 1e-3
+    # a block stands for its own spacing only: across a gap (frames lost on the way) the sound is unknown, not
+    # the last block's level held
+    dt = np.minimum(np.diff(times, append=times[-1] + spacing), spacing)
     cum = np.concatenate([[0.0], np.cumsum(env * dt)])
     edges = np.concatenate([times, [times[-1] + dt[-1]]])
     integral = np.interp(starts + width, edges, cum) - np.interp(starts, edges, cum)
@@ -130,7 +133,11 @@ def offsets_of_frames(frames, fps: int, rate: int = 16000) -> list[BurstOffset]:
     from emo_stream.families.synctest.backend import read_pattern
 
     frames = sorted(frames, key=lambda f: f.pts)
-    times = [float(f.pts) for f in frames]
-    levels = [read_pattern(f.image)[0] for f in frames]
-    et, ev = frame_envelope([f.audio for f in frames], times, rate)
+    patterns = [read_pattern(f.image) for f in frames]
+    # a frame whose counter repeats the previous one was not drawn from its audio (the engine held the last
+    # picture: fall-behind policy, or a clear): the sound it carries says nothing about its picture
+    drawn = [k for k, (_, c) in enumerate(patterns) if k == 0 or c != patterns[k - 1][1]]
+    times = [float(frames[k].pts) for k in drawn]
+    levels = [patterns[k][0] for k in drawn]
+    et, ev = frame_envelope([f.audio for f in frames], [float(f.pts) for f in frames], rate)
     return burst_offsets(times, levels, et, ev, 1.0 / fps)
