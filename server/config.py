@@ -67,6 +67,10 @@ class LimitsConfig:
     # open WebSocket connections from one client address (a talk page or a bot needs one, a viewer one
     # more): one host cannot take every file descriptor and peer connection of the server
     max_connections_per_address: int = 32
+    # avatars: a connection holds at most this many of the max_avatars places (its own oldest goes when it
+    # uploads more; another client's uploads never drop them while it stays connected)
+    max_avatars_per_client: int = 4
+    avatar_uploads_per_minute: float = 12.0   # per client address (a burst of that many, then refilled)
     # untrusted images (uploads) are decoded in separate low-priority processes (emo_stream.portrait_pool)
     decode_workers: int = 1          # processes; each uses at most one core
     decode_queue: int = 4            # uploads waiting behind them; more get a "busy" error

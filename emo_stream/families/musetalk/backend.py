@@ -37,7 +37,7 @@ from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 
 log = logging.getLogger(__name__)
 
-LEFT_CONTEXT_S = 2.0       # live: whisper sees this much history before a segment (bench/results/musetalk_window.json)
+LEFT_CONTEXT_S = 16.0      # live: whisper sees this much history before a segment (bench/results/musetalk_window.json)
 EXTRA_LOOKAHEAD_FRAMES = 0  # live: audio after the last prompt step the encoder also sees (same measurement)
 FACE_FRACTION = 0.45       # framing: the face box takes this share of the output width
 MAX_BATCH_FRAMES = 48      # frames per UNet + decode call (bounds activation memory; more frames: more calls)
