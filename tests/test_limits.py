@@ -348,7 +348,7 @@ def _portraits(n: int) -> list[bytes]:
 
     from PIL import Image
 
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     base = default_portrait(192)
     out = []
