@@ -339,7 +339,7 @@ async def livekit_run(seconds: float, size: int) -> dict:
     from livekit.agents.voice.avatar import DataStreamAudioOutput
     from livekit_standin import Hub, LoopThread, StandInRoom
 
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
     from emo_stream.families.synctest.backend import read_pattern
     from emo_stream.livekit.host import EngineHost
     from emo_stream.livekit.job import run_avatar_job

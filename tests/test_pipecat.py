@@ -37,14 +37,14 @@ FPS = 25
 
 @pytest.fixture(scope="module")
 def backend():
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
 
     return create_backend("preview", size=SIZE)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(backend):
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
     from emo_stream.streaming import EngineConfig, StreamingEngine
 
     eng = StreamingEngine(backend, EngineConfig(segment_frames=2, vad=False))

@@ -22,7 +22,7 @@ TOKEN = "s3cret-token-for-tests"
 
 @pytest.fixture(scope="module")
 def backend():
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
 
     return create_backend("preview", size=SIZE)
 

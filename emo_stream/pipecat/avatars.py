@@ -83,7 +83,7 @@ class LocalAvatar:
         from emo_stream.streaming import StreamingEngine
 
         if self._engine is None:
-            from emo_stream.backends import create_backend
+            from emo_stream.registry import create_backend
 
             backend = await asyncio.to_thread(create_backend, self._backend_name, self._model, size=self._size,
                                               device=self._device)
@@ -103,7 +103,7 @@ class LocalAvatar:
             from emo_stream.media import load_image
 
             return load_image(self._image)
-        from emo_stream.preview.default_avatar import default_portrait
+        from emo_stream.default_avatar import default_portrait
 
         return default_portrait(max(int(self._engine.frame_size), 256))
 
