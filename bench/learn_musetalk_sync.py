@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -261,6 +263,49 @@ def evaluate_live(ckpt: Path, size: int, audio: np.ndarray, identities: int, see
             "mean_batch": stats.get("mean_batch"), "seconds": round(time.monotonic() - t0, 1), "_frames": pictures}
 
 
+def prepare_and_train(args, out: Path, untrained: Path, trained: Path) -> dict:
+    """Data, the random folder, the VAE fit, the untrained and the trained checkpoints; their summary."""
+    from emo_stream.families.musetalk.loader import load
+    from emo_stream.training.data import ClipStore
+    from emo_stream.training.vae_fit import fit_vae
+
+    t_start = time.monotonic()
+    shutil.rmtree(out, ignore_errors=True)
+    generate_dataset(out / "data", clips=args.clips, size=args.size, seconds=4.0, identities=args.identities,
+                     seed=args.seed)
+    random_dl = tiny_download(out / "random" / "models", args.seed)
+    model = load(random_dl)
+    model.config.crop_size, model.config.extra_margin = args.crop, args.margin
+    t_data = time.monotonic() - t_start
+
+    t1 = time.monotonic()
+    store = ClipStore([out / "data"])
+    clips = training_set(model, store, args.crop, progress=False)
+    vae_losses = fit_vae(model.vae, CropStore(clips), args.crop, args.vae_steps, seed=args.seed)
+    add_latents(model, clips)   # latents of the fitted VAE
+    t_vae = time.monotonic() - t1
+    # the untrained model: the fitted VAE with the UNet's random weights (only the UNet differs from trained)
+    checkpoint(save_download(model, out / "untrained" / "models", random_dl), untrained, args.crop, args.margin)
+    run = train_unet(model, clips, args.minutes * 60, args.batch_size, args.lr, args.seed)
+    checkpoint(save_download(model, out / "trained" / "models", random_dl), trained, args.crop, args.margin)
+
+    ls, k = run["losses"], max(1, len(run["losses"]) // 10)
+    return {
+        "model": {"unet_params": sum(p.numel() for p in model.unet.parameters()),
+                  "vae_params": sum(p.numel() for p in model.vae.parameters()),
+                  "whisper_params": sum(p.numel() for p in model.whisper.parameters()),
+                  "whisper_layers": model.config.whisper_layers - 1, "trained": "UNet only (VAE fitted first)"},
+        "train": {"objective": "L1 on latents: masked target + reference of another frame + whisper prompt, t=0",
+                  "batch_size": args.batch_size, "lr": args.lr, "steps": run["steps"],
+                  "seconds": round(run["seconds"], 1), "loss_first": round(float(np.mean(ls[:k])), 4),
+                  "loss_last": round(float(np.mean(ls[-k:])), 4)},
+        "vae_fit": {"steps": args.vae_steps, "loss_first": round(float(np.mean(vae_losses[:10])), 4),
+                    "loss_last": round(float(np.mean(vae_losses[-10:])), 4)},
+        "minutes": {"data_and_model": round(t_data / 60, 2), "latents_and_vae_fit": round(t_vae / 60, 2),
+                    "unet_training": round(run["seconds"] / 60, 2)},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=8.0, help="UNet training time")
@@ -278,37 +323,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoints an earlier run left in --out")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
-    from emo_stream.families.musetalk.loader import load
-    from emo_stream.training.data import ClipStore
-    from emo_stream.training.vae_fit import fit_vae
-
     t_start = time.monotonic()
     out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    generate_dataset(out / "data", clips=args.clips, size=args.size, seconds=4.0, identities=args.identities,
-                     seed=args.seed)
-    random_dl = tiny_download(out / "random" / "models", args.seed)
-    model = load(random_dl)
-    model.config.crop_size, model.config.extra_margin = args.crop, args.margin
-    t_data = time.monotonic() - t_start
-
-    t1 = time.monotonic()
-    store = ClipStore([out / "data"])
-    clips = training_set(model, store, args.crop, progress=False)
-    vae_losses = fit_vae(model.vae, CropStore(clips), args.crop, args.vae_steps, seed=args.seed)
-    add_latents(model, clips)   # latents of the fitted VAE
-    t_vae = time.monotonic() - t1
-    # the untrained model: the fitted VAE with the UNet's random weights (only the UNet differs from trained)
-    untrained = checkpoint(save_download(model, out / "untrained" / "models", random_dl), out / "untrained_ckpt",
-                           args.crop, args.margin)
-    run = train_unet(model, clips, args.minutes * 60, args.batch_size, args.lr, args.seed)
-    trained = checkpoint(save_download(model, out / "trained" / "models", random_dl), out / "trained_ckpt",
-                         args.crop, args.margin)
+    untrained, trained = out / "untrained_ckpt", out / "trained_ckpt"
+    if args.eval_only:   # the checkpoints and train.json of an earlier run in --out
+        summary = json.loads((out / "train.json").read_text())
+    else:
+        summary = prepare_and_train(args, out, untrained, trained)
+        (out / "train.json").write_text(json.dumps(summary, indent=1))
 
     audio = random_speech(np.random.default_rng([args.seed, 999]), args.eval_seconds)  # never trained on
     t3 = time.monotonic()
@@ -325,8 +353,6 @@ def main(argv: list[str] | None = None) -> int:
         pass
     for v in res.values():
         v.pop("_frames")
-    ls = run["losses"]
-    k = max(1, len(ls) // 10)
     result = {
         "bench": "learn_musetalk_sync",
         "device": device_name(detail=f"{os.cpu_count()} cores, torch threads {args.threads}; shared with other "
@@ -335,16 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size, "crop": args.crop, "extra_margin": args.margin, "latents": args.crop // 8,
         "clips": args.clips,
         "identities": args.identities,
-        "model": {"unet_params": sum(p.numel() for p in model.unet.parameters()),
-                  "vae_params": sum(p.numel() for p in model.vae.parameters()),
-                  "whisper_params": sum(p.numel() for p in model.whisper.parameters()),
-                  "whisper_layers": model.config.whisper_layers - 1, "trained": "UNet only (VAE fitted first)"},
-        "train": {"objective": "L1 on latents: masked target + reference of another frame + whisper prompt, t=0",
-                  "batch_size": args.batch_size, "lr": args.lr, "steps": run["steps"],
-                  "seconds": round(run["seconds"], 1), "loss_first": round(float(np.mean(ls[:k])), 4),
-                  "loss_last": round(float(np.mean(ls[-k:])), 4)},
-        "vae_fit": {"steps": args.vae_steps, "loss_first": round(float(np.mean(vae_losses[:10])), 4),
-                    "loss_last": round(float(np.mean(vae_losses[-10:])), 4)},
+        **{k: v for k, v in summary.items() if k != "minutes"},
         "eval": {"path": "live: StreamingEngine + musetalk backend (converted checkpoint), one session per "
                          "identity, audio pushed in 40 ms chunks, frames as a client reads them",
                  "speech_seconds": args.eval_seconds, "held_out": True, "identities": n_eval,
@@ -352,9 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                  "measure": "Pearson r, mouth darkness in the synthetic mouth region vs RMS envelope of each "
                             "frame's own audio"},
         "r_untrained": res["untrained"]["r"], "r_trained": res["trained"]["r"], "detail": res,
-        "minutes": {"data_and_model": round(t_data / 60, 2), "latents_and_vae_fit": round(t_vae / 60, 2),
-                    "unet_training": round(run["seconds"] / 60, 2), "eval": round(t_eval / 60, 2),
-                    "total": round((time.monotonic() - t_start) / 60, 2)},
+        "minutes": {**summary["minutes"], "eval": round(t_eval / 60, 2),
+                    "total_this_process": round((time.monotonic() - t_start) / 60, 2)},
+        "command": "python " + " ".join(["bench/learn_musetalk_sync.py", *(argv if argv is not None else sys.argv[1:])]),
         "target": "r_trained >= 0.5, r_untrained ~ 0",
     }
     emit_json(result, args.json)
