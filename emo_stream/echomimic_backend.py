@@ -345,6 +345,37 @@ class EchoMimicBackend(BackendBase):
             return []
         return self.decode(jobs, self.denoise(jobs))
 
+    def memory_profile(self, batches: tuple[int, ...] = (1, 4)):
+        """Device memory of this configuration (weights, per session, activations per batch), counted on a
+        structure-only twin on the meta device (emo_stream.memory); None for a model without ModelParts."""
+        from emo_stream.memory import profile_segments, weight_bytes
+
+        parts = self.model
+        if not isinstance(parts, ModelParts):
+            return None
+        if parts.device.type == "meta":
+            twin = self
+        else:
+            from diffusers import AutoencoderTiny
+
+            from emo_stream.models.echomimic.model import EchoMimicModel
+
+            model = EchoMimicModel.build(parts.model.config, empty=True).eval().to("meta", parts.dtype)
+            taesd = AutoencoderTiny.from_config(parts.taesd.config).to("meta", parts.dtype) if parts.taesd else None
+            twin = EchoMimicBackend(ModelParts(model, taesd), size=self.size, fps=self.fps, steps=1,
+                                    decoder=self.decoder, live_overlap=self.live_overlap,
+                                    segment_frames=self.stream_segment_frames, context_frames=self.clip_frames)
+        s = self.size
+        avatar = twin.avatar_from_crop(np.zeros((s, s, 3), np.uint8), np.array([s / 4, s / 4, 3 * s / 4, 3 * s / 4]))
+        f = twin.stream_segment_frames
+
+        def jobs(n: int):
+            c = parts.model.config
+            tokens = torch.zeros(f, c.audio_tokens_per_frame, c.audio_dim, device="meta", dtype=parts.dtype)
+            return twin, [SegmentJob(avatar, twin.new_state(avatar, k), tokens, f) for k in range(n)]
+        return profile_segments("echomimic", s, weight_bytes(parts.model, parts.taesd), jobs,
+                                lambda b, j: b.decode(j, b.denoise(j)), batches)
+
     def _to_pixels(self, latents: torch.Tensor) -> np.ndarray:
         """(N, 4, h, w) -> (N, size, size, 3) uint8."""
         images = []

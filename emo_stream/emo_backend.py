@@ -371,6 +371,24 @@ class EmoBackend(BackendBase):
             return []
         return self.decode(jobs, self.denoise(jobs))
 
+    def memory_profile(self, batches: tuple[int, ...] = (1, 4)):
+        """Device memory of this configuration (weights, per session, activations per batch), counted on a
+        structure-only twin on the meta device: no device memory is used (emo_stream.memory)."""
+        from emo_stream.memory import profile_segments, weight_bytes
+
+        m = self.model
+        twin = self if m.device.type == "meta" else EmoBackend(
+            EmoModel.build(m.config, empty=True).eval().to("meta", m.dtype), size=self.size, fps=self.fps,
+            steps=1, guidance=self.guidance, decoder=self.decoder)
+        s = self.size
+        avatar = twin.avatar_from_crop(np.zeros((s, s, 3), np.uint8), np.array([s / 4, s / 4, 3 * s / 4, 3 * s / 4]))
+        f, cfg = twin.stream_segment_frames, m.config
+
+        def jobs(n: int):
+            feats = torch.zeros(f, 2 * cfg.audio.window + 1, cfg.audio_feature_dim, device="meta", dtype=m.dtype)
+            return twin, [SegmentJob(avatar, twin.new_state(avatar, k), feats, f) for k in range(n)]
+        return profile_segments("emo", s, weight_bytes(m), jobs, lambda b, j: b.decode(j, b.denoise(j)), batches)
+
 
 def cpu_threads_default(cores: int | None = None) -> int:
     """Torch threads for EMO on the CPU: half the cores, at most 8. Torch's default (every core) lost to

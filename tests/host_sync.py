@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+import torch.fx.experimental._config  # noqa: F401 (meta_nonzero_assume_all_nonzero)
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -169,7 +170,9 @@ def count_host_syncs() -> Iterator[SyncLog]:
     # torch.tensor(data, device=...) copies without passing the dispatcher's copy ops
     torch.tensor, torch.as_tensor = _new(real_tensor, "torch.tensor"), _new(real_as_tensor, "torch.as_tensor")
     try:
-        with _Function(log), _Dispatch(log):
+        # nonzero on meta: answer with every element non-zero (its shape is what the run needs), counted anyway
+        with torch.fx.experimental._config.patch(meta_nonzero_assume_all_nonzero=True), _Function(log), \
+                _Dispatch(log):
             yield log
     finally:
         torch.tensor, torch.as_tensor = real_tensor, real_as_tensor

@@ -32,10 +32,18 @@ def denoiser_module(family: str, backend) -> torch.nn.Module:
     return backend.model.denoising_unet.unet
 
 
+class _Models(dict):
+    """Each family's tiny fp32 model, built on first use (one build per module, whatever the tests selected)."""
+
+    def __missing__(self, family):
+        torch.set_num_threads(1)
+        self[family] = CASES[family].model()
+        return self[family]
+
+
 @pytest.fixture(scope="module")
 def models():
-    torch.set_num_threads(1)
-    return {name: case.model() for name, case in CASES.items()}
+    return _Models()
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +57,7 @@ def _compile(module: torch.nn.Module, backend) -> None:
     module.forward = torch.compile(module.forward, backend=backend, dynamic=False, fullgraph=True)
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_one_graph_no_recompile_across_steps_and_segments(family, models):
@@ -62,6 +71,7 @@ def test_one_graph_no_recompile_across_steps_and_segments(family, models):
     assert counter.frame_count == 1, f"{family}: {counter.frame_count} graphs (recompiled)"
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("family", [f for f in FAMILIES if CASES[f].batched])
 @torch.no_grad()
 def test_batch_buckets_bound_the_shapes_the_denoiser_sees(family, models):
@@ -81,6 +91,7 @@ def test_batch_buckets_bound_the_shapes_the_denoiser_sees(family, models):
     assert {s[0] for s in shapes} == {bucket_size(n) for n in sessions} == {1, 2, 4, 8}
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("family", [f for f in FAMILIES if CASES[f].batched])
 @torch.no_grad()
 def test_padding_rows_do_not_change_the_sessions_output(family, models):
@@ -96,6 +107,7 @@ def test_padding_rows_do_not_change_the_sessions_output(family, models):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_inductor_equals_eager(family, models):
@@ -110,6 +122,7 @@ def test_inductor_equals_eager(family, models):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("family", [f for f in FAMILIES if CASES[f].batched])
 @torch.no_grad()
 def test_recompiles_once_per_bucket_as_sessions_vary(family, models):

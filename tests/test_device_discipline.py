@@ -29,10 +29,18 @@ PER_SEGMENT = {"emo": {}, "echomimic": {}, "hallo": {"device->host copy": 1}}
 TOLERANCE = {torch.bfloat16: 0.1, torch.float16: 0.02}
 
 
+class _Models(dict):
+    """Each family's tiny fp32 model, built on first use (one build per module, whatever the tests selected)."""
+
+    def __missing__(self, family):
+        torch.set_num_threads(1)
+        self[family] = CASES[family].model()
+        return self[family]
+
+
 @pytest.fixture(scope="module")
 def models():
-    torch.set_num_threads(1)
-    return {name: case.model() for name, case in CASES.items()}
+    return _Models()
 
 
 def test_the_probe_counts_what_blocks_a_gpu():
@@ -57,6 +65,7 @@ def test_the_probe_counts_what_blocks_a_gpu():
     assert log.total() == 0 and [k for k, _ in log.events] == [ASYNC_COPY]
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_segment_loop_runs_on_meta_without_per_step_syncs(family, models):
@@ -87,6 +96,7 @@ def test_segment_loop_runs_on_meta_without_per_step_syncs(family, models):
         assert dict(syncs) == want, run
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @torch.no_grad()
