@@ -156,7 +156,9 @@ def _hallo_model():
 def hallo_backend(device="cpu", dtype=torch.float32, steps=2, model=None, **kw):
     from emo_stream.hallo_backend import HalloBackend
 
-    m = _place(copy.deepcopy(model) if model is not None else _hallo_model(), device, dtype)
+    # a fresh (seeded: the same weights) model every time: Hallo's denoiser hooks are closures over the module
+    # that registered them, so a deepcopy of HalloModel would still read the original's per-call state
+    m = _place(_hallo_model(), device, dtype)
     return HalloBackend(m, size=128, fps=25, steps=steps, **kw)
 
 
