@@ -47,13 +47,13 @@ def counted_tflop(model: str, size: int, mode: str, family: str = "emo") -> dict
     """bench/flops.py's count for the same configuration (the tiny EchoMimic is counted as the full one's
     structure would not be: 0 there)."""
     if family == "echomimic":
-        from flops import count_echomimic
+        from emo_stream.families.echomimic.flops import count_echomimic
 
         if model == "tiny":
             return {"tflop_per_frame_total": 0.0, "tflop_per_frame_per_step": 0.0, "parts": {"reference": 0.0},
                     "steps": None, "guidance": None, "decoder": None}
         return count_echomimic(model, mode, size=size)
-    from flops import count_emo
+    from emo_stream.families.emo.flops import count_emo
 
     return count_emo(model, mode, size=size)
 
@@ -63,12 +63,12 @@ def load_echomimic(model: str, size: int, device: torch.device, dtype: str, comp
     on the device, and the sd15 (or tiny) TAESD for live decoding."""
     from diffusers import AutoencoderTiny
 
-    from emo_stream.echomimic_backend import EchoMimicBackend, ModelParts
-    from emo_stream.emo_backend import _parse_dtype
-    from emo_stream.models.config import load_config
-    from emo_stream.models.echomimic.config import EchoMimicConfig
-    from emo_stream.models.echomimic.model import EchoMimicModel
-    from emo_stream.models.echomimic.testing import tiny_config
+    from emo_stream.families.echomimic.backend import EchoMimicBackend, ModelParts
+    from emo_stream.blocks.device import parse_dtype as _parse_dtype
+    from emo_stream.families.emo.config import load_config
+    from emo_stream.families.echomimic.config import EchoMimicConfig
+    from emo_stream.families.echomimic.model import EchoMimicModel
+    from emo_stream.families.echomimic.testing import tiny_config
 
     sd = load_config("tiny" if model == "tiny" else "sd15")
     if model == "tiny":
@@ -90,7 +90,7 @@ def load_backend(family: str, model: str, size: int, device: torch.device, dtype
                  decoder: str | None = None):
     if family == "echomimic":
         return load_echomimic(model, size, device, dtype, compile, decoder or "taesd")
-    from emo_stream.emo_backend import EmoBackend
+    from emo_stream.families.emo.backend import EmoBackend
 
     return EmoBackend.load(model, size=size, device=str(device), dtype=dtype, compile=compile, decoder=decoder)
 

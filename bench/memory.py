@@ -4,7 +4,7 @@
 
 For every live-capable family the backend is built at full size with its parameters on the meta device, one
 session's avatar is prepared there (ReferenceNet features, latents), and one segment (denoise + decode, one
-step: every step has the same peak) runs for batches of 1, 4 and 8 sessions inside emo_stream.memory.PeakMemory.
+step: every step has the same peak) runs for batches of 1, 4 and 8 sessions inside emo_stream.blocks.memory.PeakMemory.
 Each record: weights, per-session bytes (avatar + state, kept between segments), activation peak per batch,
 and how many sessions fit in 24, 48 and 80 GiB with batches of up to 4 (the engine's default max_batch) after
 a 10% headroom. Not counted: the CUDA context and kernels' workspace (~0.5-1 GiB, inside the headroom), the audio
@@ -23,16 +23,16 @@ import torch
 
 from _common import emit_json  # bench/; puts the repo on sys.path
 
-from emo_stream.memory import MemoryProfile, profile_segments, weight_bytes
+from emo_stream.blocks.memory import MemoryProfile, profile_segments, weight_bytes
 
 META = torch.device("meta")
 DTYPE = torch.bfloat16
 
 
 def emo(size: int, batches: list[int]) -> MemoryProfile:
-    from emo_stream.emo_backend import EmoBackend
-    from emo_stream.models.config import load_config
-    from emo_stream.models.emo_model import EmoModel
+    from emo_stream.families.emo.backend import EmoBackend
+    from emo_stream.families.emo.config import load_config
+    from emo_stream.families.emo.model import EmoModel
 
     model = EmoModel.build(load_config("sd15_live"), empty=True).eval().to(META, DTYPE)
     profile = EmoBackend(model, size=size, steps=1).memory_profile(tuple(batches))
@@ -43,10 +43,10 @@ def emo(size: int, batches: list[int]) -> MemoryProfile:
 def echomimic(size: int, batches: list[int]) -> MemoryProfile:
     from diffusers import AutoencoderTiny
 
-    from emo_stream.echomimic_backend import EchoMimicBackend, ModelParts
-    from emo_stream.models.config import load_config
-    from emo_stream.models.echomimic.config import EchoMimicConfig
-    from emo_stream.models.echomimic.model import EchoMimicModel
+    from emo_stream.families.echomimic.backend import EchoMimicBackend, ModelParts
+    from emo_stream.families.emo.config import load_config
+    from emo_stream.families.echomimic.config import EchoMimicConfig
+    from emo_stream.families.echomimic.model import EchoMimicModel
 
     sd = load_config("sd15")
     model = EchoMimicModel.build(EchoMimicConfig(weights_set="acc", vae=sd.vae), empty=True).eval().to(META, DTYPE)
@@ -62,10 +62,10 @@ def hallo(size: int, batches: list[int]) -> MemoryProfile:
     from diffusers import AutoencoderKL
 
     from emo_stream.backend import SegmentJob
-    from emo_stream.hallo_backend import HalloBackend
-    from emo_stream.models.config import load_config
-    from emo_stream.models.hallo.config import HalloConfig
-    from emo_stream.models.hallo.model import HalloModel
+    from emo_stream.families.hallo.backend import HalloBackend
+    from emo_stream.families.emo.config import load_config
+    from emo_stream.families.hallo.config import HalloConfig
+    from emo_stream.families.hallo.model import HalloModel
 
     cfg = HalloConfig(image_size=size)
     with init_empty_weights(include_buffers=False):
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 (one family's failure must not hide the others)
             logging.exception("profiling %s failed", name)
             failed.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-    emit_json({"bench": "memory", "device": "meta (counted with emo_stream.memory.PeakMemory, nothing computed)",
+    emit_json({"bench": "memory", "device": "meta (counted with emo_stream.blocks.memory.PeakMemory, nothing computed)",
                "torch": torch.__version__, "size": args.size, "dtype": str(DTYPE).replace("torch.", ""),
                "unit": "GiB (weights, activations), MiB (per session)", "records": records, "failed": failed,
                "seconds": round(time.monotonic() - t0, 1)}, args.json)

@@ -19,18 +19,60 @@ log = logging.getLogger(__name__)
 MIN_INPUT_RATE = 4000  # Hz: telephone speech is 8 kHz; lower rates in a file mean a broken header
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 (H, W, 3), honouring EXIF orientation."""
+# One decode policy for every portrait, trusted or not (uploads, LiveKit metadata and URLs, --avatar files):
+# only these formats, recognised by their magic bytes before Pillow sees the data (Pillow would otherwise
+# pick any of its ~40 decoders - TIFF, BMP, GIF, ICO, TGA, SGI, DDS, EPS via Ghostscript...), and a pixel
+# count checked from the header before anything is decoded.
+PORTRAIT_FORMATS = ("JPEG", "PNG", "WEBP")
+# width * height of portraits arriving as bytes (uploads, LiveKit); the server's limits.max_image_pixels
+MAX_PORTRAIT_PIXELS = 25_000_000
+# an operator's own file (--avatar, generate --image) may be a full-size camera photo (a 61 MP sensor)
+MAX_FILE_PIXELS = 100_000_000
+
+
+def image_format(head: bytes) -> str | None:
+    """The allowed format the first 12 bytes of a file announce (PORTRAIT_FORMATS), or None."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _open_checked(source, head: bytes, what: str, max_pixels: int) -> Image.Image:
+    """Open (header only) an allowed image no larger than max_pixels; ImageInputError naming `what`."""
+    fmt = image_format(head)
+    if fmt is None:
+        raise ImageInputError(f"{what}: not a JPEG, PNG or WebP image (other formats are refused: convert it)")
+    try:
+        img = Image.open(source, formats=[fmt])
+    except Image.DecompressionBombError:   # Pillow's own guard (far above ours): the same answer
+        raise ImageInputError(f"{what}: the image is too large (limit {max_pixels} pixels)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageInputError(f"{what}: not a readable image ({exc.__class__.__name__})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        img.close()
+        raise ImageInputError(f"{what}: {width}x{height} is too large (limit {max_pixels} pixels); use a smaller "
+                              f"photo")
+    return img
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_FILE_PIXELS) -> np.ndarray:
+    """Read a JPEG, PNG or WebP file as RGB uint8 (H, W, 3), honouring EXIF orientation."""
     path = Path(path)
     if not path.is_file():
         raise ImageInputError(f"image not found: {path}")
     try:
-        with Image.open(path) as img:
-            return _to_rgb(img)
-    except Image.DecompressionBombError:
-        raise ImageInputError(f"image too large: {path} (more than {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels); "
-                              f"use a smaller photo") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            with _open_checked(f, head, f"image {path}", max_pixels) as img:
+                return _to_rgb(img)
+    except ImageInputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageInputError(f"not a readable image: {path} ({exc.__class__.__name__})") from None
 
 
@@ -83,19 +125,25 @@ def _to_rgb(img: Image.Image, max_side: int | None = None) -> np.ndarray:
 PORTRAIT_MAX_SIDE = 2048
 
 
-def image_from_bytes(data: bytes, max_side: int | None = None) -> np.ndarray:
-    """Decode an uploaded image (PNG, JPEG, WebP...) to RGB uint8; with `max_side`, no larger than about that
-    (a 5000x5000 upload must not cost gigabytes: the models work at 512 px)."""
+def image_from_bytes(data: bytes, max_side: int | None = None, max_pixels: int = MAX_PORTRAIT_PIXELS,
+                     what: str = "image", min_side: int = 1) -> np.ndarray:
+    """Decode an image (JPEG, PNG or WebP only; at most max_pixels, checked from the header) to RGB uint8;
+    with `max_side`, no larger than about that (a 5000x5000 upload must not cost gigabytes: the models work
+    at 512 px). Untrusted bytes are decoded in a separate process: see emo_stream.portrait_pool."""
     import io
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _open_checked(io.BytesIO(data), data[:12], what, max_pixels) as img:
+            if min(img.size) < min_side:
+                raise ImageInputError(f"{what}: {img.size[0]}x{img.size[1]} is too small (at least {min_side} "
+                                      f"pixels a side)")
             return _to_rgb(img, max_side)
+    except ImageInputError:
+        raise
     except Image.DecompressionBombError:
-        raise ImageInputError(f"image too large (more than {2 * Image.MAX_IMAGE_PIXELS // 10**6} megapixels): "
-                              f"use a smaller photo") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageInputError(f"not a readable image ({exc.__class__.__name__})") from None
+        raise ImageInputError(f"{what}: the image is too large (limit {max_pixels} pixels)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageInputError(f"{what}: not a readable image ({exc.__class__.__name__})") from None
 
 
 def to_mono_float(pcm: np.ndarray, channels: int) -> np.ndarray:
@@ -161,6 +209,57 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, min_seconds: fl
     if not np.isfinite(audio).all():
         raise AudioInputError(f"audio has invalid samples (NaN/inf): {path}")
     return audio
+
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
+VIDEO_AVATAR_MAX_SECONDS = 10.0   # an idle loop of a few seconds is what a video avatar is for
+VIDEO_AVATAR_MAX_SIDE = 1024      # frames are framed to the model size (512) later: decode no larger
+
+
+def is_video_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def load_video(path: str | Path, fps: int, max_seconds: float = VIDEO_AVATAR_MAX_SECONDS,
+               max_side: int = VIDEO_AVATAR_MAX_SIDE) -> np.ndarray:
+    """The first `max_seconds` of a video as RGB uint8 frames (T, H, W, 3), resampled to `fps` by time (the
+    frame showing at each tick), the longer side at most `max_side`. One ImageInputError line for files
+    that are not a readable video."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageInputError(f"video not found: {path}")
+    frames: list[np.ndarray] = []
+    limit = max(1, int(round(max_seconds * fps)))
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ImageInputError(f"no video stream in {path}")
+            stream = container.streams.video[0]
+            tick, last = 0, None
+            for frame in container.decode(stream):
+                t = float(frame.time) if frame.time is not None else tick / fps
+                w, h = frame.width, frame.height
+                scale = min(1.0, max_side / max(w, h))
+                if scale < 1.0:
+                    frame = frame.reformat(width=2 * round(w * scale / 2), height=2 * round(h * scale / 2))
+                rgb = frame.to_ndarray(format="rgb24")
+                while tick < limit and tick / fps < t:   # ticks before this frame show the previous one
+                    if last is not None:
+                        frames.append(last)
+                    tick += 1
+                last = rgb
+                if tick >= limit:
+                    break
+            if last is not None and tick < limit:   # the last frame shows at the next tick
+                frames.append(last)
+    except ImageInputError:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError) as exc:
+        raise ImageInputError(f"cannot decode video {path} ({exc.__class__.__name__}): not a video FFmpeg can "
+                              f"read") from None
+    if not frames:
+        raise ImageInputError(f"no frames in video {path}")
+    return np.stack(frames)
 
 
 class Mp4Writer:

@@ -9,12 +9,16 @@ The command prints that dict as JSON and exits 1 when any error is above the tol
 --tolerance says otherwise), 2 with one line on stderr when the folder is not a golden set or its files
 are broken (naming the file, and the key and shape for weights).
 
-Adding a family: write `run_cases(golden_dir: Path) -> dict[str, float]` (raise GoldenFormatError /
-WeightsError, one line, for a folder not in the format) and add it to RUNNERS under the name its sets use
-in case.json["model"]. A runner may also accept `only: set[str]` (the case groups to replay, e.g.
-{"denoiser_single"}), which `--case` passes:
+Pictures stored as uint8 are compared in grey levels: a runner returns those errors as `GreyLevels(value)` (a
+float that carries its unit), and they are held to GREY_TOLERANCE (1 level, --grey-tolerance) instead of
+the float tolerance; their case names end in " (grey levels)" so the printed JSON says so too.
 
-    RUNNERS["hallo"] = "emo_stream.models.hallo.parity:run_cases"
+Adding a family's runner: write `run_cases(golden_dir: Path) -> dict[str, float]` in its folder (raise
+GoldenFormatError / WeightsError, one line, for a folder not in the format) and name it in the family's
+declaration with the case.json["model"] values its sets use (emo_stream.registry finds it). A runner may also
+accept `only: set[str]` (the case groups to replay, e.g. {"denoiser_single"}), which `--case` passes:
+
+    FAMILY = Family(name="hallo", ..., parity="emo_stream.families.hallo.parity:run_cases", parity_models=("hallo",))
 """
 
 from __future__ import annotations
@@ -32,13 +36,24 @@ from emo_stream.errors import EmoStreamError
 log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4
+GREY_TOLERANCE = 1.0   # uint8 pictures: at most one grey level off (rounding of a float pipeline)
+GREY_SUFFIX = " (grey levels)"
 CASE_FILE = "case.json"
 
-# case.json["model"] -> "module:function" of run_cases(golden_dir) -> {case: max_abs_error}
-RUNNERS: dict[str, str] = {
-    "echomimic-v1": "emo_stream.models.echomimic.parity:run_cases",
-    "hallo": "emo_stream.models.hallo.parity:run_cases",
-}
+
+class GreyLevels(float):
+    """A case's max abs error in grey levels of a uint8 picture: held to the grey tolerance, not the float one."""
+
+
+def grey_levels(ours, reference) -> GreyLevels:
+    """Max abs difference of two uint8 pictures (arrays or tensors of the same shape), in grey levels."""
+    import numpy as np
+
+    a = np.asarray(ours.cpu() if hasattr(ours, "cpu") else ours).astype(np.int32)
+    b = np.asarray(reference.cpu() if hasattr(reference, "cpu") else reference).astype(np.int32)
+    if a.shape != b.shape:
+        return GreyLevels(float("inf"))
+    return GreyLevels(float(np.abs(a - b).max()) if a.size else 0.0)
 
 
 class GoldenFormatError(EmoStreamError):
@@ -66,11 +81,14 @@ def read_case(golden_dir: str | Path) -> dict:
 
 
 def runner_for(model: str) -> Callable[[Path], dict[str, float]]:
-    if model not in RUNNERS:
-        raise GoldenFormatError(f"no parity runner for model {model!r} (known: {', '.join(sorted(RUNNERS)) or 'none'})")
-    from emo_stream.models.families import resolve
+    """case.json's "model" -> the run_cases of the registered family that replays it."""
+    from emo_stream import registry
 
-    return resolve(RUNNERS[model])
+    family = registry.parity_family(model)
+    if family is None:
+        known = ", ".join(sorted(registry.parity_models())) or "none"
+        raise GoldenFormatError(f"no parity runner for model {model!r} (known: {known})")
+    return family.parity_runner()
 
 
 def run_parity(golden_dir: str | Path, only: list[str] | None = None) -> dict[str, float]:
@@ -96,9 +114,14 @@ def run_parity(golden_dir: str | Path, only: list[str] | None = None) -> dict[st
                                 f"({type(exc).__name__}: {exc})") from None
 
 
-def failures(errors: dict[str, float], tolerance: float = TOLERANCE) -> list[str]:
-    """Cases above the tolerance (NaN counts as a failure)."""
-    return [k for k, v in errors.items() if not (math.isfinite(v) and v <= tolerance)]
+def failures(errors: dict[str, float], tolerance: float = TOLERANCE,
+             grey_tolerance: float = GREY_TOLERANCE) -> list[str]:
+    """Cases above their tolerance: GreyLevels errors against `grey_tolerance`, the rest against `tolerance`
+    (NaN counts as a failure)."""
+    def limit(v: float) -> float:
+        return grey_tolerance if isinstance(v, GreyLevels) else tolerance
+
+    return [k for k, v in errors.items() if not (math.isfinite(v) and v <= limit(v))]
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------
@@ -109,7 +132,8 @@ golden format works, not only the shared ones.
 
 exit status:
   0  every case within the tolerance
-  1  some case above the tolerance (or NaN); the JSON is printed and stderr names the cases
+  1  some case above its tolerance (floats: --tolerance; uint8 pictures, named "(grey levels)":
+     --grey-tolerance) or NaN; the JSON is printed and stderr names the cases
   2  not a golden set or broken files: one line on stderr naming the folder or file (and the key and shape
      for weights), e.g. no case.json, an unknown "model", a listed output file or tensor missing, weights
      missing or of another size
@@ -122,6 +146,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("golden_dir", metavar="GOLDEN_DIR", help="a golden set folder (with case.json)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE,
                         help=f"max abs error allowed per case (default {TOLERANCE:g})")
+    parser.add_argument("--grey-tolerance", type=float, default=GREY_TOLERANCE,
+                        help=f"max error allowed for uint8 picture cases, in grey levels (default {GREY_TOLERANCE:g})")
     parser.add_argument("--case", action="append", metavar="NAME",
                         help="replay only this case group (repeatable; e.g. denoiser_single, acc_loop)")
     parser.add_argument("--threads", type=int, default=1,
@@ -134,8 +160,10 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     errors = run_parity(args.golden_dir, args.case)
     print(json.dumps(errors, indent=1))
-    bad = failures(errors, args.tolerance)
+    bad = failures(errors, args.tolerance, args.grey_tolerance)
     if bad:
-        print(f"emo-stream parity: {len(bad)} case(s) above {args.tolerance:g}: {', '.join(bad)}", file=sys.stderr)
+        limits = f"{args.tolerance:g}" + (f" (pictures: {args.grey_tolerance:g} grey levels)"
+                                          if any(isinstance(errors[k], GreyLevels) for k in bad) else "")
+        print(f"emo-stream parity: {len(bad)} case(s) above {limits}: {', '.join(bad)}", file=sys.stderr)
         return 1
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -15,18 +16,21 @@ from emo_stream.streaming import StreamingEngine
 
 from server.avatars import AvatarStore
 from server.config import ServerConfig
+from server.auth import ADMIN, RedactingLogger
 from server.http import HttpRoutes
+from server.http_requests import HttpConnection
 from server.sessions import SessionManager
 from server.sync import Clock, MonotonicClock
+from server.whip import WebRtcHttp
 from server.ws_api import ApiContext, Connection
 
 log = logging.getLogger(__name__)
 
 
 def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = None) -> StreamingEngine:
-    """Backend by name (emo_stream.backends) inside the streaming engine; model loading happens here."""
+    """Backend by name (emo_stream.registry) inside the streaming engine; model loading happens here."""
     from emo_stream.backend import capabilities
-    from emo_stream.backends import create_backend, default_backend, model_options
+    from emo_stream.registry import create_backend, default_backend, model_options
 
     if backend is None:
         options = model_options(config.backend or default_backend(config.model), steps=config.steps,
@@ -42,10 +46,12 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = N
 
 def default_image(config: ServerConfig):
     if config.avatar:
-        from emo_stream.media import load_image
+        from emo_stream.media import is_video_path, load_image, load_video
 
+        if is_video_path(config.avatar):   # a short idle video (backends with video avatars: musetalk)
+            return load_video(config.avatar, fps=config.fps)
         return load_image(config.avatar)
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     return default_portrait(max(config.size, 256))  # painted large enough for face detection; framed to size later
 
@@ -84,7 +90,7 @@ def poster_jpeg(image, size: int) -> bytes:
 
     from PIL import Image
 
-    picture = Image.fromarray(image)
+    picture = Image.fromarray(image[0] if image.ndim == 4 else image)   # a video avatar: its first frame
     picture.thumbnail((size, size))
     buf = io.BytesIO()
     picture.convert("RGB").save(buf, format="JPEG", quality=85)
@@ -95,7 +101,9 @@ class StreamServer:
     """`await start()`, then `url`; `await stop()`. Tests may pass a ready backend or engine, and a clock."""
 
     def __init__(self, config: ServerConfig, *, backend: Backend | None = None, engine: StreamingEngine | None = None,
-                 clock: Clock | None = None, virtual_camera: bool = False):
+                 clock: Clock | None = None, virtual_camera: bool = False, portrait_pool: Any = None):
+        """portrait_pool: an emo_stream.portrait_pool.PortraitPool to share (tests); by default the server
+        makes its own from limits.decode_* and closes it on stop()."""
         config.ensure_token()
         self.config = config
         self.clock = clock or MonotonicClock()
@@ -110,7 +118,12 @@ class StreamServer:
         self._camera: Any = None
         self._poster: bytes | None = None
         self._api: ApiContext | None = None
+        self.webrtc_http: WebRtcHttp | None = None   # WHIP and WHEP
+        self.routes = HttpRoutes(config, None, self.health)   # replaced in start(), with the sessions
         self._connections = 0
+        self._portrait_pool = portrait_pool
+        self._own_pool = False
+        self._per_address: dict[str, int] = {}   # open WebSocket connections per client address
 
     @property
     def backend_name(self) -> str:
@@ -136,14 +149,21 @@ class StreamServer:
         return self.base_url + suffix
 
     def viewer_url(self, session_id: str) -> str:
+        """The OBS viewer's URL: it carries the viewer token, which opens this page and nothing else."""
         url = f"{self.base_url}/viewer?session={session_id}"
         if self.config.auth_required and self.config.token:
-            url += f"&token={self.config.token}"
+            url += f"&token={self.routes.viewer_token}"
         return url
 
     def health(self) -> dict:
+        """/healthz: status "ok" (HTTP 200), else "starting", or the engine's "device_error" / "stalled" with a reason
+        (HTTP 503; emo_stream.streaming.faults)."""
+        engine = getattr(self.engine, "health", None)
+        engine = engine.status() if engine is not None else {"status": "ok", "reason": None}
+        status = "starting" if self._server is None else engine["status"]
         return {
-            "status": "ok" if self._server is not None else "starting",
+            "status": status,
+            "reason": engine.get("reason"),
             "backend": self.backend_name,
             "sessions": len(self.sessions) if self.sessions else 0,
             "max_sessions": self.config.sessions.max_sessions,
@@ -160,12 +180,22 @@ class StreamServer:
         if self.engine is None:
             self.engine = await asyncio.to_thread(build_engine, cfg, self.clock, self._backend)
         await self.engine.start()
-        self.avatars = AvatarStore(self.engine, cfg.limits.max_avatars, cfg.limits.max_image_pixels)
+        if self._portrait_pool is None:   # its workers start with the first upload
+            from emo_stream.portrait_pool import PortraitPool
+
+            self._portrait_pool = PortraitPool(cfg.limits.pool_limits())
+            self._own_pool = True
+        self.avatars = AvatarStore(self.engine, cfg.limits.max_avatars, cfg.limits.max_image_pixels,
+                                   pool=self._portrait_pool, uploads_per_minute=cfg.limits.avatar_uploads_per_minute)
+        self.engine.avatars.max_per_owner = cfg.limits.max_avatars_per_client
         image = await asyncio.to_thread(default_image, cfg)
         await self.avatars.set_default(image)
         self._poster = await asyncio.to_thread(poster_jpeg, image, cfg.size)
         self.sessions = SessionManager(self.engine, cfg, self.clock)
-        self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url)
+        self.routes = HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster)
+        self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url,
+                               role_of=lambda ws: self.routes.role(ws.request) or ADMIN,
+                               address_of=lambda ws: self.routes.client_address(ws, ws.request))
         try:
             self._server = await self._listen()
         except OSError as exc:
@@ -173,6 +203,7 @@ class StreamServer:
             raise EmoStreamError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
         self.sessions.start()
         self.port = self._server.sockets[0].getsockname()[1]
+        self.routes.local_port = self.port
         if self.virtual_camera:
             from server.virtual_camera import VirtualCamera
 
@@ -182,6 +213,8 @@ class StreamServer:
 
     async def _listen(self) -> Server:
         cfg = self.config
+        routes = self.routes
+        self.webrtc_http = WebRtcHttp(cfg, self.sessions, self.avatars, routes)
         ssl_context = None
         if cfg.tls:
             import ssl
@@ -193,9 +226,15 @@ class StreamServer:
                 raise ConfigError(f"cannot use tls_cert/tls_key: {exc}") from None
         return await serve(
             self._handle, cfg.host, cfg.port,
-            process_request=HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster),
-            max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
-            max_queue=16,
+            process_request=routes,
+            logger=RedactingLogger(logging.getLogger("websockets.server"), routes.secrets),   # no tokens in -v logs
+            # POST/DELETE/PATCH/OPTIONS (WHIP, WHEP) are answered by HttpConnection, GET goes on to websockets
+            create_connection=functools.partial(HttpConnection, router=self.webrtc_http),
+            # the largest legal message (an avatar upload, by default), and while Connection is busy with one
+            # (audio backpressure, an upload being prepared) websockets reads no further than one more
+            # message: a waiting connection holds at most ~3 of them (max_queue=16 let one hold 16: +142 MiB)
+            max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes),
+            max_queue=(1, 0),
             ping_interval=None,  # server.ws_api.Connection pings: it tells a slow reader from a stopped one
             # a client that stopped reading never completes the closing handshake: without this its
             # session would outlive a failed keepalive by websockets' default 10 s
@@ -206,6 +245,15 @@ class StreamServer:
         )
 
     async def _handle(self, ws: ServerConnection) -> None:
+        address = self.routes.client_address(ws, ws.request)   # the forwarded one behind a trusted proxy
+        # checked and counted with no await in between: connections arriving together cannot all pass
+        limit = self.config.limits.max_connections_per_address
+        if self._per_address.get(address, 0) >= limit:
+            log.info("refusing a connection from %s: it has %d open (limits.max_connections_per_address)",
+                     address, limit)
+            await ws.close(1013, f"too many connections from this address (limit {limit}); try again later")
+            return
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         self._connections += 1
         try:
             await Connection(self._api, ws).run()
@@ -213,6 +261,9 @@ class StreamServer:
             log.exception("connection failed")
         finally:
             self._connections -= 1
+            left = self._per_address.pop(address) - 1
+            if left:
+                self._per_address[address] = left
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -223,6 +274,8 @@ class StreamServer:
             self._camera.stop()
         if self._server is not None:
             self._server.close()
+        if self.webrtc_http is not None:
+            await self.webrtc_http.close_all()
         if self.sessions is not None:
             await self.sessions.close_all()
         if self._server is not None:
@@ -230,3 +283,5 @@ class StreamServer:
             self._server = None
         if self.engine is not None:
             await self.engine.stop()
+        if self._own_pool and self._portrait_pool is not None:
+            self._portrait_pool.close()

@@ -31,6 +31,7 @@ from emo_stream.errors import EmoStreamError
 
 from emo_stream.timeline import SAMPLE_RATE
 from server import protocol
+from server.auth import RedactingLogger
 from server.protocol import decode_frame
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,9 @@ class BotClient:
         try:
             extra = {"ssl": self.ssl} if self.ssl is not None and self.url.startswith("wss:") else {}
             self.ws = await connect(self.url, additional_headers=headers, max_size=16 * 1024 * 1024,
-                                    compression=None, open_timeout=10, **extra)
+                                    compression=None, open_timeout=10, **extra,
+                                    logger=RedactingLogger(logging.getLogger("websockets.client"),
+                                                           lambda: (self.token,)))
         except OSError as exc:
             raise BotError(f"cannot connect to {self.url}: {exc}", "connect") from None
         except Exception as exc:  # HTTP 401/403 and other handshake refusals
@@ -247,7 +250,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio", required=True, help="speech or song to stream (any format PyAV reads)")
     parser.add_argument("--out", required=True, help="MP4 to write with the avatar's video and audio")
     parser.add_argument("--avatar", default=None, help="portrait to upload (default: the server's)")
-    parser.add_argument("--token", default=None, help="access token (servers bound beyond loopback)")
+    parser.add_argument("--token-file", default=None,
+                        help="file holding the server's token (or $EMO_STREAM_TOKEN; servers beyond loopback)")
+    parser.add_argument("--token", default=None,
+                        help="the token on the command line: other users see it in the process list; prefer "
+                             "--token-file or $EMO_STREAM_TOKEN")
     parser.add_argument("--chunk-ms", type=int, default=200, help="audio message size in milliseconds")
     parser.add_argument("--realtime", action="store_true", help="send audio at real-time pace (default: as fast "
                         "as the server accepts it)")
@@ -256,7 +263,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from emo_stream.media import load_audio
+    from server.auth import read_secret
 
+    token = read_secret(flag=args.token, flag_name="--token", file=args.token_file, file_flag="--token-file",
+                        env="EMO_STREAM_TOKEN", what="token")
     audio = load_audio(args.audio, sample_rate=SAMPLE_RATE)
     if args.avatar and not Path(args.avatar).is_file():
         raise EmoStreamError(f"avatar not found: {args.avatar}")
@@ -266,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
     from emo_stream.generate import check_writable
 
     check_writable(args.out)
-    summary = asyncio.run(stream_file(args.url, audio, args.out, token=args.token, avatar=avatar,
+    summary = asyncio.run(stream_file(args.url, audio, args.out, token=token, avatar=avatar,
                                       chunk_ms=args.chunk_ms, realtime=args.realtime, timeout=args.timeout))
     print(json.dumps(summary))
     return 0

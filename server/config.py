@@ -7,9 +7,9 @@ import ipaddress
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from emo_stream.backends import backend_names, default_backend, model_options, names_phrase
+from emo_stream.registry import family_names, default_backend, model_options, names_phrase
 from emo_stream.config_io import build_dataclass, read_yaml
 from emo_stream.errors import ConfigError
 from emo_stream.resources import resource_dir
@@ -17,6 +17,9 @@ from emo_stream.streaming.types import EngineConfig
 from emo_stream.timeline import SAMPLE_RATE
 
 from server.sync import AUDIO_RATE, VIDEO_CLOCK_RATE
+
+if TYPE_CHECKING:
+    from emo_stream.portrait_pool import PoolLimits
 
 DEFAULT_CONFIG = resource_dir("configs") / "server.yaml"
 
@@ -61,6 +64,24 @@ class LimitsConfig:
     # kernel send buffer of a connection receiving JPEG frames: a slow reader's frames then wait in the
     # server's outbox, where the oldest are dropped (and counted), not stale in socket buffers
     frames_send_buffer_bytes: int = 256 * 1024
+    # open WebSocket connections from one client address (a talk page or a bot needs one, a viewer one
+    # more): one host cannot take every file descriptor and peer connection of the server
+    max_connections_per_address: int = 32
+    # avatars: a connection holds at most this many of the max_avatars places (its own oldest goes when it
+    # uploads more; another client's uploads never drop them while it stays connected)
+    max_avatars_per_client: int = 4
+    avatar_uploads_per_minute: float = 12.0   # per client address (a burst of that many, then refilled)
+    # untrusted images (uploads) are decoded in separate low-priority processes (emo_stream.portrait_pool)
+    decode_workers: int = 1          # processes; each uses at most one core
+    decode_queue: int = 4            # uploads waiting behind them; more get a "busy" error
+    decode_timeout_s: float = 30.0   # a decode (with face detection) still running then is killed
+    decode_memory_mb: int = 1024     # address space a decode may use beyond the worker's own
+
+    def pool_limits(self) -> "PoolLimits":
+        from emo_stream.portrait_pool import PoolLimits
+
+        return PoolLimits(workers=self.decode_workers, max_waiting=self.decode_queue,
+                          timeout_s=self.decode_timeout_s, memory_mb=self.decode_memory_mb)
 
 
 @dataclass
@@ -86,8 +107,13 @@ class KeepaliveConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)         # master token: pages, API, health details
+    viewer_token: str | None = field(default=None, repr=False)  # view only (default: derived from token)
     public_url: str | None = None
+    # addresses of reverse proxies whose X-Forwarded-For names the client (the wrong-token limiter and
+    # the ICE policy use the client's address); empty: the TCP peer is the client
+    trusted_proxies: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)     # Host names answered in loopback mode
     tls_cert: str | None = None
     tls_key: str | None = None
     backend: str | None = None  # None: emo when a model is set, else preview (with a notice)
@@ -129,7 +155,7 @@ class ServerConfig:
         _positive(self, "port", allow_zero=True)
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535: got {self.port}")
-        if self.backend is not None and self.backend not in backend_names():
+        if self.backend is not None and self.backend not in family_names():
             raise ConfigError(f"backend must be {names_phrase()}: got {self.backend!r}")
         model_options(self.backend or "preview", steps=self.steps, guidance=self.guidance, decoder=self.decoder,
                       weights=self.weights)   # the same checks and messages as generate's flags
@@ -144,8 +170,13 @@ class ServerConfig:
             value = getattr(self, name)
             if value and not Path(value).is_file():
                 raise ConfigError(f"{name}: file not found: {value}")
-        if self.token is not None and len(self.token) < 8:
-            raise ConfigError("token must be at least 8 characters")
+        from server.auth import check_token, parse_networks
+
+        check_token("token", self.token)
+        check_token("viewer_token", self.viewer_token)
+        if self.viewer_token and self.viewer_token == self.token:
+            raise ConfigError("viewer_token must differ from token (it grants viewing only)")
+        parse_networks("trusted_proxies", self.trusted_proxies)
         self.engine.__post_init__()   # re-checked: flags may have changed it since loading
         for section in (self.sessions, self.limits, self.playout, self.keepalive):
             for f in dataclasses.fields(section):

@@ -1,27 +1,29 @@
 """Plain HTTP on the WebSocket port (websockets' process_request hook): pages, static files, health and stats.
 
-websockets only parses GET requests, which is all the server needs: signalling and uploads travel
-over the WebSocket (/api/ws). Auth: when a token is configured (always when bound beyond
-loopback) every route except /healthz needs ?token=... or "Authorization: Bearer ...".
+websockets only parses GET requests: signalling and uploads travel over the WebSocket (/api/ws),
+and the other methods WHIP and WHEP need are read by server.http_requests before websockets sees
+them. Auth (server.auth, docs/security.md): when a token is configured (always
+when bound beyond loopback) every route needs ?token=... or "Authorization: Bearer ..." except /healthz's
+status and the public scripts; the viewer token opens the viewer page and `view` only. In loopback mode
+only requests addressed to a loopback name (or a configured one) are answered: DNS rebinding.
 """
 
 from __future__ import annotations
 
-import collections
-import hmac
 import json
 import logging
 import mimetypes
-import time
+import re
 from http import HTTPStatus
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 
 from emo_stream.resources import resource_dir
+from server.auth import (ADMIN, VIEWER, WrongTokenLimiter, client_address, derive_viewer_token, given_token,
+                         host_allowed, parse_networks, query_params, redact, same)
 
 if TYPE_CHECKING:
     from server.config import ServerConfig
@@ -31,7 +33,15 @@ log = logging.getLogger(__name__)
 
 CLIENT_DIR = resource_dir("client_web")
 WS_PATH = "/api/ws"
+WHIP_PATH, WHEP_PATH = "/whip", "/whep"   # POST endpoints (server.whip); a GET there gets 405
+ENDPOINT_METHODS = "POST, OPTIONS"
+RESOURCE_METHODS = "DELETE, OPTIONS"
 PAGES = {"/": "index.html", "/index.html": "index.html", "/viewer": "viewer.html", "/viewer.html": "viewer.html"}
+VIEWER_PAGES = {"/viewer", "/viewer.html", "/static/viewer.html"}   # what the viewer token opens over HTTP
+PUBLIC_HEALTH = ("status", "backend")   # /healthz without the master token (when one is needed)
+# file names Windows reads as devices or alternate streams, and trailing dots/spaces it drops (so
+# "index.html." would open index.html while skipping the .html token check)
+_WINDOWS_UNSAFE = re.compile(r"[:<>\"|?*\x00-\x1f]|[. ]$|^(con|prn|aux|nul|com\d|lpt\d)(\.|$)", re.IGNORECASE)
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".png": "image/png",
                 ".svg": "image/svg+xml", ".ico": "image/x-icon", ".jpg": "image/jpeg"}
 # pages load only our own scripts; media/WebSocket connections to this server
@@ -54,43 +64,22 @@ def response(status: int, body: bytes | str, content_type: str = "text/plain; ch
     return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
-class WrongTokenLimiter:
-    """Wrong tokens from one address: after `attempts` within `window_s` it is refused (429) until the
-    oldest falls out of the window, so guessing a token online is hopeless. Bounded memory."""
-
-    MAX_ADDRESSES = 4096
-
-    def __init__(self, attempts: int = 10, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
-        self.attempts = attempts
-        self.window_s = window_s
-        self.clock = clock
-        self._failures: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
-
-    def _recent(self, address: str) -> collections.deque[float]:
-        now = self.clock()
-        times = self._failures.get(address, collections.deque())
-        while times and now - times[0] > self.window_s:
-            times.popleft()
-        return times
-
-    def retry_after(self, address: str) -> float:
-        """Seconds this address must wait before its next attempt counts (0: it may try now)."""
-        times = self._recent(address)
-        if len(times) < self.attempts:
-            return 0.0
-        return max(1.0, self.window_s - (self.clock() - times[0]))
-
-    def failed(self, address: str) -> None:
-        times = self._recent(address)
-        times.append(self.clock())
-        self._failures[address] = times
-        self._failures.move_to_end(address)
-        while len(self._failures) > self.MAX_ADDRESSES:
-            self._failures.popitem(last=False)
+def is_webrtc_http_path(path: str) -> bool:
+    return path in (WHIP_PATH, WHEP_PATH) or path.startswith((WHIP_PATH + "/", WHEP_PATH + "/"))
 
 
-def _token_given(request: Request) -> bool:
-    return "token=" in urlsplit(request.path).query or "Authorization" in request.headers
+def method_not_allowed(path: str) -> Response:
+    """405 for a method the WHIP/WHEP paths do not take (GET included: they are POST endpoints)."""
+    allow = ENDPOINT_METHODS if path in (WHIP_PATH, WHEP_PATH) else RESOURCE_METHODS
+    what = "a WHIP endpoint (RFC 9725)" if path.startswith(WHIP_PATH) else "a WHEP endpoint"
+    if path not in (WHIP_PATH, WHEP_PATH):
+        what += " session: DELETE ends it (no trickle ICE: the answer carries every candidate)"
+    return response(405, f"{path} is {what}; allowed: {allow}\n", extra={"Allow": allow})
+
+
+def misdirected() -> Response:
+    return response(421, "this server answers to localhost, 127.0.0.1 and [::1] at its port (add other names to "
+                         "allowed_hosts)\n")
 
 
 def json_response(status: int, data: Any) -> Response:
@@ -107,16 +96,46 @@ class HttpRoutes:
         self.sessions = sessions
         self.health = health
         self.limiter = WrongTokenLimiter()
+        self.trusted_proxies = parse_networks("trusted_proxies", config.trusted_proxies)
+        self.local_port = config.port   # the bound port (StreamServer sets it when the port was 0)
 
-    def token_ok(self, request: Request, query: dict[str, list[str]]) -> bool:
-        token = self.config.token
-        if not self.config.auth_required or not token:
-            return True
-        given = (query.get("token") or [""])[0]
-        auth = request.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":  # the scheme is case-insensitive (RFC 9110)
-            given = auth[7:].strip()
-        return hmac.compare_digest(given.encode(), token.encode())
+    @property
+    def viewer_token(self) -> str | None:
+        cfg = self.config
+        return cfg.viewer_token or (derive_viewer_token(cfg.token) if cfg.token else None)
+
+    def secrets(self) -> tuple[str | None, ...]:
+        return self.config.token, self.viewer_token
+
+    def role(self, request: Request, query: dict[str, list[str]] | None = None) -> str | None:
+        """ADMIN for the master token (or when no token is needed), VIEWER for the viewer token, else None."""
+        if not self.config.auth_required or not self.config.token:
+            return ADMIN
+        given = given_token(request.headers, query_params(request.path) if query is None else query)
+        if same(given, self.config.token):
+            return ADMIN
+        if same(given, self.viewer_token):
+            return VIEWER
+        return None
+
+    def client_address(self, connection: Any, request: Request) -> str:
+        """The client's address: the TCP peer, or the forwarded one when the peer is a trusted proxy."""
+        peer = connection.remote_address[0] if getattr(connection, "remote_address", None) else "?"
+        return self.forwarded_address(str(peer), request.headers)
+
+    def forwarded_address(self, peer: str, headers: Any) -> str:
+        return client_address(peer, headers.get_all("X-Forwarded-For"), self.trusted_proxies)
+
+    def host_ok(self, request: Any, connection: Any = None) -> bool:
+        """Loopback mode: refuse requests addressed to a name that is not ours (DNS rebinding)."""
+        if not self.config.loopback:
+            return True   # reached over the network: the token guards, whatever name was used
+        local = getattr(connection, "local_address", None)
+        port = local[1] if local else self.local_port
+        names = list(self.config.allowed_hosts)
+        if self.config.public_url:
+            names.append(urlsplit(self.config.public_url).hostname or "")
+        return host_allowed(request.headers.get("Host"), port, self.config.tls, names)
 
     def origin_ok(self, request: Request) -> bool:
         """Refuse WebSocket connections that a page from another site opened in the user's browser."""
@@ -128,44 +147,64 @@ class HttpRoutes:
 
     async def __call__(self, connection: Any, request: Request) -> Response | None:
         try:
+            if not self.host_ok(request, connection):
+                return misdirected()
             if self.config.auth_required and self.config.token:
-                return self._route_limited(connection, request)
-            return self.route(request)   # no token to guess: nothing to limit
+                return await self._route_limited(connection, request)
+            return self.route(request, ADMIN)   # no token to guess: nothing to limit
         except MultipleValuesError as exc:  # e.g. two Authorization or Origin headers: ambiguous, refuse
             return response(400, f"header {exc} given more than once\n")
         except Exception:
-            log.exception("HTTP %s failed", request.path)
+            log.exception("HTTP %s failed", redact(request.path, self.secrets()))
             return response(500, "internal error\n")
 
-    def _route_limited(self, connection: Any, request: Request) -> Response | None:
-        """route(), refusing addresses that sent too many wrong tokens (WrongTokenLimiter)."""
-        address = connection.remote_address[0] if getattr(connection, "remote_address", None) else "?"
-        wait = self.limiter.retry_after(address)
-        if wait and request.path.split("?")[0] != "/healthz":
-            return response(429, f"too many wrong tokens from {address}: try again in {wait:.0f} s\n",
-                            extra={"Retry-After": str(int(wait + 0.999))})
-        reply = self.route(request)
-        if reply is not None and reply.status_code == 401 and _token_given(request):
-            self.limiter.failed(address)  # a guess; a link opened without its token is no attack
-        return reply
+    async def check_token(self, address: str, request: Any) -> tuple[str | None, Response | None]:
+        """The request's role (ADMIN, VIEWER or None), its token - however the parameter's name is
+        spelled - checked at the pace the wrong-token limiter allows `address`; or a 429 to send."""
+        query = query_params(request.path)
+        carries_token = given_token(request.headers, query) is not None
+        if carries_token:
+            wait = await self.limiter.admit(address)
+            if wait:
+                return None, response(429, f"too many wrong tokens from {address}: try again in {wait:.0f} s\n",
+                                      extra={"Retry-After": str(int(wait + 0.999))})
+        role = self.role(request, query)
+        if carries_token:
+            if role is None:
+                self.limiter.failed(address)   # a guess; a link opened without its token is no attack
+            else:
+                self.limiter.succeeded(address)
+        return role, None
 
-    def route(self, request: Request) -> Response | None:
-        url = urlsplit(request.path)
-        path, query = url.path, parse_qs(url.query)
+    async def _route_limited(self, connection: Any, request: Request) -> Response | None:
+        role, refusal = await self.check_token(self.client_address(connection, request), request)
+        return refusal or self.route(request, role)
+
+    def route(self, request: Request, role: str | None = ADMIN) -> Response | None:
+        path = urlsplit(request.path).path
         if path == "/healthz":
-            return json_response(200, self.health())
+            health = self.health()
+            # 503 unless serving normally: a load balancer / orchestrator takes the server out
+            code = 200 if health.get("status") == "ok" else 503
+            if role != ADMIN:   # sessions, viewers and uptime tell when the user is live: the token's
+                health = {k: health[k] for k in PUBLIC_HEALTH if k in health}
+            return json_response(code, health)
         if path == WS_PATH:
-            if not self.token_ok(request, query):
+            if role is None:
                 return response(401, "missing or wrong token\n")
             if not self.origin_ok(request):
                 return response(403, "cross-origin WebSocket refused\n")
             return None  # go on with the WebSocket handshake
+        if is_webrtc_http_path(path):
+            return method_not_allowed(path)   # WHIP/WHEP take POST and DELETE (server.whip)
         if path == "/favicon.ico":
             return response(204, b"")
         if path.startswith("/static/") and not path.lower().endswith(".html"):  # scripts, styles: public
             return self.static(path[len("/static/"):])
-        if not self.token_ok(request, query):
+        if role is None:
             return response(401, "missing or wrong token: open the URL the server printed (it ends in ?token=...)\n")
+        if role == VIEWER and path not in VIEWER_PAGES:
+            return response(403, "the viewer token opens the viewer page only\n")
         if path in PAGES:
             return self.static(PAGES[path], csp=True)
         if path.startswith("/static/"):  # a page by its file name: the token was checked above
@@ -181,6 +220,10 @@ class HttpRoutes:
             poster = self.poster()
             return response(200, poster, "image/jpeg") if poster else response(404, "no default avatar\n")
         if path == "/api/capacity":  # lets a page learn "busy" before asking for the mic
+            health = self.health()
+            if health.get("status") not in ("ok", "starting"):
+                return json_response(503, {"error": "unavailable", "message": f"the avatar engine is unavailable "
+                                           f"({health['status']}: {health.get('reason')})"})
             if len(self.sessions) >= self.config.sessions.max_sessions:
                 return json_response(503, {"error": "busy", "message": "all session slots are in use"})
             return json_response(200, {"ok": True})
@@ -188,7 +231,7 @@ class HttpRoutes:
 
     def static(self, name: str, csp: bool = False) -> Response:
         # only plain file names inside client_web/: no traversal, no hidden files
-        if "/" in name or "\\" in name or name.startswith(".") or not name:
+        if "/" in name or "\\" in name or name.startswith(".") or not name or _WINDOWS_UNSAFE.search(name):
             return response(404, "not found\n")
         path = CLIENT_DIR / name
         if not path.is_file():

@@ -147,7 +147,8 @@ _JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"   # aiortc's name-mangled privat
 async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaStreamTrack], None] | None = None,
                        on_closed: Callable[[], Any] | None = None,
                        mic_jitter_packets: int | None = None,
-                       video_delay_s: float = 0.0) -> tuple[RTCPeerConnection, RTCSessionDescription]:
+                       video_delay_s: float = 0.0, peer: str | None = None,
+                       local: str | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
     """Answer a browser's offer: our video+audio tracks go out on its transceivers; its mic comes in via on_mic.
 
     on_closed runs once when the connection fails or closes (tab closed, network dropped).
@@ -174,7 +175,7 @@ async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaSt
             on_mic(track)
 
     try:
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=_policed_offer(sdp, peer), type="offer"))
         kinds = {t.kind for t in pc.getTransceivers()}
         missing = {"audio", "video"} - kinds
         if missing:  # else aiortc fails later with "None is not in list"
@@ -190,4 +191,108 @@ async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaSt
         sub.close()
         await pc.close()
         raise
-    return pc, pc.localDescription
+    return pc, _policed_answer(pc.localDescription, peer, local)
+
+
+# directions in an offer, from the offerer's side; a media section without one is sendrecv (RFC 8866)
+_CLIENT_RECEIVES = ("sendrecv", "recvonly")
+_CLIENT_SENDS = ("sendrecv", "sendonly")
+
+
+def offered_media(sdp: str) -> list[tuple[str, str]]:
+    """(kind, direction) of each audio/video section of an SDP offer; ValueError when it is no SDP.
+
+    aiortc's parser accepts much that is not SDP (it skips lines it does not know), so the session
+    line and at least one media section are checked here first."""
+    from aiortc.sdp import SessionDescription
+
+    if not sdp.startswith("v=0") or "\nm=" not in sdp.replace("\r\n", "\n"):
+        raise ValueError("not an SDP offer: it must start with v=0 and have m= media sections (RFC 8866)")
+    try:
+        parsed = SessionDescription.parse(sdp)
+    except Exception as exc:
+        raise ValueError(f"malformed SDP ({exc.__class__.__name__}: {exc})" if str(exc) else
+                         "malformed SDP: a line (m=, a=, c=, ...) does not have the form RFC 8866 gives it") from None
+    return [(m.kind, m.direction or "sendrecv") for m in parsed.media if m.kind in ("audio", "video")]
+
+
+async def answer_media_offer(sdp: str, subscribe: Callable[[bool, bool], Subscription], *,
+                             need_audio_in: bool,
+                             on_mic: Callable[[MediaStreamTrack], None] | None = None,
+                             on_closed: Callable[[], Any] | None = None,
+                             mic_jitter_packets: int | None = None,
+                             video_delay_s: float = 0.0, peer: str | None = None,
+                       local: str | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
+    """Answer an offer from a standard client (WHIP, WHEP) that may carry any mix of media sections.
+
+    The avatar's video and audio go out on the sections the client receives on (recvonly/sendrecv);
+    `subscribe(video, audio)` is asked for a playout subscription with just those. With
+    `need_audio_in` the offer must send audio (the avatar's input, delivered through on_mic); video
+    the client sends is declined (answered inactive: no decoding cost). ValueError says what is wrong
+    with an offer that cannot be used.
+    """
+    media = offered_media(sdp)
+    receives = {kind for kind, direction in media if direction in _CLIENT_RECEIVES}
+    sends_audio = any(kind == "audio" and direction in _CLIENT_SENDS for kind, direction in media)
+    if need_audio_in and not sends_audio:
+        raise ValueError("the offer sends no audio: a WHIP client must send the speech that drives the avatar "
+                         "(an audio section with sendonly or sendrecv)")
+    if not need_audio_in and not receives:
+        raise ValueError("the offer receives no media: add recvonly audio and/or video sections")
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    fired = False
+    sub: Subscription | None = None
+
+    @pc.on("connectionstatechange")
+    async def _state() -> None:
+        nonlocal fired
+        log.debug("peer connection %s", pc.connectionState)
+        if pc.connectionState in ("failed", "closed") and not fired:
+            fired = True
+            if on_closed is not None:
+                result = on_closed()
+                if asyncio.iscoroutine(result):
+                    await result
+
+    @pc.on("track")
+    def _track(track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and on_mic is not None:
+            on_mic(track)
+
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=_policed_offer(sdp, peer), type="offer"))
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind == "video" and "video" not in receives:
+                transceiver.direction = "inactive"   # the client's camera is not ours to decode
+        if mic_jitter_packets is not None and need_audio_in:
+            _set_mic_jitter_buffer(pc, mic_jitter_packets)
+        if receives:
+            sub = subscribe("video" in receives, "audio" in receives)
+            if "video" in receives:
+                pc.addTrack(PlayoutVideoTrack(sub, video_delay_s))
+            if "audio" in receives:
+                pc.addTrack(PlayoutAudioTrack(sub))
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception:
+        fired = True
+        if sub is not None:
+            sub.close()
+        await pc.close()
+        raise
+    return pc, _policed_answer(pc.localDescription, peer, local)
+
+
+def _policed_offer(sdp: str, peer: str | None) -> str:
+    """With the client's address known (`peer`), only the ICE candidates server.ice_policy allows."""
+    from server.ice_policy import filter_offer
+
+    return sdp if peer is None else filter_offer(sdp, peer)
+
+
+def _policed_answer(answer: RTCSessionDescription, peer: str | None, local: str | None) -> RTCSessionDescription:
+    """The answer showing only the server addresses the client needs (server.ice_policy)."""
+    from server.ice_policy import filter_answer
+
+    if peer is None:
+        return answer
+    return RTCSessionDescription(sdp=filter_answer(answer.sdp, peer, local), type=answer.type)

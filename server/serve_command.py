@@ -12,17 +12,18 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from emo_stream.backends import backend_names
+    from emo_stream.registry import family_names
 
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; other addresses need a token)")
     parser.add_argument("--port", type=int, default=None, help="port (default 8080; 0 picks a free one)")
-    parser.add_argument("--backend", choices=backend_names(), default=None,
+    parser.add_argument("--backend", choices=family_names(), default=None,
                         help="animation backend (default: the one that runs --model's family: emo, echomimic "
                              "or hallo; without --model, preview)")
     parser.add_argument("--model", default=None,
                         help="model: an EchoMimic or Hallo download folder, an emo-stream checkpoint folder "
                              "(emo-stream train / convert), or a preset (tiny, sd15)")
-    parser.add_argument("--avatar", default=None, help="default portrait image (default: a built-in portrait)")
+    parser.add_argument("--avatar", default=None, help="default portrait image, or for musetalk a short idle video "
+                                                       "(default: a built-in portrait)")
     parser.add_argument("--config", default=None, help="server settings YAML (default configs/server.yaml)")
     parser.add_argument("--size", type=int, default=None, help="output frame size in pixels")
     parser.add_argument("--device", default=None,
@@ -34,7 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frames generated per step: lower is less latency, higher is more context/throughput")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve https/wss (with --tls-key)")
     parser.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
-    parser.add_argument("--token", default=None, help="access token for pages and API")
+    parser.add_argument("--token-file", default=None,
+                        help="file holding the master token for pages and API (or $EMO_STREAM_TOKEN; at least "
+                             "128 bits, e.g. 22 random characters; default: none on loopback, generated beyond)")
+    parser.add_argument("--viewer-token-file", default=None,
+                        help="file holding the token of the OBS viewer URL, which opens that page only "
+                             "(or $EMO_STREAM_VIEWER_TOKEN; default: derived from the master token)")
+    parser.add_argument("--token", default=None,
+                        help="the master token on the command line: other users see it in the process list; "
+                             "prefer --token-file or $EMO_STREAM_TOKEN")
     parser.add_argument("--virtual-camera", action="store_true",
                         help="also send the latest session's video to a virtual camera (pyvirtualcam)")
 
@@ -62,8 +71,15 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("websockets").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
         logging.getLogger("aioice").setLevel(logging.WARNING)
 
+    from server.auth import read_secret
+
+    token = read_secret(flag=args.token, flag_name="--token", file=args.token_file, file_flag="--token-file",
+                        env="EMO_STREAM_TOKEN", what="token")
+    viewer_token = read_secret(flag=None, flag_name="", file=args.viewer_token_file,
+                               file_flag="--viewer-token-file", env="EMO_STREAM_VIEWER_TOKEN", what="viewer token")
     config = load_config(args.config, host=args.host, port=args.port, backend=args.backend, model=args.model,
-                         avatar=args.avatar, size=args.size, device=args.device, token=args.token,
+                         avatar=args.avatar, size=args.size, device=args.device, token=token,
+                         viewer_token=viewer_token,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, **sampling_overrides(args))
     if args.max_sessions is not None:
         config.sessions.max_sessions = args.max_sessions
@@ -78,6 +94,7 @@ async def _serve(config, virtual_camera: bool) -> int:
 
     server = StreamServer(config, virtual_camera=virtual_camera)
     await server.start()
+    server.avatars.pool.warm()   # the upload decoder's process starts now, not with the first upload
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -48,7 +48,7 @@ class ServerSession:
         self._tasks: set[asyncio.Task] = set()
         self.playout = Playout(engine_session.frames(), config.fps, clock,
                                late_tolerance_s=config.playout.late_tolerance_s, on_event=self._dispatch,
-                               live_input=kind == "webrtc", queue_depth=self._engine_queue_depth)
+                               live_input=kind in ("webrtc", "whip"), queue_depth=self._engine_queue_depth)
         self._playout_task = asyncio.create_task(self._run_playout(), name=f"playout-{self.id}")
 
     # -- events ----------------------------------------------------------------------------------
@@ -93,6 +93,9 @@ class ServerSession:
             await self.playout.run()
         except asyncio.CancelledError:
             raise
+        except EmoStreamError as exc:   # the engine failed this session (backend error, broken device, stall)
+            log.error("session %s: %s", self.id, exc)
+            self._dispatch(protocol.error("generation_failed", str(exc), fatal=True))
         except Exception:
             log.exception("session %s: playout failed", self.id)
             self._dispatch(protocol.error("internal", "the session's playout failed", fatal=True))

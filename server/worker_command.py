@@ -22,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lk = parser.add_argument_group("LiveKit")
     lk.add_argument("--url", default=None, help="LiveKit server URL, wss://... (default $LIVEKIT_URL)")
     lk.add_argument("--api-key", default=None, help="API key (default $LIVEKIT_API_KEY)")
-    lk.add_argument("--api-secret", default=None, help="API secret (default $LIVEKIT_API_SECRET)")
+    lk.add_argument("--api-secret-file", default=None, help="file holding the API secret (or $LIVEKIT_API_SECRET)")
+    lk.add_argument("--api-secret", default=None,
+                    help="API secret on the command line: other users see it in the process list; prefer "
+                         "--api-secret-file or $LIVEKIT_API_SECRET")
     lk.add_argument("--agent-name", default="emo-stream",
                     help="name the worker registers under; AvatarSession(agent_name=...) dispatches it "
                          "(default emo-stream)")
@@ -30,10 +33,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="seconds current rooms may go on after SIGTERM (default 1800)")
     lk.add_argument("--http-port", type=int, default=8081,
                     help="livekit-agents' health endpoint port (default 8081; 0: any free port)")
-    from emo_stream.backends import backend_names
+    lk.add_argument("--http-host", default="127.0.0.1",
+                    help="address of that health endpoint (default 127.0.0.1; 0.0.0.0 for a remote probe)")
+    lk.add_argument("--max-retry", type=int, default=16,
+                    help="failed attempts to reach the LiveKit server before the worker gives up and exits; "
+                         "the waits between them grow to 10 s (default 16; 0: give up at the first failure)")
+    from emo_stream.registry import family_names
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backend", choices=backend_names(), default=None,
+    model.add_argument("--backend", choices=family_names(), default=None,
                        help="animation backend (default: the one that runs --model's family: emo, echomimic "
                             "or hallo; without --model, preview)")
     model.add_argument("--model", default=None,
@@ -54,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="portrait for dispatches that name none (default: a built-in portrait)")
     av.add_argument("--avatar", action="append", default=[], metavar="NAME=PATH",
                     help="a portrait agents can pick by name (AvatarSession(worker_avatar=NAME)); repeatable")
+    av.add_argument("--image-host", action="append", default=[], metavar="HOST",
+                    help="the only hosts image_url may name (.example.com: its subdomains); repeatable "
+                         "(default: any host with a public address)")
+    av.add_argument("--image-network", action="append", default=[], metavar="CIDR",
+                    help="a private network image_url may reach anyway, e.g. an image server on 10.1.2.0/24; "
+                         "repeatable (default: public addresses only)")
 
 
 def _named_avatars(items: list[str]) -> dict[str, str]:
@@ -67,6 +81,12 @@ def _named_avatars(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from server.auth import read_secret
+
+    secret = read_secret(flag=args.api_secret, flag_name="--api-secret", file=args.api_secret_file,
+                         file_flag="--api-secret-file", env="LIVEKIT_API_SECRET", what="API secret")
+    if args.drain_timeout < 0:
+        raise ConfigError("--drain-timeout must be >= 0")
     try:
         import livekit.agents  # noqa: F401
     except ImportError:
@@ -77,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
 
     url = args.url or os.environ.get("LIVEKIT_URL")
     key = args.api_key or os.environ.get("LIVEKIT_API_KEY")
-    secret = args.api_secret or os.environ.get("LIVEKIT_API_SECRET")
     missing = [name for name, value in (("--url / LIVEKIT_URL", url), ("--api-key / LIVEKIT_API_KEY", key),
                                         ("--api-secret / LIVEKIT_API_SECRET", secret)) if not value]
     if missing:
@@ -86,8 +105,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-sessions must be at least 1")
     if args.segment_frames is not None and not 1 <= args.segment_frames <= 64:
         raise ConfigError("--segment-frames must be 1..64")
-    if args.drain_timeout < 0:
-        raise ConfigError("--drain-timeout must be >= 0")
     config = load_config(args.config, backend=args.backend, model=args.model, size=args.size, device=args.device,
                          **sampling_overrides(args))
     if args.max_sessions is not None:
@@ -96,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
         config.engine.segment_frames = args.segment_frames
     worker_config = WorkerConfig(url=url, api_key=key, api_secret=secret, agent_name=args.agent_name,
                                  default_avatar=args.default_avatar, avatars=_named_avatars(args.avatar),
-                                 drain_timeout=args.drain_timeout, http_port=args.http_port).validate()
+                                 drain_timeout=args.drain_timeout, http_port=args.http_port,
+                                 http_host=args.http_host, image_hosts=tuple(args.image_host),
+                                 image_networks=tuple(args.image_network), max_retry=args.max_retry).validate()
     return asyncio.run(_serve(config, worker_config))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import io
+import itertools
 import json
 import logging
 import socket
@@ -23,9 +24,12 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from emo_stream.errors import EmoStreamError, ImageInputError
+from emo_stream.portrait_pool import PortraitPoolBusy
+from emo_stream.streaming import EngineUnhealthyError
 
 from server import protocol
 from server.protocol import AvatarUpload, ProtocolError, Simple, Start, View
+from server.avatars import AvatarCacheFullError, UploadRateError
 from server.sessions import ServerBusyError, ServerSession
 from server.sync import PlayoutFrame, QueueClosed
 
@@ -36,9 +40,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_CONNECTION_IDS = itertools.count(1)
 AUDIO_QUEUE_MESSAGES = 8   # audio messages read ahead of the engine per connection
 MAX_OUTBOX_FRAMES = 8      # frames waiting for a slow client before the oldest are dropped
 MAX_OUTBOX_EVENTS = 1000   # a client this far behind on events is broken: disconnect it
+VIEWER = "viewer"          # server.auth.VIEWER: a connection opened with the viewer token
+VIEWER_REQUESTS = ("view", "ping")
 
 
 class Outbox:
@@ -157,6 +164,8 @@ class ApiContext:
     sessions: "SessionManager"
     avatars: "AvatarStore"
     viewer_url: Callable[[str], str]
+    role_of: Callable[[Any], str] = lambda ws: "admin"        # server.auth.ADMIN / VIEWER of a connection
+    address_of: Callable[[Any], str] = lambda ws: ws.remote_address[0]   # the client's (behind trusted proxies)
 
 
 class Connection:
@@ -164,6 +173,8 @@ class Connection:
         self.server = server   # the server's parts this connection uses
         self.ws = ws
         self.cfg = server.config
+        self.owner = f"ws-{next(_CONNECTION_IDS)}"   # holds the avatars this connection uploads
+        self.role = server.role_of(ws)   # "viewer": the viewer token - view and ping only
         self.outbox = Outbox()
         self.session: ServerSession | None = None
         self.start_msg: Start | None = None
@@ -193,8 +204,14 @@ class Connection:
                     self.send(protocol.error(exc.code, str(exc), exc.request or self._request))
                 except ServerBusyError as exc:
                     self.send(protocol.error("busy", str(exc), "start"))
+                except (PortraitPoolBusy, AvatarCacheFullError) as exc:  # uploads: try again later
+                    self.send(protocol.error("busy", str(exc), self._request))
+                except UploadRateError as exc:
+                    self.send(protocol.error("rate_limited", str(exc), self._request))
                 except ImageInputError as exc:  # unreadable image, no face: the user's input, not our crash
                     self.send(protocol.error("bad_image", str(exc), self._request))
+                except EngineUnhealthyError as exc:   # a failed or hung device: this server takes no sessions
+                    self.send(protocol.error("unavailable", str(exc), self._request))
                 except EmoStreamError as exc:
                     self.send(protocol.error("bad_input", str(exc), self._request))
                 except ConnectionClosed:
@@ -268,6 +285,12 @@ class Connection:
             url = urlsplit(url)._replace(netloc=host).geturl()
         return url
 
+    def _ice(self) -> dict:
+        """The client's address (forwarded, behind a trusted proxy) and the server address it reached:
+        what the ICE candidate policy (server.ice_policy) judges offers and answers by."""
+        local = getattr(self.ws, "local_address", None)
+        return {"peer": self.server.address_of(self.ws), "local": str(local[0]) if local else None}
+
     def _stats(self, session: ServerSession) -> dict:
         # frames_dropped: JPEG frames this connection's client read too slowly to get (oldest first)
         return protocol.stats({**session.stats(), "frames_dropped": self.outbox.dropped})
@@ -287,6 +310,9 @@ class Connection:
         limits = self.cfg.limits
         msg = protocol.parse_message(text, limits.max_text_bytes, limits.max_upload_bytes)
         self._request = getattr(msg, "type", None) or {Start: "start", View: "view", AvatarUpload: "avatar"}[type(msg)]
+        if self.role == VIEWER and self._request not in VIEWER_REQUESTS:
+            raise ProtocolError(f"{self._request}: the viewer token allows only view and ping", "forbidden",
+                                self._request)
         if not isinstance(msg, AvatarUpload):
             self.pending_avatar = None  # an announced upload must be followed by its bytes at once
         if isinstance(msg, Start):
@@ -323,7 +349,7 @@ class Connection:
                     on_mic=lambda track: session.spawn(pump_mic(track, session, backlog), "mic"),
                     on_closed=lambda: self._peer_gone(session),
                     mic_jitter_packets=self.cfg.sessions.mic_jitter_packets,
-                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000), "start")
+                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000, **self._ice()), "start")
                 session.add_peer(pc)
                 reply["answer"] = {"type": answer.type, "sdp": answer.sdp}
             else:
@@ -357,13 +383,21 @@ class Connection:
                                 "try again later", "busy", "view")
         from server.rtc import answer_offer
 
-        sub = session.playout.subscribe("viewer", frames=self.cfg.playout.video_queue_frames,
-                                        audio=self.cfg.playout.audio_queue_chunks)
-        pc, answer = await _answer(answer_offer(msg.webrtc.sdp, sub, on_closed=lambda: self._viewer_gone(session, pc),
-                                                video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000),
-                                   "view")
-        session.add_peer(pc)
+        # the slot is taken before the first await: views arriving together on other connections all
+        # see it, so no more than max_viewers ever pass the check (it is given back if the answer fails)
         session.viewers += 1
+        try:
+            sub = session.playout.subscribe("viewer", frames=self.cfg.playout.video_queue_frames,
+                                            audio=self.cfg.playout.audio_queue_chunks)
+            pc, answer = await _answer(answer_offer(msg.webrtc.sdp, sub,
+                                                    on_closed=lambda: self._viewer_gone(session, pc),
+                                                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000,
+                                                    **self._ice()),
+                                       "view")
+        except BaseException:
+            session.viewers -= 1
+            raise
+        session.add_peer(pc)
         self.viewing.append((session, pc))
         session.add_listener(self._on_view_event)
         self.send(protocol.view_started(session.id, answer.type, answer.sdp, self.cfg.fps, self.cfg.size))
@@ -413,11 +447,13 @@ class Connection:
 
     # -- binary messages -------------------------------------------------------------------------
     async def _binary(self, data: bytes) -> None:
+        if self.role == VIEWER:
+            raise ProtocolError("the viewer token allows only view and ping", "forbidden")
         if self.pending_avatar is not None:
             self._request = "avatar"
             upload, self.pending_avatar = self.pending_avatar, None
             protocol.check_image_bytes(data, upload)
-            avatar_id = await self.server.avatars.add(data)
+            avatar_id = await self.server.avatars.add(data, owner=self.owner, address=self.server.address_of(self.ws))
             self.send(protocol.avatar_ready(avatar_id))
             return
         if self.session is None or self.start_msg is None or self.start_msg.audio is None:
@@ -477,7 +513,8 @@ class Connection:
             self._drain_audio()
         if event.get("type") == protocol.ERROR and event.get("fatal") and self.session is not None:
             # the engine or playout failed for this session only: free its slot, keep the connection
-            task = asyncio.get_running_loop().create_task(self._end_session("failed"), name="ws-end-session")
+            reason = event.get("message") if event.get("code") == "generation_failed" else "failed"
+            task = asyncio.get_running_loop().create_task(self._end_session(reason), name="ws-end-session")
             self._tasks.add(task)   # the loop keeps only a weak reference to a task
             task.add_done_callback(self._tasks.discard)
 
@@ -495,6 +532,7 @@ class Connection:
 
     async def cleanup(self) -> None:
         self.outbox.close()
+        self.server.avatars.release(self.owner)   # its uploads may be dropped again (a session keeps its own)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._end_session("connection closed")

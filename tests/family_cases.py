@@ -42,7 +42,7 @@ def _place(model, device, dtype):
 
 # ---- EMO ----------------------------------------------------------------------------------------------
 def _emo_model():
-    from emo_stream.emo_backend import load_model
+    from emo_stream.families.emo.backend import load_model
 
     m = load_model("tiny", device=torch.device("cpu"))
     with torch.no_grad():   # the new layers start at zero: make them matter (as tests/test_fast_paths.py)
@@ -54,7 +54,7 @@ def _emo_model():
 
 
 def emo_backend(device="cpu", dtype=torch.float32, steps=2, model=None, **kw):
-    from emo_stream.emo_backend import EmoBackend
+    from emo_stream.families.emo.backend import EmoBackend
 
     m = _place(copy.deepcopy(model) if model is not None else _emo_model(), device, dtype)
     return EmoBackend(m, size=64, steps=steps, decoder="taesd", **kw)
@@ -78,7 +78,7 @@ def emo_step(backend, jobs):
     dev, dt = m.device, m.dtype
     av = jobs[0].state.avatar
     b = len(jobs)
-    from emo_stream.models.reference_net import ReferenceFeatures
+    from emo_stream.families.emo.reference_net import ReferenceFeatures
 
     ref = ReferenceFeatures.cat([av.reference] * b)
     motion = {k: torch.cat([v] * b) for k, v in av.motion0.items()}
@@ -92,7 +92,7 @@ def emo_step(backend, jobs):
 
 # ---- EchoMimic v1 --------------------------------------------------------------------------------------
 def _echo_model(weights_set="acc"):
-    from emo_stream.models.echomimic.testing import live_model, tiny_config
+    from emo_stream.families.echomimic.testing import live_model, tiny_config
 
     model = live_model(tiny_config(weights_set=weights_set))
     model.vae = _seeded(_tiny_vae)
@@ -100,7 +100,7 @@ def _echo_model(weights_set="acc"):
 
 
 def echo_backend(device="cpu", dtype=torch.float32, steps=2, model=None, **kw):
-    from emo_stream.echomimic_backend import EchoMimicBackend, ModelParts
+    from emo_stream.families.echomimic.backend import EchoMimicBackend, ModelParts
 
     m = _place(copy.deepcopy(model) if model is not None else _echo_model(), device, dtype)
     return EchoMimicBackend(ModelParts(m), size=128, fps=25, steps=steps, live_overlap=4, segment_frames=8, **kw)
@@ -138,8 +138,8 @@ HALLO_TINY = dict(channels=[32] * 4, layers=1, heads=8, cross_dim=32, audio_dim=
 
 
 def _hallo_model():
-    from emo_stream.models.hallo.config import HalloConfig
-    from emo_stream.models.hallo.model import HalloModel
+    from emo_stream.families.hallo.config import HalloConfig
+    from emo_stream.families.hallo.model import HalloModel
     from tests.golden_sets import HALLO_SPEC, hallo_case
 
     cfg = HalloConfig.from_case(hallo_case({**copy.deepcopy(HALLO_SPEC), **HALLO_TINY}))
@@ -154,7 +154,7 @@ def _hallo_model():
 
 
 def hallo_backend(device="cpu", dtype=torch.float32, steps=2, model=None, **kw):
-    from emo_stream.hallo_backend import HalloBackend
+    from emo_stream.families.hallo.backend import HalloBackend
 
     # a fresh (seeded: the same weights) model every time: Hallo's denoiser hooks are closures over the module
     # that registered them, so a deepcopy of HalloModel would still read the original's per-call state
@@ -176,7 +176,7 @@ def hallo_jobs(backend, sessions=1, frames=8):
 
 
 def hallo_step(backend, jobs):
-    from emo_stream.models.hallo.model import ClipInputs
+    from emo_stream.families.hallo.model import ClipInputs
 
     m, av = backend.model, jobs[0].state.avatar
     dev, dt = backend.device, backend.dtype

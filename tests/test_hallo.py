@@ -13,17 +13,22 @@ import pytest
 import torch
 
 from emo_stream.errors import WeightsError
-from emo_stream.models.hallo import parity as hparity
-from emo_stream.models.hallo.config import HalloConfig
-from emo_stream.models.hallo.loader import detect, find_download, load_net_file
-from emo_stream.models.hallo.masks import boxes_from_dlib68, expand_box, region_masks
-from emo_stream.models.hallo.model import HalloModel
+from emo_stream.families.hallo import parity as hparity
+from emo_stream.families.hallo.config import HalloConfig
+from emo_stream.families.hallo.loader import detect, find_download, load_net_file
+from emo_stream.families.hallo.masks import boxes_from_dlib68, expand_box, region_masks
+from emo_stream.families.hallo.model import HalloModel
 from tests.conftest import SHARED_GOLDEN, needs_shared_golden
 
 # Hallo's own outputs and the full-size manifest are only in ../shared/golden/hallo; everything else runs on
 # `hallo_set` (tests.conftest): the shared set when present, else a generated one in the same format.
 needs_golden = needs_shared_golden("hallo")
+needs_golden_64 = needs_shared_golden("hallo-64px")
 TOL = 1e-4
+# The shared "hallo" set was made by another torch build: Hallo's own code run here differs from its guided loop
+# by up to 3.2e-4 (tools/golden_hallo.py --from-set; docs/parity.md), and ours equals Hallo's own code run here
+# bit for bit (0.0 on every case). So its loop gets the cross-build margin; every same-build set gets TOL.
+TOL_OTHER_BUILD_LOOP = 5e-4
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +55,27 @@ def all_errors(golden, GOLDEN):
 # ---- exactness -------------------------------------------------------------------------------------
 @needs_golden
 @pytest.mark.parametrize("group", ["masks_and_face", "audio", "denoiser_single", "cfg_loop"])
-def test_every_golden_case_within_tolerance(all_errors, group):
+def test_every_golden_case_within_tolerance(all_errors, group, GOLDEN):
     errs = {k: v for k, v in all_errors.items() if k.startswith(group + ".")}
+    assert errs, f"no {group} case replayed"
+    tol = TOL_OTHER_BUILD_LOOP if group == "cfg_loop" and GOLDEN == SHARED_GOLDEN / "hallo" else TOL
+    assert all(np.isfinite(v) and v <= tol for v in errs.values()), errs
+
+
+@pytest.fixture(scope="module")
+def errors_64():
+    """../shared/golden/hallo-64px: 8x8 latents, so the lowest UNet level is 1x1 and each of its group norms
+    normalises a single value; their rounding noise (~1e-4) follows the input's last bits, so this set only
+    passes when the denoiser computes what Hallo's code computes in the same order and memory layout."""
+    torch.set_num_threads(1)
+    golden = SHARED_GOLDEN / "hallo-64px"
+    return hparity.run_cases(golden)
+
+
+@needs_golden_64
+@pytest.mark.parametrize("group", ["masks_and_face", "audio", "denoiser_single", "cfg_loop"])
+def test_hallo_64px_every_case_within_tolerance(errors_64, group):
+    errs = {k: v for k, v in errors_64.items() if k.startswith(group + ".")}
     assert errs, f"no {group} case replayed"
     assert all(np.isfinite(v) and v <= TOL for v in errs.values()), errs
 
@@ -184,13 +208,12 @@ def test_download_layout_detected(tmp_path, variant, title):
 
 
 def test_registry_knows_hallo(tmp_path):
-    from emo_stream import parity
-    from emo_stream.models import families
+    from emo_stream import registry
     (tmp_path / "hallo2").mkdir()
     (tmp_path / "hallo2" / "net.pth").write_bytes(b"")
-    family, found = families.family_of(tmp_path)
-    assert family.name == "hallo" and found.startswith("Hallo2")
-    assert "hallo" in parity.RUNNERS
+    family, found = registry.family_of(tmp_path)
+    assert family.name == "hallo" and family.architecture == "hallo" and found.startswith("Hallo2")
+    assert registry.parity_family("hallo") is family
 
 
 def make_download(root: Path, case: dict, variant: str = "hallo", golden: Path | None = None) -> Path:
@@ -207,7 +230,7 @@ def make_download(root: Path, case: dict, variant: str = "hallo", golden: Path |
 
 def test_converted_checkpoint_loads_without_the_download(tmp_path, golden, GOLDEN):
     """Download-shaped folder -> convert -> load: same weights, module sizes read off net.pth."""
-    from emo_stream.models.hallo import loader
+    from emo_stream.families.hallo import loader
     model, case = golden
     root = make_download(tmp_path / "pretrained_models", case, golden=GOLDEN)
     from_download = loader.load_hallo(root)

@@ -129,7 +129,8 @@ def test_overrides_and_model_implies_emo(tmp_path):
     ("size: 17\n", "size must be an even number"),
     ("sessions: [1, 2]\n", "sessions must be a mapping"),
     ("port: [\n", "not valid YAML"),
-    ("token: short\n", "at least 8"),
+    ("token: short\n", "token is too weak"),
+    ("token: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n", "at least 128"),
 ])
 def test_bad_config_is_a_config_error(tmp_path, text, words):
     path = tmp_path / "bad.yaml"
@@ -223,7 +224,7 @@ async def test_cross_site_websocket_is_refused(server):
 async def test_a_header_given_twice_is_a_bad_request():
     """Two Authorization (or Origin) headers are ambiguous: 400, not a server error or a guess.
     One, with the scheme in any case, is read as usual."""
-    srv = StreamServer(load_config(None, port=0, size=64, token="secret-token-123"), engine=FakeEngine())
+    srv = StreamServer(load_config(None, port=0, size=64, token="secret-token-0123456789abcdef"), engine=FakeEngine())
     await srv.start()
 
     async def status_of(headers: str) -> int:
@@ -236,12 +237,12 @@ async def test_a_header_given_twice_is_a_bad_request():
         return int(line.split()[1])
 
     try:
-        good = "Authorization: Bearer secret-token-123\r\n"
+        good = "Authorization: Bearer secret-token-0123456789abcdef\r\n"
         assert await status_of(good + "Authorization: Bearer wrong-token-456\r\n") == 400
         assert await status_of(good + "Origin: http://evil.example\r\nOrigin: http://evil2.example\r\n") == 400
         assert await status_of("Authorization: Bearer wrong-token-456\r\n") == 401
         assert await status_of(good) == 101
-        assert await status_of("Authorization: bearer secret-token-123\r\n") == 101
+        assert await status_of("Authorization: bearer secret-token-0123456789abcdef\r\n") == 101
     finally:
         await srv.stop()
 

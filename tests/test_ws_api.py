@@ -23,7 +23,7 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def backend():
     """One preview backend for the module: its face analyser loads once (servers and engines are per test)."""
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
 
     return create_backend("preview", size=SIZE)
 
@@ -176,7 +176,7 @@ async def test_malformed_messages_get_clear_errors_and_the_session_survives(serv
 async def test_avatar_upload_is_prepared_once(server):
     from PIL import Image
 
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     buf = io.BytesIO()
     Image.fromarray(default_portrait(128)).save(buf, format="PNG")
@@ -208,27 +208,26 @@ def _rss_mib() -> float:
 
 
 async def test_an_image_bomb_upload_stalls_no_session_and_its_memory_comes_back(server, monkeypatch):
-    """5000x5000 one-bit PNGs (a few KB each, exactly at the 25 MP limit): decoded small and, like the
-    hashing, off the event loop, so another session's frames keep coming; the memory is given back."""
+    """5000x5000 one-bit PNGs (a few KB each, exactly at the 25 MP limit): decoded small in the portrait
+    pool's worker process and hashed off the event loop, so another session's frames keep coming; the
+    memory is given back."""
     import gc
+    import os
     import threading
 
     from PIL import Image
 
     import emo_stream.streaming.avatars as engine_avatars
-    import server.avatars as server_avatars
 
-    seen = []  # (what, thread, shape) of the heavy steps
+    seen = []  # (what, thread, shape) of the heavy steps in this process
 
     def spy(what, fn):
         def wrapped(*args, **kwargs):
             result = fn(*args, **kwargs)
-            shape = getattr(result, "shape", None) if what == "decode" else getattr(args[0], "shape", None)
-            seen.append((what, threading.current_thread() is threading.main_thread(), shape))
+            seen.append((what, threading.current_thread() is threading.main_thread(), getattr(args[0], "shape", None)))
             return result
         return wrapped
 
-    monkeypatch.setattr(server_avatars, "image_from_bytes", spy("decode", server_avatars.image_from_bytes))
     monkeypatch.setattr(engine_avatars, "avatar_key", spy("hash", engine_avatars.avatar_key))
     bombs = []
     for i in range(3):  # different bytes each: no upload is recognised as already prepared
@@ -261,10 +260,12 @@ async def test_an_image_bomb_upload_stalls_no_session_and_its_memory_comes_back(
         gc.collect()
         rss_after = _rss_mib()
     assert during >= 3  # it was never frozen for the whole of three uploads
-    # every decode and hash ran in a worker thread, at a bounded size
-    decodes = [x for x in seen if x[0] == "decode"]
-    assert len(decodes) == 3 and not any(on_loop for _, on_loop, _ in seen), seen
-    assert all(max(shape[:2]) <= PORTRAIT_MAX_SIDE for _, _, shape in decodes), decodes
+    # every decode ran in the pool's worker process, every hash in a worker thread, at a bounded size
+    pool = server.avatars.pool
+    assert pool.jobs_done == 3 and pool.last_pids and os.getpid() not in pool.last_pids
+    hashes = [x for x in seen if x[0] == "hash"]
+    assert len(hashes) == 3 and not any(on_loop for _, on_loop, _ in seen), seen
+    assert all(max(shape[:2]) <= PORTRAIT_MAX_SIDE for _, _, shape in hashes), hashes
     # decoding full size used to keep ~180 MiB per upload; bounded decoding and malloc_trim give it back
     assert rss_after - rss_before < 120, (rss_before, rss_after)
 
@@ -491,66 +492,75 @@ async def test_idle_sessions_time_out(backend):
 
 
 async def test_token_auth_when_configured(backend):
-    srv = await _server(backend, token="secret-token-123")
+    srv = await _server(backend, token="secret-token-0123456789abcdef")
     try:
         status, _ = await _get(srv.base_url + "/")
         assert status == 401
-        status, page = await _get(srv.base_url + "/?token=secret-token-123")
+        status, page = await _get(srv.base_url + "/?token=secret-token-0123456789abcdef")
         assert status == 200 and 'id="start"' in page
         status, health = await _get(srv.base_url + "/healthz")
         assert status == 200 and health["status"] == "ok"
         with pytest.raises(BotError, match="401"):
             async with BotClient(srv.base_url):
                 pass
-        async with BotClient(srv.base_url, token="secret-token-123") as bot:
+        async with BotClient(srv.base_url, token="secret-token-0123456789abcdef") as bot:
             info = await bot.start(frames="none")
-            assert "token=secret-token-123" in info["viewer_url"]
+            # the OBS link carries the viewer token (viewing only), never the master token (issue 23)
+            assert f"token={srv.routes.viewer_token}" in info["viewer_url"]
+            assert "secret-token-0123456789abcdef" not in info["viewer_url"]
         # the talk page under /static/ is a page too; its scripts and styles stay public
         assert (await _get(srv.base_url + "/static/index.html"))[0] == 401
         assert (await _get(srv.base_url + "/static/INDEX.HTML"))[0] == 401
-        assert (await _get(srv.base_url + "/static/index.html?token=secret-token-123"))[0] == 200
+        assert (await _get(srv.base_url + "/static/index.html?token=secret-token-0123456789abcdef"))[0] == 200
         assert (await _get(srv.base_url + "/static/app.js"))[0] == 200
     finally:
         await srv.stop()
 
 
 async def test_wrong_tokens_are_rate_limited(backend):
-    srv = await _server(backend, token="secret-token-123")
+    """Past 10 wrong tokens an address's guesses are checked one per interval, at most 4 waiting (the
+    rest 429); the right token still gets in, for pages and the WebSocket alike (issue 23: the limiter
+    must not lock out the token's holder); health stays open."""
+    from server.auth import WrongTokenLimiter
+
+    srv = await _server(backend, token="secret-token-0123456789abcdef")
+    srv.routes.limiter = WrongTokenLimiter(interval_s=0.2, max_waiting=4)
     try:
         assert [(await _get(srv.base_url + "/"))[0] for _ in range(12)] == [401] * 12  # no token: not guessing
-        statuses = [(await _get(srv.base_url + f"/?token=guess-{i}"))[0] for i in range(12)]
-        assert statuses[:8] == [401] * 8 and statuses[-1] == 429  # 10 wrong tries a minute (a few 401s above)
-        # now even the right token waits, for pages and the WebSocket alike; health stays open
-        assert (await _get(srv.base_url + "/?token=secret-token-123"))[0] == 429
-        with pytest.raises(BotError, match="429"):
-            async with BotClient(srv.base_url, token="secret-token-123"):
-                pass
+        statuses = [(await _get(srv.base_url + f"/?token=guess-{i}"))[0] for i in range(10)]
+        assert statuses == [401] * 10
+        assert srv.routes.limiter.limited("127.0.0.1")
+        burst = await asyncio.gather(*(_get(srv.base_url + f"/?token=burst-{i}") for i in range(5)))
+        assert set(s for s, _ in burst) <= {401, 429}
+        assert (await _get(srv.base_url + "/?token=secret-token-0123456789abcdef"))[0] == 200
+        async with BotClient(srv.base_url, token="secret-token-0123456789abcdef") as bot:
+            assert (await bot.request({"type": "ping"}))["type"] == "pong"
         assert (await _get(srv.base_url + "/healthz"))[0] == 200
     finally:
         await srv.stop()
 
 
 def test_wrong_token_limiter_forgets_after_its_window():
-    from server.http import WrongTokenLimiter
+    from server.auth import WrongTokenLimiter
 
     now = [0.0]
     limiter = WrongTokenLimiter(attempts=3, window_s=60, clock=lambda: now[0])
     for _ in range(3):
-        assert limiter.retry_after("10.0.0.1") == 0
+        assert not limiter.limited("10.0.0.1")
         limiter.failed("10.0.0.1")
-    assert limiter.retry_after("10.0.0.1") == pytest.approx(60) and limiter.retry_after("10.0.0.2") == 0
+    assert limiter.limited("10.0.0.1") and not limiter.limited("10.0.0.2")
     now[0] = 61.0
-    assert limiter.retry_after("10.0.0.1") == 0
+    assert not limiter.limited("10.0.0.1")
 
 
 async def test_bound_to_all_interfaces_the_urls_name_a_reachable_host(backend):
     from server.app import reachable_address
 
-    srv = await _server(backend, host="0.0.0.0", token="secret-token-123")
+    srv = await _server(backend, host="0.0.0.0", token="secret-token-0123456789abcdef")
     try:
         assert "0.0.0.0" not in srv.base_url and f"//{reachable_address()}:" in srv.base_url
         # a client gets the viewer link at the host it reached the server by
-        async with BotClient(f"http://localhost:{srv.port}", token="secret-token-123") as bot:
+        async with BotClient(f"http://localhost:{srv.port}", token="secret-token-0123456789abcdef") as bot:
             info = await bot.start(frames="none")
         assert info["viewer_url"].startswith(f"http://localhost:{srv.port}/viewer?session=")
     finally:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from emo_stream.portrait_pool import PortraitPool
 from emo_stream.streaming import AvatarHandle, EngineConfig, StreamingEngine, StreamSession
 from emo_stream.streaming.avatars import SourceIndex
 
@@ -27,8 +28,11 @@ log = logging.getLogger(__name__)
 class EngineHost:
     """The engine plus thread-safe slot accounting and a portrait-source -> prepared-avatar map."""
 
-    def __init__(self, engine: StreamingEngine) -> None:
+    def __init__(self, engine: StreamingEngine, pool: PortraitPool | None = None) -> None:
         self.engine = engine
+        # portraits from dispatch metadata, URLs and files are decoded in its processes (workers start
+        # with the first image); stop() ends them
+        self.pool = pool if pool is not None else PortraitPool()
         self.config: EngineConfig = engine.config
         self.capacity = self.config.max_sessions
         self._lock = threading.Lock()
@@ -40,6 +44,7 @@ class EngineHost:
 
     async def stop(self) -> None:
         await self.engine.stop()
+        self.pool.close()
 
     @property
     def fps(self) -> int:
@@ -52,8 +57,16 @@ class EngineHost:
     # ------------------------------------------------------------------ capacity
 
     @property
+    def healthy(self) -> bool:
+        """False once the engine's device failed or a call on it hangs (emo_stream.streaming.faults)."""
+        return self.engine.health.healthy
+
+    @property
     def load(self) -> float:
-        """Taken slots / capacity: 0.0 idle, 1.0 full."""
+        """Taken slots / capacity: 0.0 idle, 1.0 full; 1.0 too while the engine is unhealthy, so LiveKit sends no
+        more rooms here."""
+        if not self.healthy:
+            return 1.0
         with self._lock:
             return self._taken / self.capacity
 
@@ -63,7 +76,9 @@ class EngineHost:
             return self.capacity - self._taken
 
     def reserve(self) -> bool:
-        """Take a slot for a job about to start; False when the worker is full."""
+        """Take a slot for a job about to start; False when the worker is full or its engine unhealthy."""
+        if not self.healthy:
+            return False
         with self._lock:
             if self._taken >= self.capacity:
                 return False

@@ -15,8 +15,6 @@ import binascii
 import hashlib
 import io
 import json
-import urllib.parse
-import urllib.request
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -99,27 +97,29 @@ def encode_image(image: np.ndarray, side: int = METADATA_IMAGE_SIDE) -> str:
                           "pass an http(s) URL the worker can download instead")
 
 
-def decode_image(b64: str) -> np.ndarray:
+def portrait_from_bytes(data: bytes, what: str, pool=None) -> np.ndarray:
+    """The one decode policy (emo_stream.media: JPEG/PNG/WebP, pixels bounded from the header, at most
+    PORTRAIT_MAX_SIDE), in `pool`'s worker processes when given (an emo_stream.portrait_pool.PortraitPool:
+    the worker's, so one job's image cannot starve the other rooms)."""
     from emo_stream.media import PORTRAIT_MAX_SIDE, image_from_bytes
 
+    if pool is not None:
+        return pool.decode(data, what=what).image
+    return image_from_bytes(data, PORTRAIT_MAX_SIDE, what=what)
+
+
+def decode_image(b64: str, pool=None) -> np.ndarray:
     try:
         data = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise ImageInputError("dispatch metadata image_b64 is not valid base64") from None
-    return image_from_bytes(data, PORTRAIT_MAX_SIDE)
+    return portrait_from_bytes(data, "dispatch metadata image_b64", pool)
 
 
-def fetch_image(url: str, timeout: float = 20.0) -> np.ndarray:
-    """Download a portrait (http/https only, at most MAX_IMAGE_BYTES) and decode it."""
-    from emo_stream.media import PORTRAIT_MAX_SIDE, image_from_bytes
+def fetch_image(url: str, policy=None, pool=None) -> np.ndarray:
+    """Download a portrait under `policy` (emo_stream.livekit.url_fetch.UrlPolicy; default: public
+    addresses only, 20 s and MAX_IMAGE_BYTES for the whole download) and decode it (in `pool` when given)."""
+    from emo_stream.livekit.url_fetch import UrlPolicy, fetch
 
-    if urllib.parse.urlparse(url).scheme not in ("http", "https"):
-        raise ImageInputError(f"avatar image URL must be http(s): {url}")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:   # noqa: S310 (scheme checked above)
-            data = resp.read(MAX_IMAGE_BYTES + 1)
-    except OSError as exc:
-        raise ImageInputError(f"could not download the avatar image {url}: {exc}") from None
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ImageInputError(f"avatar image {url} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
-    return image_from_bytes(data, PORTRAIT_MAX_SIDE)
+    data = fetch(url, policy or UrlPolicy(max_bytes=MAX_IMAGE_BYTES))
+    return portrait_from_bytes(data, "the avatar image URL", pool)

@@ -12,8 +12,9 @@ See docs/streaming.md for the design, the latency model and the fall-behind poli
 
 from emo_stream.streaming.avatars import UnknownAvatarError
 from emo_stream.streaming.engine import StreamingEngine
+from emo_stream.streaming.faults import BackendStalledError, EngineUnhealthyError
 from emo_stream.streaming.session import StreamSession
 from emo_stream.streaming.types import AvatarHandle, EngineConfig, EngineFullError, MonotonicClock, OutputFrame
 
 __all__ = ["StreamingEngine", "StreamSession", "EngineConfig", "OutputFrame", "AvatarHandle", "EngineFullError",
-           "MonotonicClock", "UnknownAvatarError"]
+           "MonotonicClock", "UnknownAvatarError", "EngineUnhealthyError", "BackendStalledError"]

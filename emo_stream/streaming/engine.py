@@ -27,8 +27,11 @@ from typing import Any
 import numpy as np
 
 from emo_stream.backend import AudioContext, Backend, capabilities
+from emo_stream.errors import ImageInputError
 from emo_stream.streaming.avatars import AvatarCache
 from emo_stream.streaming.device import StageStreams
+from emo_stream.streaming.faults import (BackendStalledError, EngineUnhealthyError, Health, is_device_error,
+                                         is_out_of_memory)
 from emo_stream.streaming.pacing import is_behind
 from emo_stream.streaming.session import StreamSession
 from emo_stream.streaming.types import AvatarHandle, Clock, EngineConfig, EngineFullError, Job, MonotonicClock
@@ -101,6 +104,9 @@ class StreamingEngine:
                                    in_use=lambda: [s.avatar.id for s in list(self._sessions.values())])
         self._timers = {name: _StageTimer() for name in ("plan", "encode", "generate", "denoise", "decode")}
         self._batch_sizes: list[int] = []
+        self._gen_stage = "denoise" if self._split else "generate"
+        self.health = Health(self.config.unhealthy_after_failures)
+        self._failed_all = False           # every session got the engine's own failure (device error / stall)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -119,6 +125,7 @@ class StreamingEngine:
         stages += [(f"generator{i}", self._generator) for i in range(self._workers)]
         if self._split:
             stages.append(("decoder", self._decoder))
+        stages.append(("watchdog", self._watchdog))
         for name, target in stages:
             t = threading.Thread(target=target, name=f"emo-stream-{name}", daemon=True)
             t.start()
@@ -165,10 +172,13 @@ class StreamingEngine:
 
     # ------------------------------------------------------------------ avatars and sessions
 
-    async def prepare_avatar(self, image: np.ndarray) -> AvatarHandle:
+    async def prepare_avatar(self, image: np.ndarray, owner: str | None = None) -> AvatarHandle:
         """Prepare a portrait once (backend.prepare_avatar in a worker thread); cached by content hash,
-        so every session with the same photo shares its reference features (see AvatarCache)."""
-        return await self.avatars.prepare(image)
+        so every session with the same photo shares its reference features (see AvatarCache). Backends
+        with video_avatars also take a short video as (T, H, W, 3) frames. `owner` (a client) holds it."""
+        if getattr(image, "ndim", 3) == 4 and not self.capabilities.video_avatars:
+            raise ImageInputError(f"the {self.capabilities.name} backend animates a portrait photo, not a video")
+        return await self.avatars.prepare(image, owner)
 
     def avatar(self, avatar_id: str) -> AvatarHandle:
         """A prepared avatar by its id; UnknownAvatarError (an ImageInputError) when it is not cached."""
@@ -195,6 +205,9 @@ class StreamingEngine:
                                    "loop=") from None
         if not isinstance(avatar, AvatarHandle):
             raise TypeError("open_session needs an AvatarHandle from engine.prepare_avatar()")
+        if not self.health.healthy:
+            status = self.health.status()
+            raise EngineUnhealthyError(f"the avatar engine is unavailable ({status['status']}: {status['reason']})")
         with self._sessions_lock:
             if len(self._sessions) >= self.config.max_sessions:
                 raise EngineFullError(f"the server is busy: all {self.config.max_sessions} avatar sessions are "
@@ -222,6 +235,7 @@ class StreamingEngine:
             "sessions": self.sessions,
             "stages": {k: v.snapshot() for k, v in self._timers.items() if v.calls},
             "mean_batch": round(float(np.mean(sizes)), 2) if sizes else None,
+            "health": self.health.status(),
             "queues": {"encode": self._q_encode.qsize(), "generate": self._q_generate.qsize(),
                        "decode": self._q_decode.qsize()},
         }
@@ -290,11 +304,17 @@ class StreamingEngine:
                 continue
             if job.voiced and not job.hold:
                 t0 = time.perf_counter()
+                call = self.health.begin("encode", [job.session])
                 try:
                     job.features = self.backend.encode_audio(job.cut.window, job.cut.start, job.num_frames)
                 except Exception as exc:
+                    self.health.end(call, False, exc)
                     log.exception("session %s: audio encoding failed", job.session.id)
                     job.session.fail(exc)
+                    self._after_failure()
+                    continue
+                self.health.end(call, True)
+                if call.abandoned:     # the watchdog already failed this session
                     continue
                 job.segment.features = job.features
                 job.event = self._streams.mark()
@@ -375,34 +395,103 @@ class StreamingEngine:
 
     def _generate_batch(self, batch: list[Job]) -> None:
         work = [j for j in batch if not j.hold]
-        result = None
+        holds = [j for j in batch if j.hold]
+        groups: list[tuple[list[Job], Any]] = []
         if work:
             self._batch_sizes.append(len(work))
             if len(self._batch_sizes) > 10000:
                 del self._batch_sizes[:5000]
             t0 = time.perf_counter()
-            try:
-                self._streams.wait(j.event for j in work)
-                with self._model_lock:
-                    if self._split:
-                        result = self.backend.denoise([j.segment for j in work])
-                    else:
-                        result = self.backend.generate([j.segment for j in work])
-            except Exception as exc:
-                log.exception("backend %s failed on a batch of %d", "denoise" if self._split else "generate",
-                              len(work))
-                for j in work:
-                    j.session.fail(exc)
-                batch = [j for j in batch if j.hold]
-                work = []
-            self._timers["denoise" if self._split else "generate"].add(time.perf_counter() - t0, len(work))
+            self._streams.wait(j.event for j in work)
+            groups = self._call_in_halves(work)
+            self._timers[self._gen_stage].add(time.perf_counter() - t0, sum(len(g) for g, _ in groups))
         if self._split:
             event = self._streams.mark()
-            for j in work:
-                j.event = event
-            self._put(self._q_decode, (batch, (work, result)))
+            if not groups:
+                groups = [([], None)]
+            for n, (jobs, latents) in enumerate(groups):
+                for j in jobs:
+                    j.event = event
+                # hold jobs ride with the first group: each session has at most one job in a batch
+                self._put(self._q_decode, ((holds if n == 0 else []) + jobs, (jobs, latents)))
         else:
-            self._deliver(batch, work, result)
+            if holds:
+                self._deliver(holds, [], None)
+            for jobs, frames in groups:
+                self._deliver(jobs, jobs, frames)
+
+    def _call_in_halves(self, work: list[Job]) -> list[tuple[list[Job], Any]]:
+        """backend.generate (or denoise) on `work`; a batch that fails is retried in halves, so one session's
+        failure (out of memory, a bad input) ends that session alone. Returns (jobs, result) of the calls that
+        worked; the sessions of the rest have their error."""
+        work = [j for j in work if not j.stale()]   # a session may have failed since the batch was taken
+        if not work:
+            return []
+        call = self.health.begin(self._gen_stage, [j.session for j in work])
+        error: Exception | None = None
+        try:
+            with self._model_lock:
+                segments = [j.segment for j in work]
+                result = self.backend.denoise(segments) if self._split else self.backend.generate(segments)
+        except Exception as exc:
+            error = exc
+        self.health.end(call, error is None, error)
+        if call.abandoned:       # the watchdog gave these sessions their error; a late answer is dropped
+            return []
+        if error is None:
+            return [(work, result)]
+        if len(work) == 1 or self.health.device_error is not None or is_device_error(error):
+            expected = is_out_of_memory(error) or is_device_error(error)   # no traceback for the usual suspects
+            log.error("backend %s failed for session(s) %s: %s: %s", self._gen_stage,
+                      ", ".join(j.session.id for j in work), type(error).__name__, error, exc_info=not expected)
+            for j in work:
+                j.session.fail(error)
+            self._after_failure()
+            return []
+        self.health.retried_calls += 1
+        log.warning("backend %s failed on a batch of %d (%s: %s): retrying it in halves", self._gen_stage,
+                    len(work), type(error).__name__, error)
+        del error                 # its traceback holds the batch's tensors: free them before the retry
+        half = len(work) // 2
+        return self._call_in_halves(work[:half]) + self._call_in_halves(work[half:])
+
+    def _after_failure(self) -> None:
+        """Once the device is declared broken, every session hears it now (their next calls would fail anyway)."""
+        if self.health.device_error is not None and not self._failed_all:
+            self._fail_all(EngineUnhealthyError(f"the avatar engine's device failed: {self.health.device_error}"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._failed_all = True
+        with self._sessions_lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.fail(exc)
+
+    def _watchdog(self) -> None:
+        """A backend call that never returns: its sessions get an error after call_timeout_s, the engine reports
+        itself stalled, and when no generator worker is left every session gets the error."""
+        timeout = float(self.config.call_timeout_s)
+        period = min(0.5, timeout / 5)
+        while self._running:
+            time.sleep(period)
+            try:
+                for call in self.health.overdue(timeout):
+                    exc = BackendStalledError(f"the backend's {call.stage} call did not return within {timeout:g} s "
+                                              "(call_timeout_s): the device may be hung")
+                    log.error("%s (sessions %s)", exc, ", ".join(s.id for s in call.sessions))
+                    for session in call.sessions:
+                        session.fail(exc)
+                # a stage whose every thread is stuck stops the whole pipeline
+                threads = {"encode": 1, self._gen_stage: self._workers, "decode": 1}
+                stuck = {stage: self.health.busy_stages(stage)[1] for stage in threads}
+                blocked = any(stuck[stage] >= n for stage, n in threads.items())
+                if blocked and not self._failed_all:
+                    self._fail_all(EngineUnhealthyError(
+                        f"the avatar engine stalled: a backend call has not returned for over {timeout:g} s"))
+                elif not any(stuck.values()) and self._failed_all and self.health.device_error is None:
+                    self._failed_all = False   # the stuck call returned: new sessions work again
+            except Exception:
+                log.exception("watchdog round failed")
 
     def _decoder(self) -> None:
         self._streams.enter_stage("decoder")
@@ -414,15 +503,23 @@ class StreamingEngine:
             frames = None
             if work:
                 t0 = time.perf_counter()
+                call = self.health.begin("decode", [j.session for j in work])
                 try:
                     self._streams.wait([work[0].event])
                     frames = self.backend.decode([j.segment for j in work], latents)
+                    self.health.end(call, True)
                 except Exception as exc:
+                    # latents are the backend's own object: a failed decode is not split, its sessions end
+                    self.health.end(call, False, exc)
                     log.exception("backend decode failed on a batch of %d", len(work))
                     for j in work:
                         j.session.fail(exc)
+                    self._after_failure()
                     batch = [j for j in batch if j.hold]
                     work = []
+                if call.abandoned:
+                    batch = [j for j in batch if j.hold]
+                    work, frames = [], None
                 self._timers["decode"].add(time.perf_counter() - t0, len(work))
             self._deliver(batch, work, frames)
 

@@ -267,7 +267,8 @@ class StreamSession:
             pass
 
     def job_is_stale(self, job: Job) -> bool:
-        return self._closed or job.epoch != self._epoch
+        # a failed session's queued jobs are dropped too: no backend work for a timeline that has ended
+        return self._closed or self._error is not None or job.epoch != self._epoch
 
     def plan(self, now: float, max_inflight: int) -> list[Job]:
         """Planner thread: move pushed audio into the window (VAD runs outside the lock) and cut the
@@ -372,7 +373,7 @@ class StreamSession:
         now = self._clock.now()
         spf, n = self._spf, job.num_frames
         with self._lock:
-            if job.epoch != self._epoch or self._closed:
+            if job.epoch != self._epoch or self._closed or self._error is not None:
                 self._stats.discarded_frames += n
                 return
             self._inflight_jobs -= 1

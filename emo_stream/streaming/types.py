@@ -55,10 +55,13 @@ class EngineConfig:
     clear_hold_frames: int = 2       # after clear(): idle frames holding the last picture, emitted at once
     max_avatars: int = 16            # prepared avatars kept in the cache (unused ones are evicted)
     latency_window: int = 1000       # frames kept for latency percentiles
+    call_timeout_s: float = 60.0     # watchdog: a backend call running longer fails its sessions and reports the
+                                     # engine stalled (emo_stream.streaming.faults)
+    unhealthy_after_failures: int = 3  # this many failed backend calls in a row: a device error (unhealthy)
 
     def __post_init__(self) -> None:
         ints = {"segment_frames": 1, "max_sessions": 1, "max_batch": 1, "output_frames": 1, "max_avatars": 1,
-                "latency_window": 10}
+                "latency_window": 10, "unhealthy_after_failures": 1}
         for name, low in ints.items():
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
@@ -74,7 +77,7 @@ class EngineConfig:
         if self.idle_lead_frames is not None and (not isinstance(self.idle_lead_frames, int)
                                                   or self.idle_lead_frames < 1):
             raise ConfigError(f"engine idle_lead_frames must be a positive integer: got {self.idle_lead_frames!r}")
-        for name in ("input_seconds", "max_delay_ms", "late_ms", "stall_flush_s"):
+        for name in ("input_seconds", "max_delay_ms", "late_ms", "stall_flush_s", "call_timeout_s"):
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"engine {name} must be > 0: got {getattr(self, name)!r}")
         if not 0 < self.vad_threshold < 1:

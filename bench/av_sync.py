@@ -1,0 +1,501 @@
+"""Lips vs sound, measured exactly: the synctest pattern through every path a viewer can take.
+
+The `synctest` backend (emo_stream/families/synctest) draws each frame from the audio it is sent with: a
+flash whose grey level is that frame's mean |amplitude|, and a 16-bit frame counter. The stimulus is 200 ms
+1 kHz beeps (one every 1.5 s, landing anywhere inside a frame). Where the flashes sit against the heard
+beeps is the A/V offset (emo_stream/families/synctest/measure.py: per beep, the shift that best explains the
+shown levels; the beep edges fall inside frames, so it resolves a fraction of a frame). > 0: picture late.
+
+Paths (each `--paths` item):
+    ws       the WebSocket bot API: JPEG frames with their audio; offset on the session's own timeline
+    talk     real Chromium (Debian chromium, Playwright) on the talk page: the fake mic plays the beeps, the
+             page's own WebRTC session sends them, the avatar's video and audio come back; flashes read
+             from every displayed frame (requestVideoFrameCallback: expectedDisplayTime) and the sound from
+             an AudioWorklet on the avatar's stream (AudioContext output time). Also the first frame: Start
+             click to the first displayed frame.
+    viewer   the OBS viewer page (/viewer?session=ID) on the talk page's session, in the same browser: its own
+             WebRTC stream, measured the same way
+    whep     a WHEP player (RTCPeerConnection + fetch POST /whep?session=ID, docs/whip.md) on the talk page's
+             session, in the same browser: the standard-player path, measured the same way
+    livekit  the LiveKit worker path through the in-process room stand-in (tests/livekit_standin.py): when each
+             frame reaches the video source and each audio chunk leaves the audio source (no SFU, no codec)
+
+    python bench/av_sync.py --paths ws,talk,viewer,livekit --runs 3 --out bench/results/av_sync-cpu.json
+    python bench/av_sync.py --paths talk --repo /tmp/old-checkout     # the same measurement of other code
+
+`--repo DIR` serves DIR's code (an older checkout, say): the synctest backend file of this checkout is
+loaded into it by path, so the pattern is the same. Bounded: every browser step has a timeout, and the
+whole run a hard limit (--limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from _common import REPO, device_name, emit_json, load_average  # bench/; puts the repo on sys.path
+from emo_stream.families.synctest.measure import beeps, burst_offsets, offsets_of_frames, summary_ms
+
+CHROMIUM = "/usr/bin/chromium"
+SYNCTEST_FILE = REPO / "emo_stream" / "families" / "synctest" / "backend.py"
+FPS = 25
+BEEP_EVERY_S = 1.5
+
+# The server, from any checkout, with this checkout's synctest backend registered when it has none.
+LAUNCH = r"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("emo_synctest_backend", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = mod
+spec.loader.exec_module(mod)
+argv = sys.argv[2:]
+try:
+    from emo_stream import backends as reg
+except ImportError:   # a newer layout registers it itself
+    reg = None
+if reg is not None and hasattr(reg, "register_backend"):
+    if "synctest" not in reg.backend_names():
+        reg.register_backend("synctest", mod.create_backend, "A/V sync test pattern")
+elif reg is not None:
+    # a checkout from before the backend registry: its CLI knows preview and emo only, so the preview's name
+    # stands for the pattern there
+    reg.create_backend = lambda name=None, model=None, **kw: mod.create_backend(None, **kw)
+    argv = [("preview" if a == "synctest" else a) for a in argv]
+from server.cli import main
+sys.exit(main(argv))
+"""
+
+# Wraps getUserMedia (the stream the page sends is the one we know of), taps a stream's sound envelope on an
+# AudioContext, and reads the pattern of every displayed frame of a <video>.
+INIT_SCRIPT = r"""
+(() => {
+  const md = navigator.mediaDevices;
+  if (md && md.getUserMedia) {
+    const orig = md.getUserMedia.bind(md);
+    md.getUserMedia = async (c) => { const s = await orig(c); window.__mic = s; return s; };
+  }
+  window.__avs = { frames: [], env: [], clickAt: null };
+  document.addEventListener('click', (e) => {
+    if (e.target && e.target.id === 'start' && window.__avs.clickAt === null) window.__avs.clickAt = performance.now();
+  }, true);
+  const WORKLET = `
+    class Env extends AudioWorkletProcessor {
+      constructor() { super(); this.buf = []; }
+      process(inputs) {
+        const ch = inputs[0] && inputs[0][0];
+        if (ch) {
+          let s = 0; for (let i = 0; i < ch.length; i++) s += Math.abs(ch[i]);
+          this.buf.push(currentTime, s / ch.length);
+          if (this.buf.length >= 200) { this.port.postMessage(this.buf); this.buf = []; }
+        }
+        return true;
+      }
+    }
+    registerProcessor('env', Env);`;
+  window.__tapEnvelope = async (stream) => {
+    const ctx = new AudioContext({ sampleRate: 48000, latencyHint: 'interactive' });
+    await ctx.audioWorklet.addModule(URL.createObjectURL(new Blob([WORKLET], { type: 'text/javascript' })));
+    await ctx.resume();
+    const sink = ctx.createGain(); sink.gain.value = 0; sink.connect(ctx.destination);
+    const node = new AudioWorkletNode(ctx, 'env');
+    node.port.onmessage = (e) => { for (const v of e.data) window.__avs.env.push(v); };
+    ctx.createMediaStreamSource(stream).connect(node);
+    node.connect(sink);
+    window.__ctx = ctx;
+    return { sampleRate: ctx.sampleRate, baseLatency: ctx.baseLatency, outputLatency: ctx.outputLatency || 0 };
+  };
+  // context seconds -> performance ms at which that sample leaves the output
+  window.__ctxToPerf = () => { const o = window.__ctx.getOutputTimestamp(); return o.performanceTime - 1000 * o.contextTime; };
+  // synctest pattern of every displayed frame, read at 64x64 (read_pattern in backend.py, in JS)
+  window.__watchPattern = (video) => {
+    const c = document.createElement('canvas'); c.width = 64; c.height = 64;
+    const g = c.getContext('2d', { willReadFrequently: true });
+    const grey = (d, x, y) => { const i = 4 * (y * 64 + x); return (d[i] + d[i + 1] + d[i + 2]) / 3; };
+    const mean = (d, y0, y1, x0, x1) => { let s = 0, n = 0;
+      for (let y = y0; y < y1; y++) for (let x = x0; x < x1; x++) { s += grey(d, x, y); n++; } return s / n; };
+    const cb = (now, meta) => {
+      g.drawImage(video, 0, 0, 64, 64);
+      const d = g.getImageData(0, 0, 64, 64).data;
+      const level = mean(d, 12, 36, 16, 48) / 255;
+      let counter = 0;
+      for (let b = 0; b < 16; b++) {
+        const r = Math.floor(b / 8), col = b % 8, y0 = 48 + 8 * r, x0 = 8 * col;
+        counter = counter * 2 + (mean(d, y0 + 2, y0 + 6, x0 + 2, x0 + 6) > 127.5 ? 1 : 0);
+      }
+      window.__avs.frames.push([meta.expectedDisplayTime, level, counter, meta.presentedFrames]);
+      video.requestVideoFrameCallback(cb);
+    };
+    video.requestVideoFrameCallback(cb);
+  };
+})();
+"""
+
+BROWSER_ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", "--no-sandbox", "--disable-gpu",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+                "--autoplay-policy=no-user-gesture-required",
+                # two pages (talk and viewer) measured at once: neither may be throttled as a background tab
+                "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
+                "--disable-backgrounding-occluded-windows"]
+
+
+def beeps_wav(path: Path, seconds: float = 30.0) -> None:
+    """The fake mic's file (it loops): 200 ms 1 kHz beeps every 1.5 s, 48 kHz mono PCM16."""
+    x = beeps(seconds, rate=48000, every_s=BEEP_EVERY_S - 0.0071, first_s=0.5)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(48000)
+        w.writeframes((x * 32767).astype("<i2").tobytes())
+
+
+def server_config(tmp: Path) -> Path:
+    """vad off: a tone is no speech to silero-vad, and the flash is drawn only for what the detector hears."""
+    path = tmp / "server.yaml"
+    path.write_text("engine:\n  vad: false\n")
+    return path
+
+
+def start_server(repo: Path, tmp: Path, size: int, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-c", LAUNCH, str(SYNCTEST_FILE), "serve", "--host", "127.0.0.1", "--port", "0",
+           "--backend", "synctest", "--size", str(size), "--config", str(server_config(tmp)), *(extra or [])]
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    lines: list[str] = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 90:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        found = re.search(r"http://[0-9.:]+", line)
+        if found and "serving" in line:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            return proc, found.group(0)
+    proc.kill()
+    raise SystemExit("the server did not start:\n" + "".join(lines[-20:]))
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# ---- WebSocket API ------------------------------------------------------------------------------------------
+async def ws_run(url: str, seconds: float) -> dict:
+    from server.bot_client import BotClient, ReceivedFrame
+
+    x = beeps(seconds, every_s=BEEP_EVERY_S - 0.0071)
+    t_request = time.monotonic()
+    async with BotClient(url) as bot:
+        await bot.start(sample_rate=16000, frames="jpeg")
+        first_frame = None
+        frames = []
+
+        async def send() -> None:   # real time, 20 ms messages, as a voice pipeline sends
+            for i in range(0, len(x), 320):
+                await bot.send_audio(x[i:i + 320])
+                await asyncio.sleep(0.02)
+            await bot.end_segment()
+
+        sender = asyncio.create_task(send())
+        try:
+            async for item in bot.receive(timeout=20):
+                if isinstance(item, ReceivedFrame):
+                    if first_frame is None:
+                        first_frame = time.monotonic() - t_request
+                    if item.speech:
+                        frames.append(item)
+                elif item.get("type") == "playback_finished" and sender.done():
+                    break   # the last utterance (real-time input also ends one whenever the input runs dry)
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        await bot.stop()
+    offsets = offsets_of_frames(frames, FPS)
+    return {**summary_ms(offsets), "speech_frames": len(frames),
+            "first_frame_ms": round(1000 * first_frame, 1) if first_frame else None}
+
+
+# ---- Chromium: talk page and viewer page ---------------------------------------------------------------------
+def _page_offsets(page) -> tuple[dict, list]:
+    avs = page.evaluate("window.__avs")
+    to_perf = page.evaluate("window.__ctxToPerf()")
+    env = np.asarray(avs["env"], float).reshape(-1, 2)
+    frames = np.asarray(avs["frames"], float).reshape(-1, 4)
+    if len(env) < 10 or len(frames) < 10:
+        return {"bursts": 0, "fitted": 0, "frames_shown": len(frames)}, []
+    et = (env[:, 0] * 1000 + to_perf) / 1000.0          # seconds on the page's performance clock
+    ft = frames[:, 0] / 1000.0
+    offsets = burst_offsets(ft, frames[:, 1], et, env[:, 1], 1.0 / FPS)
+    counters = frames[:, 2].astype(int)
+    steps = np.diff(counters) % 65536
+    out = summary_ms(offsets)
+    out.update({"frames_shown": int(len(frames)),
+                "counter_repeats": int((steps == 0).sum()), "counter_skips": int((steps > 1).sum()),
+                "shown_fps": round(float((len(ft) - 1) / (ft[-1] - ft[0])), 2) if len(ft) > 1 else None})
+    return out, offsets
+
+
+# A WHEP player in a page of the server's origin (same-origin fetch: the benchmark's server has no token).
+WHEP_PLAY = r"""async (session) => {
+  document.body.innerHTML = '<video id="avatar" autoplay playsinline></video>';
+  const pc = window.__whep = new RTCPeerConnection();
+  pc.addTransceiver('video', {direction: 'recvonly'});
+  pc.addTransceiver('audio', {direction: 'recvonly'});
+  const stream = new MediaStream();
+  pc.ontrack = (e) => { stream.addTrack(e.track); document.getElementById('avatar').srcObject = stream; };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((ok) => pc.iceGatheringState === 'complete' ? ok()
+    : pc.addEventListener('icegatheringstatechange', () => pc.iceGatheringState === 'complete' && ok()));
+  const r = await fetch('/whep?session=' + session, {method: 'POST', body: pc.localDescription.sdp,
+                                                    headers: {'Content-Type': 'application/sdp'}});
+  if (r.status !== 201) throw new Error('WHEP ' + r.status + ': ' + await r.text());
+  await pc.setRemoteDescription({type: 'answer', sdp: await r.text()});
+  return r.headers.get('Location');
+}"""
+
+
+def _player_page(browser, url: str, session: str, whep: bool):
+    """A second window watching the talk page's session: the viewer page, or a WHEP player."""
+    context = browser.new_context(bypass_csp=True)
+    context.add_init_script(INIT_SCRIPT)
+    page = context.new_page()
+    if whep:
+        page.goto(f"{url}/healthz")   # any page of the server's origin
+        page.evaluate(WHEP_PLAY, session)
+    else:
+        page.goto(f"{url}/viewer?session={session}")
+    page.evaluate("window.__watchPattern(document.getElementById('avatar'))")
+    page.wait_for_function("() => window.__avs.frames.length > 10", timeout=30000)
+    page.evaluate("window.__tapEnvelope(document.getElementById('avatar').srcObject)")
+    return page
+
+
+def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = False) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    result: dict = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=BROWSER_ARGS + [f"--use-file-for-fake-audio-capture={wav}"])
+        result["browser"] = f"chromium {browser.version}"
+        context = browser.new_context(permissions=["microphone"], bypass_csp=True)  # the worklet is a blob: module
+        context.add_init_script(INIT_SCRIPT)
+        try:
+            page = context.new_page()
+            page.goto(url + "/")
+            page.evaluate("window.__watchPattern(document.getElementById('avatar'))")
+            page.click("button#start")
+            page.wait_for_function("() => window.emo.state === 'live' && window.__avs.frames.length > 0", timeout=30000)
+            first = page.evaluate("window.__avs.frames[0][0] - window.__avs.clickAt")
+            page.wait_for_function("() => window.emo.frames > 10", timeout=20000)
+            page.evaluate("window.__tapEnvelope(document.getElementById('avatar').srcObject)")
+            session = page.evaluate("window.emo.session || (window.emo.stats && window.emo.stats.session) || null") or "latest"
+            # each player in its own context (window): a second tab of one window would hide the talk page
+            players = {name: _player_page(browser, url, session, whep=name == "whep")
+                       for name, on in (("viewer", viewer), ("whep", whep)) if on}
+            # measure from here: every page's frames and sound so far are dropped
+            for p in [page, *players.values()]:
+                p.evaluate("window.__avs.frames = []; window.__avs.env = []")
+            page.wait_for_timeout(int(seconds * 1000))
+            talk, _ = _page_offsets(page)
+            result["talk"] = {**talk, "first_frame_ms": round(first, 1)}
+            for name, p in players.items():
+                result[name], _ = _page_offsets(p)
+                p.close()
+            srv = page.evaluate("window.emo.stats") or {}
+            result["server_playout"] = {k: (srv.get("playout") or {}).get(k) for k in ("av_offset_ms", "behind_ms")}
+            if page.locator("button#stop").is_enabled():   # (a session the server ended has nothing to stop)
+                page.click("button#stop")
+            else:
+                result["talk"]["ended_early"] = True
+        finally:
+            context.close()
+            browser.close()
+    return result
+
+
+# ---- LiveKit worker path (in-process room stand-in) ----------------------------------------------------------
+async def livekit_run(seconds: float, size: int) -> dict:
+    sys.path.insert(0, str(REPO / "tests"))
+    from livekit import rtc
+    from livekit.agents.voice.avatar import DataStreamAudioOutput
+    from livekit_standin import Hub, LoopThread, StandInRoom
+
+    from emo_stream.registry import create_backend
+    from emo_stream.families.synctest.backend import read_pattern
+    from emo_stream.livekit.host import EngineHost
+    from emo_stream.livekit.job import run_avatar_job
+    from emo_stream.livekit.metadata import DispatchInfo
+    from emo_stream.streaming import EngineConfig, StreamingEngine
+
+    rate = 24000
+    agent = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+    host = EngineHost(StreamingEngine(create_backend("synctest", size=size),
+                                      EngineConfig(max_sessions=1, segment_frames=1, vad=False)))
+    await host.start()
+    avatar = await host.prepare_avatar("default", lambda: np.zeros((64, 64, 3), np.uint8))
+    hub = Hub()
+    info = DispatchInfo(avatar_identity="avatar-0", sender_identity="agent-0", sample_rate=rate)
+    worker_room = StandInRoom(hub, "room-0", info.avatar_identity, kind=agent)
+    agent_room = StandInRoom(hub, "room-0", "agent-0", kind=agent)
+    thread = LoopThread("job-0")
+    frames: list[tuple[float, float]] = []     # (time the frame reaches the video source, flash level)
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+    assert host.reserve()
+
+    def on_started(runner, generator) -> None:
+        source = runner.av_sync._video_source     # private: stamps each captured frame (as bench/livekit_worker.py)
+        capture = source.capture_frame
+
+        def stamped(frame, *a, **k):
+            t = time.monotonic()
+            rgba = np.frombuffer(frame.data, np.uint8).reshape(frame.height, frame.width, 4)
+            frames.append((t, read_pattern(rgba[:, :, :3])[0]))
+            return capture(frame, *a, **k)
+
+        source.capture_frame = stamped
+        loop.call_soon_threadsafe(started.set)
+
+    async def job() -> None:
+        await worker_room.connect()
+        await run_avatar_job(worker_room, host, info, avatar, on_started=on_started)
+
+    done = thread.submit(job())
+    await agent_room.connect()
+    out = DataStreamAudioOutput(agent_room, destination_identity=info.avatar_identity, sample_rate=rate,
+                                wait_remote_track=rtc.TrackKind.KIND_VIDEO, wait_playback_start=True)
+    await started.wait()
+    while len(worker_room.published) < 2:
+        await asyncio.sleep(0.01)
+    track = next(p.track for p in worker_room.published if p.kind == rtc.TrackKind.KIND_AUDIO)
+    env_t: list[np.ndarray] = []
+    env_v: list[np.ndarray] = []
+
+    async def tap() -> None:   # when each 10 ms chunk leaves the audio source, split in 1 ms blocks
+        stream = rtc.AudioStream(track, sample_rate=rate, num_channels=1)
+        try:
+            async for ev in stream:
+                t = time.monotonic()
+                x = np.abs(np.frombuffer(ev.frame.data, np.int16).astype(np.float32) / 32768)
+                n = len(x) // 24
+                env_v.append(x[:n * 24].reshape(n, 24).mean(axis=1))
+                env_t.append(t - len(x) / rate + np.arange(n) * 24 / rate)
+        finally:
+            await stream.aclose()
+
+    tapper = asyncio.ensure_future(tap())
+    x = (beeps(seconds, rate=rate, every_s=BEEP_EVERY_S - 0.0071) * 32767).astype(np.int16)
+    for i in range(0, len(x), 480):   # the agent's TTS pushes 20 ms frames as fast as it may
+        part = x[i:i + 480]
+        await out.capture_frame(rtc.AudioFrame(part.tobytes(), rate, 1, len(part)))
+    out.flush()
+    await out.wait_for_playout()
+    await asyncio.sleep(0.3)
+    tapper.cancel()
+    await asyncio.gather(tapper, return_exceptions=True)
+    await thread.submit(worker_room.disconnect())
+    await done
+    thread.close()
+    await host.stop()
+    ft = np.array([t for t, _ in frames])
+    fl = np.array([v for _, v in frames])
+    offsets = burst_offsets(ft, fl, np.concatenate(env_t), np.concatenate(env_v), 1.0 / FPS)
+    return {**summary_ms(offsets), "frames": len(frames),
+            "note": "frames as they reach the video source vs audio as it leaves the audio source; no SFU or codec"}
+
+
+# ---- main ---------------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--paths", default="ws,talk,viewer,whep,livekit",
+                        help="comma list of ws, talk, viewer, whep, livekit")
+    parser.add_argument("--runs", type=int, default=3, help="repeat each path (fresh server and browser each run)")
+    parser.add_argument("--seconds", type=float, default=12.0, help="measurement window per run")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repo", default=None, help="serve this checkout's code instead (browser and ws paths)")
+    parser.add_argument("--label", default=None, help="a name for this code in the JSON (default: its git commit)")
+    parser.add_argument("--limit", type=int, default=900, help="hard time limit of the whole run, seconds")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = set(paths) - {"ws", "talk", "viewer", "whep", "livekit"}
+    if unknown:
+        raise SystemExit(f"unknown path(s): {', '.join(sorted(unknown))}")
+    if {"talk", "viewer", "whep"} & set(paths) and not Path(CHROMIUM).exists():
+        raise SystemExit(f"the talk, viewer and whep paths need Debian chromium at {CHROMIUM}")
+    repo = Path(args.repo).resolve() if args.repo else REPO
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("av_sync: time limit")))
+    signal.alarm(args.limit)
+    tmp = Path(tempfile.mkdtemp(prefix="emo-avsync-"))
+    wav = tmp / "beeps.wav"
+    beeps_wav(wav)
+    runs: dict[str, list] = {p: [] for p in paths}
+    loads = [load_average()]
+    try:
+        for run in range(args.runs):
+            if {"ws", "talk", "viewer", "whep"} & set(paths):
+                proc, url = start_server(repo, tmp, args.size)
+                try:
+                    if "ws" in paths:
+                        runs["ws"].append(asyncio.run(ws_run(url, args.seconds)))
+                    if {"talk", "viewer", "whep"} & set(paths):
+                        got = browser_run(url, wav, args.seconds, viewer="viewer" in paths, whep="whep" in paths)
+                        for p in ("talk", "viewer", "whep"):
+                            if p in paths and p in got:
+                                runs[p].append({**got[p], "server_playout": got.get("server_playout"),
+                                                "browser": got.get("browser")})
+                finally:
+                    stop_server(proc)
+            if "livekit" in paths:
+                runs["livekit"].append(asyncio.run(livekit_run(args.seconds, args.size)))
+            loads.append(load_average())
+            print(f"run {run + 1}/{args.runs}: " + "; ".join(
+                f"{p} {runs[p][-1].get('median_ms')} ms" for p in paths if runs[p]), file=sys.stderr, flush=True)
+    finally:
+        signal.alarm(0)
+
+    def medians(key: str, items: list) -> list:
+        return [r.get(key) for r in items if r.get(key) is not None]
+
+    result = {
+        "bench": "av_sync",
+        "device": device_name(detail=f"{os.cpu_count()} cores, shared with other engineers' work"),
+        "code": args.label or commit, "repo": str(repo), "backend": "synctest", "size": args.size,
+        "seconds_per_run": args.seconds, "runs": args.runs,
+        "stimulus": "200 ms 1 kHz beeps every 1.5 s (mic: 48 kHz WAV looped by Chromium's fake device)",
+        "summary": {p: {"median_of_run_medians_ms": (round(statistics.median(medians("median_ms", runs[p])), 1)
+                                                     if medians("median_ms", runs[p]) else None),
+                        "run_medians_ms": medians("median_ms", runs[p]),
+                        "first_frame_ms": medians("first_frame_ms", runs[p]) or None}
+                    for p in paths},
+        "runs_detail": runs,
+        "load_average": loads,
+        "command": "python " + " ".join(sys.argv),
+        "sign": "offset = flash shown minus the same audio heard; > 0 the picture is late",
+    }
+    emit_json(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Upload stall: do other sessions keep their frame rate while someone uploads hostile images?
+
+Two bots stream speech over the WebSocket API and take JPEG frames back; in one phase nothing else happens,
+in the other a third connection uploads a 5000x5000 one-bit PNG (a few KB, no face) five times, one after
+the other. Both phases run against the same server process, one after the other, so the comparison is a
+ratio on one machine at one time (the machine is shared: the load average is recorded too).
+
+    python bench/upload_stall.py --out bench/results/upload_stall-cpu.json
+
+Goal (issue 20): with uploads, no frame gap above 200 ms and at least 24 fps in both sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import sys
+import time
+
+import numpy as np
+
+from _common import device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
+from server.bot_client import BotClient, BotError, ReceivedFrame
+
+from server_load import proc_cpu_seconds, speech_clip, start_server  # noqa: E402  (bench/ is on sys.path)
+
+
+def bomb_png() -> bytes:
+    """5000x5000 pixels, one bit each, all white (no face): a few KB on the wire, 25 MP to decode."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (5000, 5000), 1).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+async def bot_session(url: str, clip: np.ndarray, seconds: float, warmup: float) -> dict:
+    chunk = 320   # 20 ms messages in real time, as a voice pipeline sends them
+    async with BotClient(url, decode=False) as bot:
+        await bot.start(sample_rate=16000, frames="jpeg")
+
+        async def sender():
+            while True:
+                for i in range(0, len(clip), chunk):
+                    await bot.send_audio(clip[i:i + chunk])
+                    await asyncio.sleep(chunk / 16000)
+                await bot.end_segment()
+                await asyncio.sleep(0.5)
+
+        send = asyncio.create_task(sender())
+        arrivals: list[float] = []
+        t0 = time.monotonic()
+        try:
+            async for item in bot.receive(timeout=10):
+                now = time.monotonic()
+                if isinstance(item, ReceivedFrame) and now - t0 >= warmup:
+                    arrivals.append(now)
+                if now - t0 >= warmup + seconds:
+                    break
+        finally:
+            send.cancel()
+            await asyncio.gather(send, return_exceptions=True)
+        await bot.stop()
+    gaps = np.diff(arrivals) if len(arrivals) > 1 else np.zeros(1)
+    span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else 1e-9
+    return {"frames": len(arrivals), "fps": round((len(arrivals) - 1) / span, 2),
+            "max_gap_ms": round(float(gaps.max()) * 1000, 1),
+            "gap_ms_p99": round(float(np.percentile(gaps, 99)) * 1000, 1)}
+
+
+async def uploader(url: str, data: bytes, count: int, delay: float) -> list[dict]:
+    await asyncio.sleep(delay)
+    out = []
+    async with BotClient(url) as bot:
+        for _ in range(count):
+            t = time.monotonic()
+            try:
+                await bot.upload_avatar(data, "image/png")
+                answer = "accepted"
+            except BotError as exc:
+                answer = f"{exc.code}: {exc}"
+            out.append({"seconds": round(time.monotonic() - t, 2), "answer": answer[:120]})
+    return out
+
+
+async def phase(url: str, clip: np.ndarray, args, uploads: bool) -> dict:
+    bots = [bot_session(url, clip, args.seconds, args.warmup) for _ in range(2)]
+    extra = [uploader(url, bomb_png(), args.uploads, args.warmup + 1.0)] if uploads else []
+    results = await asyncio.gather(*bots, *extra)
+    out = {"sessions": results[:2]}
+    if uploads:
+        out["uploads"] = results[2]
+    out["max_gap_ms"] = max(s["max_gap_ms"] for s in out["sessions"])
+    out["min_fps"] = min(s["fps"] for s in out["sessions"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured time per phase")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of each phase not measured")
+    parser.add_argument("--uploads", type=int, default=5)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=1, help="quiet/uploads pairs, alternating")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    server_args = argparse.Namespace(size=args.size, backend="preview", sessions=3, probe_latency=False,
+                                     model=None, segment_frames=None)
+    load_before = load_average()
+    proc, url = start_server(server_args)
+    clip = speech_clip()
+    phases = []
+    try:
+        time.sleep(3.0)   # start-up work (the decode worker loading its face models) settles
+        for _ in range(args.rounds):
+            for uploads in (False, True):
+                rss0, cpu0, t0 = rss_mb(proc.pid), proc_cpu_seconds(proc.pid), time.monotonic()
+                result = asyncio.run(phase(url, clip, args, uploads))
+                result.update(kind="uploads" if uploads else "quiet", load_average_after=load_average(),
+                              server_rss_mb_before=round(rss0, 1), server_rss_mb_after=round(rss_mb(proc.pid), 1),
+                              server_cpu_cores=round((proc_cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0), 2))
+                phases.append(result)
+                time.sleep(1.0)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    quiet = [p for p in phases if p["kind"] == "quiet"]
+    loaded = [p for p in phases if p["kind"] == "uploads"]
+    worst_gap = max(p["max_gap_ms"] for p in loaded)
+    worst_fps = min(p["min_fps"] for p in loaded)
+    result = {
+        "benchmark": "upload_stall",
+        "device": device_name(detail=f"{os.cpu_count()} cores, shared with other work; server in its own process"),
+        "command": "python " + " ".join(sys.argv),
+        "backend": "preview",
+        "size": args.size,
+        "upload": f"5000x5000 one-bit PNG, {len(bomb_png())} bytes, no face, x{args.uploads} per uploads phase",
+        "load_average_before": load_before,
+        "phases": phases,
+        "uploads_max_gap_ms": worst_gap,
+        "uploads_min_fps": worst_fps,
+        "quiet_max_gap_ms": max(p["max_gap_ms"] for p in quiet),
+        "quiet_min_fps": min(p["min_fps"] for p in quiet),
+        "gap_ratio_uploads_over_quiet": round(worst_gap / max(1e-9, max(p["max_gap_ms"] for p in quiet)), 2),
+        "fps_ratio_uploads_over_quiet": round(worst_fps / max(1e-9, min(p["min_fps"] for p in quiet)), 3),
+        "goal_met": bool(worst_gap <= 200 and worst_fps >= 24),
+        "note": "load_average_* > cores means other work competed for the CPU during the run",
+    }
+    emit_json(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""MuseTalk's audio path: whisper-tiny encoder hidden states and the per-frame audio prompts.
+
+    mel    = log_mel(wav)                         # WhisperFeatureExtractor: (n, 80, 3000) per 30 s segment
+    states = encoder_states(encoder, mel)         # (steps, layers + 1, d) at 50 Hz, every segment concatenated
+    chunks = frame_chunks(states, n_samples, fps) # (frames, 2 (left + right + 1) (layers + 1), d)
+
+`states` are the embeddings plus every encoder layer's output (the last one after the final layer norm),
+as `WhisperEncoder(output_hidden_states=True)` returns them. The encoder is run here layer by layer from
+its own modules, so inputs shorter than 30 s also work (the live path may use them) and the result does
+not depend on how a transformers version collects hidden states.
+
+A frame's prompt is 2 (left + right + 1) whisper steps around it (2 steps per frame at 25 fps), zero-padded
+before the first step and after the last, every layer of each step: MuseTalk's get_whisper_chunk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from emo_stream.timeline import SAMPLE_RATE
+
+WHISPER_HZ = 50                    # encoder steps per second (10 ms mel hop, conv stride 2)
+SEGMENT_SAMPLES = 30 * SAMPLE_RATE  # whisper's fixed 30 s input; longer audio is cut into such segments
+
+
+def log_mel(extractor, wav: np.ndarray, device: str = "cpu") -> torch.Tensor:
+    """(segments, mels, 3000) float32: the feature extractor on each 30 s segment (zero-padded), as MuseTalk.
+    device: where the extractor's torch STFT runs (the live path uses the model's GPU)."""
+    wav = np.asarray(wav, np.float32)
+    segments = [wav[i:i + SEGMENT_SAMPLES] for i in range(0, max(len(wav), 1), SEGMENT_SAMPLES)]
+    feats = [extractor(s, return_tensors="pt", sampling_rate=SAMPLE_RATE, device=device).input_features
+             for s in segments]
+    return torch.cat(feats, dim=0)
+
+
+@torch.no_grad()
+def encoder_states(encoder, mel: torch.Tensor) -> torch.Tensor:
+    """(segments, mels, T) -> (segments, T / 2, layers + 1, d): the encoder's hidden states, stacked."""
+    p = encoder.conv1.weight
+    x = mel.to(device=p.device, dtype=p.dtype)
+    x = torch.nn.functional.gelu(encoder.conv1(x))
+    x = torch.nn.functional.gelu(encoder.conv2(x)).permute(0, 2, 1)
+    x = x + encoder.embed_positions.weight[: x.shape[1]]
+    states = [x]
+    for i, layer in enumerate(encoder.layers):
+        x = layer(x, None)
+        x = x[0] if isinstance(x, tuple) else x
+        states.append(encoder.layer_norm(x) if i == len(encoder.layers) - 1 else x)
+    return torch.stack(states, dim=2)
+
+
+def file_states(encoder, extractor, wav: np.ndarray) -> torch.Tensor:
+    """(steps, layers + 1, d) for a whole file: every 30 s segment's states, concatenated, trimmed to the
+    audio's own length (floor(seconds x 50) steps)."""
+    states = encoder_states(encoder, log_mel(extractor, wav))
+    states = states.reshape(-1, *states.shape[2:])
+    return states[: math.floor(len(wav) / SAMPLE_RATE * WHISPER_HZ)]
+
+
+def frame_chunks(states: torch.Tensor, num_frames: int, fps: int, left: int = 2, right: int = 2,
+                 first_frame: int = 0, pad_before: bool = True) -> torch.Tensor:
+    """(steps, L, d) -> (num_frames, 2 (left + right + 1) L, d): each frame's audio prompt, time-major.
+
+    Frame f's prompt starts at step floor(f x 50 / fps) of the zero-padded states (2 left x ceil(50 / fps)
+    zero steps first, unless `pad_before` is False: then `states` already hold that many real steps of left
+    context). Steps past the end are zeros. first_frame: the index of the first frame wanted."""
+    per = WHISPER_HZ / int(fps)
+    pad = math.ceil(per)
+    width = 2 * (left + right + 1)
+    lead = pad * left if pad_before else 0
+    idx = torch.tensor([math.floor((first_frame + f) * per) for f in range(num_frames)], device=states.device)
+    need = int(idx.max()) + width if num_frames else 0
+    tail = max(0, need - (lead + states.shape[0]))
+    padded = torch.cat([states.new_zeros(lead, *states.shape[1:]), states,
+                        states.new_zeros(tail, *states.shape[1:])])
+    rows = idx[:, None] + torch.arange(width, device=states.device)[None]
+    return padded[rows].flatten(1, 2)
+
+
+def file_chunks(encoder, extractor, wav: np.ndarray, fps: int = 25, left: int = 2, right: int = 2) -> torch.Tensor:
+    """MuseTalk's whole-file audio prompts: floor(seconds x fps) frames."""
+    num_frames = math.floor(len(wav) / SAMPLE_RATE * fps)
+    return frame_chunks(file_states(encoder, extractor, wav), num_frames, fps, left, right)
+
+
+# ---- live: windows of a stream ------------------------------------------------------------------------------
+def window_states(encoder, extractor, wav: np.ndarray, padded: bool = True) -> torch.Tensor:
+    """(steps, layers + 1, d) states of a window of a stream (at most 30 s).
+
+    padded: as MuseTalk treats a whole file, the window zero-padded to whisper's 30 s input (the encoder
+    always sees 1500 positions, as in training); False: the encoder sees only the window's own steps
+    (cheaper, but an input length whisper never saw)."""
+    wav = np.asarray(wav, np.float32)[:SEGMENT_SAMPLES]
+    steps = math.floor(len(wav) / SAMPLE_RATE * WHISPER_HZ)
+    device = encoder.conv1.weight.device
+    if padded:
+        return encoder_states(encoder, log_mel(extractor, wav, str(device) if device.type == "cuda" else "cpu"))[0, :steps]
+    mel = extractor(wav, return_tensors="pt", sampling_rate=SAMPLE_RATE, padding="max_length",
+                    max_length=max(2, 2 * steps) * extractor.hop_length, truncation=True).input_features
+    return encoder_states(encoder, mel[:, :, : 2 * steps])[0, :steps]
+
+
+def chunks_at(states: torch.Tensor, first_steps: list[int], width: int) -> torch.Tensor:
+    """(frames, width x L, d): for each frame, states[s : s + width] with zeros where s runs outside them
+    (MuseTalk's zero padding before the first and after the last step)."""
+    lo = min(first_steps)
+    hi = max(first_steps) + width
+    before, after = max(0, -lo), max(0, hi - states.shape[0])
+    padded = torch.cat([states.new_zeros(before, *states.shape[1:]), states, states.new_zeros(after, *states.shape[1:])])
+    idx = torch.tensor(first_steps, device=states.device)[:, None] + before + torch.arange(width, device=states.device)
+    return padded[idx].flatten(1, 2)
+
+
+def live_chunks(states: torch.Tensor, start: int, num_frames: int, fps: int, left: int = 2,
+                right: int = 2) -> torch.Tensor:
+    """Prompts of `num_frames` frames whose first sample is sample `start` of the window `states` came from:
+    frame k's prompt starts left x ceil(50 / fps) steps before its own step floor((start / 16000 + k / fps) 50),
+    as get_whisper_chunk counts from the start of a file."""
+    lead = math.ceil(WHISPER_HZ / int(fps)) * left
+    first = [math.floor(start * WHISPER_HZ / SAMPLE_RATE + k * WHISPER_HZ / int(fps) + 1e-9) - lead
+             for k in range(num_frames)]
+    return chunks_at(states, first, 2 * (left + right + 1))
