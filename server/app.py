@@ -40,6 +40,12 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = N
     # the latency knob suits each backend differently: one frame for the cheap preview animator, longer
     # segments for EMO (temporal context, batching)
     segment = config.engine.segment_frames or capabilities(backend).stream_segment_frames or 8
+    if config.sessions.max_sessions is None:
+        # not given: as many as the device's free memory holds (the family's counted profile), 4 off CUDA
+        from emo_stream.blocks.memory import device_capacity
+
+        config.sessions.max_sessions, why = device_capacity(backend, config.engine.max_batch)
+        log.info("max_sessions %s", why)
     engine_config = config.engine.engine_config(segment, config.sessions.max_sessions, config.limits.max_avatars)
     return StreamingEngine(backend, engine_config, clock=clock)
 

@@ -118,3 +118,17 @@ def test_low_precision_on_the_cpu(family, dtype, models):
     if family == "hallo":
         for slot in low.model.denoising_unet.slots.values():
             assert torch.equal(slot.bank, slot.bank.half().to(slot.bank.dtype))
+
+
+def test_capacity_comes_from_the_device_memory_only_on_cuda():
+    """serve / worker without --max-sessions: the default off CUDA, else free memory / the counted profile."""
+    from emo_stream.blocks.memory import GIB, MemoryProfile, device_capacity
+
+    class Cpu:
+        device = torch.device("cpu")
+    assert device_capacity(Cpu(), max_batch=4)[0] == 4
+    p = MemoryProfile("x", 512, "bfloat16", weights=10 * GIB, session=GIB // 2, activations={1: GIB, 4: 4 * GIB})
+    assert p.activation_bytes(8) == 8 * GIB                       # linear through the measured batches
+    # 24 GiB: 21.6 usable - 10 weights - 4 activations = 7.6 GiB -> 15 sessions of 0.5 GiB
+    assert p.sessions(24 * GIB, max_batch=4) == 15
+    assert p.sessions(14 * GIB, max_batch=4, loaded=True) == int((14 * 0.9 - 4) / 0.5)

@@ -186,7 +186,7 @@ def device_capacity(backend, max_batch: int, default: int = 4) -> tuple[int, str
     """(sessions, why): how many sessions the device's free memory holds with the model loaded
     (torch.cuda.mem_get_info and the backend's counted memory_profile), or `default` off CUDA or for a backend
     that counts none."""
-    device = torch.device(getattr(backend, "device", "cpu"))
+    device = torch.device(getattr(backend, "device", None) or "cpu")
     profile_fn = getattr(backend, "memory_profile", None)
     if device.type != "cuda" or profile_fn is None:
         return default, f"{default} (the default: {'no memory profile' if device.type == 'cuda' else device.type})"
