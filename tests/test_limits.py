@@ -475,13 +475,13 @@ def test_portrait_pool_limits_time_memory_and_queue():
     from emo_stream.errors import ImageInputError
     from emo_stream.portrait_pool import PoolLimits, PortraitPool, PortraitPoolBusy
 
-    small = _encoded("PNG")
+    small, bomb = _encoded("PNG"), _bomb()
     slow = PortraitPool(PoolLimits(timeout_s=0.3, max_waiting=1))   # face search on a blank 25 MP PNG: seconds
     try:
         slow.warm()
         assert slow.decode(small).image.shape == (64, 64, 3)   # started; the next job is timed alone
         first = slow.last_pids[0]
-        jobs = [slow.submit(_bomb(), what="avatar"), slow.submit(_bomb(), what="avatar")]
+        jobs = [slow.submit(bomb, what="avatar"), slow.submit(bomb, what="avatar")]
         with pytest.raises(PortraitPoolBusy):
             slow.submit(small)   # one running, one waiting: the queue is full
         for job in jobs:
@@ -495,7 +495,7 @@ def test_portrait_pool_limits_time_memory_and_queue():
     tight = PortraitPool(PoolLimits(memory_mb=8), detect_faces=False)   # 25 MP at a byte each does not fit
     try:
         with pytest.raises(ImageInputError, match="more memory"):
-            tight.decode(_bomb())
+            tight.decode(bomb)
         assert tight.decode(small).image.shape == (64, 64, 3)   # the same worker goes on
     finally:
         tight.close()
