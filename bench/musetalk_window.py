@@ -88,6 +88,9 @@ def main() -> None:
     ap.add_argument("--extras", type=int, nargs="*", default=[0, 3])
     ap.add_argument("--segment", type=int, default=5, help="live segment length in frames")
     ap.add_argument("--stride-s", type=float, default=1.0, help="measure one segment every this many seconds")
+    ap.add_argument("--first-s", type=float, default=0.0,
+                    help="measure segments from this time on (past every context: the steady state of a long "
+                         "stream, where no window starts where the file does)")
     ap.add_argument("--source", default="", help="what --whisper is (for the record)")
     ap.add_argument("--padded-only", action="store_true", help="skip the cropped-window variant")
     ap.add_argument("--out", type=Path, default=None)
@@ -103,7 +106,7 @@ def main() -> None:
         for f in files:
             audio = load_audio(f)[: int(min(args.seconds, 30.0) * 16000)]
             ref = A.frame_chunks(A.file_states(enc, ext, audio), len(audio) // SPF, FPS, LEFT, RIGHT)
-            starts = list(range(0, len(ref) - args.segment, int(args.stride_s * FPS)))
+            starts = list(range(int(args.first_s * FPS), len(ref) - args.segment, int(args.stride_s * FPS)))
             layers = ref.shape[1] // (2 * (LEFT + RIGHT + 1))
             for padded in ((True,) if args.padded_only else (True, False)):
                 for extra in args.extras:
@@ -126,6 +129,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "whisper": args.source or str(args.whisper),
         "audio": [str(Path(f).name) for f in files], "seconds_per_file": args.seconds,
+        "measured_from_s": args.first_s, "every_s": args.stride_s,
         "segment_frames": args.segment, "fps": FPS, "device": f"cpu ({platform.processor() or platform.machine()}, "
                                                             f"{torch.get_num_threads()} threads)",
         "elapsed_s": round(time.time() - t0, 1), "results": table,

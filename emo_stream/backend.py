@@ -1,9 +1,9 @@
 """The backend contract: what every animation backend implements, and what it may offer on top.
 
 The streaming engine (emo_stream.streaming) and the offline generator (emo_stream.generate) drive a
-backend; the EMO model (emo_stream.emo_backend) and the CPU preview animator (emo_stream.preview) are
+backend; the EMO model (emo_stream.families.emo.backend) and the CPU preview animator (emo_stream.families.preview) are
 backends, and tests use trivial ones. A backend knows nothing of sessions, clocks or networking.
-Backends are found by name through the registry in emo_stream.backends.
+Backends are found by name through the registry in emo_stream.registry.
 
 Timeline convention (emo_stream.timeline): audio is 16 kHz mono float32; at `fps` video frames per
 second, frame k covers audio samples [k * spf, (k + 1) * spf) with spf = SAMPLE_RATE // fps.

@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from emo_stream.backend import Backend, SegmentJob, capabilities
-from emo_stream.backends import backend_names, create_backend, default_backend, model_options
+from emo_stream.registry import create_backend, default_backend, family_names, model_options
 from emo_stream.errors import ConfigError, ImageInputError, OutputError
 from emo_stream.media import Mp4Writer, is_video_path, load_audio, load_image, load_video
 from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
@@ -137,7 +137,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                   "then backward)")
     p.add_argument("--audio", required=True, help="speech or singing: wav, mp3, m4a, ... any rate, mono or stereo")
     p.add_argument("--out", required=True, help="output MP4 (H.264 + AAC)")
-    p.add_argument("--backend", choices=backend_names(), default=None,
+    p.add_argument("--backend", choices=family_names(), default=None,
                    help="default: the one that runs --model's family (emo, echomimic, hallo, musetalk), "
                         "else the CPU preview animator")
     p.add_argument("--model", default=None, help="model: an EchoMimic, Hallo or MuseTalk download folder, an emo-stream "

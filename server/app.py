@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = None) -> StreamingEngine:
-    """Backend by name (emo_stream.backends) inside the streaming engine; model loading happens here."""
+    """Backend by name (emo_stream.registry) inside the streaming engine; model loading happens here."""
     from emo_stream.backend import capabilities
-    from emo_stream.backends import create_backend, default_backend, model_options
+    from emo_stream.registry import create_backend, default_backend, model_options
 
     if backend is None:
         options = model_options(config.backend or default_backend(config.model), steps=config.steps,
@@ -51,7 +51,7 @@ def default_image(config: ServerConfig):
         if is_video_path(config.avatar):   # a short idle video (backends with video avatars: musetalk)
             return load_video(config.avatar, fps=config.fps)
         return load_image(config.avatar)
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     return default_portrait(max(config.size, 256))  # painted large enough for face detection; framed to size later
 

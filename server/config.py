@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emo_stream.backends import backend_names, default_backend, model_options, names_phrase
+from emo_stream.registry import family_names, default_backend, model_options, names_phrase
 from emo_stream.config_io import build_dataclass, read_yaml
 from emo_stream.errors import ConfigError
 from emo_stream.resources import resource_dir
@@ -155,7 +155,7 @@ class ServerConfig:
         _positive(self, "port", allow_zero=True)
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535: got {self.port}")
-        if self.backend is not None and self.backend not in backend_names():
+        if self.backend is not None and self.backend not in family_names():
             raise ConfigError(f"backend must be {names_phrase()}: got {self.backend!r}")
         model_options(self.backend or "preview", steps=self.steps, guidance=self.guidance, decoder=self.decoder,
                       weights=self.weights)   # the same checks and messages as generate's flags

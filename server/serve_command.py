@@ -12,11 +12,11 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from emo_stream.backends import backend_names
+    from emo_stream.registry import family_names
 
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; other addresses need a token)")
     parser.add_argument("--port", type=int, default=None, help="port (default 8080; 0 picks a free one)")
-    parser.add_argument("--backend", choices=backend_names(), default=None,
+    parser.add_argument("--backend", choices=family_names(), default=None,
                         help="animation backend (default: the one that runs --model's family: emo, echomimic "
                              "or hallo; without --model, preview)")
     parser.add_argument("--model", default=None,

@@ -38,10 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lk.add_argument("--max-retry", type=int, default=16,
                     help="failed attempts to reach the LiveKit server before the worker gives up and exits; "
                          "the waits between them grow to 10 s (default 16; 0: give up at the first failure)")
-    from emo_stream.backends import backend_names
+    from emo_stream.registry import family_names
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backend", choices=backend_names(), default=None,
+    model.add_argument("--backend", choices=family_names(), default=None,
                        help="animation backend (default: the one that runs --model's family: emo, echomimic "
                             "or hallo; without --model, preview)")
     model.add_argument("--model", default=None,

@@ -16,7 +16,7 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def backend():
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
 
     return create_backend("preview", size=SIZE)
 
@@ -348,7 +348,7 @@ def _portraits(n: int) -> list[bytes]:
 
     from PIL import Image
 
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     base = default_portrait(192)
     out = []

@@ -39,7 +39,7 @@ AGENT = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 
 @pytest.fixture(scope="module")
 def host():
-    from emo_stream.preview import PreviewBackend
+    from emo_stream.families.preview.backend import PreviewBackend
 
     h = EngineHost(StreamingEngine(PreviewBackend(size=64), EngineConfig(segment_frames=2, max_sessions=3, vad=False)))
     asyncio.run(h.start())       # on a loop of its own: every job opens its session on its own loop
@@ -49,7 +49,7 @@ def host():
 
 @pytest.fixture(scope="module")
 def avatar(host):
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     async def prepare():
         return await host.prepare_avatar("default", lambda: default_portrait(256))
@@ -336,7 +336,7 @@ async def test_avatar_session_dispatches_the_worker_and_routes_the_agent_audio(h
     import emo_stream.livekit.plugin as plugin
     from emo_stream.livekit import AvatarSession
     from emo_stream.livekit.worker import AvatarWorker, WorkerConfig
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     dispatched = []
 
@@ -662,7 +662,7 @@ async def test_worker_entrypoint_serves_a_dispatched_room_and_frees_its_slot(hos
 async def test_a_portrait_is_loaded_and_prepared_once_per_worker(host):
     from emo_stream.livekit.metadata import encode_image
     from emo_stream.livekit.worker import AvatarWorker, WorkerConfig
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     worker = AvatarWorker(host, WorkerConfig())
     loads = []

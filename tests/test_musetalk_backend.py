@@ -273,7 +273,7 @@ def test_streaming_session_through_the_engine(backend, avatar, portrait):
 
 
 def test_portrait_only_backends_refuse_a_video(portrait):
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
     from emo_stream.errors import ImageInputError
     from emo_stream.streaming import StreamingEngine
 

@@ -197,7 +197,7 @@ class AvatarWorker:
             return _load_file(path, pool)
         if self.config.default_avatar:
             return _load_file(self.config.default_avatar, pool)
-        from emo_stream.preview.default_avatar import default_portrait
+        from emo_stream.default_avatar import default_portrait
 
         return default_portrait(self.host.size)
 

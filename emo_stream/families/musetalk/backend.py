@@ -37,13 +37,11 @@ from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 
 log = logging.getLogger(__name__)
 
-LEFT_CONTEXT_S = 2.0       # live: whisper sees this much history before a segment (bench/results/musetalk_window.json)
+LEFT_CONTEXT_S = 16.0      # live: whisper sees this much history before a segment (bench/results/musetalk_window.json)
 EXTRA_LOOKAHEAD_FRAMES = 0  # live: audio after the last prompt step the encoder also sees (same measurement)
 FACE_FRACTION = 0.45       # framing: the face box takes this share of the output width
 MAX_BATCH_FRAMES = 48      # frames per UNet + decode call (bounds activation memory; more frames: more calls)
 PORTRAIT_MOTIONS = ("still", "preview")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -162,7 +160,7 @@ class MuseTalkBackend(BackendBase):
 
     def _preview_loop(self, image: np.ndarray) -> np.ndarray:
         """The preview animator's idle head motion and blinks over `motion_seconds`: the moving base frames."""
-        from emo_stream.backends import create_backend
+        from emo_stream.registry import create_backend
 
         preview = create_backend("preview", size=self.size, fps=self.fps)
         avatar = preview.prepare_avatar(image)
@@ -276,16 +274,6 @@ class MuseTalkBackend(BackendBase):
             yield frames, padded[first * spf:(first + n) * spf]
 
 
-def _dtype(dtype: Any, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype).lower() not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}: use one of float32, float16, bfloat16")
-    return DTYPES[str(dtype).lower()]
-
-
 def model_identity(folder: str | Path) -> str:
     """Cheap identity of a model folder for the avatar disk cache: its path and its weight files' sizes and times."""
     folder = Path(folder).resolve()
@@ -303,7 +291,8 @@ def create_backend(model: str | None = None, *, size: int = 512, fps: int = 25, 
     converted checkpoint. fp16 on CUDA by default (dtype: float32 / float16 / bfloat16)."""
     if not model:
         raise ConfigError("the musetalk backend needs --model: MuseTalk's models/ folder (see docs/musetalk.md)")
-    from emo_stream.backends import model_family_for, torch_device
+    from emo_stream.blocks.device import parse_dtype, torch_device
+    from emo_stream.registry import model_family_for
 
     known = {"segment_frames", "clip_frames", "left_context_s", "extra_lookahead_frames", "portrait_motion",
              "motion_seconds", "cache_dir", "max_batch_frames", "padded_whisper", "face_analyzer"}
@@ -311,7 +300,7 @@ def create_backend(model: str | None = None, *, size: int = 512, fps: int = 25, 
     if unknown:
         raise ConfigError(f"unknown MuseTalk backend options: {', '.join(sorted(unknown))}")
     dev = torch_device(device)
-    family, found = model_family_for("musetalk", model, "musetalk")
+    family, found = model_family_for("musetalk", model)
     log.info("found %s", found)
-    loaded = family.load_model(model, device=dev, dtype=_dtype(dtype, dev))
+    loaded = family.load_model(model, device=dev, dtype=parse_dtype(dtype, dev))
     return MuseTalkBackend(loaded, size=size, fps=fps, model_id=model_identity(model), **options)
