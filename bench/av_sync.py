@@ -15,6 +15,8 @@ Paths (each `--paths` item):
              click to the first displayed frame.
     viewer   the OBS viewer page (/viewer?session=ID) on the talk page's session, in the same browser: its own
              WebRTC stream, measured the same way
+    whep     a WHEP player (RTCPeerConnection + fetch POST /whep?session=ID, docs/whip.md) on the talk page's
+             session, in the same browser: the standard-player path, measured the same way
     livekit  the LiveKit worker path through the in-process room stand-in (tests/livekit_standin.py): when each
              frame reaches the video source and each audio chunk leaves the audio source (no SFU, no codec)
 
@@ -60,14 +62,21 @@ spec = importlib.util.spec_from_file_location("emo_synctest_backend", sys.argv[1
 mod = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = mod
 spec.loader.exec_module(mod)
+argv = sys.argv[2:]
 try:
     from emo_stream import backends as reg
+except ImportError:   # a newer layout registers it itself
+    reg = None
+if reg is not None and hasattr(reg, "register_backend"):
     if "synctest" not in reg.backend_names():
         reg.register_backend("synctest", mod.create_backend, "A/V sync test pattern")
-except ImportError:   # a newer layout registers it itself
-    pass
+elif reg is not None:
+    # a checkout from before the backend registry: its CLI knows preview and emo only, so the preview's name
+    # stands for the pattern there
+    reg.create_backend = lambda name=None, model=None, **kw: mod.create_backend(None, **kw)
+    argv = [("preview" if a == "synctest" else a) for a in argv]
 from server.cli import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(argv))
 """
 
 # Wraps getUserMedia (the stream the page sends is the one we know of), taps a stream's sound envelope on an
@@ -244,7 +253,42 @@ def _page_offsets(page) -> tuple[dict, list]:
     return out, offsets
 
 
-def browser_run(url: str, wav: Path, seconds: float, viewer: bool) -> dict:
+# A WHEP player in a page of the server's origin (same-origin fetch: the benchmark's server has no token).
+WHEP_PLAY = r"""async (session) => {
+  document.body.innerHTML = '<video id="avatar" autoplay playsinline></video>';
+  const pc = window.__whep = new RTCPeerConnection();
+  pc.addTransceiver('video', {direction: 'recvonly'});
+  pc.addTransceiver('audio', {direction: 'recvonly'});
+  const stream = new MediaStream();
+  pc.ontrack = (e) => { stream.addTrack(e.track); document.getElementById('avatar').srcObject = stream; };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((ok) => pc.iceGatheringState === 'complete' ? ok()
+    : pc.addEventListener('icegatheringstatechange', () => pc.iceGatheringState === 'complete' && ok()));
+  const r = await fetch('/whep?session=' + session, {method: 'POST', body: pc.localDescription.sdp,
+                                                    headers: {'Content-Type': 'application/sdp'}});
+  if (r.status !== 201) throw new Error('WHEP ' + r.status + ': ' + await r.text());
+  await pc.setRemoteDescription({type: 'answer', sdp: await r.text()});
+  return r.headers.get('Location');
+}"""
+
+
+def _player_page(browser, url: str, session: str, whep: bool):
+    """A second window watching the talk page's session: the viewer page, or a WHEP player."""
+    context = browser.new_context(bypass_csp=True)
+    context.add_init_script(INIT_SCRIPT)
+    page = context.new_page()
+    if whep:
+        page.goto(f"{url}/healthz")   # any page of the server's origin
+        page.evaluate(WHEP_PLAY, session)
+    else:
+        page.goto(f"{url}/viewer?session={session}")
+    page.evaluate("window.__watchPattern(document.getElementById('avatar'))")
+    page.wait_for_function("() => window.__avs.frames.length > 10", timeout=30000)
+    page.evaluate("window.__tapEnvelope(document.getElementById('avatar').srcObject)")
+    return page
+
+
+def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = False) -> dict:
     from playwright.sync_api import sync_playwright
 
     result: dict = {}
@@ -264,28 +308,24 @@ def browser_run(url: str, wav: Path, seconds: float, viewer: bool) -> dict:
             page.wait_for_function("() => window.emo.frames > 10", timeout=20000)
             page.evaluate("window.__tapEnvelope(document.getElementById('avatar').srcObject)")
             session = page.evaluate("window.emo.session || (window.emo.stats && window.emo.stats.session) || null") or "latest"
-            vpage = None
-            if viewer:   # its own context (window): a second tab of one window would hide the talk page
-                vcontext = browser.new_context(bypass_csp=True)
-                vcontext.add_init_script(INIT_SCRIPT)
-                vpage = vcontext.new_page()
-                vpage.goto(f"{url}/viewer?session={session}")
-                vpage.evaluate("window.__watchPattern(document.getElementById('avatar'))")
-                vpage.wait_for_function("() => window.emo && window.emo.frames > 10", timeout=30000)
-                vpage.evaluate("window.__tapEnvelope(document.getElementById('avatar').srcObject)")
-            # measure from here: both pages' frames and sound so far are dropped
-            page.evaluate("window.__avs.frames = []; window.__avs.env = []")
-            if vpage is not None:
-                vpage.evaluate("window.__avs.frames = []; window.__avs.env = []")
+            # each player in its own context (window): a second tab of one window would hide the talk page
+            players = {name: _player_page(browser, url, session, whep=name == "whep")
+                       for name, on in (("viewer", viewer), ("whep", whep)) if on}
+            # measure from here: every page's frames and sound so far are dropped
+            for p in [page, *players.values()]:
+                p.evaluate("window.__avs.frames = []; window.__avs.env = []")
             page.wait_for_timeout(int(seconds * 1000))
             talk, _ = _page_offsets(page)
             result["talk"] = {**talk, "first_frame_ms": round(first, 1)}
-            if vpage is not None:
-                result["viewer"], _ = _page_offsets(vpage)
-                vpage.close()
+            for name, p in players.items():
+                result[name], _ = _page_offsets(p)
+                p.close()
             srv = page.evaluate("window.emo.stats") or {}
             result["server_playout"] = {k: (srv.get("playout") or {}).get(k) for k in ("av_offset_ms", "behind_ms")}
-            page.click("button#stop")
+            if page.locator("button#stop").is_enabled():   # (a session the server ended has nothing to stop)
+                page.click("button#stop")
+            else:
+                result["talk"]["ended_early"] = True
         finally:
             context.close()
             browser.close()
@@ -299,7 +339,7 @@ async def livekit_run(seconds: float, size: int) -> dict:
     from livekit.agents.voice.avatar import DataStreamAudioOutput
     from livekit_standin import Hub, LoopThread, StandInRoom
 
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
     from emo_stream.families.synctest.backend import read_pattern
     from emo_stream.livekit.host import EngineHost
     from emo_stream.livekit.job import run_avatar_job
@@ -386,7 +426,8 @@ async def livekit_run(seconds: float, size: int) -> dict:
 # ---- main ---------------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--paths", default="ws,talk,viewer,livekit", help="comma list of ws, talk, viewer, livekit")
+    parser.add_argument("--paths", default="ws,talk,viewer,whep,livekit",
+                        help="comma list of ws, talk, viewer, whep, livekit")
     parser.add_argument("--runs", type=int, default=3, help="repeat each path (fresh server and browser each run)")
     parser.add_argument("--seconds", type=float, default=12.0, help="measurement window per run")
     parser.add_argument("--size", type=int, default=512)
@@ -396,11 +437,11 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = set(paths) - {"ws", "talk", "viewer", "livekit"}
+    unknown = set(paths) - {"ws", "talk", "viewer", "whep", "livekit"}
     if unknown:
         raise SystemExit(f"unknown path(s): {', '.join(sorted(unknown))}")
-    if ("talk" in paths or "viewer" in paths) and not Path(CHROMIUM).exists():
-        raise SystemExit(f"the talk and viewer paths need Debian chromium at {CHROMIUM}")
+    if {"talk", "viewer", "whep"} & set(paths) and not Path(CHROMIUM).exists():
+        raise SystemExit(f"the talk, viewer and whep paths need Debian chromium at {CHROMIUM}")
     repo = Path(args.repo).resolve() if args.repo else REPO
     commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
@@ -413,14 +454,14 @@ def main() -> None:
     loads = [load_average()]
     try:
         for run in range(args.runs):
-            if "ws" in paths or "talk" in paths or "viewer" in paths:
+            if {"ws", "talk", "viewer", "whep"} & set(paths):
                 proc, url = start_server(repo, tmp, args.size)
                 try:
                     if "ws" in paths:
                         runs["ws"].append(asyncio.run(ws_run(url, args.seconds)))
-                    if "talk" in paths or "viewer" in paths:
-                        got = browser_run(url, wav, args.seconds, viewer="viewer" in paths)
-                        for p in ("talk", "viewer"):
+                    if {"talk", "viewer", "whep"} & set(paths):
+                        got = browser_run(url, wav, args.seconds, viewer="viewer" in paths, whep="whep" in paths)
+                        for p in ("talk", "viewer", "whep"):
                             if p in paths and p in got:
                                 runs[p].append({**got[p], "server_playout": got.get("server_playout"),
                                                 "browser": got.get("browser")})

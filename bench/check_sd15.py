@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 from _common import device_name, emit_json, peak_rss_bytes  # bench/; puts the repo on sys.path
-from emo_stream.models import EmoModel, load_config
-from emo_stream.models.init_weights import find_weights, load_unet2d, read_state_dict
+from emo_stream.blocks.weights import find_weights, read_state_dict
+from emo_stream.families.emo.config import load_config
+from emo_stream.families.emo.init_weights import load_unet2d
+from emo_stream.families.emo.model import EmoModel
 
 
 def main() -> int:

@@ -23,7 +23,7 @@ import torch
 # bench/_common; importing it puts the repo on sys.path
 from _common import add_render_args, apply_threads, device_name, emit_json, load_average, peak_memory
 from emo_stream.backend import SegmentJob
-from emo_stream.echomimic_backend import create_backend
+from emo_stream.families.echomimic.backend import create_backend
 
 
 def _sync(dev: torch.device) -> None:

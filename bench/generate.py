@@ -20,7 +20,7 @@ import torch
 # bench/_common; importing it puts the repo on sys.path
 from _common import add_render_args, apply_threads, device_name, emit_json, load_average, peak_memory
 from emo_stream.backend import SegmentJob
-from emo_stream.emo_backend import EmoBackend
+from emo_stream.families.emo.backend import EmoBackend
 from emo_stream.generate import iter_segments
 
 

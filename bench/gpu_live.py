@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     t_start = time.monotonic()
-    from emo_stream.emo_backend import EmoBackend
+    from emo_stream.families.emo.backend import EmoBackend
     from emo_stream.training.synthetic import identity_reference
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

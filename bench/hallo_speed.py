@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build(args):
     from diffusers import AutoencoderKL
 
-    from emo_stream.models.hallo.config import HalloConfig
-    from emo_stream.models.hallo.model import HalloModel
+    from emo_stream.families.hallo.config import HalloConfig
+    from emo_stream.families.hallo.model import HalloModel
 
     if args.model:
-        from emo_stream.models.hallo.loader import load_hallo
+        from emo_stream.families.hallo.loader import load_hallo
         return load_hallo(args.model)
     if args.golden:
         case = json.loads((Path(args.golden) / "case.json").read_text())
@@ -56,7 +56,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if dev.type == "cuda" else torch.float32)
-    from emo_stream.models.hallo.model import ClipInputs
+    from emo_stream.families.hallo.model import ClipInputs
 
     model = build(args).to(dev, dtype).eval()
     cfg = model.config

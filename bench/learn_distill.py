@@ -38,7 +38,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 def render(model_dir: str, size: int, audio: np.ndarray, steps: int, guidance: float | None, identities: int,
            seed: int) -> list[np.ndarray]:
-    from emo_stream.emo_backend import EmoBackend, load_model
+    from emo_stream.families.emo.backend import EmoBackend, load_model
     from emo_stream.generate import iter_segments
 
     backend = EmoBackend(load_model(model_dir, seed=seed), size=size, fps=25, steps=steps, guidance=guidance,
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     ls = result["losses"]
     k = max(1, len(ls) // 10)
-    from emo_stream.emo_backend import load_model
+    from emo_stream.families.emo.backend import load_model
 
     guidance = load_model(teacher).config.sampling.guidance
     res = {

@@ -37,7 +37,7 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 def evaluate(model_spec: str, size: int, audio: np.ndarray, steps: int, identities: int, seed: int) -> dict:
     """Generate each identity speaking `audio`; r between generated mouth opening and the envelope."""
-    from emo_stream.emo_backend import EmoBackend, load_model
+    from emo_stream.families.emo.backend import EmoBackend, load_model
     from emo_stream.generate import iter_segments
 
     model = load_model(model_spec, seed=seed)

@@ -32,7 +32,7 @@ from livekit import rtc  # noqa: E402
 from livekit.agents.voice.avatar import DataStreamAudioOutput  # noqa: E402
 from livekit_standin import Hub, LoopThread, StandInRoom  # noqa: E402
 
-from emo_stream.backends import backend_names, create_backend  # noqa: E402
+from emo_stream.registry import family_names, create_backend  # noqa: E402
 from emo_stream.livekit.host import EngineHost  # noqa: E402
 from emo_stream.livekit.job import run_avatar_job  # noqa: E402
 from emo_stream.livekit.metadata import DispatchInfo  # noqa: E402
@@ -154,7 +154,7 @@ async def run(args) -> dict:
     host = EngineHost(StreamingEngine(backend, EngineConfig(max_sessions=args.rooms, max_batch=args.rooms,
                                                             segment_frames=args.segment_frames)))
     await host.start()
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     avatar = await host.prepare_avatar("default", lambda: default_portrait(512))
     hub = Hub()
@@ -192,7 +192,7 @@ async def run(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", choices=backend_names(), default="preview")
+    p.add_argument("--backend", choices=family_names(), default="preview")
     p.add_argument("--model", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--size", type=int, default=512)

@@ -27,8 +27,9 @@ import numpy as np  # noqa: E402
 from _common import REPO, device_name, emit_json, load_average  # noqa: E402  (bench/; puts the repo on sys.path)
 from emo_stream.backend import SegmentJob, samples_per_frame  # noqa: E402
 from emo_stream.media import load_audio, load_image  # noqa: E402
-from emo_stream.preview import PreviewBackend, default_portrait  # noqa: E402
-from emo_stream.preview.warp import FrameParams  # noqa: E402
+from emo_stream.default_avatar import default_portrait  # noqa: E402
+from emo_stream.families.preview.backend import PreviewBackend  # noqa: E402
+from emo_stream.families.preview.warp import FrameParams  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import REPO, device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
-from emo_stream.backends import backend_names
+from emo_stream.registry import family_names
 from server.bot_client import BotClient, ReceivedFrame
 
 
@@ -271,7 +271,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--backend", choices=backend_names(), default="preview")
+    parser.add_argument("--backend", choices=family_names(), default="preview")
     parser.add_argument("--model", default=None)
     parser.add_argument("--pause", type=float, default=1.0, help="silence between utterances (s)")
     parser.add_argument("--viewers", type=int, default=0, help="also attach this many WebRTC viewers (aiortc)")

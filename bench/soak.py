@@ -97,8 +97,20 @@ class Server:
         threading.Thread(target=self._scan, daemon=True).start()
 
     def _scan(self) -> None:
+        trace: list[str] | None = None   # a traceback being read: kept whole, to its exception line
         for line in self.proc.stdout:
-            if " ERROR " in line or "Traceback" in line or " CRITICAL " in line:
+            if trace is not None:
+                trace.append(line.rstrip()[:300])
+                if not line.startswith((" ", "\t", "Traceback", "During handling", "The above exception")) \
+                        and line.strip():
+                    if len(self.errors) < 30:
+                        self.errors.append(" | ".join(trace[-8:]))
+                    trace = None
+                continue
+            if line.startswith("Traceback"):
+                trace = [line.rstrip()]
+                continue
+            if " ERROR " in line or " CRITICAL " in line:
                 self.error_lines += 1
                 if len(self.errors) < 30:
                     self.errors.append(line.rstrip()[:300])

@@ -26,7 +26,7 @@ import numpy as np
 
 from _common import REPO, device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
 from emo_stream.backend import capabilities
-from emo_stream.backends import backend_names, create_backend
+from emo_stream.registry import family_names, create_backend
 from emo_stream.timeline import SAMPLE_RATE
 from emo_stream.media import load_audio, load_image
 from emo_stream.streaming import EngineConfig, StreamingEngine
@@ -58,7 +58,7 @@ def portrait(path: str | None) -> np.ndarray:
         return load_image(path)
     if DEFAULT_PORTRAIT.is_file():
         return load_image(DEFAULT_PORTRAIT)
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     return default_portrait(512)
 
@@ -199,7 +199,7 @@ async def main_async(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=backend_names(), default="preview")
+    p.add_argument("--backend", choices=family_names(), default="preview")
     p.add_argument("--model", default=None, help="EMO preset or checkpoint (tiny, sd15, PATH)")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=None)

@@ -1,9 +1,9 @@
 """The backend contract: what every animation backend implements, and what it may offer on top.
 
 The streaming engine (emo_stream.streaming) and the offline generator (emo_stream.generate) drive a
-backend; the EMO model (emo_stream.emo_backend) and the CPU preview animator (emo_stream.preview) are
+backend; the EMO model (emo_stream.families.emo.backend) and the CPU preview animator (emo_stream.families.preview) are
 backends, and tests use trivial ones. A backend knows nothing of sessions, clocks or networking.
-Backends are found by name through the registry in emo_stream.backends.
+Backends are found by name through the registry in emo_stream.registry.
 
 Timeline convention (emo_stream.timeline): audio is 16 kHz mono float32; at `fps` video frames per
 second, frame k covers audio samples [k * spf, (k + 1) * spf) with spf = SAMPLE_RATE // fps.
@@ -24,6 +24,7 @@ never with getattr elsewhere):
     device                  the torch device it computes on (CUDA: the engine gives each stage a stream)
     denoise(jobs) / decode(jobs, latents)   (the `SplitGeneration` protocol) generation split in two,
                             so the engine overlaps decoding one segment with denoising the next
+    video_avatars           prepare_avatar also takes a short idle video as (T, H, W, 3) frames (MuseTalk)
     render_video(avatar, audio, seed, progress)   (the `WholeVideo` protocol) offline generation of the
                             whole audio at once (models sampled over the whole video, e.g. EchoMimic's
                             closed-loop context windows); `generate` then uses it instead of segments
@@ -124,6 +125,7 @@ class BackendBase:
     stream_segment_frames: int | None = None   # None: the engine's default segment length
     clip_frames: int = DEFAULT_CLIP_FRAMES
     concurrent_generate: bool = False
+    video_avatars: bool = False                # prepare_avatar takes (T, H, W, 3) video frames too
     device: Any = None                         # torch.device, or None (CPU / not torch)
     _face_analyzer: Any = None                 # emo_stream.face.FaceAnalyzer, made on first use
 
@@ -149,6 +151,7 @@ class Capabilities:
     clip_frames: int
     device: Any
     whole_video: bool = False         # offers WholeVideo (render_video)
+    video_avatars: bool = False       # prepare_avatar takes (T, H, W, 3) video frames too
 
 
 def capabilities(backend: Any) -> Capabilities:
@@ -162,4 +165,5 @@ def capabilities(backend: Any) -> Capabilities:
         clip_frames=int(getattr(backend, "clip_frames", None) or DEFAULT_CLIP_FRAMES),
         device=getattr(backend, "device", None),
         whole_video=callable(getattr(backend, "render_video", None)),
+        video_avatars=bool(getattr(backend, "video_avatars", False)),
     )

@@ -1,6 +1,6 @@
 """`emo-stream convert DIR --out CKPT`: a downloaded model folder (e.g. EchoMimic v1 as published) -> our own
 checkpoint (config.yaml with the architecture key + model.safetensors) that loads without the original
-folder. Which family the folder holds is detected (emo_stream.models.families)."""
+folder. Which family the folder holds is detected (emo_stream.registry)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def convert(folder: str | Path, out: str | Path, weights_set: str | None = None) -> Path:
-    from emo_stream.models.families import checkpoint_architecture, family_of
+    from emo_stream.registry import checkpoint_architecture, family_of
 
     folder, out = Path(folder), Path(out)
     if folder.is_dir() and checkpoint_architecture(folder) is not None:
@@ -26,7 +26,7 @@ def convert(folder: str | Path, out: str | Path, weights_set: str | None = None)
         raise OutputError(f"--out {out} is not empty; choose a new folder")
     log.info("converting %s -> %s", found, out)
     options = {"weights_set": weights_set} if weights_set else {}
-    if options and family.name != "echomimic-v1":
+    if options and family.name != "echomimic":
         raise WeightsError(f"--weights-set applies to EchoMimic folders, not {family.title}")
     return family.convert_folder(folder, out, **options)
 

@@ -16,9 +16,9 @@ from typing import Iterator
 import numpy as np
 
 from emo_stream.backend import Backend, SegmentJob, capabilities
-from emo_stream.backends import backend_names, create_backend, default_backend, model_options
-from emo_stream.errors import ConfigError, OutputError
-from emo_stream.media import Mp4Writer, load_audio, load_image
+from emo_stream.registry import create_backend, default_backend, family_names, model_options
+from emo_stream.errors import ConfigError, ImageInputError, OutputError
+from emo_stream.media import Mp4Writer, is_video_path, load_audio, load_image, load_video
 from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 
 log = logging.getLogger(__name__)
@@ -55,11 +55,12 @@ def iter_segments(backend: Backend, avatar, audio: np.ndarray, seed: int = 0,
 def generate_file(backend: Backend, image: str | Path | np.ndarray, audio: str | Path | np.ndarray,
                   out_path: str | Path, seed: int = 0, progress: bool = True) -> dict:
     """Render a portrait (path or RGB array) speaking an audio (path, or 16 kHz mono float32 array) into
-    `out_path` (H.264 + AAC). Returns a summary."""
+    `out_path` (H.264 + AAC). Backends with video_avatars also take a short idle video (a video file, or
+    (T, H, W, 3) frames). Returns a summary."""
     from tqdm import tqdm
 
     if not isinstance(image, np.ndarray):
-        image = load_image(image)
+        image = load_avatar(backend, image)
     if not isinstance(audio, np.ndarray):
         audio = load_audio(audio)
     avatar = backend.prepare_avatar(image)
@@ -96,6 +97,17 @@ def generate_file(backend: Backend, image: str | Path | np.ndarray, audio: str |
     return {"frames": written, "seconds": written / backend.fps, "out": str(out_path)}
 
 
+def load_avatar(backend: Backend, path: str | Path) -> np.ndarray:
+    """A portrait file as (H, W, 3), or, for backends that take video avatars, a video file as (T, H, W, 3)
+    frames at the backend's rate (the first seconds: media.VIDEO_AVATAR_MAX_SECONDS)."""
+    if not is_video_path(path):
+        return load_image(path)
+    if not capabilities(backend).video_avatars:
+        raise ConfigError(f"{path} is a video: the {capabilities(backend).name} backend animates a portrait photo "
+                          f"(video avatars: --backend musetalk)")
+    return load_video(path, fps=backend.fps)
+
+
 MP4_SUFFIXES = ("", ".mp4", ".m4v")  # what the writer makes is MP4 (H.264 + AAC) whatever the name says
 
 
@@ -120,13 +132,15 @@ def check_writable(path: str | Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image", required=True, help="portrait photo (any size; one clearly visible face)")
+    p.add_argument("--image", required=True, help="portrait photo (any size; one clearly visible face), or for "
+                                                  "musetalk a short idle video of the person (played forward "
+                                                  "then backward)")
     p.add_argument("--audio", required=True, help="speech or singing: wav, mp3, m4a, ... any rate, mono or stereo")
     p.add_argument("--out", required=True, help="output MP4 (H.264 + AAC)")
-    p.add_argument("--backend", choices=backend_names(), default=None,
-                   help="default: the one that runs --model's family (emo, echomimic, hallo), "
+    p.add_argument("--backend", choices=family_names(), default=None,
+                   help="default: the one that runs --model's family (emo, echomimic, hallo, musetalk), "
                         "else the CPU preview animator")
-    p.add_argument("--model", default=None, help="model: an EchoMimic or Hallo download folder, an emo-stream "
+    p.add_argument("--model", default=None, help="model: an EchoMimic, Hallo or MuseTalk download folder, an emo-stream "
                                                  "checkpoint folder, or a preset (tiny, sd15)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: the model's: EMO 40, EchoMimic acc 6, normal 30, Hallo 40)")
@@ -144,12 +158,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # inputs and the output place are checked before the model loads (minutes for sd15)
-    image, audio = load_image(args.image), load_audio(args.audio)
+    video = is_video_path(args.image)
+    if video and not Path(args.image).is_file():
+        raise ImageInputError(f"video not found: {args.image}")
+    image, audio = (None if video else load_image(args.image)), load_audio(args.audio)
     check_writable(args.out)
     options = model_options(args.backend or default_backend(args.model), steps=args.steps, guidance=args.guidance,
                             decoder=args.decoder, weights=args.weights)
     backend = create_backend(args.backend, args.model, size=args.size, fps=args.fps, device=args.device,
                              **options)
+    if video:
+        image = load_avatar(backend, args.image)
     summary = generate_file(backend, image, audio, args.out, seed=args.seed, progress=not args.no_progress)
     log.info("wrote %s: %d frames, %.2f s", summary["out"], summary["frames"], summary["seconds"])
     return 0

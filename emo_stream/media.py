@@ -211,6 +211,57 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, min_seconds: fl
     return audio
 
 
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
+VIDEO_AVATAR_MAX_SECONDS = 10.0   # an idle loop of a few seconds is what a video avatar is for
+VIDEO_AVATAR_MAX_SIDE = 1024      # frames are framed to the model size (512) later: decode no larger
+
+
+def is_video_path(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def load_video(path: str | Path, fps: int, max_seconds: float = VIDEO_AVATAR_MAX_SECONDS,
+               max_side: int = VIDEO_AVATAR_MAX_SIDE) -> np.ndarray:
+    """The first `max_seconds` of a video as RGB uint8 frames (T, H, W, 3), resampled to `fps` by time (the
+    frame showing at each tick), the longer side at most `max_side`. One ImageInputError line for files
+    that are not a readable video."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageInputError(f"video not found: {path}")
+    frames: list[np.ndarray] = []
+    limit = max(1, int(round(max_seconds * fps)))
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ImageInputError(f"no video stream in {path}")
+            stream = container.streams.video[0]
+            tick, last = 0, None
+            for frame in container.decode(stream):
+                t = float(frame.time) if frame.time is not None else tick / fps
+                w, h = frame.width, frame.height
+                scale = min(1.0, max_side / max(w, h))
+                if scale < 1.0:
+                    frame = frame.reformat(width=2 * round(w * scale / 2), height=2 * round(h * scale / 2))
+                rgb = frame.to_ndarray(format="rgb24")
+                while tick < limit and tick / fps < t:   # ticks before this frame show the previous one
+                    if last is not None:
+                        frames.append(last)
+                    tick += 1
+                last = rgb
+                if tick >= limit:
+                    break
+            if last is not None and tick < limit:   # the last frame shows at the next tick
+                frames.append(last)
+    except ImageInputError:
+        raise
+    except (av.error.FFmpegError, ValueError, OSError) as exc:
+        raise ImageInputError(f"cannot decode video {path} ({exc.__class__.__name__}): not a video FFmpeg can "
+                              f"read") from None
+    if not frames:
+        raise ImageInputError(f"no frames in video {path}")
+    return np.stack(frames)
+
+
 class Mp4Writer:
     """Writes frames and audio to an MP4 as they arrive, so memory does not grow with duration.
 

@@ -13,12 +13,12 @@ Pictures stored as uint8 are compared in grey levels: a runner returns those err
 float that carries its unit), and they are held to GREY_TOLERANCE (1 level, --grey-tolerance) instead of
 the float tolerance; their case names end in " (grey levels)" so the printed JSON says so too.
 
-Adding a family: write `run_cases(golden_dir: Path) -> dict[str, float]` (raise GoldenFormatError /
-WeightsError, one line, for a folder not in the format) and add it to RUNNERS under the name its sets use
-in case.json["model"]. A runner may also accept `only: set[str]` (the case groups to replay, e.g.
-{"denoiser_single"}), which `--case` passes:
+Adding a family's runner: write `run_cases(golden_dir: Path) -> dict[str, float]` in its folder (raise
+GoldenFormatError / WeightsError, one line, for a folder not in the format) and name it in the family's
+declaration with the case.json["model"] values its sets use (emo_stream.registry finds it). A runner may also
+accept `only: set[str]` (the case groups to replay, e.g. {"denoiser_single"}), which `--case` passes:
 
-    RUNNERS["hallo"] = "emo_stream.models.hallo.parity:run_cases"
+    FAMILY = Family(name="hallo", ..., parity="emo_stream.families.hallo.parity:run_cases", parity_models=("hallo",))
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ GREY_TOLERANCE = 1.0   # uint8 pictures: at most one grey level off (rounding of
 GREY_SUFFIX = " (grey levels)"
 CASE_FILE = "case.json"
 
+
 class GreyLevels(float):
     """A case's max abs error in grey levels of a uint8 picture: held to the grey tolerance, not the float one."""
 
@@ -53,14 +54,6 @@ def grey_levels(ours, reference) -> GreyLevels:
     if a.shape != b.shape:
         return GreyLevels(float("inf"))
     return GreyLevels(float(np.abs(a - b).max()) if a.size else 0.0)
-
-
-# case.json["model"] -> "module:function" of run_cases(golden_dir) -> {case: max_abs_error}
-RUNNERS: dict[str, str] = {
-    "echomimic-v1": "emo_stream.models.echomimic.parity:run_cases",
-    "hallo": "emo_stream.models.hallo.parity:run_cases",
-    "musetalk": "emo_stream.families.musetalk.parity:run_cases",
-}
 
 
 class GoldenFormatError(EmoStreamError):
@@ -88,11 +81,14 @@ def read_case(golden_dir: str | Path) -> dict:
 
 
 def runner_for(model: str) -> Callable[[Path], dict[str, float]]:
-    if model not in RUNNERS:
-        raise GoldenFormatError(f"no parity runner for model {model!r} (known: {', '.join(sorted(RUNNERS)) or 'none'})")
-    from emo_stream.models.families import resolve
+    """case.json's "model" -> the run_cases of the registered family that replays it."""
+    from emo_stream import registry
 
-    return resolve(RUNNERS[model])
+    family = registry.parity_family(model)
+    if family is None:
+        known = ", ".join(sorted(registry.parity_models())) or "none"
+        raise GoldenFormatError(f"no parity runner for model {model!r} (known: {known})")
+    return family.parity_runner()
 
 
 def run_parity(golden_dir: str | Path, only: list[str] | None = None) -> dict[str, float]:

@@ -156,6 +156,7 @@ class PortraitPool:
         self._ctx = multiprocessing.get_context("spawn")   # no copy of the server's threads and memory
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
+        self._live: set[_Worker] = set()   # every started worker, busy or idle: close() ends them all
         self._pending = 0   # jobs running or queued
         self._closed = False
         # one driver thread per worker process: waiting for a worker never ties up the event loop's
@@ -201,12 +202,17 @@ class PortraitPool:
                 return
 
     def close(self) -> None:
+        """End the workers; a job still running fails (its driver thread sees the pipe close at once)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            busy = self._live - set(idle)
+            self._live = set()
         self._drivers.shutdown(wait=False, cancel_futures=True)
         for worker in idle:
             worker.stop()
+        for worker in busy:
+            worker.kill()
 
     # -- internals ---------------------------------------------------------------------------------
     def _done(self, _future: concurrent.futures.Future) -> None:
@@ -217,18 +223,33 @@ class PortraitPool:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        return _Worker(self._ctx, self.limits, self.detect_faces)
+        return self._new_worker()
+
+    def _new_worker(self) -> _Worker:
+        worker = _Worker(self._ctx, self.limits, self.detect_faces)
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._live.add(worker)
+        if closed:
+            worker.kill()
+            raise PortraitPoolBusy("the server is shutting down")
+        return worker
 
     def _start_one(self) -> None:
         with self._lock:
             if self._closed or len(self._idle) >= self.limits.workers:
                 return
-        worker = _Worker(self._ctx, self.limits, self.detect_faces)
+        try:
+            worker = self._new_worker()
+        except PortraitPoolBusy:
+            return
         try:
             worker.wait_ready(120.0)
         except (TimeoutError, EOFError, OSError):
-            log.warning("a portrait decode worker failed to start (exit code %s)", worker.process.exitcode)
-            worker.kill()
+            if not self._closed:
+                log.warning("a portrait decode worker failed to start (exit code %s)", worker.process.exitcode)
+            self._kill(worker)
             return
         self._give_back(worker)
 
@@ -237,6 +258,7 @@ class PortraitPool:
             if not self._closed and len(self._idle) < self.limits.workers:
                 self._idle.append(worker)
                 return
+            self._live.discard(worker)
         worker.stop()
 
     def _run(self, job: tuple) -> DecodedPortrait:
@@ -250,6 +272,8 @@ class PortraitPool:
             raise ImageInputError(f"{what}: decoding took longer than {self.limits.timeout_s:g} s; "
                                   f"use a smaller or simpler image") from None
         except (EOFError, OSError):   # the worker died (a decoder crash, the memory limit hit in C code)
+            if self._closed:
+                raise PortraitPoolBusy("the server is shutting down") from None
             log.warning("%s: the decode worker died (exit code %s): replaced", what, worker.process.exitcode)
             self._kill(worker)
             raise ImageInputError(f"{what}: the image could not be decoded") from None
@@ -270,5 +294,7 @@ class PortraitPool:
         return DecodedPortrait(image, face)
 
     def _kill(self, worker: _Worker) -> None:
+        with self._lock:
+            self._live.discard(worker)
         self.workers_killed += 1
         worker.kill()

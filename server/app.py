@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = None) -> StreamingEngine:
-    """Backend by name (emo_stream.backends) inside the streaming engine; model loading happens here."""
+    """Backend by name (emo_stream.registry) inside the streaming engine; model loading happens here."""
     from emo_stream.backend import capabilities
-    from emo_stream.backends import create_backend, default_backend, model_options
+    from emo_stream.registry import create_backend, default_backend, model_options
 
     if backend is None:
         options = model_options(config.backend or default_backend(config.model), steps=config.steps,
@@ -46,10 +46,12 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = N
 
 def default_image(config: ServerConfig):
     if config.avatar:
-        from emo_stream.media import load_image
+        from emo_stream.media import is_video_path, load_image, load_video
 
+        if is_video_path(config.avatar):   # a short idle video (backends with video avatars: musetalk)
+            return load_video(config.avatar, fps=config.fps)
         return load_image(config.avatar)
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     return default_portrait(max(config.size, 256))  # painted large enough for face detection; framed to size later
 
@@ -88,7 +90,7 @@ def poster_jpeg(image, size: int) -> bytes:
 
     from PIL import Image
 
-    picture = Image.fromarray(image)
+    picture = Image.fromarray(image[0] if image.ndim == 4 else image)   # a video avatar: its first frame
     picture.thumbnail((size, size))
     buf = io.BytesIO()
     picture.convert("RGB").save(buf, format="JPEG", quality=85)
@@ -184,7 +186,8 @@ class StreamServer:
             self._portrait_pool = PortraitPool(cfg.limits.pool_limits())
             self._own_pool = True
         self.avatars = AvatarStore(self.engine, cfg.limits.max_avatars, cfg.limits.max_image_pixels,
-                                   pool=self._portrait_pool)
+                                   pool=self._portrait_pool, uploads_per_minute=cfg.limits.avatar_uploads_per_minute)
+        self.engine.avatars.max_per_owner = cfg.limits.max_avatars_per_client
         image = await asyncio.to_thread(default_image, cfg)
         await self.avatars.set_default(image)
         self._poster = await asyncio.to_thread(poster_jpeg, image, cfg.size)
@@ -227,8 +230,11 @@ class StreamServer:
             logger=RedactingLogger(logging.getLogger("websockets.server"), routes.secrets),   # no tokens in -v logs
             # POST/DELETE/PATCH/OPTIONS (WHIP, WHEP) are answered by HttpConnection, GET goes on to websockets
             create_connection=functools.partial(HttpConnection, router=self.webrtc_http),
-            max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes) + 1024,
-            max_queue=16,
+            # the largest legal message (an avatar upload, by default), and while Connection is busy with one
+            # (audio backpressure, an upload being prepared) websockets reads no further than one more
+            # message: a waiting connection holds at most ~3 of them (max_queue=16 let one hold 16: +142 MiB)
+            max_size=max(cfg.limits.max_upload_bytes, cfg.limits.max_audio_chunk_bytes, cfg.limits.max_text_bytes),
+            max_queue=(1, 0),
             ping_interval=None,  # server.ws_api.Connection pings: it tells a slow reader from a stopped one
             # a client that stopped reading never completes the closing handshake: without this its
             # session would outlive a failed keepalive by websockets' default 10 s

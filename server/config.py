@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emo_stream.backends import backend_names, default_backend, model_options, names_phrase
+from emo_stream.registry import family_names, default_backend, model_options, names_phrase
 from emo_stream.config_io import build_dataclass, read_yaml
 from emo_stream.errors import ConfigError
 from emo_stream.resources import resource_dir
@@ -67,6 +67,10 @@ class LimitsConfig:
     # open WebSocket connections from one client address (a talk page or a bot needs one, a viewer one
     # more): one host cannot take every file descriptor and peer connection of the server
     max_connections_per_address: int = 32
+    # avatars: a connection holds at most this many of the max_avatars places (its own oldest goes when it
+    # uploads more; another client's uploads never drop them while it stays connected)
+    max_avatars_per_client: int = 4
+    avatar_uploads_per_minute: float = 12.0   # per client address (a burst of that many, then refilled)
     # untrusted images (uploads) are decoded in separate low-priority processes (emo_stream.portrait_pool)
     decode_workers: int = 1          # processes; each uses at most one core
     decode_queue: int = 4            # uploads waiting behind them; more get a "busy" error
@@ -151,7 +155,7 @@ class ServerConfig:
         _positive(self, "port", allow_zero=True)
         if self.port > 65535:
             raise ConfigError(f"port must be at most 65535: got {self.port}")
-        if self.backend is not None and self.backend not in backend_names():
+        if self.backend is not None and self.backend not in family_names():
             raise ConfigError(f"backend must be {names_phrase()}: got {self.backend!r}")
         model_options(self.backend or "preview", steps=self.steps, guidance=self.guidance, decoder=self.decoder,
                       weights=self.weights)   # the same checks and messages as generate's flags

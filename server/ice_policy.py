@@ -100,13 +100,16 @@ def filter_answer(sdp: str, peer: str | None, local: str | None) -> str:
     candidates = [line for section in sections for line in section if line.startswith("a=candidate:")]
     addresses = {_candidate_address(line) for line in candidates}
     local_ip = _ip(local)
-    if local_ip is not None and not local_ip.is_loopback and not local_ip.is_unspecified and str(local_ip) in addresses:
-        keep = lambda address: address == str(local_ip)   # noqa: E731 - the address the client already uses
-    elif scope(peer) == LOOPBACK:
+    reached = str(local_ip) if local_ip is not None and not (local_ip.is_loopback or local_ip.is_unspecified) \
+        and str(local_ip) in addresses else None
+    if reached is None and scope(peer) == LOOPBACK:
         return sdp
-    else:
-        wanted = scope(peer)
-        keep = lambda address: _ip(address) is not None and scope(address) >= wanted   # noqa: E731
+    wanted = scope(peer)
+
+    def keep(address: str) -> bool:
+        if reached is not None:
+            return address == reached   # the address the client already uses
+        return _ip(address) is not None and scope(address) >= wanted
     out = []
     for section in sections:
         kept = [line for line in section if line.startswith("a=candidate:") and keep(_candidate_address(line))]

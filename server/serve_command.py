@@ -13,17 +13,18 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from emo_stream.backends import backend_names
+    from emo_stream.registry import family_names
 
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; other addresses need a token)")
     parser.add_argument("--port", type=int, default=None, help="port (default 8080; 0 picks a free one)")
-    parser.add_argument("--backend", choices=backend_names(), default=None,
+    parser.add_argument("--backend", choices=family_names(), default=None,
                         help="animation backend (default: the one that runs --model's family: emo, echomimic "
                              "or hallo; without --model, preview)")
     parser.add_argument("--model", default=None,
                         help="model: an EchoMimic or Hallo download folder, an emo-stream checkpoint folder "
                              "(emo-stream train / convert), or a preset (tiny, sd15)")
-    parser.add_argument("--avatar", default=None, help="default portrait image (default: a built-in portrait)")
+    parser.add_argument("--avatar", default=None, help="default portrait image, or for musetalk a short idle video "
+                                                       "(default: a built-in portrait)")
     parser.add_argument("--config", default=None, help="server settings YAML (default configs/server.yaml)")
     parser.add_argument("--size", type=int, default=None, help="output frame size in pixels")
     parser.add_argument("--device", default=None,

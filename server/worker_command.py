@@ -35,10 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="livekit-agents' health endpoint port (default 8081; 0: any free port)")
     lk.add_argument("--http-host", default="127.0.0.1",
                     help="address of that health endpoint (default 127.0.0.1; 0.0.0.0 for a remote probe)")
-    from emo_stream.backends import backend_names
+    lk.add_argument("--max-retry", type=int, default=16,
+                    help="failed attempts to reach the LiveKit server before the worker gives up and exits; "
+                         "the waits between them grow to 10 s (default 16; 0: give up at the first failure)")
+    from emo_stream.registry import family_names
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backend", choices=backend_names(), default=None,
+    model.add_argument("--backend", choices=family_names(), default=None,
                        help="animation backend (default: the one that runs --model's family: emo, echomimic "
                             "or hallo; without --model, preview)")
     model.add_argument("--model", default=None,
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                                  default_avatar=args.default_avatar, avatars=_named_avatars(args.avatar),
                                  drain_timeout=args.drain_timeout, http_port=args.http_port,
                                  http_host=args.http_host, image_hosts=tuple(args.image_host),
-                                 image_networks=tuple(args.image_network)).validate()
+                                 image_networks=tuple(args.image_network), max_retry=args.max_retry).validate()
     return asyncio.run(_serve(config, worker_config))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import io
+import itertools
 import json
 import logging
 import socket
@@ -28,6 +29,7 @@ from emo_stream.streaming import EngineUnhealthyError
 
 from server import protocol
 from server.protocol import AvatarUpload, ProtocolError, Simple, Start, View
+from server.avatars import AvatarCacheFullError, UploadRateError
 from server.sessions import ServerBusyError, ServerSession
 from server.sync import PlayoutFrame, QueueClosed
 
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_CONNECTION_IDS = itertools.count(1)
 AUDIO_QUEUE_MESSAGES = 8   # audio messages read ahead of the engine per connection
 MAX_OUTBOX_FRAMES = 8      # frames waiting for a slow client before the oldest are dropped
 MAX_OUTBOX_EVENTS = 1000   # a client this far behind on events is broken: disconnect it
@@ -170,6 +173,7 @@ class Connection:
         self.server = server   # the server's parts this connection uses
         self.ws = ws
         self.cfg = server.config
+        self.owner = f"ws-{next(_CONNECTION_IDS)}"   # holds the avatars this connection uploads
         self.role = server.role_of(ws)   # "viewer": the viewer token - view and ping only
         self.outbox = Outbox()
         self.session: ServerSession | None = None
@@ -200,8 +204,10 @@ class Connection:
                     self.send(protocol.error(exc.code, str(exc), exc.request or self._request))
                 except ServerBusyError as exc:
                     self.send(protocol.error("busy", str(exc), "start"))
-                except PortraitPoolBusy as exc:  # too many uploads being decoded right now
+                except (PortraitPoolBusy, AvatarCacheFullError) as exc:  # uploads: try again later
                     self.send(protocol.error("busy", str(exc), self._request))
+                except UploadRateError as exc:
+                    self.send(protocol.error("rate_limited", str(exc), self._request))
                 except ImageInputError as exc:  # unreadable image, no face: the user's input, not our crash
                     self.send(protocol.error("bad_image", str(exc), self._request))
                 except EngineUnhealthyError as exc:   # a failed or hung device: this server takes no sessions
@@ -447,7 +453,7 @@ class Connection:
             self._request = "avatar"
             upload, self.pending_avatar = self.pending_avatar, None
             protocol.check_image_bytes(data, upload)
-            avatar_id = await self.server.avatars.add(data)
+            avatar_id = await self.server.avatars.add(data, owner=self.owner, address=self.server.address_of(self.ws))
             self.send(protocol.avatar_ready(avatar_id))
             return
         if self.session is None or self.start_msg is None or self.start_msg.audio is None:
@@ -526,6 +532,7 @@ class Connection:
 
     async def cleanup(self) -> None:
         self.outbox.close()
+        self.server.avatars.release(self.owner)   # its uploads may be dropped again (a session keeps its own)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._end_session("connection closed")

@@ -99,7 +99,7 @@ def portrait_path(tmp_path_factory) -> Path:
         return SHARED_DATA / "clips" / "short_case_10" / "ref.jpg"
     from PIL import Image
 
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     path = tmp_path_factory.mktemp("portrait") / "portrait.png"
     Image.fromarray(default_portrait(512)).save(path)

@@ -90,7 +90,7 @@ ECHO_SPEC: dict[str, Any] = dict(
 
 
 def echomimic_case(spec: dict[str, Any]) -> dict[str, Any]:
-    from emo_stream.models.echomimic.importer import WEIGHT_SETS
+    from emo_stream.families.echomimic.importer import WEIGHT_SETS
 
     lat = _hw(spec)[0] // 8
     den_file, mm_file = WEIGHT_SETS[spec["weights_set"]]
@@ -130,12 +130,12 @@ def echomimic_case(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_echomimic_set(root: Path, **overrides: Any) -> Path:
-    from emo_stream.echomimic_sampling import (EchoSampling, context_windows, initial_latents, make_scheduler,
+    from emo_stream.families.echomimic.sampling import (EchoSampling, context_windows, initial_latents, make_scheduler,
                                                rotated, sample)
-    from emo_stream.models.echomimic.audio import frame_rows, log_mel
-    from emo_stream.models.echomimic.layers import face_mask
-    from emo_stream.models.echomimic.parity import _read_wav, config_from_case
-    from emo_stream.models.echomimic.testing import live_model, published_files
+    from emo_stream.families.echomimic.audio import frame_rows, log_mel
+    from emo_stream.families.echomimic.layers import face_mask
+    from emo_stream.families.echomimic.parity import _read_wav, config_from_case
+    from emo_stream.families.echomimic.testing import live_model, published_files
 
     spec = {**copy.deepcopy(ECHO_SPEC), **overrides}
     root = Path(root)
@@ -300,10 +300,10 @@ def _write_wav2vec2(folder: Path, model) -> None:
 def make_hallo_set(root: Path, **overrides: Any) -> Path:
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    from emo_stream.models.hallo import audio as haudio
-    from emo_stream.models.hallo.config import HalloConfig
-    from emo_stream.models.hallo.masks import LIP_IDS, SILHOUETTE_IDS, boxes_from_mediapipe, region_masks
-    from emo_stream.models.hallo.model import ClipInputs, HalloModel
+    from emo_stream.families.hallo import audio as haudio
+    from emo_stream.families.hallo.config import HalloConfig
+    from emo_stream.families.hallo.masks import LIP_IDS, SILHOUETTE_IDS, boxes_from_mediapipe, region_masks
+    from emo_stream.families.hallo.model import ClipInputs, HalloModel
 
     spec = {**copy.deepcopy(HALLO_SPEC), **overrides}
     root = Path(root)
@@ -357,7 +357,7 @@ def make_hallo_set(root: Path, **overrides: Any) -> Path:
         # audio
         wav_name = case["audio_case"]["wav"].split()[0]
         write_wav(root / wav_name, spec["seconds"], spec["seed"])
-        from emo_stream.models.hallo.parity import read_wav_pcm16
+        from emo_stream.families.hallo.parity import read_wav_pcm16
 
         samples = read_wav_pcm16(root / wav_name)
         normed = haudio.normalize(samples)

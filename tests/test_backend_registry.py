@@ -1,8 +1,10 @@
-"""The backend contract and registry: a backend added through the registry alone reaches the CLI, the
-server config, offline generation and the streaming engine; optional capabilities are read in one place."""
+"""The backend contract and the family registry: a family added through the registry alone (no folder, no
+edit anywhere else) reaches the CLI, the server config, offline generation, `emo-stream parity` dispatch and
+the streaming engine; optional capabilities are read in one place."""
 
 from __future__ import annotations
 
+import json
 import wave
 
 import numpy as np
@@ -10,7 +12,8 @@ import pytest
 from PIL import Image
 
 from emo_stream.backend import AudioContext, Backend, BackendBase, SegmentJob, capabilities
-from emo_stream.backends import backend_names, create_backend, register_backend, unregister_backend
+from emo_stream.registry import (Family, create_backend, family_names, get_family, parity_family, register_family,
+                                 unregister_family)
 from emo_stream.errors import ConfigError
 from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 
@@ -65,12 +68,22 @@ def make_throwaway(model=None, *, size, fps, device=None, **options):
     return backend
 
 
+def throwaway_parity(golden_dir, only=None):
+    """The throwaway family's golden sets: errors.json holds {case: error}; `only` keeps those groups."""
+    errors = json.loads((golden_dir / "errors.json").read_text())
+    return {k: v for k, v in errors.items() if only is None or k in only}
+
+
+THROWAWAY = Family(name="throwaway", title="Throwaway", summary="a test backend", backend=make_throwaway,
+                   parity=throwaway_parity, parity_models=("throwaway",))
+
+
 @pytest.fixture
 def throwaway():
     BUILT.clear()
-    register_backend("throwaway", make_throwaway, "a test backend")
+    register_family(THROWAWAY)
     yield "throwaway"
-    unregister_backend("throwaway")
+    unregister_family("throwaway")
 
 
 def tone_wav(path, seconds: float) -> np.ndarray:
@@ -86,7 +99,8 @@ def tone_wav(path, seconds: float) -> np.ndarray:
 
 
 def test_builtins_are_registered_and_unknown_names_say_the_choices():
-    assert backend_names()[:2] == ("preview", "emo")
+    assert family_names()[:4] == ("preview", "emo", "echomimic", "hallo")
+    assert get_family("echomimic").default_fps == 24 and get_family("echomimic").architecture == "echomimic-v1"
     with pytest.raises(ConfigError, match="unknown backend 'nope': choose one of preview, emo"):
         create_backend("nope")
 
@@ -97,7 +111,7 @@ def test_registered_backend_reaches_cli_config_and_generate(throwaway, tmp_path)
     from server.cli import main
     from server.config import load_config
 
-    assert "throwaway" in backend_names()
+    assert "throwaway" in family_names()
     assert load_config(None, backend="throwaway").backend == "throwaway"
     with pytest.raises(ConfigError, match="backend must be one of preview, emo, .*throwaway"):
         load_config(None, backend="magic")
@@ -148,10 +162,68 @@ async def test_registered_backend_streams_through_the_engine(throwaway):
     assert set(backend.segments) <= {1, 2, 3}
 
 
+def test_registered_family_reaches_parity_dispatch(throwaway, tmp_path, capsys):
+    from server.cli import main
+
+    assert parity_family("throwaway") is THROWAWAY
+    (tmp_path / "case.json").write_text(json.dumps({"model": "throwaway"}))
+    (tmp_path / "errors.json").write_text(json.dumps({"loop": 5e-5, "denoiser_single": 0.0}))
+    assert main(["parity", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"loop": 5e-5, "denoiser_single": 0.0}
+    assert main(["parity", str(tmp_path), "--case", "loop", "--tolerance", "1e-5"]) == 1   # --case reaches it
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {"loop": 5e-5} and "1 case(s) above 1e-05: loop" in out.err
+    unregister_family("throwaway")
+    assert main(["parity", str(tmp_path)]) == 2                  # gone with its family
+    assert "no parity runner for model 'throwaway'" in capsys.readouterr().err
+
+
 def test_registry_rejects_bad_registrations(throwaway):
     with pytest.raises(ValueError, match="already registered"):
-        register_backend("throwaway", make_throwaway)
+        register_family(THROWAWAY)
     with pytest.raises(ValueError, match="module:function"):
-        register_backend("other", "emo_stream.nowhere")
+        Family(name="other", title="Other", backend="emo_stream.nowhere")
     with pytest.raises(ValueError, match="lower-case"):
-        register_backend("Bad Name", make_throwaway)
+        Family(name="Bad Name", title="Bad", backend=make_throwaway)
+    with pytest.raises(ValueError, match="architecture 'hallo' is already registered by 'hallo'"):
+        register_family(Family(name="other", title="Other", backend=make_throwaway, architecture="hallo"))
+    with pytest.raises(ValueError, match="parity model 'throwaway' is already replayed by 'throwaway'"):
+        register_family(Family(name="other", title="Other", backend=make_throwaway, parity=throwaway_parity,
+                               parity_models=("throwaway",)))
+    assert "other" not in family_names()
+
+
+def test_a_family_without_a_backend_loads_but_is_no_backend_choice(tmp_path):
+    """A model family whose backend has not landed yet: its folders are recognised, --backend does not offer it."""
+    def detect(folder):
+        return "Modelonly download" if (folder / "modelonly.bin").is_file() else None
+
+    register_family(Family(name="modelonly", title="Modelonly", detect=detect, load=lambda path, **kw: "loaded",
+                           architecture="modelonly-v1"))
+    try:
+        assert "modelonly" not in family_names()
+        (tmp_path / "modelonly.bin").write_bytes(b"")
+        from emo_stream.registry import default_backend, family_of, load_model
+
+        assert family_of(tmp_path)[0].name == "modelonly" and load_model(tmp_path) == "loaded"
+        assert default_backend(str(tmp_path)) == "modelonly"
+        with pytest.raises(ConfigError, match="Modelonly has no backend yet"):
+            create_backend(None, str(tmp_path))
+    finally:
+        unregister_family("modelonly")
+
+
+def test_register_family_reads_a_package_declaration(tmp_path, monkeypatch):
+    """The one registration line of a family folder: register_family("package") reads its FAMILY."""
+    pkg = tmp_path / "pluginfam"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from emo_stream.families import Family\n"
+        "FAMILY = Family(name='pluginfam', title='Plugin', backend='pluginfam.backend:create')\n")
+    (pkg / "backend.py").write_text("def create(**kwargs):\n    return ('built', kwargs['size'], kwargs['fps'])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        register_family("pluginfam")
+        assert create_backend("pluginfam", size=32) == ("built", 32, 25)
+    finally:
+        unregister_family("pluginfam")

@@ -119,7 +119,7 @@ def test_talk_page_round_trip(browser, server_url, tmp_path):
     # upload a portrait: prepared once on the server, used by the next start
     from PIL import Image
 
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     portrait = tmp_path / "me.png"
     Image.fromarray(default_portrait(256)[:, ::-1].copy()).save(portrait)

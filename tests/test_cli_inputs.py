@@ -201,7 +201,7 @@ def test_a_preset_warns_that_weights_are_random(caplog):
     """The tiny/sd15 presets are for benchmarks: say so, or the noise looks like a bug."""
     import logging
 
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
 
     with caplog.at_level(logging.WARNING, logger="emo_stream"):
         backend = create_backend("emo", "tiny", size=SIZE, device="cpu", steps=1)
@@ -236,7 +236,7 @@ def test_the_default_backend_notice_is_not_a_warning(caplog):
     """No model, no backend: the preview, mentioned at INFO level (not a warning on every first run)."""
     import logging
 
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
 
     with caplog.at_level(logging.INFO, logger="emo_stream"):
         backend = create_backend(None, None, size=SIZE)
@@ -287,6 +287,6 @@ def test_an_interrupted_write_leaves_no_file_under_the_output_name(tmp_path):
 
 
 def test_cpu_emo_uses_half_the_cores_unless_told():
-    from emo_stream.emo_backend import cpu_threads_default
+    from emo_stream.families.emo.backend import cpu_threads_default
 
     assert [cpu_threads_default(n) for n in (1, 2, 4, 16, 64)] == [1, 1, 2, 8, 8]

@@ -94,7 +94,7 @@ def test_check_keys():
 
 def test_each_config_uses_it(tmp_path):
     """The three loaders report the same kinds of error the same way."""
-    from emo_stream.models.config import load_config as load_model_config
+    from emo_stream.families.emo.config import load_config as load_model_config
     from emo_stream.training.config import load_train_config
     from server.config import load_config as load_server_config
 

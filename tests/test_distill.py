@@ -76,15 +76,15 @@ def test_loss_goes_down_and_student_is_guidance_free(batch):
     assert losses[-1] < 0.7 * losses[0], losses
     assert not any(p.requires_grad for p in teacher.parameters())
     # the student's API: the backend samples it with one backbone pass per step (no guidance batch)
-    from emo_stream.emo_backend import EmoBackend
+    from emo_stream.families.emo.backend import EmoBackend
 
     backend = EmoBackend(student.eval(), size=SIZE)
     assert backend.guidance == 1.0 and backend.steps == 2
 
 
 def test_pruned_student_copies_the_teacher_by_shape():
-    from emo_stream.models.config import load_config
-    from emo_stream.models.emo_model import EmoModel
+    from emo_stream.families.emo.config import load_config
+    from emo_stream.families.emo.model import EmoModel
 
     cfg = load_config("tiny")
     cfg.unet["layers_per_block"] = cfg.motion_adapter["motion_layers_per_block"] = 2
@@ -108,7 +108,7 @@ def test_pruned_student_copies_the_teacher_by_shape():
 
 
 def test_train_stage_distill_end_to_end(synth, tmp_path):
-    from emo_stream.emo_backend import load_model
+    from emo_stream.families.emo.backend import load_model
     from emo_stream.training.train import train
 
     teacher_dir = ma.save_model(ma.load_model("tiny"), tmp_path / "teacher")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from emo_stream.backend import Backend, SegmentJob, capabilities
-from emo_stream.echomimic_backend import EchoMimicBackend, echomimic_face_mask, tokens_at
-from emo_stream.echomimic_sampling import make_scheduler
+from emo_stream.families.echomimic.backend import EchoMimicBackend, echomimic_face_mask, tokens_at
+from emo_stream.families.echomimic.sampling import make_scheduler
 from emo_stream.face import FaceInfo
 from emo_stream.generate import generate_file
 from emo_stream.media import probe_durations
@@ -125,7 +125,7 @@ def test_face_mask_is_the_box_padded_by_ten_percent():
 
 def test_live_tokens_pick_the_rows_echomimic_picks_offline():
     """Live windows start mid-stream: tokens by time equal EchoMimic's offline feature2chunks of the same frames."""
-    from emo_stream.models.echomimic.audio import audio_tokens
+    from emo_stream.families.echomimic.audio import audio_tokens
 
     feats = torch.randn(50, 2, 384)
     offline = audio_tokens(feats, 24, 26)
@@ -175,7 +175,7 @@ def test_live_segments_hold_the_previous_tail():
     tail = state.tail_latents.clone()
     jobs = [SegmentJob(avatar=avatar, state=state, features=b.encode_audio(audio, 8 * 640, 8), num_frames=8)]
     seen = {}
-    import emo_stream.echomimic_backend as eb
+    import emo_stream.families.echomimic.backend as eb
 
     real = eb.sample
 

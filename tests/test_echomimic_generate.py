@@ -1,5 +1,5 @@
 """The EchoMimic download folder in `generate` and behind the streaming engine, with the real EchoMimic
-modules at tiny size: a random download-format folder (emo_stream.models.echomimic.testing, no ../shared
+modules at tiny size: a random download-format folder (emo_stream.families.echomimic.testing, no ../shared
 needed) with a tiny random sd-vae-ft-mse/. 128 px (16x16 latents: 4 UNet levels), few steps.
 
 What random weights cannot show: a natural picture, or a boundary that looks smooth (a random model's
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("emo_stream.models.echomimic.importer")
+pytest.importorskip("emo_stream.families.echomimic.importer")
 
 from emo_stream.backend import SegmentJob  # noqa: E402
-from emo_stream.echomimic_backend import EchoMimicBackend  # noqa: E402
+from emo_stream.families.echomimic.backend import EchoMimicBackend  # noqa: E402
 from tests.conftest import read_until  # noqa: E402
 
 SIZE = 128
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def echo_folder(tmp_path_factory) -> Path:
     """A tiny random EchoMimic download folder (acc names), in the published formats, with a tiny VAE."""
-    from emo_stream.models.echomimic.testing import write_tiny_echomimic_folder
+    from emo_stream.families.echomimic.testing import write_tiny_echomimic_folder
 
     d = tmp_path_factory.mktemp("EchoMimic")
     write_tiny_echomimic_folder(d)
@@ -41,8 +41,8 @@ def echo_folder(tmp_path_factory) -> Path:
 
 def test_tiny_folder_round_trips_through_the_importer(tmp_path):
     """The writer is the importer's exact inverse: what it wrote is what the importer loads."""
-    from emo_stream.models.echomimic.importer import load_download
-    from emo_stream.models.echomimic.testing import write_tiny_echomimic_folder
+    from emo_stream.families.echomimic.importer import load_download
+    from emo_stream.families.echomimic.testing import write_tiny_echomimic_folder
 
     written = write_tiny_echomimic_folder(tmp_path / "normal", weights_set="normal", vae=False)
     loaded = load_download(tmp_path / "normal")
@@ -53,7 +53,7 @@ def test_tiny_folder_round_trips_through_the_importer(tmp_path):
 
 @pytest.fixture(scope="module")
 def backend(echo_folder) -> EchoMimicBackend:
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
 
     torch.set_num_threads(1)
     return create_backend(None, str(echo_folder), size=SIZE, fps=25, device="cpu", steps=2)
@@ -71,7 +71,7 @@ def _tone(seconds: float) -> np.ndarray:
 
 
 def test_model_alone_picks_echomimic_and_says_which_weights(echo_folder, caplog):
-    from emo_stream.backends import create_backend, default_backend
+    from emo_stream.registry import create_backend, default_backend
 
     assert default_backend(str(echo_folder)) == "echomimic"
     with caplog.at_level(logging.INFO):
@@ -82,9 +82,9 @@ def test_model_alone_picks_echomimic_and_says_which_weights(echo_folder, caplog)
 
 
 def test_weights_set_choice(tmp_path, caplog):
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
     from emo_stream.errors import WeightsError
-    from emo_stream.models.echomimic.testing import write_tiny_echomimic_folder
+    from emo_stream.families.echomimic.testing import write_tiny_echomimic_folder
 
     write_tiny_echomimic_folder(tmp_path, weights_set="normal")
     with caplog.at_level(logging.INFO):
@@ -97,7 +97,7 @@ def test_weights_set_choice(tmp_path, caplog):
 
 def test_converted_checkpoint_renders_the_same_video(backend, echo_folder, tmp_path):
     """`emo-stream convert` output runs without the original folder and gives the same frames."""
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
     from emo_stream.convert import convert
 
     ckpt = convert(echo_folder, tmp_path / "ckpt")
@@ -113,9 +113,9 @@ def test_converted_checkpoint_renders_the_same_video(backend, echo_folder, tmp_p
 def test_taesd_decoder_from_the_model_folder(tmp_path):
     from diffusers import AutoencoderTiny
 
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
     from emo_stream.errors import ConfigError
-    from emo_stream.models.echomimic.testing import write_tiny_echomimic_folder
+    from emo_stream.families.echomimic.testing import write_tiny_echomimic_folder
 
     write_tiny_echomimic_folder(tmp_path)
     with pytest.raises(ConfigError, match="taesd"):
@@ -164,7 +164,7 @@ def test_held_frames_are_the_previous_segment_and_reach_the_new_frames(backend):
     the previous segment)."""
     import copy
 
-    import emo_stream.echomimic_backend as eb
+    import emo_stream.families.echomimic.backend as eb
 
     b = EchoMimicBackend(backend.model, size=SIZE, fps=25, steps=2, live_overlap=4)
     avatar = _crop_avatar(b)

@@ -49,8 +49,8 @@ def _copy_set(golden: Path, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def golden_model(golden):
-    from emo_stream.models.echomimic.importer import load_download
-    from emo_stream.models.echomimic.parity import config_from_case
+    from emo_stream.families.echomimic.importer import load_download
+    from emo_stream.families.echomimic.parity import config_from_case
 
     case = json.loads((golden / "case.json").read_text())
     return load_download(golden / "weights", config=config_from_case(case), with_vae=False)
@@ -157,9 +157,9 @@ def test_missing_golden_tensor_is_one_line(golden, tmp_path, capsys):
 # ---- full-size key coverage (published manifests, meta device) ----------------------------------------
 @needs_reference
 def test_full_size_key_coverage(golden):
-    from emo_stream.models.echomimic.config import EchoMimicConfig
-    from emo_stream.models.echomimic.importer import infer_config, map_weights
-    from emo_stream.models.echomimic.model import EchoMimicModel
+    from emo_stream.families.echomimic.config import EchoMimicConfig
+    from emo_stream.families.echomimic.importer import infer_config, map_weights
+    from emo_stream.families.echomimic.model import EchoMimicModel
 
     manifests = {}
     for part, name in (("reference", "reference_unet"), ("denoiser", "denoising_unet_2d"),
@@ -198,12 +198,12 @@ def _fake_download(golden: Path, dest: Path, sets: tuple[str, ...]) -> Path:
 
 
 def test_detects_acc_and_normal_sets(golden, tmp_path):
-    from emo_stream.models.echomimic.importer import choose_set
-    from emo_stream.models.families import family_of
+    from emo_stream.families.echomimic.importer import choose_set
+    from emo_stream.registry import family_of
 
     acc = _fake_download(golden, tmp_path / "acc", ("acc",))
     family, found = family_of(acc)
-    assert family.name == "echomimic-v1" and "acc weights" in found and "denoising_unet_acc.pth" in found
+    assert family.name == "echomimic" and family.architecture == "echomimic-v1" and "acc weights" in found and "denoising_unet_acc.pth" in found
     both = _fake_download(golden, tmp_path / "both", ("acc", "normal"))
     assert "acc weights" in family_of(both)[1] and "also has normal" in family_of(both)[1]
     assert choose_set(both, "normal") == "normal"
@@ -217,7 +217,7 @@ def test_detects_acc_and_normal_sets(golden, tmp_path):
 
 
 def test_download_folder_loads_with_published_defaults(golden, tmp_path):
-    from emo_stream.models.families import load_model
+    from emo_stream.registry import load_model
 
     model = load_model(_fake_download(golden, tmp_path / "acc", ("acc",)))
     assert model.config.weights_set == "acc"
@@ -230,7 +230,7 @@ def test_convert_round_trip(golden, golden_model, tmp_path, capsys):
     import yaml
     from safetensors.torch import load_file
 
-    from emo_stream.models.families import load_model
+    from emo_stream.registry import load_model
 
     src = _fake_download(golden, tmp_path / "dl", ("acc",))
     rc, _, err = _cli(capsys, "convert", src, "--out", tmp_path / "ckpt")
@@ -254,7 +254,7 @@ def test_convert_round_trip(golden, golden_model, tmp_path, capsys):
 
 # ---- the pieces that differ from stock diffusers -------------------------------------------------------
 def test_temporal_group_norm_is_per_frame():
-    from emo_stream.models.echomimic.layers import PerFrameGroupNorm
+    from emo_stream.families.echomimic.layers import PerFrameGroupNorm
 
     norm = PerFrameGroupNorm.replacing(torch.nn.GroupNorm(2, 4))
     x = torch.randn(1, 4, 3, 5, 5)
@@ -269,7 +269,7 @@ def test_mel_filters_match_transformers():
     import numpy as np
     from transformers.audio_utils import mel_filter_bank
 
-    from emo_stream.models.echomimic.audio import mel_filters
+    from emo_stream.families.echomimic.audio import mel_filters
 
     ours = mel_filters(80)
     theirs = mel_filter_bank(num_frequency_bins=201, num_mel_filters=80, min_frequency=0.0, max_frequency=8000.0,
@@ -292,7 +292,7 @@ def test_convert_keeps_the_vae(golden, golden_model, tmp_path, capsys):
     """sd-vae-ft-mse/ in the download folder goes into the checkpoint: encode/decode survive the round trip."""
     from diffusers import AutoencoderKL
 
-    from emo_stream.models.families import load_model
+    from emo_stream.registry import load_model
 
     src = _fake_download(golden, tmp_path / "dl", ("acc",))
     torch.manual_seed(0)

@@ -27,12 +27,12 @@ def save_file(tensors: dict, path: str) -> None:
 
 def make_set(root: Path) -> Path:
     """A golden-format folder at other sizes, reference outputs computed by our model through the importer."""
-    from emo_stream.echomimic_sampling import EchoSampling, initial_latents, make_scheduler, sample
-    from emo_stream.models.echomimic.audio import frame_rows, log_mel
-    from emo_stream.models.echomimic.importer import load_download
-    from emo_stream.models.echomimic.layers import face_mask
-    from emo_stream.models.echomimic.parity import config_from_case
-    from emo_stream.models.echomimic.testing import live_model, published_files
+    from emo_stream.families.echomimic.sampling import EchoSampling, initial_latents, make_scheduler, sample
+    from emo_stream.families.echomimic.audio import frame_rows, log_mel
+    from emo_stream.families.echomimic.importer import load_download
+    from emo_stream.families.echomimic.layers import face_mask
+    from emo_stream.families.echomimic.parity import config_from_case
+    from emo_stream.families.echomimic.testing import live_model, published_files
 
     case = json.loads((GOLDEN / "case.json").read_text())
     new = copy.deepcopy(case)
@@ -56,7 +56,7 @@ def make_set(root: Path) -> Path:
         torch.save(state, root / "weights" / name)
     model = load_download(root / "weights", config=config_from_case(new), with_vae=False)
 
-    from emo_stream.models.echomimic.parity import _read_wav
+    from emo_stream.families.echomimic.parity import _read_wav
 
     wav = _read_wav(root / "audio.wav")
     feats = model.audio_features(wav)

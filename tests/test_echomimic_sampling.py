@@ -1,4 +1,4 @@
-"""EchoMimic's sampling loop (emo_stream.echomimic_sampling) over fake denoisers.
+"""EchoMimic's sampling loop (emo_stream.families.echomimic.sampling) over fake denoisers.
 
 The golden set's window lists, initial noise and DDIM trajectory are replayed without a model: a fake
 denoiser that returns the golden averaged v for the frames it is given must land on the golden final
@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from emo_stream.echomimic_sampling import (ACC, NORMAL, EchoSampling, Held, context_windows, initial_latents,
+from emo_stream.families.echomimic.sampling import (ACC, NORMAL, EchoSampling, Held, context_windows, initial_latents,
                                            make_scheduler, pseudo_velocity, rotated, sample)
 from tests.conftest import SHARED
 

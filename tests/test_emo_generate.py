@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from emo_stream.backend import Backend, SegmentJob
-from emo_stream.emo_backend import EmoBackend
+from emo_stream.families.emo.backend import EmoBackend
 from emo_stream.face import FaceInfo
 from emo_stream.generate import generate_file
 from emo_stream.media import load_audio, probe_durations
-from emo_stream.models import EmoModel
-from emo_stream.models.testing import liven_new_layers
+from emo_stream.families.emo.model import EmoModel
+from emo_stream.families.emo.testing import liven_new_layers
 from server.cli import main as cli_main
 
 SIZE = 64

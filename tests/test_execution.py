@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from emo_stream.backend import SegmentJob
-from emo_stream.emo_backend import EmoBackend
+from emo_stream.families.emo.backend import EmoBackend
 from emo_stream.errors import ConfigError
 from emo_stream.execution import EagerFallback, ExecutionOptions, apply_execution
-from emo_stream.models.emo_model import EmoModel
-from emo_stream.models.testing import liven_new_layers
+from emo_stream.families.emo.model import EmoModel
+from emo_stream.families.emo.testing import liven_new_layers
 from emo_stream.training.synthetic import identity_reference
 
 SIZE = 32

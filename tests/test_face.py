@@ -20,7 +20,7 @@ def _portraits() -> list[np.ndarray]:
     shared = shared_data_dir()
     if shared is not None:
         return [load_image(p) for p in sorted((shared / "portraits").glob("*.jpg"))]
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     face = default_portrait(384)
     canvas = np.full((640, 900, 3), 90, np.uint8)  # a wide photo with the face off to one side

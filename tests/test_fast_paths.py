@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from emo_stream.models.emo_model import EmoModel
+from emo_stream.families.emo.model import EmoModel
 
 TOL = 1e-5
 
@@ -75,7 +75,7 @@ def test_a_wrong_cache_is_caught(model):
 @torch.no_grad()
 def test_guidance_batch_keeps_caches_apart(model):
     """Classifier-free guidance concatenates a null-audio branch: its audio K/V must not reuse the conditional's."""
-    from emo_stream.models.emo_model import Conditioning
+    from emo_stream.families.emo.model import Conditioning
 
     m, i = model, _inputs(model)
     ref = m.encode_reference(i["lat"], project=True)

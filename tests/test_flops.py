@@ -1,27 +1,24 @@
-"""bench/flops.py's counter on the tiny preset (meta device, seconds): the record's fields, guidance doubling
-the denoising, the exact shortcuts costing less, the parts summing to the total."""
+"""The EMO family's FLOP counter (emo_stream/families/emo/flops.py, run by bench/flops.py) on the tiny preset
+(meta device, seconds): the record's fields, guidance doubling the denoising, the exact shortcuts costing less,
+the parts summing to the total; and every registered model family declaring a counter."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
 def flops():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("flops_bench", BENCH / "flops.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+    from emo_stream.families.emo import flops
+
+    return flops
+
+
+def test_every_model_backend_has_a_counter():
+    from emo_stream.registry import families
+
+    # bench/flops.py lists a model family without a counter under "missing"; MuseTalk's counter is not written yet
+    assert [f.name for f in families() if f.architecture and f.backend and not f.flops] == ["musetalk"]
 
 
 def test_tiny_records(flops):

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from emo_stream.errors import WeightsError
-from emo_stream.models.hallo import parity as hparity
-from emo_stream.models.hallo.config import HalloConfig
-from emo_stream.models.hallo.loader import detect, find_download, load_net_file
-from emo_stream.models.hallo.masks import boxes_from_dlib68, expand_box, region_masks
-from emo_stream.models.hallo.model import HalloModel
+from emo_stream.families.hallo import parity as hparity
+from emo_stream.families.hallo.config import HalloConfig
+from emo_stream.families.hallo.loader import detect, find_download, load_net_file
+from emo_stream.families.hallo.masks import boxes_from_dlib68, expand_box, region_masks
+from emo_stream.families.hallo.model import HalloModel
 from tests.conftest import SHARED_GOLDEN, needs_shared_golden
 
 # Hallo's own outputs and the full-size manifest are only in ../shared/golden/hallo; everything else runs on
@@ -208,13 +208,12 @@ def test_download_layout_detected(tmp_path, variant, title):
 
 
 def test_registry_knows_hallo(tmp_path):
-    from emo_stream import parity
-    from emo_stream.models import families
+    from emo_stream import registry
     (tmp_path / "hallo2").mkdir()
     (tmp_path / "hallo2" / "net.pth").write_bytes(b"")
-    family, found = families.family_of(tmp_path)
-    assert family.name == "hallo" and found.startswith("Hallo2")
-    assert "hallo" in parity.RUNNERS
+    family, found = registry.family_of(tmp_path)
+    assert family.name == "hallo" and family.architecture == "hallo" and found.startswith("Hallo2")
+    assert registry.parity_family("hallo") is family
 
 
 def make_download(root: Path, case: dict, variant: str = "hallo", golden: Path | None = None) -> Path:
@@ -231,7 +230,7 @@ def make_download(root: Path, case: dict, variant: str = "hallo", golden: Path |
 
 def test_converted_checkpoint_loads_without_the_download(tmp_path, golden, GOLDEN):
     """Download-shaped folder -> convert -> load: same weights, module sizes read off net.pth."""
-    from emo_stream.models.hallo import loader
+    from emo_stream.families.hallo import loader
     model, case = golden
     root = make_download(tmp_path / "pretrained_models", case, golden=GOLDEN)
     from_download = loader.load_hallo(root)

@@ -19,8 +19,8 @@ SIZE = 128
 def backend(hallo_set):
     from diffusers import AutoencoderKL
 
-    from emo_stream.hallo_backend import HalloBackend
-    from emo_stream.models.hallo import parity as hparity
+    from emo_stream.families.hallo.backend import HalloBackend
+    from emo_stream.families.hallo import parity as hparity
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def test_hallo2_masks_motion_pixels_outside_the_face(backend, monkeypatch):
 def test_capabilities_and_bad_options(backend):
     caps = capabilities(backend)
     assert caps.whole_video and caps.clip_frames == 8 and caps.name == "hallo"
-    from emo_stream.hallo_backend import HalloBackend
+    from emo_stream.families.hallo.backend import HalloBackend
     with pytest.raises(ConfigError, match="VAE only"):
         HalloBackend(backend.model, size=SIZE, decoder="taesd")
     with pytest.raises(ConfigError, match="multiple of 64"):
@@ -109,13 +109,13 @@ def test_capabilities_and_bad_options(backend):
 
 
 def test_registry_routes_hallo_folders(tmp_path):
-    from emo_stream import backends
+    from emo_stream import registry
     (tmp_path / "hallo").mkdir()
     (tmp_path / "hallo" / "net.pth").write_bytes(b"")
-    assert backends.default_backend(str(tmp_path)) == "hallo"
-    assert "hallo" in backends.backend_names()
+    assert registry.default_backend(str(tmp_path)) == "hallo"
+    assert "hallo" in registry.family_names()
     with pytest.raises(ConfigError, match="needs --model"):
-        backends.create_backend("hallo", None)
+        registry.create_backend("hallo", None)
 
 
 @pytest.mark.slow   # ~30 s on one core
@@ -125,7 +125,7 @@ def test_generate_cli_on_a_download_shaped_folder(tmp_path, portrait_path, capsy
     from diffusers import AutoencoderKL
 
     from emo_stream.media import probe_durations
-    from emo_stream.models.hallo import parity as hparity
+    from emo_stream.families.hallo import parity as hparity
     from server.cli import main as cli_main
     from test_hallo import make_download
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from emo_stream.errors import WeightsError
-from emo_stream.models.hallo import identity
+from emo_stream.families.hallo import identity
 
 
 def test_similarity_recovers_a_known_transform():

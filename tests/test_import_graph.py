@@ -1,6 +1,6 @@
 """The package's module graph: no import cycles (counting imports inside functions and TYPE_CHECKING
-blocks too: a cycle there is still two modules that each need the other), and emo_stream never imports
-server."""
+blocks too: a cycle there is still two modules that each need the other), emo_stream never imports
+server, no model family imports another family, and the shared blocks import no family."""
 
 from __future__ import annotations
 
@@ -88,3 +88,62 @@ def test_emo_stream_never_imports_server():
 def test_the_cycle_finder_finds_a_cycle():
     # must-fail case: the check above would be worthless if this did not report the loop
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+FAMILIES = "emo_stream.families"
+
+
+def family_of_module(name: str) -> str | None:
+    """"emo_stream.families.hallo.loader" -> "hallo"; None outside a family's folder."""
+    parts = name.split(".")
+    return parts[2] if name.startswith(FAMILIES + ".") and len(parts) > 2 else None
+
+
+def family_imports(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """module -> the modules of OTHER families it imports (the package emo_stream.families itself, which
+    declares the Family dataclass, is shared)."""
+    out = {}
+    for m, targets in graph.items():
+        own = family_of_module(m)
+        if own is None:
+            continue
+        other = sorted(t for t in targets if family_of_module(t) not in (None, own))
+        if other:
+            out[m] = other
+    return out
+
+
+def test_no_family_imports_another_family():
+    graph = import_graph()
+    assert {family_of_module(m) for m in graph} >= {"preview", "emo", "echomimic", "hallo"}
+    assert family_imports(graph) == {}
+
+
+def test_blocks_import_no_family():
+    graph = import_graph()
+    blocks = {m: sorted(t for t in ts if t.startswith(FAMILIES)) for m, ts in graph.items()
+              if m == "emo_stream.blocks" or m.startswith("emo_stream.blocks.")}
+    assert len(blocks) > 1 and {m: t for m, t in blocks.items() if t} == {}
+
+
+def test_family_packages_import_nothing_heavy():
+    """Each family's __init__ only declares FAMILY: listing the families (CLI choices) imports no model code."""
+    graph = import_graph()
+    inits = {m: ts for m, ts in graph.items() if family_of_module(m) and m.count(".") == 2}
+    assert set(inits) >= {f"{FAMILIES}.{n}" for n in ("preview", "emo", "echomimic", "hallo")}
+    assert {m: sorted(ts - {FAMILIES}) for m, ts in inits.items() if ts - {FAMILIES}} == {}
+    import subprocess
+    import sys
+
+    code = ("import sys, emo_stream.registry as r; r.family_names(); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_family_check_finds_a_cross_family_import():
+    # must-fail case: a family module importing another family's module is reported, the shared package is not
+    graph = {"emo_stream.families.hallo.backend": {"emo_stream.families.emo.backend", "emo_stream.families",
+                                                   "emo_stream.blocks.device"},
+             "emo_stream.families.emo.backend": {"emo_stream.families.emo.model"}}
+    assert family_imports(graph) == {"emo_stream.families.hallo.backend": ["emo_stream.families.emo.backend"]}

@@ -16,7 +16,7 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def backend():
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
 
     return create_backend("preview", size=SIZE)
 
@@ -235,3 +235,166 @@ async def test_hostile_uploads_stall_no_other_session(backend, speech_16k):
     # the work ran in a worker process of lower priority than this (the serving) one
     assert pool is not None and pool.jobs_done == 6 and workers and workers[0][0] != os.getpid(), workers
     assert workers[0][1] >= os.getpriority(os.PRIO_PROCESS, 0) + 5, workers
+
+
+# -- messages buffered per connection while its reader waits (issue 23.8) -------------------------------
+
+def _serve(tmp_path, yaml_text: str):
+    """`serve` in its own process (its RSS is then the server's alone): (process, http URL)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    config = tmp_path / "server.yaml"
+    config.write_text(yaml_text)
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--port", "0"],
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 120:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        found = re.search(r"http://[0-9.:]+", line)
+        if found and "serving" in line:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            return proc, found.group(0)
+    proc.kill()
+    raise AssertionError("the server did not start")
+
+
+def _rss_mib(pid: int) -> float:
+    from pathlib import Path
+
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def test_a_waiting_reader_buffers_a_bounded_amount(tmp_path):
+    """Four connections make the server wait (audio backpressure: the engine holds 0.5 s), then each sends
+    twelve 8 MiB messages (the largest legal size, an upload's). While the server is not reading, websockets
+    buffered up to max_queue=16 messages per connection (+274 MiB for four, issue 23); now at most two."""
+    import json
+    import threading
+    import time
+    from pathlib import Path
+
+    from websockets.asyncio.client import connect
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("no /proc: RSS not measurable here")
+    proc, url = _serve(tmp_path, f"size: {SIZE}\nbackend: preview\nsessions: {{max_sessions: 4}}\n"
+                                 "engine: {input_seconds: 0.5, output_frames: 10, vad: false}\n"
+                                 "keepalive: {ping_timeout_s: 30.0}\n")
+    peak, sampling = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.02):
+            peak[0] = max(peak[0], _rss_mib(proc.pid))
+
+    try:
+        time.sleep(2.0)   # start-up settles
+        before = _rss_mib(proc.pid)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        big = b"\0" * (8 * 2**20)
+        audio = b"\0" * (256 * 1024)   # 8 s of 16 kHz PCM16 each: the engine's 0.5 s fill at once
+
+        async def client() -> int:
+            sent = 0
+            async with connect(url.replace("http", "ws") + "/api/ws", max_size=None, compression=None) as ws:
+                await ws.send(json.dumps({"type": "start", "audio": {"sample_rate": 16000}, "frames": "none"}))
+                assert json.loads(await ws.recv())["type"] == "session_started"
+                try:
+                    async with asyncio.timeout(8.0):
+                        for _ in range(12):   # the queue (8) fills: the server stops reading
+                            await ws.send(audio)
+                        for _ in range(12):
+                            await ws.send(big)
+                            sent += 1
+                except TimeoutError:   # TCP pushes back once the server stops reading: as it should
+                    pass
+                await asyncio.sleep(2.0)
+            return sent
+
+        sent = await asyncio.gather(*(client() for _ in range(4)))
+        sampling.set()
+        sampler.join()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except Exception:
+            proc.kill()
+            raise
+    grown = peak[0] - before
+    print(f"server RSS {before:.0f} MiB -> peak {peak[0]:.0f} MiB (+{grown:.0f}); 8 MiB messages sent {sent}")
+    # per connection: the message being handled, max_queue's frames and one being received, 8 MiB each
+    assert grown < 4 * 3 * 8 + 40, (before, peak[0], sent)
+
+
+# -- avatars owned by the client that uploaded them; uploads rate-limited per address (issue 23.9) -------
+
+def _portraits(n: int) -> list[bytes]:
+    """n different JPEG portraits with a face (the built-in one, a few pixels changed each)."""
+    import io
+
+    from PIL import Image
+
+    from emo_stream.default_avatar import default_portrait
+
+    base = default_portrait(192)
+    out = []
+    for i in range(n):
+        picture = base.copy()
+        picture[i // 8, i % 8] = (i * 37 % 256, 0, 255)   # a corner pixel: another photo, the same face
+        buf = io.BytesIO()
+        Image.fromarray(picture).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+async def test_another_clients_uploads_cannot_evict_an_avatar(backend):
+    """The victim uploads its portrait; another connection uploads 17 different ones (more than the 16
+    places): the victim's avatar stays and its `start` works (it used to be dropped, least recently used)."""
+    pictures = _portraits(18)
+    srv = await _server(backend, avatar_uploads_per_minute=100.0)
+    try:
+        async with BotClient(srv.base_url) as victim, BotClient(srv.base_url) as other:
+            mine = await victim.upload_avatar(pictures[0], "image/png")
+            theirs = [await other.upload_avatar(p, "image/png") for p in pictures[1:]]
+            assert len(set(theirs)) == 17 and mine not in theirs
+            info = await victim.start(avatar=mine, frames="none")
+            assert info["session"]
+            # each connection holds at most its quota (4): the other's older ones were its own to lose
+            cache = srv.engine.avatars
+            held = sorted(len(cache.owned_by(o)) for o in {o for ids in cache._owners.values() for o in ids})
+            assert held == [1, 4], held
+    finally:
+        await srv.stop()
+
+
+async def test_uploads_are_rate_limited_per_address(backend):
+    """Past limits.avatar_uploads_per_minute from one address, uploads are refused (rate_limited) before
+    any decoding, on every connection from that address."""
+    pictures = _portraits(4)
+    srv = await _server(backend, avatar_uploads_per_minute=3.0)
+    srv.avatars.rate.clock = lambda: 0.0   # no refill while the decodes take their time: counting only
+    try:
+        async with BotClient(srv.base_url) as first, BotClient(srv.base_url) as second:
+            for p in pictures[:3]:
+                await first.upload_avatar(p, "image/png")
+            jobs = srv.avatars.pool.jobs_done
+            with pytest.raises(BotError, match="too many uploads") as exc:
+                await second.upload_avatar(pictures[3], "image/png")
+            assert exc.value.code == "rate_limited" and srv.avatars.pool.jobs_done == jobs
+            assert (await second.request({"type": "ping"}))["type"] == "pong"
+    finally:
+        await srv.stop()

@@ -39,7 +39,7 @@ AGENT = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 
 @pytest.fixture(scope="module")
 def host():
-    from emo_stream.preview import PreviewBackend
+    from emo_stream.families.preview.backend import PreviewBackend
 
     h = EngineHost(StreamingEngine(PreviewBackend(size=64), EngineConfig(segment_frames=2, max_sessions=3, vad=False)))
     asyncio.run(h.start())       # on a loop of its own: every job opens its session on its own loop
@@ -49,7 +49,7 @@ def host():
 
 @pytest.fixture(scope="module")
 def avatar(host):
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     async def prepare():
         return await host.prepare_avatar("default", lambda: default_portrait(256))
@@ -336,7 +336,7 @@ async def test_avatar_session_dispatches_the_worker_and_routes_the_agent_audio(h
     import emo_stream.livekit.plugin as plugin
     from emo_stream.livekit import AvatarSession
     from emo_stream.livekit.worker import AvatarWorker, WorkerConfig
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     dispatched = []
 
@@ -509,6 +509,55 @@ def test_worker_drains_and_exits_on_sigterm(tmp_path):
     assert "draining" in out
 
 
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_worker_that_cannot_connect_says_where_and_why_in_one_line(host, caplog):
+    """A closed loopback port: the first failure is one line of ours naming the URL (no token) and the cause,
+    the library's own "retrying in 10s" line is not printed, and after --max-retry retries serve() gives up."""
+    import logging
+
+    from emo_stream.livekit.worker import AvatarWorker, WorkerConfig, WorkerConnectionError
+
+    port = _closed_port()
+    url = f"ws://127.0.0.1:{port}/?access_token=tok-{'x' * 20}"
+    worker = AvatarWorker(host, WorkerConfig(url=url, api_key="devkey", api_secret="s3cret" * 6, http_port=0,
+                                             max_retry=1))
+    caplog.set_level(logging.INFO)
+    with pytest.raises(WorkerConnectionError) as gave_up:
+        await asyncio.wait_for(worker.serve(), 60)
+    ours = [r.getMessage() for r in caplog.records if r.name == "emo_stream.livekit.worker" and "LiveKit" in r.getMessage()]
+    assert ours == [f"cannot connect to LiveKit at ws://127.0.0.1:{port}/: Connection refused; retrying "
+                    "(1 more attempts, --max-retry)"]
+    assert str(gave_up.value).startswith(f"could not connect to LiveKit at ws://127.0.0.1:{port}/ after 2 attempts: "
+                                         "Connection refused")
+    text = caplog.text + str(gave_up.value)
+    assert "failed to connect to livekit" not in text and "Traceback" not in text
+    assert "tok-" not in text and "s3cret" not in text
+
+
+@pytest.mark.slow   # ~15 s: the process start (torch, livekit) dominates
+def test_worker_command_max_retry_exits_with_one_line():
+    import os
+    import subprocess
+    import sys
+
+    port = _closed_port()
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "worker", "--url", f"ws://127.0.0.1:{port}",
+                           "--api-key", "devkey", "--api-secret", "secret" * 6, "--http-port", "0", "--size", "64",
+                           "--backend", "synctest", "--max-retry", "0"],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"emo-stream worker: error: could not connect to LiveKit at ws://127.0.0.1:{port} after 1 attempt: "
+                      "Connection refused (check the URL and that the server is up; --max-retry sets the attempts)"]
+
+
 async def test_generator_resamples_audio_at_another_rate(host, avatar):
     """An agent sending another rate than announced (or stereo) is still published, resampled to the
     announced rate and mixed to mono; the engine still gets every utterance and its end."""
@@ -613,7 +662,7 @@ async def test_worker_entrypoint_serves_a_dispatched_room_and_frees_its_slot(hos
 async def test_a_portrait_is_loaded_and_prepared_once_per_worker(host):
     from emo_stream.livekit.metadata import encode_image
     from emo_stream.livekit.worker import AvatarWorker, WorkerConfig
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     worker = AvatarWorker(host, WorkerConfig())
     loads = []

@@ -53,7 +53,7 @@ async def test_worker_against_a_real_livekit_server():
     from emo_stream.livekit import AvatarSession
     from emo_stream.livekit.host import EngineHost
     from emo_stream.livekit.worker import AvatarWorker, WorkerConfig
-    from emo_stream.preview import PreviewBackend
+    from emo_stream.families.preview.backend import PreviewBackend
     from emo_stream.streaming import EngineConfig, StreamingEngine
 
     agent_name = f"emo-stream-test-{uuid.uuid4().hex[:6]}"

@@ -45,7 +45,7 @@ def bad_files(tmp_path_factory) -> Path:
     ("code.pth", "pickled Python objects"),
 ])
 def test_unreadable_weight_files_are_one_short_line(bad_files, name, says, capsys):
-    from emo_stream.models.init_weights import read_state_dict
+    from emo_stream.blocks.weights import read_state_dict
 
     with pytest.raises(WeightsError) as info:
         read_state_dict(bad_files / name)
@@ -59,7 +59,7 @@ def test_unreadable_weight_files_are_one_short_line(bad_files, name, says, capsy
 @pytest.mark.parametrize("name, says", [("cut_early.pth", "truncated or corrupt"), ("junk.pth", "not a torch weights"),
                                         ("code.pth", "pickled Python objects")])
 def test_hallo_net_pth_reads_with_the_same_messages(bad_files, name, says):
-    from emo_stream.models.hallo.loader import load_net_file
+    from emo_stream.families.hallo.loader import load_net_file
 
     with pytest.raises(WeightsError, match=says) as info:
         load_net_file(bad_files / name)
@@ -75,7 +75,7 @@ def hallo_folder(tmp_path) -> Path:
 
 
 def test_a_folder_that_is_no_model_says_so(tmp_path):
-    from emo_stream.backends import create_backend, default_backend
+    from emo_stream.registry import create_backend, default_backend
 
     (tmp_path / "readme.txt").write_text("hi")
     with pytest.raises(WeightsError, match="not a download folder of a known model"):
@@ -91,7 +91,7 @@ def test_a_folder_that_is_no_model_says_so(tmp_path):
 
 @pytest.mark.parametrize("backend", ["emo", "echomimic"])
 def test_the_wrong_backend_for_a_folder_names_the_right_one(hallo_folder, backend):
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
 
     with pytest.raises(ConfigError) as info:
         create_backend(backend, str(hallo_folder), size=64, device="cpu")
@@ -101,7 +101,7 @@ def test_the_wrong_backend_for_a_folder_names_the_right_one(hallo_folder, backen
 
 
 def test_bad_devices_are_config_errors():
-    from emo_stream.backends import torch_device
+    from emo_stream.blocks.device import torch_device
 
     assert torch_device("cpu") == torch.device("cpu")
     with pytest.raises(ConfigError, match="unknown device"):
@@ -112,7 +112,7 @@ def test_bad_devices_are_config_errors():
 
 
 def test_hallo_steps_zero_is_an_error_not_the_default():
-    from emo_stream.hallo_backend import HalloBackend
+    from emo_stream.families.hallo.backend import HalloBackend
 
     model = SimpleNamespace(config=SimpleNamespace(fps=25, steps=40, guidance=3.5, clip_length=16),
                             vae=object(), denoising_unet=torch.nn.Linear(1, 1))
@@ -123,7 +123,7 @@ def test_hallo_steps_zero_is_an_error_not_the_default():
 # ---- EchoMimic: a folder without the VAE, a converted checkpoint asked for the other set -------------
 @pytest.fixture(scope="module")
 def echo_no_vae(tmp_path_factory) -> Path:
-    from emo_stream.models.echomimic.testing import write_tiny_echomimic_folder
+    from emo_stream.families.echomimic.testing import write_tiny_echomimic_folder
 
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("EchoMimic")
@@ -132,7 +132,7 @@ def echo_no_vae(tmp_path_factory) -> Path:
 
 
 def test_echomimic_without_its_vae_names_the_folder_it_needs(echo_no_vae):
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
 
     with pytest.raises(ConfigError, match="sd-vae-ft-mse"):
         create_backend(None, str(echo_no_vae), size=64, device="cpu")
@@ -140,7 +140,7 @@ def test_echomimic_without_its_vae_names_the_folder_it_needs(echo_no_vae):
 
 def test_a_converted_checkpoint_refuses_the_other_weights_set(echo_no_vae, tmp_path):
     from emo_stream.convert import convert
-    from emo_stream.models.families import load_model
+    from emo_stream.registry import load_model
 
     ckpt = convert(echo_no_vae, tmp_path / "ckpt")
     assert load_model(ckpt, weights_set="acc").config.weights_set == "acc"
@@ -151,13 +151,13 @@ def test_a_converted_checkpoint_refuses_the_other_weights_set(echo_no_vae, tmp_p
 # ---- the CLI's help: every model kind named, the two spellings of the weights set --------------------
 @pytest.mark.parametrize("command", ["serve", "generate", "worker"])
 def test_model_help_names_every_backend_and_model_kind(command, capsys):
-    from emo_stream.backends import backend_names
+    from emo_stream.registry import family_names
     from server.cli import main as cli_main
 
     with pytest.raises(SystemExit):
         cli_main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "{" + ",".join(backend_names()) + "}" in text
+    assert "{" + ",".join(family_names()) + "}" in text
     assert "EchoMimic" in text and "Hallo" in text and "preset" in text
 
 
@@ -197,7 +197,7 @@ def test_generate_weights_flag_only_for_echomimic(tmp_path, portrait_path, capsy
 
 
 def test_a_missing_model_path_lists_the_download_folders_too(tmp_path):
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
 
     with pytest.raises(WeightsError, match="model not found") as info:
         create_backend(None, str(tmp_path / "absent"), size=64, device="cpu")

@@ -8,9 +8,10 @@ import torch
 import yaml
 
 from emo_stream.errors import ConfigError
-from emo_stream.models import EmoModel, load_config
-from emo_stream.models.config import config_from_dict
-from emo_stream.models.testing import liven_new_layers
+from emo_stream.families.emo.config import load_config
+from emo_stream.families.emo.model import EmoModel
+from emo_stream.families.emo.config import config_from_dict
+from emo_stream.families.emo.testing import liven_new_layers
 
 B, F, N = 2, 6, 4
 
@@ -158,7 +159,7 @@ def test_audio_encoder_returns_exact_frames(model):
 
 
 def test_speed_from_head_poses():
-    from emo_stream.models.speed import rotation_speed, speed_buckets
+    from emo_stream.families.emo.speed import rotation_speed, speed_buckets
 
     poses = np.zeros((5, 3), np.float32)
     poses[:, 0] = np.deg2rad([0, 2, 4, 4, 4])  # yaw turning 2 deg/frame, then still

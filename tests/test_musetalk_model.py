@@ -103,7 +103,7 @@ def test_detects_models_folder_and_its_parent(tiny_download):
 
 
 def test_registry_recognises_the_folder(tiny_download):
-    from emo_stream.models.families import family_of
+    from emo_stream.registry import family_of
 
     family, found = family_of(tiny_download)
     assert family.name == "musetalk" and "MuseTalk" in found
@@ -162,6 +162,6 @@ def test_convert_gives_the_same_pictures(tiny_download, tmp_path):
     chunks = model.audio_chunks(wav)
     assert torch.equal(again.audio_chunks(wav), chunks)
     assert torch.equal(again.render(lat, chunks[:1]), model.render(lat, chunks[:1]))
-    from emo_stream.models.families import family_of
+    from emo_stream.registry import family_of
 
     assert family_of(out)[0].name == "musetalk"

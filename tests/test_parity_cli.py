@@ -12,7 +12,7 @@ import yaml
 
 from emo_stream import parity
 from emo_stream.errors import WeightsError
-from emo_stream.models import families
+from emo_stream import registry
 from server.cli import main as cli_main
 
 
@@ -27,10 +27,12 @@ def fake_runner(golden_dir: Path) -> dict[str, float]:
 
 
 @pytest.fixture
-def fake_set(tmp_path, monkeypatch):
-    monkeypatch.setitem(parity.RUNNERS, "fake-model", f"{__name__}:fake_runner")
+def fake_set(tmp_path):
+    registry.register_family(registry.Family(name="fake", title="Fake", backend=f"{__name__}:fake_runner",
+                                             parity=f"{__name__}:fake_runner", parity_models=("fake-model",)))
     (tmp_path / "case.json").write_text(json.dumps({"model": "fake-model"}))
-    return tmp_path
+    yield tmp_path
+    registry.unregister_family("fake")
 
 
 @pytest.mark.parametrize("errors,rc", [({"a": 0.0, "b": 9e-5}, 0), ({"a": 0.0, "b": 2e-4}, 1),
@@ -69,29 +71,30 @@ def test_parity_missing_folder(tmp_path, capsys):
 
 
 def test_checkpoint_architecture_key(tmp_path):
-    assert families.checkpoint_architecture(tmp_path) is None            # not a checkpoint
+    assert registry.checkpoint_architecture(tmp_path) is None            # not a checkpoint
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"name": "old"}))
-    assert families.checkpoint_architecture(tmp_path) == "emo"           # written before the key existed
+    assert registry.checkpoint_architecture(tmp_path) == "emo"           # written before the key existed
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"architecture": "martian"}))
     with pytest.raises(WeightsError, match="unknown model architecture 'martian'"):
-        families.family_of(tmp_path)
+        registry.family_of(tmp_path)
 
 
 def test_unknown_folder_names_known_families(tmp_path):
     with pytest.raises(WeightsError, match="not an emo-stream checkpoint"):
-        families.family_of(tmp_path)
+        registry.family_of(tmp_path)
 
 
 def test_emo_checkpoint_roundtrip_keeps_architecture(tmp_path):
-    from emo_stream.models import EmoModel, load_config
+    from emo_stream.families.emo.config import load_config
+    from emo_stream.families.emo.model import EmoModel
 
     assert load_config("tiny").architecture == "emo"
     model = EmoModel.build("tiny")
     model.save_pretrained(tmp_path)
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["architecture"] == "emo"
-    family, found = families.family_of(tmp_path)
+    family, found = registry.family_of(tmp_path)
     assert family.name == "emo" and "EMO checkpoint" in found
-    loaded = families.load_model(tmp_path)
+    loaded = registry.load_model(tmp_path)
     assert isinstance(loaded, EmoModel)
 
 
@@ -104,8 +107,9 @@ def test_emo_checkpoint_carries_its_noise_schedule(tmp_path):
     """The schedule is saved with the model; sampling and training read it (defaults: SD1.5 epsilon)."""
     import torch
 
-    from emo_stream.emo_backend import EmoBackend
-    from emo_stream.models import EmoModel, load_config
+    from emo_stream.families.emo.backend import EmoBackend
+    from emo_stream.families.emo.config import load_config
+    from emo_stream.families.emo.model import EmoModel
     from emo_stream.training.model_adapter import TrainingModule
 
     cfg = load_config("tiny")
@@ -115,7 +119,7 @@ def test_emo_checkpoint_carries_its_noise_schedule(tmp_path):
     EmoModel.build(cfg).save_pretrained(tmp_path)
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["noise"]["prediction_type"] == "v_prediction" and saved["noise"]["rescale_betas_zero_snr"]
-    model = families.load_model(tmp_path)
+    model = registry.load_model(tmp_path)
     backend = EmoBackend(model, size=64, steps=2)
     assert backend._scheduler().config.prediction_type == "v_prediction"
     assert float(backend._scheduler().alphas_cumprod[-1]) == 0.0          # zero terminal SNR
@@ -124,7 +128,7 @@ def test_emo_checkpoint_carries_its_noise_schedule(tmp_path):
     bad = load_config("tiny").to_dict()
     bad["noise"]["prediction_type"] = "sample"
     from emo_stream.errors import ConfigError
-    from emo_stream.models.config import config_from_dict
+    from emo_stream.families.emo.config import config_from_dict
 
     with pytest.raises(ConfigError, match="prediction_type"):
         config_from_dict(bad)

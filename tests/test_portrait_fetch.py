@@ -274,3 +274,52 @@ def test_errors_are_generic_and_carry_no_credentials(caplog):
 ])
 def test_address_classes(ip, public):
     assert url_fetch.is_public(ipaddress.ip_address(ip)) is public
+
+
+def test_https_to_the_checked_address_still_verifies_the_certificate_for_the_name(tmp_path, names, monkeypatch):
+    """The connection is pinned to the checked address, and TLS is still verified for the URL's name (SNI)."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+
+    def cert_for(name: str):
+        cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+                        "-addext", f"subjectAltName=DNS:{name}", "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True)
+        return cert, key
+
+    table, _ = names
+    table["portraits.example"] = ["127.0.0.1"]
+    good_cert, good_key = cert_for("portraits.example")
+    other_cert, other_key = cert_for("other.example")
+    trust = ssl.create_default_context(cafile=str(good_cert))
+    trust.load_verify_locations(cafile=str(other_cert))
+    monkeypatch.setattr(url_fetch.ssl, "create_default_context", lambda: trust)
+    for cert, key, ok in ((good_cert, good_key, True), (other_cert, other_key, False)):
+        site = Site(routes={"/p.png": (200, {}, b"over tls")})
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(str(cert), str(key))
+        site.httpd.socket = server_ctx.wrap_socket(site.httpd.socket, server_side=True)
+        try:
+            if ok:
+                assert fetch(f"https://portraits.example:{site.port}/p.png", LOCAL) == b"over tls"
+            else:   # a certificate for another name, trusted or not, is refused
+                with pytest.raises(ImageInputError):
+                    fetch(f"https://portraits.example:{site.port}/p.png", LOCAL)
+        finally:
+            site.close()
+    monkeypatch.undo()
+    site = Site(routes={"/p.png": (200, {}, b"x")})
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(good_cert), str(good_key))
+    site.httpd.socket = server_ctx.wrap_socket(site.httpd.socket, server_side=True)
+    try:
+        monkeypatch.setattr(url_fetch, "resolve", lambda host, port: ["127.0.0.1"])
+        with pytest.raises(ImageInputError):   # self-signed, not in the system's trust store
+            fetch(f"https://portraits.example:{site.port}/p.png", LOCAL)
+    finally:
+        site.close()

@@ -24,9 +24,9 @@ def talking_heads(tmp_path_factory, speech_wav) -> dict:
     shared = shared_data_dir()
     if shared is not None:
         return {name: shared / "clips" / name / "gt.mp4" for name in ("short_case_10", "emo_talk_emotion")}
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
     from emo_stream.generate import generate_file
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     folder = tmp_path_factory.mktemp("made")
     backend = create_backend("preview", size=192)

@@ -8,13 +8,14 @@ import pytest
 from PIL import Image
 
 from emo_stream.backend import Backend, SegmentJob
-from emo_stream.backends import create_backend
+from emo_stream.registry import create_backend
 from emo_stream.errors import ConfigError, ImageInputError, NoFaceError
 from emo_stream.face import FaceInfo
 from emo_stream.generate import iter_segments
 from emo_stream.media import load_audio, load_image, probe_durations
-from emo_stream.preview import PreviewBackend, default_portrait
-from emo_stream.preview.motion import MotionConfig
+from emo_stream.families.preview.backend import PreviewBackend
+from emo_stream.default_avatar import default_portrait
+from emo_stream.families.preview.motion import MotionConfig
 
 SIZE = 128
 SPF = 640
@@ -190,7 +191,7 @@ def _quality_cases(speech_16k):
 
     shared = shared_data_dir()
     if shared is None:
-        from emo_stream.preview.default_avatar import default_portrait
+        from emo_stream.default_avatar import default_portrait
 
         yield "built-in portrait, espeak speech", default_portrait(256), speech_16k[: 4 * 16000]
         return
@@ -236,7 +237,7 @@ def test_mouth_opening_tracks_audio_envelope(speech_16k):
 def test_warp_regions_have_no_seams(backend, avatar):
     """Each part (mouth, eyes) edits the sampling map only inside its region: at the region's border
     its displacement must already be zero, or the frame would show a seam there."""
-    from emo_stream.preview.warp import FrameParams
+    from emo_stream.families.preview.warp import FrameParams
 
     warper = avatar.warper
     for p in (FrameParams(jaw=1.0, width=1.0), FrameParams(jaw=1.0, width=-1.0)):

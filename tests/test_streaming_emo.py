@@ -18,7 +18,7 @@ import asyncio
 import numpy as np
 import pytest
 
-emo_backend = pytest.importorskip("emo_stream.emo_backend")
+emo_backend = pytest.importorskip("emo_stream.families.emo.backend")
 
 from emo_stream.streaming import EngineConfig, StreamingEngine  # noqa: E402
 from tests.conftest import read_until  # noqa: E402

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def test_preview_backend_streams_speech_and_idle(speech_16k):
-    from emo_stream.preview import PreviewBackend
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.families.preview.backend import PreviewBackend
+    from emo_stream.default_avatar import default_portrait
 
     backend = PreviewBackend(size=128)
     engine = StreamingEngine(backend, EngineConfig(segment_frames=4, max_sessions=2))

@@ -65,7 +65,7 @@ def test_checkpoint_resumes_exactly(synth, tmp_path):
     rest = train(cfg(synth, tmp_path / "part", 2, **extra), resume="auto", progress=False)
     assert part["steps"] == 2 and rest["steps"] == 4
     assert np.allclose(full["losses"], part["losses"] + rest["losses"], rtol=1e-5, atol=1e-7)
-    from emo_stream.models import EmoModel
+    from emo_stream.families.emo.model import EmoModel
 
     a = EmoModel.from_pretrained(tmp_path / "full" / "final").state_dict()
     b = EmoModel.from_pretrained(tmp_path / "part" / "final").state_dict()
@@ -85,7 +85,7 @@ def test_stage1_writes_samples_and_a_model_generate_loads(synth, tmp_path, speec
     sample = tmp_path / "s1" / "samples" / "step-000002.mp4"
     assert probe_durations(sample)["frames"] > 0
     # the final folder is an ordinary EMO checkpoint: generate loads it (a real portrait, real face detection)
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
     from emo_stream.generate import generate_file
 
     backend = create_backend("emo", res["final"], size=SIZE, steps=1, device="cpu")

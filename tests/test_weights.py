@@ -13,10 +13,12 @@ from safetensors.torch import load_file, save_file
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from emo_stream.backend import SegmentJob
-from emo_stream.emo_backend import EmoBackend, load_model
+from emo_stream.families.emo.backend import EmoBackend, load_model
 from emo_stream.errors import ConfigError, WeightsError
-from emo_stream.models import EmoModel, init_from_folders, load_config
-from emo_stream.models.testing import liven_new_layers
+from emo_stream.families.emo.config import load_config
+from emo_stream.families.emo.from_folders import init_from_folders
+from emo_stream.families.emo.model import EmoModel
+from emo_stream.families.emo.testing import liven_new_layers
 
 CFG = load_config("tiny")
 
@@ -35,7 +37,7 @@ def folders(tmp_path_factory):
 
 
 def test_init_from_folders_loads_every_part(folders, caplog):
-    with caplog.at_level(logging.INFO, logger="emo_stream.models"):
+    with caplog.at_level(logging.INFO, logger="emo_stream.families.emo"):
         model = init_from_folders("tiny", sd15=folders / "sd", wav2vec2=folders / "w2v",
                                   motion_adapter=folders / "motion", taesd=folders / "taesd")
     unet = load_file(folders / "sd" / "unet" / "diffusion_pytorch_model.safetensors")

@@ -23,7 +23,7 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def backend():
     """One preview backend for the module: its face analyser loads once (servers and engines are per test)."""
-    from emo_stream.backends import create_backend
+    from emo_stream.registry import create_backend
 
     return create_backend("preview", size=SIZE)
 
@@ -176,7 +176,7 @@ async def test_malformed_messages_get_clear_errors_and_the_session_survives(serv
 async def test_avatar_upload_is_prepared_once(server):
     from PIL import Image
 
-    from emo_stream.preview.default_avatar import default_portrait
+    from emo_stream.default_avatar import default_portrait
 
     buf = io.BytesIO()
     Image.fromarray(default_portrait(128)).save(buf, format="PNG")

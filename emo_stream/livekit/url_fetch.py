@@ -15,6 +15,7 @@ whoever dispatches jobs (SSRF).
 
 from __future__ import annotations
 
+import base64
 import http.client
 import ipaddress
 import logging
@@ -23,7 +24,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from emo_stream.errors import ConfigError, ImageInputError
 
@@ -150,9 +151,6 @@ def _fetch(url: str, policy: UrlPolicy, deadline: float) -> bytes:
             headers = {"User-Agent": "emo-stream", "Accept": "image/*", "Accept-Encoding": "identity"}
             same_origin = (parts.scheme, parts.hostname, parts.port) == (first.scheme, first.hostname, first.port)
             if parts.username is not None and same_origin:   # credentials go to the URL's own origin only
-                import base64
-                from urllib.parse import unquote
-
                 pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
                 headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

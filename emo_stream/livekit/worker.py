@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ class WorkerConfig:
     image_hosts: tuple[str, ...] = ()              # hosts portrait URLs may name (empty: any public host)
     image_networks: tuple[str, ...] = ()           # non-public networks portrait URLs may reach anyway
     idle_threads: int = 1                          # job threads kept warm
+    max_retry: int = 16                            # failed connection attempts before giving up (livekit-agents'
+                                                   # max_retry; the waits between them grow to 10 s)
 
     def validate(self) -> "WorkerConfig":
         for name, path in self.avatars.items():
@@ -58,6 +61,8 @@ class WorkerConfig:
             raise ConfigError(f"--default-avatar {self.default_avatar}: file not found")
         if not self.agent_name:
             raise ConfigError("the agent name must not be empty (explicit dispatch needs it)")
+        if not isinstance(self.max_retry, int) or self.max_retry < 0:
+            raise ConfigError(f"--max-retry must be an integer >= 0: got {self.max_retry!r}")
         self.url_policy()   # bad --image-network: one line now, not at the first job
         return self
 
@@ -92,6 +97,9 @@ class AvatarWorker:
             api_secret=cfg.api_secret or None,
             host=cfg.http_host,
             port=cfg.http_port,
+            # one attempt more than asked: the library keeps no cause for its last failure, so ConnectionFailures
+            # (which sees each failure's cause) gives up on the library's behalf after max_retry retries
+            max_retry=cfg.max_retry + 1,
         )
         server.rtc_session(self.entrypoint, agent_name=cfg.agent_name, on_request=self.on_request)
         self.server = server
@@ -189,7 +197,7 @@ class AvatarWorker:
             return _load_file(path, pool)
         if self.config.default_avatar:
             return _load_file(self.config.default_avatar, pool)
-        from emo_stream.preview.default_avatar import default_portrait
+        from emo_stream.default_avatar import default_portrait
 
         return default_portrait(self.host.size)
 
@@ -218,18 +226,27 @@ class AvatarWorker:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
+        failures = ConnectionFailures(self.config.url or os.environ.get("LIVEKIT_URL") or "", self.config.max_retry)
+        library_log = logging.getLogger("livekit.agents")
+        library_log.addFilter(failures)
         run = asyncio.ensure_future(server.run(devmode=False))
         stopped = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if run.done():
-                run.result()
+                try:
+                    run.result()
+                except RuntimeError as exc:
+                    if "failed to connect to livekit" in str(exc):
+                        raise EmoStreamError(failures.gave_up()) from None
+                    raise
                 return
             try:
                 await server.drain()
             except asyncio.TimeoutError:
                 log.warning("drain timed out after %d s: closing the remaining rooms", self.config.drain_timeout)
         finally:
+            library_log.removeFilter(failures)
             stopped.cancel()
             await server.aclose()
             if not run.done():
@@ -250,3 +267,81 @@ def _load_file(path: str, pool) -> np.ndarray:
     except OSError as exc:
         raise ImageInputError(f"cannot read the portrait {path}: {exc.strerror or exc}") from None
     return pool.decode(data, what=f"portrait {path}", max_pixels=MAX_FILE_PIXELS).image
+
+
+def public_url(url: str) -> str:
+    """The server URL as it may be logged: no user:password, no query (tokens), no fragment."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:   # not a number: leave it out rather than fail while reporting another failure
+        port = None
+    netloc = f"{host}:{port}" if port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def connection_cause(exc: BaseException | None) -> str:
+    """Why a connection attempt failed, in a few words: 'Connection refused', 'HTTP 401 ...', not a repr."""
+    if exc is None:
+        return "unknown error"
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and status >= 400:
+        hint = " (the API key or secret was refused)" if status in (401, 403) else ""
+        return f"HTTP {status}{hint}"
+    os_error = getattr(exc, "os_error", exc)
+    if isinstance(os_error, OSError):
+        # asyncio puts "Connect call failed (addr)" in strerror; the errno's own text says what happened
+        if os_error.errno:
+            return os.strerror(os_error.errno)
+        if os_error.strerror:
+            return os_error.strerror
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class WorkerConnectionError(EmoStreamError):
+    """The worker could not reach its LiveKit server within --max-retry retries."""
+
+
+class ConnectionFailures(logging.Filter):
+    """livekit-agents says "failed to connect to livekit, retrying in 10s" with neither the URL nor the cause
+    (both are in the record's extra fields). Each such record is replaced by one line of ours naming them."""
+
+    def __init__(self, url: str, max_retry: int) -> None:
+        super().__init__()
+        self.url = public_url(url) if url else "(no LiveKit URL)"
+        self.max_retry = max_retry
+        self.count = 0
+        self.last_cause = "unknown error"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], WorkerConnectionError):
+            return False   # the library's traceback of our own giving up: serve() reports it in one line
+        if not str(record.msg).startswith("failed to connect to livekit, retrying"):
+            return True
+        self.count += 1
+        self.last_cause = connection_cause(getattr(record, "error", None))
+        if self.count > self.max_retry:
+            # raised inside the library's retry loop (it logs from its except block): the connection task ends
+            # with this, and AgentServer.run() raises it
+            raise WorkerConnectionError(self.gave_up())
+        if self.count == 1:
+            log.error("cannot connect to LiveKit at %s: %s; retrying (%d more attempts, --max-retry)", self.url,
+                      self.last_cause, self.max_retry)
+        else:
+            log.warning("still cannot connect to LiveKit at %s: %s (attempt %d of %d)", self.url, self.last_cause,
+                        self.count, self.max_retry + 1)
+        return False   # ours replaces the library's line
+
+    def gave_up(self) -> str:
+        attempts = self.max_retry + 1
+        cause = self.last_cause
+        return (f"could not connect to LiveKit at {self.url} after {attempts} attempt{'s' * (attempts > 1)}: {cause} "
+                "(check the URL and that the server is up; --max-retry sets the attempts)")

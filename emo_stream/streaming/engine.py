@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from emo_stream.backend import AudioContext, Backend, capabilities
+from emo_stream.errors import ImageInputError
 from emo_stream.streaming.avatars import AvatarCache
 from emo_stream.streaming.device import StageStreams
 from emo_stream.streaming.faults import (BackendStalledError, EngineUnhealthyError, Health, is_device_error,
@@ -184,10 +185,13 @@ class StreamingEngine:
 
     # ------------------------------------------------------------------ avatars and sessions
 
-    async def prepare_avatar(self, image: np.ndarray) -> AvatarHandle:
+    async def prepare_avatar(self, image: np.ndarray, owner: str | None = None) -> AvatarHandle:
         """Prepare a portrait once (backend.prepare_avatar in a worker thread); cached by content hash,
-        so every session with the same photo shares its reference features (see AvatarCache)."""
-        return await self.avatars.prepare(image)
+        so every session with the same photo shares its reference features (see AvatarCache). Backends
+        with video_avatars also take a short video as (T, H, W, 3) frames. `owner` (a client) holds it."""
+        if getattr(image, "ndim", 3) == 4 and not self.capabilities.video_avatars:
+            raise ImageInputError(f"the {self.capabilities.name} backend animates a portrait photo, not a video")
+        return await self.avatars.prepare(image, owner)
 
     def avatar(self, avatar_id: str) -> AvatarHandle:
         """A prepared avatar by its id; UnknownAvatarError (an ImageInputError) when it is not cached."""

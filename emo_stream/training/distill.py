@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from emo_stream.errors import ConfigError
-from emo_stream.models.emo_model import Conditioning, EmoModel
+from emo_stream.families.emo.model import Conditioning, EmoModel
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def ddim_timesteps(steps: int, noise=None) -> list[int]:
     SD1.5's with trailing spacing), then the 'clean' index (DDIMScheduler's previous-timestep rule)."""
     from diffusers import DDIMScheduler
 
-    from emo_stream.models.config import NoiseConfig
+    from emo_stream.families.emo.config import NoiseConfig
 
     noise = noise or NoiseConfig()
     sched = DDIMScheduler(**noise.scheduler_kwargs())

@@ -1,4 +1,4 @@
-"""What training needs from the EMO model (emo_stream.models), in one place: loading and saving,
+"""What training needs from the EMO model (emo_stream.families.emo), in one place: loading and saving,
 the diffusion loss of a batch, gradient checkpointing, sample videos.
 
 Parameter groups (names used by configs' `train.trainable` and config.STAGE_TRAINABLE) are the model's:
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from emo_stream.errors import ConfigError
-from emo_stream.models.emo_model import EmoModel
+from emo_stream.families.emo.model import EmoModel
 from emo_stream.timeline import samples_per_frame
 from emo_stream.training.dataset_layout import FPS
 
@@ -29,7 +29,7 @@ PARAM_GROUPS = EmoModel.PARAMETER_GROUPS  # config.py validates `train.trainable
 
 def load_model(init: str, options: dict[str, Any] | None = None):
     """A preset (random weights), a checkpoint folder, or an init YAML naming pretrained folders."""
-    from emo_stream.emo_backend import load_model as _load
+    from emo_stream.families.emo.backend import load_model as _load
 
     options = dict(options or {})
     seed = int(options.pop("seed", 0))
@@ -165,7 +165,7 @@ def render_sample(model, image: np.ndarray, audio: np.ndarray, out: Path, size: 
                   face_box: np.ndarray | None = None, seed: int = 0) -> Path:
     """A sample video with the EMO backend. `image` at the model size with a known `face_box` skips face
     detection (synthetic faces); otherwise the portrait is detected and cropped as in generate."""
-    from emo_stream.emo_backend import EmoBackend
+    from emo_stream.families.emo.backend import EmoBackend
     from emo_stream.generate import iter_segments
     from emo_stream.media import Mp4Writer
 

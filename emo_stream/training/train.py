@@ -157,7 +157,7 @@ class Trainer:
             if ckpt is not None:
                 self._load(ckpt)
         if self.step == 0 and t.vae_steps:  # a resumed run has the fitted VAE in its checkpoint already
-            from emo_stream.models.config import PRESETS
+            from emo_stream.families.emo.config import PRESETS
 
             if cfg.model.init in PRESETS:
                 self._fit_vae()

@@ -26,14 +26,17 @@ WHISPER_HZ = 50                    # encoder steps per second (10 ms mel hop, co
 SEGMENT_SAMPLES = 30 * SAMPLE_RATE  # whisper's fixed 30 s input; longer audio is cut into such segments
 
 
-def log_mel(extractor, wav: np.ndarray) -> torch.Tensor:
-    """(segments, mels, 3000) float32: the feature extractor on each 30 s segment (zero-padded), as MuseTalk."""
+def log_mel(extractor, wav: np.ndarray, device: str = "cpu") -> torch.Tensor:
+    """(segments, mels, 3000) float32: the feature extractor on each 30 s segment (zero-padded), as MuseTalk.
+    device: where the extractor's torch STFT runs (the live path uses the model's GPU)."""
     wav = np.asarray(wav, np.float32)
     segments = [wav[i:i + SEGMENT_SAMPLES] for i in range(0, max(len(wav), 1), SEGMENT_SAMPLES)]
-    feats = [extractor(s, return_tensors="pt", sampling_rate=SAMPLE_RATE).input_features for s in segments]
+    feats = [extractor(s, return_tensors="pt", sampling_rate=SAMPLE_RATE, device=device).input_features
+             for s in segments]
     return torch.cat(feats, dim=0)
 
 
+@torch.no_grad()
 def encoder_states(encoder, mel: torch.Tensor) -> torch.Tensor:
     """(segments, mels, T) -> (segments, T / 2, layers + 1, d): the encoder's hidden states, stacked."""
     p = encoder.conv1.weight
@@ -81,3 +84,42 @@ def file_chunks(encoder, extractor, wav: np.ndarray, fps: int = 25, left: int = 
     """MuseTalk's whole-file audio prompts: floor(seconds x fps) frames."""
     num_frames = math.floor(len(wav) / SAMPLE_RATE * fps)
     return frame_chunks(file_states(encoder, extractor, wav), num_frames, fps, left, right)
+
+
+# ---- live: windows of a stream ------------------------------------------------------------------------------
+def window_states(encoder, extractor, wav: np.ndarray, padded: bool = True) -> torch.Tensor:
+    """(steps, layers + 1, d) states of a window of a stream (at most 30 s).
+
+    padded: as MuseTalk treats a whole file, the window zero-padded to whisper's 30 s input (the encoder
+    always sees 1500 positions, as in training); False: the encoder sees only the window's own steps
+    (cheaper, but an input length whisper never saw)."""
+    wav = np.asarray(wav, np.float32)[:SEGMENT_SAMPLES]
+    steps = math.floor(len(wav) / SAMPLE_RATE * WHISPER_HZ)
+    device = encoder.conv1.weight.device
+    if padded:
+        return encoder_states(encoder, log_mel(extractor, wav, str(device) if device.type == "cuda" else "cpu"))[0, :steps]
+    mel = extractor(wav, return_tensors="pt", sampling_rate=SAMPLE_RATE, padding="max_length",
+                    max_length=max(2, 2 * steps) * extractor.hop_length, truncation=True).input_features
+    return encoder_states(encoder, mel[:, :, : 2 * steps])[0, :steps]
+
+
+def chunks_at(states: torch.Tensor, first_steps: list[int], width: int) -> torch.Tensor:
+    """(frames, width x L, d): for each frame, states[s : s + width] with zeros where s runs outside them
+    (MuseTalk's zero padding before the first and after the last step)."""
+    lo = min(first_steps)
+    hi = max(first_steps) + width
+    before, after = max(0, -lo), max(0, hi - states.shape[0])
+    padded = torch.cat([states.new_zeros(before, *states.shape[1:]), states, states.new_zeros(after, *states.shape[1:])])
+    idx = torch.tensor(first_steps, device=states.device)[:, None] + before + torch.arange(width, device=states.device)
+    return padded[idx].flatten(1, 2)
+
+
+def live_chunks(states: torch.Tensor, start: int, num_frames: int, fps: int, left: int = 2,
+                right: int = 2) -> torch.Tensor:
+    """Prompts of `num_frames` frames whose first sample is sample `start` of the window `states` came from:
+    frame k's prompt starts left x ceil(50 / fps) steps before its own step floor((start / 16000 + k / fps) 50),
+    as get_whisper_chunk counts from the start of a file."""
+    lead = math.ceil(WHISPER_HZ / int(fps)) * left
+    first = [math.floor(start * WHISPER_HZ / SAMPLE_RATE + k * WHISPER_HZ / int(fps) + 1e-9) - lead
+             for k in range(num_frames)]
+    return chunks_at(states, first, 2 * (left + right + 1))

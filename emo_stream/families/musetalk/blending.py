@@ -18,6 +18,7 @@ path works on RGB, as the rest of emo-stream.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -120,8 +121,8 @@ def resize_linear(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
     sampling with 11-bit fixed-point weights, horizontal then vertical, and cv2's rounding."""
     src_h, src_w = img.shape[:2]
     dev = img.device
-    xi, xw = _linear_taps(src_w, width, dev, clamp_weights=True)
-    yi, yw = _linear_taps(src_h, height, dev, clamp_weights=False)
+    xi, xw = _linear_taps(int(src_w), int(width), dev, True)
+    yi, yw = _linear_taps(int(src_h), int(height), dev, False)
     x = img.to(torch.int32)
     # horizontal pass: int sums of 11-bit weights (cv2's HResizeLinear for uint8)
     row = x[:, xi[:, 0]] * xw[:, 0, None] + x[:, xi[:, 1]] * xw[:, 1, None]
@@ -131,6 +132,7 @@ def resize_linear(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return ((out + 2) >> 2).clamp(0, 255).to(torch.uint8)
 
 
+@lru_cache(maxsize=256)   # per (size, size, device): the live path reuses a few box sizes
 def _linear_taps(src: int, dst: int, device, clamp_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dst, 2) source indices and (dst, 2) int32 11-bit weights, as cv2 computes them: across a row, taps
     outside the image become weight (1, 0) on the edge pixel; down the columns the weights stay and the

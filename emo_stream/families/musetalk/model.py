@@ -51,7 +51,7 @@ class MuseTalkModel(nn.Module):
     def to_runtime(self, device=None, dtype: torch.dtype | None = None) -> "MuseTalkModel":
         """Move to `device`; the UNet, VAE and whisper in `dtype` (fp16/bf16 on CUDA), the parser in float32."""
         for m in (self.unet, self.vae, self.whisper):
-            m.to(device=device, dtype=dtype)
+            m.to(device=device) if dtype is None else m.to(device=device, dtype=dtype)
         self.pe = self.pe.to(device)
         if self.parser is not None:
             self.parser.net.to(device=device, dtype=torch.float32)

@@ -68,3 +68,12 @@ def write_download(root: str | Path, seed: int = 0, unet: dict | None = None, pa
     torch.save({k[len("cp.resnet."):]: torch.zeros_like(v) for k, v in parser.state_dict().items()
                 if k.startswith("cp.resnet.")}, root / "face-parse-bisent" / "resnet18-5c106cde.pth")
     return root
+
+
+def label_everything_skin(net) -> None:
+    """Make a (random) BiSeNet call every pixel skin, so the paste masks cover the lower face: with random
+    weights the parsing net usually finds no skin at all and nothing would be repainted."""
+    with torch.no_grad():
+        w = net.conv_out.conv_out.weight   # (classes, mid, 1, 1) on post-ReLU (non-negative) features
+        w.zero_()
+        w[1] = 1.0

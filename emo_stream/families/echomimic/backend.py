@@ -1,0 +1,415 @@
+"""EchoMimicBackend: EchoMimic v1 weights behind the backend contract (emo_stream.backend).
+
+    backend = create_backend(model="downloads/EchoMimic")   # the download folder as it comes, or our checkpoint
+    # offline (emo-stream generate): EchoMimic's own pipeline over the whole audio
+    for frames, audio in backend.render_video(avatar, audio16k, seed=0): ...
+    # live (emo-stream serve): segments, each continuing the previous one through held frames
+    frames = backend.generate([SegmentJob(avatar, state, backend.encode_audio(window, start, n), n)])
+
+Offline reproduces EchoMimic's infer scripts: the face mask is the detected face box padded by 10% of its
+size, the reference image goes through the ReferenceNet once, whisper-tiny features of the whole audio,
+one latent video denoised with overlapping closed-loop context windows (any length), acc weights 6 DDIM
+steps without guidance or the normal weights 30 steps with guidance 2.5, decoded with the folder's
+sd-vae-ft-mse (or TAESD), 24 fps.
+
+Live: EchoMimic has no motion frames. Each segment starts with the last `live_overlap` frames of the
+previous one, held at their known clean latents re-noised to each step's level (the same noise per held
+frame, the one it started from), so the temporal layers continue them (see docs/streaming.md).
+
+The model is anything with the `EchoParts` methods (emo_stream.families.echomimic's model adapts to it).
+Not thread-safe: one call at a time (the engine serialises model work on its device).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from emo_stream.backend import AudioContext, BackendBase, SegmentJob
+from emo_stream.families.echomimic.sampling import (ACC, NORMAL, EchoDenoiser, Held, context_windows, initial_latents,
+                                           make_scheduler, sample)
+from emo_stream.errors import ConfigError, ImageInputError
+from emo_stream.timeline import SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+DECODE_CHUNK = 8          # frames per VAE decode call: bounds activation memory at 512 px
+FEATURE_RATE = 50         # whisper feature rows per second
+ROWS_BEFORE, ROWS = 4, 10  # a frame's audio tokens: feature rows int(t * 50) - 4 ... + 5
+LEFT_CONTEXT_S = 2.0      # live: seconds of audio before a segment the whisper encoder sees
+OFFLINE_FPS = 24          # EchoMimic's video rate (live runs at the engine's rate: 16000 / fps must be whole)
+
+
+class EchoParts(Protocol):
+    """What the backend needs from an EchoMimic model (weights loaded, eval mode)."""
+
+    weights: str                 # "acc" or "normal": which set the folder held
+    device: torch.device
+    dtype: torch.dtype
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled VAE latents (B, 4, H/8, W/8) (mean * 0.18215)."""
+
+    def decode_latents(self, latents: torch.Tensor, decoder: str = "vae") -> torch.Tensor:
+        """(N, 4, h, w) scaled latents -> (N, 3, H, W) in [-1, 1]; decoder "vae" or "taesd"."""
+
+    def has_decoder(self, decoder: str) -> bool: ...
+
+    def reference_bank(self, ref_latents: torch.Tensor) -> Any:
+        """ReferenceNet once on (1, 4, h, w) at t=0 -> what the denoiser attends to."""
+
+    def face_feature(self, mask: torch.Tensor) -> torch.Tensor:
+        """Face mask (1, 1, 1, H, W) in {0, 1} -> face-locator feature (1, C, 1, h, w)."""
+
+    def denoiser(self, banks: list[Any]) -> EchoDenoiser:
+        """The denoiser for a batch of sessions (row r uses banks[r % len(banks)])."""
+
+    def whisper_features(self, waveform: np.ndarray) -> torch.Tensor:
+        """16 kHz mono float32 -> (T, L + 1, 384) per-layer whisper features, 50 rows per second."""
+
+
+def tokens_at(features: torch.Tensor, times_s: np.ndarray) -> torch.Tensor:
+    """EchoMimic's feature2chunks for frames at given times (live: a window that starts mid-stream): the frame
+    at time t takes feature rows clip(int(t * 50) - 4 + j, 0, T - 1), j < 10, flattened ->
+    (frames, 10 * (L + 1), 384). Offline (t = i / fps from 0) this is audio.audio_tokens."""
+    rows = features.shape[0]
+    first = np.floor(np.asarray(times_s, np.float64) * FEATURE_RATE + 1e-9).astype(np.int64) - ROWS_BEFORE
+    idx = np.clip(first[:, None] + np.arange(ROWS)[None], 0, rows - 1)
+    picked = features[torch.from_numpy(idx).to(features.device)]          # (frames, 10, L+1, 384)
+    return picked.reshape(len(idx), -1, features.shape[-1])
+
+
+def echomimic_face_mask(box: np.ndarray, size: int) -> torch.Tensor:
+    """EchoMimic's mask of a (size, size) crop: the face box (rounded to pixels) widened by int(10%) of its
+    width/height on each side, 1 inside, as a (1, 1, 1, size, size) float tensor."""
+    from emo_stream.families.echomimic.layers import face_mask
+
+    return face_mask([round(float(v)) for v in box], size, size, clamp=True)
+
+
+@dataclass
+class EchoAvatar:
+    """A prepared portrait: crop, face box, and what every segment reuses."""
+
+    image: np.ndarray            # (size, size, 3) uint8 crop
+    face_box: np.ndarray         # (4,) x0 y0 x1 y1 in crop pixels
+    latent: torch.Tensor         # (1, 4, h, w)
+    face: torch.Tensor           # (1, C, 1, h, w) face-locator feature
+    bank: Any                    # ReferenceNet output the denoiser attends to
+
+
+@dataclass
+class EchoState:
+    """Per-session live state: the previous segment's tail (clean latents, their noise, audio tokens)."""
+
+    avatar: EchoAvatar
+    seed: int
+    generator: torch.Generator
+    tail_latents: torch.Tensor | None = None   # (1, 4, k, h, w)
+    tail_noise: torch.Tensor | None = None     # (1, 4, k, h, w) the noise those frames started from
+    tail_audio: torch.Tensor | None = None     # (k, tokens, 384)
+    frames_done: int = 0
+
+
+class EchoMimicBackend(BackendBase):
+    name = "echomimic"
+
+    def __init__(self, model: EchoParts, size: int = 512, fps: int = 25, steps: int | None = None,
+                 guidance: float | None = None, decoder: str | None = None, live_overlap: int = 4,
+                 segment_frames: int = 8, context_frames: int | None = None, context_overlap: int | None = None,
+                 idle_steps: int | None = None, face_analyzer=None):
+        if size <= 0 or size % 8:
+            raise ConfigError(f"size must be a positive multiple of 8 for EchoMimic (got {size})")
+        if fps <= 0:
+            raise ConfigError(f"fps must be positive (got {fps})")
+        self.model = model
+        self.size, self.fps = size, fps
+        base = ACC if model.weights == "acc" else NORMAL
+        saved = getattr(model, "defaults", None)  # the checkpoint's own steps / guidance / windows
+        if saved is not None:
+            base = replace(base, steps=int(saved.steps), guidance=float(saved.guidance))
+            context_frames = context_frames or int(saved.context_frames)
+            context_overlap = int(saved.context_overlap) if context_overlap is None else context_overlap
+        context_frames = context_frames or 12
+        context_overlap = 3 if context_overlap is None else context_overlap
+        try:
+            self.sampling = replace(base, steps=base.steps if steps is None else int(steps),
+                                    guidance=base.guidance if guidance is None else float(guidance),
+                                    context_frames=context_frames, context_overlap=context_overlap).validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.decoder = decoder or "vae"
+        if self.decoder not in ("vae", "taesd"):
+            raise ConfigError(f"decoder must be vae or taesd (got {self.decoder!r})")
+        if not model.has_decoder(self.decoder):
+            where = ("sd-vae-ft-mse/ (a diffusers AutoencoderKL folder, see README) in the download folder"
+                     if self.decoder == "vae" else "a diffusers AutoencoderTiny folder at <model>/taesd")
+            raise ConfigError(f"decoder {self.decoder} asked for, but the model has none: it needs {where}")
+        if not 0 <= live_overlap < context_frames or not 1 <= segment_frames <= context_frames - live_overlap:
+            raise ConfigError(f"need 0 <= live_overlap and segment_frames >= 1 with live_overlap + segment_frames "
+                              f"<= context_frames ({context_frames}); got {live_overlap} + {segment_frames}")
+        self.live_overlap = live_overlap
+        # silence: half the steps and no guidance (idle motion should not cost what speech costs)
+        self.idle_steps = int(idle_steps) if idle_steps is not None else max(1, self.sampling.steps // 2)
+        if self.idle_steps < 1:
+            raise ConfigError(f"idle_steps must be >= 1 (got {self.idle_steps})")
+        self.stream_segment_frames = segment_frames
+        self.clip_frames = context_frames
+        self.device = model.device
+        self._face_analyzer = face_analyzer
+        self._silence: dict[int, torch.Tensor] = {}
+        self._audio_lock = threading.Lock()
+        # whisper's look-ahead: a frame's last token row is 5 rows (100 ms) after it
+        self.audio_context = AudioContext(left_samples=int(LEFT_CONTEXT_S * SAMPLE_RATE),
+                                          lookahead_frames=int(np.ceil((ROWS - ROWS_BEFORE) / FEATURE_RATE * fps)))
+
+    # ---- avatar --------------------------------------------------------------------------------
+    def prepare_avatar(self, image: np.ndarray) -> EchoAvatar:
+        """Detect the face, crop to the model size, encode the reference and the face mask once."""
+        from emo_stream.face import crop_portrait
+
+        # EchoMimic's infer scripts crop the face box widened by half its size on each side (the face is half
+        # the crop's width, centred), then build the mask from the same box
+        face = self.portrait_analyzer(image).analyze(image)
+        crop = crop_portrait(image, face, self.size, face_fraction=0.5, center_shift=0.0)
+        return self.avatar_from_crop(crop.image, crop.face.box)
+
+    @torch.inference_mode()
+    def avatar_from_crop(self, image: np.ndarray, face_box: np.ndarray) -> EchoAvatar:
+        """An already cropped (size, size, 3) portrait and its face box -> EchoAvatar (no detection)."""
+        if image.shape[:2] != (self.size, self.size):
+            raise ImageInputError(f"crop must be {self.size}x{self.size}, got {image.shape[1]}x{image.shape[0]}")
+        m = self.model
+        x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        latent = m.encode_image(x.to(m.device, m.dtype))
+        face = m.face_feature(echomimic_face_mask(face_box, self.size).to(m.device, m.dtype))
+        return EchoAvatar(image=image, face_box=np.asarray(face_box, np.float32), latent=latent, face=face,
+                          bank=m.reference_bank(latent))
+
+    def new_state(self, avatar: EchoAvatar, seed: int = 0) -> EchoState:
+        return EchoState(avatar=avatar, seed=int(seed), generator=torch.Generator().manual_seed(int(seed)))
+
+    # ---- offline: EchoMimic's pipeline over the whole audio ------------------------------------
+    @torch.inference_mode()
+    def render_video(self, avatar: EchoAvatar, audio: np.ndarray, seed: int = 0,
+                     progress: Callable[[str, int, int], None] | None = None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (frames, audio they cover) for a whole 16 kHz audio, frames decoded chunk by chunk.
+
+        progress(stage, done, total) is called per denoiser call ("denoise") and per decoded chunk ("decode").
+        """
+        m = self.model
+        num_frames = max(1, int(round(len(audio) * self.fps / SAMPLE_RATE)))
+        from emo_stream.families.echomimic.audio import audio_tokens
+
+        with self._audio_lock:
+            feats = m.whisper_features(np.asarray(audio, np.float32))
+        tokens = audio_tokens(feats, self.fps, num_frames)
+        latents = self._denoise_video(avatar, tokens, seed, progress)
+        edges = [int(round(i * SAMPLE_RATE / self.fps)) for i in range(num_frames + 1)]
+        padded = np.concatenate([np.asarray(audio, np.float32), np.zeros(max(0, edges[-1] - len(audio)), np.float32)])
+        for first in range(0, num_frames, DECODE_CHUNK):
+            last = min(num_frames, first + DECODE_CHUNK)
+            frames = self._to_pixels(latents[0, :, first:last].permute(1, 0, 2, 3))
+            if progress is not None:
+                progress("decode", last, num_frames)
+            yield frames, padded[edges[first]:edges[last]]
+
+    def _denoise_video(self, avatar: EchoAvatar, tokens: torch.Tensor, seed: int,
+                       progress: Callable[[str, int, int], None] | None) -> torch.Tensor:
+        m = self.model
+        frames = tokens.shape[0]
+        h = self.size // 8
+        x = initial_latents((1, 4, frames, h, h), torch.Generator().manual_seed(int(seed))).to(m.device, m.dtype)
+        calls = [0]
+        total = len(context_windows(frames, self.sampling.context_frames, self.sampling.context_overlap)) \
+            * self.sampling.steps
+
+        def tick() -> None:
+            calls[0] += 1
+            if progress is not None:
+                progress("denoise", calls[0], total)
+
+        return sample(m.denoiser([avatar.bank]), x, tokens[None].to(m.device, m.dtype), avatar.face,
+                      self.sampling, scheduler=make_scheduler(), on_call=tick)
+
+    # ---- live ----------------------------------------------------------------------------------
+    def encode_audio(self, audio: np.ndarray, start: int, num_frames: int) -> torch.Tensor:
+        """(num_frames, 10 * (L + 1), 384) audio tokens; audio[:start] is left context."""
+        # the engine may encode while denoise computes silent features: one whisper call at a time (the
+        # encoder's feature hook is not re-entrant)
+        with self._audio_lock:
+            feats = self.model.whisper_features(np.asarray(audio, np.float32))
+        times = (start + np.arange(num_frames) * SAMPLE_RATE / self.fps) / SAMPLE_RATE
+        return tokens_at(feats, times)
+
+    def _silent_tokens(self, num_frames: int) -> torch.Tensor:
+        if num_frames not in self._silence:
+            left = self.audio_context.left_samples
+            spf = SAMPLE_RATE / self.fps
+            zeros = np.zeros(left + int(np.ceil((num_frames + self.audio_context.lookahead_frames) * spf)), np.float32)
+            self._silence[num_frames] = self.encode_audio(zeros, left, num_frames)
+        return self._silence[num_frames]
+
+    @torch.inference_mode()
+    def denoise(self, jobs: list[SegmentJob]) -> list[torch.Tensor]:
+        """Each job's new frames' latents (1, 4, num_frames, h, w); jobs with the same shape share a batch."""
+        out: list[torch.Tensor | None] = [None] * len(jobs)
+        groups: dict[tuple[int, int, bool], list[int]] = {}
+        for i, job in enumerate(jobs):
+            if job.num_frames < 1:
+                raise ValueError("num_frames must be >= 1")
+            held = 0 if job.state.tail_latents is None else job.state.tail_latents.shape[2]
+            speech = bool(job.speech and job.features is not None)
+            groups.setdefault((job.num_frames, held, speech), []).append(i)
+        for (frames, held, speech), idx in groups.items():
+            new = self._denoise_group([jobs[i] for i in idx], frames, held, speech)
+            for k, i in enumerate(idx):
+                out[i] = new[k:k + 1]
+        return out  # type: ignore[return-value]
+
+    def _denoise_group(self, jobs: list[SegmentJob], frames: int, held: int, speech: bool) -> torch.Tensor:
+        m = self.model
+        dev, dt = m.device, m.dtype
+        h = self.size // 8
+        tokens = []
+        for j in jobs:
+            t = j.features if speech else self._silent_tokens(frames)
+            if t.shape[0] != frames:
+                raise ValueError(f"features cover {t.shape[0]} frames, the job asks for {frames}")
+            tokens.append(torch.cat([j.state.tail_audio, t.to(j.state.tail_audio.device)]) if held else t)
+        audio = torch.stack(tokens).to(dev, dt)
+        noise = torch.cat([initial_latents((1, 4, frames, h, h), j.state.generator) for j in jobs]).to(dev, dt)
+        hold = None
+        x = noise
+        if held:
+            tail_noise = torch.cat([j.state.tail_noise for j in jobs]).to(dev, dt)
+            hold = Held(latents=torch.cat([j.state.tail_latents for j in jobs]).to(dev, dt), noise=tail_noise)
+            x = torch.cat([tail_noise, noise], dim=2)
+        settings = replace(self.sampling, rotation=0, context_frames=max(self.sampling.context_frames, held + frames),
+                           guidance=self.sampling.guidance if speech else 1.0,
+                           steps=self.sampling.steps if speech else self.idle_steps)
+        face = torch.cat([j.state.avatar.face for j in jobs])
+        latents = sample(m.denoiser([j.state.avatar.bank for j in jobs]), x, audio, face, settings,
+                         scheduler=make_scheduler(), held=hold)
+        k = self.live_overlap
+        for r, j in enumerate(jobs):
+            st = j.state
+            st.tail_latents = latents[r:r + 1, :, -k:].clone() if k else None
+            st.tail_noise = x[r:r + 1, :, -k:].clone() if k else None
+            st.tail_audio = audio[r, -k:].clone() if k else None
+            st.frames_done += frames
+        return latents[:, :, held:]
+
+    @torch.inference_mode()
+    def decode(self, jobs: list[SegmentJob], latents: list[torch.Tensor]) -> list[np.ndarray]:
+        """Latents from denoise -> (num_frames, size, size, 3) uint8 per job."""
+        flat = torch.cat([lat[0].permute(1, 0, 2, 3) for lat in latents])
+        pixels = self._to_pixels(flat)
+        out, at = [], 0
+        for lat in latents:
+            out.append(pixels[at:at + lat.shape[2]])
+            at += lat.shape[2]
+        return out
+
+    def generate(self, jobs: list[SegmentJob]) -> list[np.ndarray]:
+        if not jobs:
+            return []
+        return self.decode(jobs, self.denoise(jobs))
+
+    def _to_pixels(self, latents: torch.Tensor) -> np.ndarray:
+        """(N, 4, h, w) -> (N, size, size, 3) uint8."""
+        images = []
+        for chunk in latents.split(DECODE_CHUNK):
+            img = self.model.decode_latents(chunk, self.decoder)
+            images.append(((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        return torch.cat(images).numpy()
+
+
+class ModelParts:
+    """EchoParts over emo_stream.families.echomimic's EchoMimicModel, plus an optional TAESD decoder."""
+
+    def __init__(self, model: Any, taesd: Any = None):
+        self.model, self.taesd = model, taesd
+        self.weights = model.config.weights_set
+        self.defaults = model.config.sampling
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def has_decoder(self, decoder: str) -> bool:
+        return (self.taesd if decoder == "taesd" else self.model.vae) is not None
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def decode_latents(self, latents: torch.Tensor, decoder: str = "vae") -> torch.Tensor:
+        if decoder == "taesd":  # TAESD decodes SD-scaled latents directly (its scaling_factor is 1)
+            return self.taesd.decode(latents.to(self.taesd.device, self.taesd.dtype)).sample
+        return self.model.decode_latents(latents)
+
+    def reference_bank(self, ref_latents: torch.Tensor) -> Any:
+        return self.model.encode_reference(ref_latents)
+
+    def face_feature(self, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.face_feature(mask).to(self.dtype)
+
+    def denoiser(self, banks: list[Any]) -> EchoDenoiser:
+        # one batch of sessions: bank rows in session order (the model maps row r to bank row r % B)
+        bank = banks[0] if len(banks) == 1 else {k: torch.cat([b[k] for b in banks]) for k in banks[0]}
+        return self.model.denoiser_fn(bank)
+
+    def whisper_features(self, waveform: np.ndarray) -> torch.Tensor:
+        return self.model.audio_features(waveform)
+
+
+def load_taesd(folder: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """<model>/taesd (a diffusers AutoencoderTiny folder, e.g. madebyollin/taesd), or None."""
+    from pathlib import Path
+
+    path = Path(folder) / "taesd"
+    if not (path / "config.json").is_file():
+        return None
+    from diffusers import AutoencoderTiny
+
+    return AutoencoderTiny.from_pretrained(str(path)).to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_parts(model: str, device: torch.device, dtype: torch.dtype | None = None,
+               weights_set: str | None = None) -> EchoParts:
+    """An EchoMimic download folder (as it comes) or our converted checkpoint -> the model, logging which
+    weights set (acc or normal) was found."""
+    from emo_stream.registry import model_family_for
+
+    family, found = model_family_for("echomimic", model)
+    log.info("found %s", found)
+    kwargs = {"weights_set": weights_set} if weights_set else {}
+    loaded = family.load_model(model, device=device, dtype=dtype, **kwargs)
+    log.info("EchoMimic v1 %s weights loaded", loaded.config.weights_set)
+    return ModelParts(loaded, load_taesd(model, device, dtype or torch.float32))
+
+
+def create_backend(model: str | None = None, *, size: int = 512, fps: int = OFFLINE_FPS, device: str | None = None,
+                   dtype: Any = None, **options: Any) -> EchoMimicBackend:
+    """Registry factory (emo_stream.registry): --model is an EchoMimic download folder or our checkpoint of one."""
+    if not model:
+        raise ConfigError("the echomimic backend needs --model: the BadToBest/EchoMimic download folder (see README)")
+    from emo_stream.blocks.device import parse_dtype, torch_device
+
+    dev = torch_device(device)
+    known = {"steps", "guidance", "decoder", "live_overlap", "segment_frames", "idle_steps", "face_analyzer"}
+    unknown = set(options) - known - {"weights_set"}
+    if unknown:
+        raise ConfigError(f"unknown EchoMimic backend options: {', '.join(sorted(unknown))}")
+    parts = load_parts(model, dev, parse_dtype(dtype, dev), options.pop("weights_set", None))
+    return EchoMimicBackend(parts, size=size, fps=fps, **options)
