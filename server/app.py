@@ -187,7 +187,8 @@ class StreamServer:
             self._own_pool = True
         self.avatars = AvatarStore(self.engine, cfg.limits.max_avatars, cfg.limits.max_image_pixels,
                                    pool=self._portrait_pool, uploads_per_minute=cfg.limits.avatar_uploads_per_minute)
-        self.engine.avatars.max_per_owner = cfg.limits.max_avatars_per_client
+        if getattr(self.engine, "avatars", None) is not None:   # an engine's AvatarCache (not a test stand-in)
+            self.engine.avatars.max_per_owner = cfg.limits.max_avatars_per_client
         image = await asyncio.to_thread(default_image, cfg)
         await self.avatars.set_default(image)
         self._poster = await asyncio.to_thread(poster_jpeg, image, cfg.size)
