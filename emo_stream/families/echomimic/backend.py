@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from emo_stream.backend import AudioContext, BackendBase, SegmentJob
+from emo_stream.blocks.checks import check_crop, check_size
 from emo_stream.families.echomimic.sampling import (ACC, NORMAL, EchoDenoiser, Held, context_windows, initial_latents,
                                            make_scheduler, sample)
-from emo_stream.errors import ConfigError, ImageInputError
+from emo_stream.errors import ConfigError
 from emo_stream.timeline import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,7 @@ class EchoMimicBackend(BackendBase):
                  guidance: float | None = None, decoder: str | None = None, live_overlap: int = 4,
                  segment_frames: int = 8, context_frames: int | None = None, context_overlap: int | None = None,
                  idle_steps: int | None = None, face_analyzer=None):
-        if size <= 0 or size % 8:
-            raise ConfigError(f"size must be a positive multiple of 8 for EchoMimic (got {size})")
+        check_size(size, 8, "EchoMimic")
         if fps <= 0:
             raise ConfigError(f"fps must be positive (got {fps})")
         self.model = model
@@ -182,8 +182,7 @@ class EchoMimicBackend(BackendBase):
     @torch.inference_mode()
     def avatar_from_crop(self, image: np.ndarray, face_box: np.ndarray) -> EchoAvatar:
         """An already cropped (size, size, 3) portrait and its face box -> EchoAvatar (no detection)."""
-        if image.shape[:2] != (self.size, self.size):
-            raise ImageInputError(f"crop must be {self.size}x{self.size}, got {image.shape[1]}x{image.shape[0]}")
+        check_crop(image, self.size)
         m = self.model
         x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 127.5 - 1
         latent = m.encode_image(x.to(m.device, m.dtype))
