@@ -29,12 +29,9 @@ import torch
 import yaml
 
 from emo_stream.errors import WeightsError
-from emo_stream.families.hallo.config import ARCHITECTURE, HalloConfig
+from emo_stream.families.hallo.config import ARCHITECTURE, NET_PREFIXES, HalloConfig
 
 log = logging.getLogger(__name__)
-
-NET_PREFIXES = ("reference_unet.", "denoising_unet.", "face_locator.", "imageproj.", "audioproj.")
-
 
 def load_net_file(path: str | Path) -> dict[str, torch.Tensor]:
     """net.pth -> flat state dict, read with weights_only=True. Missing / truncated / foreign files are one
@@ -55,10 +52,10 @@ def load_net_file(path: str | Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise WeightsError(f"{path}: expected a flat state dict of tensors (Hallo's Net.state_dict())")
-    if not any(k.startswith(NET_PREFIXES) for k in state):
+    if not any(k.startswith(tuple(p + "." for p in NET_PREFIXES)) for k in state):
         first = next(iter(state), "<empty>")
         raise WeightsError(f"{path}: not a Hallo net.pth (first key {first!r}; expected prefixes "
-                           f"{', '.join(p.rstrip('.') for p in NET_PREFIXES)})")
+                           f"{', '.join(NET_PREFIXES)})")
     return state
 
 

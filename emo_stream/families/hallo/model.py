@@ -24,13 +24,9 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from emo_stream.errors import WeightsError
-from emo_stream.families.hallo.config import HalloConfig
+from emo_stream.families.hallo.config import NET_PREFIXES, HalloConfig
 from emo_stream.families.hallo.modules import AudioProj, FaceLocator, ImageProj
 from emo_stream.families.hallo.unet import Denoiser, ReferenceNet
-
-# net.pth top-level prefix -> attribute path of our module holding the same keys
-NET_PREFIXES = {"reference_unet": "reference_unet.unet", "denoising_unet": "denoising_unet.unet",
-                "face_locator": "face_locator", "imageproj": "imageproj", "audioproj": "audioproj"}
 
 
 @dataclass
