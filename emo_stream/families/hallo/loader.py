@@ -153,7 +153,7 @@ def sizes_from_state(config: HalloConfig, state: dict[str, torch.Tensor]) -> Hal
 
 def load_hallo(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """A HalloModel from a download folder or from our converted checkpoint (eval mode, on `device`)."""
-    from emo_stream.families.hallo.audio import load_wav2vec2
+    from emo_stream.blocks.wav2vec2 import load_wav2vec2
     from emo_stream.families.hallo.model import HalloModel
 
     path = Path(path)

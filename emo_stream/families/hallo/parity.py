@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from emo_stream.errors import ConfigError, WeightsError
+from emo_stream.blocks.wav2vec2 import load_wav2vec2
 from emo_stream.families.hallo import audio as haudio
 from emo_stream.families.hallo.config import HalloConfig
 from emo_stream.families.hallo.loader import load_net_file
@@ -157,7 +158,7 @@ def build_model(golden: Path, case: dict) -> HalloModel:
     if not weights.is_dir():
         raise _format_error()(f"{golden}: no weights/ folder")
     wav_dir = weights / "wav2vec2-base-960h"
-    wav2vec2 = haudio.load_wav2vec2(wav_dir) if wav_dir.is_dir() else None
+    wav2vec2 = load_wav2vec2(wav_dir) if wav_dir.is_dir() else None
     try:
         model = HalloModel(config, wav2vec2).eval()
     except (KeyError, TypeError, ValueError) as exc:
