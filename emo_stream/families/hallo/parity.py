@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,16 +111,11 @@ def _err(a: torch.Tensor | np.ndarray, b: torch.Tensor) -> float:
 
 def read_wav_pcm16(path: Path) -> np.ndarray:
     """16-bit mono WAV -> float32 / 32768 (what librosa.load gives for such a file at its own rate)."""
+    from emo_stream.pcm import read_wav16
+
     if not Path(path).is_file():
         raise _format_error()(f"{path} is missing")
-    try:
-        with wave.open(str(path), "rb") as w:
-            if w.getsampwidth() != 2 or w.getnchannels() != 1 or w.getframerate() != haudio.SAMPLE_RATE:
-                raise _format_error()(f"{path}: expected 16 kHz mono PCM16")
-            data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-    except (OSError, wave.Error, EOFError) as exc:
-        raise _format_error()(f"{path}: cannot read ({exc})") from None
-    return data.astype(np.float32) / 32768.0
+    return read_wav16(path, _format_error())
 
 
 def wav_path(golden: Path, case: dict) -> Path:
