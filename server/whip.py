@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.http11 import Response
 
 from emo_stream.errors import EmoStreamError
-from emo_stream.streaming import UnknownAvatarError
+from emo_stream.streaming import EngineUnhealthyError, UnknownAvatarError
 
 from server.auth import ADMIN, VIEWER
 from server.http import (ENDPOINT_METHODS, RESOURCE_METHODS, WHEP_PATH, WHIP_PATH, is_webrtc_http_path,
@@ -177,6 +177,8 @@ class WebRtcHttp:
             session = await self.sessions.open(avatar, kind="whip")
         except ServerBusyError as exc:
             return response(503, f"{exc}\n", extra={"Retry-After": "10"})
+        except EngineUnhealthyError as exc:   # a failed or hung GPU: /healthz says 503 too
+            return response(503, f"{exc}\n")
         rid = secrets.token_urlsafe(16)
         cfg = self.config
         try:

@@ -59,12 +59,28 @@ class _Session:
         self._closed.set()
 
 
+class _Avatars:
+    """The engine's avatar cache as the server uses it (per-owner quota; nothing is prepared here)."""
+
+    max_per_owner = None
+
+    def claim(self, avatar_id, owner):
+        pass
+
+    def has_room(self, owner):
+        return True
+
+    def release(self, owner):
+        pass
+
+
 class FakeEngine:
     class backend:
         name = "fake"
 
     def __init__(self):
         self.n = 0
+        self.avatars = _Avatars()
 
     async def start(self):
         pass

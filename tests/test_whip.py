@@ -335,3 +335,31 @@ async def test_a_viewer_token_plays_but_does_not_publish(backend):
         await live.close()
     finally:
         await srv.stop()
+
+
+async def test_raw_http_edge_cases_are_refused_cleanly(server):
+    """Bodies too large or chunked, garbage request lines, a request split into tiny pieces: each gets its one
+    HTTP answer and the server goes on (a GET afterwards works)."""
+    host, port = "127.0.0.1", server.port
+
+    async def exchange(*pieces: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection(host, port)
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        reply = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        return reply
+
+    head = f"POST /whip HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/sdp\r\n".encode()
+    assert (await exchange(head + b"Content-Length: 999999999\r\n\r\n")).startswith(b"HTTP/1.1 413")
+    assert (await exchange(head + b"Transfer-Encoding: chunked\r\n\r\n")).startswith(b"HTTP/1.1 411")
+    assert (await exchange(head + b"Content-Length: nope\r\n\r\n")).startswith(b"HTTP/1.1 400")
+    assert (await exchange(b"POST /whip HTTP/9\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 400")
+    # the request line, headers and body in pieces of a few bytes: read whole, then answered (400: not SDP)
+    request = head + b"Content-Length: 5\r\n\r\nhello"
+    reply = await exchange(*(request[i:i + 3] for i in range(0, len(request), 3)))
+    assert reply.startswith(b"HTTP/1.1 400") and b"not an SDP offer" in reply
+    status, _, body = await http("GET", server.base_url + "/healthz")
+    assert status == 200 and b"status" in body
