@@ -33,6 +33,7 @@ import torch
 from emo_stream.backend import AudioContext, BackendBase, SegmentJob
 from emo_stream.blocks.checks import check_crop, check_fps, check_size
 from emo_stream.errors import ConfigError
+from emo_stream.execution import to_device
 from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 
 log = logging.getLogger(__name__)
@@ -115,10 +116,10 @@ class HalloBackend(BackendBase):
         emb = torch.zeros(1, 512) if embedding is None else torch.as_tensor(np.asarray(embedding)).reshape(1, -1)
         cond, uncond = m.face_tokens(emb.to(dev, dt))
         pixels = torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1
-        region = rm.face_region().to(dev, dt)
-        return HalloAvatar(image=image, pixels=pixels, face_mask=region[0].float().cpu(), masks=masks,
+        region = rm.face_region()           # on the host: the motion-frame mask stays there, no read-back
+        return HalloAvatar(image=image, pixels=pixels, face_mask=region[0].float(), masks=masks,
                            face_tokens=cond, uncond_face_tokens=uncond,
-                           face_feature=m.face_feature(region, 1))
+                           face_feature=m.face_feature(region.to(dev, dt), 1))
 
     def new_state(self, avatar: HalloAvatar, seed: int = 0) -> HalloState:
         return HalloState(avatar=avatar, generator=torch.Generator().manual_seed(int(seed)))
@@ -152,13 +153,13 @@ class HalloBackend(BackendBase):
             keep = (torch.rand(motion.shape[-2:], generator=state.generator) > cfg.hallo2_motion_mask_rate)
             keep = keep.float().clamp(min=av.face_mask)   # inside the face nothing is dropped
             motion = motion * keep
-        ref_latents = m.encode_images(torch.cat([av.pixels, motion]).to(self.device, self.dtype))
+        ref_latents = m.encode_images(to_device(torch.cat([av.pixels, motion]), self.device, self.dtype))
         clip = ClipInputs(ref_latents=ref_latents, face_tokens=av.face_tokens,
                           uncond_face_tokens=av.uncond_face_tokens,
                           audio_tokens=m.audio_tokens(wins.to(self.device, self.dtype)), masks=av.masks,
                           face_feature=av.face_feature.repeat(1, 1, f, 1, 1))
         h = self.size // 8
-        noise = torch.randn((1, 4, f, h, h), generator=state.generator, dtype=self.dtype).to(self.device)
+        noise = to_device(torch.randn((1, 4, f, h, h), generator=state.generator, dtype=self.dtype), self.device)
         latents = m.sample_clip(noise * m.scheduler.init_noise_sigma, clip, steps=self.steps, guidance=self.guidance)
         pixels = m.decode_latents(latents[0].transpose(0, 1)).float().cpu()        # (f, 3, H, W) in [0, 1]
         keep = torch.cat([state.motion_pixels, pixels * 2 - 1]) if state.motion_pixels is not None and f < nm \

@@ -24,6 +24,7 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from emo_stream.errors import WeightsError
+from emo_stream.execution import step_timesteps
 from emo_stream.families.hallo.config import NET_PREFIXES, HalloConfig
 from emo_stream.families.hallo.modules import AudioProj, FaceLocator, ImageProj
 from emo_stream.families.hallo.unet import Denoiser, ReferenceNet
@@ -171,10 +172,11 @@ class HalloModel(nn.Module):
         steps = steps or self.config.steps
         guidance = self.config.guidance if guidance is None else guidance
         guided = guidance > 1.0
-        self.scheduler.set_timesteps(steps, device=latents.device)
+        timesteps = step_timesteps(self.scheduler, steps, latents.device)
         self.prepare_reference(clip, guided)
-        for i, t in enumerate(self.scheduler.timesteps):
-            x = self.scheduler.scale_model_input(latents, t)
+        # the per-step loop: no host sync in it (the scheduler gets host ints, the model device tensors)
+        for i, (t_host, t) in enumerate(timesteps):
+            x = self.scheduler.scale_model_input(latents, t_host)
             pred = self.denoise(x, t, clip, guided)
             if guided:
                 uncond, cond = pred.chunk(2)
@@ -183,5 +185,5 @@ class HalloModel(nn.Module):
                 uncond, cond, out = None, pred, pred
             if callback is not None:
                 callback(i, t, out, uncond, cond)
-            latents = self.scheduler.step(out, t, latents, eta=0.0, return_dict=False)[0]
+            latents = self.scheduler.step(out, t_host, latents, eta=0.0, return_dict=False)[0]
         return latents

@@ -23,4 +23,5 @@ FAMILY = Family(
     load="emo_stream.families.musetalk.loader:load",
     convert="emo_stream.families.musetalk.loader:convert",
     parity="emo_stream.families.musetalk.parity:run_cases", parity_models=("musetalk",),
+    flops="emo_stream.families.musetalk.flops:records",
 )
