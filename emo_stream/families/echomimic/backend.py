@@ -31,17 +31,17 @@ import numpy as np
 import torch
 
 from emo_stream.backend import AudioContext, BackendBase, SegmentJob
+from emo_stream.blocks.checks import check_crop, check_size
 from emo_stream.families.echomimic.sampling import (ACC, NORMAL, EchoDenoiser, Held, context_windows, initial_latents,
                                            make_scheduler, sample)
-from emo_stream.errors import ConfigError, ImageInputError
+from emo_stream.errors import ConfigError
 from emo_stream.execution import BATCH_BUCKETS, ExecutionOptions, bucket_size, pad_rows, to_device
+from emo_stream.families.echomimic.audio import ROWS_BEFORE, ROWS_PER_FRAME, ROWS_PER_SECOND, audio_tokens, tokens_at
 from emo_stream.timeline import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 DECODE_CHUNK = 8          # frames per VAE decode call: bounds activation memory at 512 px
-FEATURE_RATE = 50         # whisper feature rows per second
-ROWS_BEFORE, ROWS = 4, 10  # a frame's audio tokens: feature rows int(t * 50) - 4 ... + 5
 LEFT_CONTEXT_S = 2.0      # live: seconds of audio before a segment the whisper encoder sees
 OFFLINE_FPS = 24          # EchoMimic's video rate (live runs at the engine's rate: 16000 / fps must be whole)
 
@@ -72,17 +72,6 @@ class EchoParts(Protocol):
 
     def whisper_features(self, waveform: np.ndarray) -> torch.Tensor:
         """16 kHz mono float32 -> (T, L + 1, 384) per-layer whisper features, 50 rows per second."""
-
-
-def tokens_at(features: torch.Tensor, times_s: np.ndarray) -> torch.Tensor:
-    """EchoMimic's feature2chunks for frames at given times (live: a window that starts mid-stream): the frame
-    at time t takes feature rows clip(int(t * 50) - 4 + j, 0, T - 1), j < 10, flattened ->
-    (frames, 10 * (L + 1), 384). Offline (t = i / fps from 0) this is audio.audio_tokens."""
-    rows = features.shape[0]
-    first = np.floor(np.asarray(times_s, np.float64) * FEATURE_RATE + 1e-9).astype(np.int64) - ROWS_BEFORE
-    idx = np.clip(first[:, None] + np.arange(ROWS)[None], 0, rows - 1)
-    picked = features[torch.from_numpy(idx).to(features.device)]          # (frames, 10, L+1, 384)
-    return picked.reshape(len(idx), -1, features.shape[-1])
 
 
 def echomimic_face_mask(box: np.ndarray, size: int) -> torch.Tensor:
@@ -124,8 +113,7 @@ class EchoMimicBackend(BackendBase):
                  guidance: float | None = None, decoder: str | None = None, live_overlap: int = 4,
                  segment_frames: int = 8, context_frames: int | None = None, context_overlap: int | None = None,
                  idle_steps: int | None = None, face_analyzer=None, compile: str = "off"):
-        if size <= 0 or size % 8:
-            raise ConfigError(f"size must be a positive multiple of 8 for EchoMimic (got {size})")
+        check_size(size, 8, "EchoMimic")
         if fps <= 0:
             raise ConfigError(f"fps must be positive (got {fps})")
         self.model = model
@@ -178,8 +166,9 @@ class EchoMimicBackend(BackendBase):
         self._silence: dict[int, torch.Tensor] = {}
         self._audio_lock = threading.Lock()
         # whisper's look-ahead: a frame's last token row is 5 rows (100 ms) after it
+        lookahead_s = (ROWS_PER_FRAME - ROWS_BEFORE) / ROWS_PER_SECOND
         self.audio_context = AudioContext(left_samples=int(LEFT_CONTEXT_S * SAMPLE_RATE),
-                                          lookahead_frames=int(np.ceil((ROWS - ROWS_BEFORE) / FEATURE_RATE * fps)))
+                                          lookahead_frames=int(np.ceil(lookahead_s * fps)))
 
     # ---- avatar --------------------------------------------------------------------------------
     def prepare_avatar(self, image: np.ndarray) -> EchoAvatar:
@@ -195,8 +184,7 @@ class EchoMimicBackend(BackendBase):
     @torch.inference_mode()
     def avatar_from_crop(self, image: np.ndarray, face_box: np.ndarray) -> EchoAvatar:
         """An already cropped (size, size, 3) portrait and its face box -> EchoAvatar (no detection)."""
-        if image.shape[:2] != (self.size, self.size):
-            raise ImageInputError(f"crop must be {self.size}x{self.size}, got {image.shape[1]}x{image.shape[0]}")
+        check_crop(image, self.size)
         m = self.model
         x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 127.5 - 1
         latent = m.encode_image(x.to(m.device, m.dtype))
@@ -218,8 +206,6 @@ class EchoMimicBackend(BackendBase):
         """
         m = self.model
         num_frames = max(1, int(round(len(audio) * self.fps / SAMPLE_RATE)))
-        from emo_stream.families.echomimic.audio import audio_tokens
-
         with self._audio_lock:
             feats = m.whisper_features(np.asarray(audio, np.float32))
         tokens = audio_tokens(feats, self.fps, num_frames)

@@ -29,8 +29,9 @@ import torch
 import yaml
 
 from emo_stream.backend import AudioContext, BackendBase, SegmentJob
-from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
-from emo_stream.errors import ConfigError, ImageInputError, WeightsError
+from emo_stream.blocks.checks import check_crop, check_fps, check_size
+from emo_stream.timeline import SAMPLE_RATE
+from emo_stream.errors import ConfigError, WeightsError
 from emo_stream.execution import BATCH_BUCKETS, bucket_size, pad_rows, step_timesteps, to_device
 from emo_stream.families.emo.config import PRESETS, load_config
 from emo_stream.families.emo.model import CONFIG_FILE, EmoModel
@@ -121,13 +122,8 @@ class EmoBackend(BackendBase):
                  face_analyzer=None, scheduler: str | None = None, compile: str = "off",
                  channels_last: bool | None = None):
         cfg = model.config
-        if size <= 0 or size % cfg.size_multiple:
-            raise ConfigError(f"size must be a positive multiple of {cfg.size_multiple} for model {cfg.name!r} "
-                              f"(got {size})")
-        try:
-            self.spf = samples_per_frame(fps)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        check_size(size, cfg.size_multiple, f"model {cfg.name!r}")
+        self.spf = check_fps(fps)
         self.model = model
         self.size, self.fps = size, fps
         self.steps = int(cfg.sampling.steps if steps is None else steps)
@@ -199,8 +195,7 @@ class EmoBackend(BackendBase):
         """An already cropped (size, size, 3) portrait and its face box -> EmoAvatar (no face detection)."""
         from emo_stream.face import face_region_mask
 
-        if image.shape[:2] != (self.size, self.size):
-            raise ImageInputError(f"crop must be {self.size}x{self.size}, got {image.shape[1]}x{image.shape[0]}")
+        check_crop(image, self.size)
         m = self.model
         # the head moves during a clip: EMO's mask is the union of the clip's face boxes, so widen the box
         mask = torch.from_numpy(face_region_mask([face_box], self.size, margin=0.25))[None, None].to(m.device)

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from emo_stream.backend import AudioContext, BackendBase, SegmentJob
-from emo_stream.errors import ConfigError, ImageInputError
+from emo_stream.blocks.checks import check_crop, check_fps, check_size
+from emo_stream.errors import ConfigError
 from emo_stream.execution import to_device
 from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 
@@ -66,12 +67,10 @@ class HalloBackend(BackendBase):
                  guidance: float | None = None, decoder: str | None = None, segment_frames: int | None = None,
                  left_context_s: float = 2.0, face_analyzer=None):
         cfg = model.config
-        if size <= 0 or size % 64:
-            raise ConfigError(f"size must be a positive multiple of 64 for Hallo (got {size})")
+        check_size(size, 64, "Hallo")
         if fps != cfg.fps:
             log.warning("Hallo was trained at %d fps; rendering at %d fps", cfg.fps, fps)
-        if fps <= 0 or SAMPLE_RATE % fps:
-            raise ConfigError(f"fps must divide 16000 (got {fps})")
+        spf = check_fps(fps)
         if decoder not in (None, "vae"):
             raise ConfigError(f"Hallo decodes with its VAE only (got --decoder {decoder})")
         if model.vae is None:
@@ -89,7 +88,6 @@ class HalloBackend(BackendBase):
         p = next(model.denoising_unet.parameters())
         self.device, self.dtype = p.device, p.dtype
         self._face_analyzer = face_analyzer
-        spf = samples_per_frame(fps)
         self.audio_context = AudioContext(left_samples=int(round(left_context_s * fps)) * spf,
                                           lookahead_frames=LOOKAHEAD_FRAMES)
         self._silence: dict[int, torch.Tensor] = {}
@@ -109,8 +107,7 @@ class HalloBackend(BackendBase):
         """A (size, size, 3) crop, its dlib 68 points and its 512-d face embedding -> HalloAvatar."""
         from emo_stream.families.hallo.masks import boxes_from_dlib68, region_masks
 
-        if image.shape[:2] != (self.size, self.size):
-            raise ImageInputError(f"crop must be {self.size}x{self.size}, got {image.shape[1]}x{image.shape[0]}")
+        check_crop(image, self.size)
         m, dev, dt = self.model, self.device, self.dtype
         face_box, lip_box = boxes_from_dlib68(landmarks68)
         rm = region_masks(face_box, lip_box, self.size, self.size, face_expand_ratio=m.config.face_expand_ratio)
