@@ -1,8 +1,10 @@
-"""Live-path throughput and latency of the EMO backend, on a GPU (or, for trying the script, a CPU).
+"""Live-path throughput and latency of a model family's backend, on a GPU (or, for trying the script, a CPU).
 
-    python bench/gpu_live.py [--model sd15_live] [--size 512] [--sessions 1,4,8,16] [--out DIR]
+    python bench/gpu_live.py [--family emo] [--model sd15_live] [--size 512] [--sessions 1,4,8,16] [--out DIR]
+    python bench/gpu_live.py --family echomimic --model acc --offline-model acc
 
-Random weights (the arithmetic is the same as with trained ones). For each session count S: S sessions of
+Families: emo (models: presets such as sd15_live, sd15, tiny), echomimic (acc, normal, tiny: EchoMimic v1's
+architecture with random weights, TAESD live). Random weights (the arithmetic is the same as with trained ones). For each session count S: S sessions of
 the live default (8-frame segments, the model's steps and guidance, TAESD) run segment after segment, batched
 into one denoise and one decode call per segment as the engine does; each timed segment includes encoding
 every session's audio (wav2vec2, left context included), denoising, decoding and the copy to the CPU.
@@ -41,17 +43,63 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def counted_tflop(model: str, size: int, mode: str) -> dict:
-    from flops import count_emo
+def counted_tflop(model: str, size: int, mode: str, family: str = "emo") -> dict:
+    """bench/flops.py's count for the same configuration (the tiny EchoMimic is counted as the full one's
+    structure would not be: 0 there)."""
+    if family == "echomimic":
+        from emo_stream.families.echomimic.flops import count_echomimic
+
+        if model == "tiny":
+            return {"tflop_per_frame_total": 0.0, "tflop_per_frame_per_step": 0.0, "parts": {"reference": 0.0},
+                    "steps": None, "guidance": None, "decoder": None}
+        return count_echomimic(model, mode, size=size)
+    from emo_stream.families.emo.flops import count_emo
 
     return count_emo(model, mode, size=size)
+
+
+def load_echomimic(model: str, size: int, device: torch.device, dtype: str, compile: str = "off", decoder="taesd"):
+    """EchoMimic v1 (acc / normal weights set, or the tiny test architecture) with random weights, initialised
+    on the device, and the sd15 (or tiny) TAESD for live decoding."""
+    from diffusers import AutoencoderTiny
+
+    from emo_stream.families.echomimic.backend import EchoMimicBackend, ModelParts
+    from emo_stream.blocks.device import parse_dtype as _parse_dtype
+    from emo_stream.families.emo.config import load_config
+    from emo_stream.families.echomimic.config import EchoMimicConfig
+    from emo_stream.families.echomimic.model import EchoMimicModel
+    from emo_stream.families.echomimic.testing import tiny_config
+
+    sd = load_config("tiny" if model == "tiny" else "sd15")
+    if model == "tiny":
+        cfg = tiny_config()
+        cfg.vae = sd.vae
+    else:
+        cfg = EchoMimicConfig(weights_set=model, vae=sd.vae)
+    dt = _parse_dtype(dtype, device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), device:
+        torch.manual_seed(0)
+        m = EchoMimicModel.build(cfg)
+        taesd = AutoencoderTiny(**sd.taesd)
+    m = m.to(device, dt).eval()
+    taesd = taesd.to(device, dt).eval().requires_grad_(False)
+    return EchoMimicBackend(ModelParts(m, taesd), size=size, fps=25, decoder=decoder, compile=compile)
+
+
+def load_backend(family: str, model: str, size: int, device: torch.device, dtype: str, compile: str = "off",
+                 decoder: str | None = None):
+    if family == "echomimic":
+        return load_echomimic(model, size, device, dtype, compile, decoder or "taesd")
+    from emo_stream.families.emo.backend import EmoBackend
+
+    return EmoBackend.load(model, size=size, device=str(device), dtype=dtype, compile=compile, decoder=decoder)
 
 
 def run_sessions(backend, avatars, sessions: int, segments: int, warmup: int, frames: int) -> dict:
     from emo_stream.backend import SegmentJob
 
     dev = backend.device
-    spf, left = backend.spf, backend.audio_context.left_samples
+    spf, left = 16000 // backend.fps, backend.audio_context.left_samples
     look = backend.audio_context.lookahead_frames
     rng = np.random.default_rng(sessions)
     audio = (rng.standard_normal(left + (frames + look) * spf) * 0.1).astype(np.float32)
@@ -80,7 +128,7 @@ def run_sessions(backend, avatars, sessions: int, segments: int, warmup: int, fr
 def first_frame(backend, avatar, frames: int, repeats: int = 3) -> float:
     from emo_stream.backend import SegmentJob
 
-    spf, left = backend.spf, backend.audio_context.left_samples
+    spf, left = 16000 // backend.fps, backend.audio_context.left_samples
     look = backend.audio_context.lookahead_frames
     audio = (np.random.default_rng(7).standard_normal(left + (frames + look) * spf) * 0.1).astype(np.float32)
     best = []
@@ -96,9 +144,45 @@ def first_frame(backend, avatar, frames: int, repeats: int = 3) -> float:
     return round(float(np.median(best)), 1)
 
 
+def offline_clip(family: str, model: str, size: int, device: torch.device, dtype: str) -> dict:
+    """One offline clip with the model's own sampling (steps, guidance) and the SD VAE: seconds of compute per
+    second of video. EMO: one clip of the model's clip_frames; EchoMimic: render_video over 2 s of audio
+    (context windows, the whole pipeline)."""
+    from emo_stream.training.synthetic import identity_reference
+
+    off = load_backend(family, model, size, device, dtype, decoder="vae")
+    image, box = identity_reference(size, seed=0, index=0)
+    av = off.avatar_from_crop(image, box)
+    if family == "echomimic":
+        audio = (np.random.default_rng(3).standard_normal(32000) * 0.1).astype(np.float32)
+        for _ in off.render_video(av, audio[:8000]):   # warm-up: kernels, allocator
+            pass
+        sync(device)
+        t0 = time.perf_counter()
+        frames = sum(len(f) for f, _ in off.render_video(av, audio))
+        sync(device)
+        sec = time.perf_counter() - t0
+        oc = counted_tflop(model, size, "offline", family)
+        return {"family": family, "model": model, "steps": off.sampling.steps, "guidance": off.sampling.guidance,
+                "decoder": off.decoder, "frames": frames, "seconds": round(sec, 2),
+                "compute_seconds_per_video_second": round(sec / (frames / off.fps), 2),
+                "tflop_per_frame": oc["tflop_per_frame_total"],
+                "achieved_tflops": float(f"{frames / sec * oc['tflop_per_frame_total']:.4g}")}
+    f = off.clip_frames
+    timing = run_sessions(off, [av], 1, 1, 1, f)
+    oc = counted_tflop(model, size, "offline", family)
+    return {
+        "family": family, "model": model, "steps": off.steps, "guidance": off.guidance, "decoder": off.decoder,
+        "clip_frames": f, "seconds_per_clip": round(timing["segment_latency_ms"]["p50"] / 1000, 2),
+        "compute_seconds_per_video_second": round(timing["segment_latency_ms"]["p50"] / 1000 / (f / off.fps), 2),
+        "tflop_per_frame": oc["tflop_per_frame_total"],
+        "achieved_tflops": float(f"{timing['aggregate_fps'] * oc['tflop_per_frame_total']:.4g}")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="sd15_live")
+    p.add_argument("--family", default="emo", choices=["emo", "echomimic"])
+    p.add_argument("--model", default=None, help="emo: a preset (default sd15_live); echomimic: acc, normal or tiny")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--sessions", default="1,4,8,16")
     p.add_argument("--segments", type=int, default=6, help="timed segments per session count")
@@ -112,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     t_start = time.monotonic()
-    from emo_stream.families.emo.backend import EmoBackend
     from emo_stream.training.synthetic import identity_reference
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,24 +203,30 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     dtype = args.dtype if device.type == "cuda" else "float32"
     t0 = time.monotonic()
-    backend = EmoBackend.load(args.model, size=args.size, device=str(device), dtype=dtype, compile=args.compile)
+    args.model = args.model or ("acc" if args.family == "echomimic" else "sd15_live")
+    backend = load_backend(args.family, args.model, args.size, device, dtype, args.compile)
     frames = backend.stream_segment_frames
-    execution = {**backend.execution, "attention": "torch scaled_dot_product_attention"}
-    print(f"[gpu_live] {args.model} loaded on {device} in {time.monotonic() - t0:.1f} s: {backend.execution}, "
-          f"steps {backend.steps}, guidance {backend.guidance}, decoder {backend.decoder}", flush=True)
+    execution = {**getattr(backend, "execution", {"compile": getattr(backend, "compile", "off")}),
+                 "attention": "torch scaled_dot_product_attention"}
+    steps = getattr(backend, "steps", None) or backend.sampling.steps
+    print(f"[gpu_live] {args.family} {args.model} loaded on {device} in {time.monotonic() - t0:.1f} s: {execution}, "
+          f"steps {steps}, decoder {backend.decoder}", flush=True)
     avatars = []
     for i in range(2):
         image, box = identity_reference(args.size, seed=0, index=i)
         avatars.append(backend.avatar_from_crop(image, box))
-    counted = counted_tflop(args.model, args.size, "live")
+    counted = counted_tflop(args.model, args.size, "live", args.family)
     per_frame = counted["tflop_per_frame_total"]
     # the reference is per avatar, not per frame: the timed loop does not run it
     per_frame_timed = per_frame - counted["parts"]["reference"]
-    name = f"gpu_live-{device.type}-{args.model}-{args.size}{('-' + args.tag) if args.tag else ''}.json"
+    name = (f"gpu_live-{device.type}-{args.family}-{args.model}-{args.size}"
+            f"{('-' + args.tag) if args.tag else ''}.json")
     res = {
-        "bench": "gpu_live", "device": device_name(device), "torch": torch.__version__, "model": args.model,
+        "bench": "gpu_live", "device": device_name(device), "torch": torch.__version__, "family": args.family,
+        "model": args.model,
         "random_weights": True, "size": args.size, "dtype": str(dtype), "execution": execution,
-        "steps": counted["steps"], "guidance": counted["guidance"], "decoder": counted["decoder"],
+        "steps": steps, "guidance": getattr(backend, "guidance", None) or backend.sampling.guidance,
+        "decoder": backend.decoder,
         "segment_frames": frames, "tflop_per_frame": per_frame,
         "tflop_per_frame_per_step": counted["tflop_per_frame_per_step"], "runs": [], "first_frame_ms": None,
         "algorithmic_latency_ms": round((frames - 1 + backend.audio_context.lookahead_frames) * 1000 / backend.fps, 1),
@@ -172,18 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         del backend
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        off = EmoBackend.load(args.offline_model, size=args.size, device=str(device), dtype=dtype)
-        image, box = identity_reference(args.size, seed=0, index=0)
-        av = off.avatar_from_crop(image, box)
-        f = off.clip_frames
-        timing = run_sessions(off, [av], 1, 1, 1, f)
-        oc = counted_tflop(args.offline_model, args.size, "offline")
-        res["offline"] = {
-            "model": args.offline_model, "steps": off.steps, "guidance": off.guidance, "decoder": off.decoder,
-            "clip_frames": f, "seconds_per_clip": round(timing["segment_latency_ms"]["p50"] / 1000, 2),
-            "compute_seconds_per_video_second": round(timing["segment_latency_ms"]["p50"] / 1000 / (f / off.fps), 2),
-            "tflop_per_frame": oc["tflop_per_frame_total"],
-            "achieved_tflops": float(f"{timing['aggregate_fps'] * oc['tflop_per_frame_total']:.4g}")}
+        res["offline"] = offline_clip(args.family, args.offline_model, args.size, device, dtype)
         print(f"[gpu_live] offline {json.dumps(res['offline'])}", flush=True)
     save(final=True)
     emit_json(res)

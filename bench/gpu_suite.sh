@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# The owed GPU measurement of issue 12, in one script (../shared/gpu/README.md). From the project root:
-#   bench/gpu_suite.sh                                   # on the GPU machine; results in $OUT
-#   MODEL=tiny OFFLINE_MODEL=tiny SIZE=32 SESSIONS=1,2 SEGMENTS=1 WARMUP=1 OUT=/tmp/gpu_try bench/gpu_suite.sh  # CPU try
-# Before sending: ../shared/gpu/wheels.sh  (diffusers into .whl/, which this script installs when missing).
-# Records, at 512x512 with random weights: the live default (sd15_live: 4 guidance-free steps, TAESD) for 1, 4,
-# 8 and 16 sessions (aggregate fps, p50/p95 segment latency, first-frame latency, achieved TFLOP/s against the
-# counted FLOPs, peak memory), one offline sd15 clip (40 guided steps, SD VAE), then the same live run with
-# torch.compile (reduce-overhead: CUDA graphs) for 1 and 16 sessions while time is left. About 6-8 minutes.
-set -euo pipefail
+# Every GPU measurement in one command (issue 21; ../shared/gpu/README.md). From the project root:
+#   bench/gpu_suite.sh              # on the GPU machine, random weights at full size, <= 8 minutes; JSON into $OUT
+#   bench/gpu_suite.sh --cpu-try    # the same steps at tiny sizes on the CPU (tests/test_gpu_suite.py runs it in CI)
+# Before sending: ../shared/gpu/wheels.sh  (diffusers into .whl/, installed here when missing).
+# Steps (each bounded by `timeout`; a failed step is logged and the suite goes on; the exit status says whether
+# every step succeeded; $OUT/suite.json lists them with the device):
+#   1. emo: the live default sd15_live at 512x512 (4 guidance-free steps, TAESD) for 1, 4, 8 and 16 sessions:
+#      aggregate fps, p50/p95 segment latency, first-frame latency, achieved TFLOP/s against the counted FLOPs,
+#      peak memory; then one offline sd15 clip (40 guided steps, SD VAE).
+#   2. echomimic: EchoMimic v1 acc weights live (6 steps, TAESD) for 1, 4, 8 and 16 sessions, then an offline
+#      acc clip (render_video over 2 s, SD VAE).
+#   3. emo again with torch.compile (reduce-overhead: CUDA graphs, batch buckets) for 1 and 16 sessions, while
+#      time is left.
+#   MuseTalk live (1/8/16/32 sessions) and its offline clip: owed until the musetalk family has a backend.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_suite}
-MODEL=${MODEL:-sd15_live}
-OFFLINE_MODEL=${OFFLINE_MODEL:-sd15}
-SIZE=${SIZE:-512}
-SESSIONS=${SESSIONS:-1,4,8,16}
-SEGMENTS=${SEGMENTS:-6}
-WARMUP=${WARMUP:-2}
+CPU_TRY=0
+[ "${1:-}" = "--cpu-try" ] && CPU_TRY=1
+if [ "$CPU_TRY" = 1 ]; then
+  EMO_MODEL=tiny; EMO_OFFLINE=tiny; EMO_SIZE=64; ECHO_MODEL=tiny; ECHO_SIZE=128
+  SESSIONS=1,2; SEGMENTS=1; WARMUP=0; LIMIT=600; STEP_TIMEOUT=900; BUDGET=1800
+else
+  EMO_MODEL=sd15_live; EMO_OFFLINE=sd15; EMO_SIZE=512; ECHO_MODEL=acc; ECHO_SIZE=512
+  SESSIONS=1,4,8,16; SEGMENTS=6; WARMUP=2; LIMIT=150; STEP_TIMEOUT=200; BUDGET=450
+fi
 mkdir -p "$OUT"
 start=$(date +%s)
 if ! python3 -c "import diffusers" 2>/dev/null; then
@@ -25,14 +34,36 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 (nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv > "$OUT/nvidia-smi.csv") 2>/dev/null || true
-echo "[gpu_suite] eager: $MODEL at ${SIZE}px, sessions $SESSIONS, offline $OFFLINE_MODEL"
-timeout 330 python3 bench/gpu_live.py --model "$MODEL" --size "$SIZE" --sessions "$SESSIONS" --segments "$SEGMENTS" \
-  --warmup "$WARMUP" --offline-model "$OFFLINE_MODEL" --time-limit 240 --out "$OUT" --tag eager || echo "[gpu_suite] eager run failed: $?"
-left=$(( 450 - ($(date +%s) - start) ))
-if [ "$left" -gt 90 ] && python3 -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "[gpu_suite] torch.compile reduce-overhead, ${left}s left"
-  timeout "$left" python3 bench/gpu_live.py --model "$MODEL" --size "$SIZE" --sessions "1,16" --segments "$SEGMENTS" \
-    --compile reduce-overhead --time-limit $(( left - 60 )) --out "$OUT" --tag compiled || echo "[gpu_suite] compiled run failed: $?"
+steps_json=""
+failed=0
+run_step() {   # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  local t0=$(date +%s) rc=0
+  echo "[gpu_suite] $name (at most ${secs}s)"
+  timeout "$secs" "$@" || rc=$?
+  [ "$rc" = 0 ] || { echo "[gpu_suite] $name failed: $rc"; failed=1; }
+  steps_json="$steps_json${steps_json:+,}{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $(( $(date +%s) - t0 ))}"
+}
+left() { echo $(( BUDGET - ($(date +%s) - start) )); }
+
+run_step emo-live "$STEP_TIMEOUT" python3 bench/gpu_live.py --family emo --model "$EMO_MODEL" --size "$EMO_SIZE" \
+  --sessions "$SESSIONS" --segments "$SEGMENTS" --warmup "$WARMUP" --offline-model "$EMO_OFFLINE" \
+  --time-limit "$LIMIT" --out "$OUT" --tag eager
+run_step echomimic-live "$STEP_TIMEOUT" python3 bench/gpu_live.py --family echomimic --model "$ECHO_MODEL" \
+  --size "$ECHO_SIZE" --sessions "$SESSIONS" --segments "$SEGMENTS" --warmup "$WARMUP" --offline-model "$ECHO_MODEL" \
+  --time-limit "$LIMIT" --out "$OUT" --tag eager
+if [ "$CPU_TRY" = 0 ] && [ "$(left)" -gt 90 ] && python3 -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  run_step emo-compiled "$(left)" python3 bench/gpu_live.py --family emo --model "$EMO_MODEL" --size "$EMO_SIZE" \
+    --sessions "1,16" --segments "$SEGMENTS" --compile reduce-overhead --time-limit $(( $(left) - 60 )) \
+    --out "$OUT" --tag compiled
 fi
+device=$(python3 -c "import sys; sys.path.insert(0, 'bench'); from _common import device_name; import torch; \
+print(device_name(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))" 2>/dev/null || echo unknown)
+cat > "$OUT/suite.json" <<EOF
+{"bench": "gpu_suite", "device": "$device", "cpu_try": $([ "$CPU_TRY" = 1 ] && echo true || echo false),
+ "seconds": $(( $(date +%s) - start )), "steps": [$steps_json],
+ "owed": ["musetalk live 1/8/16/32 sessions + first frame + offline clip (no musetalk backend yet)"]}
+EOF
 ls -l "$OUT"
 echo "[gpu_suite] done in $(( $(date +%s) - start )) s"
+exit $failed

@@ -28,12 +28,7 @@ from emo_stream.training.config import config_from_dict
 from emo_stream.training.synthetic import (generate_dataset, identity_reference, mouth_darkness, random_speech,
                                            speech_envelope)
 from emo_stream.training.train import train
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if np.std(a) < 1e-9 or np.std(b) < 1e-9:
-        return 0.0
-    return float(np.corrcoef(a, b)[0, 1])
+from learn_sync import pearson, stage1_config, stage2_config  # bench/: the teacher's recipe and lip-sync measure
 
 
 def render(model_dir: str, size: int, audio: np.ndarray, steps: int, guidance: float | None, identities: int,
@@ -65,19 +60,11 @@ def train_teacher(data: Path, out: Path, minutes: float, seed: int, stage1: str 
     """learn_sync's recipe: stage 1 (with the random VAE fitted first), then stage 2."""
     t0 = time.monotonic()
     # stage 1 from the preset (its random VAE fitted first), or continued from a given stage-1 model
-    cfg1 = config_from_dict({"stage": 1, "data": {"root": str(data)}, "model": {"init": stage1 or "tiny",
-                                                                                 "options": {"seed": seed}},
-                             "train": {"output_dir": str(out / "stage1"), "max_steps": 2000, "batch_size": 8,
-                                       "lr": 1e-3, "vae_steps": 0 if stage1 else 250, "checkpoint_every": 500,
-                                       "log_every": 10, "max_minutes": max(0.5, minutes * 0.25), "seed": seed}},
-                            source="learn_distill stage 1")
+    cfg1 = stage1_config(data, out / "stage1", max(0.5, minutes * 0.25), seed, vae_steps=0 if stage1 else 250,
+                         init=stage1 or "tiny", source="learn_distill stage 1")
     stage1 = train(cfg1, resume=None, progress=False)["final"]
     left = max(0.5, minutes - (time.monotonic() - t0) / 60)
-    cfg2 = config_from_dict({"stage": 2, "data": {"root": str(data), "motion_drop": 0.3}, "model": {"init": stage1},
-                             "train": {"output_dir": str(out / "stage2"), "max_steps": 100000, "batch_size": 4,
-                                       "lr": 1e-3, "trainable": ["temporal", "audio", "backbone"], "cond_drop": 0.1,
-                                       "motion_noise": 0.3, "checkpoint_every": 100000, "log_every": 10,
-                                       "max_minutes": left, "seed": seed}}, source="learn_distill stage 2")
+    cfg2 = stage2_config(data, out / "stage2", stage1, left, seed, source="learn_distill stage 2")
     return train(cfg2, resume=None, progress=False)["final"]
 
 

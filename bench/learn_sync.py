@@ -29,6 +29,30 @@ from emo_stream.training.synthetic import (generate_dataset, identity_reference,
 from emo_stream.training.train import train
 
 
+STAGE2_TRAINABLE = ["temporal", "audio", "backbone"]
+
+
+def stage1_config(data: Path, out: Path, minutes: float, seed: int, vae_steps: int = 250, init: str = "tiny",
+                  source: str = "learn_sync stage 1"):
+    """The recipe's stage 1: image pretraining from `init` (the tiny preset's random VAE fitted first)."""
+    return config_from_dict({"stage": 1, "data": {"root": str(data)},
+                             "model": {"init": init, "options": {"seed": seed}},
+                             "train": {"output_dir": str(out), "max_steps": 2000, "batch_size": 8, "lr": 1e-3,
+                                       "vae_steps": vae_steps, "checkpoint_every": 500, "log_every": 10,
+                                       "max_minutes": minutes, "seed": seed}}, source=source)
+
+
+def stage2_config(data: Path, out: Path, init: str, minutes: float, seed: int, motion_noise: float = 0.3,
+                  motion_drop: float = 0.3, source: str = "learn_sync stage 2"):
+    """The recipe's stage 2: video + audio from the stage-1 model `init`."""
+    return config_from_dict({"stage": 2, "data": {"root": str(data), "motion_drop": motion_drop},
+                             "model": {"init": init},
+                             "train": {"output_dir": str(out), "max_steps": 100000, "batch_size": 4, "lr": 1e-3,
+                                       "trainable": STAGE2_TRAINABLE, "cond_drop": 0.1, "motion_noise": motion_noise,
+                                       "checkpoint_every": 100000, "log_every": 10, "max_minutes": minutes,
+                                       "seed": seed}}, source=source)
+
+
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     if np.std(a) < 1e-9 or np.std(b) < 1e-9:
         return 0.0
@@ -87,21 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     eval_reserve = 2.0  # minutes kept for generation and measurement
     budget = args.minutes - t_data / 60 - eval_reserve
     s1_minutes = max(0.5, budget * 0.18)
-    common = {"data": {"root": str(data)}, "model": {"options": {"seed": args.seed}}}
-    cfg1 = config_from_dict({**common, "stage": 1, "model": {"init": "tiny", "options": {"seed": args.seed}},
-                             "train": {"output_dir": str(out / "stage1"), "max_steps": 2000, "batch_size": 8,
-                                       "lr": 1e-3, "vae_steps": args.vae_steps, "checkpoint_every": 500, "log_every": 10,
-                                       "max_minutes": s1_minutes, "seed": args.seed}}, source="learn_sync stage 1")
+    cfg1 = stage1_config(data, out / "stage1", s1_minutes, args.seed, vae_steps=args.vae_steps)
     t1 = time.monotonic()
     r1 = train(cfg1, resume=None, progress=False)
     t_s1 = time.monotonic() - t1
     s2_minutes = max(0.5, args.minutes - (time.monotonic() - t_start) / 60 - eval_reserve)
-    cfg2 = config_from_dict({"data": {"root": str(data), "motion_drop": args.motion_drop}, "stage": 2,
-                             "model": {"init": r1["final"]},
-                             "train": {"output_dir": str(out / "stage2"), "max_steps": 100000, "batch_size": 4,
-                                       "lr": 1e-3, "trainable": ["temporal", "audio", "backbone"],
-                                       "cond_drop": 0.1, "motion_noise": args.motion_noise, "checkpoint_every": 100000, "log_every": 10,
-                                       "max_minutes": s2_minutes, "seed": args.seed}}, source="learn_sync stage 2")
+    cfg2 = stage2_config(data, out / "stage2", r1["final"], s2_minutes, args.seed, motion_noise=args.motion_noise,
+                         motion_drop=args.motion_drop)
     t2 = time.monotonic()
     r2 = train(cfg2, resume=None, progress=False)
     t_s2 = time.monotonic() - t2
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "size": args.size, "clips": args.clips, "identities": args.identities,
         "stage2_options": {"motion_noise": args.motion_noise, "motion_drop": args.motion_drop,
-                           "trainable": ["temporal", "audio", "backbone"], "batch_size": 4, "lr": 1e-3},
+                           "trainable": STAGE2_TRAINABLE, "batch_size": 4, "lr": 1e-3},
         "eval": {"speech_seconds": args.eval_seconds, "held_out": True, "sampling_steps": args.sample_steps,
                  "measure": "Pearson r, mouth darkness in the synthetic mouth region vs per-frame RMS envelope"},
         "r_untrained": res["untrained"]["r"], "r_stage1_only": res["stage1_only"]["r"], "r_trained": res["trained"]["r"],

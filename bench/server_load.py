@@ -25,6 +25,7 @@ import numpy as np
 
 from _common import REPO, device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
 from emo_stream.registry import family_names
+from emo_stream.pcm import float_to_pcm16
 from server.bot_client import BotClient, ReceivedFrame
 
 
@@ -193,7 +194,7 @@ async def latency_probe(url: str, seconds: float) -> dict:
             x = 0.5 * np.sin(2 * np.pi * 1000 * t) if 0 < k <= 5 and self.n > 75 else np.zeros(960)
             if k == 1 and self.n > 75:
                 sent.append(time.monotonic())
-            frame = av.AudioFrame.from_ndarray((x * 32767).astype(np.int16)[None], format="s16", layout="mono")
+            frame = av.AudioFrame.from_ndarray(float_to_pcm16(x)[None], format="s16", layout="mono")
             frame.sample_rate, frame.pts, frame.time_base = 48000, self.n * 960, fractions.Fraction(1, 48000)
             self.n += 1
             return frame

@@ -27,6 +27,7 @@ import numpy as np
 from _common import REPO, device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
 from emo_stream.backend import capabilities
 from emo_stream.registry import family_names, create_backend
+from emo_stream.pcm import float_to_pcm16
 from emo_stream.timeline import SAMPLE_RATE
 from emo_stream.media import load_audio, load_image
 from emo_stream.streaming import EngineConfig, StreamingEngine
@@ -66,7 +67,7 @@ def portrait(path: str | None) -> np.ndarray:
 async def run_mode(engine: StreamingEngine, avatar, audio: np.ndarray, sessions: int, realtime: bool) -> dict:
     chunk = int(CHUNK_S * SAMPLE_RATE)
     opened = [engine.open_session(avatar, seed=i) for i in range(sessions)]
-    pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+    pcm = float_to_pcm16(audio)
     first_ready: list[float] = []
 
     async def produce(session) -> None:

@@ -6,6 +6,7 @@ the other. Both phases run against the same server process, one after the other,
 ratio on one machine at one time (the machine is shared: the load average is recorded too).
 
     python bench/upload_stall.py --out bench/results/upload_stall-cpu.json
+    python bench/upload_stall.py --baseline-repo /path/to/older/checkout   # the same, then the older code
 
 Goal (issue 20): with uploads, no frame gap above 200 ms and at least 24 fps in both sessions.
 """
@@ -16,15 +17,19 @@ import argparse
 import asyncio
 import io
 import os
+import re
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
-from _common import device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
+from _common import REPO, device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
 from server.bot_client import BotClient, BotError, ReceivedFrame
 
-from server_load import proc_cpu_seconds, speech_clip, start_server  # noqa: E402  (bench/ is on sys.path)
+from server_load import proc_cpu_seconds, speech_clip  # noqa: E402  (bench/ is on sys.path)
 
 
 def bomb_png() -> bytes:
@@ -85,16 +90,77 @@ async def uploader(url: str, data: bytes, count: int, delay: float) -> list[dict
     return out
 
 
-async def phase(url: str, clip: np.ndarray, args, uploads: bool) -> dict:
-    bots = [bot_session(url, clip, args.seconds, args.warmup) for _ in range(2)]
-    extra = [uploader(url, bomb_png(), args.uploads, args.warmup + 1.0)] if uploads else []
-    results = await asyncio.gather(*bots, *extra)
-    out = {"sessions": results[:2]}
-    if uploads:
-        out["uploads"] = results[2]
-    out["max_gap_ms"] = max(s["max_gap_ms"] for s in out["sessions"])
-    out["min_fps"] = min(s["fps"] for s in out["sessions"])
+async def phase(url: str, pid: int, clip: np.ndarray, args, uploads: bool) -> dict:
+    bomb = bomb_png()   # made before the sessions start: encoding it takes this process ~1 s
+    cpu0, t0 = proc_cpu_seconds(pid), time.monotonic()
+    upload = asyncio.ensure_future(uploader(url, bomb, args.uploads, args.warmup + 1.0)) if uploads else None
+    sessions = await asyncio.gather(*(bot_session(url, clip, args.seconds, args.warmup) for _ in range(2)))
+    out = {"sessions": sessions,
+           "server_cpu_cores": round((proc_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0), 2)}
+    if upload is not None:
+        out["uploads"] = await upload   # the uploads may outlast the measured window (they are refused)
+    out["max_gap_ms"] = max(s["max_gap_ms"] for s in sessions)
+    out["min_fps"] = min(s["fps"] for s in sessions)
     return out
+
+
+def start(repo: Path, size: int) -> tuple[subprocess.Popen, str]:
+    """`serve` from the checkout at `repo` (this one, or --baseline-repo), preview backend, on loopback."""
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--size", str(size),
+           "--backend", "preview", "--max-sessions", "3"]
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(repo)})
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 180:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        found = re.search(r"http://[0-9.:]+", line)
+        if found and "serving" in line:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            return proc, found.group(0)
+    proc.kill()
+    raise SystemExit(f"the server in {repo} did not start")
+
+
+def run_server(repo: Path, clip: np.ndarray, args) -> list[dict]:
+    proc, url = start(repo, args.size)
+    phases = []
+    try:
+        time.sleep(3.0)   # start-up work (the decode worker loading its face models) settles
+        for _ in range(args.rounds):
+            for uploads in (False, True):
+                rss0 = rss_mb(proc.pid)
+                result = asyncio.run(phase(url, proc.pid, clip, args, uploads))
+                result.update(kind="uploads" if uploads else "quiet", load_average_after=load_average(),
+                              server_rss_mb_before=round(rss0, 1), server_rss_mb_after=round(rss_mb(proc.pid), 1))
+                phases.append(result)
+                time.sleep(1.0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return phases
+
+
+def summary(phases: list[dict]) -> dict:
+    quiet = [p for p in phases if p["kind"] == "quiet"]
+    loaded = [p for p in phases if p["kind"] == "uploads"]
+    worst_gap = max(p["max_gap_ms"] for p in loaded)
+    worst_fps = min(p["min_fps"] for p in loaded)
+    quiet_gap = max(p["max_gap_ms"] for p in quiet)
+    quiet_fps = min(p["min_fps"] for p in quiet)
+    return {
+        "uploads_max_gap_ms": worst_gap,
+        "uploads_min_fps": worst_fps,
+        "quiet_max_gap_ms": quiet_gap,
+        "quiet_min_fps": quiet_fps,
+        "gap_ratio_uploads_over_quiet": round(worst_gap / max(1e-9, quiet_gap), 2),
+        "fps_ratio_uploads_over_quiet": round(worst_fps / max(1e-9, quiet_fps), 3),
+        "server_rss_mb_growth_in_uploads": round(max(p["server_rss_mb_after"] - p["server_rss_mb_before"]
+                                                     for p in loaded), 1),
+        "goal_met": bool(worst_gap <= 200 and worst_fps >= 24),
+        "phases": phases,
+    }
 
 
 def main() -> None:
@@ -104,32 +170,12 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=5)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=1, help="quiet/uploads pairs, alternating")
+    parser.add_argument("--baseline-repo", default=None,
+                        help="also run a server from this checkout (e.g. the code before a change), right after")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    server_args = argparse.Namespace(size=args.size, backend="preview", sessions=3, probe_latency=False,
-                                     model=None, segment_frames=None)
     load_before = load_average()
-    proc, url = start_server(server_args)
     clip = speech_clip()
-    phases = []
-    try:
-        time.sleep(3.0)   # start-up work (the decode worker loading its face models) settles
-        for _ in range(args.rounds):
-            for uploads in (False, True):
-                rss0, cpu0, t0 = rss_mb(proc.pid), proc_cpu_seconds(proc.pid), time.monotonic()
-                result = asyncio.run(phase(url, clip, args, uploads))
-                result.update(kind="uploads" if uploads else "quiet", load_average_after=load_average(),
-                              server_rss_mb_before=round(rss0, 1), server_rss_mb_after=round(rss_mb(proc.pid), 1),
-                              server_cpu_cores=round((proc_cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0), 2))
-                phases.append(result)
-                time.sleep(1.0)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    quiet = [p for p in phases if p["kind"] == "quiet"]
-    loaded = [p for p in phases if p["kind"] == "uploads"]
-    worst_gap = max(p["max_gap_ms"] for p in loaded)
-    worst_fps = min(p["min_fps"] for p in loaded)
     result = {
         "benchmark": "upload_stall",
         "device": device_name(detail=f"{os.cpu_count()} cores, shared with other work; server in its own process"),
@@ -138,16 +184,13 @@ def main() -> None:
         "size": args.size,
         "upload": f"5000x5000 one-bit PNG, {len(bomb_png())} bytes, no face, x{args.uploads} per uploads phase",
         "load_average_before": load_before,
-        "phases": phases,
-        "uploads_max_gap_ms": worst_gap,
-        "uploads_min_fps": worst_fps,
-        "quiet_max_gap_ms": max(p["max_gap_ms"] for p in quiet),
-        "quiet_min_fps": min(p["min_fps"] for p in quiet),
-        "gap_ratio_uploads_over_quiet": round(worst_gap / max(1e-9, max(p["max_gap_ms"] for p in quiet)), 2),
-        "fps_ratio_uploads_over_quiet": round(worst_fps / max(1e-9, min(p["min_fps"] for p in quiet)), 3),
-        "goal_met": bool(worst_gap <= 200 and worst_fps >= 24),
-        "note": "load_average_* > cores means other work competed for the CPU during the run",
+        "this_checkout": summary(run_server(REPO, clip, args)),
     }
+    if args.baseline_repo:
+        result["baseline"] = {"repo": args.baseline_repo, **summary(run_server(Path(args.baseline_repo), clip, args))}
+    result["load_average_after"] = load_average()
+    result["note"] = ("load averages above the core count mean other work competed for the CPU: compare the "
+                      "ratios (uploads phase over quiet phase, same server, minutes apart), not absolute figures")
     emit_json(result, args.out)
 
 

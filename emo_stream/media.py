@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from emo_stream.errors import AudioInputError, ImageInputError, OutputError
+from emo_stream.pcm import pcm16_to_float
 from emo_stream.timeline import SAMPLE_RATE  # everything is resampled to the models' audio rate
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def to_mono_float(pcm: np.ndarray, channels: int) -> np.ndarray:
     """Interleaved PCM (int16 or float) with `channels` channels -> mono float32 in [-1, 1]."""
     pcm = np.asarray(pcm)
     if pcm.dtype == np.int16:
-        x = pcm.astype(np.float32) / 32768.0
+        x = pcm16_to_float(pcm)
     else:
         x = pcm.astype(np.float32, copy=False)
     if channels > 1:

@@ -27,8 +27,9 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -126,12 +127,17 @@ class _Worker:
             raise TimeoutError
         return self.conn.recv()
 
-    def wait_ready(self, timeout: float) -> None:
-        if not self.ready:
-            if not self.conn.poll(timeout):
+    def wait_ready(self, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Wait for the worker's start-up signal, in short polls so that a pool being closed does not hold
+        the process's exit for the whole start-up timeout (executor threads are joined at exit)."""
+        if self.ready:
+            return
+        deadline = time.monotonic() + timeout
+        while not self.conn.poll(min(0.25, max(0.0, deadline - time.monotonic()))):
+            if cancelled() or time.monotonic() >= deadline:
                 raise TimeoutError
-            self.conn.recv()
-            self.ready = True
+        self.conn.recv()
+        self.ready = True
 
     def kill(self) -> None:
         self.process.kill()
@@ -245,7 +251,7 @@ class PortraitPool:
         except PortraitPoolBusy:
             return
         try:
-            worker.wait_ready(120.0)
+            worker.wait_ready(120.0, cancelled=lambda: self._closed)
         except (TimeoutError, EOFError, OSError):
             if not self._closed:
                 log.warning("a portrait decode worker failed to start (exit code %s)", worker.process.exitcode)

@@ -56,9 +56,9 @@ def register_family(family: Family | str, *, replace: bool = False) -> Family:
     package's __init__ imports nothing heavy). Its name becomes a --backend choice, its architecture key a
     loadable checkpoint, its parity_models golden sets `emo-stream parity` replays."""
     if isinstance(family, str):
-        family = importlib.import_module(family).FAMILY
+        family = getattr(importlib.import_module(family), "FAMILY", family)
     if not isinstance(family, Family):
-        raise ValueError(f"register_family takes a Family (or a family package's name): got {family!r}")
+        raise ValueError(f"register_family takes a Family, or the name of a package declaring FAMILY: got {family!r}")
     if family.name in _FAMILIES and not replace:
         raise ValueError(f"family {family.name!r} is already registered")
     for other in _FAMILIES.values():

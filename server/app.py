@@ -40,6 +40,12 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = N
     # the latency knob suits each backend differently: one frame for the cheap preview animator, longer
     # segments for EMO (temporal context, batching)
     segment = config.engine.segment_frames or capabilities(backend).stream_segment_frames or 8
+    if config.sessions.max_sessions is None:
+        # not given: as many as the device's free memory holds (the family's counted profile), 4 off CUDA
+        from emo_stream.blocks.memory import device_capacity
+
+        config.sessions.max_sessions, why = device_capacity(backend, config.engine.max_batch)
+        log.info("max_sessions %s", why)
     engine_config = config.engine.engine_config(segment, config.sessions.max_sessions, config.limits.max_avatars)
     return StreamingEngine(backend, engine_config, clock=clock)
 
@@ -187,7 +193,8 @@ class StreamServer:
             self._own_pool = True
         self.avatars = AvatarStore(self.engine, cfg.limits.max_avatars, cfg.limits.max_image_pixels,
                                    pool=self._portrait_pool, uploads_per_minute=cfg.limits.avatar_uploads_per_minute)
-        self.engine.avatars.max_per_owner = cfg.limits.max_avatars_per_client
+        if getattr(self.engine, "avatars", None) is not None:   # an engine's AvatarCache (not a test stand-in)
+            self.engine.avatars.max_per_owner = cfg.limits.max_avatars_per_client
         image = await asyncio.to_thread(default_image, cfg)
         await self.avatars.set_default(image)
         self._poster = await asyncio.to_thread(poster_jpeg, image, cfg.size)

@@ -77,7 +77,9 @@ class AvatarStore:
 
     def release(self, owner: str) -> None:
         """The owner's connection closed: its avatars may be dropped again (least recently used first)."""
-        self.engine.avatars.release(owner)
+        cache = getattr(self.engine, "avatars", None)
+        if cache is not None:
+            cache.release(owner)
 
     def get(self, avatar_id: str | None) -> AvatarHandle:
         """The default avatar (None) or a prepared one; UnknownAvatarError when the engine has none by that id."""

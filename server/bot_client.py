@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 
 from emo_stream.errors import EmoStreamError
 
+from emo_stream.pcm import float_to_pcm16
 from emo_stream.timeline import SAMPLE_RATE
 from server import protocol
 from server.auth import RedactingLogger
@@ -166,7 +167,7 @@ class BotClient:
         """PCM16 little-endian interleaved (an int16 array, a float array in [-1, 1], or raw bytes)."""
         if isinstance(pcm, np.ndarray):
             if pcm.dtype != np.int16:
-                pcm = (np.clip(pcm, -1, 1) * 32767).astype(np.int16)
+                pcm = float_to_pcm16(pcm)
             pcm = pcm.astype("<i2").tobytes()
         await self.ws.send(pcm)
 
@@ -290,7 +291,7 @@ async def stream_file(url: str, audio: np.ndarray, out: str | Path, *, token: st
 
     if not 10 <= chunk_ms <= 2000:
         raise EmoStreamError("--chunk-ms must be 10..2000")
-    pcm = (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+    pcm = float_to_pcm16(audio)
     step = 16 * chunk_ms
     async with BotClient(url, token) as bot:
         avatar_id = None

@@ -26,7 +26,7 @@ DEFAULT_CONFIG = resource_dir("configs") / "server.yaml"
 
 @dataclass
 class SessionsConfig:
-    max_sessions: int = 4
+    max_sessions: int | None = None   # None: from the device's memory on CUDA (emo_stream.blocks.memory), else 4
     idle_timeout_s: float = 300.0
     mic_max_backlog_s: float = 1.0
     mic_jitter_packets: int = 1  # mic packets aiortc holds before decoding (its default 4 = 80 ms)

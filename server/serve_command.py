@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -86,13 +87,27 @@ def run(args: argparse.Namespace) -> int:
     if args.segment_frames is not None:
         config.engine.segment_frames = args.segment_frames
     config.validate()   # the flags above get the same checks as the config file
-    return asyncio.run(_serve(config, args.virtual_camera))
+    holder: list = []
+    rc = asyncio.run(_serve(config, args.virtual_camera, holder))
+    unfinished = getattr(holder[0].engine, "unfinished_threads", []) if holder else []
+    if unfinished:
+        # A stage thread is still inside the model (a long denoising step). Interpreter shutdown under a
+        # thread that runs torch code aborts in C++ ("terminate called without an active exception",
+        # SIGABRT): every session and socket is closed by now, so end the process without the shutdown.
+        log.warning("exiting while %s finishes a model call", ", ".join(t.name for t in unfinished))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
-async def _serve(config, virtual_camera: bool) -> int:
+async def _serve(config, virtual_camera: bool, holder: list | None = None) -> int:
     from server.app import StreamServer
 
     server = StreamServer(config, virtual_camera=virtual_camera)
+    if holder is not None:
+        holder.append(server)
     await server.start()
     server.avatars.pool.warm()   # the upload decoder's process starts now, not with the first upload
     stop = asyncio.Event()

@@ -32,6 +32,7 @@ from typing import Any, AsyncIterator, Callable, Generic, Protocol, TypeVar
 import numpy as np
 from scipy.signal import firwin, upfirdn
 
+from emo_stream.pcm import float_to_pcm16
 from emo_stream.timeline import SAMPLE_RATE
 
 from server import protocol
@@ -83,7 +84,7 @@ class Upsampler:
         padded = np.concatenate([self._history, x])
         y = upfirdn(self._h, padded, up=self.factor)[n_hist * self.factor:(n_hist + len(x)) * self.factor]
         self._history = padded[len(padded) - n_hist:]
-        return (np.clip(y, -1.0, 1.0) * 32767.0).astype(np.int16)
+        return float_to_pcm16(y)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from emo_stream.errors import EmoStreamError, ImageInputError
+from emo_stream.pcm import float_to_pcm16
 from emo_stream.portrait_pool import PortraitPoolBusy
 from emo_stream.streaming import EngineUnhealthyError
 
@@ -242,7 +243,7 @@ class Connection:
                     if self.start_msg is not None:
                         quality = self.start_msg.jpeg_quality
                     jpeg = await asyncio.to_thread(_jpeg, item.image, quality)
-                    pcm = (np.clip(item.audio, -1, 1) * 32767).astype("<i2").tobytes()
+                    pcm = float_to_pcm16(item.audio).tobytes()
                     header = protocol.frame_header(item.seq, item.pts, item.speech, item.segment_end)
                     await self.ws.send(protocol.encode_frame(header, jpeg, pcm))
                     self._last_frame_sent = time.monotonic()

@@ -300,6 +300,7 @@ def _write_wav2vec2(folder: Path, model) -> None:
 def make_hallo_set(root: Path, **overrides: Any) -> Path:
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
+    from emo_stream.blocks.wav2vec2 import load_wav2vec2
     from emo_stream.families.hallo import audio as haudio
     from emo_stream.families.hallo.config import HalloConfig
     from emo_stream.families.hallo.masks import LIP_IDS, SILHOUETTE_IDS, boxes_from_mediapipe, region_masks
@@ -315,7 +316,7 @@ def make_hallo_set(root: Path, **overrides: Any) -> Path:
                           conv_dim=[16] * 7, num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
                           do_stable_layer_norm=False, feat_extract_norm="group", conv_bias=False)
     _write_wav2vec2(root / "weights" / "wav2vec2-base-960h", Wav2Vec2Model(wcfg).eval())
-    wav2vec2 = haudio.load_wav2vec2(root / "weights" / "wav2vec2-base-960h")
+    wav2vec2 = load_wav2vec2(root / "weights" / "wav2vec2-base-960h")
 
     config = HalloConfig.from_case(case)
     model = HalloModel(config, wav2vec2).eval()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from emo_stream.backend import Backend, SegmentJob, capabilities
-from emo_stream.families.echomimic.backend import EchoMimicBackend, echomimic_face_mask, tokens_at
+from emo_stream.families.echomimic.audio import tokens_at
+from emo_stream.families.echomimic.backend import EchoMimicBackend, echomimic_face_mask
 from emo_stream.families.echomimic.sampling import make_scheduler
 from emo_stream.face import FaceInfo
 from emo_stream.generate import generate_file

@@ -398,3 +398,104 @@ async def test_uploads_are_rate_limited_per_address(backend):
             assert (await second.request({"type": "ping"}))["type"] == "pong"
     finally:
         await srv.stop()
+
+
+# -- one decode policy for every image path (issue 23.2) ---------------------------------------------
+
+_OTHER_FORMATS = ["TIFF", "BMP", "GIF", "ICO", "TGA", "SGI", "DDS", "EPS", "PPM", "PCX"]
+
+
+def _encoded(fmt: str) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    picture = Image.new("RGB", (64, 64), (200, 150, 120))
+    try:
+        picture.save(buf, format=fmt)
+    except (KeyError, OSError, ValueError) as exc:   # this Pillow cannot write it: nothing to refuse
+        pytest.skip(f"Pillow cannot write {fmt}: {exc}")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", _OTHER_FORMATS)
+def test_only_jpeg_png_and_webp_are_decoded_on_every_path(fmt, tmp_path):
+    """TIFF, BMP, GIF, ICO, TGA, SGI, DDS, EPS (Ghostscript!) ... used to decode from LiveKit metadata and
+    URLs: every path now refuses them by their magic bytes, before Pillow picks a decoder."""
+    import base64
+
+    from emo_stream.errors import ImageInputError
+    from emo_stream.livekit.metadata import decode_image
+    from emo_stream.media import image_from_bytes, load_image
+
+    data = _encoded(fmt)
+    path = tmp_path / f"portrait.{fmt.lower()}"
+    path.write_bytes(data)
+    for decode in (lambda: decode_image(base64.b64encode(data).decode()), lambda: image_from_bytes(data),
+                   lambda: load_image(path)):
+        with pytest.raises(ImageInputError, match="not a JPEG, PNG or WebP"):
+            decode()
+
+
+def test_pixels_are_bounded_from_the_header_on_every_path(tmp_path):
+    """A PNG claiming 13000x13000 pixels (a 642 KiB one took the worker 1.3 GiB and 3.8 s): refused from
+    its header, in the portrait pool too, with nothing decoded."""
+    import base64
+    import struct
+    import zlib
+
+    from emo_stream.errors import ImageInputError
+    from emo_stream.livekit.metadata import decode_image
+    from emo_stream.portrait_pool import PortraitPool
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 13000, 13000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
+    with pytest.raises(ImageInputError, match="13000x13000 is too large"):
+        decode_image(base64.b64encode(png).decode())
+    pool = PortraitPool(detect_faces=False)
+    try:
+        with pytest.raises(ImageInputError, match="13000x13000 is too large"):
+            decode_image(base64.b64encode(png).decode(), pool=pool)
+        with pytest.raises(ImageInputError, match="not a JPEG, PNG or WebP"):
+            pool.decode(_encoded("BMP"))
+        ok = pool.decode(_encoded("PNG"))
+        assert ok.image.shape == (64, 64, 3) and ok.face is None
+    finally:
+        pool.close()
+
+
+def test_portrait_pool_limits_time_memory_and_queue():
+    """A decode past timeout_s has its worker killed and replaced; one past memory_mb fails with a clear
+    error in the worker (the serving process never allocates it); more than workers + max_waiting jobs at
+    once are refused at once (busy)."""
+    from emo_stream.errors import ImageInputError
+    from emo_stream.portrait_pool import PoolLimits, PortraitPool, PortraitPoolBusy
+
+    small, bomb = _encoded("PNG"), _bomb()
+    slow = PortraitPool(PoolLimits(timeout_s=0.3, max_waiting=1))   # face search on a blank 25 MP PNG: seconds
+    try:
+        slow.warm()
+        assert slow.decode(small).image.shape == (64, 64, 3)   # started; the next job is timed alone
+        first = slow.last_pids[0]
+        jobs = [slow.submit(bomb, what="avatar"), slow.submit(bomb, what="avatar")]
+        with pytest.raises(PortraitPoolBusy):
+            slow.submit(small)   # one running, one waiting: the queue is full
+        for job in jobs:
+            with pytest.raises(ImageInputError, match="longer than 0.3 s"):
+                job.result()
+        assert slow.workers_killed == 2
+        slow.limits = PoolLimits(timeout_s=60.0)   # a fresh worker takes the next job
+        assert slow.decode(small).image.shape == (64, 64, 3) and slow.last_pids[0] != first
+    finally:
+        slow.close()
+    tight = PortraitPool(PoolLimits(memory_mb=8), detect_faces=False)   # 25 MP at a byte each does not fit
+    try:
+        with pytest.raises(ImageInputError, match="more memory"):
+            tight.decode(bomb)
+        assert tight.decode(small).image.shape == (64, 64, 3)   # the same worker goes on
+    finally:
+        tight.close()

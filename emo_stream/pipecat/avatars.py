@@ -29,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from emo_stream.errors import EmoStreamError
+from emo_stream.pcm import float_to_pcm16
 from emo_stream.timeline import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class AvatarFrame:
 
 
 def pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    return float_to_pcm16(audio).tobytes()
 
 
 # -- in-process ------------------------------------------------------------------------------------

@@ -99,6 +99,7 @@ class StreamingEngine:
         self._gen_busy: set[str] = set()
         self._running = False
         self._threads: list[threading.Thread] = []
+        self._unfinished: list[threading.Thread] = []
         self._vad_model = None
         self.avatars = AvatarCache(self._prepare_locked, self.config.max_avatars,
                                    in_use=lambda: [s.avatar.id for s in list(self._sessions.values())])
@@ -141,7 +142,19 @@ class StreamingEngine:
         self._running = False
         self._wake_event.set()
         threads, self._threads = self._threads, []
-        await asyncio.to_thread(lambda: [t.join(timeout=10) for t in threads])
+        deadline = time.monotonic() + self.config.stop_join_s
+        await asyncio.to_thread(lambda: [t.join(timeout=max(0.0, deadline - time.monotonic())) for t in threads])
+        self._unfinished = [t for t in threads if t.is_alive()]
+        if self._unfinished:
+            log.warning("engine stopped with %s still inside a backend call",
+                        ", ".join(t.name for t in self._unfinished))
+
+    @property
+    def unfinished_threads(self) -> list[threading.Thread]:
+        """Stage threads that stop() left running (inside a long backend call). The process must not end
+        through interpreter shutdown while one of them runs torch code: C++ aborts it ("terminate called
+        without an active exception", SIGABRT); see server.serve_command."""
+        return [t for t in self._unfinished if t.is_alive()]
 
     async def __aenter__(self) -> "StreamingEngine":
         await self.start()

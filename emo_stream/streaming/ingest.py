@@ -16,6 +16,7 @@ import numpy as np
 from emo_stream.timeline import SAMPLE_RATE
 from emo_stream.errors import AudioInputError
 from emo_stream.media import to_mono_float
+from emo_stream.pcm import pcm16_to_float
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def _as_float(pcm) -> np.ndarray:
         pcm = np.frombuffer(pcm, dtype="<i2")
     x = np.asarray(pcm)
     if x.dtype == np.int16:
-        return x.reshape(-1).astype(np.float32) / 32768.0
+        return pcm16_to_float(x.reshape(-1))
     if x.dtype.kind != "f":
         raise AudioInputError(f"PCM must be int16 or float: got {x.dtype}")
     x = x.reshape(-1).astype(np.float32)

@@ -58,6 +58,7 @@ class EngineConfig:
     call_timeout_s: float = 60.0     # watchdog: a backend call running longer fails its sessions and reports the
                                      # engine stalled (emo_stream.streaming.faults)
     unhealthy_after_failures: int = 3  # this many failed backend calls in a row: a device error (unhealthy)
+    stop_join_s: float = 10.0        # stop(): how long to wait for a stage thread still inside a backend call
 
     def __post_init__(self) -> None:
         ints = {"segment_frames": 1, "max_sessions": 1, "max_batch": 1, "output_frames": 1, "max_avatars": 1,
@@ -77,6 +78,8 @@ class EngineConfig:
         if self.idle_lead_frames is not None and (not isinstance(self.idle_lead_frames, int)
                                                   or self.idle_lead_frames < 1):
             raise ConfigError(f"engine idle_lead_frames must be a positive integer: got {self.idle_lead_frames!r}")
+        if not float(self.stop_join_s) >= 0:
+            raise ConfigError(f"engine stop_join_s must be >= 0: got {self.stop_join_s!r}")
         for name in ("input_seconds", "max_delay_ms", "late_ms", "stall_flush_s", "call_timeout_s"):
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"engine {name} must be > 0: got {getattr(self, name)!r}")

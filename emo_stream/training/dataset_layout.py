@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
-import wave
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from emo_stream.errors import ConfigError
+from emo_stream.pcm import read_wav16, write_wav16
 from emo_stream.timeline import DEFAULT_FPS, SAMPLE_RATE, samples_per_frame
 
 log = logging.getLogger(__name__)
@@ -74,19 +74,11 @@ def clip_dir(root: Path, clip_id: str) -> Path:
 
 
 def write_wav(path: Path, audio: np.ndarray, rate: int = SAMPLE_RATE) -> None:
-    pcm = (np.clip(np.asarray(audio, np.float32), -1, 1) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
+    write_wav16(path, np.asarray(audio, np.float32), rate)
 
 
 def read_wav(path: Path) -> np.ndarray:
-    with wave.open(str(path), "rb") as w:
-        if w.getframerate() != SAMPLE_RATE or w.getnchannels() != 1 or w.getsampwidth() != 2:
-            raise ConfigError(f"{path}: expected 16 kHz mono PCM16 (re-run prepare)")
-        return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768.0
+    return read_wav16(path, ConfigError, " (re-run prepare)")
 
 
 def write_clip(root: Path, record: ClipRecord, frames: np.ndarray, audio: np.ndarray, meta: dict) -> None:

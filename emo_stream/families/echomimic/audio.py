@@ -25,6 +25,8 @@ SAMPLE_RATE = 16000
 N_FFT = 400
 HOP = 160
 SEGMENT_FRAMES = 3000      # 30 s of mel frames: whisper's fixed encoder input
+ROWS_PER_SECOND = 50       # whisper feature rows per second
+ROWS_PER_FRAME, ROWS_BEFORE = 10, 4   # a frame's audio tokens: feature rows int(t * 50) - 4 ... + 5
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -150,17 +152,29 @@ class WhisperFeatures(nn.Module):
         return torch.cat(out).float()
 
 
-def frame_rows(num_frames: int, num_rows: int, fps: float, rows_per_frame: int = 10, rows_before: int = 4,
-               rows_per_second: int = 50) -> torch.Tensor:
-    """(num_frames, rows_per_frame) feature-row indices of each video frame (EchoMimic's feature2chunks)."""
-    idx = []
-    for i in range(num_frames):
-        start = int(i * rows_per_second / fps) - rows_before
-        idx.append([min(max(start + j, 0), num_rows - 1) for j in range(rows_per_frame)])
-    return torch.tensor(idx, dtype=torch.long)
+def _rows(first: np.ndarray, num_rows: int, rows_per_frame: int) -> torch.Tensor:
+    """(frames, rows_per_frame) indices: each frame's rows first + j, clipped to the features [0, num_rows)."""
+    first = np.asarray(first, np.int64).reshape(-1)
+    return torch.from_numpy(np.clip(first[:, None] + np.arange(rows_per_frame)[None], 0, num_rows - 1))
 
 
-def chunk_count(num_rows: int, fps: float, rows_per_second: int = 50) -> int:
+def frame_rows(num_frames: int, num_rows: int, fps: float, rows_per_frame: int = ROWS_PER_FRAME,
+               rows_before: int = ROWS_BEFORE, rows_per_second: int = ROWS_PER_SECOND) -> torch.Tensor:
+    """(num_frames, rows_per_frame) feature-row indices of each video frame (EchoMimic's feature2chunks:
+    frame i takes rows int(i * 50 / fps) - 4 + j, clipped)."""
+    first = [int(i * rows_per_second / fps) - rows_before for i in range(num_frames)]
+    return _rows(np.array(first, np.int64), num_rows, rows_per_frame)
+
+
+def rows_at(times_s: np.ndarray, num_rows: int, rows_per_frame: int = ROWS_PER_FRAME,
+            rows_before: int = ROWS_BEFORE, rows_per_second: int = ROWS_PER_SECOND) -> torch.Tensor:
+    """frame_rows for frames at given times in seconds (live: a window that starts mid-stream): the frame at
+    time t takes rows int(t * 50) - 4 + j. Frames at t = i / fps from 0 get frame_rows' rows."""
+    first = np.floor(np.asarray(times_s, np.float64) * rows_per_second + 1e-9).astype(np.int64) - rows_before
+    return _rows(first, num_rows, rows_per_frame)
+
+
+def chunk_count(num_rows: int, fps: float, rows_per_second: int = ROWS_PER_SECOND) -> int:
     """How many frames EchoMimic makes for T feature rows: i = 0, 1, ... until int(i * 50 / fps) > T, that i
     included."""
     i = 0
@@ -169,12 +183,22 @@ def chunk_count(num_rows: int, fps: float, rows_per_second: int = 50) -> int:
     return i + 1
 
 
-def audio_tokens(features: torch.Tensor, fps: float, num_frames: int | None = None, rows_per_frame: int = 10,
-                 rows_before: int = 4, rows_per_second: int = 50) -> torch.Tensor:
+def audio_tokens(features: torch.Tensor, fps: float, num_frames: int | None = None,
+                 rows_per_frame: int = ROWS_PER_FRAME, rows_before: int = ROWS_BEFORE,
+                 rows_per_second: int = ROWS_PER_SECOND) -> torch.Tensor:
     """(T, L + 1, dim) features -> (frames, rows_per_frame * (L + 1), dim) audio tokens per video frame.
 
     num_frames None: as many frames as EchoMimic makes for this audio (chunk_count)."""
     t = features.shape[0]
     n = chunk_count(t, fps, rows_per_second) if num_frames is None else num_frames
-    idx = frame_rows(n, t, fps, rows_per_frame, rows_before, rows_per_second)
-    return features[idx].reshape(n, -1, features.shape[-1])
+    return _gather(features, frame_rows(n, t, fps, rows_per_frame, rows_before, rows_per_second))
+
+
+def tokens_at(features: torch.Tensor, times_s: np.ndarray) -> torch.Tensor:
+    """audio_tokens for frames at given times in seconds (rows_at): (frames, 10 * (L + 1), dim)."""
+    return _gather(features, rows_at(times_s, features.shape[0]))
+
+
+def _gather(features: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(T, L + 1, dim) features, (frames, rows) indices -> (frames, rows * (L + 1), dim)."""
+    return features[idx.to(features.device)].reshape(idx.shape[0], -1, features.shape[-1])

@@ -31,16 +31,17 @@ import numpy as np
 import torch
 
 from emo_stream.backend import AudioContext, BackendBase, SegmentJob
+from emo_stream.blocks.checks import check_crop, check_size
 from emo_stream.families.echomimic.sampling import (ACC, NORMAL, EchoDenoiser, Held, context_windows, initial_latents,
                                            make_scheduler, sample)
-from emo_stream.errors import ConfigError, ImageInputError
+from emo_stream.errors import ConfigError
+from emo_stream.execution import BATCH_BUCKETS, ExecutionOptions, bucket_size, pad_rows, to_device
+from emo_stream.families.echomimic.audio import ROWS_BEFORE, ROWS_PER_FRAME, ROWS_PER_SECOND, audio_tokens, tokens_at
 from emo_stream.timeline import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 DECODE_CHUNK = 8          # frames per VAE decode call: bounds activation memory at 512 px
-FEATURE_RATE = 50         # whisper feature rows per second
-ROWS_BEFORE, ROWS = 4, 10  # a frame's audio tokens: feature rows int(t * 50) - 4 ... + 5
 LEFT_CONTEXT_S = 2.0      # live: seconds of audio before a segment the whisper encoder sees
 OFFLINE_FPS = 24          # EchoMimic's video rate (live runs at the engine's rate: 16000 / fps must be whole)
 
@@ -71,17 +72,6 @@ class EchoParts(Protocol):
 
     def whisper_features(self, waveform: np.ndarray) -> torch.Tensor:
         """16 kHz mono float32 -> (T, L + 1, 384) per-layer whisper features, 50 rows per second."""
-
-
-def tokens_at(features: torch.Tensor, times_s: np.ndarray) -> torch.Tensor:
-    """EchoMimic's feature2chunks for frames at given times (live: a window that starts mid-stream): the frame
-    at time t takes feature rows clip(int(t * 50) - 4 + j, 0, T - 1), j < 10, flattened ->
-    (frames, 10 * (L + 1), 384). Offline (t = i / fps from 0) this is audio.audio_tokens."""
-    rows = features.shape[0]
-    first = np.floor(np.asarray(times_s, np.float64) * FEATURE_RATE + 1e-9).astype(np.int64) - ROWS_BEFORE
-    idx = np.clip(first[:, None] + np.arange(ROWS)[None], 0, rows - 1)
-    picked = features[torch.from_numpy(idx).to(features.device)]          # (frames, 10, L+1, 384)
-    return picked.reshape(len(idx), -1, features.shape[-1])
 
 
 def echomimic_face_mask(box: np.ndarray, size: int) -> torch.Tensor:
@@ -122,9 +112,8 @@ class EchoMimicBackend(BackendBase):
     def __init__(self, model: EchoParts, size: int = 512, fps: int = 25, steps: int | None = None,
                  guidance: float | None = None, decoder: str | None = None, live_overlap: int = 4,
                  segment_frames: int = 8, context_frames: int | None = None, context_overlap: int | None = None,
-                 idle_steps: int | None = None, face_analyzer=None):
-        if size <= 0 or size % 8:
-            raise ConfigError(f"size must be a positive multiple of 8 for EchoMimic (got {size})")
+                 idle_steps: int | None = None, face_analyzer=None, compile: str = "off"):
+        check_size(size, 8, "EchoMimic")
         if fps <= 0:
             raise ConfigError(f"fps must be positive (got {fps})")
         self.model = model
@@ -161,12 +150,25 @@ class EchoMimicBackend(BackendBase):
         self.stream_segment_frames = segment_frames
         self.clip_frames = context_frames
         self.device = model.device
+        # torch.compile of the denoiser on CUDA (emo_stream.execution); compiled, batches are padded to a few
+        # sizes and short (end-of-speech) segments to the segment length: a bounded set of graphs
+        ExecutionOptions(compile=compile).validate()
+        if compile != "off" and self.device.type != "cuda":
+            log.warning("compile=%s asked for on %s: torch.compile is used on CUDA only; running eagerly",
+                        compile, self.device)
+            compile = "off"
+        if compile != "off" and hasattr(model, "compile"):
+            model.compile(compile)
+        self.compile = compile
+        self.batch_buckets: tuple[int, ...] = BATCH_BUCKETS if compile != "off" else ()
+        self.pad_frames = compile != "off"
         self._face_analyzer = face_analyzer
         self._silence: dict[int, torch.Tensor] = {}
         self._audio_lock = threading.Lock()
         # whisper's look-ahead: a frame's last token row is 5 rows (100 ms) after it
+        lookahead_s = (ROWS_PER_FRAME - ROWS_BEFORE) / ROWS_PER_SECOND
         self.audio_context = AudioContext(left_samples=int(LEFT_CONTEXT_S * SAMPLE_RATE),
-                                          lookahead_frames=int(np.ceil((ROWS - ROWS_BEFORE) / FEATURE_RATE * fps)))
+                                          lookahead_frames=int(np.ceil(lookahead_s * fps)))
 
     # ---- avatar --------------------------------------------------------------------------------
     def prepare_avatar(self, image: np.ndarray) -> EchoAvatar:
@@ -182,8 +184,7 @@ class EchoMimicBackend(BackendBase):
     @torch.inference_mode()
     def avatar_from_crop(self, image: np.ndarray, face_box: np.ndarray) -> EchoAvatar:
         """An already cropped (size, size, 3) portrait and its face box -> EchoAvatar (no detection)."""
-        if image.shape[:2] != (self.size, self.size):
-            raise ImageInputError(f"crop must be {self.size}x{self.size}, got {image.shape[1]}x{image.shape[0]}")
+        check_crop(image, self.size)
         m = self.model
         x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 127.5 - 1
         latent = m.encode_image(x.to(m.device, m.dtype))
@@ -205,8 +206,6 @@ class EchoMimicBackend(BackendBase):
         """
         m = self.model
         num_frames = max(1, int(round(len(audio) * self.fps / SAMPLE_RATE)))
-        from emo_stream.families.echomimic.audio import audio_tokens
-
         with self._audio_lock:
             feats = m.whisper_features(np.asarray(audio, np.float32))
         tokens = audio_tokens(feats, self.fps, num_frames)
@@ -277,26 +276,36 @@ class EchoMimicBackend(BackendBase):
         m = self.model
         dev, dt = m.device, m.dtype
         h = self.size // 8
+        # compiled: a short segment runs at the full length, its tail silent (what follows the end of speech)
+        run = self.stream_segment_frames if self.pad_frames and frames < self.stream_segment_frames else frames
         tokens = []
         for j in jobs:
             t = j.features if speech else self._silent_tokens(frames)
             if t.shape[0] != frames:
                 raise ValueError(f"features cover {t.shape[0]} frames, the job asks for {frames}")
+            if run > frames:
+                t = torch.cat([t, self._silent_tokens(run - frames).to(t.device, t.dtype)])
             tokens.append(torch.cat([j.state.tail_audio, t.to(j.state.tail_audio.device)]) if held else t)
-        audio = torch.stack(tokens).to(dev, dt)
-        noise = torch.cat([initial_latents((1, 4, frames, h, h), j.state.generator) for j in jobs]).to(dev, dt)
+        rows = bucket_size(len(jobs), self.batch_buckets)   # padding rows: the last session repeated, dropped
+        audio = pad_rows(torch.stack(tokens).to(dev, dt), rows)
+        noise = to_device(torch.cat([initial_latents((1, 4, run, h, h), j.state.generator) for j in jobs]), dev, dt)
+        noise = pad_rows(noise, rows)
         hold = None
         x = noise
         if held:
-            tail_noise = torch.cat([j.state.tail_noise for j in jobs]).to(dev, dt)
-            hold = Held(latents=torch.cat([j.state.tail_latents for j in jobs]).to(dev, dt), noise=tail_noise)
+            tail_noise = pad_rows(torch.cat([j.state.tail_noise for j in jobs]).to(dev, dt), rows)
+            hold = Held(latents=pad_rows(torch.cat([j.state.tail_latents for j in jobs]).to(dev, dt), rows),
+                        noise=tail_noise)
             x = torch.cat([tail_noise, noise], dim=2)
-        settings = replace(self.sampling, rotation=0, context_frames=max(self.sampling.context_frames, held + frames),
+        settings = replace(self.sampling, rotation=0, context_frames=max(self.sampling.context_frames, held + run),
                            guidance=self.sampling.guidance if speech else 1.0,
                            steps=self.sampling.steps if speech else self.idle_steps)
-        face = torch.cat([j.state.avatar.face for j in jobs])
-        latents = sample(m.denoiser([j.state.avatar.bank for j in jobs]), x, audio, face, settings,
-                         scheduler=make_scheduler(), held=hold)
+        face = pad_rows(torch.cat([j.state.avatar.face for j in jobs]), rows)
+        banks = [j.state.avatar.bank for j in jobs]
+        banks += banks[-1:] * (rows - len(jobs))
+        latents = sample(m.denoiser(banks), x, audio, face, settings, scheduler=make_scheduler(), held=hold)
+        end = held + frames                      # the real frames: held ones, then this segment's
+        latents, x, audio = latents[:len(jobs), :, :end], x[:len(jobs), :, :end], audio[:len(jobs), :end]
         k = self.live_overlap
         for r, j in enumerate(jobs):
             st = j.state
@@ -321,6 +330,37 @@ class EchoMimicBackend(BackendBase):
         if not jobs:
             return []
         return self.decode(jobs, self.denoise(jobs))
+
+    def memory_profile(self, batches: tuple[int, ...] = (1, 4)):
+        """Device memory of this configuration (weights, per session, activations per batch), counted on a
+        structure-only twin on the meta device (emo_stream.blocks.memory); None for a model without ModelParts."""
+        from emo_stream.blocks.memory import profile_segments, weight_bytes
+
+        parts = self.model
+        if not isinstance(parts, ModelParts):
+            return None
+        if parts.device.type == "meta":
+            twin = self
+        else:
+            from diffusers import AutoencoderTiny
+
+            from emo_stream.families.echomimic.model import EchoMimicModel
+
+            model = EchoMimicModel.build(parts.model.config, empty=True).eval().to("meta", parts.dtype)
+            taesd = AutoencoderTiny.from_config(parts.taesd.config).to("meta", parts.dtype) if parts.taesd else None
+            twin = EchoMimicBackend(ModelParts(model, taesd), size=self.size, fps=self.fps, steps=1,
+                                    decoder=self.decoder, live_overlap=self.live_overlap,
+                                    segment_frames=self.stream_segment_frames, context_frames=self.clip_frames)
+        s = self.size
+        avatar = twin.avatar_from_crop(np.zeros((s, s, 3), np.uint8), np.array([s / 4, s / 4, 3 * s / 4, 3 * s / 4]))
+        f = twin.stream_segment_frames
+
+        def jobs(n: int):
+            c = parts.model.config
+            tokens = torch.zeros(f, c.audio_tokens_per_frame, c.audio_dim, device="meta", dtype=parts.dtype)
+            return twin, [SegmentJob(avatar, twin.new_state(avatar, k), tokens, f) for k in range(n)]
+        return profile_segments("echomimic", s, weight_bytes(parts.model, parts.taesd), jobs,
+                                lambda b, j: b.decode(j, b.denoise(j)), batches)
 
     def _to_pixels(self, latents: torch.Tensor) -> np.ndarray:
         """(N, 4, h, w) -> (N, size, size, 3) uint8."""
@@ -363,6 +403,12 @@ class ModelParts:
 
     def face_feature(self, mask: torch.Tensor) -> torch.Tensor:
         return self.model.face_feature(mask).to(self.dtype)
+
+    def compile(self, mode: str) -> None:
+        """torch.compile the denoiser UNet (emo_stream.execution.compile_forward)."""
+        from emo_stream.execution import compile_forward
+
+        compile_forward(self.model.denoiser, mode, "EchoMimic denoiser UNet")
 
     def denoiser(self, banks: list[Any]) -> EchoDenoiser:
         # one batch of sessions: bank rows in session order (the model maps row r to bank row r % B)
@@ -407,7 +453,8 @@ def create_backend(model: str | None = None, *, size: int = 512, fps: int = OFFL
     from emo_stream.blocks.device import parse_dtype, torch_device
 
     dev = torch_device(device)
-    known = {"steps", "guidance", "decoder", "live_overlap", "segment_frames", "idle_steps", "face_analyzer"}
+    known = {"steps", "guidance", "decoder", "live_overlap", "segment_frames", "idle_steps", "face_analyzer",
+             "compile"}
     unknown = set(options) - known - {"weights_set"}
     if unknown:
         raise ConfigError(f"unknown EchoMimic backend options: {', '.join(sorted(unknown))}")

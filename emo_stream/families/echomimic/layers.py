@@ -33,7 +33,7 @@ class DenoiserContext:
 
     frames: int = 1
     bank: dict[str, torch.Tensor] | None = None    # block name -> (B, tokens, C) reference tokens
-    with_reference: torch.Tensor | None = None     # (R,) bool, None = all rows; row r uses bank row r % B
+    with_reference: tuple[bool, ...] | None = None  # per sample (R,), None = all rows; row r uses bank row r % B
     face: torch.Tensor | None = None               # (R, C0, h, w) added after conv_in (per frame)
 
 
@@ -82,22 +82,16 @@ class BankReadProcessor:
         use = ctx.with_reference
         if use is None:                      # every row attends to the reference (no host sync; works on meta)
             return _SDPA(attn, hidden_states, torch.cat([hidden_states, ref], dim=1), attention_mask, temb)
-        row_use = use.to(hidden_states.device).repeat_interleave(f)
-        idx_c, idx_u = row_use.nonzero()[:, 0], (~row_use).nonzero()[:, 0]
-        parts = {}
-        if len(idx_c):
-            h = hidden_states[idx_c]
-            parts["c"] = _SDPA(attn, h, torch.cat([h, ref[idx_c]], dim=1), attention_mask, temb)
-        if len(idx_u):
-            h = hidden_states[idx_u]
-            parts["u"] = _SDPA(attn, h, h, attention_mask, temb)
-        first = next(iter(parts.values()))
-        out = first.new_empty((rows, *first.shape[1:]))
-        if "c" in parts:
-            out[idx_c] = parts["c"]
-        if "u" in parts:
-            out[idx_u] = parts["u"]
-        return out
+        # a host-side tuple, one bool per sample (rows are sample-major): runs of equal values become row
+        # slices, so splitting the batch needs no nonzero() / read-back of a device mask
+        parts, start = [], 0
+        for end in range(1, len(use) + 1):
+            if end == len(use) or use[end] != use[start]:
+                h = hidden_states[start * f:end * f]
+                kv = torch.cat([h, ref[start * f:end * f]], dim=1) if use[start] else h
+                parts.append(_SDPA(attn, h, kv, attention_mask, temb))
+                start = end
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 class ScaledCrossAttnProcessor:

@@ -191,8 +191,12 @@ class EchoMimicModel(nn.Module):
         if audio.shape[:2] != (r, f):
             raise ValueError(f"audio tokens {tuple(audio.shape)} do not match latents {tuple(latents.shape)}")
         ctx = self.context
-        if with_reference is not None and not with_reference.is_meta and bool(with_reference.all()):
-            with_reference = None    # one host sync per call instead of one per attention layer
+        if with_reference is not None:
+            # the processors split rows by a host-side tuple: a host mask (the sampler's) costs nothing, a
+            # device one is read back once here instead of once per attention layer
+            with_reference = tuple(bool(u) for u in with_reference.tolist())
+            if all(with_reference):
+                with_reference = None
         ctx.frames, ctx.bank, ctx.with_reference = f, bank, with_reference
         ctx.face = face[:, :, 0] if face is not None else None
         try:

@@ -11,11 +11,9 @@ Returns {case.tensor: max abs error}.
 from __future__ import annotations
 
 import logging
-import wave
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from emo_stream.families.echomimic.config import (ARCHITECTURE, EchoMimicConfig, FaceLocatorConfig, sd15_denoiser,
@@ -161,14 +159,9 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _read_wav(path: Path) -> torch.Tensor:
     """PCM16 mono WAV -> int16 / 32768, what whisper.audio.load_audio returns for a 16 kHz mono file."""
-    try:
-        with wave.open(str(path), "rb") as w:
-            if w.getsampwidth() != 2 or w.getnchannels() != 1 or w.getframerate() != 16000:
-                raise GoldenFormatError(f"{path}: expected 16 kHz mono PCM16")
-            pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
-    except (OSError, wave.Error, EOFError) as exc:
-        raise GoldenFormatError(f"{path}: cannot read ({exc})") from None
-    return torch.from_numpy(pcm.astype(np.float32) / 32768.0)
+    from emo_stream.pcm import read_wav16
+
+    return torch.from_numpy(read_wav16(path, GoldenFormatError))
 
 
 def run_cases(golden_dir: Path, only: set[str] | None = None) -> dict[str, float]:

@@ -31,6 +31,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from emo_stream.execution import step_timesteps, to_device
+
 # EchoMimic's configs/inference/inference_v2.yaml noise_scheduler_kwargs (+ diffusers' defaults it relies on)
 SCHEDULER_CONFIG: dict = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
                               clip_sample=False, steps_offset=1, prediction_type="v_prediction",
@@ -105,10 +107,11 @@ def initial_latents(shape: tuple[int, ...], generator: torch.Generator | None, c
     return x.clamp(-clamp, clamp) * init_noise_sigma
 
 
-def pseudo_velocity(v: torch.Tensor, x: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def pseudo_velocity(v: torch.Tensor, x: torch.Tensor, alphas_cumprod: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
     """The acc pipeline's round trip: x0 from v, then the velocity that jumps from x_t to x0 (t_prev = -1),
-    with the same arithmetic as its step_func (so rounding matches)."""
-    a = alphas_cumprod[t.long()].to(torch.float32)
+    with the same arithmetic as its step_func (so rounding matches). `t` a host int in the sampling loop
+    (indexing with a device scalar would read it back to the host)."""
+    a = alphas_cumprod[t if isinstance(t, int) else t.long()].to(torch.float32)
     a_t, b_t = (a ** 0.5).to(x.dtype), ((1 - a) ** 0.5).to(x.dtype)
     a_s, b_s = torch.ones_like(a_t), torch.zeros_like(b_t)
     x0 = a_t * x - b_t * v
@@ -140,7 +143,7 @@ def sample(denoiser: EchoDenoiser, latents: torch.Tensor, audio: torch.Tensor, f
     """
     settings.validate()
     sched = scheduler if scheduler is not None else make_scheduler()
-    sched.set_timesteps(settings.steps, device=latents.device)
+    timesteps = step_timesteps(sched, settings.steps, latents.device)
     batch, frames = latents.shape[0], latents.shape[2]
     if audio.shape[:2] != (batch, frames):
         raise ValueError(f"audio tokens cover {tuple(audio.shape[:2])} (batch, frames), latents {batch, frames}")
@@ -150,19 +153,26 @@ def sample(denoiser: EchoDenoiser, latents: torch.Tensor, audio: torch.Tensor, f
     rows = 2 if cfg else 1
     audio_rows = torch.cat([torch.zeros_like(audio), audio]) if cfg else audio
     face_rows = torch.cat([torch.zeros_like(face), face]) if cfg else face
-    with_reference = torch.tensor([False] * batch * (rows - 1) + [True] * batch, device=latents.device)
-    alphas = sched.alphas_cumprod.to(latents.device)
+    # a host mask: the denoiser splits its rows with it without reading the device back
+    with_reference = torch.tensor([False] * batch * (rows - 1) + [True] * batch)
+    # the schedule's table on the device once (add_noise would move it there inside the loop otherwise)
+    sched.alphas_cumprod = alphas = to_device(sched.alphas_cumprod, latents.device)
     base = context_windows(frames, settings.context_frames, settings.context_overlap)
+    # every step's windows as frame indices before the loop: slices where contiguous (always live), else
+    # index tensors copied now (non-blocking), not from Python lists inside the loop
+    plan = [[_frame_index(w, latents.device) for w in rotated(base, i, settings.rotation, frames)]
+            for i in range(len(timesteps))]
     x = latents
-    for i, t in enumerate(sched.timesteps):
+    # the per-step loop: no host sync in it (tests/test_device_discipline.py counts them)
+    for i, (t, t_dev) in enumerate(timesteps):
         if held is not None:
-            x = _hold(x, held, sched, t)
+            x = _hold(x, held, sched, t_dev)
         v_sum = torch.zeros((batch * rows, *x.shape[1:]), device=x.device, dtype=x.dtype)
         counter = torch.zeros((1, 1, frames, 1, 1), device=x.device, dtype=x.dtype)
-        for window in rotated(base, i, settings.rotation, frames):
+        for window in plan[i]:
             inp = x[:, :, window].repeat(rows, 1, 1, 1, 1)
             inp = sched.scale_model_input(inp, t)
-            v = denoiser(inp, t, audio_rows[:, window], face_rows, with_reference)
+            v = denoiser(inp, t_dev, audio_rows[:, window], face_rows, with_reference)
             if settings.pseudo_velocity:
                 v = pseudo_velocity(v, inp, alphas, t)
             v_sum[:, :, window] = v_sum[:, :, window] + v
@@ -182,6 +192,13 @@ def sample(denoiser: EchoDenoiser, latents: torch.Tensor, audio: torch.Tensor, f
     if held is not None:
         x = torch.cat([held.latents.to(x.dtype), x[:, :, held.frames:]], dim=2)
     return x
+
+
+def _frame_index(window: list[int], device: torch.device) -> slice | torch.Tensor:
+    """A window's frame indices: a slice when they are consecutive, else an index tensor on `device`."""
+    if window == list(range(window[0], window[0] + len(window))):
+        return slice(window[0], window[0] + len(window))
+    return to_device(torch.tensor(window), device)
 
 
 def _hold(x: torch.Tensor, held: Held, sched, t: torch.Tensor) -> torch.Tensor:

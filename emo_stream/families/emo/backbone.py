@@ -37,6 +37,19 @@ class BackboneOptions:
     uniform_speed: bool = True  # path, for tests and for counting what the shortcuts save (bench/flops.py)
 
 
+def join_motion(motion: torch.Tensor, hidden: torch.Tensor, frames: int) -> torch.Tensor:
+    """(b * frames, ...) hidden states -> (b * (n + frames), ...) with each sample's (b, n, ...) motion-frame
+    features in front of its frames along the frame axis."""
+    b = hidden.shape[0] // frames
+    x = torch.cat([motion.to(hidden.dtype), hidden.reshape(b, frames, *hidden.shape[1:])], dim=1)
+    return x.reshape(-1, *hidden.shape[1:])
+
+
+def drop_motion(out: torch.Tensor, batch: int, n: int) -> torch.Tensor:
+    """join_motion undone on a temporal module's output: (batch * (n + f), ...) -> (batch * f, ...)."""
+    return out.reshape(batch, -1, *out.shape[1:])[:, n:].reshape(-1, *out.shape[1:])
+
+
 class MotionFramesTransformer(AnimateDiffTransformer3D):
     """AnimateDiffTransformer3D (same parameters) at a backbone temporal site: puts the site's motion-frame
     features in front of the clip's frames along the frame axis and drops them from the output. With
@@ -57,15 +70,12 @@ class MotionFramesTransformer(AnimateDiffTransformer3D):
         if motion is None:
             return super().forward(hidden_states, encoder_hidden_states, timestep, class_labels, num_frames,
                                    cross_attention_kwargs)
-        b = hidden_states.shape[0] // num_frames
-        n = motion.shape[1]
-        x = torch.cat([motion.to(hidden_states.dtype),
-                       hidden_states.reshape(b, num_frames, *hidden_states.shape[1:])], dim=1)
-        x = x.reshape(-1, *hidden_states.shape[1:])
+        b, n = motion.shape[:2]
+        x = join_motion(motion, hidden_states, num_frames)
         if self.emo_options.prune_motion and encoder_hidden_states is None and cross_attention_kwargs is None:
             return self._pruned(x, num_frames + n, n)
         out = super().forward(x, encoder_hidden_states, timestep, class_labels, num_frames + n, cross_attention_kwargs)
-        return out.reshape(b, -1, *out.shape[1:])[:, n:].reshape(-1, *out.shape[1:])
+        return drop_motion(out, b, n)
 
     def _pruned(self, hidden_states: torch.Tensor, num_frames: int, motion: int) -> torch.Tensor:
         blocks = list(self.transformer_blocks)
@@ -75,9 +85,8 @@ class MotionFramesTransformer(AnimateDiffTransformer3D):
         f = num_frames - motion
         if last.norm_type != "layer_norm" or last.attn2 is None or last.only_cross_attention \
                 or last._chunk_size is not None:  # not AnimateDiff's block: the plain path
-            out = super().forward(hidden_states, num_frames=num_frames)
-            return out.reshape(b, num_frames, c, h, w)[:, motion:].reshape(b * f, c, h, w)
-        residual = hidden_states.reshape(b, num_frames, c, h, w)[:, motion:].reshape(b * f, c, h, w)
+            return drop_motion(super().forward(hidden_states, num_frames=num_frames), b, motion)
+        residual = drop_motion(hidden_states, b, motion)
         x = hidden_states.reshape(b, num_frames, c, h, w).permute(0, 2, 1, 3, 4)
         x = self.norm(x)  # group norm over all frames, motion frames included, as in the plain path
         x = x.permute(0, 3, 4, 2, 1).reshape(b * h * w, num_frames, c)
@@ -166,9 +175,7 @@ class Backbone(nn.Module):
             call = signature.bind(*args, **kwargs)
             hidden = call.arguments["hidden_states"]
             frames = call.arguments.get("num_frames", signature.parameters["num_frames"].default)
-            b = hidden.shape[0] // frames
-            x = torch.cat([motion.to(hidden.dtype), hidden.reshape(b, frames, *hidden.shape[1:])], dim=1)
-            call.arguments["hidden_states"] = x.reshape(-1, *hidden.shape[1:])
+            call.arguments["hidden_states"] = join_motion(motion, hidden, frames)
             call.arguments["num_frames"] = frames + motion.shape[1]
             return call.args, call.kwargs
         signature = inspect.signature(self.unet.get_submodule(site).forward)
@@ -182,9 +189,7 @@ class Backbone(nn.Module):
             motion = self.context.motion.get(site) if self.context.motion else None
             if motion is None:
                 return None
-            b, n = motion.shape[:2]
-            out = output.reshape(b, -1, *output.shape[1:])[:, n:]
-            return out.reshape(-1, *output.shape[1:])
+            return drop_motion(output, *motion.shape[:2])
         return hook
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, audio_tokens: torch.Tensor,

@@ -29,8 +29,10 @@ import torch
 import yaml
 
 from emo_stream.backend import AudioContext, BackendBase, SegmentJob
-from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
-from emo_stream.errors import ConfigError, ImageInputError, WeightsError
+from emo_stream.blocks.checks import check_crop, check_fps, check_size
+from emo_stream.timeline import SAMPLE_RATE
+from emo_stream.errors import ConfigError, WeightsError
+from emo_stream.execution import BATCH_BUCKETS, bucket_size, pad_rows, step_timesteps, to_device
 from emo_stream.families.emo.config import PRESETS, load_config
 from emo_stream.families.emo.model import CONFIG_FILE, EmoModel
 from emo_stream.families.emo.reference_net import ReferenceFeatures
@@ -120,13 +122,8 @@ class EmoBackend(BackendBase):
                  face_analyzer=None, scheduler: str | None = None, compile: str = "off",
                  channels_last: bool | None = None):
         cfg = model.config
-        if size <= 0 or size % cfg.size_multiple:
-            raise ConfigError(f"size must be a positive multiple of {cfg.size_multiple} for model {cfg.name!r} "
-                              f"(got {size})")
-        try:
-            self.spf = samples_per_frame(fps)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        check_size(size, cfg.size_multiple, f"model {cfg.name!r}")
+        self.spf = check_fps(fps)
         self.model = model
         self.size, self.fps = size, fps
         self.steps = int(cfg.sampling.steps if steps is None else steps)
@@ -159,6 +156,11 @@ class EmoBackend(BackendBase):
 
         # channels-last / torch.compile on CUDA; plain eager on the CPU (emo_stream/execution.py)
         self.execution = apply_execution(model, ExecutionOptions(compile=compile, channels_last=channels_last))
+        # compiled: batches padded to a few sizes and short (end-of-speech) segments to the segment length, so
+        # the compiled denoiser sees a bounded set of shapes whatever the number of sessions
+        compiled = self.execution["compile"] != "off"
+        self.batch_buckets: tuple[int, ...] = BATCH_BUCKETS if compiled else ()
+        self.pad_frames = compiled
 
     @classmethod
     def load(cls, model: str = "tiny", size: int = 512, fps: int = 25, device: str | None = None,
@@ -193,11 +195,10 @@ class EmoBackend(BackendBase):
         """An already cropped (size, size, 3) portrait and its face box -> EmoAvatar (no face detection)."""
         from emo_stream.face import face_region_mask
 
-        if image.shape[:2] != (self.size, self.size):
-            raise ImageInputError(f"crop must be {self.size}x{self.size}, got {image.shape[1]}x{image.shape[0]}")
+        check_crop(image, self.size)
         m = self.model
         # the head moves during a clip: EMO's mask is the union of the clip's face boxes, so widen the box
-        mask = torch.from_numpy(face_region_mask([face_box], self.size, margin=0.25))[None, None]
+        mask = torch.from_numpy(face_region_mask([face_box], self.size, margin=0.25))[None, None].to(m.device)
         x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float() / 127.5 - 1
         latent = m.encode_image(x.to(m.device)).to(m.dtype)
         reference = m.encode_reference(latent, project=True)  # its key/values too: once per avatar
@@ -258,12 +259,22 @@ class EmoBackend(BackendBase):
         feats = torch.stack([(j.features if speech else self._silent_features(frames)).to(dev) for j in jobs])
         if feats.shape[1] != frames:
             raise ValueError(f"features cover {feats.shape[1]} frames, the job asks for {frames}")
+        run = frames
+        if self.pad_frames and frames < self.stream_segment_frames:
+            # a short segment runs at the full length, its tail silent (what follows the end of speech); the
+            # extra frames are dropped
+            run = self.stream_segment_frames
+            quiet = self._silent_features(run - frames).to(dev, feats.dtype)
+            feats = torch.cat([feats, quiet[None].expand(len(jobs), *quiet.shape)], dim=1)
         reference = ReferenceFeatures.cat([j.state.avatar.reference for j in jobs])
         motion = self._motion_features([j.state for j in jobs])
         mask = torch.cat([j.state.avatar.face_mask for j in jobs])
-        speed = torch.tensor([[m.config.speed.default if j.state.speed is None else j.state.speed] * frames
-                              for j in jobs], device=dev)
+        # host data: the model decides the uniform-speed shortcut on it without reading the device back
+        speed = torch.tensor([[m.config.speed.default if j.state.speed is None else j.state.speed] * run
+                              for j in jobs])
         cond = m.condition(reference, feats, mask, speed, motion, cache=True)
+        rows = bucket_size(len(jobs), self.batch_buckets)
+        cond = cond.padded(rows)
         if self.execution["compile"] != "off":
             # CUDA graphs reuse their outputs' memory on the next replay: keep no tensor made inside the
             # compiled denoiser across steps (the audio/speed K/V are tiny; the reference K/V come from outside)
@@ -274,21 +285,32 @@ class EmoBackend(BackendBase):
         if use_cfg:
             cond = Conditioning.cat(cond, cond.with_null_audio())
         h = w = self.size // m.config.latent_factor
-        noise = [torch.randn((1, m.config.latent_channels, frames, h, w), generator=j.state.generator) for j in jobs]
-        x = torch.cat(noise).to(dev, dt)
+        noise = [torch.randn((1, m.config.latent_channels, run, h, w), generator=j.state.generator) for j in jobs]
+        x = pad_rows(to_device(torch.cat(noise), dev, dt), rows)
         sched = self._scheduler()
-        sched.set_timesteps(steps, device=dev)
+        timesteps = step_timesteps(sched, steps, dev)
         x = x * sched.init_noise_sigma
-        # LCM re-noises between steps: give it each session's own generator (one per batch row)
-        step_kwargs = {"generator": [j.state.generator for j in jobs]} if self._scheduler_name == "lcm" else {}
-        for t in sched.timesteps:
+        step_kwargs = {"generator": self._lcm_generators(jobs, dev, rows)} if self._scheduler_name == "lcm" else {}
+        # the per-step loop: no host sync in it (tests/test_device_discipline.py counts them)
+        for t, t_dev in timesteps:
             inp = torch.cat([x, x]) if use_cfg else x
-            eps = m.predict_noise(sched.scale_model_input(inp, t), t, cond)
+            eps = m.predict_noise(sched.scale_model_input(inp, t), t_dev, cond)
             if use_cfg:
                 e_c, e_u = eps.chunk(2)
                 eps = e_u + guidance * (e_c - e_u)
             x = sched.step(eps, t, x, return_dict=False, **step_kwargs)[0]
-        return x
+        return x[:len(jobs), :, :frames]
+
+    @staticmethod
+    def _lcm_generators(jobs: list[SegmentJob], dev: torch.device, rows: int) -> list[torch.Generator] | None:
+        """LCM re-noises between steps: one generator per batch row on the model's device, seeded from the
+        session's own (host) generator, so the noise is drawn where it is used (a host generator means a
+        blocking host->device copy at every step). None on the meta device (no generators there)."""
+        if dev.type == "meta":
+            return None
+        seeds = [int(torch.randint(0, 2 ** 62, (1,), generator=j.state.generator)) for j in jobs]
+        seeds += [0] * (rows - len(jobs))   # batch-bucket padding rows
+        return [torch.Generator(dev).manual_seed(s) for s in seeds]
 
     def _motion_features(self, states: list[EmoState]) -> dict[str, torch.Tensor]:
         """Per-state motion features: the reference until frames exist, then the ReferenceNet on the last
@@ -331,6 +353,24 @@ class EmoBackend(BackendBase):
         if not jobs:
             return []
         return self.decode(jobs, self.denoise(jobs))
+
+    def memory_profile(self, batches: tuple[int, ...] = (1, 4)):
+        """Device memory of this configuration (weights, per session, activations per batch), counted on a
+        structure-only twin on the meta device: no device memory is used (emo_stream.blocks.memory)."""
+        from emo_stream.blocks.memory import profile_segments, weight_bytes
+
+        m = self.model
+        twin = self if m.device.type == "meta" else EmoBackend(
+            EmoModel.build(m.config, empty=True).eval().to("meta", m.dtype), size=self.size, fps=self.fps,
+            steps=1, guidance=self.guidance, decoder=self.decoder)
+        s = self.size
+        avatar = twin.avatar_from_crop(np.zeros((s, s, 3), np.uint8), np.array([s / 4, s / 4, 3 * s / 4, 3 * s / 4]))
+        f, cfg = twin.stream_segment_frames, m.config
+
+        def jobs(n: int):
+            feats = torch.zeros(f, 2 * cfg.audio.window + 1, cfg.audio_feature_dim, device="meta", dtype=m.dtype)
+            return twin, [SegmentJob(avatar, twin.new_state(avatar, k), feats, f) for k in range(n)]
+        return profile_segments("emo", s, weight_bytes(m), jobs, lambda b, j: b.decode(j, b.denoise(j)), batches)
 
 
 def cpu_threads_default(cores: int | None = None) -> int:

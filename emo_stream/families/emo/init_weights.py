@@ -61,16 +61,12 @@ def load_taesd(folder: str | Path, config: EmoConfig) -> AutoencoderTiny:
 
 
 def load_wav2vec2(folder: str | Path, config: EmoConfig) -> AudioEncoder:
-    """A transformers wav2vec2 folder (Wav2Vec2Model or Wav2Vec2ForCTC checkpoint), offline only."""
-    from transformers import Wav2Vec2Model
+    """A transformers wav2vec2 folder (Wav2Vec2Model or Wav2Vec2ForCTC checkpoint), offline only, whose sizes
+    are the preset's."""
+    from emo_stream.blocks.wav2vec2 import load_wav2vec2 as load_encoder
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise WeightsError(f"wav2vec2 folder {folder} has no config.json: expected a transformers model folder")
-    try:
-        model = Wav2Vec2Model.from_pretrained(str(folder), local_files_only=True)
-    except Exception as exc:
-        raise WeightsError(f"cannot load wav2vec2 from {folder}: {str(exc).splitlines()[0]}") from None
+    model = load_encoder(folder)
     for key in ("hidden_size", "num_hidden_layers"):
         want = config.wav2vec2.get(key)
         got = getattr(model.config, key)

@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL, AutoencoderTiny, MotionAdapter, UNet2DCondi
 from torch import nn
 
 from emo_stream.errors import WeightsError
+from emo_stream.execution import to_device
 from emo_stream.blocks.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
 from emo_stream.blocks.checkpoint import load_checkpoint as load_checkpoint_folder
 from emo_stream.families.emo.attention import BackboneContext, cat_kv, zero_module
@@ -53,6 +54,24 @@ class Conditioning:
         ctx = BackboneContext(**{**self.context.__dict__,
                                  "kv_cache": {} if self.context.kv_cache is not None else None})
         return Conditioning(ctx, torch.zeros_like(self.audio_tokens), self.face)
+
+    def padded(self, batch: int) -> "Conditioning":
+        """The same conditioning with `batch` samples, the last one repeated (batch buckets: a compiled
+        denoiser sees a few batch sizes; the extra samples' outputs are dropped)."""
+        c = self.context
+        extra = batch - c.batch
+        if extra <= 0:
+            return self
+        rep = lambda t: torch.cat([t, t[-1:].expand(extra, *t.shape[1:])])  # noqa: E731
+        frames = self.audio_tokens.shape[0] // c.batch
+        ctx = BackboneContext(
+            batch=batch, reference={k: rep(v) for k, v in c.reference.items()} if c.reference else None,
+            motion={k: rep(v) for k, v in c.motion.items()} if c.motion else None,
+            speed=rep(c.speed) if c.speed is not None else None,
+            reference_kv={k: (rep(a), rep(v)) for k, (a, v) in c.reference_kv.items()} if c.reference_kv else None,
+            kv_cache={} if c.kv_cache is not None else None, speed_uniform=c.speed_uniform)
+        audio = torch.cat([self.audio_tokens, self.audio_tokens[-frames:].repeat(extra, 1, 1)])
+        return Conditioning(ctx, audio, rep(self.face))
 
     @staticmethod
     def cat(a: "Conditioning", b: "Conditioning") -> "Conditioning":
@@ -191,10 +210,14 @@ class EmoModel(nn.Module):
         b, f = audio_features.shape[:2]
         dev, dt = self.device, self.dtype
         n = next(iter(motion.values())).shape[1] if motion else 0
-        constant_speed = speed is None
         if speed is None:
+            uniform = True
             speed = torch.full((b, f), self.config.speed.default, device=dev)
-        speed = speed.to(dev).float()
+        else:
+            # equal speeds in a row give equal tokens; decided on the host's copy only: reading a device tensor
+            # back would wait for the GPU once per segment (a device speed gets the plain, equally exact path)
+            uniform = speed.device.type == "cpu" and bool((speed == speed[:, :1]).all())
+        speed = to_device(speed, dev).float()
         if speed.shape[1] == f and n:
             speed = torch.cat([speed[:, :1].expand(-1, n), speed], dim=1)
         if speed.shape != (b, n + f):
@@ -204,9 +227,7 @@ class EmoModel(nn.Module):
                               motion={k: v.to(dev, dt) for k, v in motion.items()} if motion else None,
                               speed=speed_tokens,
                               # a constant head speed gives equal tokens: the speed attention is one vector
-                              speed_uniform=self.backbone.options.uniform_speed and (
-                                  constant_speed or (speed_tokens.device.type != "meta" and
-                                                     bool((speed_tokens == speed_tokens[:, :1]).all()))))
+                              speed_uniform=self.backbone.options.uniform_speed and uniform)
         if cache:
             if reference.kv is not None:
                 ctx.reference_kv = {k: (a.to(dev, dt), v.to(dev, dt)) for k, (a, v) in reference.kv.items()}

@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 from emo_stream.backend import AudioContext, BackendBase, SegmentJob
-from emo_stream.errors import ConfigError, ImageInputError
+from emo_stream.blocks.checks import check_crop, check_fps, check_size
+from emo_stream.errors import ConfigError
+from emo_stream.execution import to_device
 from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 
 log = logging.getLogger(__name__)
@@ -65,12 +67,10 @@ class HalloBackend(BackendBase):
                  guidance: float | None = None, decoder: str | None = None, segment_frames: int | None = None,
                  left_context_s: float = 2.0, face_analyzer=None):
         cfg = model.config
-        if size <= 0 or size % 64:
-            raise ConfigError(f"size must be a positive multiple of 64 for Hallo (got {size})")
+        check_size(size, 64, "Hallo")
         if fps != cfg.fps:
             log.warning("Hallo was trained at %d fps; rendering at %d fps", cfg.fps, fps)
-        if fps <= 0 or SAMPLE_RATE % fps:
-            raise ConfigError(f"fps must divide 16000 (got {fps})")
+        spf = check_fps(fps)
         if decoder not in (None, "vae"):
             raise ConfigError(f"Hallo decodes with its VAE only (got --decoder {decoder})")
         if model.vae is None:
@@ -88,7 +88,6 @@ class HalloBackend(BackendBase):
         p = next(model.denoising_unet.parameters())
         self.device, self.dtype = p.device, p.dtype
         self._face_analyzer = face_analyzer
-        spf = samples_per_frame(fps)
         self.audio_context = AudioContext(left_samples=int(round(left_context_s * fps)) * spf,
                                           lookahead_frames=LOOKAHEAD_FRAMES)
         self._silence: dict[int, torch.Tensor] = {}
@@ -108,8 +107,7 @@ class HalloBackend(BackendBase):
         """A (size, size, 3) crop, its dlib 68 points and its 512-d face embedding -> HalloAvatar."""
         from emo_stream.families.hallo.masks import boxes_from_dlib68, region_masks
 
-        if image.shape[:2] != (self.size, self.size):
-            raise ImageInputError(f"crop must be {self.size}x{self.size}, got {image.shape[1]}x{image.shape[0]}")
+        check_crop(image, self.size)
         m, dev, dt = self.model, self.device, self.dtype
         face_box, lip_box = boxes_from_dlib68(landmarks68)
         rm = region_masks(face_box, lip_box, self.size, self.size, face_expand_ratio=m.config.face_expand_ratio)
@@ -118,10 +116,10 @@ class HalloBackend(BackendBase):
         emb = torch.zeros(1, 512) if embedding is None else torch.as_tensor(np.asarray(embedding)).reshape(1, -1)
         cond, uncond = m.face_tokens(emb.to(dev, dt))
         pixels = torch.from_numpy(np.array(image, np.uint8)).permute(2, 0, 1)[None].float() / 127.5 - 1
-        region = rm.face_region().to(dev, dt)
-        return HalloAvatar(image=image, pixels=pixels, face_mask=region[0].float().cpu(), masks=masks,
+        region = rm.face_region()           # on the host: the motion-frame mask stays there, no read-back
+        return HalloAvatar(image=image, pixels=pixels, face_mask=region[0].float(), masks=masks,
                            face_tokens=cond, uncond_face_tokens=uncond,
-                           face_feature=m.face_feature(region, 1))
+                           face_feature=m.face_feature(region.to(dev, dt), 1))
 
     def new_state(self, avatar: HalloAvatar, seed: int = 0) -> HalloState:
         return HalloState(avatar=avatar, generator=torch.Generator().manual_seed(int(seed)))
@@ -155,13 +153,13 @@ class HalloBackend(BackendBase):
             keep = (torch.rand(motion.shape[-2:], generator=state.generator) > cfg.hallo2_motion_mask_rate)
             keep = keep.float().clamp(min=av.face_mask)   # inside the face nothing is dropped
             motion = motion * keep
-        ref_latents = m.encode_images(torch.cat([av.pixels, motion]).to(self.device, self.dtype))
+        ref_latents = m.encode_images(to_device(torch.cat([av.pixels, motion]), self.device, self.dtype))
         clip = ClipInputs(ref_latents=ref_latents, face_tokens=av.face_tokens,
                           uncond_face_tokens=av.uncond_face_tokens,
                           audio_tokens=m.audio_tokens(wins.to(self.device, self.dtype)), masks=av.masks,
                           face_feature=av.face_feature.repeat(1, 1, f, 1, 1))
         h = self.size // 8
-        noise = torch.randn((1, 4, f, h, h), generator=state.generator, dtype=self.dtype).to(self.device)
+        noise = to_device(torch.randn((1, 4, f, h, h), generator=state.generator, dtype=self.dtype), self.device)
         latents = m.sample_clip(noise * m.scheduler.init_noise_sigma, clip, steps=self.steps, guidance=self.guidance)
         pixels = m.decode_latents(latents[0].transpose(0, 1)).float().cpu()        # (f, 3, H, W) in [0, 1]
         keep = torch.cat([state.motion_pixels, pixels * 2 - 1]) if state.motion_pixels is not None and f < nm \

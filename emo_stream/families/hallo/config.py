@@ -16,6 +16,9 @@ from typing import Any
 from emo_stream.errors import ConfigError
 
 ARCHITECTURE = "hallo"
+# net.pth top-level prefix -> attribute path of HalloModel's module holding the same keys
+NET_PREFIXES = {"reference_unet": "reference_unet.unet", "denoising_unet": "denoising_unet.unet",
+                "face_locator": "face_locator", "imageproj": "imageproj", "audioproj": "audioproj"}
 
 SD15_UNET: dict[str, Any] = {
     "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False,

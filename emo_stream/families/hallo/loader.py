@@ -29,12 +29,9 @@ import torch
 import yaml
 
 from emo_stream.errors import WeightsError
-from emo_stream.families.hallo.config import ARCHITECTURE, HalloConfig
+from emo_stream.families.hallo.config import ARCHITECTURE, NET_PREFIXES, HalloConfig
 
 log = logging.getLogger(__name__)
-
-NET_PREFIXES = ("reference_unet.", "denoising_unet.", "face_locator.", "imageproj.", "audioproj.")
-
 
 def load_net_file(path: str | Path) -> dict[str, torch.Tensor]:
     """net.pth -> flat state dict, read with weights_only=True. Missing / truncated / foreign files are one
@@ -55,10 +52,10 @@ def load_net_file(path: str | Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise WeightsError(f"{path}: expected a flat state dict of tensors (Hallo's Net.state_dict())")
-    if not any(k.startswith(NET_PREFIXES) for k in state):
+    if not any(k.startswith(tuple(p + "." for p in NET_PREFIXES)) for k in state):
         first = next(iter(state), "<empty>")
         raise WeightsError(f"{path}: not a Hallo net.pth (first key {first!r}; expected prefixes "
-                           f"{', '.join(p.rstrip('.') for p in NET_PREFIXES)})")
+                           f"{', '.join(NET_PREFIXES)})")
     return state
 
 
@@ -156,20 +153,15 @@ def sizes_from_state(config: HalloConfig, state: dict[str, torch.Tensor]) -> Hal
 
 def load_hallo(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """A HalloModel from a download folder or from our converted checkpoint (eval mode, on `device`)."""
-    from emo_stream.families.hallo.audio import load_wav2vec2
+    from emo_stream.blocks.wav2vec2 import load_wav2vec2
     from emo_stream.families.hallo.model import HalloModel
 
     path = Path(path)
     found = find_download(path)
     if found is not None:
         log.info("loading %s", found.describe())
-        if found.wav2vec2 is None:
-            raise WeightsError(f"{found.root}: wav2vec/wav2vec2-base-960h is missing (download the whole "
-                               f"fudan-generative-ai/{found.variant} repository)")
-        config = config_for_download(found)
+        config, state = read_download(found)
         wav = load_wav2vec2(found.wav2vec2)
-        state = load_net_file(found.net)
-        config = sizes_from_state(config, state)
         source = str(found.net)
     else:
         cfg_path = path / "config.yaml"
@@ -204,6 +196,16 @@ def load_hallo(path: str | Path, device: str | torch.device | None = None, dtype
     return model
 
 
+def read_download(found: HalloDownload, config: HalloConfig | None = None) -> tuple[HalloConfig, dict]:
+    """(config sized from net.pth unless given, net.pth's state dict) of a download; a download without its
+    wav2vec2 folder is one WeightsError line (loading and converting both need it)."""
+    if found.wav2vec2 is None:
+        raise WeightsError(f"{found.root}: wav2vec/wav2vec2-base-960h is missing (download the whole "
+                           f"fudan-generative-ai/{found.variant} repository)")
+    state = load_net_file(found.net)
+    return config or sizes_from_state(config_for_download(found), state), state
+
+
 def load_vae(folder: Path):
     """diffusers AutoencoderKL folder (sd-vae-ft-mse as downloaded) -> the VAE (eval)."""
     from diffusers import AutoencoderKL
@@ -221,21 +223,13 @@ def convert(folder: Path, out: Path, config: HalloConfig | None = None) -> Path:
     found = find_download(folder)
     if found is None:
         raise WeightsError(f"{folder}: not a Hallo / Hallo2 download (no hallo/net.pth or hallo2/net.pth)")
-    if found.wav2vec2 is None:
-        raise WeightsError(f"{found.root}: wav2vec/wav2vec2-base-960h is missing")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = load_net_file(found.net)
-    config = config or sizes_from_state(config_for_download(found), state)
-    # check it loads before writing anything big (shape errors name the key)
+    config, state = read_download(found, config)
+    # the loader's own key and shape check, on the meta device, before writing anything big
     from emo_stream.families.hallo.model import HalloModel
     with torch.device("meta"):
-        meta = HalloModel(config)
-    own = meta.net_state_dict()
-    bad = [k for k in own if k not in state or tuple(state[k].shape) != tuple(own[k].shape)]
-    if bad or len(state) != len(own):
-        k = bad[0] if bad else next(k for k in state if k not in own)
-        raise WeightsError(f"{found.net}: does not match the Hallo architecture (first mismatch {k})")
+        HalloModel(config).check_net_state(state, str(found.net))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "net.safetensors"))
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     wav_out = out / "wav2vec2"

@@ -24,13 +24,10 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from emo_stream.errors import WeightsError
-from emo_stream.families.hallo.config import HalloConfig
+from emo_stream.execution import step_timesteps
+from emo_stream.families.hallo.config import NET_PREFIXES, HalloConfig
 from emo_stream.families.hallo.modules import AudioProj, FaceLocator, ImageProj
 from emo_stream.families.hallo.unet import Denoiser, ReferenceNet
-
-# net.pth top-level prefix -> attribute path of our module holding the same keys
-NET_PREFIXES = {"reference_unet": "reference_unet.unet", "denoising_unet": "denoising_unet.unet",
-                "face_locator": "face_locator", "imageproj": "imageproj", "audioproj": "audioproj"}
 
 
 @dataclass
@@ -75,6 +72,15 @@ class HalloModel(nn.Module):
     def load_net_state(self, state: dict[str, torch.Tensor], source: str = "net.pth") -> None:
         """Strict load of a net.pth state dict (any float dtype; cast into our modules' dtype).
         A missing / unexpected key or a shape mismatch is one WeightsError line naming `source` and the key."""
+        self.check_net_state(state, source)
+        for prefix, path in NET_PREFIXES.items():
+            module = self.get_submodule(path)
+            dtype = next(module.parameters()).dtype
+            sub = {k[len(prefix) + 1:]: v.to(dtype) for k, v in state.items() if k.startswith(prefix + ".")}
+            module.load_state_dict(sub, strict=True)
+
+    def check_net_state(self, state: dict[str, torch.Tensor], source: str = "net.pth") -> None:
+        """The keys and shapes of a net.pth state dict against this model (works on the meta device)."""
         own = self.net_state_dict()
         for key, value in own.items():
             if key not in state:
@@ -87,11 +93,6 @@ class HalloModel(nn.Module):
         if extra:
             raise WeightsError(f"{source}: unexpected tensor {extra[0]} (shape {tuple(state[extra[0]].shape)}); "
                                f"{len(extra)} unexpected in all (not a Hallo net.pth?)")
-        for prefix, path in NET_PREFIXES.items():
-            module = self.get_submodule(path)
-            dtype = next(module.parameters()).dtype
-            sub = {k[len(prefix) + 1:]: v.to(dtype) for k, v in state.items() if k.startswith(prefix + ".")}
-            module.load_state_dict(sub, strict=True)
 
     # ---- conditioning ----------------------------------------------------------------------------
     def face_tokens(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,10 +172,11 @@ class HalloModel(nn.Module):
         steps = steps or self.config.steps
         guidance = self.config.guidance if guidance is None else guidance
         guided = guidance > 1.0
-        self.scheduler.set_timesteps(steps, device=latents.device)
+        timesteps = step_timesteps(self.scheduler, steps, latents.device)
         self.prepare_reference(clip, guided)
-        for i, t in enumerate(self.scheduler.timesteps):
-            x = self.scheduler.scale_model_input(latents, t)
+        # the per-step loop: no host sync in it (the scheduler gets host ints, the model device tensors)
+        for i, (t_host, t) in enumerate(timesteps):
+            x = self.scheduler.scale_model_input(latents, t_host)
             pred = self.denoise(x, t, clip, guided)
             if guided:
                 uncond, cond = pred.chunk(2)
@@ -183,5 +185,5 @@ class HalloModel(nn.Module):
                 uncond, cond, out = None, pred, pred
             if callback is not None:
                 callback(i, t, out, uncond, cond)
-            latents = self.scheduler.step(out, t, latents, eta=0.0, return_dict=False)[0]
+            latents = self.scheduler.step(out, t_host, latents, eta=0.0, return_dict=False)[0]
         return latents

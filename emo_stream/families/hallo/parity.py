@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from emo_stream.errors import ConfigError, WeightsError
+from emo_stream.blocks.wav2vec2 import load_wav2vec2
 from emo_stream.families.hallo import audio as haudio
 from emo_stream.families.hallo.config import HalloConfig
 from emo_stream.families.hallo.loader import load_net_file
@@ -111,16 +111,11 @@ def _err(a: torch.Tensor | np.ndarray, b: torch.Tensor) -> float:
 
 def read_wav_pcm16(path: Path) -> np.ndarray:
     """16-bit mono WAV -> float32 / 32768 (what librosa.load gives for such a file at its own rate)."""
+    from emo_stream.pcm import read_wav16
+
     if not Path(path).is_file():
         raise _format_error()(f"{path} is missing")
-    try:
-        with wave.open(str(path), "rb") as w:
-            if w.getsampwidth() != 2 or w.getnchannels() != 1 or w.getframerate() != haudio.SAMPLE_RATE:
-                raise _format_error()(f"{path}: expected 16 kHz mono PCM16")
-            data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
-    except (OSError, wave.Error, EOFError) as exc:
-        raise _format_error()(f"{path}: cannot read ({exc})") from None
-    return data.astype(np.float32) / 32768.0
+    return read_wav16(path, _format_error())
 
 
 def wav_path(golden: Path, case: dict) -> Path:
@@ -157,7 +152,7 @@ def build_model(golden: Path, case: dict) -> HalloModel:
     if not weights.is_dir():
         raise _format_error()(f"{golden}: no weights/ folder")
     wav_dir = weights / "wav2vec2-base-960h"
-    wav2vec2 = haudio.load_wav2vec2(wav_dir) if wav_dir.is_dir() else None
+    wav2vec2 = load_wav2vec2(wav_dir) if wav_dir.is_dir() else None
     try:
         model = HalloModel(config, wav2vec2).eval()
     except (KeyError, TypeError, ValueError) as exc:

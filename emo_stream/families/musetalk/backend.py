@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from emo_stream.backend import AudioContext, BackendBase, SegmentJob
+from emo_stream.blocks.checks import check_fps
 from emo_stream.errors import ConfigError, ImageInputError
 from emo_stream.families.musetalk import audio as audio_mod
 from emo_stream.families.musetalk.avatar import MuseTalkAvatar, content_key, default_cache_dir, restore, store
@@ -75,10 +76,7 @@ class MuseTalkBackend(BackendBase):
                  face_analyzer=None):
         if size < 64 or size > 2048 or size % 2:
             raise ConfigError(f"size must be an even number of pixels between 64 and 2048: got {size}")
-        try:
-            samples_per_frame(fps)
-        except ValueError:
-            raise ConfigError(f"fps must be positive and divide 16000 (e.g. 25 or 20): got {fps}") from None
+        check_fps(fps)
         if portrait_motion not in PORTRAIT_MOTIONS:
             raise ConfigError(f"portrait_motion must be one of {', '.join(PORTRAIT_MOTIONS)}: got {portrait_motion!r}")
         if segment_frames < 1 or clip_frames < 1 or max_batch_frames < 1:

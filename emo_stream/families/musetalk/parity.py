@@ -17,7 +17,6 @@ Float tensors are max abs errors; uint8 pictures are GreyLevels (held to 1 grey 
 from __future__ import annotations
 
 import logging
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +68,11 @@ def _err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _read_wav(path: Path) -> np.ndarray:
     """16 kHz mono PCM16 as float32 / 32768 (what librosa.load(sr=16000) gives for such a file)."""
+    from emo_stream.pcm import read_wav16
+
     if not path.is_file():
         raise GoldenFormatError(f"{path} is missing")
-    try:
-        with wave.open(str(path)) as w:
-            if w.getframerate() != 16000 or w.getnchannels() != 1 or w.getsampwidth() != 2:
-                raise GoldenFormatError(f"{path}: expected 16 kHz mono PCM16 (MuseTalk converts its input to that)")
-            return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768.0
-    except (wave.Error, EOFError) as exc:
-        raise GoldenFormatError(f"{path}: cannot read ({exc})") from None
+    return read_wav16(path, GoldenFormatError, " (MuseTalk converts its input to that)")
 
 
 def face_crop_bgr(frame_bgr: np.ndarray, box, extra_margin: int, size: int) -> tuple[np.ndarray, list[int]]:

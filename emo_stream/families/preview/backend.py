@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from emo_stream.backend import AudioContext, BackendBase, SegmentJob, samples_per_frame
+from emo_stream.blocks.checks import check_fps
 from emo_stream.errors import ConfigError, ImageInputError
 from emo_stream.face import FaceAnalyzer, FaceInfo, no_face_error
 from emo_stream.families.preview.motion import MotionConfig, MotionModel, MotionState
@@ -79,10 +80,7 @@ class PreviewBackend(BackendBase):
         if size < 64 or size > 2048 or size % 2:
             # even: H.264 (yuv420p) cannot encode odd widths
             raise ConfigError(f"preview size must be an even number of pixels between 64 and 2048: got {size}")
-        try:
-            samples_per_frame(fps)
-        except ValueError:
-            raise ConfigError(f"fps must be positive and divide 16000 (e.g. 25 or 20): got {fps}") from None
+        check_fps(fps)
         if clip_frames < 1:
             raise ConfigError(f"clip_frames must be >= 1: got {clip_frames}")
         self.size = int(size)

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from emo_stream.backend import AudioContext, SegmentJob, samples_per_frame
+from emo_stream.backend import AudioContext, SegmentJob
+from emo_stream.blocks.checks import check_fps
 from emo_stream.errors import ConfigError, ImageInputError
 
 FULL_SCALE = 2 / np.pi          # mean |x| of a full-scale sine: white
@@ -120,10 +121,7 @@ class SyncTestBackend:
             raise ConfigError(f"unknown option(s) for the synctest backend: {', '.join(sorted(ignored))}")
         if size < 32 or size > 2048 or size % 2:
             raise ConfigError(f"synctest size must be an even number of pixels between 32 and 2048: got {size}")
-        try:
-            self._spf = samples_per_frame(fps)
-        except ValueError:
-            raise ConfigError(f"fps must be positive and divide 16000 (e.g. 25 or 20): got {fps}") from None
+        self._spf = check_fps(fps)
         self.size = int(size)
         self.fps = int(fps)
         self.clip_frames = int(clip_frames)
