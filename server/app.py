@@ -198,6 +198,9 @@ class StreamServer:
         image = await asyncio.to_thread(default_image, cfg)
         await self.avatars.set_default(image)
         self._poster = await asyncio.to_thread(poster_jpeg, image, cfg.size)
+        if cfg.sessions.max_sessions is None:
+            # an engine built elsewhere (embedding, tests): its own session limit, else the CPU default 4
+            cfg.sessions.max_sessions = getattr(getattr(self.engine, "config", None), "max_sessions", None) or 4
         self.sessions = SessionManager(self.engine, cfg, self.clock)
         self.routes = HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster)
         self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url,
