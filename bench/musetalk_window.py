@@ -100,6 +100,8 @@ def main() -> None:
     files = args.audio or [SHARED / "audio" / "eng_60s_16k.wav", SHARED / "clips" / "short_case_10" / "aud.mp3",
                            SHARED / "clips" / "emo_talk_kara" / "aud.mp3"]
     files = [f for f in files if Path(f).is_file()]
+    if not files:   # ../shared/data absent and no --audio given
+        raise SystemExit("no speech to measure: pass --audio FILE (../shared/data is not present)")
     results: dict[str, dict] = {}
     t0 = time.time()
     with torch.no_grad():
