@@ -1,4 +1,5 @@
-"""Helpers every benchmark shares: naming the device, reading memory, printing/writing the JSON result.
+"""Helpers the benchmarks share: naming the device, reading memory, printing/writing the JSON result, a `serve`
+process to measure and a bot that talks to it.
 
 Benchmarks run as scripts (`python bench/x.py`), so Python puts bench/ first on sys.path and they import
 this module as `_common`. Importing it also puts the repository root on sys.path, for `emo_stream`/`server`.
@@ -7,13 +8,15 @@ this module as `_common`. Importing it also puts the repository root on sys.path
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import platform
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -106,3 +109,36 @@ def apply_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def start_server_process(args: list[str], repo: str | Path = REPO, timeout: float = 120.0):
+    """`serve *args` in a child process with the code of the checkout `repo`: (process, base URL); exits with
+    the server's last lines of output where it does not start (server/serve_process.py)."""
+    from server.serve_process import ServerDidNotStart, start_serve_process
+
+    try:
+        return start_serve_process(args, repo=repo, timeout=timeout)
+    except ServerDidNotStart as exc:
+        raise SystemExit(str(exc)) from None
+
+
+@contextlib.asynccontextmanager
+async def talking_in_real_time(bot, clip, pause_s: float) -> AsyncIterator[None]:
+    """While inside: the bot says `clip` (16 kHz float speech) over and over, in 20 ms messages at real-time pace
+    as a voice pipeline sends them, each time one utterance followed by `pause_s` of silence."""
+    chunk = 320
+
+    async def talk() -> None:
+        while True:
+            for i in range(0, len(clip), chunk):
+                await bot.send_audio(clip[i:i + chunk])
+                await asyncio.sleep(chunk / 16000)
+            await bot.end_segment()
+            await asyncio.sleep(pause_s)
+
+    task = asyncio.create_task(talk())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
