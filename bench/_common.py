@@ -142,3 +142,45 @@ async def talking_in_real_time(bot, clip, pause_s: float) -> AsyncIterator[None]
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+# ---- the learning proofs (bench/learn_sync.py, learn_distill.py, learn_musetalk_sync.py) ------------------------
+def start_learning_run(threads: int) -> float:
+    """Timestamped log lines (training logs its progress) and `threads` torch CPU threads; the start time."""
+    import logging
+    import time
+
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    torch.set_num_threads(threads)
+    return time.monotonic()
+
+
+def shared_cpu_device(threads: int) -> str:
+    """The device of a CPU learning run, with the load average at its end: other work on the shared machine
+    stretches its minutes."""
+    return device_name(detail=f"{os.cpu_count()} cores, torch threads {threads}; shared with other work: "
+                              f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def loss_summary(losses: list[float], decimals: int = 4) -> dict[str, float]:
+    """Mean loss of the first and of the last tenth of the steps (single steps are noisy)."""
+    import numpy as np
+
+    k = max(1, len(losses) // 10)
+    return {"loss_first": round(float(np.mean(losses[:k])), decimals),
+            "loss_last": round(float(np.mean(losses[-k:])), decimals)}
+
+
+def save_contact_sheet(path: str | Path, rows: list) -> None:
+    """Frames side by side, one row per sequence of (H, W, 3) uint8 frames, as a picture next to the JSON."""
+    import numpy as np
+
+    try:
+        from PIL import Image
+
+        Image.fromarray(np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)).save(path)
+    except Exception:  # noqa: BLE001 (a picture is a bonus: the measured result stands without it)
+        pass
