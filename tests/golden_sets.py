@@ -129,6 +129,22 @@ def echomimic_case(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def echomimic_denoiser_case(model, ref: torch.Tensor, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
+                            face: torch.Tensor) -> dict[str, torch.Tensor]:
+    """EchoMimic's denoiser at one step, as a set's denoiser_single case stores it: the prediction, the same with
+    the reference bank kept in float32, and the guidance pair (unconditioned, conditioned) as one batch of two."""
+    bank = model.encode_reference(ref)
+    pair = model.denoise(x.repeat(2, 1, 1, 1, 1), t[0], torch.cat([torch.zeros_like(tokens), tokens]),
+                         torch.cat([torch.zeros_like(face), face]), torch.tensor([False, True]), bank)
+    model.config.bank_dtype = "float32"
+    bank32 = model.encode_reference(ref)
+    model.config.bank_dtype = "float16"
+    return {"ref_latents": ref, "latents": x, "timestep": t,
+            "pred": model.denoise(x, t[0], tokens, face, None, bank),
+            "pred_bank_fp32": model.denoise(x, t[0], tokens, face, None, bank32),
+            "cfg_pred_uncond": pair[:1], "cfg_pred_cond": pair[1:]}
+
+
 def make_echomimic_set(root: Path, **overrides: Any) -> Path:
     from emo_stream.families.echomimic.sampling import (EchoSampling, context_windows, initial_latents, make_scheduler,
                                                rotated, sample)
@@ -169,16 +185,7 @@ def make_echomimic_set(root: Path, **overrides: Any) -> Path:
         x = torch.randn(1, 4, frames, *lat, generator=gen)
         t = torch.tensor([spec["timestep"]])
         tokens = chunks[:frames][None]
-        bank = model.encode_reference(ref)
-        pair = model.denoise(x.repeat(2, 1, 1, 1, 1), t[0], torch.cat([torch.zeros_like(tokens), tokens]),
-                             torch.cat([torch.zeros_like(face), face]), torch.tensor([False, True]), bank)
-        model.config.bank_dtype = "float32"
-        bank32 = model.encode_reference(ref)
-        model.config.bank_dtype = "float16"
-        single = {"ref_latents": ref, "latents": x, "timestep": t,
-                  "pred": model.denoise(x, t[0], tokens, face, None, bank),
-                  "pred_bank_fp32": model.denoise(x, t[0], tokens, face, None, bank32),
-                  "cfg_pred_uncond": pair[:1], "cfg_pred_cond": pair[1:]}
+        single = echomimic_denoiser_case(model, ref, x, t, tokens, face)
         _save(single, root / case["denoiser_single_case"]["file"])
         case["denoiser_single_case"]["tensors"] = _shapes(single)   # listed, so a missing one is an error
 
