@@ -47,12 +47,17 @@ async def bot_session(url: str, clip: np.ndarray, seconds: float, warmup: float)
         await bot.start(sample_rate=16000, frames="jpeg")
 
         async def sender():
+            # paced on an absolute clock: sleeping 20 ms after each send oversleeps a little every time, and
+            # audio that arrives slower than real time makes fewer than 25 frames a second by itself
+            due = time.monotonic()
             while True:
                 for i in range(0, len(clip), chunk):
                     await bot.send_audio(clip[i:i + chunk])
-                    await asyncio.sleep(chunk / 16000)
+                    due += chunk / 16000
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
                 await bot.end_segment()
-                await asyncio.sleep(0.5)
+                due += 0.5
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
 
         send = asyncio.create_task(sender())
         arrivals: list[float] = []
