@@ -37,10 +37,11 @@ def start_serve_process(args: list[str], *, repo: str | Path, env: dict[str, str
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(repo), **(env or {})})
     last_lines: collections.deque[str] = collections.deque(maxlen=40)
-    t0 = time.monotonic()
+    t0, output_ended = time.monotonic(), False
     while time.monotonic() - t0 < timeout:
         line = proc.stdout.readline()
         if not line:
+            output_ended = True
             break
         last_lines.append(line)
         found = SERVING_URL.search(line)
@@ -48,9 +49,14 @@ def start_serve_process(args: list[str], *, repo: str | Path, env: dict[str, str
             # keep draining the server's output so its pipe never fills and blocks it
             threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
             return proc, found.group(0)
+    try:   # its output ended: it is exiting, give it a moment to say how
+        exit_code = proc.wait(10) if output_ended else None
+    except subprocess.TimeoutExpired:
+        exit_code = None
     proc.kill()
-    raise ServerDidNotStart(f"the server in {repo} did not start (no URL within {timeout:g} s):\n"
-                            + "".join(last_lines))
+    proc.wait()
+    why = f"exit code {exit_code}" if exit_code is not None else f"no URL within {timeout:g} s"
+    raise ServerDidNotStart(f"the server in {repo} did not start ({why}):\n" + "".join(last_lines))
 
 
 def stop_serve_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:

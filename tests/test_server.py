@@ -186,7 +186,7 @@ def test_a_serve_process_that_exits_is_reported_with_its_output(tmp_path):
 
     path = tmp_path / "bad.yaml"
     path.write_text("port: -1\n")
-    with pytest.raises(ServerDidNotStart, match="(?s)did not start.*port must be positive"):
+    with pytest.raises(ServerDidNotStart, match=r"(?s)did not start \(exit code 2\).*port must be positive"):
         start_serve_process(["--config", str(path)], repo=Path(__file__).resolve().parents[1], timeout=60)
 
 
