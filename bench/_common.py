@@ -1,4 +1,5 @@
-"""Helpers every benchmark shares: naming the device, reading memory, printing/writing the JSON result.
+"""Helpers the benchmarks share: naming the device, reading memory, printing/writing the JSON result, a `serve`
+process to measure and a bot that talks to it.
 
 Benchmarks run as scripts (`python bench/x.py`), so Python puts bench/ first on sys.path and they import
 this module as `_common`. Importing it also puts the repository root on sys.path, for `emo_stream`/`server`.
@@ -7,13 +8,16 @@ this module as `_common`. Importing it also puts the repository root on sys.path
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import platform
 import resource
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -106,3 +110,82 @@ def apply_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def start_server_process(args: list[str], repo: str | Path = REPO, timeout: float = 120.0):
+    """`serve *args` in a child process with the code of the checkout `repo`: (process, base URL); exits with
+    the server's last lines of output where it does not start (server/serve_process.py)."""
+    from server.serve_process import ServerDidNotStart, start_serve_process
+
+    try:
+        return start_serve_process(args, repo=repo, timeout=timeout)
+    except ServerDidNotStart as exc:
+        raise SystemExit(str(exc)) from None
+
+
+@contextlib.asynccontextmanager
+async def talking_in_real_time(bot, clip, pause_s: float) -> AsyncIterator[None]:
+    """While inside: the bot says `clip` (16 kHz float speech) over and over, in 20 ms messages at real-time pace
+    as a voice pipeline sends them, each time one utterance followed by `pause_s` of silence."""
+    chunk = 320
+
+    async def talk() -> None:
+        # paced on an absolute clock: sleeping 20 ms after each send oversleeps a little every time, and audio
+        # that arrives slower than real time makes fewer than 25 frames a second by itself (23.6-24.1 measured)
+        due = time.monotonic()
+        while True:
+            for i in range(0, len(clip), chunk):
+                await bot.send_audio(clip[i:i + chunk])
+                due += chunk / 16000
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+            await bot.end_segment()
+            due += pause_s
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+
+    task = asyncio.create_task(talk())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+# ---- the learning proofs (bench/learn_sync.py, learn_distill.py, learn_musetalk_sync.py) ------------------------
+def start_learning_run(threads: int) -> float:
+    """Timestamped log lines (training logs its progress) and `threads` torch CPU threads; the start time."""
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    torch.set_num_threads(threads)
+    return time.monotonic()
+
+
+def shared_cpu_device(threads: int) -> str:
+    """The device of a CPU learning run, with the load average at its end: other work on the shared machine
+    stretches its minutes."""
+    return device_name(detail=f"{os.cpu_count()} cores, torch threads {threads}; shared with other work: "
+                              f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def loss_summary(losses: list[float], decimals: int = 4) -> dict[str, float]:
+    """Mean loss of the first and of the last tenth of the steps (single steps are noisy)."""
+    import numpy as np
+
+    k = max(1, len(losses) // 10)
+    return {"loss_first": round(float(np.mean(losses[:k])), decimals),
+            "loss_last": round(float(np.mean(losses[-k:])), decimals)}
+
+
+def save_contact_sheet(path: str | Path, rows: list) -> None:
+    """Frames side by side, one row per sequence of (H, W, 3) uint8 frames, as a picture next to the JSON."""
+    import numpy as np
+
+    try:
+        from PIL import Image
+
+        Image.fromarray(np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0)).save(path)
+    except Exception:  # noqa: BLE001 (a picture is a bonus: the measured result stands without it)
+        pass

@@ -88,7 +88,36 @@ INIT_SCRIPT = r"""
     const orig = md.getUserMedia.bind(md);
     md.getUserMedia = async (c) => { const s = await orig(c); window.__mic = s; return s; };
   }
-  window.__avs = { frames: [], env: [], clickAt: null };
+  window.__avs = { frames: [], env: [], map: [], rx: [], clickAt: null };
+  // each receiver's jitter-buffer delay, sampled every second: [performance ms, kind, delay s, emitted]
+  setInterval(async () => {
+    for (const pc of (window.__pcs || [])) {
+      if (pc.connectionState !== 'connected') continue;
+      (await pc.getStats()).forEach((r) => {
+        if (r.type === 'inbound-rtp') window.__avs.rx.push([performance.now(), r.kind, r.jitterBufferDelay, r.jitterBufferEmittedCount]);
+      });
+    }
+  }, 1000);
+  // every peer connection the page makes, for its receivers' jitter-buffer figures (getStats)
+  window.__pcs = [];
+  const PC = window.RTCPeerConnection;
+  if (PC) window.RTCPeerConnection = class extends PC { constructor(...a) { super(...a); window.__pcs.push(this); } };
+  window.__rxStats = async () => {
+    const out = {};
+    for (const pc of window.__pcs) {
+      if (pc.connectionState === 'closed') continue;
+      (await pc.getStats()).forEach((r) => {
+        if (r.type !== 'inbound-rtp') return;
+        const n = r.jitterBufferEmittedCount || 0;
+        out[r.kind] = { jitter_buffer_ms: n ? Math.round(1000 * r.jitterBufferDelay / n * 10) / 10 : null,
+                        target_ms: n && r.jitterBufferTargetDelay ? Math.round(1000 * r.jitterBufferTargetDelay / n * 10) / 10 : null,
+                        packets_lost: r.packetsLost, frames_dropped: r.framesDropped,
+                        concealed: r.concealedSamples, removed_for_acceleration: r.removedSamplesForAcceleration,
+                        inserted_for_deceleration: r.insertedSamplesForDeceleration };
+      });
+    }
+    return out;
+  };
   document.addEventListener('click', (e) => {
     if (e.target && e.target.id === 'start' && window.__avs.clickAt === null) window.__avs.clickAt = performance.now();
   }, true);
@@ -116,6 +145,11 @@ INIT_SCRIPT = r"""
     ctx.createMediaStreamSource(stream).connect(node);
     node.connect(sink);
     window.__ctx = ctx;
+    // the context's clock against the page's, sampled all along: one mapping taken at the end would turn
+    // any rate difference between the audio device's clock and performance.now() into a drift
+    window.__avs.map = [];
+    setInterval(() => { const o = ctx.getOutputTimestamp();
+                        if (o.contextTime > 0) window.__avs.map.push(o.contextTime, o.performanceTime); }, 200);
     return { sampleRate: ctx.sampleRate, baseLatency: ctx.baseLatency, outputLatency: ctx.outputLatency || 0 };
   };
   // context seconds -> performance ms at which that sample leaves the output
@@ -162,16 +196,21 @@ def beeps_wav(path: Path, seconds: float = 30.0) -> None:
         w.writeframes((x * 32767).astype("<i2").tobytes())
 
 
-def server_config(tmp: Path) -> Path:
+def server_config(tmp: Path, video_delay_ms: float | None = None) -> Path:
     """vad off: a tone is no speech to silero-vad, and the flash is drawn only for what the detector hears."""
     path = tmp / "server.yaml"
-    path.write_text("engine:\n  vad: false\n")
+    text = "engine:\n  vad: false\n"
+    if video_delay_ms is not None:
+        text += f"playout:\n  webrtc_video_delay_ms: {video_delay_ms}\n"
+    path.write_text(text)
     return path
 
 
-def start_server(repo: Path, tmp: Path, size: int, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(repo: Path, tmp: Path, size: int, extra: list[str] | None = None,
+                 video_delay_ms: float | None = None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-c", LAUNCH, str(SYNCTEST_FILE), "serve", "--host", "127.0.0.1", "--port", "0",
-           "--backend", "synctest", "--size", str(size), "--config", str(server_config(tmp)), *(extra or [])]
+           "--backend", "synctest", "--size", str(size), "--config", str(server_config(tmp, video_delay_ms)),
+           *(extra or [])]
     proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(repo)})
     lines: list[str] = []
@@ -241,12 +280,35 @@ def _page_offsets(page) -> tuple[dict, list]:
     frames = np.asarray(avs["frames"], float).reshape(-1, 4)
     if len(env) < 10 or len(frames) < 10:
         return {"bursts": 0, "fitted": 0, "frames_shown": len(frames)}, []
-    et = (env[:, 0] * 1000 + to_perf) / 1000.0          # seconds on the page's performance clock
+    ctx_map = np.asarray(avs.get("map") or [], float).reshape(-1, 2)
+    if len(ctx_map) >= 2:
+        # context seconds -> performance ms through the samples around each point: under load the audio
+        # device's clock runs at its own rate (0.7 % off in a 5-minute run) and jumps when its thread is late
+        slope, icpt = np.polyfit(ctx_map[:, 0], ctx_map[:, 1], 1)
+        order = np.argsort(ctx_map[:, 0])
+        mc, mp = ctx_map[order, 0], ctx_map[order, 1]
+        et = np.interp(env[:, 0], mc, mp - (mc * slope + icpt)) + env[:, 0] * slope + icpt
+        et = et / 1000.0
+    else:
+        et = (env[:, 0] * 1000 + to_perf) / 1000.0          # seconds on the page's performance clock
     ft = frames[:, 0] / 1000.0
     offsets = burst_offsets(ft, frames[:, 1], et, env[:, 1], 1.0 / FPS)
     counters = frames[:, 2].astype(int)
     steps = np.diff(counters) % 65536
     out = summary_ms(offsets)
+    out["receiver"] = page.evaluate("window.__rxStats()")
+    if len(ctx_map) >= 2:
+        resid = ctx_map[:, 1] - (ctx_map[:, 0] * slope + icpt)
+        out["audio_clock"] = {"rate_vs_page": round(float(slope) / 1000, 6),
+                              "mapping_residual_ms": [round(float(resid.min()), 1), round(float(resid.max()), 1)],
+                              "end_mapping_minus_fit_ms": round(float(to_perf - icpt), 1)}
+    rx = avs.get("rx") or []
+    series = {}
+    for kind in ("audio", "video"):   # jitter-buffer delay per second, from the cumulative counters
+        pts = [(t, d, n) for t, k, d, n in rx if k == kind and n]
+        series[kind] = [round(1000 * (d1 - d0) / (n1 - n0), 1) for (_, d0, n0), (_, d1, n1) in zip(pts, pts[1:])
+                        if n1 > n0]
+    out["jitter_buffer_ms_per_s"] = series
     out.update({"frames_shown": int(len(frames)),
                 "counter_repeats": int((steps == 0).sum()), "counter_skips": int((steps > 1).sum()),
                 "shown_fps": round(float((len(ft) - 1) / (ft[-1] - ft[0])), 2) if len(ft) > 1 else None})
@@ -288,7 +350,7 @@ def _player_page(browser, url: str, session: str, whep: bool):
     return page
 
 
-def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = False) -> dict:
+def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = False, settle: float = 0.0) -> dict:
     from playwright.sync_api import sync_playwright
 
     result: dict = {}
@@ -311,9 +373,12 @@ def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = 
             # each player in its own context (window): a second tab of one window would hide the talk page
             players = {name: _player_page(browser, url, session, whep=name == "whep")
                        for name, on in (("viewer", viewer), ("whep", whep)) if on}
+            # Opening a window costs a burst of CPU: on 2 cores that delays packets, Chromium's audio jitter
+            # buffer jumps (~250 ms) and its lip sync takes 5-10 s to follow. The window starts after that.
+            page.wait_for_timeout(int(settle * 1000))
             # measure from here: every page's frames and sound so far are dropped
             for p in [page, *players.values()]:
-                p.evaluate("window.__avs.frames = []; window.__avs.env = []")
+                p.evaluate("window.__avs.frames = []; window.__avs.env = []; window.__avs.rx = []")
             page.wait_for_timeout(int(seconds * 1000))
             talk, _ = _page_offsets(page)
             result["talk"] = {**talk, "first_frame_ms": round(first, 1)}
@@ -321,7 +386,7 @@ def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = 
                 result[name], _ = _page_offsets(p)
                 p.close()
             srv = page.evaluate("window.emo.stats") or {}
-            result["server_playout"] = {k: (srv.get("playout") or {}).get(k) for k in ("av_offset_ms", "behind_ms")}
+            result["server_playout"] = srv.get("playout") or {}
             if page.locator("button#stop").is_enabled():   # (a session the server ended has nothing to stop)
                 page.click("button#stop")
             else:
@@ -431,7 +496,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="repeat each path (fresh server and browser each run)")
     parser.add_argument("--seconds", type=float, default=12.0, help="measurement window per run")
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--settle", type=float, default=10.0,
+                        help="browser paths: seconds between the last window opening and the measurement window")
     parser.add_argument("--repo", default=None, help="serve this checkout's code instead (browser and ws paths)")
+    parser.add_argument("--video-delay-ms", type=float, default=None,
+                        help="the server's playout.webrtc_video_delay_ms (default: the server's own default)")
     parser.add_argument("--label", default=None, help="a name for this code in the JSON (default: its git commit)")
     parser.add_argument("--limit", type=int, default=900, help="hard time limit of the whole run, seconds")
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -455,12 +524,13 @@ def main() -> None:
     try:
         for run in range(args.runs):
             if {"ws", "talk", "viewer", "whep"} & set(paths):
-                proc, url = start_server(repo, tmp, args.size)
+                proc, url = start_server(repo, tmp, args.size, video_delay_ms=args.video_delay_ms)
                 try:
                     if "ws" in paths:
                         runs["ws"].append(asyncio.run(ws_run(url, args.seconds)))
                     if {"talk", "viewer", "whep"} & set(paths):
-                        got = browser_run(url, wav, args.seconds, viewer="viewer" in paths, whep="whep" in paths)
+                        got = browser_run(url, wav, args.seconds, viewer="viewer" in paths, whep="whep" in paths,
+                                          settle=args.settle)
                         for p in ("talk", "viewer", "whep"):
                             if p in paths and p in got:
                                 runs[p].append({**got[p], "server_playout": got.get("server_playout"),
@@ -482,7 +552,8 @@ def main() -> None:
         "bench": "av_sync",
         "device": device_name(detail=f"{os.cpu_count()} cores, shared with other engineers' work"),
         "code": args.label or commit, "repo": str(repo), "backend": "synctest", "size": args.size,
-        "seconds_per_run": args.seconds, "runs": args.runs,
+        "seconds_per_run": args.seconds, "runs": args.runs, "settle_s": args.settle,
+        "webrtc_video_delay_ms": args.video_delay_ms if args.video_delay_ms is not None else "server default",
         "stimulus": "200 ms 1 kHz beeps every 1.5 s (mic: 48 kHz WAV looped by Chromium's fake device)",
         "summary": {p: {"median_of_run_medians_ms": (round(statistics.median(medians("median_ms", runs[p])), 1)
                                                      if medians("median_ms", runs[p]) else None),

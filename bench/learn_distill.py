@@ -15,15 +15,14 @@ Target: student closer to the reference than the teacher's own 4 steps, student 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import device_name, emit_json  # bench/; puts the repo on sys.path
+from _common import (  # bench/; puts the repo on sys.path
+    emit_json, loss_summary, save_contact_sheet, shared_cpu_device, start_learning_run)
 from emo_stream.training.config import config_from_dict
 from emo_stream.training.synthetic import (generate_dataset, identity_reference, mouth_darkness, random_speech,
                                            speech_envelope)
@@ -87,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    torch.set_num_threads(args.threads)
-    t_start = time.monotonic()
+    t_start = start_learning_run(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else out / "data"
@@ -116,22 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     teacher4 = render(teacher, args.size, audio, args.steps, None, args.identities, args.seed)
     student = render(result["final"], args.size, audio, args.steps, None, args.identities, args.seed)
     t_eval = time.monotonic() - t2
-    try:  # contact sheet: reference / teacher 4 steps / student, first identity
-        from PIL import Image
-
-        rows = [np.concatenate(list(v[0][::8][:10]), axis=1) for v in (ref, teacher4, student)]
-        Image.fromarray(np.concatenate(rows, axis=0)).save(out / "distill_frames.png")
-    except Exception:  # noqa: BLE001 (a picture is a bonus)
-        pass
-    ls = result["losses"]
-    k = max(1, len(ls) // 10)
+    # contact sheet: reference / teacher 4 steps / student, first identity
+    save_contact_sheet(out / "distill_frames.png", [v[0][::8][:10] for v in (ref, teacher4, student)])
     from emo_stream.families.emo.backend import load_model
 
     guidance = load_model(teacher).config.sampling.guidance
     res = {
         "bench": "learn_distill",
-        "device": device_name(detail=f"{os.cpu_count()} cores, torch threads {args.threads}; shared with other "
-                                     f"work: load average {os.getloadavg()[0]:.1f} at the end"),
+        "device": shared_cpu_device(args.threads),
         "torch": torch.__version__, "size": args.size, "teacher": teacher,
         "method": "one-round progressive distillation with the teacher's guidance in the targets (docs/training.md)",
         "reference": {"steps": args.teacher_steps, "guidance": guidance, "who": "teacher"},
@@ -139,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                             **compare(teacher4, ref, audio)},
         "student_4_steps": {"steps": args.steps, "guidance": 1.0, **compare(student, ref, audio)},
         "reference_r": compare(ref, ref, audio)["r"],
-        "distill": {"steps": result["steps"], "loss_first": round(float(np.mean(ls[:k])), 5),
-                    "loss_last": round(float(np.mean(ls[-k:])), 5), "batch_size": args.batch_size, "lr": args.lr,
+        "distill": {"steps": result["steps"], **loss_summary(result["losses"], decimals=5),
+                    "batch_size": args.batch_size, "lr": args.lr,
                     "teacher_steps": args.teacher_steps},
         "eval": {"speech_seconds": args.eval_seconds, "held_out": True, "identities": args.identities,
                  "distance": "mean absolute pixel error (0-255) and PSNR of each render to the 40-step reference"},

@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -42,7 +41,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from _common import device_name, emit_json  # bench/; puts the repo on sys.path
+from _common import (  # bench/; puts the repo on sys.path
+    emit_json, loss_summary, save_contact_sheet, shared_cpu_device, start_learning_run)
 from learn_sync import pearson
 from emo_stream.face import FaceInfo
 from emo_stream.training.synthetic import (FACE_CENTER, FACE_RADII, generate_dataset, identity_reference,
@@ -289,7 +289,6 @@ def prepare_and_train(args, out: Path, untrained: Path, trained: Path) -> dict:
     run = train_unet(model, clips, args.minutes * 60, args.batch_size, args.lr, args.seed)
     checkpoint(save_download(model, out / "trained" / "models", random_dl), trained, args.crop, args.margin)
 
-    ls, k = run["losses"], max(1, len(run["losses"]) // 10)
     return {
         "model": {"unet_params": sum(p.numel() for p in model.unet.parameters()),
                   "vae_params": sum(p.numel() for p in model.vae.parameters()),
@@ -297,8 +296,7 @@ def prepare_and_train(args, out: Path, untrained: Path, trained: Path) -> dict:
                   "whisper_layers": model.config.whisper_layers - 1, "trained": "UNet only (VAE fitted first)"},
         "train": {"objective": "L1 on latents: masked target + reference of another frame + whisper prompt, t=0",
                   "batch_size": args.batch_size, "lr": args.lr, "steps": run["steps"],
-                  "seconds": round(run["seconds"], 1), "loss_first": round(float(np.mean(ls[:k])), 4),
-                  "loss_last": round(float(np.mean(ls[-k:])), 4)},
+                  "seconds": round(run["seconds"], 1), **loss_summary(run["losses"])},
         "vae_fit": {"steps": args.vae_steps, "loss_first": round(float(np.mean(vae_losses[:10])), 4),
                     "loss_last": round(float(np.mean(vae_losses[-10:])), 4)},
         "minutes": {"data_and_model": round(t_data / 60, 2), "latents_and_vae_fit": round(t_vae / 60, 2),
@@ -326,10 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoints an earlier run left in --out")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    torch.set_num_threads(args.threads)
-    t_start = time.monotonic()
+    t_start = start_learning_run(args.threads)
     out = Path(args.out)
     untrained, trained = out / "untrained_ckpt", out / "trained_ckpt"
     if args.eval_only:   # the checkpoints and train.json of an earlier run in --out
@@ -344,19 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     res = {name: evaluate_live(path, args.size, audio, n_eval, args.seed, args.segment_frames)
            for name, path in (("untrained", untrained), ("trained", trained))}
     t_eval = time.monotonic() - t3
-    try:  # a contact sheet of the trained model's first identity, next to the checkpoints
-        from PIL import Image
-
-        fr = res["trained"]["_frames"][0][::6][:12]
-        Image.fromarray(np.concatenate(list(fr), axis=1)).save(out / "trained_frames.png")
-    except Exception:  # noqa: BLE001 (a picture is a bonus)
-        pass
+    # a contact sheet of the trained model's first identity, next to the checkpoints
+    save_contact_sheet(out / "trained_frames.png", [res["trained"]["_frames"][0][::6][:12]])
     for v in res.values():
         v.pop("_frames")
     result = {
         "bench": "learn_musetalk_sync",
-        "device": device_name(detail=f"{os.cpu_count()} cores, torch threads {args.threads}; shared with other "
-                                     f"work: load average {os.getloadavg()[0]:.1f} at the end"),
+        "device": shared_cpu_device(args.threads),
         "torch": torch.__version__,
         "size": args.size, "crop": args.crop, "extra_margin": args.margin, "latents": args.crop // 8,
         "clips": args.clips,

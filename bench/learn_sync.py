@@ -14,15 +14,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import device_name, emit_json  # bench/; puts the repo on sys.path
+from _common import (  # bench/; puts the repo on sys.path
+    emit_json, loss_summary, save_contact_sheet, shared_cpu_device, start_learning_run)
 from emo_stream.training.config import config_from_dict
 from emo_stream.training.synthetic import (generate_dataset, identity_reference, mouth_darkness,
                                            random_speech, speech_envelope)
@@ -96,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-steps", type=int, default=250)
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    torch.set_num_threads(args.threads)
-    t_start = time.monotonic()
+    t_start = start_learning_run(args.threads)
     out = Path(args.out)
     import shutil
 
@@ -129,26 +125,17 @@ def main(argv: list[str] | None = None) -> int:
                          args.seed)
            for name, spec in (("untrained", "tiny"), ("stage1_only", r1["final"]), ("trained", r2["final"]))}
     t_eval = time.monotonic() - t3
-    try:  # a contact sheet of the trained model's first identity, next to the JSON
-        from PIL import Image
-
-        fr = res["trained"]["_frames"][0][::6][:12]
-        Image.fromarray(np.concatenate(list(fr), axis=1)).save(out / "trained_frames.png")
-    except Exception:  # noqa: BLE001 (a picture is a bonus)
-        pass
+    # a contact sheet of the trained model's first identity, next to the JSON
+    save_contact_sheet(out / "trained_frames.png", [res["trained"]["_frames"][0][::6][:12]])
     for v in res.values():
         v.pop("_frames")
 
-    def loss_summary(r: dict) -> dict:
-        ls = r["losses"]
-        k = max(1, len(ls) // 10)
-        return {"steps": r["steps"], "loss_first": round(float(np.mean(ls[:k])), 4),
-                "loss_last": round(float(np.mean(ls[-k:])), 4), "minutes": round(r["seconds"] / 60, 2)}
+    def stage_summary(r: dict) -> dict:
+        return {"steps": r["steps"], **loss_summary(r["losses"]), "minutes": round(r["seconds"] / 60, 2)}
 
     result = {
         "bench": "learn_sync",
-        "device": device_name(detail=f"{os.cpu_count()} cores, torch threads {args.threads}; shared with other "
-                                     f"work: load average {os.getloadavg()[0]:.1f} at the end"),
+        "device": shared_cpu_device(args.threads),
         "torch": torch.__version__,
         "size": args.size, "clips": args.clips, "identities": args.identities,
         "stage2_options": {"motion_noise": args.motion_noise, "motion_drop": args.motion_drop,
@@ -157,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                  "measure": "Pearson r, mouth darkness in the synthetic mouth region vs per-frame RMS envelope"},
         "r_untrained": res["untrained"]["r"], "r_stage1_only": res["stage1_only"]["r"], "r_trained": res["trained"]["r"],
         "detail": res,
-        "stage1": loss_summary(r1), "stage2": loss_summary(r2),
+        "stage1": stage_summary(r1), "stage2": stage_summary(r2),
         "minutes": {"data": round(t_data / 60, 2), "stage1_incl_vae_fit": round(t_s1 / 60, 2),
                     "stage2": round(t_s2 / 60, 2), "eval": round(t_eval / 60, 2),
                     "total": round((time.monotonic() - t_start) / 60, 2)},

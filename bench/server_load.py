@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import REPO, device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
+from _common import (  # bench/; puts the repo on sys.path
+    device_name, emit_json, load_average, rss_mb, start_server_process, talking_in_real_time)
 from emo_stream.registry import family_names
 from emo_stream.pcm import float_to_pcm16
 from server.bot_client import BotClient, ReceivedFrame
@@ -51,45 +50,22 @@ def speech_clip() -> np.ndarray:
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--size",
-           str(args.size), "--backend", args.backend, "--max-sessions", str(args.sessions + args.probe_latency)]
+    cmd = ["--host", "127.0.0.1", "--port", "0", "--size", str(args.size), "--backend", args.backend,
+           "--max-sessions", str(args.sessions + args.probe_latency)]
     if args.model:
         cmd += ["--model", args.model]
     if args.segment_frames:
         cmd += ["--segment-frames", str(args.segment_frames)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 120:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        found = re.search(r"http://[0-9.:]+", line)
-        if found and "serving" in line:
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-            return proc, found.group(0)
-    proc.kill()
-    raise SystemExit("the server did not start")
+    return start_server_process(cmd)
 
 
 async def bot_session(url: str, clip: np.ndarray, seconds: float, pause_s: float) -> dict:
-    chunk = 320  # 20 ms messages, sent in real time like a live TTS/voice pipeline
     async with BotClient(url, decode=False) as bot:
         info = await bot.start(sample_rate=16000, frames="jpeg")
         t_start = time.monotonic()
-
-        async def sender():
-            while True:
-                for i in range(0, len(clip), chunk):
-                    await bot.send_audio(clip[i:i + chunk])
-                    await asyncio.sleep(chunk / 16000)
-                await bot.end_segment()
-                await asyncio.sleep(pause_s)
-
-        send = asyncio.create_task(sender())
         frames = speech = finished = 0
         first = last = None
-        try:
+        async with talking_in_real_time(bot, clip, pause_s):
             async for item in bot.receive(timeout=10):
                 now = time.monotonic()
                 if isinstance(item, ReceivedFrame):
@@ -102,9 +78,6 @@ async def bot_session(url: str, clip: np.ndarray, seconds: float, pause_s: float
                 if now - t_start >= seconds:
                     break
             stats = await bot.stats()
-        finally:
-            send.cancel()
-            await asyncio.gather(send, return_exceptions=True)
         await bot.stop()
     span = (last - first) if first and last and last > first else 1e-9
     return {

@@ -183,9 +183,11 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
                         interrupt = k % 5 == 4
                         stop_at = len(clip) // 2 if interrupt else len(clip)
                         busy_speaking.set()
+                        due = time.monotonic()   # real time on an absolute clock (relative sleeps oversleep)
                         for i in range(0, stop_at, 320):
                             await client.send_audio(clip[i:i + 320])
-                            await asyncio.sleep(0.02)
+                            due += 0.02
+                            await asyncio.sleep(max(0.0, due - time.monotonic()))
                         if interrupt:
                             await client.clear()
                             tally.interrupts += 1

@@ -17,16 +17,15 @@ import argparse
 import asyncio
 import io
 import os
-import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import REPO, device_name, emit_json, load_average, rss_mb  # bench/; puts the repo on sys.path
+from _common import (  # bench/; puts the repo on sys.path
+    REPO, device_name, emit_json, load_average, rss_mb, start_server_process, talking_in_real_time)
 from server.bot_client import BotClient, BotError, ReceivedFrame
 
 from server_load import proc_cpu_seconds, speech_clip  # noqa: E402  (bench/ is on sys.path)
@@ -42,31 +41,17 @@ def bomb_png() -> bytes:
 
 
 async def bot_session(url: str, clip: np.ndarray, seconds: float, warmup: float) -> dict:
-    chunk = 320   # 20 ms messages in real time, as a voice pipeline sends them
     async with BotClient(url, decode=False) as bot:
         await bot.start(sample_rate=16000, frames="jpeg")
-
-        async def sender():
-            while True:
-                for i in range(0, len(clip), chunk):
-                    await bot.send_audio(clip[i:i + chunk])
-                    await asyncio.sleep(chunk / 16000)
-                await bot.end_segment()
-                await asyncio.sleep(0.5)
-
-        send = asyncio.create_task(sender())
         arrivals: list[float] = []
         t0 = time.monotonic()
-        try:
+        async with talking_in_real_time(bot, clip, pause_s=0.5):
             async for item in bot.receive(timeout=10):
                 now = time.monotonic()
                 if isinstance(item, ReceivedFrame) and now - t0 >= warmup:
                     arrivals.append(now)
                 if now - t0 >= warmup + seconds:
                     break
-        finally:
-            send.cancel()
-            await asyncio.gather(send, return_exceptions=True)
         await bot.stop()
     gaps = np.diff(arrivals) if len(arrivals) > 1 else np.zeros(1)
     span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else 1e-9
@@ -106,21 +91,8 @@ async def phase(url: str, pid: int, clip: np.ndarray, args, uploads: bool) -> di
 
 def start(repo: Path, size: int) -> tuple[subprocess.Popen, str]:
     """`serve` from the checkout at `repo` (this one, or --baseline-repo), preview backend, on loopback."""
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--size", str(size),
-           "--backend", "preview", "--max-sessions", "3"]
-    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(repo)})
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 180:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        found = re.search(r"http://[0-9.:]+", line)
-        if found and "serving" in line:
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-            return proc, found.group(0)
-    proc.kill()
-    raise SystemExit(f"the server in {repo} did not start")
+    return start_server_process(["--host", "127.0.0.1", "--port", "0", "--size", str(size), "--backend", "preview",
+                                 "--max-sessions", "3"], repo=repo, timeout=180)
 
 
 def run_server(repo: Path, clip: np.ndarray, args) -> list[dict]:

@@ -21,7 +21,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
@@ -30,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from emo_stream.errors import EmoStreamError
 
 from emo_stream.pcm import float_to_pcm16
+from emo_stream.server_url import bot_api_url
 from emo_stream.timeline import SAMPLE_RATE
 from server import protocol
 from server.auth import RedactingLogger
@@ -60,16 +60,6 @@ class ReceivedFrame:
     jpeg: bytes | None = None  # the frame as sent, when the client was made with decode=False (image is None)
 
 
-def ws_url(url: str) -> str:
-    """http(s)://host:port[/...] or ws(s)://... -> the ws(s) URL of /api/ws."""
-    parts = urlsplit(url if "://" in url else f"ws://{url}")
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("ws", "wss"):
-        raise EmoStreamError(f"not a server URL: {url}")
-    path = parts.path if parts.path not in ("", "/") else "/api/ws"
-    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
-
-
 class BotClient:
     """One connection, one session at a time. Replies to requests are matched by type; everything else
     (events, frames) is queued for receive() in arrival order (bounded: a bot that stops reading
@@ -77,7 +67,7 @@ class BotClient:
 
     def __init__(self, url: str, token: str | None = None, inbox: int = 256, decode: bool = True,
                  ssl: Any = None):
-        self.url = ws_url(url)
+        self.url = bot_api_url(url)
         self.decode = decode
         self.ssl = ssl  # an ssl.SSLContext for wss:// with a private CA or self-signed certificate
         self.token = token

@@ -89,7 +89,7 @@ class PlayoutConfig:
     video_queue_frames: int = 3
     audio_queue_chunks: int = 10
     late_tolerance_s: float = 0.12
-    webrtc_video_delay_ms: float = 75.0  # WebRTC video sent this much after its audio (lip alignment)
+    webrtc_video_delay_ms: float = 0.0   # WebRTC picture shown this much after its sound (sender-report bias)
     stats_interval_s: float = 1.0
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 from typing import Any, Callable
 
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from server.sync import QueueClosed, Subscription
@@ -16,88 +15,117 @@ from server.sync import QueueClosed, Subscription
 log = logging.getLogger(__name__)
 
 
-class PlayoutVideoTrack(MediaStreamTrack):
-    """Video frames of one subscription; pacing happened upstream (the Playout), so recv() just waits.
+class _PlayoutTrack(MediaStreamTrack):
+    """What both WebRTC tracks share: where they start in the subscription, and the release time of the
+    frame or chunk the sender is sending (for its RTCP sender reports, see PlayoutClockSender)."""
 
-    `delay_s` holds each frame that long after its release: Chromium plays a stream's video ahead of its
-    audio (measured 40-60 ms with bench/browser_latency.py), and aiortc's sender reports map each packet
-    to its send time, so sending video later is what moves it later on screen."""
-
-    kind = "video"
-    MAX_HELD = 8  # frames in the delay line; more means the consumer stalled: drop the oldest
-
-    def __init__(self, sub: Subscription, delay_s: float = 0.0):
+    def __init__(self, sub: Subscription, stamp_bias_s: float = 0.0, join_live: bool = False):
         super().__init__()
         self._sub = sub
-        self._delay = max(0.0, delay_s)
-        self._held: collections.deque = collections.deque()
-        self._ready = asyncio.Event()
-        self._pump: asyncio.Task | None = None
+        self._join_live = join_live
+        self._bias = stamp_bias_s
+        self.sent_due: float | None = None   # release time (Playout clock) of what recv() last handed out
 
-    async def recv(self):
-        if self._delay == 0:
-            try:
-                frame = await self._sub.frames.get()
-            except QueueClosed:
-                self.stop()
-                raise MediaStreamError from None
-            return frame.video_frame()
-        if self._pump is None:
-            self._pump = asyncio.ensure_future(self._delay_line())
-        while not self._held:
-            self._ready.clear()
-            await self._ready.wait()
-        frame = self._held.popleft()
-        if frame is None:
+    def _queue(self):
+        raise NotImplementedError
+
+    async def _next(self):
+        queue = self._queue()
+        if self._join_live:
+            # The subscription fills from when the offer is answered; the sender first asks after ICE and
+            # DTLS (0.1-0.5 s later). Sending that backlog at once starts the browser's jitter buffers
+            # deep (audio 200 ms, video 120 ms): start at the newest entry instead.
+            self._join_live = False
+            if hasattr(queue, "keep_newest"):
+                queue.keep_newest(1)
+        try:
+            item = await queue.get()
+        except QueueClosed:
             self.stop()
-            raise MediaStreamError
-        return frame
+            raise MediaStreamError from None
+        self.sent_due = getattr(item, "due", None)
+        return item
 
-    async def _delay_line(self) -> None:
-        # frames are taken the moment the Playout releases them, then handed on exactly delay_s later,
-        # so the delay never accumulates
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                frame = (await self._sub.frames.get()).video_frame()
-            except QueueClosed:
-                loop.call_later(self._delay, self._hand_on, None)
-                return
-            loop.call_later(self._delay, self._hand_on, frame)
-
-    def _hand_on(self, frame) -> None:
-        if len(self._held) >= self.MAX_HELD and frame is not None:
-            self._held.popleft()
-        self._held.append(frame)
-        self._ready.set()
+    def report_ntp(self, sent_ntp: int) -> int:
+        """The NTP time (RFC 3550 64-bit) an RTCP sender report should give the packet just sent: its
+        release time (plus this track's bias) instead of the moment it left, `sent_ntp`."""
+        clock = getattr(getattr(self._sub, "playout", None), "clock", None)
+        if self.sent_due is None or clock is None:
+            return sent_ntp
+        late = clock.now() - (self.sent_due + self._bias)
+        return sent_ntp - int(round(late * (1 << 32)))
 
     def stop(self) -> None:
         super().stop()
         self._sub.close()
-        if self._pump is not None:
-            self._pump.cancel()
 
 
-class PlayoutAudioTrack(MediaStreamTrack):
+class PlayoutVideoTrack(_PlayoutTrack):
+    """Video frames of one subscription; pacing happened upstream (the Playout), so recv() just waits.
+
+    `delay_s` shows the picture that much after its sound in a browser: the sender reports stamp each
+    frame `delay_s` after its release (Chromium's lip sync follows the reports), the frame itself is not
+    held back (which added latency and, once the reports map release times, would do nothing)."""
+
+    kind = "video"
+
+    def __init__(self, sub: Subscription, delay_s: float = 0.0, join_live: bool = False):
+        super().__init__(sub, stamp_bias_s=max(0.0, delay_s), join_live=join_live)
+
+    def _queue(self):
+        return self._sub.frames
+
+    async def recv(self):
+        return (await self._next()).video_frame()
+
+
+class PlayoutAudioTrack(_PlayoutTrack):
     """20 ms 48 kHz chunks of the same subscription: released on the same clock as the video."""
 
     kind = "audio"
 
-    def __init__(self, sub: Subscription):
-        super().__init__()
-        self._sub = sub
+    def __init__(self, sub: Subscription, join_live: bool = False):
+        super().__init__(sub, join_live=join_live)
+
+    def _queue(self):
+        return self._sub.audio
 
     async def recv(self):
-        try:
-            chunk = await self._sub.audio.get()
-        except QueueClosed:
-            self.stop()
-            raise MediaStreamError from None
-        return chunk.audio_frame()
+        return (await self._next()).audio_frame()
 
-    def stop(self) -> None:
-        super().stop()
-        self._sub.close()
+
+class PlayoutClockSender(RTCRtpSender):
+    """An aiortc sender whose RTCP sender reports map each packet's RTP time to when the Playout released it.
+
+    Chromium plays a stream's audio and video in sync by these reports (NTP time <-> RTP time per track).
+    aiortc stamps the moment a packet left, so whatever delayed one track's sending and not the other's
+    (a VP8 encode, a busy event loop, the backlog sent at once when a connection starts, a 75 ms delay
+    line that once stood in for this) became an A/V offset that Chromium's synchronizer then followed
+    over 10-20 s: the picture led the sound by up to 250 ms early in a session. Both tracks are released
+    on one clock, so stamping release times makes the reports agree exactly, however the sending went.
+    (aiortc has no hook for it: the class swaps in a property for its private per-packet stamp.)"""
+
+    @staticmethod
+    def adopt(sender: RTCRtpSender) -> RTCRtpSender:
+        sender.__class__ = PlayoutClockSender
+        return sender
+
+
+def _get_ntp(self) -> int:
+    return self.__dict__.get("_playout_ntp", 0)
+
+
+def _set_ntp(self, sent_ntp: int) -> None:   # aiortc sets it after each packet it sends
+    track = self.track
+    stamp = getattr(track, "report_ntp", None)
+    self.__dict__["_playout_ntp"] = stamp(sent_ntp) if stamp is not None and sent_ntp else sent_ntp
+
+
+setattr(PlayoutClockSender, "_RTCRtpSender__ntp_timestamp", property(_get_ntp, _set_ntp))
+
+
+def _add_playout_track(pc: RTCPeerConnection, track: _PlayoutTrack) -> None:
+    PlayoutClockSender.adopt(pc.addTrack(track))
 
 
 async def pump_mic(track: MediaStreamTrack, session: Any, max_backlog_s: float) -> None:
@@ -183,8 +211,8 @@ async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaSt
                              "as video and audio (add recvonly transceivers for both)")
         if mic_jitter_packets is not None:
             _set_mic_jitter_buffer(pc, mic_jitter_packets)
-        pc.addTrack(PlayoutVideoTrack(sub, video_delay_s))
-        pc.addTrack(PlayoutAudioTrack(sub))
+        _add_playout_track(pc, PlayoutVideoTrack(sub, video_delay_s, join_live=True))
+        _add_playout_track(pc, PlayoutAudioTrack(sub, join_live=True))
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception:
         fired = True  # the caller gets the error instead: it never saw this connection, so no on_closed
@@ -269,9 +297,9 @@ async def answer_media_offer(sdp: str, subscribe: Callable[[bool, bool], Subscri
         if receives:
             sub = subscribe("video" in receives, "audio" in receives)
             if "video" in receives:
-                pc.addTrack(PlayoutVideoTrack(sub, video_delay_s))
+                _add_playout_track(pc, PlayoutVideoTrack(sub, video_delay_s, join_live=True))
             if "audio" in receives:
-                pc.addTrack(PlayoutAudioTrack(sub))
+                _add_playout_track(pc, PlayoutAudioTrack(sub, join_live=True))
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception:
         fired = True

@@ -13,16 +13,9 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from emo_stream.registry import family_names
-
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1; other addresses need a token)")
     parser.add_argument("--port", type=int, default=None, help="port (default 8080; 0 picks a free one)")
-    parser.add_argument("--backend", choices=family_names(), default=None,
-                        help="animation backend (default: the one that runs --model's family: emo, echomimic "
-                             "or hallo; without --model, preview)")
-    parser.add_argument("--model", default=None,
-                        help="model: an EchoMimic or Hallo download folder, an emo-stream checkpoint folder "
-                             "(emo-stream train / convert), or a preset (tiny, sd15)")
+    add_model_arguments(parser)
     parser.add_argument("--avatar", default=None, help="default portrait image, or for musetalk a short idle video "
                                                        "(default: a built-in portrait)")
     parser.add_argument("--config", default=None, help="server settings YAML (default configs/server.yaml)")
@@ -49,6 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also send the latest session's video to a virtual camera (pyvirtualcam)")
 
 
+def add_model_arguments(parser) -> None:
+    """--backend/--model: which family animates and with what weights (serve and worker)."""
+    from emo_stream.registry import family_names
+
+    parser.add_argument("--backend", choices=family_names(), default=None,
+                        help="animation backend (default: the one that runs --model's family: emo, echomimic "
+                             "or hallo; without --model, preview)")
+    parser.add_argument("--model", default=None,
+                        help="model: an EchoMimic or Hallo download folder, an emo-stream checkpoint folder "
+                             "(emo-stream train / convert), or a preset (tiny, sd15)")
+
+
 def add_sampling_arguments(parser) -> None:
     """--steps/--guidance/--decoder/--weights for the live model (serve and worker; generate has its own)."""
     parser.add_argument("--steps", type=int, default=None,
@@ -63,6 +68,14 @@ def add_sampling_arguments(parser) -> None:
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in ("steps", "guidance", "decoder", "weights")}
+
+
+def apply_engine_flags(config, args: argparse.Namespace) -> None:
+    """--max-sessions and --segment-frames, where given, over the config file's values (serve and worker)."""
+    if args.max_sessions is not None:
+        config.sessions.max_sessions = args.max_sessions
+    if args.segment_frames is not None:
+        config.engine.segment_frames = args.segment_frames
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,10 +95,7 @@ def run(args: argparse.Namespace) -> int:
                          avatar=args.avatar, size=args.size, device=args.device, token=token,
                          viewer_token=viewer_token,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, **sampling_overrides(args))
-    if args.max_sessions is not None:
-        config.sessions.max_sessions = args.max_sessions
-    if args.segment_frames is not None:
-        config.engine.segment_frames = args.segment_frames
+    apply_engine_flags(config, args)
     config.validate()   # the flags above get the same checks as the config file
     holder: list = []
     rc = asyncio.run(_serve(config, args.virtual_camera, holder))

@@ -99,6 +99,7 @@ class PlayoutFrame:
     audio: np.ndarray        # float32 16 kHz mono: exactly the engine's audio for this frame
     speech: bool
     segment_end: bool
+    due: float = 0.0         # when the Playout released it (its clock): what WebRTC's sender reports map pts to
     _av_frame: Any = field(default=None, repr=False)
 
     def video_frame(self):
@@ -119,6 +120,7 @@ class AudioChunk:
 
     pts: int
     samples: np.ndarray
+    due: float = 0.0         # when the Playout released it (its clock)
 
     def audio_frame(self):
         import av
@@ -161,6 +163,13 @@ class DropQueue(Generic[T]):
 
     def clear(self) -> None:
         self._items.clear()
+
+    def keep_newest(self, n: int = 1) -> int:
+        """Drop all but the newest n items (not counted as drops); returns how many went."""
+        gone = max(0, len(self._items) - n)
+        for _ in range(gone):
+            self._items.popleft()
+        return gone
 
     def close(self) -> None:
         self._closed = True
@@ -335,7 +344,8 @@ class Playout:
 
         out = PlayoutFrame(seq=seq, index=frame.index, pts=seq / self.fps,
                            video_pts=seq * (VIDEO_CLOCK_RATE // self.fps), image=frame.image, audio=audio16,
-                           speech=speech and not cleared, segment_end=bool(getattr(frame, "segment_end", False)))
+                           speech=speech and not cleared, segment_end=bool(getattr(frame, "segment_end", False)),
+                           due=due)
         self._events_before(out)
         for sub in self._subs:
             if sub.frames is not None:
@@ -349,7 +359,7 @@ class Playout:
         while (self._next_chunk + 1) * AUDIO_CHUNK <= end_of_frame and len(self._pending) >= AUDIO_CHUNK:
             n = self._next_chunk
             await self.clock.sleep_until(self.chunk_due(n))
-            chunk = AudioChunk(pts=n * AUDIO_CHUNK, samples=self._pending[:AUDIO_CHUNK])
+            chunk = AudioChunk(pts=n * AUDIO_CHUNK, samples=self._pending[:AUDIO_CHUNK], due=self.chunk_due(n))
             self._pending = self._pending[AUDIO_CHUNK:]
             self._next_chunk += 1
             for sub in self._subs:

@@ -13,7 +13,7 @@ import logging
 import os
 
 from emo_stream.errors import ConfigError
-from server.serve_command import add_sampling_arguments, sampling_overrides
+from server.serve_command import add_model_arguments, add_sampling_arguments, apply_engine_flags, sampling_overrides
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lk.add_argument("--max-retry", type=int, default=16,
                     help="failed attempts to reach the LiveKit server before the worker gives up and exits; "
                          "the waits between them grow to 10 s (default 16; 0: give up at the first failure)")
-    from emo_stream.registry import family_names
-
     model = parser.add_argument_group("model")
-    model.add_argument("--backend", choices=family_names(), default=None,
-                       help="animation backend (default: the one that runs --model's family: emo, echomimic "
-                            "or hallo; without --model, preview)")
-    model.add_argument("--model", default=None,
-                       help="model: an EchoMimic or Hallo download folder, an emo-stream checkpoint folder "
-                            "(emo-stream train / convert), or a preset (tiny, sd15)")
+    add_model_arguments(model)
     model.add_argument("--device", default=None,
                        help="torch device for the model backends, e.g. cuda:1 "
                             "(default: cuda if available, else cpu)")
@@ -107,10 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--segment-frames must be 1..64")
     config = load_config(args.config, backend=args.backend, model=args.model, size=args.size, device=args.device,
                          **sampling_overrides(args))
-    if args.max_sessions is not None:
-        config.sessions.max_sessions = args.max_sessions
-    if args.segment_frames is not None:
-        config.engine.segment_frames = args.segment_frames
+    apply_engine_flags(config, args)
     worker_config = WorkerConfig(url=url, api_key=key, api_secret=secret, agent_name=args.agent_name,
                                  default_avatar=args.default_avatar, avatars=_named_avatars(args.avatar),
                                  drain_timeout=args.drain_timeout, http_port=args.http_port,

@@ -9,21 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, espeak_wav
+from tests.browser import chromium_with_fake_mic, preview_server
+from tests.conftest import espeak_wav
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = "/usr/bin/chromium"
 
 
 def _healthz(base: str) -> dict:
@@ -42,53 +38,16 @@ def _wait_sessions(base: str, n: int, timeout: float) -> float:
 
 @pytest.fixture(scope="module")
 def server_url():
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--size", "128",
-         "--backend", "preview"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
-    url = None
-    lines = []
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 60:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        found = re.search(r"http://[0-9.:]+", line)
-        if found and "serving" in line:
-            url = found.group(0)
-            break
-    if url is None:
-        proc.kill()
-        pytest.fail("server did not print its URL:\n" + "".join(lines))
-    # keep draining the server's output so its pipe never fills
-    import threading
-
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with preview_server(timeout=60) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium is not installed")
-    sync_api = pytest.importorskip("playwright.sync_api")
     wav = espeak_wav(tmp_path_factory.mktemp("mic") / "mic.wav",
                      "Hello, I am talking to my avatar. It should move its lips while I speak.", rate=48000)
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}", "--no-sandbox", "--disable-gpu",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-            "--autoplay-policy=no-user-gesture-required"])
+    with chromium_with_fake_mic(wav) as b:
         yield b
-        b.close()
 
 
 POSTER_WIDTH = """() => new Promise((done) => {

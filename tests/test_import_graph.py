@@ -147,3 +147,22 @@ def test_the_family_check_finds_a_cross_family_import():
                                                    "emo_stream.blocks.device"},
              "emo_stream.families.emo.backend": {"emo_stream.families.emo.model"}}
     assert family_imports(graph) == {"emo_stream.families.hallo.backend": ["emo_stream.families.emo.backend"]}
+
+
+def test_the_optional_integrations_import_without_their_extras():
+    """emo_stream.livekit and emo_stream.pipecat import without livekit/pipecat; touching a name says what to
+    install, and a name they do not export is an AttributeError (hasattr and tab completion rely on it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['livekit'] = sys.modules['pipecat'] = None\n"
+            "import emo_stream.livekit as lk, emo_stream.pipecat as pc\n"
+            "for name in ('lk.AvatarSession', 'pc.EmoStreamVideoService'):\n"
+            "    try:\n        eval(name)\n    except ImportError as e:\n        print(e)\n"
+            "print(hasattr(lk, 'Nothing'), hasattr(pc, 'Nothing'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        'emo_stream.livekit.AvatarSession needs the livekit packages: pip install "emo-stream[livekit]"',
+        'emo_stream.pipecat.EmoStreamVideoService needs pipecat: pip install "emo-stream[pipecat]"',
+        "False False"]

@@ -241,31 +241,13 @@ async def test_hostile_uploads_stall_no_other_session(backend, speech_16k):
 
 def _serve(tmp_path, yaml_text: str):
     """`serve` in its own process (its RSS is then the server's alone): (process, http URL)."""
-    import os
-    import re
-    import subprocess
-    import sys
-    import threading
-    import time
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    from server.serve_process import start_serve_process
+
     config = tmp_path / "server.yaml"
     config.write_text(yaml_text)
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--port", "0"],
-                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(repo)})
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 120:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        found = re.search(r"http://[0-9.:]+", line)
-        if found and "serving" in line:
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-            return proc, found.group(0)
-    proc.kill()
-    raise AssertionError("the server did not start")
+    return start_serve_process(["--config", str(config), "--port", "0"], repo=Path(__file__).resolve().parents[1])
 
 
 def _rss_mib(pid: int) -> float:

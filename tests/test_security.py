@@ -412,49 +412,45 @@ async def _recvonly_offer():
     return pc
 
 
-async def test_an_offer_with_many_candidates_makes_the_server_probe_a_few(server):
+async def _view_naming_loopback_candidates(server, n: int, headers: dict | None = None) -> tuple[str, int]:
+    """A viewer's offer that names `n` extra loopback candidates, each a UDP socket of ours that notes what reaches
+    it (a session of the owner's is up meanwhile): the server's answer SDP and how many sockets it probed."""
     from server.bot_client import BotClient
-    from server.ice_policy import MAX_PER_SECTION
 
-    socks = _udp_targets(40)
+    socks = _udp_targets(n)
     pc = await _recvonly_offer()
     try:
         async with BotClient(server.base_url, token=TOKEN) as owner:
             await owner.start(frames="none")
             extra = [f"a=candidate:x{i} 1 udp 2130706431 127.0.0.1 {s.getsockname()[1]} typ host"
                      for i, s in enumerate(socks)]
-            answer = await _view(server, _offer_with(pc.localDescription.sdp, extra))
-        probed = _probed(socks)
-        # a client on this machine may name loopback candidates: some are checked, never all 40
-        assert 0 < probed <= MAX_PER_SECTION, probed
-        assert "a=candidate:" in answer   # and it is shown the server's candidates (loopback: all)
+            answer = await _view(server, _offer_with(pc.localDescription.sdp, extra), headers)
+        return answer, _probed(socks)
     finally:
         await pc.close()
         for s in socks:
             s.close()
+
+
+async def test_an_offer_with_many_candidates_makes_the_server_probe_a_few(server):
+    from server.ice_policy import MAX_PER_SECTION
+
+    answer, probed = await _view_naming_loopback_candidates(server, 40)
+    # a client on this machine may name loopback candidates: some are checked, never all 40
+    assert 0 < probed <= MAX_PER_SECTION, probed
+    assert "a=candidate:" in answer   # and it is shown the server's candidates (loopback: all)
 
 
 async def test_a_remote_client_cannot_point_the_server_at_loopback_or_learn_private_addresses():
-    from server.bot_client import BotClient
+    from server.ice_policy import PRIVATE, scope
 
     srv = await _server(token=TOKEN, trusted_proxies=["127.0.0.1"])   # a client on the internet, via a proxy
-    socks = _udp_targets(6)
-    pc = await _recvonly_offer()
     try:
-        async with BotClient(srv.base_url, token=TOKEN) as owner:
-            await owner.start(frames="none")
-            extra = [f"a=candidate:x{i} 1 udp 2130706431 127.0.0.1 {s.getsockname()[1]} typ host"
-                     for i, s in enumerate(socks)]
-            answer = await _view(srv, _offer_with(pc.localDescription.sdp, extra), {"X-Forwarded-For": "9.9.9.9"})
-        assert _probed(socks) == 0
-        from server.ice_policy import PRIVATE, scope
-
+        answer, probed = await _view_naming_loopback_candidates(srv, 6, {"X-Forwarded-For": "9.9.9.9"})
+        assert probed == 0
         shown = [line.split()[4] for line in answer.splitlines() if line.startswith("a=candidate:")]
         assert all(scope(address) > PRIVATE for address in shown), shown   # no LAN or loopback address of ours
     finally:
-        await pc.close()
-        for s in socks:
-            s.close()
         await srv.stop()
 
 

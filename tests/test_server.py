@@ -178,6 +178,18 @@ def test_serve_command_reports_bad_config(tmp_path, capsys):
     assert "port must be positive" in capsys.readouterr().err
 
 
+def test_a_serve_process_that_exits_is_reported_with_its_output(tmp_path):
+    """start_serve_process (benchmarks and browser tests) gives up as soon as `serve` exits, saying why."""
+    from pathlib import Path
+
+    from server.serve_process import ServerDidNotStart, start_serve_process
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("port: -1\n")
+    with pytest.raises(ServerDidNotStart, match=r"(?s)did not start \(exit code 2\).*port must be positive"):
+        start_serve_process(["--config", str(path)], repo=Path(__file__).resolve().parents[1], timeout=60)
+
+
 # -- protocol -------------------------------------------------------------------------------------
 
 def test_frame_messages_round_trip():

@@ -125,6 +125,30 @@ def check_timeline(frames: list[OutputFrame], first: int = 0) -> None:
             assert not f.audio.any()
 
 
+def tick_counter(frame: OutputFrame) -> int:
+    """TickBackend's state counter, drawn into the frame's pixels."""
+    return int(frame.image[0, 0, 0]) + 256 * int(frame.image[0, 0, 1])
+
+
+async def sessions_say(engine, avatar, sessions: int, audio: np.ndarray) -> list[list[OutputFrame]]:
+    """`sessions` sessions of `avatar` (seeds 0, 1, ...) each say `audio` once, all at the same time: each
+    session's frames up to the end of that utterance."""
+    opened = [engine.open_session(avatar, seed=i) for i in range(sessions)]
+    for s in opened:
+        await s.push_audio(audio)
+        s.end_of_speech()
+    return await asyncio.gather(*(read_until(s, lambda f: f.segment_end) for s in opened))
+
+
+def check_own_frames_in_order(frames: list[OutputFrame], audio: np.ndarray) -> None:
+    """One session's utterance: its timeline, exactly its audio, and the backend's frames of this session's
+    state in order (the counter pixel is the timeline index: no other session's segment got in)."""
+    check_timeline(frames)
+    assert np.array_equal(np.concatenate([f.audio for f in frames if f.speech]), padded(audio))
+    for f in frames:
+        assert tick_counter(f) == f.index
+
+
 async def test_audio_round_trip_any_format(image):
     """Speech frames carry exactly the pushed audio (resampled), across odd chunks, rates, channels,
     segment boundaries and end_of_speech; pts follow the audio clock; frames are generated in order."""
@@ -175,7 +199,7 @@ async def test_audio_round_trip_any_format(image):
     assert ends_at == list(np.cumsum([len(e) // SPF for e in expected]) - 1)
     # frames are the backend's frames in order (the counter pixel is the timeline index)
     for f in frames:
-        assert int(f.image[0, 0, 0]) + 256 * int(f.image[0, 0, 1]) == f.index
+        assert tick_counter(f) == f.index
     # the features the backend saw for a frame are that frame's audio (energy pixel)
     for f in speech:
         assert int(f.image[2, 0, 0]) == min(255, int(np.sqrt(np.mean(f.audio ** 2)) * 1000))
@@ -284,15 +308,8 @@ async def test_sessions_are_batched(image):
     engine = await open_engine(backend, segment_frames=4, max_sessions=3, max_batch=3)
     avatar = await engine.prepare_avatar(image)
     assert await engine.prepare_avatar(image.copy()) is avatar and backend.prepared == 1  # cached by content
-    sessions = [engine.open_session(avatar, seed=i) for i in range(3)]
-    for s in sessions:
-        await s.push_audio(tone(1.0))
-        s.end_of_speech()
-    results = await asyncio.gather(*(read_until(s, lambda f: f.segment_end) for s in sessions))
-    for frames in results:
-        check_timeline(frames)
-        for f in frames:   # each session's state advanced only by its own segments
-            assert int(f.image[0, 0, 0]) + 256 * int(f.image[0, 0, 1]) == f.index
+    for frames in await sessions_say(engine, avatar, 3, tone(1.0)):
+        check_own_frames_in_order(frames, tone(1.0))   # each session's state advanced only by its own segments
     assert max(backend.calls) > 1                      # segments of different sessions shared a call
     assert sum(backend.calls) > len(backend.calls)
     assert max(backend.calls) <= 3
@@ -433,17 +450,8 @@ async def test_split_backend_pipelines_denoise_and_decode(image):
     backend = SplitBackend(delay=0.02)
     engine = await open_engine(backend, segment_frames=4, max_sessions=2, max_batch=1)
     avatar = await engine.prepare_avatar(image)
-    sessions = [engine.open_session(avatar, seed=i) for i in range(2)]
-    audio = tone(1.0)
-    for s in sessions:
-        await s.push_audio(audio)
-        s.end_of_speech()
-    results = await asyncio.gather(*(read_until(s, lambda f: f.segment_end) for s in sessions))
-    for frames in results:
-        check_timeline(frames)
-        assert np.array_equal(np.concatenate([f.audio for f in frames if f.speech]), padded(audio))
-        for f in frames:
-            assert int(f.image[0, 0, 0]) + 256 * int(f.image[0, 0, 1]) == f.index
+    for frames in await sessions_say(engine, avatar, 2, tone(1.0)):
+        check_own_frames_in_order(frames, tone(1.0))
     # some decode ran while another batch was being denoised
     den, dec = backend.intervals["denoise"], backend.intervals["decode"]
     assert any(a0 < b1 and b0 < a1 for a0, a1 in den for b0, b1 in dec)
@@ -468,17 +476,8 @@ async def test_concurrent_backend_gets_parallel_workers_in_session_order(image):
     backend = Concurrent()
     engine = await open_engine(backend, segment_frames=4, max_sessions=3, max_batch=1, generate_workers=2)
     avatar = await engine.prepare_avatar(image)
-    sessions = [engine.open_session(avatar, seed=i) for i in range(3)]
-    audio = tone(1.2)
-    for s in sessions:
-        await s.push_audio(audio)
-        s.end_of_speech()
-    results = await asyncio.gather(*(read_until(s, lambda f: f.segment_end) for s in sessions))
-    for frames in results:
-        check_timeline(frames)
-        assert np.array_equal(np.concatenate([f.audio for f in frames if f.speech]), padded(audio))
-        for f in frames:   # each session's segments went through the backend in order
-            assert int(f.image[0, 0, 0]) + 256 * int(f.image[0, 0, 1]) == f.index
+    for frames in await sessions_say(engine, avatar, 3, tone(1.2)):
+        check_own_frames_in_order(frames, tone(1.2))   # each session's segments went through the backend in order
     iv = backend.intervals
     assert len({name for _, _, name in iv}) == 2
     assert any(a0 < b1 and b0 < a1 for i, (a0, a1, _) in enumerate(iv) for b0, b1, _ in iv[i + 1:])
@@ -562,4 +561,56 @@ async def test_one_frame_segments(image):
     after = await read_until(session, lambda f: f.index >= frames[-1].index + 4)
     check_timeline(frames + after)
     assert not any(f.speech for f in after)
+    await engine.stop()
+
+
+class BatchAudioBackend(TickBackend):
+    """Offers encode_audio_batch. The first encoder call waits for `release`, so the segments of every session
+    queue up behind it; a window holding the value 0.123 makes the call fail (that session's audio)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.batches: list[int] = []
+
+    def encode_audio(self, audio, start, num_frames):
+        self.release.wait(10)
+        if np.any(audio == np.float32(0.123)):
+            raise RuntimeError("bad audio")
+        return super().encode_audio(audio, start, num_frames)
+
+    def encode_audio_batch(self, requests):
+        self.release.wait(10)
+        self.batches.append(len(requests))
+        return [self.encode_audio(*r) for r in requests]
+
+
+@pytest.mark.parametrize("bad", [False, True])
+async def test_queued_segments_of_all_sessions_share_one_audio_encoder_call(image, bad):
+    """Backends with encode_audio_batch (MuseTalk's whisper) get every segment queued at once in one call, up to
+    max_batch, each result back to its own session; a failed batch is retried one by one, so a bad session
+    fails alone."""
+    backend = BatchAudioBackend()
+    engine = await open_engine(backend, segment_frames=4, max_sessions=3, max_batch=3)
+    avatar = await engine.prepare_avatar(image)
+    sessions = [engine.open_session(avatar, seed=i) for i in range(3)]
+    for i, s in enumerate(sessions):
+        audio = np.full(16000, 0.123, np.float32) if bad and i == 2 else tone(1.0) * (0.5 + 0.25 * i)
+        await s.push_audio(audio)
+        s.end_of_speech()
+    for _ in range(400):   # until segments of several sessions wait behind the first call
+        if engine.stats()["queues"]["encode"] >= 2:
+            break
+        await asyncio.sleep(0.01)
+    backend.release.set()
+    good = sessions[:2] if bad else sessions
+    results = await asyncio.gather(*(read_until(s, lambda f: f.segment_end) for s in good))
+    for frames in results:
+        check_timeline(frames)
+        for f in (f for f in frames if f.speech):   # each frame rendered from its own session's audio
+            assert int(f.image[2, 0, 0]) == min(255, int(np.sqrt(np.mean(f.audio ** 2)) * 1000))
+    assert max(backend.batches) > 1 and max(backend.batches) <= 3
+    if bad:
+        with pytest.raises(EmoStreamError, match="bad audio"):
+            await read_until(sessions[2], lambda f: False, limit=100)
     await engine.stop()

@@ -264,6 +264,54 @@ async def test_webrtc_tracks_carry_one_timeline():
         await video.recv()
 
 
+async def test_webrtc_sender_reports_map_each_packet_to_its_release_time():
+    """Chromium aligns audio and video by the RTCP sender reports (NTP <-> RTP time per track). They must say
+    when the Playout released a frame or chunk, not when aiortc got it out (a slow VP8 encode, a busy loop or
+    a stall on one track would otherwise shift that track on screen); the video bias moves only the video."""
+    import inspect
+
+    from aiortc import RTCPeerConnection, RTCRtpSender
+
+    from server.rtc import PlayoutAudioTrack, PlayoutClockSender, PlayoutVideoTrack
+
+    # the hook: aiortc stamps every packet it sends through this private attribute
+    assert "self.__ntp_timestamp = clock.current_ntp_time()" in inspect.getsource(RTCRtpSender._run_rtp)
+    clock = SimClock()
+    play = Playout(frames(6, clock=clock), FPS, clock)
+    sub = play.subscribe("pc", frames=20, audio=40)
+    video, audio = PlayoutVideoTrack(sub, delay_s=0.02), PlayoutAudioTrack(sub)
+    await play.run()
+    pc = RTCPeerConnection()
+    try:
+        senders = {t.kind: PlayoutClockSender.adopt(pc.addTrack(t)) for t in (video, audio)}
+        second = 1 << 32
+        sent_at = 5_000_000 * second            # NTP time the packet left
+        for track, bias in ((video, 0.02), (audio, 0.0)):
+            for _ in range(3):
+                await track.recv()
+            clock.t = track.sent_due + 0.25     # it left 250 ms after its release
+            senders[track.kind]._RTCRtpSender__ntp_timestamp = sent_at
+            reported = senders[track.kind]._RTCRtpSender__ntp_timestamp
+            assert abs(reported - (sent_at - round((0.25 - bias) * second))) <= 1
+        # the stamps are the Playout's release times: frame 2 at 80 ms, chunk 2 at 40 ms
+        assert video.sent_due - audio.sent_due == pytest.approx(2 / FPS - 2 * 0.02)
+    finally:
+        await pc.close()
+
+
+async def test_webrtc_tracks_joining_late_start_at_the_newest_entry():
+    """A sender that first asks after ICE and DTLS gets the newest frame and chunk, not the backlog (which,
+    sent at once, started the browser's jitter buffers deep: the sound 200 ms behind the picture)."""
+    from server.rtc import PlayoutAudioTrack, PlayoutVideoTrack
+
+    clock = SimClock()
+    play = Playout(frames(10, clock=clock), FPS, clock)
+    sub = play.subscribe("pc", frames=3, audio=10)
+    video, audio = PlayoutVideoTrack(sub, join_live=True), PlayoutAudioTrack(sub, join_live=True)
+    await play.run()
+    assert (await video.recv()).pts == 9 * 3600 and (await audio.recv()).pts == 19 * 960
+
+
 async def test_latency_added_by_a_stall_is_won_back_on_idle_frames():
     clock = SimClock()
     play = Playout(frames(100, speech=False, clock=clock, stall={20: 0.3}), FPS, clock, late_tolerance_s=0.1)

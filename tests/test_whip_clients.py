@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -18,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, espeak_wav
+from tests.browser import chromium_with_fake_mic, preview_server
+from tests.conftest import espeak_wav
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
 TOKEN = "whip-test-token-0123456789abcdef"   # at least 128 bits (issue 23)
 SPEECH = "Hello, I am talking to my avatar through WHIP. It should move its lips while I speak, and keep going."
 
@@ -92,31 +89,8 @@ def _wait(what, cond, timeout: float):
 
 @pytest.fixture(scope="module")
 def server_url():
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--size", "128",
-         "--backend", "preview"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO), "EMO_STREAM_TOKEN": TOKEN})   # not in argv (ps)
-    url, lines, t0 = None, [], time.monotonic()
-    while time.monotonic() - t0 < 90:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        found = re.search(r"http://[0-9.:]+", line)
-        if found and "serving" in line:
-            url = found.group(0)
-            break
-    if url is None:
-        proc.kill()
-        pytest.fail("server did not print its URL:\n" + "".join(lines))
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with preview_server(env={"EMO_STREAM_TOKEN": TOKEN}) as url:   # the token not in argv (ps)
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -147,17 +121,8 @@ def speech_48k(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser(speech_48k):
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium is not installed")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={speech_48k}", "--no-sandbox", "--disable-gpu",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-            "--autoplay-policy=no-user-gesture-required"])
+    with chromium_with_fake_mic(speech_48k) as b:
         yield b
-        b.close()
 
 
 def test_chromium_publishes_with_whip_and_plays_with_whep(browser, server_url, page_url):

@@ -20,6 +20,26 @@ from server.protocol import decode_frame
 SIZE = 64
 
 
+def test_the_bot_api_url_from_what_a_user_types():
+    """server.bot_client and pipecat's RemoteAvatar reach /api/ws from any of these; other schemes are refused
+    with the caller's error type."""
+    from emo_stream.errors import EmoStreamError
+    from emo_stream.server_url import bot_api_url
+
+    assert bot_api_url("http://127.0.0.1:8080") == "ws://127.0.0.1:8080/api/ws"
+    assert bot_api_url("https://gpu-box:8443/") == "wss://gpu-box:8443/api/ws"
+    assert bot_api_url("127.0.0.1:8080") == "ws://127.0.0.1:8080/api/ws"
+    assert bot_api_url("wss://proxy.example/emo/api/ws?x=1") == "wss://proxy.example/emo/api/ws?x=1"
+
+    class LinkError(EmoStreamError):
+        pass
+
+    with pytest.raises(LinkError, match="not an emo-stream server URL: ftp://host"):
+        bot_api_url("ftp://host", LinkError)
+    with pytest.raises(EmoStreamError, match="not an emo-stream server URL"):
+        BotClient("file:///etc/passwd")
+
+
 @pytest.fixture(scope="module")
 def backend():
     """One preview backend for the module: its face analyser loads once (servers and engines are per test)."""

@@ -9,8 +9,7 @@ package does not import livekit, only touching one of the names below does. See 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from emo_stream.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "AvatarSession": "emo_stream.livekit.plugin",
@@ -24,15 +23,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'emo_stream.livekit' has no attribute {name!r}")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] == "livekit":
-            raise ImportError(f"emo_stream.livekit.{name} needs the livekit packages: "
-                              'pip install "emo-stream[livekit]"') from exc
-        raise
+__getattr__ = lazy_exports(__name__, _EXPORTS, extra="livekit", needs="the livekit packages")

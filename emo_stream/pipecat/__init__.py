@@ -9,8 +9,7 @@ does not import pipecat, only touching EmoStreamVideoService does. See docs/pipe
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from emo_stream.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "EmoStreamVideoService": "emo_stream.pipecat.video",
@@ -22,14 +21,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'emo_stream.pipecat' has no attribute {name!r}")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] == "pipecat":
-            raise ImportError(f"emo_stream.pipecat.{name} needs pipecat: pip install \"emo-stream[pipecat]\"") from exc
-        raise
+__getattr__ = lazy_exports(__name__, _EXPORTS, extra="pipecat", needs="pipecat")

@@ -24,12 +24,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from emo_stream.errors import EmoStreamError
 from emo_stream.pcm import float_to_pcm16
+from emo_stream.server_url import bot_api_url
 from emo_stream.timeline import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -139,16 +139,6 @@ class LocalAvatar:
 
 # -- over the WebSocket API --------------------------------------------------------------------------
 
-def ws_api_url(url: str) -> str:
-    """http(s)://host:port or ws(s)://host:port[/api/ws] -> the ws(s) URL of the bot API."""
-    parts = urlsplit(url if "://" in url else f"ws://{url}")
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("ws", "wss"):
-        raise AvatarLinkError(f"not an emo-stream server URL: {url}")
-    path = parts.path if parts.path not in ("", "/") else "/api/ws"
-    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
-
-
 class RemoteAvatar:
     """A session on an emo-stream server, over its WebSocket bot API.
 
@@ -160,7 +150,7 @@ class RemoteAvatar:
 
     def __init__(self, url: str, *, token: str | None = None, avatar: str | Path | bytes | None = None,
                  jpeg_quality: int = 85, seed: int = 0, open_timeout: float = 10.0, ssl: Any = None):
-        self.url = ws_api_url(url)
+        self.url = bot_api_url(url, AvatarLinkError)
         self._token = token
         self._avatar = avatar
         self._quality = jpeg_quality
