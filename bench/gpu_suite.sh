@@ -18,7 +18,7 @@
 # Time on one H100 by the FLOP count (bench/results/flops.json; warm-up 2 + 6 timed segments per session count)
 # at an assumed 300 TFLOP/s achieved (30% of the bf16 dense peak): emo 1856 live frames x 3.6 + 2 offline clips
 # of 12 frames x 103 = 9.2 PFLOP ~ 31 s; echomimic 1856 x 11.4 + 63 offline frames x 12.6 = 22 PFLOP ~ 74 s;
-# musetalk 2280 live frames x 0.80 + 113 offline x 0.80 = 1.9 PFLOP ~ 7 s (small batches run far below 300:
+# musetalk 2280 live frames x 0.81 + 113 offline x 0.81 = 1.9 PFLOP ~ 7 s (small batches run far below 300:
 # bounded by the step's time limit); plus ~30 s of loading per step. Each step is cut by its own limit
 # (130 + 150 + 100 s) and the compiled step only runs in what is left of 470 s: at most 8 minutes in all.
 set -uo pipefail

@@ -8,7 +8,7 @@ portrait's 100 base frames and their idle cache), and one continuing segment (de
 every step has the same peak) runs for batches of 1, 4 and 8 sessions inside emo_stream.blocks.memory.PeakMemory
 (Hallo runs sessions one after another: its batches all have one session's peak). Each op on meta goes through
 Python meta kernels, so a 512 px segment takes tens of seconds of CPU: the runs are kept few (the first
-segment once, then one continuing segment per batch size; about 4 CPU-minutes for the four families).
+segment once, then one continuing segment per batch size: 73 s of CPU for the four families at 512 px).
 Each record: weights, per-session bytes (avatar + state, kept between segments), activation peak per batch,
 and how many sessions fit in 24, 48 and 80 GiB with batches of up to 4 (the engine's default max_batch) after
 a 10% headroom. Not counted: the CUDA context and kernels' workspace (~0.5-1 GiB, inside the headroom), the audio

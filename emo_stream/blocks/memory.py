@@ -9,7 +9,8 @@
 PeakMemory is a TorchDispatchMode that adds up the storages made by every op run inside it and subtracts them
 when they are freed (weak references to the storages), so it sees what a caching allocator has to hold at
 once: the activation peak of one forward, on meta as on the CPU. Weights and inputs made before entering are
-not counted (they are counted separately).
+not counted (they are counted separately). scaled_dot_product_attention is counted as CUDA's fused kernels hold
+it (output and log-sum-exp), not as the math form it decomposes into on meta (the whole attention matrix).
 """
 
 from __future__ import annotations
