@@ -147,8 +147,9 @@ INIT_SCRIPT = r"""
     window.__ctx = ctx;
     // the context's clock against the page's, sampled all along: one mapping taken at the end would turn
     // any rate difference between the audio device's clock and performance.now() into a drift
-    window.__avs.map = [];
-    setInterval(() => { const o = ctx.getOutputTimestamp();
+    window.__avs.map = [];   // one context's samples only (a restarted session taps a new context)
+    if (window.__mapTimer) clearInterval(window.__mapTimer);
+    window.__mapTimer = setInterval(() => { const o = ctx.getOutputTimestamp();
                         if (o.contextTime > 0) window.__avs.map.push(o.contextTime, o.performanceTime); }, 200);
     return { sampleRate: ctx.sampleRate, baseLatency: ctx.baseLatency, outputLatency: ctx.outputLatency || 0 };
   };
@@ -273,6 +274,21 @@ async def ws_run(url: str, seconds: float) -> dict:
 
 
 # ---- Chromium: talk page and viewer page ---------------------------------------------------------------------
+def heard_at(ctx_seconds: np.ndarray, ctx_map: np.ndarray, to_perf: float) -> np.ndarray:
+    """AudioContext seconds -> seconds on the page's performance clock when that sound leaves the output.
+
+    Through the (context, performance) samples taken every 200 ms around each point: under load the audio
+    device's clock runs at its own rate (0.7 % off over 5 minutes here) and jumps when its thread is late, so
+    one mapping taken at the end is off by up to hundreds of ms for sound a minute old."""
+    ctx_map = np.asarray(ctx_map, float).reshape(-1, 2)
+    if len(ctx_map) < 2:
+        return (ctx_seconds * 1000 + to_perf) / 1000.0
+    slope, icpt = np.polyfit(ctx_map[:, 0], ctx_map[:, 1], 1)
+    order = np.argsort(ctx_map[:, 0])
+    mc, mp = ctx_map[order, 0], ctx_map[order, 1]
+    return (np.interp(ctx_seconds, mc, mp - (mc * slope + icpt)) + ctx_seconds * slope + icpt) / 1000.0
+
+
 def _page_offsets(page) -> tuple[dict, list]:
     avs = page.evaluate("window.__avs")
     to_perf = page.evaluate("window.__ctxToPerf()")
@@ -281,16 +297,9 @@ def _page_offsets(page) -> tuple[dict, list]:
     if len(env) < 10 or len(frames) < 10:
         return {"bursts": 0, "fitted": 0, "frames_shown": len(frames)}, []
     ctx_map = np.asarray(avs.get("map") or [], float).reshape(-1, 2)
+    et = heard_at(env[:, 0], ctx_map, to_perf)
     if len(ctx_map) >= 2:
-        # context seconds -> performance ms through the samples around each point: under load the audio
-        # device's clock runs at its own rate (0.7 % off in a 5-minute run) and jumps when its thread is late
         slope, icpt = np.polyfit(ctx_map[:, 0], ctx_map[:, 1], 1)
-        order = np.argsort(ctx_map[:, 0])
-        mc, mp = ctx_map[order, 0], ctx_map[order, 1]
-        et = np.interp(env[:, 0], mc, mp - (mc * slope + icpt)) + env[:, 0] * slope + icpt
-        et = et / 1000.0
-    else:
-        et = (env[:, 0] * 1000 + to_perf) / 1000.0          # seconds on the page's performance clock
     ft = frames[:, 0] / 1000.0
     offsets = burst_offsets(ft, frames[:, 1], et, env[:, 1], 1.0 / FPS)
     counters = frames[:, 2].astype(int)
@@ -378,7 +387,7 @@ def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = 
             page.wait_for_timeout(int(settle * 1000))
             # measure from here: every page's frames and sound so far are dropped
             for p in [page, *players.values()]:
-                p.evaluate("window.__avs.frames = []; window.__avs.env = []; window.__avs.rx = []")
+                p.evaluate("window.__avs.frames = []; window.__avs.env = []; window.__avs.rx = []; window.__avs.map = []")
             page.wait_for_timeout(int(seconds * 1000))
             talk, _ = _page_offsets(page)
             result["talk"] = {**talk, "first_frame_ms": round(first, 1)}

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import REPO, device_name, emit_json, rss_mb  # bench/; puts the repo on sys.path
-from av_sync import BROWSER_ARGS, CHROMIUM, INIT_SCRIPT, beeps_wav
+from av_sync import BROWSER_ARGS, CHROMIUM, INIT_SCRIPT, beeps_wav, heard_at
 from emo_stream.families.synctest.measure import beeps, burst_offsets, offsets_of_frames
 
 FPS = 25
@@ -329,7 +329,7 @@ def _browser_offsets(avs: dict, to_perf: float) -> tuple[list[float], float | No
     frames = np.asarray(avs["frames"], float).reshape(-1, 4)
     if len(env) < 10 or len(frames) < 10:
         return [], None, len(frames)
-    et = (env[:, 0] * 1000 + to_perf) / 1000
+    et = heard_at(env[:, 0], avs.get("map") or [], to_perf)
     ft = frames[:, 0] / 1000
     found = burst_offsets(ft, frames[:, 1], et, env[:, 1], 1 / FPS)
     fps = (len(ft) - 1) / (ft[-1] - ft[0]) if ft[-1] > ft[0] else None
@@ -370,13 +370,14 @@ async def browser(url: str, wav: Path, until: float, args, tally: Tally) -> None
                 await vpage.evaluate("window.__tapEnvelope(document.getElementById('avatar').srcObject)")
                 end = min(until - 10, time.monotonic() + args.reconnect_minutes * 60)
                 for pg in (page, vpage):
-                    await pg.evaluate("window.__avs.frames = []; window.__avs.env = []")
+                    await pg.evaluate("window.__avs.frames = []; window.__avs.env = []; window.__avs.rx = []")
                 while time.monotonic() < end:
                     await asyncio.sleep(min(60.0, max(1.0, end - time.monotonic())))
                     row = {"at_min": tally.minute()}
                     for name, pg in (("talk", page), ("viewer", vpage)):
-                        avs = await pg.evaluate("(() => { const a = window.__avs; const out = {frames: a.frames, env: a.env};"
-                                                " a.frames = []; a.env = []; return out; })()")
+                        avs = await pg.evaluate("(() => { const a = window.__avs; const out = {frames: a.frames, env: a.env,"
+                                                " map: a.map}; a.frames = []; a.env = []; a.rx = [];"
+                                                " a.map = a.map.slice(-2); return out; })()")
                         to_perf = await pg.evaluate("window.__ctxToPerf()")
                         offs, fps, n = _browser_offsets(avs, to_perf)
                         row[name] = {"fps_shown": round(fps, 2) if fps else None, "frames": n,
