@@ -1,6 +1,6 @@
 """A long run at capacity: every session slot busy for --minutes, on loopback, with what real use does to a server.
 
-    nice -n 5 python bench/soak.py --minutes 60 --backend synctest --out bench/results/soak-cpu-60min.json
+    python bench/soak.py --minutes 60 --size 256 --bots 2 --out bench/results/soak-cpu-60min.json
 
 Load (all against one `emo-stream serve` process on 127.0.0.1, its slots = bots + 1):
   - bots: WebSocket API sessions with JPEG frames back; each speaks utterances in real time (20 ms messages:
@@ -376,8 +376,8 @@ async def browser(url: str, wav: Path, until: float, args, tally: Tally) -> None
                     row = {"at_min": tally.minute()}
                     for name, pg in (("talk", page), ("viewer", vpage)):
                         avs = await pg.evaluate("(() => { const a = window.__avs; const out = {frames: a.frames, env: a.env,"
-                                                " map: a.map}; a.frames = []; a.env = []; a.rx = [];"
-                                                " a.map = a.map.slice(-2); return out; })()")
+                                                " map: window.__clockMap}; a.frames = []; a.env = []; a.rx = [];"
+                                                " window.__clockMap = window.__clockMap.slice(-2); return out; })()")
                         to_perf = await pg.evaluate("window.__ctxToPerf()")
                         offs, fps, n = _browser_offsets(avs, to_perf)
                         row[name] = {"fps_shown": round(fps, 2) if fps else None, "frames": n,
