@@ -154,7 +154,6 @@ async def talking_in_real_time(bot, clip, pause_s: float) -> AsyncIterator[None]
 def start_learning_run(threads: int) -> float:
     """Timestamped log lines (training logs its progress) and `threads` torch CPU threads; the start time."""
     import logging
-    import time
 
     import torch
 

@@ -1,19 +1,27 @@
-"""How far MuseTalk's live audio prompts (whisper over a window of the stream) are from its whole-file prompts.
+"""How far MuseTalk's live audio prompts are from its whole-file prompts, and what the live whisper costs.
 
-whisper-tiny's encoder attends over its whole input, so a window that holds only `left` seconds of history and
-the segment's look-ahead gives other hidden states than the file as MuseTalk encodes it. For each left context
-(and extra look-ahead past the prompt's own 2 frames) this replays a stream in live segments exactly as the
-backend does (MuseTalkBackend.encode_audio: window -> whisper -> per-frame prompts) and compares every frame's
-prompt with the whole-file prompt (MuseTalk's get_whisper_chunk on the file, at most 30 s: one whisper input):
+MuseTalk encodes a file in 30 s segments cut from its first sample, each zero-padded to 30 s, and takes every
+frame's prompt from those states. whisper-tiny's encoder attends over its whole 30 s input, so a step's states
+depend on where it sits in its segment and on the segment's whole audio. The live path (MuseTalkBackend.
+encode_audio -> audio.stream_chunks) keeps MuseTalk's grid: segment k covers [30k, 30k + 30) s of the session's
+audio, and each call encodes the segments its frames' prompts touch with the samples received so far,
+zero-padded as MuseTalk pads a file. What is left is the audio not received yet. This measures it:
 
-    relative error = ||live - file|| / ||file|| per frame (all 10 steps x every layer), mean / p95 / max, and
-    the mean per hidden state (0: the embeddings, which carry whisper's absolute position table: a window
-    puts a frame at another position than the file does, so this part never vanishes unless the window
-    starts where the file does)
+    for every `--every-s` of the file, with the stream received up to that point, the prompt of the frame
+    whose own audio ended `lookahead` frames earlier (the prompt itself reaches 2 frames past its frame, so
+    2 is the least), against the whole-file prompt of that frame:
+    relative error = ||live - file|| / ||file|| over its 10 steps x every hidden state; mean / p95 / max, and
+    the mean per hidden state (0: the embeddings)
 
-Both window forms are measured: `padded` (the window zero-padded to whisper's 30 s, as MuseTalk does a file,
-the encoder always sees 1500 positions) and `cropped` (only the window's own positions: cheaper, an input
-length whisper never saw in training).
+A live segment of n frames with `extra` frames of look-ahead renders its frames with lookaheads
+2 + extra .. n + 1 + extra (its first frame waits for the last one's audio). Modes: `padded` (each segment
+zero-padded to 30 s: the 1500 positions whisper always saw; what MuseTalk does) and `cropped` (only the steps
+received: cheaper, an input whisper never saw). `--sliding` adds the previous design (windows with a fixed
+left context, zero-padded to 30 s, not on the grid) for comparison.
+
+Cost: whisper-tiny encoder FLOPs per call counted on the meta device (one padded segment: 1500 positions;
+a call that crosses a 30 s boundary encodes two), FLOPs per second of audio for a segment length, and CPU
+time per call here.
 
     python bench/musetalk_window.py --whisper models/whisper [--audio a.wav ...] [--out bench/results/x.json]
 
@@ -25,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import sys
 import time
@@ -52,90 +62,156 @@ def load_whisper(folder: Path):
     return enc.eval(), build_extractor(read_json(folder / "preprocessor_config.json"))
 
 
-def live_prompts(enc, ext, audio: np.ndarray, left_s: float, extra: int, segment: int, padded: bool,
-                 first: int, frames: int) -> torch.Tensor:
-    """Prompts of frames [first, first + frames) as the live backend makes them, segment by segment."""
-    left = int(round(left_s * FPS)) * SPF
-    look = (RIGHT + extra) * SPF
-    stream = np.concatenate([audio, np.zeros(look, np.float32)])
-    out = []
-    for s in range(first, first + frames, segment):
-        n = min(segment, first + frames - s)
-        start = s * SPF
-        lo = max(0, start - left)
-        window = stream[lo:start + n * SPF + look]
-        states = A.window_states(enc, ext, window, padded=padded)
-        out.append(A.live_chunks(states, start - lo, n, FPS, LEFT, RIGHT))
-    return torch.cat(out)
-
-
 def rel_errors(live: torch.Tensor, ref: torch.Tensor, layers: int) -> np.ndarray:
     """(frames, 1 + layers): the relative error over everything, then per hidden state (0 = embeddings)."""
     live = live.reshape(live.shape[0], -1, layers, live.shape[-1]).double()
     ref = ref.reshape(ref.shape[0], -1, layers, ref.shape[-1]).double()
+
     def rel(a, b):
         return ((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1).clamp_min(1e-9)).numpy()
     cols = [rel(live, ref)] + [rel(live[:, :, i], ref[:, :, i]) for i in range(layers)]
     return np.stack(cols, axis=1)
 
 
+def grid_prompts(enc, ext, audio: np.ndarray, received: int, frames: list[int], padded: bool) -> torch.Tensor:
+    """Prompts of `frames` (ascending) as the live path makes them with the stream received up to sample
+    `received` (audio[:received], the rest of its 30 s segment zero-padded)."""
+    got = audio[:received]
+    lo = (max(0, frames[0] * SPF - A.lead_samples(FPS, LEFT)) // A.SEGMENT_SAMPLES) * A.SEGMENT_SAMPLES
+    n = frames[-1] - frames[0] + 1
+    chunks = A.stream_chunks(enc, ext, got[lo:], frames[0] * SPF - lo, n, FPS, LEFT, RIGHT, padded)
+    return chunks[[f - frames[0] for f in frames]]
+
+
+def sliding_prompts(enc, ext, audio: np.ndarray, received: int, frames: list[int], left_s: float) -> torch.Tensor:
+    """The previous design: a window of `left_s` history before the frames, zero-padded to 30 s, off the grid."""
+    lo = max(0, frames[0] * SPF - int(round(left_s * FPS)) * SPF)
+    window = audio[lo:received]
+    states = A.encoder_states(enc, A.log_mel(ext, window))[0, : math.floor(len(window) * 50 / 16000)]
+    lead = math.ceil(50 / FPS) * LEFT
+    steps = [f * 2 - lead - lo // 320 for f in frames]
+    return A.chunks_at(states, steps, 2 * (LEFT + RIGHT + 1))
+
+
+def summary(e: np.ndarray) -> dict:
+    return {"mean": round(float(e[:, 0].mean()), 4), "p95": round(float(np.percentile(e[:, 0], 95)), 4),
+            "max": round(float(e[:, 0].max()), 4), "frames": int(e.shape[0]),
+            "mean_per_state": [round(float(v), 4) for v in e[:, 1:].mean(0)]}
+
+
+def whisper_cost(config: dict, segment_frames: list[int]) -> dict:
+    """Encoder FLOPs (meta device) of one padded segment, of a cropped one (mean length: 15 s) and per second
+    of audio when every live segment of n frames encodes its 30 s segment once."""
+    from emo_stream.blocks.flops import META, round4, tflop
+
+    with torch.device(META):
+        enc = build_whisper_encoder(config).eval()
+    padded, _ = tflop(lambda: A.encoder_states(enc, torch.zeros(1, 80, 3000, device=META)))
+    cropped, _ = tflop(lambda: A.encoder_states(enc, torch.zeros(1, 80, 1500, device=META)))
+    return {"gflop_per_call_padded": round4(padded * 1e3), "gflop_per_call_cropped_15s": round4(cropped * 1e3),
+            "gflop_per_audio_second_padded": {str(n): round4(padded * 1e3 * FPS / n) for n in segment_frames},
+            "note": "a call whose prompts cross a 30 s boundary encodes two segments (once per 30 s)"}
+
+
+def cpu_times(enc, ext, audio: np.ndarray, batch: int, repeats: int) -> dict:
+    """Seconds per call on this CPU: one session (padded, cropped at 15 s), `batch` sessions in one call."""
+    seg = audio[: 15 * 16000]
+    out = {}
+    for name, fn in (("padded_1", lambda: A.encode_segments(enc, ext, [seg], True)),
+                     ("cropped_15s_1", lambda: A.encode_segments(enc, ext, [seg], False)),
+                     (f"padded_batch_{batch}", lambda: A.encode_segments(enc, ext, [seg] * batch, True)),
+                     ("log_mel_1", lambda: A.log_mel_batch(ext, [seg]))):
+        fn()
+        t = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            fn()
+            t.append(time.process_time() - t0)
+        out[name] = round(float(np.median(t)), 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--whisper", type=Path, required=True)
     ap.add_argument("--audio", type=Path, nargs="*", default=None)
-    ap.add_argument("--seconds", type=float, default=20.0, help="per file, from its start (at most 30)")
-    ap.add_argument("--contexts", type=float, nargs="*", default=[0.0, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0])
-    ap.add_argument("--extras", type=int, nargs="*", default=[0, 3])
-    ap.add_argument("--segment", type=int, default=5, help="live segment length in frames")
-    ap.add_argument("--stride-s", type=float, default=1.0, help="measure one segment every this many seconds")
-    ap.add_argument("--first-s", type=float, default=0.0,
-                    help="measure segments from this time on (past every context: the steady state of a long "
-                         "stream, where no window starts where the file does)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="per file, from its start")
+    ap.add_argument("--lookaheads", type=int, nargs="*", default=list(range(2, 15)) + [27, 52],
+                    help="frames of audio received after the measured frame's own audio")
+    ap.add_argument("--steady-s", type=float, default=16.4,
+                    help="also summarise the frames past this time (where a 16 s sliding window no longer starts "
+                         "at the file's start)")
+    ap.add_argument("--extras", type=int, nargs="*", default=[0, 1, 2, 3, 8],
+                    help="extra look-ahead frames for the per-segment summary")
+    ap.add_argument("--every-s", type=float, default=0.5, help="a measurement point every this many seconds")
+    ap.add_argument("--modes", nargs="*", default=["padded", "cropped"], choices=["padded", "cropped"])
+    ap.add_argument("--sliding", type=float, nargs="*", default=[], help="left contexts (s) of the old design")
+    ap.add_argument("--segments", type=int, nargs="*", default=[5, 8], help="live segment lengths for the cost")
+    ap.add_argument("--timing-repeats", type=int, default=5)
     ap.add_argument("--source", default="", help="what --whisper is (for the record)")
-    ap.add_argument("--padded-only", action="store_true", help="skip the cropped-window variant")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     enc, ext = load_whisper(args.whisper)
-    files = args.audio or [SHARED / "audio" / "eng_60s_16k.wav", SHARED / "clips" / "short_case_10" / "aud.mp3",
-                           SHARED / "clips" / "emo_talk_kara" / "aud.mp3"]
+    files = args.audio or [SHARED / "audio" / "eng_60s_16k.wav"]
     files = [f for f in files if Path(f).is_file()]
     if not files:   # ../shared/data absent and no --audio given
         raise SystemExit("no speech to measure: pass --audio FILE (../shared/data is not present)")
-    results: dict[str, dict] = {}
     t0 = time.time()
+    rows: dict[str, list[np.ndarray]] = {}
+    when: dict[str, list[float]] = {}
+    looks = sorted(args.lookaheads)
     with torch.no_grad():
         for f in files:
-            audio = load_audio(f)[: int(min(args.seconds, 30.0) * 16000)]
-            ref = A.frame_chunks(A.file_states(enc, ext, audio), len(audio) // SPF, FPS, LEFT, RIGHT)
-            starts = list(range(int(args.first_s * FPS), len(ref) - args.segment, int(args.stride_s * FPS)))
+            audio = load_audio(f)[: int(args.seconds * 16000)]
+            ref = A.file_chunks(enc, ext, audio, FPS, LEFT, RIGHT)
             layers = ref.shape[1] // (2 * (LEFT + RIGHT + 1))
-            for padded in ((True,) if args.padded_only else (True, False)):
-                for extra in args.extras:
-                    for left_s in args.contexts:
-                        errs = np.concatenate([rel_errors(live_prompts(enc, ext, audio, left_s, extra, args.segment,
-                                                                       padded, s, args.segment),
-                                                          ref[s:s + args.segment], layers) for s in starts])
-                        key = f"{'padded' if padded else 'cropped'} left={left_s:g}s extra={extra}"
-                        results.setdefault(key, {"errors": []})["errors"].append(errs)
-                        print(f"{Path(f).name}: {key}: mean {errs[:, 0].mean():.3f} per state "
-                              f"{np.round(errs[:, 1:].mean(0), 3).tolist()}", flush=True)
+            total = len(ref)
+            every = max(1, int(round(args.every_s * FPS)))
+            for r in range(looks[-1] + 1, total - 3, every):   # r: whole frames received
+                frames = [r - 1 - la for la in reversed(looks)]
+                variants = {m: grid_prompts(enc, ext, audio, r * SPF, frames, m == "padded") for m in args.modes}
+                variants.update({f"sliding left={s:g}s": sliding_prompts(enc, ext, audio, r * SPF, frames, s)
+                                 for s in args.sliding})
+                for name, live in variants.items():
+                    errs = rel_errors(live, ref[frames], layers)
+                    for la, e in zip(reversed(looks), errs):
+                        rows.setdefault(f"{name} lookahead={la}", []).append(e[None])
+                        when.setdefault(f"{name} lookahead={la}", []).append((r - 1 - la) / FPS)
+                print(f"{Path(f).name} received {r / FPS:.2f} s: " + ", ".join(
+                    f"{n} {rel_errors(v, ref[frames], layers)[:, 0].round(3).tolist()}" for n, v in variants.items()),
+                    flush=True)
     table = {}
-    for key, r in results.items():
-        e = np.concatenate(r["errors"])
-        table[key] = {"mean": round(float(e[:, 0].mean()), 4), "p95": round(float(np.percentile(e[:, 0], 95)), 4),
-                      "max": round(float(e[:, 0].max()), 4), "frames": int(e.shape[0]),
-                      "mean_per_state": [round(float(v), 4) for v in e[:, 1:].mean(0)]}
+    for k, v in rows.items():
+        e = np.concatenate(v)
+        table[k] = summary(e)
+        late = np.asarray(when[k]) >= args.steady_s
+        if late.any():
+            table[k][f"mean_after_{args.steady_s:g}s"] = round(float(e[late, 0].mean()), 4)
+    # a live segment of n frames with `extra` look-ahead renders frame i (of n) with lookahead n + 1 - i + extra
+    segments = {}
+    for mode in list(args.modes) + [f"sliding left={s:g}s" for s in args.sliding]:
+        for n in args.segments:
+            for extra in args.extras:
+                keys = [f"{mode} lookahead={la}" for la in range(2 + extra, n + 2 + extra)]
+                if all(k in table for k in keys):
+                    segments[f"{mode} segment={n} extra={extra}"] = {
+                        "mean": round(float(np.mean([table[k]["mean"] for k in keys])), 4),
+                        "latency_ms_added": 40 * extra}
     record = {
-        "what": "relative error of live (windowed) whisper prompts vs MuseTalk's whole-file prompts, per frame",
+        "what": "relative error of live whisper prompts vs MuseTalk's whole-file prompts, per frame, by how many "
+                "frames of audio had arrived after the frame's own audio (lookahead; 2 = the prompt's own reach)",
         "command": "python " + " ".join(sys.argv),
         "whisper": args.source or str(args.whisper),
-        "audio": [str(Path(f).name) for f in files], "seconds_per_file": args.seconds,
-        "measured_from_s": args.first_s, "every_s": args.stride_s,
-        "segment_frames": args.segment, "fps": FPS, "device": f"cpu ({platform.processor() or platform.machine()}, "
-                                                            f"{torch.get_num_threads()} threads)",
-        "elapsed_s": round(time.time() - t0, 1), "results": table,
+        "audio": [str(Path(f).name) for f in files], "seconds_per_file": args.seconds, "every_s": args.every_s,
+        "fps": FPS,
+        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                  f"{torch.get_num_threads()} torch threads, "
+                  f"load average {os.getloadavg()[0]:.1f} at the end)",
+        "elapsed_s": round(time.time() - t0, 1), "results": table, "per_segment": segments,
+        "cost": whisper_cost(read_json(args.whisper / "config.json"), args.segments),
     }
+    with torch.no_grad():
+        record["cost"]["cpu_s_per_call"] = cpu_times(enc, ext, load_audio(files[0]), 4, args.timing_repeats)
     text = json.dumps(record, indent=1)
     print(text)
     if args.out:

@@ -25,6 +25,9 @@ never with getattr elsewhere):
     denoise(jobs) / decode(jobs, latents)   (the `SplitGeneration` protocol) generation split in two,
                             so the engine overlaps decoding one segment with denoising the next
     video_avatars           prepare_avatar also takes a short idle video as (T, H, W, 3) frames (MuseTalk)
+    encode_audio_batch(requests)   encode_audio for a list of (window, start, num_frames), results in order,
+                            in one call (the engine's encoder stage hands it every segment queued at once:
+                            one audio-encoder call for all sessions, e.g. MuseTalk's whisper)
     render_video(avatar, audio, seed, progress)   (the `WholeVideo` protocol) offline generation of the
                             whole audio at once (models sampled over the whole video, e.g. EchoMimic's
                             closed-loop context windows); `generate` then uses it instead of segments
@@ -54,10 +57,21 @@ class AudioContext:
     start of a stream) and `lookahead_frames` frames of audio after its last one (zero-padded at the
     end of speech). The engine cannot emit a frame before its look-ahead has arrived: this is part
     of the algorithmic latency.
+
+    align_samples > 0: the window instead starts on a multiple of align_samples of the session's audio
+    (counted from its first sample), the last one at or before `left_samples` ahead of the segment, so
+    the backend can place it on its own grid (MuseTalk: whisper's 30 s segments, cut from the start of a
+    file). The window then holds up to align_samples + left_samples of history.
     """
 
     left_samples: int = 0
     lookahead_frames: int = 0
+    align_samples: int = 0
+
+    def window_start(self, start: int) -> int:
+        """Sample (of the audio, from its first) where the window of a segment starting at `start` begins."""
+        lo = max(0, start - self.left_samples)
+        return lo - lo % self.align_samples if self.align_samples > 0 else lo
 
 
 @dataclass
@@ -156,6 +170,7 @@ class Capabilities:
     device: Any
     whole_video: bool = False         # offers WholeVideo (render_video)
     video_avatars: bool = False       # prepare_avatar takes (T, H, W, 3) video frames too
+    batch_audio: bool = False         # offers encode_audio_batch
     select_latents: Any = None        # SplitGeneration's select_latents(latents, indices), if offered
 
 
@@ -171,6 +186,7 @@ def capabilities(backend: Any) -> Capabilities:
         device=getattr(backend, "device", None),
         whole_video=callable(getattr(backend, "render_video", None)),
         video_avatars=bool(getattr(backend, "video_avatars", False)),
+        batch_audio=callable(getattr(backend, "encode_audio_batch", None)),
         select_latents=getattr(backend, "select_latents", None) if callable(getattr(backend, "select_latents", None))
         else None,
     )

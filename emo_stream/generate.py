@@ -41,11 +41,10 @@ def iter_segments(backend: Backend, avatar, audio: np.ndarray, seed: int = 0,
     padded = np.concatenate([audio[: total * spf], np.zeros(total * spf - min(len(audio), total * spf) + lookahead,
                                                               np.float32)])
     state = backend.new_state(avatar, seed)
-    left = backend.audio_context.left_samples
     for first in range(0, total, clip):
         n = min(clip, total - first)
         start = first * spf
-        lo = max(0, start - left)
+        lo = backend.audio_context.window_start(start)
         window = padded[lo:start + n * spf + lookahead]
         features = backend.encode_audio(window, start - lo, n)
         frames = backend.generate([SegmentJob(avatar=avatar, state=state, features=features, num_frames=n)])[0]

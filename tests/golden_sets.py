@@ -89,6 +89,13 @@ ECHO_SPEC: dict[str, Any] = dict(
     })
 
 
+def _motion_module_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    """AnimateDiff's temporal module settings, written alike in EchoMimic's and Hallo's configs."""
+    return {"num_attention_heads": spec["motion_heads"], "num_transformer_block": spec["motion_blocks"],
+            "attention_block_types": ["Temporal_Self", "Temporal_Self"], "temporal_position_encoding": True,
+            "temporal_position_encoding_max_len": spec["pe_max_len"], "temporal_attention_dim_div": 1}
+
+
 def echomimic_case(spec: dict[str, Any]) -> dict[str, Any]:
     from emo_stream.families.echomimic.importer import WEIGHT_SETS
 
@@ -111,12 +118,7 @@ def echomimic_case(spec: dict[str, Any]) -> dict[str, Any]:
             "unet_use_temporal_attention": False, "use_motion_module": True, "cross_attention_dim": 384,
             "motion_module_resolutions": [2 ** i for i in range(levels)], "motion_module_mid_block": True,
             "motion_module_decoder_only": False, "motion_module_type": "Vanilla",
-            "motion_module_kwargs": {"num_attention_heads": spec["motion_heads"],
-                                     "num_transformer_block": spec["motion_blocks"],
-                                     "attention_block_types": ["Temporal_Self", "Temporal_Self"],
-                                     "temporal_position_encoding": True,
-                                     "temporal_position_encoding_max_len": spec["pe_max_len"],
-                                     "temporal_attention_dim_div": 1}},
+            "motion_module_kwargs": _motion_module_kwargs(spec)},
         "noise_scheduler_kwargs": dict(SCHEDULER),
         "face_locator": {"conditioning_embedding_channels": spec["channels"][0], "conditioning_channels": 1,
                          "block_out_channels": list(spec["face_channels"])},
@@ -127,6 +129,22 @@ def echomimic_case(spec: dict[str, Any]) -> dict[str, Any]:
         "denoiser_single_case": {"file": "one_call.safetensors"},
         "sampler_cases": {},
     }
+
+
+def echomimic_denoiser_case(model, ref: torch.Tensor, x: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor,
+                            face: torch.Tensor) -> dict[str, torch.Tensor]:
+    """EchoMimic's denoiser at one step, as a set's denoiser_single case stores it: the prediction, the same with
+    the reference bank kept in float32, and the guidance pair (unconditioned, conditioned) as one batch of two."""
+    bank = model.encode_reference(ref)
+    pair = model.denoise(x.repeat(2, 1, 1, 1, 1), t[0], torch.cat([torch.zeros_like(tokens), tokens]),
+                         torch.cat([torch.zeros_like(face), face]), torch.tensor([False, True]), bank)
+    model.config.bank_dtype = "float32"
+    bank32 = model.encode_reference(ref)
+    model.config.bank_dtype = "float16"
+    return {"ref_latents": ref, "latents": x, "timestep": t,
+            "pred": model.denoise(x, t[0], tokens, face, None, bank),
+            "pred_bank_fp32": model.denoise(x, t[0], tokens, face, None, bank32),
+            "cfg_pred_uncond": pair[:1], "cfg_pred_cond": pair[1:]}
 
 
 def make_echomimic_set(root: Path, **overrides: Any) -> Path:
@@ -169,16 +187,7 @@ def make_echomimic_set(root: Path, **overrides: Any) -> Path:
         x = torch.randn(1, 4, frames, *lat, generator=gen)
         t = torch.tensor([spec["timestep"]])
         tokens = chunks[:frames][None]
-        bank = model.encode_reference(ref)
-        pair = model.denoise(x.repeat(2, 1, 1, 1, 1), t[0], torch.cat([torch.zeros_like(tokens), tokens]),
-                             torch.cat([torch.zeros_like(face), face]), torch.tensor([False, True]), bank)
-        model.config.bank_dtype = "float32"
-        bank32 = model.encode_reference(ref)
-        model.config.bank_dtype = "float16"
-        single = {"ref_latents": ref, "latents": x, "timestep": t,
-                  "pred": model.denoise(x, t[0], tokens, face, None, bank),
-                  "pred_bank_fp32": model.denoise(x, t[0], tokens, face, None, bank32),
-                  "cfg_pred_uncond": pair[:1], "cfg_pred_cond": pair[1:]}
+        single = echomimic_denoiser_case(model, ref, x, t, tokens, face)
         _save(single, root / case["denoiser_single_case"]["file"])
         case["denoiser_single_case"]["tensors"] = _shapes(single)   # listed, so a missing one is an error
 
@@ -247,12 +256,7 @@ def hallo_case(spec: dict[str, Any]) -> dict[str, Any]:
             "unet_use_temporal_attention": False, "use_motion_module": True, "use_audio_module": True,
             "motion_module_resolutions": [1, 2, 4, 8], "motion_module_mid_block": True,
             "motion_module_decoder_only": False, "motion_module_type": "Vanilla",
-            "motion_module_kwargs": {"num_attention_heads": spec["motion_heads"],
-                                     "num_transformer_block": spec["motion_blocks"],
-                                     "attention_block_types": ["Temporal_Self", "Temporal_Self"],
-                                     "temporal_position_encoding": True,
-                                     "temporal_position_encoding_max_len": spec["pe_max_len"],
-                                     "temporal_attention_dim_div": 1},
+            "motion_module_kwargs": _motion_module_kwargs(spec),
             "audio_attention_dim": spec["audio_dim"], "stack_enable_blocks_name": ["up", "down", "mid"],
             "stack_enable_blocks_depth": [0, 1, 2, 3]},
         "module_args": {

@@ -76,14 +76,16 @@ def offline_windows(audio: np.ndarray, context: AudioContext, clip: int):
         n = min(clip, total - first)
         start = first * SPF
         lo = max(0, start - context.left_samples)
+        lo -= lo % context.align_samples if context.align_samples else 0   # on the backend's grid
         out.append((padded[lo:start + n * SPF + la], start - lo, n))
     return out
 
 
-@pytest.mark.parametrize("left,lookahead,clip", [(0, 0, 3), (3200, 2, 8), (16000, 2, 12), (1000, 1, 1)])
-def test_streamed_windows_equal_offline_windows(left, lookahead, clip):
+@pytest.mark.parametrize("left,lookahead,clip,align", [(0, 0, 3, 0), (3200, 2, 8, 0), (16000, 2, 12, 0),
+                                                       (1000, 1, 1, 0), (1280, 2, 5, 8000), (640, 3, 4, 6400)])
+def test_streamed_windows_equal_offline_windows(left, lookahead, clip, align):
     rng = np.random.default_rng(left + clip)
-    context = AudioContext(left_samples=left, lookahead_frames=lookahead)
+    context = AudioContext(left_samples=left, lookahead_frames=lookahead, align_samples=align)
     audio = rng.standard_normal(int(16000 * 1.93)).astype(np.float32)
     window = AudioWindow(SPF, context)
     cuts = []
@@ -132,3 +134,26 @@ def test_reset_drops_uncut_audio():
     assert window.buffered_samples() == 0 and window.frames_ready() == 0
     window.append(np.ones(640 * 3, np.float32), 1.0)
     assert window.cut(1).first_frame == 3
+
+
+def test_an_aligned_window_starts_on_the_grid_and_keeps_its_history_across_a_reset():
+    """MuseTalk's whisper grid: every window starts on a multiple of align_samples of the session's audio
+    (counted over everything pushed), an interrupt included, and no more history than that is kept."""
+    align = 8 * SPF
+    window = AudioWindow(SPF, AudioContext(left_samples=2 * SPF, lookahead_frames=2, align_samples=align))
+    x = np.arange(40 * SPF, dtype=np.float32)
+    window.append(x[:13 * SPF], 0.0)
+    cuts = [window.cut(3) for _ in range(3)]        # frames 0-8
+    window.reset()                                   # drops frames 9-12, not yet cut
+    window.append(x[20 * SPF:40 * SPF], 1.0)         # the next utterance continues at frame 9
+    cuts += [window.cut(3) for _ in range(5)]        # frames 9-23
+    for c in cuts:
+        first = c.first_frame * SPF
+        lo = first - c.start
+        assert lo % align == 0 and lo <= first - 2 * SPF or lo == 0
+        assert first - lo < align + 2 * SPF
+    after = cuts[3]
+    assert after.first_frame == 9 and after.start == 9 * SPF   # back to the grid line at 0: history kept
+    np.testing.assert_array_equal(after.window[:after.start], x[:9 * SPF])
+    np.testing.assert_array_equal(after.audio, x[20 * SPF:23 * SPF])
+    assert window._base % align == 0 and window.end - window._base < align + 2 * SPF + 20 * SPF

@@ -18,6 +18,7 @@ from safetensors.torch import save_file as _save_file
 
 from server.cli import main as cli_main
 from tests.conftest import SHARED
+from tests.golden_sets import echomimic_denoiser_case
 
 GOLDEN = SHARED / "golden" / "echomimic-v1"  # ../shared (tests.conftest; EMO_TESTS_NO_SHARED hides it)
 
@@ -71,17 +72,7 @@ def make_set(root: Path) -> Path:
     g = torch.Generator().manual_seed(5)
     ref, x = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 12, 16, 16, generator=g)
     t = torch.tensor([832])
-    audio = chunks[:12][None]
-    bank = model.encode_reference(ref)
-    pair = model.denoise(x.repeat(2, 1, 1, 1, 1), t[0], torch.cat([torch.zeros_like(audio), audio]),
-                         torch.cat([torch.zeros_like(face), face]), torch.tensor([False, True]), bank)
-    model.config.bank_dtype = "float32"
-    bank32 = model.encode_reference(ref)
-    model.config.bank_dtype = "float16"
-    save_file({"latents": x, "ref_latents": ref, "timestep": t,
-               "pred": model.denoise(x, t[0], audio, face, None, bank),
-               "pred_bank_fp32": model.denoise(x, t[0], audio, face, None, bank32),
-               "cfg_pred_uncond": pair[:1].contiguous(), "cfg_pred_cond": pair[1:].contiguous()},
+    save_file(echomimic_denoiser_case(model, ref, x, t, chunks[:12][None], face),
               str(root / "denoiser_single.safetensors"))
 
     for name, sc in new["sampler_cases"].items():

@@ -562,3 +562,79 @@ async def test_one_frame_segments(image):
     check_timeline(frames + after)
     assert not any(f.speech for f in after)
     await engine.stop()
+
+
+class BatchAudioBackend(TickBackend):
+    """Offers encode_audio_batch. The first encoder call waits for `release`, so the segments of every session
+    queue up behind it; a window holding the value 0.123 makes the call fail (that session's audio)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.batches: list[int] = []
+
+    def encode_audio(self, audio, start, num_frames):
+        self.release.wait(10)
+        if np.any(audio == np.float32(0.123)):
+            raise RuntimeError("bad audio")
+        return super().encode_audio(audio, start, num_frames)
+
+    def encode_audio_batch(self, requests):
+        self.release.wait(10)
+        self.batches.append(len(requests))
+        return [self.encode_audio(*r) for r in requests]
+
+
+@pytest.mark.parametrize("bad", [False, True])
+async def test_queued_segments_of_all_sessions_share_one_audio_encoder_call(image, bad):
+    """Backends with encode_audio_batch (MuseTalk's whisper) get every segment queued at once in one call, up to
+    max_batch, each result back to its own session; a failed batch is retried one by one, so a bad session
+    fails alone."""
+    backend = BatchAudioBackend()
+    engine = await open_engine(backend, segment_frames=4, max_sessions=3, max_batch=3)
+    avatar = await engine.prepare_avatar(image)
+    sessions = [engine.open_session(avatar, seed=i) for i in range(3)]
+    for i, s in enumerate(sessions):
+        audio = np.full(16000, 0.123, np.float32) if bad and i == 2 else tone(1.0) * (0.5 + 0.25 * i)
+        await s.push_audio(audio)
+        s.end_of_speech()
+    for _ in range(400):   # until segments of several sessions wait behind the first call
+        if engine.stats()["queues"]["encode"] >= 2:
+            break
+        await asyncio.sleep(0.01)
+    backend.release.set()
+    good = sessions[:2] if bad else sessions
+    results = await asyncio.gather(*(read_until(s, lambda f: f.segment_end) for s in good))
+    for frames in results:
+        check_timeline(frames)
+        for f in (f for f in frames if f.speech):   # each frame rendered from its own session's audio
+            assert int(f.image[2, 0, 0]) == min(255, int(np.sqrt(np.mean(f.audio ** 2)) * 1000))
+    assert max(backend.batches) > 1 and max(backend.batches) <= 3
+    if bad:
+        with pytest.raises(EmoStreamError, match="bad audio"):
+            await read_until(sessions[2], lambda f: False, limit=100)
+    await engine.stop()
+
+
+async def test_a_failed_audio_batch_retried_one_by_one_counts_each_failure_once(image):
+    """A batch that fails is retried per job, and the retries say whose audio failed: the batch's own failure
+    is not one more in the 'failed calls in a row' that declares the device broken. Two bad sessions out of
+    three fail twice in a row, as they would unbatched; the third keeps talking."""
+    backend = BatchAudioBackend()
+    engine = await open_engine(backend, segment_frames=4, max_sessions=3, max_batch=3)
+    avatar = await engine.prepare_avatar(image)
+    sessions = [engine.open_session(avatar, seed=i) for i in range(3)]
+    for i, s in enumerate(sessions):
+        await s.push_audio(np.full(16000, 0.123, np.float32) if i < 2 else tone(1.0))
+        s.end_of_speech()
+    for _ in range(400):   # until segments of several sessions wait behind the first call
+        if engine.stats()["queues"]["encode"] >= 2:
+            break
+        await asyncio.sleep(0.01)
+    backend.release.set()
+    for s in sessions[:2]:
+        with pytest.raises(EmoStreamError, match="bad audio"):
+            await read_until(s, lambda f: False, limit=100)
+    check_timeline(await read_until(sessions[2], lambda f: f.segment_end))
+    assert max(backend.batches) > 1 and engine.health.device_error is None
+    await engine.stop()

@@ -4,13 +4,15 @@ Stages, each a worker thread joined by bounded queues (so they overlap and throu
 slowest one):
 
     planner  -> [encode q] -> encoder -> [generate q] -> generator -> [decode q] -> decoder -> session queues
-    (windowing, VAD,          (backend.encode_audio)     (backend.denoise, or       (backend.decode,
-     idle pacing, policy)                                 backend.generate)          frame conversion)
+    (windowing, VAD,          (backend.encode_audio,     (backend.denoise, or       (backend.decode,
+     idle pacing, policy)      or encode_audio_batch)     backend.generate)          frame conversion)
 
-The decoder stage exists only when the backend offers denoise()/decode(); otherwise the generator
-delivers. The generator batches the ready segments of different sessions (same length, at most one per
-session, up to max_batch) into one backend call. Per session at most `max_inflight` segments are in
-the pipeline, so a fast producer cannot crowd the others out, and every queue stays small.
+The encoder hands a backend that offers encode_audio_batch every segment queued at once (up to max_batch):
+one audio-encoder call for all sessions. The decoder stage exists only when the backend offers
+denoise()/decode(); otherwise the generator delivers. The generator batches the ready segments of
+different sessions (same length, at most one per session, up to max_batch) into one backend call. Per
+session at most `max_inflight` segments are in the pipeline, so a fast producer cannot crowd the others
+out, and every queue stays small.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from emo_stream.timeline import samples_per_frame
 log = logging.getLogger(__name__)
 
 POLL_S = 0.005   # planner wake-up period: bounds idle pacing jitter and clear() reaction time
+_ABANDONED = BackendStalledError("abandoned by the watchdog")   # an encode call whose sessions already failed
+_NO_WINDOW = np.zeros(0, np.float32)
 
 
 class _StageTimer:
@@ -76,6 +80,7 @@ class StreamingEngine:
         samples_per_frame(self.fps)   # validates fps
         self.capabilities = capabilities(backend)
         self._split = self.capabilities.split
+        self._batch_audio = self.capabilities.batch_audio
         self._max_inflight = 3 if self._split else 2
         depth = self.config.max_sessions * self._max_inflight + 1
         self._q_encode: queue.Queue[Job] = queue.Queue(maxsize=depth)
@@ -312,27 +317,82 @@ class StreamingEngine:
             job = self._get(self._q_encode)
             if job is None:
                 return
-            if job.stale():
-                job.session.discard(job)
-                continue
-            if job.voiced and not job.hold:
-                t0 = time.perf_counter()
-                call = self.health.begin("encode", [job.session])
+            jobs = [job]
+            # what else is queued now goes into the same encoder call (backends with encode_audio_batch)
+            while self._batch_audio and len(jobs) < self.config.max_batch:
                 try:
-                    job.features = self.backend.encode_audio(job.cut.window, job.cut.start, job.num_frames)
-                except Exception as exc:
-                    self.health.end(call, False, exc)
-                    log.exception("session %s: audio encoding failed", job.session.id)
-                    job.session.fail(exc)
-                    self._after_failure()
-                    continue
-                self.health.end(call, True)
-                if call.abandoned:     # the watchdog already failed this session
-                    continue
-                job.segment.features = job.features
-                job.event = self._streams.mark()
-                self._timers["encode"].add(time.perf_counter() - t0)
-            self._put(self._q_generate, job)
+                    jobs.append(self._q_encode.get_nowait())
+                except queue.Empty:
+                    break
+            live = []
+            for j in jobs:
+                if j.stale():
+                    j.session.discard(j)
+                else:
+                    live.append(j)
+            work = [j for j in live if j.voiced and not j.hold]
+            failed = set(work) - set(self._encode(work)) if work else set()
+            for j in live:
+                if j.cut is not None:   # the window is not needed past this stage (MuseTalk's: up to 30 s)
+                    j.cut.window = _NO_WINDOW
+                if j not in failed:
+                    self._put(self._q_generate, j)
+
+    def _encode(self, work: list[Job]) -> list[Job]:
+        """Audio features of `work`: one encode_audio_batch call when the backend offers it (a batch that fails is
+        retried job by job, so one session's failure stays its own), else encode_audio per job. Returns the jobs
+        encoded; the sessions of the others have their error."""
+        if len(work) > 1 and self._batch_audio:
+            error = self._encode_call(work, batched=True)
+            if error is None:
+                return work
+            if error is _ABANDONED:
+                return []
+            if self.health.device_error is None and not is_device_error(error):
+                return [j for j in work if self._encode_one(j)]
+            log.error("session(s) %s: audio encoding failed: %s: %s", ", ".join(j.session.id for j in work),
+                      error.__class__.__name__, error)
+            for j in work:
+                j.session.fail(error)
+            self._after_failure()
+            return []
+        return [j for j in work if self._encode_one(j)]
+
+    def _encode_one(self, job: Job) -> bool:
+        error = self._encode_call([job], batched=False)
+        if error is None:
+            return True
+        if error is not _ABANDONED:
+            log.error("session %s: audio encoding failed", job.session.id, exc_info=error)
+            job.session.fail(error)
+            self._after_failure()
+        return False
+
+    def _encode_call(self, jobs: list[Job], batched: bool) -> Exception | None:
+        """One backend call for `jobs`; None when their features are set, else the error (or the watchdog's)."""
+        t0 = time.perf_counter()
+        call = self.health.begin("encode", [j.session for j in jobs])
+        try:
+            if batched:
+                feats = self.backend.encode_audio_batch([(j.cut.window, j.cut.start, j.num_frames) for j in jobs])
+            else:
+                feats = [self.backend.encode_audio(j.cut.window, j.cut.start, j.num_frames) for j in jobs]
+        except Exception as exc:
+            # a batch's failure is retried job by job (_encode): those calls count, this one does not
+            self.health.end(call, False, exc, in_a_row=not batched)
+            if call.abandoned:   # the watchdog already failed these sessions: no retry
+                self._after_failure()
+                return _ABANDONED
+            return exc
+        self.health.end(call, True)
+        if call.abandoned:     # the watchdog already failed these sessions
+            return _ABANDONED
+        event = self._streams.mark()
+        for j, f in zip(jobs, feats):
+            j.features = j.segment.features = f
+            j.event = event
+        self._timers["encode"].add(time.perf_counter() - t0, len(jobs))
+        return None
 
     def _next_batch(self, pending: list[Job], busy: set[str]) -> tuple[list[Job], list[Job]]:
         """Pick jobs for one backend call: in queue order, one per session (none of a session another

@@ -4,7 +4,9 @@ Frame f of the audio covers samples [f * spf, (f + 1) * spf) (spf = 640 at 25 fp
 frames is handed to the encoder with the backend's left context before it and its look-ahead after it,
 exactly as the offline generator (emo_stream.generate.iter_segments) cuts the whole file, so a frame's
 features only depend on where segment boundaries fall, not on how the audio arrived. After an
-end-of-speech the audio is zero-padded to a whole frame and the look-ahead past it is zeros.
+end-of-speech the audio is zero-padded to a whole frame and the look-ahead past it is zeros. Sample
+positions count every sample pushed since the session opened (an interrupt drops only what was not cut
+yet), so a backend on a grid of the session's audio (AudioContext.align_samples) stays on it.
 """
 
 from __future__ import annotations
@@ -36,26 +38,37 @@ class AudioWindow:
 
     def __init__(self, samples_per_frame: int, context: AudioContext) -> None:
         self.spf = samples_per_frame
-        self.left = int(context.left_samples)
+        self.context = context
         self.lookahead = int(context.lookahead_frames) * samples_per_frame
-        self._buf = np.zeros(0, np.float32)
-        self._base = 0          # absolute sample index of _buf[0]
+        self._data = np.zeros(0, np.float32)   # _data[:_len] holds samples _base ... end - 1; room to grow
+        self._len = 0
+        self._base = 0          # absolute sample index of _data[0]
         self.pos = 0            # absolute sample index of the next frame to cut (a frame boundary)
         self._arrival_end: list[int] = []    # absolute end sample of each appended chunk ...
         self._arrival_time: list[float] = []  # ... and when it arrived
         self._flushes: list[tuple[int, float, bool]] = []  # (end sample, time, explicit) of closed utterances
 
     @property
+    def _buf(self) -> np.ndarray:
+        return self._data[:self._len]
+
+    @property
     def end(self) -> int:
         """Absolute sample index one past the last sample received."""
-        return self._base + len(self._buf)
+        return self._base + self._len
 
     def buffered_samples(self) -> int:
         return self.end - self.pos
 
     def append(self, samples: np.ndarray, arrival: float) -> None:
         if len(samples):
-            self._buf = np.concatenate([self._buf, np.asarray(samples, np.float32)])
+            need = self._len + len(samples)
+            if need > len(self._data):   # grow geometrically: appending 20 ms chunks to a long history stays cheap
+                data = np.empty(max(need, 2 * len(self._data)), np.float32)
+                data[:self._len] = self._data[:self._len]
+                self._data = data
+            self._data[self._len:need] = samples
+            self._len = need
             self._arrival_end.append(self.end)
             self._arrival_time.append(arrival)
 
@@ -87,7 +100,7 @@ class AudioWindow:
         start_abs = self.pos
         seg_end = start_abs + n * spf
         limit = self._flushes[0][0] if self._flushes else self.end   # audio past this is not ours
-        lo = max(self._base, start_abs - self.left)
+        lo = max(self._base, self.context.window_start(start_abs))
         hi = min(seg_end + self.lookahead, limit)
         window = self._buf[lo - self._base:hi - self._base]
         missing = seg_end + self.lookahead - hi
@@ -113,9 +126,11 @@ class AudioWindow:
         return cut
 
     def _trim(self) -> None:
-        keep_from = max(self._base, self.pos - self.left)
+        keep_from = max(self._base, self.context.window_start(self.pos))
         if keep_from > self._base:
-            self._buf = self._buf[keep_from - self._base:].copy()
+            drop = keep_from - self._base
+            self._data[:self._len - drop] = self._data[drop:self._len]
+            self._len -= drop
             self._base = keep_from
         # arrival records ending before what we keep are no longer needed (keep one for lookups)
         k = bisect.bisect_left(self._arrival_end, self.pos)
@@ -124,9 +139,9 @@ class AudioWindow:
             del self._arrival_time[:k]
 
     def reset(self) -> None:
-        """Interrupt: drop everything not yet cut; the next audio starts a fresh utterance on a frame."""
-        self._buf = np.zeros(0, np.float32)
-        self._base = self.pos
+        """Interrupt: drop everything not yet cut; the next audio starts a fresh utterance on a frame. The
+        history already cut stays (the left context of what comes next, as in the offline file)."""
+        self._len = self.pos - self._base
         self._arrival_end.clear()
         self._arrival_time.clear()
         self._flushes.clear()

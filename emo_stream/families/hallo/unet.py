@@ -27,10 +27,11 @@ Bank quirks reproduced on purpose (they change the output):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from emo_stream.families.hallo.modules import AudioModule, MotionModule, attend
@@ -106,6 +107,48 @@ class BankReadProcessor:
 
 
 MOTION_NORM_GROUPS = 32
+
+
+def resnet_in_hallo_layout(resnet: nn.Module, frames: Callable[[], int]) -> Callable[..., torch.Tensor]:
+    """A forward for one of the denoiser's resnets that, at a level whose height or width is 1, runs its
+    elementwise ops on Hallo's 5D (b, c, f, h, w) view and each 2D op on the (b f, c, h, w) view of that.
+
+    Where a spatial size is 1, the strides of that dim are free: Hallo's 5D tensor keeps the ones the last
+    2D op gave (its elementwise ops see a non-contiguous 5D tensor and keep its strides), while the same ops
+    on our 4D tensor see a "contiguous" one and reset them. The values are equal, but convolutions and group
+    norms pick their channels-last or contiguous kernels by these strides, which round differently (5e-8),
+    and the single-value group norms of a 1x1 level turn that into 1e-3 (32 px images: levels 4, 2, 1, 1).
+    Elsewhere layouts are unambiguous and the stock forward computes the same thing."""
+    stock = resnet.forward
+    if resnet.upsample is not None or resnet.downsample is not None or resnet.time_embedding_norm != "default":
+        return stock   # (not in an SD UNet's resnets)
+
+    def forward(x: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
+        if x.dim() != 4 or (x.shape[-1] != 1 and x.shape[-2] != 1):
+            return stock(x, temb, *args, **kwargs)
+        f = frames()
+        b = x.shape[0] // f
+
+        def to5(t):   # "(b f) c h w -> b c f h w"
+            return t.reshape(b, f, *t.shape[1:]).permute(0, 2, 1, 3, 4)
+
+        def per_frame(op, t5):   # a 2D op on "b c f h w -> (b f) c h w", back to 5D
+            return to5(op(t5.permute(0, 2, 1, 3, 4).reshape(b * f, *t5.shape[1:2], *t5.shape[3:])))
+
+        x5 = to5(x)
+        h = resnet.nonlinearity(per_frame(resnet.norm1, x5))
+        h = per_frame(resnet.conv1, h)
+        if temb is not None and resnet.time_emb_proj is not None:
+            t = resnet.time_emb_proj(resnet.nonlinearity(temb))[::f]   # one row per sample (see _per_sample_*)
+            h = h + t[:, :, None, None, None]
+        h = resnet.nonlinearity(per_frame(resnet.norm2, h))
+        h = per_frame(resnet.conv2, resnet.dropout(h))
+        if resnet.conv_shortcut is not None:
+            x5 = per_frame(resnet.conv_shortcut, x5)
+        out = (x5 + h) / resnet.output_scale_factor
+        return out.permute(0, 2, 1, 3, 4).reshape(b * f, *out.shape[1:2], *out.shape[3:])
+
+    return forward
 
 
 def motion_features(bank: torch.Tensor, samples: int, h: int, w: int) -> torch.Tensor:
@@ -225,6 +268,8 @@ class Denoiser(nn.Module):
             index = int(name.rsplit(".", 1)[1])
             transformer.register_forward_hook(self._after_transformer(name, parent, index))
         self.unet.conv_in.register_forward_hook(self._after_conv_in)
+        for resnet in [m for m in self.unet.modules() if isinstance(m, ResnetBlock2D)]:
+            resnet.forward = resnet_in_hallo_layout(resnet, lambda: self.state.frames)
         # the timestep embedding and each resnet's projection of it run once per sample, not per frame:
         # Hallo's 3D UNet sees batch `samples` there, and a GEMM over 1 row rounds differently from one over
         # `frames` rows (1e-7, which the 1x1 level's single-value group norms turn into 1e-3)

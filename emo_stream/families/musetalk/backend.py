@@ -10,10 +10,12 @@ one batched VAE decode, then the crops pasted back with the prepared masks by te
 (cv2's bilinear resize and PIL's mask paste computed exactly, so equal to MuseTalk's realtime blending).
 
 Offline (`render_video`): MuseTalk's own audio path (whisper over the whole file in 30 s segments) and its
-realtime blending. Live (`encode_audio`): whisper over a window with `left_context_s` of history and the
-frames' look-ahead, zero-padded to 30 s as MuseTalk does a file; docs/musetalk.md has the measurement behind
-the default context. Idle (silence): the same frames with silent audio, rendered once per base frame and
-reused, so an idle session costs nothing after its first loop.
+realtime blending. Live (`encode_audio`, `encode_audio_batch`): the same 30 s grid over the session's audio:
+each call encodes the segment(s) its frames' prompts touch with the samples received so far, zero-padded as
+MuseTalk pads a file (the window starts on the grid: AudioContext.align_samples); every session's segments go
+through whisper in one call. docs/musetalk.md has the measurement (the error left is the audio not yet
+received; `extra_lookahead_frames` waits for more of it). Idle (silence): the same frames with silent audio,
+rendered once per base frame and reused, so an idle session costs nothing after its first loop.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from emo_stream.backend import AudioContext, BackendBase, SegmentJob
+from emo_stream.backend import BackendBase, SegmentJob
 from emo_stream.blocks.checks import check_fps
 from emo_stream.errors import ConfigError, ImageInputError
+from emo_stream.execution import BATCH_BUCKETS, bucket_size, pad_rows
 from emo_stream.families.musetalk import audio as audio_mod
 from emo_stream.families.musetalk.avatar import MuseTalkAvatar, content_key, default_cache_dir, restore, store
 from emo_stream.families.musetalk.blending import paste_one
@@ -38,8 +41,8 @@ from emo_stream.timeline import SAMPLE_RATE, samples_per_frame
 
 log = logging.getLogger(__name__)
 
-LEFT_CONTEXT_S = 16.0      # live: whisper sees this much history before a segment (bench/results/musetalk_window.json)
-EXTRA_LOOKAHEAD_FRAMES = 0  # live: audio after the last prompt step the encoder also sees (same measurement)
+EXTRA_LOOKAHEAD_FRAMES = 1  # live: audio waited for past the prompts' reach: their mel and conv inputs complete
+                            # (docs/musetalk.md, bench/results/musetalk_window.json)
 FACE_FRACTION = 0.45       # framing: the face box takes this share of the output width
 MAX_BATCH_FRAMES = 48      # frames per UNet + decode call (bounds activation memory; more frames: more calls)
 PORTRAIT_MOTIONS = ("still", "preview")
@@ -61,8 +64,9 @@ class _Denoised:
 
 
 class MuseTalkBackend(BackendBase):
-    """Options: segment_frames (live segment), clip_frames (offline chunk), left_context_s (live whisper
-    history), portrait_motion ("preview", the default: a photo gets the preview animator's idle head motion
+    """Options: segment_frames (live segment), clip_frames (offline chunk), extra_lookahead_frames (live: frames
+    of audio waited for past the prompts' reach, so whisper sees more of its 30 s segment: 40 ms of latency
+    each), portrait_motion ("preview", the default: a photo gets the preview animator's idle head motion
     and blinks under the repainted mouth; "still": the photo as it is), motion_seconds (length of that idle
     loop), cache_dir (prepared avatars on disk; "" for none), max_batch_frames."""
 
@@ -70,10 +74,10 @@ class MuseTalkBackend(BackendBase):
     video_avatars = True
 
     def __init__(self, model, size: int = 512, fps: int = 25, *, segment_frames: int = 5, clip_frames: int = 25,
-                 left_context_s: float = LEFT_CONTEXT_S, extra_lookahead_frames: int = EXTRA_LOOKAHEAD_FRAMES,
-                 portrait_motion: str = "preview", motion_seconds: float = 4.0, cache_dir: str | Path | None = None,
-                 max_batch_frames: int = MAX_BATCH_FRAMES, padded_whisper: bool = True, model_id: str = "",
-                 face_analyzer=None):
+                 extra_lookahead_frames: int = EXTRA_LOOKAHEAD_FRAMES, portrait_motion: str = "preview",
+                 motion_seconds: float = 4.0, cache_dir: str | Path | None = None,
+                 max_batch_frames: int = MAX_BATCH_FRAMES, model_id: str = "",
+                 face_analyzer=None, compile: str = "off"):
         if size < 64 or size > 2048 or size % 2:
             raise ConfigError(f"size must be an even number of pixels between 64 and 2048: got {size}")
         check_fps(fps)
@@ -83,8 +87,9 @@ class MuseTalkBackend(BackendBase):
             raise ConfigError("segment_frames, clip_frames and max_batch_frames must be >= 1")
         if not 0 < motion_seconds <= 20:
             raise ConfigError(f"motion_seconds must be above 0 and at most 20: got {motion_seconds}")
-        if not 0 <= left_context_s <= 25:
-            raise ConfigError(f"left_context_s must be between 0 and 25 seconds: got {left_context_s}")
+        if not isinstance(extra_lookahead_frames, int) or not 0 <= extra_lookahead_frames <= 250:
+            raise ConfigError(f"extra_lookahead_frames must be an integer between 0 and 250: "
+                              f"got {extra_lookahead_frames!r}")
         self.model = model
         self.size, self.fps = int(size), int(fps)
         self.stream_segment_frames = int(segment_frames)
@@ -92,19 +97,49 @@ class MuseTalkBackend(BackendBase):
         self.max_batch_frames = int(max_batch_frames)
         self.portrait_motion = portrait_motion
         self.motion_seconds = float(motion_seconds)
-        self.padded_whisper = bool(padded_whisper)
         self.device = model.device
         self.model_id = model_id
         self.cache_dir = default_cache_dir() if cache_dir is None else (Path(cache_dir) if str(cache_dir) else None)
+        self.compile = self._compile(compile)
+        # compiled: every UNet / decode call padded to a bucket (rows = frames of all sessions, idle ones skipped)
+        self.batch_buckets: tuple[int, ...] = BATCH_BUCKETS if self.compile != "off" else ()
         self._face_analyzer = face_analyzer
         self._audio_lock = threading.Lock()   # encode_audio may run beside generate: whisper is shared
         self._silence: torch.Tensor | None = None
         cfg = model.config
         self.left, self.right = cfg.audio_padding_left, cfg.audio_padding_right
-        spf = samples_per_frame(self.fps)
-        self.audio_context = AudioContext(
-            left_samples=int(round(left_context_s * self.fps)) * spf,
-            lookahead_frames=self.right + int(extra_lookahead_frames))
+        self.audio_context = audio_mod.live_context(self.fps, self.left, self.right, extra_lookahead_frames)
+
+    def _compile(self, mode: str) -> str:
+        from emo_stream.execution import ExecutionOptions, compile_forward
+
+        ExecutionOptions(compile=mode).validate()
+        if mode != "off" and self.device.type != "cuda":
+            log.warning("compile=%s asked for on %s: torch.compile is used on CUDA only; running eagerly", mode,
+                        self.device)
+            return "off"
+        if mode != "off":
+            compile_forward(self.model.unet, mode, "MuseTalk UNet")
+            compile_forward(self.model.vae.decoder, mode, "MuseTalk VAE decoder")
+        return mode
+
+    def _chunks(self, rows: int) -> Iterator[tuple[int, int, int]]:
+        """(first, end, padded rows) of each batched call over `rows` frames: at most max_batch_frames per call
+        (with buckets: the largest bucket within it), each padded up to its bucket."""
+        step = self.max_batch_frames
+        if self.batch_buckets:
+            step = max([b for b in self.batch_buckets if b <= step] or [step])
+        for first in range(0, rows, step):
+            end = min(rows, first + step)
+            yield first, end, bucket_size(end - first, self.batch_buckets)
+
+    def _batched(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+        """fn over the rows of `tensors` in chunks (self._chunks); padding rows repeat the last and are dropped."""
+        outs = []
+        for first, end, padded in self._chunks(len(tensors[0])):
+            out = fn(*(pad_rows(t[first:end], padded) for t in tensors))
+            outs.append(out[: end - first])
+        return torch.cat(outs)
 
     # ------------------------------------------------------------------ avatars
     def prepare_avatar(self, image: np.ndarray) -> MuseTalkAvatar:
@@ -171,10 +206,16 @@ class MuseTalkBackend(BackendBase):
 
     # ------------------------------------------------------------------ audio
     def encode_audio(self, audio: np.ndarray, start: int, num_frames: int) -> torch.Tensor:
-        """(num_frames, 2 (left + right + 1) (layers + 1), d) prompts; audio[:start] is history."""
+        """(num_frames, 2 (left + right + 1) (layers + 1), d) prompts; audio[:start] is history and audio[0]
+        sits on MuseTalk's 30 s grid of the stream (the window AudioContext.align_samples gives)."""
+        return self.encode_audio_batch([(audio, start, num_frames)])[0]
+
+    def encode_audio_batch(self, requests: list[tuple[np.ndarray, int, int]]) -> list[torch.Tensor]:
+        """encode_audio for several (window, start, num_frames) at once: every 30 s segment they touch (one,
+        or two across a boundary) goes through whisper in one batched call."""
         with self._audio_lock, torch.no_grad():
-            states = audio_mod.window_states(self.model.whisper, self.model.extractor, audio, self.padded_whisper)
-            return audio_mod.live_chunks(states, start, num_frames, self.fps, self.left, self.right)
+            return audio_mod.encode_requests(self.model.whisper, self.model.extractor, requests, self.fps,
+                                             self.left, self.right)
 
     def _silent(self, num_frames: int) -> torch.Tensor:
         """The prompt of a frame inside silence, for every idle frame (one prompt: an idle frame depends on its
@@ -217,9 +258,7 @@ class MuseTalkBackend(BackendBase):
             return _Denoised(latents=None, per_job=per_job)
         lat = torch.stack(rows_lat)
         aud = torch.stack([a.to(m.device, m.dtype) for a in rows_audio])
-        preds = [m.denoise(lat[i:i + self.max_batch_frames], aud[i:i + self.max_batch_frames])
-                 for i in range(0, len(lat), self.max_batch_frames)]
-        return _Denoised(latents=torch.cat(preds), per_job=per_job)
+        return _Denoised(latents=self._batched(m.denoise, lat, aud), per_job=per_job)
 
     def select_latents(self, result: _Denoised, indices: list[int]) -> _Denoised:
         """The rows of the jobs at `indices` (a failed decode batch is retried in halves)."""
@@ -240,8 +279,7 @@ class MuseTalkBackend(BackendBase):
         """Batched VAE decode, then each crop pasted into its base frame on the device; one copy to the host."""
         crops = None
         if result.latents is not None:
-            crops = torch.cat([self.model.decode(result.latents[i:i + self.max_batch_frames])
-                               for i in range(0, len(result.latents), self.max_batch_frames)])
+            crops = self._batched(self.model.decode, result.latents)
         out = []
         for job, entries in zip(jobs, result.per_job):
             av: MuseTalkAvatar = job.state.avatar
@@ -264,6 +302,40 @@ class MuseTalkBackend(BackendBase):
         if not jobs:
             return []
         return self.decode(jobs, self.denoise(jobs))
+
+    def memory_profile(self, batches: tuple[int, ...] = (1, 4)):
+        """Device memory of this configuration (emo_stream.blocks.memory), counted on a structure-only twin on
+        the meta device: weights (UNet, VAE, whisper, the face-parsing net), per session its avatar at the
+        default base-frame count (a portrait's preview loop of motion_seconds, its idle cache filled: the worst
+        case) and the activation peak of one live segment (denoise + decode + paste) per batch of sessions."""
+        from emo_stream.blocks.memory import profile_segments, weight_bytes
+        from emo_stream.families.musetalk.loader import build_networks
+        from emo_stream.families.musetalk.testing import synthetic_avatar
+
+        m = self.model
+        twin_model = m if m.device.type == "meta" else build_networks(m.config, "meta", m.dtype)
+        twin = MuseTalkBackend(twin_model, size=self.size, fps=self.fps, segment_frames=self.stream_segment_frames,
+                               max_batch_frames=self.max_batch_frames, cache_dir="", portrait_motion="still")
+        twin.batch_buckets = self.batch_buckets
+        parser = 0
+        if m.parser is not None or m.device.type == "meta":   # BiSeNet sits on the device too, in float32
+            from emo_stream.families.musetalk.face_parsing import BiSeNet
+
+            with torch.device("meta"):
+                parser = weight_bytes(BiSeNet(), dtype=torch.float32)
+        s, c = self.size, m.config
+        image = np.zeros((s, s, 3), np.uint8)   # shapes only: the twin is on meta
+        base = max(2, int(round(self.motion_seconds * self.fps)))
+        avatar = synthetic_avatar(twin_model, image, (s * 0.3, s * 0.3, s * 0.7, s * 0.75), frames=base, encode=False)
+        avatar.idle = {k: torch.empty_like(avatar.frames[k]) for k in range(base)}   # every idle frame cached
+        f = self.stream_segment_frames
+        tokens = c.steps_per_frame_window * c.whisper_layers
+
+        def jobs(n: int):
+            feats = torch.zeros(f, tokens, c.pe_dim, device="meta", dtype=m.dtype)
+            return twin, [SegmentJob(avatar, twin.new_state(avatar, k), feats, f) for k in range(n)]
+        return profile_segments("musetalk", s, weight_bytes(twin_model) + parser, jobs,
+                                lambda b, j: b.decode(j, b.denoise(j)), batches)
 
     # ------------------------------------------------------------------ offline
     def render_video(self, avatar: MuseTalkAvatar, audio: np.ndarray, seed: int = 0,
@@ -306,8 +378,8 @@ def create_backend(model: str | None = None, *, size: int = 512, fps: int = 25, 
     from emo_stream.blocks.device import parse_dtype, torch_device
     from emo_stream.registry import model_family_for
 
-    known = {"segment_frames", "clip_frames", "left_context_s", "extra_lookahead_frames", "portrait_motion",
-             "motion_seconds", "cache_dir", "max_batch_frames", "padded_whisper", "face_analyzer"}
+    known = {"segment_frames", "clip_frames", "extra_lookahead_frames", "portrait_motion", "motion_seconds",
+             "cache_dir", "max_batch_frames", "face_analyzer", "compile"}
     unknown = set(options) - known
     if unknown:
         raise ConfigError(f"unknown MuseTalk backend options: {', '.join(sorted(unknown))}")
