@@ -2,9 +2,12 @@
 
     python bench/gpu_live.py [--family emo] [--model sd15_live] [--size 512] [--sessions 1,4,8,16] [--out DIR]
     python bench/gpu_live.py --family echomimic --model acc --offline-model acc
+    python bench/gpu_live.py --family musetalk --model full --sessions 1,8,16,32 --offline-model full
 
 Families: emo (models: presets such as sd15_live, sd15, tiny), echomimic (acc, normal, tiny: EchoMimic v1's
-architecture with random weights, TAESD live). Random weights (the arithmetic is the same as with trained ones). For each session count S: S sessions of
+architecture with random weights, TAESD live), musetalk (full: MuseTalk 1.5's published networks with random
+weights, SD VAE decode, 5-frame segments; tiny: the test networks; avatars without face parsing:
+emo_stream.families.musetalk.testing.synthetic_avatar). Random weights (the arithmetic is the same as with trained ones). For each session count S: S sessions of
 the live default (8-frame segments, the model's steps and guidance, TAESD) run segment after segment, batched
 into one denoise and one decode call per segment as the engine does; each timed segment includes encoding
 every session's audio (wav2vec2, left context included), denoising, decoding and the copy to the CPU.
@@ -46,6 +49,13 @@ def sync(device: torch.device) -> None:
 def counted_tflop(model: str, size: int, mode: str, family: str = "emo") -> dict:
     """bench/flops.py's count for the same configuration (the tiny EchoMimic is counted as the full one's
     structure would not be: 0 there)."""
+    if family == "musetalk":
+        from emo_stream.families.musetalk.flops import count_musetalk
+
+        if model == "tiny":
+            return {"tflop_per_frame_total": 0.0, "tflop_per_frame_per_step": 0.0, "parts": {"reference": 0.0},
+                    "steps": 1, "guidance": 1.0, "decoder": "vae"}
+        return count_musetalk("vae")
     if family == "echomimic":
         from emo_stream.families.echomimic.flops import count_echomimic
 
@@ -86,8 +96,28 @@ def load_echomimic(model: str, size: int, device: torch.device, dtype: str, comp
     return EchoMimicBackend(ModelParts(m, taesd), size=size, fps=25, decoder=decoder, compile=compile)
 
 
+def load_musetalk(model: str, size: int, device: torch.device, dtype: str, compile: str = "off"):
+    """MuseTalk 1.5 (full: the published networks' shapes; tiny: the test ones) with random weights,
+    initialised on the device; the live default (5-frame segments, whisper over a padded window)."""
+    from emo_stream.blocks.device import parse_dtype as _parse_dtype
+    from emo_stream.families.musetalk.backend import MuseTalkBackend
+    from emo_stream.families.musetalk.testing import random_model
+
+    tiny = model == "tiny"
+    m = random_model(full=not tiny, device=device, dtype=_parse_dtype(dtype, device), crop_size=64 if tiny else None)
+    return MuseTalkBackend(m, size=size, fps=25, portrait_motion="still", cache_dir="", compile=compile)
+
+
+def musetalk_avatar(backend, image: np.ndarray, box, frames: int):
+    from emo_stream.families.musetalk.testing import synthetic_avatar
+
+    return synthetic_avatar(backend.model, image, box, frames=frames)
+
+
 def load_backend(family: str, model: str, size: int, device: torch.device, dtype: str, compile: str = "off",
                  decoder: str | None = None):
+    if family == "musetalk":
+        return load_musetalk(model, size, device, dtype, compile)
     if family == "echomimic":
         return load_echomimic(model, size, device, dtype, compile, decoder or "taesd")
     from emo_stream.families.emo.backend import EmoBackend
@@ -152,6 +182,23 @@ def offline_clip(family: str, model: str, size: int, device: torch.device, dtype
 
     off = load_backend(family, model, size, device, dtype, decoder="vae")
     image, box = identity_reference(size, seed=0, index=0)
+    if family == "musetalk":   # MuseTalk's own offline path: whisper over the file, clip_frames chunks, SD VAE
+        tiny = model == "tiny"   # the CPU try: a short clip of a small avatar
+        av = musetalk_avatar(off, image, box, frames=5 if tiny else 25)
+        audio = (np.random.default_rng(3).standard_normal((1 if tiny else 4) * 16000) * 0.1).astype(np.float32)
+        for _ in off.render_video(av, audio[:8000]):   # warm-up: kernels, allocator
+            pass
+        sync(device)
+        t0 = time.perf_counter()
+        frames = sum(len(f) for f, _ in off.render_video(av, audio))
+        sync(device)
+        sec = time.perf_counter() - t0
+        oc = counted_tflop(model, size, "offline", family)
+        return {"family": family, "model": model, "steps": 1, "guidance": 1.0, "decoder": "vae",
+                "frames": frames, "seconds": round(sec, 2),
+                "compute_seconds_per_video_second": round(sec / (frames / off.fps), 2),
+                "tflop_per_frame": oc["tflop_per_frame_total"],
+                "achieved_tflops": float(f"{frames / sec * oc['tflop_per_frame_total']:.4g}")}
     av = off.avatar_from_crop(image, box)
     if family == "echomimic":
         audio = (np.random.default_rng(3).standard_normal(32000) * 0.1).astype(np.float32)
@@ -181,8 +228,9 @@ def offline_clip(family: str, model: str, size: int, device: torch.device, dtype
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--family", default="emo", choices=["emo", "echomimic"])
-    p.add_argument("--model", default=None, help="emo: a preset (default sd15_live); echomimic: acc, normal or tiny")
+    p.add_argument("--family", default="emo", choices=["emo", "echomimic", "musetalk"])
+    p.add_argument("--model", default=None, help="emo: a preset (default sd15_live); echomimic: acc, normal or "
+                   "tiny; musetalk: full or tiny")
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--sessions", default="1,4,8,16")
     p.add_argument("--segments", type=int, default=6, help="timed segments per session count")
@@ -203,18 +251,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     dtype = args.dtype if device.type == "cuda" else "float32"
     t0 = time.monotonic()
-    args.model = args.model or ("acc" if args.family == "echomimic" else "sd15_live")
+    args.model = args.model or {"echomimic": "acc", "musetalk": "full"}.get(args.family, "sd15_live")
     backend = load_backend(args.family, args.model, args.size, device, dtype, args.compile)
     frames = backend.stream_segment_frames
     execution = {**getattr(backend, "execution", {"compile": getattr(backend, "compile", "off")}),
                  "attention": "torch scaled_dot_product_attention"}
-    steps = getattr(backend, "steps", None) or backend.sampling.steps
+    musetalk = args.family == "musetalk"   # no sampling loop: one UNet call at t = 0 per frame, SD VAE decode
+    steps = 1 if musetalk else getattr(backend, "steps", None) or backend.sampling.steps
+    decoder = "vae" if musetalk else backend.decoder
     print(f"[gpu_live] {args.family} {args.model} loaded on {device} in {time.monotonic() - t0:.1f} s: {execution}, "
-          f"steps {steps}, decoder {backend.decoder}", flush=True)
+          f"steps {steps}, decoder {decoder}", flush=True)
     avatars = []
     for i in range(2):
         image, box = identity_reference(args.size, seed=0, index=i)
-        avatars.append(backend.avatar_from_crop(image, box))
+        # MuseTalk: 25 base frames (1 s of an idle video) per avatar; 5 for the tiny CPU try
+        base = 5 if args.model == "tiny" else 25
+        avatars.append(musetalk_avatar(backend, image, box, base) if musetalk else backend.avatar_from_crop(image, box))
     counted = counted_tflop(args.model, args.size, "live", args.family)
     per_frame = counted["tflop_per_frame_total"]
     # the reference is per avatar, not per frame: the timed loop does not run it
@@ -225,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "gpu_live", "device": device_name(device), "torch": torch.__version__, "family": args.family,
         "model": args.model,
         "random_weights": True, "size": args.size, "dtype": str(dtype), "execution": execution,
-        "steps": steps, "guidance": getattr(backend, "guidance", None) or backend.sampling.guidance,
-        "decoder": backend.decoder,
+        "steps": steps, "guidance": 1.0 if musetalk else getattr(backend, "guidance", None) or backend.sampling.guidance,
+        "decoder": decoder,
         "segment_frames": frames, "tflop_per_frame": per_frame,
         "tflop_per_frame_per_step": counted["tflop_per_frame_per_step"], "runs": [], "first_frame_ms": None,
         "algorithmic_latency_ms": round((frames - 1 + backend.audio_context.lookahead_frames) * 1000 / backend.fps, 1),

@@ -2,9 +2,13 @@
 
     python bench/memory.py [--size 512] [--batches 1,4,8] [--json bench/results/memory.json]
 
-For every live-capable family the backend is built at full size with its parameters on the meta device, one
-session's avatar is prepared there (ReferenceNet features, latents), and one segment (denoise + decode, one
-step: every step has the same peak) runs for batches of 1, 4 and 8 sessions inside emo_stream.blocks.memory.PeakMemory.
+For every family the backend is built at full size with its parameters on the meta device (nothing is
+allocated, nothing computed), one session's avatar is prepared there (reference features, latents; MuseTalk: a
+portrait's 100 base frames and their idle cache), and one continuing segment (denoise + decode, one step:
+every step has the same peak) runs for batches of 1, 4 and 8 sessions inside emo_stream.blocks.memory.PeakMemory
+(Hallo runs sessions one after another: its batches all have one session's peak). Each op on meta goes through
+Python meta kernels, so a 512 px segment takes tens of seconds of CPU: the runs are kept few (the first
+segment once, then one continuing segment per batch size: 73 s of CPU for the four families at 512 px).
 Each record: weights, per-session bytes (avatar + state, kept between segments), activation peak per batch,
 and how many sessions fit in 24, 48 and 80 GiB with batches of up to 4 (the engine's default max_batch) after
 a 10% headroom. Not counted: the CUDA context and kernels' workspace (~0.5-1 GiB, inside the headroom), the audio
@@ -18,12 +22,11 @@ import logging
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 
 from _common import emit_json  # bench/; puts the repo on sys.path
 
-from emo_stream.blocks.memory import MemoryProfile, profile_segments, weight_bytes
+from emo_stream.blocks.memory import MemoryProfile
 
 META = torch.device("meta")
 DTYPE = torch.bfloat16
@@ -61,35 +64,34 @@ def hallo(size: int, batches: list[int]) -> MemoryProfile:
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
 
-    from emo_stream.backend import SegmentJob
-    from emo_stream.families.hallo.backend import HalloBackend
     from emo_stream.families.emo.config import load_config
+    from emo_stream.families.hallo.backend import HalloBackend
     from emo_stream.families.hallo.config import HalloConfig
     from emo_stream.families.hallo.model import HalloModel
 
     cfg = HalloConfig(image_size=size)
     with init_empty_weights(include_buffers=False):
         model = HalloModel(cfg, None, vae=AutoencoderKL(**load_config("sd15").vae))
-    model = model.eval().to(META, DTYPE)
-    backend = HalloBackend(model, size=size, steps=1, guidance=cfg.guidance)
-    rng = np.random.default_rng(0)
-    s = size / 128   # the test portrait's landmarks (tests/test_hallo_backend.py), scaled to the size
-    lm = np.concatenate([rng.uniform([30, 40], [98, 110], (48, 2)), rng.uniform([52, 86], [76, 98], (20, 2))]) * s
-    avatar = backend.avatar_from_crop(np.zeros((size, size, 3), np.uint8), lm, np.zeros(512, np.float32))
-    ap, f = cfg.audioproj, backend.stream_segment_frames
+    backend = HalloBackend(model.eval().to(META, DTYPE), size=size, steps=1, guidance=cfg.guidance)
+    profile = backend.memory_profile(tuple(batches))   # wav2vec2-base counted in the weights
+    profile.family = "hallo (offline clips, guided)"
+    return profile
 
-    def jobs(n):
-        wins = torch.zeros(f, ap["seq_len"], ap["blocks"], ap["channels"], device=META, dtype=DTYPE)
-        return backend, [SegmentJob(avatar, backend.new_state(avatar, k), wins, f) for k in range(n)]
-    # wav2vec2-base (95 M parameters) is loaded beside the model: counted in the weights
-    wav2vec2 = 95_000_000 * 2
-    profile = profile_segments("hallo (offline clips, guided)", size, weight_bytes(model, dtype=DTYPE) + wav2vec2,
-                               jobs, lambda b, j: b.generate(j), tuple(batches))
+
+def musetalk(size: int, batches: list[int]) -> MemoryProfile:
+    from emo_stream.families.musetalk.backend import MuseTalkBackend
+    from emo_stream.families.musetalk.testing import random_model
+
+    # the published networks (SD1.5-sized UNet, SD VAE, whisper-tiny) on meta; the live default: 5-frame
+    # segments, a portrait's 4 s preview loop as base frames (100 at 25 fps)
+    model = random_model(full=True, device=META, dtype=DTYPE)
+    profile = MuseTalkBackend(model, size=size, cache_dir="").memory_profile(tuple(batches))
+    profile.family = "musetalk (1.5, live)"
     return profile
 
 
 FAMILIES: dict[str, Callable[[int, list[int]], MemoryProfile]] = {"emo": emo, "echomimic": echomimic,
-                                                                    "hallo": hallo}
+                                                                    "hallo": hallo, "musetalk": musetalk}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -204,7 +204,8 @@ def main() -> None:
         "whisper": args.source or str(args.whisper),
         "audio": [str(Path(f).name) for f in files], "seconds_per_file": args.seconds, "every_s": args.every_s,
         "fps": FPS,
-        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                  f"{torch.get_num_threads()} torch threads, "
                   f"load average {os.getloadavg()[0]:.1f} at the end)",
         "elapsed_s": round(time.time() - t0, 1), "results": table, "per_segment": segments,
         "cost": whisper_cost(read_json(args.whisper / "config.json"), args.segments),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any, Callable
 
@@ -10,7 +11,7 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from server.sync import QueueClosed, Subscription
+from server.sync import AUDIO_RATE, VIDEO_CLOCK_RATE, QueueClosed, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -19,12 +20,20 @@ class _PlayoutTrack(MediaStreamTrack):
     """What both WebRTC tracks share: where they start in the subscription, and the release time of the
     frame or chunk the sender is sending (for its RTCP sender reports, see PlayoutClockSender)."""
 
+    RTP_RATE = 1   # the RTP clock of the track's media pts
+
     def __init__(self, sub: Subscription, stamp_bias_s: float = 0.0, join_live: bool = False):
         super().__init__()
         self._sub = sub
         self._join_live = join_live
         self._bias = stamp_bias_s
         self.sent_due: float | None = None   # release time (Playout clock) of what recv() last handed out
+        self._handed: collections.deque[tuple[int, float]] = collections.deque(maxlen=8)   # (pts, due) recent
+        self._rtp_offset: int | None = None   # RTP timestamp - pts (mod 2^32), from the first packet
+
+    @staticmethod
+    def _pts(item) -> int:
+        raise NotImplementedError
 
     def _queue(self):
         raise NotImplementedError
@@ -44,16 +53,31 @@ class _PlayoutTrack(MediaStreamTrack):
             self.stop()
             raise MediaStreamError from None
         self.sent_due = getattr(item, "due", None)
+        if self.sent_due is not None:
+            self._handed.append((self._pts(item), self.sent_due))
         return item
 
-    def report_ntp(self, sent_ntp: int) -> int:
+    def report_ntp(self, sent_ntp: int, rtp: int | None = None) -> int:
         """The NTP time (RFC 3550 64-bit) an RTCP sender report should give the packet just sent: its
-        release time (plus this track's bias) instead of the moment it left, `sent_ntp`."""
+        release time (plus this track's bias) instead of the moment it left, `sent_ntp`. With its RTP
+        timestamp `rtp`, the release time of the media at that RTP time: after a gap (chunks dropped from the
+        queue) Opus stamps the next packet as if none had gone (its look-ahead starts in the chunk before)."""
         clock = getattr(getattr(self._sub, "playout", None), "clock", None)
         if self.sent_due is None or clock is None:
             return sent_ntp
-        late = clock.now() - (self.sent_due + self._bias)
+        due = self.sent_due if rtp is None else self._due_at(rtp)
+        late = clock.now() - (due + self._bias)
         return sent_ntp - int(round(late * (1 << 32)))
+
+    def _due_at(self, rtp: int) -> float:
+        """Release time of the media at RTP time `rtp` (the first packet is the entry last handed out)."""
+        last_pts, last_due = self._handed[-1]
+        if self._rtp_offset is None:
+            self._rtp_offset = (rtp - last_pts) & 0xFFFFFFFF
+        ahead = (rtp - self._rtp_offset - last_pts) & 0xFFFFFFFF   # unwrapped near the newest entry
+        pts = last_pts + (ahead - (1 << 32) if ahead >= 1 << 31 else ahead)
+        base_pts, base_due = next(((p, d) for p, d in reversed(self._handed) if p <= pts), self._handed[0])
+        return base_due + (pts - base_pts) / self.RTP_RATE
 
     def stop(self) -> None:
         super().stop()
@@ -68,9 +92,14 @@ class PlayoutVideoTrack(_PlayoutTrack):
     held back (which added latency and, once the reports map release times, would do nothing)."""
 
     kind = "video"
+    RTP_RATE = VIDEO_CLOCK_RATE
 
     def __init__(self, sub: Subscription, delay_s: float = 0.0, join_live: bool = False):
         super().__init__(sub, stamp_bias_s=max(0.0, delay_s), join_live=join_live)
+
+    @staticmethod
+    def _pts(item) -> int:
+        return item.video_pts
 
     def _queue(self):
         return self._sub.frames
@@ -83,9 +112,14 @@ class PlayoutAudioTrack(_PlayoutTrack):
     """20 ms 48 kHz chunks of the same subscription: released on the same clock as the video."""
 
     kind = "audio"
+    RTP_RATE = AUDIO_RATE
 
     def __init__(self, sub: Subscription, join_live: bool = False):
         super().__init__(sub, join_live=join_live)
+
+    @staticmethod
+    def _pts(item) -> int:
+        return item.pts
 
     def _queue(self):
         return self._sub.audio
@@ -107,21 +141,41 @@ class PlayoutClockSender(RTCRtpSender):
 
     @staticmethod
     def adopt(sender: RTCRtpSender) -> RTCRtpSender:
+        if not all(name in sender.__dict__ for name in (_NTP_ATTR, _RTP_ATTR)):   # aiortc renamed them: say so
+            log.warning("this aiortc has no RTCRtpSender.__ntp_timestamp/__rtp_timestamp: sender reports keep "
+                        "send times (the browser's lip sync then follows whatever delays one track's sending)")
         sender.__class__ = PlayoutClockSender
         return sender
+
+
+_NTP_ATTR, _RTP_ATTR = "_RTCRtpSender__ntp_timestamp", "_RTCRtpSender__rtp_timestamp"   # aiortc's private names
 
 
 def _get_ntp(self) -> int:
     return self.__dict__.get("_playout_ntp", 0)
 
 
-def _set_ntp(self, sent_ntp: int) -> None:   # aiortc sets it after each packet it sends
+def _set_ntp(self, sent_ntp: int) -> None:   # aiortc sets it after each packet it sends, then the RTP time
     track = self.track
     stamp = getattr(track, "report_ntp", None)
+    self.__dict__["_sent_ntp"] = sent_ntp
     self.__dict__["_playout_ntp"] = stamp(sent_ntp) if stamp is not None and sent_ntp else sent_ntp
 
 
-setattr(PlayoutClockSender, "_RTCRtpSender__ntp_timestamp", property(_get_ntp, _set_ntp))
+def _get_rtp(self) -> int:
+    return self.__dict__.get("_playout_rtp", 0)
+
+
+def _set_rtp(self, rtp: int) -> None:   # the packet's own RTP time: its release time, whatever the encoder did
+    self.__dict__["_playout_rtp"] = rtp
+    sent_ntp = self.__dict__.get("_sent_ntp", 0)
+    stamp = getattr(self.track, "report_ntp", None)
+    if stamp is not None and sent_ntp:
+        self.__dict__["_playout_ntp"] = stamp(sent_ntp, rtp)
+
+
+setattr(PlayoutClockSender, _NTP_ATTR, property(_get_ntp, _set_ntp))
+setattr(PlayoutClockSender, _RTP_ATTR, property(_get_rtp, _set_rtp))
 
 
 def _add_playout_track(pc: RTCPeerConnection, track: _PlayoutTrack) -> None:

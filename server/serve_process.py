@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -36,18 +37,32 @@ def start_serve_process(args: list[str], *, repo: str | Path, env: dict[str, str
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", *args], cwd=repo,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(repo), **(env or {})})
+    # a thread reads its output (and keeps draining it, so the pipe never fills and blocks the server): a
+    # server silent before its URL line must not block this wait past `timeout`
+    lines: queue.Queue[str | None] = queue.Queue()
+    url_found = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            if not url_found.is_set():
+                lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
     last_lines: collections.deque[str] = collections.deque(maxlen=40)
-    t0, output_ended = time.monotonic(), False
-    while time.monotonic() - t0 < timeout:
-        line = proc.stdout.readline()
-        if not line:
+    deadline, output_ended = time.monotonic() + timeout, False
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
             output_ended = True
             break
         last_lines.append(line)
         found = SERVING_URL.search(line)
         if found and "serving" in line:
-            # keep draining the server's output so its pipe never fills and blocks it
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            url_found.set()
             return proc, found.group(0)
     try:   # its output ended: it is exiting, give it a moment to say how
         exit_code = proc.wait(10) if output_ended else None

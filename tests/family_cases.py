@@ -4,10 +4,14 @@
     case = CASES["emo"]
     backend = case.backend(device="meta", dtype=torch.float32, steps=2)
     jobs = case.jobs(backend, sessions=2)           # SegmentJobs with features on the backend's device
-    backend.denoise(jobs)  (or generate for families without denoise)
-    fn, x, t = case.step(backend)                   # the per-step denoiser call: fn(x, t) -> prediction
+    case.run_segment(backend, jobs)                 # the segment loop as the engine runs it
+    fn, x, t = case.step(backend, jobs)             # the per-step denoiser call: fn(x, t) -> prediction
 
 Each family is built at a size where its tiny UNet still has >= 2x2 latents at the bottom level.
+Families: emo, echomimic, hallo (diffusion loops: steps per segment), musetalk (no loop: one UNet call at t = 0
+per frame, every session's frames in one batch, then the batched VAE decode and the paste into the base
+frames, all on the device). The preview family is not here: it is a weight-free numpy/PIL animator that runs
+on the CPU by design (no tensor, no device; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -193,6 +197,58 @@ def hallo_step(backend, jobs):
     return (lambda x, t: m.denoise(x, t, clip, guided=False)), x, t
 
 
+# ---- MuseTalk 1.5 ---------------------------------------------------------------------------------------
+MUSETALK_SIZE, MUSETALK_BOX = 128, (32, 40, 96, 104)
+
+
+def _musetalk_model():
+    from emo_stream.families.musetalk.testing import random_model
+
+    # the tiny UNet (3 levels) at a 64 px crop: 8x8 latents, 2x2 at the bottom
+    return random_model(full=False, seed=0, crop_size=64)
+
+
+def musetalk_backend(device="cpu", dtype=torch.float32, steps=1, model=None, **kw):
+    """steps: ignored (MuseTalk has no sampling loop: one UNet call at t = 0 per frame)."""
+    from emo_stream.families.musetalk.backend import MuseTalkBackend
+
+    m = copy.deepcopy(model) if model is not None else _musetalk_model()
+    m = m.to_runtime(torch.device(device), dtype)
+    kw = {"segment_frames": 8, "portrait_motion": "still", "cache_dir": "", **kw}
+    return MuseTalkBackend(m, size=MUSETALK_SIZE, fps=25, **kw)
+
+
+def musetalk_jobs(backend, sessions=1, frames=8):
+    """Sessions on one 3-frame avatar (built on the backend's device), each with its own audio prompts."""
+    from emo_stream.families.musetalk.testing import synthetic_avatar
+
+    m = backend.model
+    img = np.full((backend.size, backend.size, 3), 128, np.uint8)
+    img[40:104, 32:96] = 200
+    av = synthetic_avatar(m, img, MUSETALK_BOX, frames=3)
+    cfg = m.config
+    g = torch.Generator().manual_seed(2)
+    tokens = cfg.steps_per_frame_window * cfg.whisper_layers
+    return [SegmentJob(av, backend.new_state(av, seed=s),
+                       torch.randn(frames, tokens, cfg.pe_dim, generator=g).to(m.device, m.dtype), frames)
+            for s in range(sessions)]
+
+
+def musetalk_step(backend, jobs):
+    """The batched UNet call of the live path: every job's frames as rows (t is MuseTalk's fixed 0)."""
+    m = backend.model
+    rows = torch.cat([j.features for j in jobs])
+    h = jobs[0].state.avatar.latents.shape[-1]
+    x = torch.randn(rows.shape[0], 8, h, h, generator=torch.Generator().manual_seed(3)).to(m.device, m.dtype)
+    t = torch.zeros((), dtype=torch.long, device=m.device)
+    return (lambda x, t: m.denoise(x, rows)), x, t
+
+
+def musetalk_segment(backend, jobs):
+    """MuseTalk's live segment: the batched UNet (denoise) then the batched decode and paste (decode)."""
+    return backend.decode(jobs, backend.denoise(jobs))
+
+
 @dataclass(frozen=True)
 class FamilyCase:
     name: str
@@ -201,9 +257,13 @@ class FamilyCase:
     jobs: Callable[..., list]
     step: Callable[..., tuple]
     batched: bool = True                # sessions share one denoiser call (Hallo runs them one by one)
+    segment: Callable[..., Any] | None = None   # the segment loop, when not denoise (or generate) alone
+    steps: bool = True                  # a sampling loop of `steps` denoiser calls per segment (MuseTalk: none)
 
     def run_segment(self, backend, jobs):
         """The segment loop as the engine calls it (denoise when the backend splits it from decode)."""
+        if self.segment is not None:
+            return self.segment(backend, jobs)
         return backend.denoise(jobs) if hasattr(backend, "denoise") else backend.generate(jobs)
 
 
@@ -211,4 +271,6 @@ CASES = {
     "emo": FamilyCase("emo", _emo_model, emo_backend, emo_jobs, emo_step),
     "echomimic": FamilyCase("echomimic", _echo_model, echo_backend, echo_jobs, echo_step),
     "hallo": FamilyCase("hallo", _hallo_model, hallo_backend, hallo_jobs, hallo_step, batched=False),
+    "musetalk": FamilyCase("musetalk", _musetalk_model, musetalk_backend, musetalk_jobs, musetalk_step,
+                           segment=musetalk_segment, steps=False),
 }

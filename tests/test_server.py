@@ -190,6 +190,22 @@ def test_a_serve_process_that_exits_is_reported_with_its_output(tmp_path):
         start_serve_process(["--config", str(path)], repo=Path(__file__).resolve().parents[1], timeout=60)
 
 
+def test_a_serve_process_that_hangs_silently_times_out(tmp_path):
+    """A server stuck before it prints anything (a model load that never returns) is given up on after
+    `timeout`: waiting for its next line of output must not block past it."""
+    import time
+
+    from server.serve_process import ServerDidNotStart, start_serve_process
+
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "__init__.py").write_text("")
+    (tmp_path / "server" / "cli.py").write_text("import time\ntime.sleep(60)\n")
+    t0 = time.monotonic()
+    with pytest.raises(ServerDidNotStart, match=r"no URL within 1 s"):
+        start_serve_process([], repo=tmp_path, timeout=1.0)
+    assert time.monotonic() - t0 < 20
+
+
 # -- protocol -------------------------------------------------------------------------------------
 
 def test_frame_messages_round_trip():

@@ -614,3 +614,27 @@ async def test_queued_segments_of_all_sessions_share_one_audio_encoder_call(imag
         with pytest.raises(EmoStreamError, match="bad audio"):
             await read_until(sessions[2], lambda f: False, limit=100)
     await engine.stop()
+
+
+async def test_a_failed_audio_batch_retried_one_by_one_counts_each_failure_once(image):
+    """A batch that fails is retried per job, and the retries say whose audio failed: the batch's own failure
+    is not one more in the 'failed calls in a row' that declares the device broken. Two bad sessions out of
+    three fail twice in a row, as they would unbatched; the third keeps talking."""
+    backend = BatchAudioBackend()
+    engine = await open_engine(backend, segment_frames=4, max_sessions=3, max_batch=3)
+    avatar = await engine.prepare_avatar(image)
+    sessions = [engine.open_session(avatar, seed=i) for i in range(3)]
+    for i, s in enumerate(sessions):
+        await s.push_audio(np.full(16000, 0.123, np.float32) if i < 2 else tone(1.0))
+        s.end_of_speech()
+    for _ in range(400):   # until segments of several sessions wait behind the first call
+        if engine.stats()["queues"]["encode"] >= 2:
+            break
+        await asyncio.sleep(0.01)
+    backend.release.set()
+    for s in sessions[:2]:
+        with pytest.raises(EmoStreamError, match="bad audio"):
+            await read_until(s, lambda f: False, limit=100)
+    check_timeline(await read_until(sessions[2], lambda f: f.segment_end))
+    assert max(backend.batches) > 1 and engine.health.device_error is None
+    await engine.stop()

@@ -299,6 +299,68 @@ async def test_webrtc_sender_reports_map_each_packet_to_its_release_time():
         await pc.close()
 
 
+async def test_webrtc_sender_reports_stay_on_the_release_clock_across_a_gap_in_the_audio(monkeypatch):
+    """aiortc's real sender and Opus encoder: chunks dropped from the queue (an interrupt, a stalled viewer)
+    leave a gap, and the packet after it is stamped by the encoder as if none had gone (its look-ahead starts
+    in the chunk before). Every (NTP, RTP) pair a sender report can carry must still map that packet's RTP time
+    to its release time: here all chunks lie on one line, NTP - RTP / 48 kHz is the same for every packet."""
+    import aiortc.rtcrtpsender
+    from aiortc import RTCPeerConnection, RTCRtpCodecParameters
+
+    from server.rtc import PlayoutAudioTrack, PlayoutClockSender
+
+    clock = SimClock()
+    play = Playout(frames(20, clock=clock), FPS, clock)
+    sub = play.subscribe("pc", frames=None, audio=100)
+    audio = PlayoutAudioTrack(sub)
+    await play.run()
+    second = 1 << 32
+    monkeypatch.setattr(aiortc.rtcrtpsender.clock, "current_ntp_time", lambda: 5_000_000 * second)
+    pairs = []
+
+    class Transport:   # records what a sender report would say when each packet goes out
+        _stats_id = "t"
+
+        async def _send_rtp(self, data: bytes) -> None:
+            pairs.append((sender._RTCRtpSender__ntp_timestamp, sender._RTCRtpSender__rtp_timestamp))
+            if len(pairs) == 4:
+                for _ in range(5):   # 100 ms of audio dropped before the sender took it
+                    sub.audio._items.popleft()
+
+    pc = RTCPeerConnection()
+    try:
+        sender = PlayoutClockSender.adopt(pc.addTrack(audio))
+        sender._RTCRtpSender__transport = Transport()
+        await sender._run_rtp(RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2,
+                                                    payloadType=111))
+        pairs.append((sender._RTCRtpSender__ntp_timestamp, sender._RTCRtpSender__rtp_timestamp))
+    finally:
+        await pc.close()
+    pairs = pairs[1:]   # (the first packet has no pair before it)
+    assert len(pairs) > 20
+    rtp0 = pairs[0][1]
+    offsets = [ntp / second - ((rtp - rtp0) % (1 << 32)) / AUDIO_RATE for ntp, rtp in pairs]
+    assert max(offsets) - min(offsets) < 1e-4, offsets
+
+
+async def test_a_sender_without_aiortcs_private_stamps_is_named_in_the_log(caplog):
+    """PlayoutClockSender hooks aiortc's private per-packet stamps: an aiortc that renamed them still sends (its
+    reports keep send times) and the log says so, instead of lip sync silently going back to send times."""
+    from aiortc import RTCPeerConnection
+
+    from server.rtc import PlayoutAudioTrack, PlayoutClockSender
+
+    play = Playout(frames(1), FPS, SimClock())
+    pc = RTCPeerConnection()
+    try:
+        sender = pc.addTrack(PlayoutAudioTrack(play.subscribe("pc", frames=None)))
+        del sender.__dict__["_RTCRtpSender__rtp_timestamp"]
+        PlayoutClockSender.adopt(sender)
+        assert "sender reports keep send times" in caplog.text
+    finally:
+        await pc.close()
+
+
 async def test_webrtc_tracks_joining_late_start_at_the_newest_entry():
     """A sender that first asks after ICE and DTLS gets the newest frame and chunk, not the backlog (which,
     sent at once, started the browser's jitter buffers deep: the sound 200 ms behind the picture)."""

@@ -9,7 +9,8 @@
 PeakMemory is a TorchDispatchMode that adds up the storages made by every op run inside it and subtracts them
 when they are freed (weak references to the storages), so it sees what a caching allocator has to hold at
 once: the activation peak of one forward, on meta as on the CPU. Weights and inputs made before entering are
-not counted (they are counted separately).
+not counted (they are counted separately). scaled_dot_product_attention is counted as CUDA's fused kernels hold
+it (output and log-sum-exp), not as the math form it decomposes into on meta (the whole attention matrix).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -27,14 +29,45 @@ GIB = 1024 ** 3
 HEADROOM = 0.10   # of the device's memory kept free: allocator fragmentation, CUDA context, encoders' buffers
 
 
+class _FusedAttention(TorchFunctionMode):
+    """scaled_dot_product_attention on meta as a fused kernel. Off CUDA it decomposes into its math form, which
+    holds the whole attention matrix (in float32 for half inputs: ~4 bytes x queries x keys x heads); CUDA runs
+    flash / memory-efficient kernels that never hold it. So on meta: the output and the kernel's per-row
+    log-sum-exp (float32), nothing else."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q = args[0] if args else kwargs["query"]
+            v = args[2] if len(args) > 2 else kwargs["value"]
+            if q.device.type == "meta":
+                lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+                out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+                del lse
+                return out
+        return func(*args, **kwargs)
+
+
 class PeakMemory(TorchDispatchMode):
-    """Live bytes of the storages created inside the mode, and their peak (see the module doc)."""
+    """Live bytes of the storages created inside the mode, and their peak (see the module doc). Attention on
+    meta is counted as CUDA's fused kernels hold it (_FusedAttention)."""
 
     def __init__(self) -> None:
         super().__init__()
         self._live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.current = 0
         self.peak = 0
+        self._attention = _FusedAttention()
+
+    def __enter__(self):
+        self._attention.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._attention.__exit__(*exc)
 
     def _sweep(self) -> None:
         dead = [k for k, (ref, _) in self._live.items() if ref.expired()]
@@ -159,11 +192,16 @@ class MemoryProfile:
 
 
 def profile_segments(family: str, size: int, weights: int, make_jobs: Callable[[int], tuple[Any, list]],
-                     segment: Callable[[Any, list], Any], batches: tuple[int, ...] = (1, 4)) -> MemoryProfile:
+                     segment: Callable[[Any, list], Any], batches: tuple[int, ...] = (1, 4),
+                     batched: bool = True) -> MemoryProfile:
     """Count a family's memory on its meta-device backend: make_jobs(n) -> (backend, n SegmentJobs of fresh
     sessions), segment(backend, jobs) runs one segment as the engine does (denoise + decode, or generate).
     The session's bytes are read after a first segment (its motion / held frames exist then); each batch's
-    activation peak is taken on a continuing segment."""
+    activation peak is taken on a continuing segment. batched=False: the backend runs a batch's sessions one
+    after another (Hallo), so every batch has the one-session peak: only that is run.
+
+    Every segment on meta runs each op through Python meta kernels (milliseconds each at 512 px), so the runs
+    are few: the first segment of one session, then one continuing segment per batch size."""
     def run(backend, jobs) -> int:   # always in a PeakMemory: it also lets decoded frames leave meta
         with torch.no_grad(), PeakMemory() as peak:
             segment(backend, jobs)
@@ -173,13 +211,36 @@ def profile_segments(family: str, size: int, weights: int, make_jobs: Callable[[
     run(backend, jobs)
     state = jobs[0].state
     session = tensor_bytes(state.avatar) + tensor_bytes({k: v for k, v in vars(state).items() if k != "avatar"})
-    acts = {}
-    for b in batches:
+    acts = {1: run(backend, jobs)}     # one session's continuing segment
+    for b in sorted(set(batches)):
+        if b == 1:
+            continue
+        if not batched:
+            acts[b] = acts[1]
+            continue
         backend, jobs = make_jobs(b)
-        run(backend, jobs)
+        if not _continue_from(jobs, state):   # sessions as after their first segment, else run it
+            run(backend, jobs)
         acts[b] = run(backend, jobs)
+    acts = {b: a for b, a in acts.items() if b in batches}
     dtype = str(getattr(backend, "dtype", None) or backend.model.dtype).replace("torch.", "")
     return MemoryProfile(family, size, dtype, weights, session, acts)
+
+
+def _continue_from(jobs: list, state: Any) -> bool:
+    """Give every job a copy of `state` (one session after its first segment; the avatar stays shared), so a
+    batch's continuing segment needs no first segment of its own; False when the state cannot be copied."""
+    import copy
+
+    try:
+        states = [copy.deepcopy(state, {id(state.avatar): state.avatar}) for _ in jobs]
+    except Exception:  # noqa: BLE001 (an uncopyable state: the caller runs the first segment instead)
+        return False
+    for job, st in zip(jobs, states):
+        if job.state.avatar is not state.avatar:
+            return False
+        job.state = st
+    return True
 
 
 def device_capacity(backend, max_batch: int, default: int = 4) -> tuple[int, str]:

@@ -378,7 +378,11 @@ class StreamingEngine:
             else:
                 feats = [self.backend.encode_audio(j.cut.window, j.cut.start, j.num_frames) for j in jobs]
         except Exception as exc:
-            self.health.end(call, False, exc)
+            # a batch's failure is retried job by job (_encode): those calls count, this one does not
+            self.health.end(call, False, exc, in_a_row=not batched)
+            if call.abandoned:   # the watchdog already failed these sessions: no retry
+                self._after_failure()
+                return _ABANDONED
             return exc
         self.health.end(call, True)
         if call.abandoned:     # the watchdog already failed these sessions

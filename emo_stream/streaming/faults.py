@@ -81,8 +81,9 @@ class Health:
             self._calls.add(call)
         return call
 
-    def end(self, call: Call, ok: bool, exc: BaseException | None = None) -> None:
-        """Record how a call ended; True when its results may be used."""
+    def end(self, call: Call, ok: bool, exc: BaseException | None = None, in_a_row: bool = True) -> None:
+        """Record how a call ended. `in_a_row=False`: a failure the caller retries job by job (a batch), whose
+        retries are the calls that count towards `unhealthy_after` (else one bad job would count twice)."""
         with self._lock:
             self._calls.discard(call)
             if call.abandoned:
@@ -91,7 +92,7 @@ class Health:
                 self._failures_in_a_row = 0
             else:
                 self.failed_calls += 1
-                self._failures_in_a_row += 1
+                self._failures_in_a_row += int(in_a_row)
                 if exc is not None and is_device_error(exc):
                     self._set_device_error(exc)
                 elif self._failures_in_a_row >= self._unhealthy_after and self.device_error is None:

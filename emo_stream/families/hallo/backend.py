@@ -237,6 +237,42 @@ class HalloBackend(BackendBase):
             out.append(self._to_uint8(self._clip(job.state, wins)))
         return out
 
+    def memory_profile(self, batches: tuple[int, ...] = (1, 4)):
+        """Device memory of this configuration (emo_stream.blocks.memory), counted on a structure-only twin on
+        the meta device: weights (wav2vec2 included: it sits beside the model; a twin without it counts
+        wav2vec2-base's 95 M parameters), one session's avatar and state, and one continuing segment's peak
+        (a guided clip: denoise + SD VAE decode). Hallo runs a batch's sessions one after another, so every
+        batch has one session's activation peak."""
+        from emo_stream.blocks.memory import profile_segments, weight_bytes
+
+        m = self.model
+        if self.device.type == "meta":
+            twin = self
+        else:
+            from accelerate import init_empty_weights
+            from diffusers import AutoencoderKL
+
+            from emo_stream.families.hallo.model import HalloModel
+
+            with init_empty_weights(include_buffers=False):
+                twin_model = HalloModel(m.config, None, vae=AutoencoderKL.from_config(m.vae.config))
+            twin = HalloBackend(twin_model.eval().to("meta", self.dtype), size=self.size, fps=self.fps, steps=1,
+                                guidance=self.guidance, segment_frames=self.stream_segment_frames)
+        s, cfg = self.size, m.config
+        rng = np.random.default_rng(0)   # landmarks of a frontal face in the crop (only the masks' shapes matter)
+        lm = np.concatenate([rng.uniform([30, 40], [98, 110], (48, 2)),
+                             rng.uniform([52, 86], [76, 98], (20, 2))]) * (s / 128)
+        avatar = twin.avatar_from_crop(np.zeros((s, s, 3), np.uint8), lm, np.zeros(512, np.float32))
+        ap, f = cfg.audioproj, twin.stream_segment_frames
+
+        def jobs(n: int):
+            wins = torch.zeros(f, ap["seq_len"], ap["blocks"], ap["channels"], device="meta", dtype=self.dtype)
+            return twin, [SegmentJob(avatar, twin.new_state(avatar, k), wins, f) for k in range(n)]
+        weights = weight_bytes(m, dtype=self.dtype)
+        if m.wav2vec2 is None:
+            weights += 95_000_000 * torch.finfo(self.dtype).bits // 8
+        return profile_segments("hallo", s, weights, jobs, lambda b, j: b.generate(j), batches, batched=False)
+
 
 def create_backend(model: str | None = None, *, size: int = 512, fps: int = 25, device: str | None = None,
                    dtype: Any = None, **options: Any) -> HalloBackend:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from emo_stream.backend import AudioContext
+from emo_stream.execution import to_device
 from emo_stream.timeline import SAMPLE_RATE
 
 WHISPER_HZ = 50                    # encoder steps per second (10 ms mel hop, conv stride 2)
@@ -41,11 +42,34 @@ def log_mel(extractor, wav: np.ndarray, device: str = "cpu") -> torch.Tensor:
     return torch.cat(feats, dim=0)
 
 
+def device_log_mel(extractor, wav: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(1, mels, 3000) float32 on `device`: one 30 s segment (zero-padded) through the extractor's torch path,
+    op for op (tests/test_device_discipline.py checks it equals the extractor on the CPU), but computed where
+    the model is and left there. The extractor's own device path copies the samples in with a blocking copy and
+    the result back to the host (a sync), and the encoder then copies it in again: per session, per segment."""
+    x = np.zeros((1, extractor.n_samples), np.float32)
+    wav = np.asarray(wav, np.float32)[: extractor.n_samples]
+    x[0, : len(wav)] = wav
+    waveform = to_device(torch.from_numpy(x), device)
+    cache = extractor.__dict__.setdefault("_emo_device_tables", {})   # per device: window and mel filters, once
+    key = str(device)
+    if key not in cache:
+        cache[key] = (torch.hann_window(extractor.n_fft, device=device),
+                      to_device(torch.from_numpy(np.asarray(extractor.mel_filters)).float(), device))
+    window, mel_filters = cache[key]
+    stft = torch.stft(waveform, extractor.n_fft, extractor.hop_length, window=window, return_complex=True)
+    magnitudes = (stft[..., :-1].abs() ** 2).contiguous()
+    log_spec = torch.clamp(mel_filters.T @ magnitudes, min=1e-10).log10()
+    max_val = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0]
+    log_spec = torch.maximum(log_spec, max_val - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
 @torch.no_grad()
 def encoder_states(encoder, mel: torch.Tensor) -> torch.Tensor:
     """(segments, mels, T) -> (segments, T / 2, layers + 1, d): the encoder's hidden states, stacked."""
     p = encoder.conv1.weight
-    x = mel.to(device=p.device, dtype=p.dtype)
+    x = to_device(mel, p.device, p.dtype)   # a host mel: pinned and non-blocking on CUDA
     x = torch.nn.functional.gelu(encoder.conv1(x))
     x = torch.nn.functional.gelu(encoder.conv2(x)).permute(0, 2, 1)
     x = x + encoder.embed_positions.weight[: x.shape[1]]
@@ -76,8 +100,10 @@ def frame_chunks(states: torch.Tensor, num_frames: int, fps: int, left: int = 2,
     pad = math.ceil(per)
     width = 2 * (left + right + 1)
     lead = pad * left if pad_before else 0
-    idx = torch.tensor([math.floor((first_frame + f) * per) for f in range(num_frames)], device=states.device)
-    need = int(idx.max()) + width if num_frames else 0
+    first = [math.floor((first_frame + f) * per) for f in range(num_frames)]
+    # the indices are known on the host: no device read for their maximum, no blocking copy
+    idx = to_device(torch.tensor(first, dtype=torch.long), states.device)
+    need = max(first) + width if num_frames else 0
     tail = max(0, need - (lead + states.shape[0]))
     padded = torch.cat([states.new_zeros(lead, *states.shape[1:]), states,
                         states.new_zeros(tail, *states.shape[1:])])
@@ -140,8 +166,12 @@ def encode_segments(encoder, extractor, segments: list[np.ndarray], padded: bool
     30 s as MuseTalk pads a file's last one; padded segments go through the encoder in one batched call.
     padded=False: the encoder sees only the steps received (cheaper; an input whisper never saw in training)."""
     device = encoder.conv1.weight.device
-    stft = str(device) if device.type == "cuda" else "cpu"
-    mel = log_mel_batch(extractor, segments, stft)
+    if device.type != "cpu" and not getattr(extractor, "dither", 0.0):
+        # on an accelerator the mel is computed there and stays there: no host round trip per segment (the
+        # extractor's own device path copies the samples in blocking and its result back to the host)
+        mel = torch.cat([device_log_mel(extractor, seg, device) for seg in segments])
+    else:
+        mel = log_mel_batch(extractor, segments)
     if padded:
         return list(encoder_states(encoder, mel))
     out = []
@@ -197,5 +227,6 @@ def chunks_at(states: torch.Tensor, first_steps: list[int], width: int) -> torch
     hi = max(first_steps) + width
     before, after = max(0, -lo), max(0, hi - states.shape[0])
     padded = torch.cat([states.new_zeros(before, *states.shape[1:]), states, states.new_zeros(after, *states.shape[1:])])
-    idx = torch.tensor(first_steps, device=states.device)[:, None] + before + torch.arange(width, device=states.device)
+    # built on the host and sent without blocking (torch.tensor(..., device=) waits for the device)
+    idx = to_device(torch.tensor(first_steps), states.device)[:, None] + before + torch.arange(width, device=states.device)
     return padded[idx].flatten(1, 2)

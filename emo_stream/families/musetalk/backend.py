@@ -33,6 +33,7 @@ import torch
 from emo_stream.backend import BackendBase, SegmentJob
 from emo_stream.blocks.checks import check_fps
 from emo_stream.errors import ConfigError, ImageInputError
+from emo_stream.execution import BATCH_BUCKETS, bucket_size, pad_rows
 from emo_stream.families.musetalk import audio as audio_mod
 from emo_stream.families.musetalk.avatar import MuseTalkAvatar, content_key, default_cache_dir, restore, store
 from emo_stream.families.musetalk.blending import paste_one
@@ -76,7 +77,7 @@ class MuseTalkBackend(BackendBase):
                  extra_lookahead_frames: int = EXTRA_LOOKAHEAD_FRAMES, portrait_motion: str = "preview",
                  motion_seconds: float = 4.0, cache_dir: str | Path | None = None,
                  max_batch_frames: int = MAX_BATCH_FRAMES, model_id: str = "",
-                 face_analyzer=None):
+                 face_analyzer=None, compile: str = "off"):
         if size < 64 or size > 2048 or size % 2:
             raise ConfigError(f"size must be an even number of pixels between 64 and 2048: got {size}")
         check_fps(fps)
@@ -99,12 +100,46 @@ class MuseTalkBackend(BackendBase):
         self.device = model.device
         self.model_id = model_id
         self.cache_dir = default_cache_dir() if cache_dir is None else (Path(cache_dir) if str(cache_dir) else None)
+        self.compile = self._compile(compile)
+        # compiled: every UNet / decode call padded to a bucket (rows = frames of all sessions, idle ones skipped)
+        self.batch_buckets: tuple[int, ...] = BATCH_BUCKETS if self.compile != "off" else ()
         self._face_analyzer = face_analyzer
         self._audio_lock = threading.Lock()   # encode_audio may run beside generate: whisper is shared
         self._silence: torch.Tensor | None = None
         cfg = model.config
         self.left, self.right = cfg.audio_padding_left, cfg.audio_padding_right
         self.audio_context = audio_mod.live_context(self.fps, self.left, self.right, extra_lookahead_frames)
+
+    def _compile(self, mode: str) -> str:
+        from emo_stream.execution import ExecutionOptions, compile_forward
+
+        ExecutionOptions(compile=mode).validate()
+        if mode != "off" and self.device.type != "cuda":
+            log.warning("compile=%s asked for on %s: torch.compile is used on CUDA only; running eagerly", mode,
+                        self.device)
+            return "off"
+        if mode != "off":
+            compile_forward(self.model.unet, mode, "MuseTalk UNet")
+            compile_forward(self.model.vae.decoder, mode, "MuseTalk VAE decoder")
+        return mode
+
+    def _chunks(self, rows: int) -> Iterator[tuple[int, int, int]]:
+        """(first, end, padded rows) of each batched call over `rows` frames: at most max_batch_frames per call
+        (with buckets: the largest bucket within it), each padded up to its bucket."""
+        step = self.max_batch_frames
+        if self.batch_buckets:
+            step = max([b for b in self.batch_buckets if b <= step] or [step])
+        for first in range(0, rows, step):
+            end = min(rows, first + step)
+            yield first, end, bucket_size(end - first, self.batch_buckets)
+
+    def _batched(self, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+        """fn over the rows of `tensors` in chunks (self._chunks); padding rows repeat the last and are dropped."""
+        outs = []
+        for first, end, padded in self._chunks(len(tensors[0])):
+            out = fn(*(pad_rows(t[first:end], padded) for t in tensors))
+            outs.append(out[: end - first])
+        return torch.cat(outs)
 
     # ------------------------------------------------------------------ avatars
     def prepare_avatar(self, image: np.ndarray) -> MuseTalkAvatar:
@@ -223,17 +258,14 @@ class MuseTalkBackend(BackendBase):
             return _Denoised(latents=None, per_job=per_job)
         lat = torch.stack(rows_lat)
         aud = torch.stack([a.to(m.device, m.dtype) for a in rows_audio])
-        preds = [m.denoise(lat[i:i + self.max_batch_frames], aud[i:i + self.max_batch_frames])
-                 for i in range(0, len(lat), self.max_batch_frames)]
-        return _Denoised(latents=torch.cat(preds), per_job=per_job)
+        return _Denoised(latents=self._batched(m.denoise, lat, aud), per_job=per_job)
 
     @torch.no_grad()
     def decode(self, jobs: list[SegmentJob], result: _Denoised) -> list[np.ndarray]:
         """Batched VAE decode, then each crop pasted into its base frame on the device; one copy to the host."""
         crops = None
         if result.latents is not None:
-            crops = torch.cat([self.model.decode(result.latents[i:i + self.max_batch_frames])
-                               for i in range(0, len(result.latents), self.max_batch_frames)])
+            crops = self._batched(self.model.decode, result.latents)
         out = []
         for job, entries in zip(jobs, result.per_job):
             av: MuseTalkAvatar = job.state.avatar
@@ -256,6 +288,40 @@ class MuseTalkBackend(BackendBase):
         if not jobs:
             return []
         return self.decode(jobs, self.denoise(jobs))
+
+    def memory_profile(self, batches: tuple[int, ...] = (1, 4)):
+        """Device memory of this configuration (emo_stream.blocks.memory), counted on a structure-only twin on
+        the meta device: weights (UNet, VAE, whisper, the face-parsing net), per session its avatar at the
+        default base-frame count (a portrait's preview loop of motion_seconds, its idle cache filled: the worst
+        case) and the activation peak of one live segment (denoise + decode + paste) per batch of sessions."""
+        from emo_stream.blocks.memory import profile_segments, weight_bytes
+        from emo_stream.families.musetalk.loader import build_networks
+        from emo_stream.families.musetalk.testing import synthetic_avatar
+
+        m = self.model
+        twin_model = m if m.device.type == "meta" else build_networks(m.config, "meta", m.dtype)
+        twin = MuseTalkBackend(twin_model, size=self.size, fps=self.fps, segment_frames=self.stream_segment_frames,
+                               max_batch_frames=self.max_batch_frames, cache_dir="", portrait_motion="still")
+        twin.batch_buckets = self.batch_buckets
+        parser = 0
+        if m.parser is not None or m.device.type == "meta":   # BiSeNet sits on the device too, in float32
+            from emo_stream.families.musetalk.face_parsing import BiSeNet
+
+            with torch.device("meta"):
+                parser = weight_bytes(BiSeNet(), dtype=torch.float32)
+        s, c = self.size, m.config
+        image = np.zeros((s, s, 3), np.uint8)   # shapes only: the twin is on meta
+        base = max(2, int(round(self.motion_seconds * self.fps)))
+        avatar = synthetic_avatar(twin_model, image, (s * 0.3, s * 0.3, s * 0.7, s * 0.75), frames=base, encode=False)
+        avatar.idle = {k: torch.empty_like(avatar.frames[k]) for k in range(base)}   # every idle frame cached
+        f = self.stream_segment_frames
+        tokens = c.steps_per_frame_window * c.whisper_layers
+
+        def jobs(n: int):
+            feats = torch.zeros(f, tokens, c.pe_dim, device="meta", dtype=m.dtype)
+            return twin, [SegmentJob(avatar, twin.new_state(avatar, k), feats, f) for k in range(n)]
+        return profile_segments("musetalk", s, weight_bytes(twin_model) + parser, jobs,
+                                lambda b, j: b.decode(j, b.denoise(j)), batches)
 
     # ------------------------------------------------------------------ offline
     def render_video(self, avatar: MuseTalkAvatar, audio: np.ndarray, seed: int = 0,
@@ -299,7 +365,7 @@ def create_backend(model: str | None = None, *, size: int = 512, fps: int = 25, 
     from emo_stream.registry import model_family_for
 
     known = {"segment_frames", "clip_frames", "extra_lookahead_frames", "portrait_motion", "motion_seconds",
-             "cache_dir", "max_batch_frames", "face_analyzer"}
+             "cache_dir", "max_batch_frames", "face_analyzer", "compile"}
     unknown = set(options) - known
     if unknown:
         raise ConfigError(f"unknown MuseTalk backend options: {', '.join(sorted(unknown))}")

@@ -136,21 +136,23 @@ def resize_linear(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def _linear_taps(src: int, dst: int, device, clamp_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dst, 2) source indices and (dst, 2) int32 11-bit weights, as cv2 computes them: across a row, taps
     outside the image become weight (1, 0) on the edge pixel; down the columns the weights stay and the
-    rows are clipped to the image."""
+    rows are clipped to the image. Computed on `device` (IEEE float64/float32 ops, as cv2's, so exact there
+    too): no host data is copied in, so a new box size costs the live loop no blocking copy."""
     scale = 1.0 / (dst / src)
-    d = np.arange(dst, dtype=np.float64)
-    f = ((d + 0.5) * scale - 0.5).astype(np.float32)
-    s = np.floor(f).astype(np.int64)
-    f = f - s.astype(np.float32)
+    d = torch.arange(dst, dtype=torch.float64, device=device)
+    f = ((d + 0.5) * scale - 0.5).to(torch.float32)
+    s = torch.floor(f).to(torch.int64)
+    f = f - s.to(torch.float32)
     if clamp_weights:
         low = s < 0
-        f[low], s[low] = 0, 0
+        f, s = torch.where(low, 0.0, f), torch.where(low, 0, s)
         high = s >= src - 1
-        f[high], s[high] = 0, src - 1
-    # saturate_cast<short> rounds half to even; each weight is rounded on its own, as cv2 does
-    w = np.stack([np.rint((np.float32(1) - f) * np.float32(2048)), np.rint(f * np.float32(2048))], 1).astype(np.int32)
-    idx = np.clip(np.stack([s, s + 1], 1), 0, src - 1)
-    return torch.from_numpy(idx).to(device), torch.from_numpy(w).to(device)
+        f, s = torch.where(high, 0.0, f), torch.where(high, src - 1, s)
+    # saturate_cast<short> rounds half to even (torch.round too); each weight is rounded on its own, as cv2 does
+    one = torch.ones((), dtype=torch.float32, device=device)
+    w = torch.stack([torch.round((one - f) * 2048.0), torch.round(f * 2048.0)], 1).to(torch.int32)
+    idx = torch.stack([s, s + 1], 1).clamp(0, src - 1)
+    return idx, w
 
 
 def composite(base: torch.Tensor, top: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

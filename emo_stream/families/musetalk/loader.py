@@ -186,6 +186,18 @@ def build_extractor(cfg: dict):
     return WhisperFeatureExtractor(**{k: v for k, v in cfg.items() if k != "feature_extractor_type"})
 
 
+def build_networks(config: MuseTalkConfig, device: str | torch.device = "meta", dtype: torch.dtype | None = None):
+    """A MuseTalkModel of `config`'s shapes without loading anything (no face-parsing net): initialised on
+    `device` (random weights there; "meta": structure only, for counting memory and FLOPs)."""
+    from emo_stream.families.musetalk.model import MuseTalkModel
+
+    dev = torch.device(device)
+    with dev:
+        unet, vae, encoder = build_unet(config.unet), build_vae(config.vae), build_whisper_encoder(config.whisper)
+    model = MuseTalkModel(config, unet, vae, encoder, build_extractor(config.feature_extractor), None)
+    return model.eval().requires_grad_(False).to_runtime(dev, dtype)
+
+
 def _check_configs(config: MuseTalkConfig, source: Path) -> None:
     d = config.whisper.get("d_model")
     cross = config.unet.get("cross_attention_dim")

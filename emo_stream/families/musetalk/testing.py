@@ -77,3 +77,74 @@ def label_everything_skin(net) -> None:
         w = net.conv_out.conv_out.weight   # (classes, mid, 1, 1) on post-ReLU (non-negative) features
         w.zero_()
         w[1] = 1.0
+
+
+# ---- random models in memory (no download): benchmarks, the memory count, the device checks -----------------
+# the published whisper-tiny encoder (openai/whisper-tiny's config.json, encoder side)
+FULL_WHISPER = {"d_model": 384, "encoder_layers": 4, "encoder_attention_heads": 6, "encoder_ffn_dim": 1536,
+                "decoder_layers": 4, "decoder_attention_heads": 6, "decoder_ffn_dim": 1536, "num_mel_bins": 80,
+                "max_source_positions": 1500, "max_target_positions": 448, "vocab_size": 51865}
+
+
+def random_config(full: bool = True, crop_size: int | None = None):
+    """MuseTalkConfig of the published networks (full: SD1.5-sized UNet with 8 input channels, the SD VAE,
+    whisper-tiny) or of the tiny test ones."""
+    from emo_stream.blocks.flops import sd15_decoders
+    from emo_stream.families.musetalk.config import MuseTalkConfig
+    from emo_stream.families.musetalk.flops import UNET
+
+    if full:
+        cfg = MuseTalkConfig(unet=dict(UNET), vae=dict(sd15_decoders()[0]), whisper=dict(FULL_WHISPER),
+                             feature_extractor={"feature_size": 80})
+    else:
+        cfg = MuseTalkConfig(unet=dict(TINY_UNET), vae=dict(TINY_VAE), whisper=dict(TINY_WHISPER),
+                             feature_extractor={"feature_size": 80})
+    if crop_size is not None:
+        cfg.crop_size = int(crop_size)
+    return cfg
+
+
+def random_model(full: bool = True, device=None, dtype: torch.dtype | None = None, seed: int = 0,
+                 crop_size: int | None = None):
+    """A MuseTalkModel (eval, no face-parsing net) with random weights, built directly on `device` (meta: no
+    memory at all, for counting). Avatars for it come from synthetic_avatar (random parsing finds no face)."""
+    from emo_stream.families.musetalk.loader import build_networks
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_networks(random_config(full, crop_size), device or "cpu", dtype)
+
+
+def synthetic_avatar(model, image, box, frames: int = 1, generator: torch.Generator | None = None,
+                     encode: bool = True):
+    """A prepared avatar without face detection or parsing: `frames` base frames (the RGB uint8 portrait
+    drifting one pixel per frame), the face box `box` (x0, y0, x1, y1) in it, a paste mask over the box's lower
+    half (soft top edge), and the crops' latents from the model's VAE (encode=False: zeros of their shape), on
+    the model's device. On the meta device only the shapes are made (counting memory)."""
+    import numpy as np
+    from PIL import Image
+
+    from emo_stream.families.musetalk.avatar import MuseTalkAvatar
+    from emo_stream.families.musetalk.blending import BlendPlan
+
+    image = np.asarray(image, np.uint8)
+    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+    h, w = y1 - y0, x1 - x0
+    mask = np.zeros((h, w), np.uint8)
+    ramp = np.clip((np.arange(h) - h / 2) / max(1.0, h / 8), 0, 1)
+    mask[:] = (ramp * 255).astype(np.uint8)[:, None]
+    dev, c = model.device, model.config.crop_size
+    if dev.type == "meta":
+        base = torch.empty((frames, *image.shape), dtype=torch.uint8, device=dev)
+    else:
+        base = torch.from_numpy(np.stack([np.roll(image, i, axis=1) for i in range(frames)])).to(dev)
+    if encode:
+        crops = np.stack([np.asarray(Image.fromarray(np.roll(image, i, axis=1)[y0:y1, x0:x1]).resize(
+            (c, c), Image.LANCZOS)) for i in range(frames)])
+        latents = model.latents_for_unet(crops, generator=generator or torch.Generator().manual_seed(0))
+    else:
+        f = 2 ** (len(model.config.vae.get("block_out_channels", [0] * 4)) - 1)
+        latents = torch.zeros(frames, 2 * model.config.vae.get("latent_channels", 4), c // f, c // f, device=dev,
+                              dtype=model.dtype)
+    plans = [BlendPlan(box=(x0, y0, x1, y1), mask=torch.from_numpy(mask).to(dev)) for _ in range(frames)]
+    return MuseTalkAvatar(frames=base, latents=latents, boxes=[(x0, y0, x1, y1)] * frames, plans=plans)
