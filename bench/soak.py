@@ -354,9 +354,14 @@ async def browser(url: str, wav: Path, until: float, args, tally: Tally) -> None
         session_started = 0
         while time.monotonic() < until - 15:
             try:
+                # the page's frame count runs on across its sessions: wait for 10 frames of this one and its sound
+                # track (tapped before that track exists, the envelope stays silent: no talk offsets after a restart)
+                shown = await page.evaluate("window.emo.frames")
                 await page.click("button#start")
-                await page.wait_for_function("() => window.emo.state === 'live' && window.emo.frames > 10",
-                                             timeout=60000)
+                await page.wait_for_function(
+                    "(n) => window.emo.state === 'live' && window.emo.frames > n + 10 && "
+                    "document.getElementById('avatar').srcObject && "
+                    "document.getElementById('avatar').srcObject.getAudioTracks().length > 0", arg=shown, timeout=60000)
                 session_started += 1
                 await page.evaluate("window.__tapEnvelope(document.getElementById('avatar').srcObject)")
                 session = await page.evaluate("window.emo.session || 'latest'")
