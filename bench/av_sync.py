@@ -48,9 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from _common import REPO, device_name, emit_json, load_average  # bench/; puts the repo on sys.path
+from browser_page import BROWSER_ARGS, CHROMIUM, PAGE_KIT, heard_at  # noqa: F401  (bench/soak.py imports them here)
 from emo_stream.families.synctest.measure import beeps, burst_offsets, offsets_of_frames, summary_ms
 
-CHROMIUM = "/usr/bin/chromium"
 SYNCTEST_FILE = REPO / "emo_stream" / "families" / "synctest" / "backend.py"
 FPS = 25
 BEEP_EVERY_S = 1.5
@@ -79,16 +79,11 @@ from server.cli import main
 sys.exit(main(argv))
 """
 
-# Wraps getUserMedia (the stream the page sends is the one we know of), taps a stream's sound envelope on an
-# AudioContext, and reads the pattern of every displayed frame of a <video>.
-INIT_SCRIPT = r"""
+# The page kit (bench/browser_page.py), plus: the sound envelope of a stream (__tapEnvelope), the synctest pattern
+# of every displayed frame of a <video> (__watchPattern), the receivers' jitter buffers, the Start click's time.
+INIT_SCRIPT = PAGE_KIT + r"""
 (() => {
-  const md = navigator.mediaDevices;
-  if (md && md.getUserMedia) {
-    const orig = md.getUserMedia.bind(md);
-    md.getUserMedia = async (c) => { const s = await orig(c); window.__mic = s; return s; };
-  }
-  window.__avs = { frames: [], env: [], map: [], rx: [], clickAt: null };
+  window.__avs = { frames: [], env: [], rx: [], clickAt: null };
   // each receiver's jitter-buffer delay, sampled every second: [performance ms, kind, delay s, emitted]
   setInterval(async () => {
     for (const pc of (window.__pcs || [])) {
@@ -135,35 +130,14 @@ INIT_SCRIPT = r"""
       }
     }
     registerProcessor('env', Env);`;
-  window.__tapEnvelope = async (stream) => {
-    const ctx = new AudioContext({ sampleRate: 48000, latencyHint: 'interactive' });
-    await ctx.audioWorklet.addModule(URL.createObjectURL(new Blob([WORKLET], { type: 'text/javascript' })));
-    await ctx.resume();
-    const sink = ctx.createGain(); sink.gain.value = 0; sink.connect(ctx.destination);
-    const node = new AudioWorkletNode(ctx, 'env');
-    node.port.onmessage = (e) => { for (const v of e.data) window.__avs.env.push(v); };
-    ctx.createMediaStreamSource(stream).connect(node);
-    node.connect(sink);
-    window.__ctx = ctx;
-    // the context's clock against the page's, sampled all along: one mapping taken at the end would turn
-    // any rate difference between the audio device's clock and performance.now() into a drift
-    window.__avs.map = [];
-    setInterval(() => { const o = ctx.getOutputTimestamp();
-                        if (o.contextTime > 0) window.__avs.map.push(o.contextTime, o.performanceTime); }, 200);
-    return { sampleRate: ctx.sampleRate, baseLatency: ctx.baseLatency, outputLatency: ctx.outputLatency || 0 };
-  };
-  // context seconds -> performance ms at which that sample leaves the output
-  window.__ctxToPerf = () => { const o = window.__ctx.getOutputTimestamp(); return o.performanceTime - 1000 * o.contextTime; };
+  window.__tapEnvelope = (stream) => window.__audioTap(WORKLET, 'env', { avatar: stream }, {},
+    (key, buf) => { for (const v of buf) window.__avs.env.push(v); });
   // synctest pattern of every displayed frame, read at 64x64 (read_pattern in backend.py, in JS)
   window.__watchPattern = (video) => {
-    const c = document.createElement('canvas'); c.width = 64; c.height = 64;
-    const g = c.getContext('2d', { willReadFrequently: true });
     const grey = (d, x, y) => { const i = 4 * (y * 64 + x); return (d[i] + d[i + 1] + d[i + 2]) / 3; };
     const mean = (d, y0, y1, x0, x1) => { let s = 0, n = 0;
       for (let y = y0; y < y1; y++) for (let x = x0; x < x1; x++) { s += grey(d, x, y); n++; } return s / n; };
-    const cb = (now, meta) => {
-      g.drawImage(video, 0, 0, 64, 64);
-      const d = g.getImageData(0, 0, 64, 64).data;
+    window.__eachShownFrame(video, (d, meta) => {
       const level = mean(d, 12, 36, 16, 48) / 255;
       let counter = 0;
       for (let b = 0; b < 16; b++) {
@@ -171,20 +145,10 @@ INIT_SCRIPT = r"""
         counter = counter * 2 + (mean(d, y0 + 2, y0 + 6, x0 + 2, x0 + 6) > 127.5 ? 1 : 0);
       }
       window.__avs.frames.push([meta.expectedDisplayTime, level, counter, meta.presentedFrames]);
-      video.requestVideoFrameCallback(cb);
-    };
-    video.requestVideoFrameCallback(cb);
+    });
   };
 })();
 """
-
-BROWSER_ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", "--no-sandbox", "--disable-gpu",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-                "--autoplay-policy=no-user-gesture-required",
-                # two pages (talk and viewer) measured at once: neither may be throttled as a background tab
-                "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
-                "--disable-backgrounding-occluded-windows"]
-
 
 def beeps_wav(path: Path, seconds: float = 30.0) -> None:
     """The fake mic's file (it loops): 200 ms 1 kHz beeps every 1.5 s, 48 kHz mono PCM16."""
@@ -280,17 +244,10 @@ def _page_offsets(page) -> tuple[dict, list]:
     frames = np.asarray(avs["frames"], float).reshape(-1, 4)
     if len(env) < 10 or len(frames) < 10:
         return {"bursts": 0, "fitted": 0, "frames_shown": len(frames)}, []
-    ctx_map = np.asarray(avs.get("map") or [], float).reshape(-1, 2)
+    ctx_map = np.asarray(page.evaluate("window.__clockMap"), float).reshape(-1, 2)
+    et = heard_at(env[:, 0], ctx_map, to_perf)
     if len(ctx_map) >= 2:
-        # context seconds -> performance ms through the samples around each point: under load the audio
-        # device's clock runs at its own rate (0.7 % off in a 5-minute run) and jumps when its thread is late
         slope, icpt = np.polyfit(ctx_map[:, 0], ctx_map[:, 1], 1)
-        order = np.argsort(ctx_map[:, 0])
-        mc, mp = ctx_map[order, 0], ctx_map[order, 1]
-        et = np.interp(env[:, 0], mc, mp - (mc * slope + icpt)) + env[:, 0] * slope + icpt
-        et = et / 1000.0
-    else:
-        et = (env[:, 0] * 1000 + to_perf) / 1000.0          # seconds on the page's performance clock
     ft = frames[:, 0] / 1000.0
     offsets = burst_offsets(ft, frames[:, 1], et, env[:, 1], 1.0 / FPS)
     counters = frames[:, 2].astype(int)

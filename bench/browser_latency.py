@@ -39,21 +39,18 @@ from pathlib import Path
 
 import numpy as np
 
+from browser_page import BROWSER_ARGS, CHROMIUM, PAGE_KIT  # bench/ is the script's directory
+
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 RATE = 48000
 SPACING_S = 1.5
 BEEP_S = 0.06
 HARD_LIMIT_S = 110
 
-# Wraps getUserMedia (so the stream app.js sends is the stream we tap) and defines the onset tap.
-INIT_SCRIPT = r"""
+# The page kit (bench/browser_page.py: the mic stream, the AudioContext tap, every shown frame), plus the onset
+# tap and the mouth region of every displayed avatar frame.
+INIT_SCRIPT = PAGE_KIT + r"""
 (() => {
-  const md = navigator.mediaDevices;
-  if (md && md.getUserMedia) {
-    const orig = md.getUserMedia.bind(md);
-    md.getUserMedia = async (c) => { const s = await orig(c); window.__mic = s; return s; };
-  }
   const WORKLET = `
     class Onset extends AudioWorkletProcessor {
       constructor(o) { super(); this.thr = o.processorOptions.thr; this.refr = o.processorOptions.refr;
@@ -78,40 +75,23 @@ INIT_SCRIPT = r"""
       }
     }
     registerProcessor('onset', Onset);`;
-  // Taps two streams on one AudioContext; onsets land in window.__onsets[name] (AudioContext seconds).
-  window.__tap = async (streams, thr, refr) => {
-    const ctx = new AudioContext({ sampleRate: 48000, latencyHint: 'interactive' });
-    await ctx.audioWorklet.addModule(URL.createObjectURL(new Blob([WORKLET], { type: 'text/javascript' })));
-    await ctx.resume();
-    const sink = ctx.createGain(); sink.gain.value = 0; sink.connect(ctx.destination);
+  // Taps the streams on one AudioContext; onsets land in window.__onsets[name] (AudioContext seconds).
+  window.__tap = (streams, thr, refr) => {
     window.__onsets = {}; window.__peaks = {};
-    for (const [name, stream] of Object.entries(streams)) {
-      window.__onsets[name] = []; window.__peaks[name] = 0;
-      const node = new AudioWorkletNode(ctx, 'onset', { processorOptions: { thr, refr } });
-      node.port.onmessage = (e) => {
-        if (e.data.t !== undefined) window.__onsets[name].push(e.data.t);
-        window.__peaks[name] = e.data.peak;
-      };
-      ctx.createMediaStreamSource(stream).connect(node);
-      node.connect(sink);
-    }
-    window.__ctx = ctx;
-    window.__ctxToPerf = () => { const o = ctx.getOutputTimestamp(); return o.performanceTime - 1000 * o.contextTime; };
-    return { sampleRate: ctx.sampleRate, baseLatency: ctx.baseLatency, outputLatency: ctx.outputLatency || 0 };
+    for (const name of Object.keys(streams)) { window.__onsets[name] = []; window.__peaks[name] = 0; }
+    return window.__audioTap(WORKLET, 'onset', streams, { thr, refr }, (name, data) => {
+      if (data.t !== undefined) window.__onsets[name].push(data.t);
+      window.__peaks[name] = data.peak;
+    });
   };
   // Mouth-region luminance of every displayed avatar frame: [expectedDisplayTime (performance ms), mean].
   window.__watchVideo = (video) => {
-    const c = document.createElement('canvas'); c.width = 64; c.height = 64;
-    const g = c.getContext('2d', { willReadFrequently: true });
     window.__mouth = [];
-    const cb = (now, meta) => {
-      g.drawImage(video, 0, 0, 64, 64);
-      const d = g.getImageData(26, 34, 12, 7).data;  // the mouth of a centred face crop
-      let sum = 0; for (let i = 0; i < d.length; i += 4) sum += d[i] + d[i + 1] + d[i + 2];
-      window.__mouth.push([meta.expectedDisplayTime, sum / (d.length / 4) / 3]);
-      video.requestVideoFrameCallback(cb);
-    };
-    video.requestVideoFrameCallback(cb);
+    window.__eachShownFrame(video, (d, meta) => {
+      let sum = 0, n = 0;   // the mouth of a centred face crop: x 26-37, y 34-40 of the 64x64 picture
+      for (let y = 34; y < 41; y++) for (let x = 26; x < 38; x++) { const i = 4 * (y * 64 + x); sum += d[i] + d[i + 1] + d[i + 2]; n++; }
+      window.__mouth.push([meta.expectedDisplayTime, sum / n / 3]);
+    });
   };
 })();
 """
@@ -313,11 +293,8 @@ def main() -> None:
     refr = 0.5
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={wav}", "--no-sandbox", "--disable-gpu",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-                "--autoplay-policy=no-user-gesture-required"])
+            browser = p.chromium.launch(executable_path=CHROMIUM,
+                                        args=BROWSER_ARGS + [f"--use-file-for-fake-audio-capture={wav}"])
             result["browser"] = f"chromium {browser.version}"
             # bypass_csp: the page's CSP (rightly) forbids the blob: worklet module the tap loads
             context = browser.new_context(permissions=["microphone"], bypass_csp=True)

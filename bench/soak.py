@@ -1,6 +1,6 @@
 """A long run at capacity: every session slot busy for --minutes, on loopback, with what real use does to a server.
 
-    nice -n 5 python bench/soak.py --minutes 60 --backend synctest --out bench/results/soak-cpu-60min.json
+    python bench/soak.py --minutes 60 --size 256 --bots 2 --out bench/results/soak-cpu-60min.json
 
 Load (all against one `emo-stream serve` process on 127.0.0.1, its slots = bots + 1):
   - bots: WebSocket API sessions with JPEG frames back; each speaks utterances in real time (20 ms messages:
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import REPO, device_name, emit_json, rss_mb  # bench/; puts the repo on sys.path
-from av_sync import BROWSER_ARGS, CHROMIUM, INIT_SCRIPT, beeps_wav
+from av_sync import BROWSER_ARGS, CHROMIUM, INIT_SCRIPT, beeps_wav, heard_at
 from emo_stream.families.synctest.measure import beeps, burst_offsets, offsets_of_frames
 
 FPS = 25
@@ -329,7 +329,7 @@ def _browser_offsets(avs: dict, to_perf: float) -> tuple[list[float], float | No
     frames = np.asarray(avs["frames"], float).reshape(-1, 4)
     if len(env) < 10 or len(frames) < 10:
         return [], None, len(frames)
-    et = (env[:, 0] * 1000 + to_perf) / 1000
+    et = heard_at(env[:, 0], avs.get("map") or [], to_perf)
     ft = frames[:, 0] / 1000
     found = burst_offsets(ft, frames[:, 1], et, env[:, 1], 1 / FPS)
     fps = (len(ft) - 1) / (ft[-1] - ft[0]) if ft[-1] > ft[0] else None
@@ -354,9 +354,14 @@ async def browser(url: str, wav: Path, until: float, args, tally: Tally) -> None
         session_started = 0
         while time.monotonic() < until - 15:
             try:
+                # the page's frame count runs on across its sessions: wait for 10 frames of this one and its sound
+                # track (tapped before that track exists, the envelope stays silent: no talk offsets after a restart)
+                shown = await page.evaluate("window.emo.frames")
                 await page.click("button#start")
-                await page.wait_for_function("() => window.emo.state === 'live' && window.emo.frames > 10",
-                                             timeout=60000)
+                await page.wait_for_function(
+                    "(n) => window.emo.state === 'live' && window.emo.frames > n + 10 && "
+                    "document.getElementById('avatar').srcObject && "
+                    "document.getElementById('avatar').srcObject.getAudioTracks().length > 0", arg=shown, timeout=60000)
                 session_started += 1
                 await page.evaluate("window.__tapEnvelope(document.getElementById('avatar').srcObject)")
                 session = await page.evaluate("window.emo.session || 'latest'")
@@ -370,13 +375,14 @@ async def browser(url: str, wav: Path, until: float, args, tally: Tally) -> None
                 await vpage.evaluate("window.__tapEnvelope(document.getElementById('avatar').srcObject)")
                 end = min(until - 10, time.monotonic() + args.reconnect_minutes * 60)
                 for pg in (page, vpage):
-                    await pg.evaluate("window.__avs.frames = []; window.__avs.env = []")
+                    await pg.evaluate("window.__avs.frames = []; window.__avs.env = []; window.__avs.rx = []")
                 while time.monotonic() < end:
                     await asyncio.sleep(min(60.0, max(1.0, end - time.monotonic())))
                     row = {"at_min": tally.minute()}
                     for name, pg in (("talk", page), ("viewer", vpage)):
-                        avs = await pg.evaluate("(() => { const a = window.__avs; const out = {frames: a.frames, env: a.env};"
-                                                " a.frames = []; a.env = []; return out; })()")
+                        avs = await pg.evaluate("(() => { const a = window.__avs; const out = {frames: a.frames, env: a.env,"
+                                                " map: window.__clockMap}; a.frames = []; a.env = []; a.rx = [];"
+                                                " window.__clockMap = window.__clockMap.slice(-2); return out; })()")
                         to_perf = await pg.evaluate("window.__ctxToPerf()")
                         offs, fps, n = _browser_offsets(avs, to_perf)
                         row[name] = {"fps_shown": round(fps, 2) if fps else None, "frames": n,

@@ -121,6 +121,10 @@ class SplitGeneration(Protocol):
     def decode(self, jobs: list[SegmentJob], latents: Any) -> list[np.ndarray]:
         """Latents -> frames, as generate() returns them."""
 
+    # Optional: select_latents(latents, indices) -> the latents of the jobs at those indices (in that order),
+    # so a failed decode batch can be retried in halves. Not needed when denoise returns one entry per job
+    # in a list (the engine splits that itself); without either, a failed decode fails its whole batch.
+
 
 @runtime_checkable
 class WholeVideo(Protocol):
@@ -167,6 +171,7 @@ class Capabilities:
     whole_video: bool = False         # offers WholeVideo (render_video)
     video_avatars: bool = False       # prepare_avatar takes (T, H, W, 3) video frames too
     batch_audio: bool = False         # offers encode_audio_batch
+    select_latents: Any = None        # SplitGeneration's select_latents(latents, indices), if offered
 
 
 def capabilities(backend: Any) -> Capabilities:
@@ -182,4 +187,6 @@ def capabilities(backend: Any) -> Capabilities:
         whole_video=callable(getattr(backend, "render_video", None)),
         video_avatars=bool(getattr(backend, "video_avatars", False)),
         batch_audio=callable(getattr(backend, "encode_audio_batch", None)),
+        select_latents=getattr(backend, "select_latents", None) if callable(getattr(backend, "select_latents", None))
+        else None,
     )

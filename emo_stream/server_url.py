@@ -11,10 +11,10 @@ from emo_stream.errors import EmoStreamError
 
 def bot_api_url(url: str, error: type[EmoStreamError] = EmoStreamError) -> str:
     """http(s)://host:port[/...], ws(s)://... or host:port -> the ws(s) URL of /api/ws (a path given is kept);
-    anything else raises `error`."""
+    anything else (another scheme, no host) raises `error`."""
     parts = urlsplit(url if "://" in url else f"ws://{url}")
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("ws", "wss"):
+    if scheme not in ("ws", "wss") or not parts.hostname:
         raise error(f"not an emo-stream server URL: {url}")
     path = parts.path if parts.path not in ("", "/") else "/api/ws"
     return urlunsplit((scheme, parts.netloc, path, parts.query, ""))

@@ -226,19 +226,18 @@ def _set_mic_jitter_buffer(pc: RTCPeerConnection, packets: int) -> None:
 _JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"   # aiortc's name-mangled private attribute
 
 
-async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaStreamTrack], None] | None = None,
-                       on_closed: Callable[[], Any] | None = None,
-                       mic_jitter_packets: int | None = None,
-                       video_delay_s: float = 0.0, peer: str | None = None,
-                       local: str | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
-    """Answer a browser's offer: our video+audio tracks go out on its transceivers; its mic comes in via on_mic.
-
-    on_closed runs once when the connection fails or closes (tab closed, network dropped).
-    """
+async def _answer(sdp: str, configure: Callable[[RTCPeerConnection, list[Subscription]], None], *,
+                  on_mic: Callable[[MediaStreamTrack], None] | None, on_closed: Callable[[], Any] | None,
+                  peer: str | None, local: str | None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
+    """What every answer does: a peer connection whose closing runs on_closed once and whose incoming audio
+    goes to on_mic, the policed offer applied, `configure(pc, subs)` (checks the sections, adds our tracks,
+    appends the subscriptions it opened to subs), the answer made and policed. On any error nothing is left
+    open."""
     # no ICE servers: loopback/LAN use needs none, and the library default (a public STUN server)
     # would stall gathering on machines without internet
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     fired = False
+    subs: list[Subscription] = []
 
     @pc.on("connectionstatechange")
     async def _state() -> None:
@@ -258,6 +257,36 @@ async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaSt
 
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=_policed_offer(sdp, peer), type="offer"))
+        configure(pc, subs)
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception:
+        fired = True  # the caller gets the error instead: it never saw this connection, so no on_closed
+        for sub in subs:
+            sub.close()
+        await pc.close()
+        raise
+    return pc, _policed_answer(pc.localDescription, peer, local)
+
+
+def _add_playout_tracks(pc: RTCPeerConnection, sub: Subscription, video: bool, audio: bool,
+                        video_delay_s: float) -> None:
+    if video:
+        _add_playout_track(pc, PlayoutVideoTrack(sub, video_delay_s, join_live=True))
+    if audio:
+        _add_playout_track(pc, PlayoutAudioTrack(sub, join_live=True))
+
+
+async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaStreamTrack], None] | None = None,
+                       on_closed: Callable[[], Any] | None = None,
+                       mic_jitter_packets: int | None = None,
+                       video_delay_s: float = 0.0, peer: str | None = None,
+                       local: str | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
+    """Answer a browser's offer: our video+audio tracks go out on its transceivers; its mic comes in via on_mic.
+
+    on_closed runs once when the connection fails or closes (tab closed, network dropped).
+    """
+    def configure(pc: RTCPeerConnection, subs: list[Subscription]) -> None:
+        subs.append(sub)
         kinds = {t.kind for t in pc.getTransceivers()}
         missing = {"audio", "video"} - kinds
         if missing:  # else aiortc fails later with "None is not in list"
@@ -265,15 +294,13 @@ async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaSt
                              "as video and audio (add recvonly transceivers for both)")
         if mic_jitter_packets is not None:
             _set_mic_jitter_buffer(pc, mic_jitter_packets)
-        _add_playout_track(pc, PlayoutVideoTrack(sub, video_delay_s, join_live=True))
-        _add_playout_track(pc, PlayoutAudioTrack(sub, join_live=True))
-        await pc.setLocalDescription(await pc.createAnswer())
+        _add_playout_tracks(pc, sub, True, True, video_delay_s)
+
+    try:
+        return await _answer(sdp, configure, on_mic=on_mic, on_closed=on_closed, peer=peer, local=local)
     except Exception:
-        fired = True  # the caller gets the error instead: it never saw this connection, so no on_closed
-        sub.close()
-        await pc.close()
+        sub.close()   # also when the offer itself was refused (before configure took it)
         raise
-    return pc, _policed_answer(pc.localDescription, peer, local)
 
 
 # directions in an offer, from the offerer's side; a media section without one is sendrecv (RFC 8866)
@@ -304,7 +331,7 @@ async def answer_media_offer(sdp: str, subscribe: Callable[[bool, bool], Subscri
                              on_closed: Callable[[], Any] | None = None,
                              mic_jitter_packets: int | None = None,
                              video_delay_s: float = 0.0, peer: str | None = None,
-                       local: str | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
+                             local: str | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
     """Answer an offer from a standard client (WHIP, WHEP) that may carry any mix of media sections.
 
     The avatar's video and audio go out on the sections the client receives on (recvonly/sendrecv);
@@ -321,47 +348,18 @@ async def answer_media_offer(sdp: str, subscribe: Callable[[bool, bool], Subscri
                          "(an audio section with sendonly or sendrecv)")
     if not need_audio_in and not receives:
         raise ValueError("the offer receives no media: add recvonly audio and/or video sections")
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    fired = False
-    sub: Subscription | None = None
 
-    @pc.on("connectionstatechange")
-    async def _state() -> None:
-        nonlocal fired
-        log.debug("peer connection %s", pc.connectionState)
-        if pc.connectionState in ("failed", "closed") and not fired:
-            fired = True
-            if on_closed is not None:
-                result = on_closed()
-                if asyncio.iscoroutine(result):
-                    await result
-
-    @pc.on("track")
-    def _track(track: MediaStreamTrack) -> None:
-        if track.kind == "audio" and on_mic is not None:
-            on_mic(track)
-
-    try:
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=_policed_offer(sdp, peer), type="offer"))
+    def configure(pc: RTCPeerConnection, subs: list[Subscription]) -> None:
         for transceiver in pc.getTransceivers():
             if transceiver.kind == "video" and "video" not in receives:
                 transceiver.direction = "inactive"   # the client's camera is not ours to decode
         if mic_jitter_packets is not None and need_audio_in:
             _set_mic_jitter_buffer(pc, mic_jitter_packets)
         if receives:
-            sub = subscribe("video" in receives, "audio" in receives)
-            if "video" in receives:
-                _add_playout_track(pc, PlayoutVideoTrack(sub, video_delay_s, join_live=True))
-            if "audio" in receives:
-                _add_playout_track(pc, PlayoutAudioTrack(sub, join_live=True))
-        await pc.setLocalDescription(await pc.createAnswer())
-    except Exception:
-        fired = True
-        if sub is not None:
-            sub.close()
-        await pc.close()
-        raise
-    return pc, _policed_answer(pc.localDescription, peer, local)
+            subs.append(subscribe("video" in receives, "audio" in receives))
+            _add_playout_tracks(pc, subs[-1], "video" in receives, "audio" in receives, video_delay_s)
+
+    return await _answer(sdp, configure, on_mic=on_mic, on_closed=on_closed, peer=peer, local=local)
 
 
 def _policed_offer(sdp: str, peer: str | None) -> str:

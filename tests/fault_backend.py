@@ -70,3 +70,37 @@ class FaultBackend(SyncTestBackend):
             self.oom_times -= 1
             raise out_of_memory()
         return super().generate([replace(j, state=j.state.inner) for j in jobs])
+
+
+class SplitFaultBackend(FaultBackend):
+    """The same pattern with generation split in denoise and decode (as EMO, EchoMimic, MuseTalk are), and
+    out-of-memory injected into decode: any decode batch holding a session opened with a seed in
+    `decode_oom_seeds` raises. Latents are a list with one entry per job (the engine splits that itself), or
+    with `one_object` one object for the batch that only the backend's `select_latents` can split."""
+
+    name = "faulty-split"
+
+    def __init__(self, *args, decode_oom_seeds=(), one_object: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.decode_oom_seeds = set(decode_oom_seeds)
+        self.one_object = one_object
+        self.decode_calls: list[list[int]] = []
+        if one_object:
+            self.select_latents = lambda latents, indices: _Latents([latents.frames[i] for i in indices])
+
+    def denoise(self, jobs: list[SegmentJob]):
+        frames = self.generate(jobs)
+        return _Latents(frames) if self.one_object else frames
+
+    def decode(self, jobs: list[SegmentJob], latents) -> list:
+        seeds = [j.state.seed for j in jobs]
+        with self._lock:
+            self.decode_calls.append(seeds)
+        if self.decode_oom_seeds & set(seeds):
+            raise out_of_memory()
+        return list(latents.frames if self.one_object else latents)
+
+
+@dataclass
+class _Latents:
+    frames: list

@@ -14,7 +14,7 @@ import pytest
 from emo_stream.errors import EmoStreamError
 from emo_stream.streaming import (BackendStalledError, EngineConfig, EngineUnhealthyError, MonotonicClock,
                                   StreamingEngine)
-from fault_backend import FaultBackend
+from fault_backend import FaultBackend, SplitFaultBackend
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,6 +66,27 @@ async def test_out_of_memory_in_one_batch_ends_that_session_alone():
     assert sum(1 for c in backend.calls if 1 in c) <= 3
     assert engine.health.status()["status"] == "ok"
     assert engine.health.status()["retried_calls"] >= 1
+    await engine.stop()
+
+
+@pytest.mark.parametrize("one_object", [False, True], ids=["latents-per-job", "select_latents"])
+async def test_out_of_memory_in_one_decode_batch_ends_that_session_alone(one_object):
+    """A split backend's decode batch is retried in halves as the denoise batch is: the failing session ends,
+    the others in its batch get every frame (before, the whole decode batch failed)."""
+    backend = SplitFaultBackend(decode_oom_seeds={1}, one_object=one_object)
+    engine = await engine_with(backend, generate_workers=1)
+    assert engine.capabilities.split
+    avatar = await engine.prepare_avatar(IMAGE)
+    sessions = [engine.open_session(avatar, seed=s) for s in range(3)]
+    err, *good = await asyncio.gather(error_of(sessions[1]), frames_of(sessions[0], 75), frames_of(sessions[2], 75))
+    assert "OutOfMemoryError: CUDA out of memory" in str(err)
+    for frames in good:   # every frame newly drawn, none held by the fall-behind policy, in order
+        assert not any(f.dropped for f in frames)
+        assert [f.index for f in frames] == list(range(frames[0].index, frames[0].index + 75))
+    assert [1] in backend.decode_calls                        # split until seed 1 was alone
+    assert any(len(c) > 1 and 1 in c for c in backend.decode_calls)   # it did start in a batch with others
+    status = engine.health.status()
+    assert status["status"] == "ok" and status["retried_calls"] >= 1
     await engine.stop()
 
 

@@ -211,6 +211,22 @@ def test_one_batch_for_several_sessions_equals_one_call_each(backend, avatar):
         assert np.abs(s.astype(int) - b.astype(int)).max() <= 1   # batched float math: at most one grey level
 
 
+def test_select_latents_decodes_a_part_of_a_batch_as_the_whole_batch_did(backend, avatar):
+    """What the engine retries a failed decode batch with: each half decodes to that half's frames."""
+    jobs = []
+    for s, speaking in ((0, True), (1, False), (2, True)):   # an idle job in the middle (rows -1 once cached)
+        feats = backend.encode_audio(np.concatenate([speech(0.3, seed=s), np.zeros(3 * SPF, np.float32)]), 0, 3)
+        jobs.append(SegmentJob(avatar=avatar, state=backend.new_state(avatar), features=feats if speaking else None,
+                               num_frames=3, speech=speaking))
+    result = backend.denoise(jobs)
+    whole = backend.decode(jobs, result)
+    parts = backend.decode(jobs[:1], backend.select_latents(result, [0])) + \
+        backend.decode(jobs[1:], backend.select_latents(result, [1, 2]))
+    assert len(parts) == 3
+    for w, p in zip(whole, parts):
+        assert np.abs(w.astype(int) - p.astype(int)).max() <= 1   # batched float math: at most one grey level
+
+
 def test_idle_frames_are_rendered_once_per_base_frame(backend, avatar, monkeypatch):
     state = backend.new_state(avatar)
     first = backend.generate([SegmentJob(avatar=avatar, state=state, features=None, num_frames=2, speech=False)])[0]

@@ -36,6 +36,9 @@ def test_the_bot_api_url_from_what_a_user_types():
 
     with pytest.raises(LinkError, match="not an emo-stream server URL: ftp://host"):
         bot_api_url("ftp://host", LinkError)
+    for no_host in ("", "http://", "https:///api/ws", "ws://:8080"):   # would fail later, at connect
+        with pytest.raises(LinkError, match="not an emo-stream server URL"):
+            bot_api_url(no_host, LinkError)
     with pytest.raises(EmoStreamError, match="not an emo-stream server URL"):
         BotClient("file:///etc/passwd")
 

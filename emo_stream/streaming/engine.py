@@ -573,28 +573,59 @@ class StreamingEngine:
             if item is None:
                 return
             batch, (work, latents) = item
-            frames = None
+            holds = [j for j in batch if j.hold]
+            groups: list[tuple[list[Job], Any]] = []
             if work:
                 t0 = time.perf_counter()
-                call = self.health.begin("decode", [j.session for j in work])
-                try:
-                    self._streams.wait([work[0].event])
-                    frames = self.backend.decode([j.segment for j in work], latents)
-                    self.health.end(call, True)
-                except Exception as exc:
-                    # latents are the backend's own object: a failed decode is not split, its sessions end
-                    self.health.end(call, False, exc)
-                    log.exception("backend decode failed on a batch of %d", len(work))
-                    for j in work:
-                        j.session.fail(exc)
-                    self._after_failure()
-                    batch = [j for j in batch if j.hold]
-                    work = []
-                if call.abandoned:
-                    batch = [j for j in batch if j.hold]
-                    work, frames = [], None
-                self._timers["decode"].add(time.perf_counter() - t0, len(work))
-            self._deliver(batch, work, frames)
+                self._streams.wait([work[0].event])
+                groups = self._decode_in_halves(work, latents)
+                self._timers["decode"].add(time.perf_counter() - t0, sum(len(g) for g, _ in groups))
+            if not groups:
+                self._deliver(holds, [], None)
+            for n, (jobs, frames) in enumerate(groups):
+                self._deliver((holds if n == 0 else []) + jobs, jobs, frames)
+
+    def _decode_in_halves(self, work: list[Job], latents: Any) -> list[tuple[list[Job], Any]]:
+        """backend.decode on `work`; a batch that fails is retried in halves as the denoise batch is (the
+        latents split per job: a list of them, or the backend's `select_latents`), so one session's failure
+        ends that session alone. Returns (jobs, frames) of the calls that worked."""
+        call = self.health.begin("decode", [j.session for j in work])
+        error: Exception | None = None
+        try:
+            frames = self.backend.decode([j.segment for j in work], latents)
+        except Exception as exc:
+            error = exc
+        self.health.end(call, error is None, error)
+        if call.abandoned:       # the watchdog gave these sessions their error; a late answer is dropped
+            return []
+        if error is None:
+            return [(work, frames)]
+        half = len(work) // 2
+        parts = None
+        if len(work) > 1 and self.health.device_error is None and not is_device_error(error):
+            parts = (self._select_latents(latents, list(range(half))),
+                     self._select_latents(latents, list(range(half, len(work)))))
+        if parts is None or parts[0] is None or parts[1] is None:
+            expected = is_out_of_memory(error) or is_device_error(error)   # no traceback for the usual suspects
+            log.error("backend decode failed for session(s) %s: %s: %s", ", ".join(j.session.id for j in work),
+                      type(error).__name__, error, exc_info=not expected)
+            for j in work:
+                j.session.fail(error)
+            self._after_failure()
+            return []
+        self.health.retried_calls += 1
+        log.warning("backend decode failed on a batch of %d (%s: %s): retrying it in halves", len(work),
+                    type(error).__name__, error)
+        del error, latents        # the traceback holds the batch's tensors: free them before the retry
+        return self._decode_in_halves(work[:half], parts[0]) + self._decode_in_halves(work[half:], parts[1])
+
+    def _select_latents(self, latents: Any, indices: list[int]) -> Any:
+        """The latents of the jobs at `indices`, or None when this backend's latents cannot be split."""
+        if self.capabilities.select_latents is not None:
+            return self.capabilities.select_latents(latents, indices)
+        if isinstance(latents, (list, tuple)):
+            return [latents[i] for i in indices]
+        return None
 
     def _deliver(self, batch: list[Job], work: list[Job], frames) -> None:
         """Hand each job's frames to its session; a backend answer of the wrong shape fails that session

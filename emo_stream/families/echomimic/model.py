@@ -94,7 +94,20 @@ class EchoMimicModel(nn.Module):
                 procs[name] = ScaledCrossAttnProcessor(config.audio.feature_ratio)
         denoiser.set_attn_processor(procs)
         denoiser.conv_in.register_forward_hook(self._add_face)
+        # each resnet's time_emb_proj runs on one row per sample, as in EchoMimic's 3D UNet (diffusers'
+        # motion UNet repeats the embedding per frame first; a GEMM over f rows rounds differently)
+        for m in denoiser.modules():
+            proj = getattr(m, "time_emb_proj", None)
+            if proj is not None:
+                proj.register_forward_pre_hook(self._per_sample_in)
+                proj.register_forward_hook(self._per_sample_out)
         self.eval().requires_grad_(False)
+
+    def _per_sample_in(self, _module, args):
+        return (args[0][:: self.context.frames], *args[1:])
+
+    def _per_sample_out(self, _module, _args, output):
+        return output.repeat_interleave(self.context.frames, dim=0)
 
     # ---- construction ----------------------------------------------------------------------------
     @classmethod

@@ -260,6 +260,20 @@ class MuseTalkBackend(BackendBase):
         aud = torch.stack([a.to(m.device, m.dtype) for a in rows_audio])
         return _Denoised(latents=self._batched(m.denoise, lat, aud), per_job=per_job)
 
+    def select_latents(self, result: _Denoised, indices: list[int]) -> _Denoised:
+        """The rows of the jobs at `indices` (a failed decode batch is retried in halves)."""
+        rows: list[int] = []
+        per_job = []
+        for i in indices:
+            entries = []
+            for k, row, idle in result.per_job[i]:
+                entries.append((k, -1, idle) if row < 0 else (k, len(rows), idle))
+                if row >= 0:
+                    rows.append(row)
+            per_job.append(entries)
+        latents = result.latents[rows] if rows and result.latents is not None else None
+        return _Denoised(latents=latents, per_job=per_job)
+
     @torch.no_grad()
     def decode(self, jobs: list[SegmentJob], result: _Denoised) -> list[np.ndarray]:
         """Batched VAE decode, then each crop pasted into its base frame on the device; one copy to the host."""
