@@ -118,6 +118,17 @@ class _Worker:
         self.process.start()
         child.close()
         self.ready = False
+        # close() may run in the server's thread while a driver thread ends the same worker: the pipe is
+        # closed once (a second close of its fd number could close a file opened meanwhile)
+        self._close_lock = threading.Lock()
+        self._pipe_closed = False
+
+    def _close_pipe(self) -> None:
+        with self._close_lock:
+            if self._pipe_closed:
+                return
+            self._pipe_closed = True
+            self.conn.close()
 
     def call(self, job: tuple, timeout: float) -> tuple:
         """Send a job, wait for its reply. TimeoutError / EOFError when the worker hangs or died."""
@@ -142,10 +153,10 @@ class _Worker:
     def kill(self) -> None:
         self.process.kill()
         self.process.join(5)
-        self.conn.close()
+        self._close_pipe()
 
     def stop(self) -> None:
-        self.conn.close()   # the worker sees EOF and returns
+        self._close_pipe()   # the worker sees EOF and returns
         self.process.join(2)
         if self.process.is_alive():
             self.kill()

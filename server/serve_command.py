@@ -98,7 +98,14 @@ def run(args: argparse.Namespace) -> int:
     apply_engine_flags(config, args)
     config.validate()   # the flags above get the same checks as the config file
     holder: list = []
-    rc = asyncio.run(_serve(config, args.virtual_camera, holder))
+    try:
+        rc = asyncio.run(_serve(config, args.virtual_camera, holder))
+    except Exception:
+        # stopping failed; with a stage thread still in a model call a normal exit would abort (below)
+        if not (holder and getattr(holder[0].engine, "unfinished_threads", [])):
+            raise
+        log.exception("stopping the server failed")
+        rc = 1
     unfinished = getattr(holder[0].engine, "unfinished_threads", []) if holder else []
     if unfinished:
         # A stage thread is still inside the model (a long denoising step). Interpreter shutdown under a

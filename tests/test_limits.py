@@ -481,3 +481,28 @@ def test_portrait_pool_limits_time_memory_and_queue():
         assert tight.decode(small).image.shape == (64, 64, 3)   # the same worker goes on
     finally:
         tight.close()
+
+
+def test_a_decode_workers_pipe_is_closed_once_when_two_threads_end_it():
+    """The server's close() and a driver thread can end the same worker at once; the second close of the
+    pipe raised EBADF out of the server's stop (seen in CI), and could close an fd opened meanwhile."""
+    import threading
+    import time
+
+    from emo_stream.portrait_pool import _Worker
+
+    closes = []
+
+    class SlowPipe:
+        def close(self):
+            closes.append(1)
+            time.sleep(0.05)   # both threads are inside close() unless it is serialised
+
+    worker = _Worker.__new__(_Worker)   # no process: only the pipe's close is under test
+    worker.conn, worker._close_lock, worker._pipe_closed = SlowPipe(), threading.Lock(), False
+    threads = [threading.Thread(target=worker._close_pipe) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert closes == [1]

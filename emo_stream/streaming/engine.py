@@ -349,7 +349,9 @@ class StreamingEngine:
             if error is _ABANDONED:
                 return []
             if self.health.device_error is None and not is_device_error(error):
-                return [j for j in work if self._encode_one(j)]
+                # job by job; a session that failed on an earlier job of this batch is not tried again (its
+                # later segments would count as more failures in a row and could declare the device broken)
+                return [j for j in work if not j.stale() and self._encode_one(j)]
             log.error("session(s) %s: audio encoding failed: %s: %s", ", ".join(j.session.id for j in work),
                       error.__class__.__name__, error)
             for j in work:
