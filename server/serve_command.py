@@ -127,6 +127,11 @@ async def _serve(config, virtual_camera: bool, holder: list | None = None) -> in
         holder.append(server)
     await server.start()
     server.avatars.pool.warm()   # the upload decoder's process starts now, not with the first upload
+    from server.diagnostics import Diagnostics
+
+    diagnostics = Diagnostics.from_env(server)   # $EMO_STREAM_DIAGNOSTICS: memory/pause records (debugging only)
+    if diagnostics is not None:
+        diagnostics.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -144,5 +149,7 @@ async def _serve(config, virtual_camera: bool, holder: list | None = None) -> in
     try:
         await stop.wait()
     finally:
+        if diagnostics is not None:
+            await diagnostics.stop()
         await server.stop()
     return 0
