@@ -5,7 +5,8 @@
 
 Each record (one JSON line) has the RSS, glibc's heap in use and held (mallinfo2: fragmentation shows as held
 >> in use), live objects of the server's own types and the object types that grew most since the previous
-record, asyncio tasks and threads, the event loop's worst lateness and the garbage collector's pauses per
+record (counted after a full collection: alive, not garbage waiting for the collector), asyncio tasks and
+threads, the event loop's worst lateness and the garbage collector's pauses per
 generation since the previous record. Walking every object costs tens of milliseconds per record: a
 debugging aid, never on by default (bench/soak.py --diagnostics turns it on for its server).
 """
@@ -19,6 +20,7 @@ import gc
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import tracemalloc
@@ -69,8 +71,11 @@ class GcPauses:
         self._start = 0.0
         self._lock = threading.Lock()
         self._data: dict[int, list[float]] = {}
+        self.muted = False   # our own forced collections are not the server's pauses
 
     def __call__(self, phase: str, info: dict) -> None:
+        if self.muted:
+            return
         if phase == "start":
             self._start = time.perf_counter()
             return
@@ -148,7 +153,14 @@ class Diagnostics:
                 log.exception("diagnostics record failed")
 
     def record(self) -> dict:
+        pauses = self._pauses.take()
         t_walk = time.perf_counter()
+        # a full collection first: what is counted is alive, not cyclic garbage waiting for the collector
+        self._pauses.muted = True
+        try:
+            unreachable = gc.collect()
+        finally:
+            self._pauses.muted = False
         types = collections.Counter(type(o).__name__ for o in gc.get_objects())
         walk_ms = 1000 * (time.perf_counter() - t_walk)
         grew = []
@@ -159,12 +171,17 @@ class Diagnostics:
         self._prev_types = types
         record = {
             "t_s": round(time.monotonic() - self._t0, 1), "rss_mib": rss_mib(), "heap_mib": heap_mib(),
-            "gc_objects": sum(types.values()), "gc_counts": gc.get_count(), "walk_ms": round(walk_ms, 1),
+            "gc_objects": sum(types.values()), "gc_unreachable_found": unreachable, "walk_ms": round(walk_ms, 1),
             "watched": {k: types[k] for k in WATCHED if types.get(k)}, "grew": grew,
             "tasks": task_summary(), "threads": threading.active_count(),
-            "loop_worst_lag_ms": round(1000 * self._worst_lag, 1), "gc_pauses": self._pauses.take(),
+            "loop_worst_lag_ms": round(1000 * self._worst_lag, 1), "gc_pauses": pauses,
         }
         self._worst_lag = 0.0
+        closed = [o for o in gc.get_objects() if type(o).__name__ == "ServerSession" and getattr(o, "closed", False)]
+        if closed:   # a closed session still alive after a full collection: who holds it
+            record["closed_sessions_alive"] = len(closed)
+            record["closed_session_held_by"] = holders(closed[0], ignore=(closed,))
+        del closed
         sessions = getattr(self.server, "sessions", None)
         if sessions is not None:
             record["sessions"] = [{"id": s.id, "kind": s.kind, "age_s": round(time.time() - s.created),
@@ -181,6 +198,39 @@ class Diagnostics:
                     for s in snap.compare_to(self._prev_snapshot, "lineno")[:15] if s.size_diff > 0]
             self._prev_snapshot = snap
         return record
+
+
+def holders(obj, depth: int = 6, ignore: tuple = ()) -> list[str]:
+    """One chain of referrers from obj outwards (type names, dict keys where found): enough to name a leak.
+    `ignore`: the caller's own containers that hold obj."""
+    chain: list[str] = []
+    seen = {id(obj)}
+    ignore_ids = {id(chain), *(id(x) for x in ignore)}
+    frame = sys._getframe()
+    for _ in range(depth):
+        refs = [r for r in gc.get_referrers(obj) if id(r) not in seen and id(r) not in ignore_ids
+                and not isinstance(r, type(frame))]
+        ignore_ids.add(id(refs))
+        if not refs:
+            break
+        # prefer a holder that is not a bare dict/list (those are someone's attributes or containers)
+        r = next((x for x in refs if not isinstance(x, (dict, list, tuple, set))), refs[0])
+        what = type(r).__qualname__
+        if isinstance(r, dict):
+            key = None
+            for k, v in r.items():   # a loop, not a generator: a closure over obj would be one more holder
+                if v is obj:
+                    key = k
+                    break
+            what += f"[{key!r}]" if key is not None else f"(len {len(r)})"
+        elif hasattr(r, "__qualname__"):
+            what += f" {r.__qualname__}"
+        elif isinstance(r, asyncio.Task):
+            what += f" {r.get_name()}"
+        chain.append(f"{what} (+{len(refs) - 1} other)" if len(refs) > 1 else what)
+        seen.add(id(r))
+        obj = r
+    return chain
 
 
 def task_summary() -> dict:
