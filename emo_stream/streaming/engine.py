@@ -337,6 +337,8 @@ class StreamingEngine:
                     j.cut.window = _NO_WINDOW
                 if j not in failed:
                     self._put(self._q_generate, j)
+            # an idle stage must not keep its last jobs (and so their closed sessions) alive while it waits
+            job = j = jobs = live = work = failed = None
 
     def _encode(self, work: list[Job]) -> list[Job]:
         """Audio features of `work`: one encode_audio_batch call when the backend offers it (a batch that fails is
@@ -467,6 +469,7 @@ class StreamingEngine:
             finally:
                 with self._gen_lock:
                     self._gen_busy.difference_update(j.session.id for j in batch)
+                batch = None   # idle, it keeps no job (nor its closed session) alive
 
     def _generate_batch(self, batch: list[Job]) -> None:
         work = [j for j in batch if not j.hold]
@@ -586,6 +589,7 @@ class StreamingEngine:
                 self._deliver(holds, [], None)
             for n, (jobs, frames) in enumerate(groups):
                 self._deliver((holds if n == 0 else []) + jobs, jobs, frames)
+            item = batch = work = latents = holds = groups = jobs = frames = None   # idle: hold no job
 
     def _decode_in_halves(self, work: list[Job], latents: Any) -> list[tuple[list[Job], Any]]:
         """backend.decode on `work`; a batch that fails is retried in halves as the denoise batch is (the
