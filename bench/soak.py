@@ -272,6 +272,31 @@ async def _start_retrying(client, tally: Tally, n: int) -> None:
             await asyncio.sleep(0.5)
 
 
+def _diagnostics(spec: str | None) -> list[dict] | None:
+    """The server's --diagnostics records, kept to what explains memory and stalls."""
+    if not spec:
+        return None
+    path = Path(spec.rpartition(":")[0] if re.search(r":[0-9.]+$", spec) else spec)
+    keep = ("t_s", "rss_mib", "heap_mib", "gc_objects", "gc_frozen", "gc_unreachable_found", "walk_ms", "loop_worst_lag_ms",
+            "gc_pauses", "threads", "closed_sessions_alive", "closed_session_held_by")
+    out = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            w = r.get("watched", {})
+            out.append({**{k: r[k] for k in keep if k in r}, "sessions": w.get("ServerSession", 0),
+                        "peer_connections": w.get("RTCPeerConnection", 0), "tasks": sum(r.get("tasks", {}).values())})
+    return out
+
+
+def _autogroup() -> str | None:
+    """The scheduler group this run had (`/autogroup-N nice K`): a timing run gets its own at high priority."""
+    try:
+        return Path("/proc/self/autogroup").read_text().strip()
+    except OSError:
+        return None
+
+
 def _server_figures(stats: dict) -> dict:
     """What the server says of a session: its playout's stalls (re-anchors push every later frame back),
     the idle frames it left out to win that back, and frames dropped for this client."""
@@ -579,9 +604,11 @@ def main() -> None:
         "errors_server_log": server.errors, "errors_clients": tally.errors,
         "connections": conns, "browser_per_minute": tally.browser, "aiortc_viewers_detail": tally.viewers,
         "client_loop_worst_lag_ms_per_minute": tally.loop_lag_ms,
+        "server_diagnostics": _diagnostics(args.diagnostics),
         "rss_mb_samples": samples["rss"], "load_average_samples": samples["load"], "server_cpu_s_samples": cpu,
         "server_command": " ".join(server.cmd[1:]),
-        "command": "nice -n 5 python " + " ".join(sys.argv) if os.nice(0) >= 5 else "python " + " ".join(sys.argv),
+        "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + "python " + " ".join(sys.argv),
+        "autogroup": _autogroup(),
         "method": "A/V offset by the synctest pattern (emo_stream/families/synctest/measure.py); WebSocket offsets per "
                   "finished utterance on the session clock; browser offsets per minute from displayed frames "
                   "(requestVideoFrameCallback) vs the avatar stream's sound (AudioWorklet). arrival lag = frame arrival "

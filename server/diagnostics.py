@@ -171,7 +171,7 @@ class Diagnostics:
         self._prev_types = types
         record = {
             "t_s": round(time.monotonic() - self._t0, 1), "rss_mib": rss_mib(), "heap_mib": heap_mib(),
-            "gc_objects": sum(types.values()), "gc_unreachable_found": unreachable, "walk_ms": round(walk_ms, 1),
+            "gc_objects": sum(types.values()), "gc_frozen": gc.get_freeze_count(), "gc_unreachable_found": unreachable, "walk_ms": round(walk_ms, 1),
             "watched": {k: types[k] for k in WATCHED if types.get(k)}, "grew": grew,
             "tasks": task_summary(), "threads": threading.active_count(),
             "loop_worst_lag_ms": round(1000 * self._worst_lag, 1), "gc_pauses": pauses,
@@ -182,6 +182,9 @@ class Diagnostics:
             record["closed_sessions_alive"] = len(closed)
             record["closed_session_held_by"] = holders(closed[0], ignore=(closed,))
         del closed
+        from server.sessions import SWEEPS
+
+        record["sweeps"] = {k: round(v, 1) for k, v in SWEEPS.items()}   # the full collections after closes
         sessions = getattr(self.server, "sessions", None)
         if sessions is not None:
             record["sessions"] = [{"id": s.id, "kind": s.kind, "age_s": round(time.time() - s.created),

@@ -219,7 +219,15 @@ def _collect() -> None:
     _sweep = None
     t = time.perf_counter()
     found = gc.collect()
-    log.debug("garbage collection after closes: %d objects, %.1f ms", found, 1000 * (time.perf_counter() - t))
+    ms = 1000 * (time.perf_counter() - t)
+    SWEEPS["n"] += 1
+    SWEEPS["found"] += found
+    SWEEPS["total_ms"] += ms
+    SWEEPS["max_ms"] = max(SWEEPS["max_ms"], ms)
+    log.debug("garbage collection after closes: %d objects, %.1f ms", found, ms)
+
+
+SWEEPS = {"n": 0, "found": 0, "total_ms": 0.0, "max_ms": 0.0}   # what the sweeps cost (server/diagnostics.py)
 
 
 class SessionManager:
