@@ -6,8 +6,9 @@ and after the utterance is closed (the engine's zero padding is then part of tha
 log-mel floor is the window's (the last 30-60 s): shown below to differ where it matters, and only there.
 
 Weights: a tiny random whisper (width 32, 2 layers) for the long streams, and ../shared/golden/echomimic-v1's
-whisper (the set's, random, real width 384) when present. Tolerance 1e-5; measured on this CPU: 0 (the same float
-ops in the same order: one segment per encoder call on both sides)."""
+whisper (the set's, random, real width 384) when present. Tolerance 1e-5; measured on this CPU: 0 against our
+whole-file pass (the same float ops in the same order: one segment per encoder call on both sides) and 1.7e-6
+against the features EchoMimic's own code stored in that set (max abs 4.3; our whole-file pass is 1.7e-6 off too)."""
 
 from __future__ import annotations
 
@@ -166,6 +167,39 @@ def test_a_window_off_the_grid_is_not_the_whole_file(tiny):
     live = A.encode_live(tiny.segment_states, [shifted], FPS)[0]
     assert max_error(tiny, audio, cut, lo, live) > 1000 * TOL
     assert max_error(tiny, audio, cut, lo, live_tokens(tiny, [(cut, lo)])[0]) <= TOL
+
+
+def test_live_tokens_equal_the_features_echomimics_code_stored(golden):
+    """Against EchoMimic's own output, not ours: the set's audio.safetensors holds what EchoMimic's vendored
+    whisper computed (audio2feat) for its 1 s clip. Live windows ending where the clip ends (the engine's cuts of
+    that clip fed in 20 ms chunks, and one window of the whole clip for every frame) give exactly those features at
+    feature2chunks' rows int(i x 50 / fps) - 4 + j, clipped to the clip's rows. A perturbed clip must not."""
+    from safetensors.torch import load_file
+
+    from emo_stream.families.echomimic.parity import _read_wav
+
+    root = shared_golden("echomimic-v1")
+    wav = _read_wav(root / "audio.wav").numpy()
+    ref = load_file(str(root / "audio.safetensors"))["whisper_features"]      # (50, L + 1, 384), EchoMimic's
+    assert len(wav) == 16000 and ref.shape[0] == 50
+    n = len(wav) // SPF                                                       # 25 frames at 25 fps
+
+    def reference(first: int, count: int) -> torch.Tensor:
+        rows = np.clip(np.arange(first, first + count)[:, None] * 50 // FPS - 4 + np.arange(10)[None], 0, 49)
+        return ref[torch.from_numpy(rows)].reshape(count, -1, ref.shape[-1])
+
+    whole = A.encode_live(golden.segment_states, [(wav, 0, n)], FPS)[0]
+    assert (whole - reference(0, n)).abs().max().item() <= TOL
+    # the cut the engine makes once the clip's last sample arrived: its window is exactly the clip
+    ends = [(c, lo) for c, lo in stream(wav, 320, 2) if lo == 0 and len(c.window) == len(wav)]
+    assert len(ends) == 1
+    cut = ends[0][0]
+    live = live_tokens(golden, ends)[0]
+    assert (live - reference(cut.first_frame, cut.num_frames)).abs().max().item() <= TOL
+    bent = wav.copy()
+    bent[8000] += 0.05
+    moved = A.encode_live(golden.segment_states, [(bent, 0, n)], FPS)[0]
+    assert (moved - reference(0, n)).abs().max().item() > 10 * TOL
 
 
 def test_on_the_golden_whisper_across_the_30s_boundary(golden):
