@@ -117,6 +117,13 @@ def test_a_device_too_slow_for_one_session_stops_after_batch_1_and_still_serves_
     assert n == 1 and "not even one session keeps real time" in why
 
 
+def test_a_step_twice_over_real_time_is_timed_once():
+    clock = FakeClock()
+    backend = TimedBackend(clock, fixed=1.0)           # 1.006 s against 256 ms: a slow family's start-up
+    cal = calibrate(backend, "avatar", segment_frames=8, max_batch=4, clock=clock)
+    assert backend.batches == [1, 1, 1] and cal.step_s == pytest.approx({1: 1.006})   # 2 warm-up + 1 timed
+
+
 def test_the_time_budget_stops_adding_batch_sizes_and_extrapolates():
     clock = FakeClock()
     backend = TimedBackend(clock, fixed=2.0, per_session=0.0, encode=0.0)   # 2 s a step, 25 fps, 100 frames
@@ -234,6 +241,9 @@ def test_the_key_names_what_the_step_time_depends_on():
     assert key["family"] == "timed" and key["device"].startswith("cpu: ")
     assert {"size": 64, "fps": 25, "segment_frames": 8, "max_batch": 4, "model": "sd15_live",
             "steps": 4}.items() <= key["config"].items()
+    backend.steps, backend.model = 4, torch.nn.Linear(2, 2).to(torch.bfloat16)
+    key = calibration_key(backend, segment_frames=8, max_batch=4)
+    assert key["config"]["dtype"] == "torch.bfloat16" and key["config"]["steps"] == 4   # the model's dtype
     cal = Calibration("cpu: x", "timed", 25, 8, 4, {1: 0.016, 4: 0.034}, (1, 2, 4), 1.5, "2026-12-07 07:00 UTC")
     assert Calibration.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
     with pytest.raises(ValueError):

@@ -158,8 +158,9 @@ def calibrate(backend: Any, avatar: Any, *, segment_frames: int, max_batch: int,
               device: str | None = None) -> Calibration:
     """Time the backend's live step for batches of 1, 2, 4, ... max_batch sessions of `avatar`: `warmup` untimed
     steps (kernels chosen, allocator grown, a fresh session's first segment), then the median of `repeats` timed
-    ones. A batch size is not run once a smaller one already misses real time (no larger count can fit then) or
-    once `budget_s` has passed (the rest extrapolated). `clock` and `synchronize` (default: the CUDA device's, a
+    ones (one, when it takes twice the real time or `budget_s` has passed). A batch size is not run once a smaller
+    one already misses real time (no larger count can fit then) or once `budget_s` has passed (the rest
+    extrapolated). `clock` and `synchronize` (default: the CUDA device's, a
     no-op elsewhere) are injectable: tests give a backend whose step takes a known time on a fake clock."""
     if segment_frames < 1 or max_batch < 1 or warmup < 0 or repeats < 1:
         raise ConfigError(f"calibration needs segment_frames, max_batch, repeats >= 1 and warmup >= 0: got "
@@ -185,6 +186,10 @@ def calibrate(backend: Any, avatar: Any, *, segment_frames: int, max_batch: int,
                 sync()
                 if k >= warmup:
                     times.append(clock() - t0)
+                    # one warm step twice over real time settles it (a slow family's start-up stays short),
+                    # and the time budget holds within a batch size too
+                    if times[-1] > 2 * real_time or clock() - t_start > budget_s:
+                        break
             step_s[b] = float(np.median(times))
             del states
             if step_s[b] > real_time:
@@ -263,12 +268,12 @@ def default_cache_path() -> Path:
 
 def calibration_key(backend: Any, *, segment_frames: int, max_batch: int, config: dict | None = None) -> dict:
     """What a calibration holds for: the device's name, the family, its configuration (the caller's `config`,
-    e.g. the model and sampling settings, plus the backend's size, fps, dtype, execution settings, the segment
-    length and batch size) and the torch version."""
+    e.g. the model, plus the backend's size, fps, steps, guidance, decoder, dtype, execution settings, the
+    segment length and batch size) and the torch version."""
     caps = capabilities(backend)
-    own = {"size": getattr(backend, "size", None), "fps": getattr(backend, "fps", None),
-           "dtype": str(getattr(backend, "dtype", None)), "execution": getattr(backend, "execution", None),
-           "segment_frames": segment_frames, "max_batch": max_batch}
+    own = {k: getattr(backend, k, None) for k in ("size", "fps", "steps", "idle_steps", "guidance", "decoder",
+                                                   "execution")}
+    own.update(dtype=_dtype(backend), segment_frames=segment_frames, max_batch=max_batch)
     try:
         import torch
 
@@ -277,6 +282,17 @@ def calibration_key(backend: Any, *, segment_frames: int, max_batch: int, config
         version = None
     return {"device": device_label(caps.device), "family": caps.name, "torch": version,
             "config": json.loads(json.dumps({**own, **(config or {})}, sort_keys=True, default=str))}
+
+
+def _dtype(backend: Any) -> str | None:
+    """The backend's dtype, or its model's (the loaders choose it by device; the key must change with it)."""
+    dtype = getattr(backend, "dtype", None)
+    if dtype is None:
+        model = getattr(backend, "model", None)
+        dtype = getattr(model, "dtype", None)
+        if dtype is None and callable(getattr(model, "parameters", None)):
+            dtype = next((p.dtype for p in model.parameters()), None)
+    return None if dtype is None else str(dtype)
 
 
 class CalibrationCache:
