@@ -130,13 +130,13 @@ INIT_SCRIPT = PAGE_KIT + r"""
       }
     }
     registerProcessor('env', Env);`;
-  window.__tapEnvelope = (stream) => { window.__tapPull(stream); return window.__audioTap(WORKLET, 'env', { avatar: stream }, {},
-    (key, buf) => { for (const v of buf) window.__avs.env.push(v); }); };
+  window.__tapEnvelope = (stream) => window.__audioTap(WORKLET, 'env', { avatar: stream }, {},
+    (key, buf) => { for (const v of buf) window.__avs.env.push(v); });
   // A second sound tap with no AudioContext of its own: the track's audio as Chromium hands it to its sinks
   // (MediaStreamTrackProcessor). A remote track's audio is handed out when the element's renderer pulls it
   // from the jitter buffer to play it, stamped with that time (AudioData.timestamp, microseconds of the
   // monotonic clock); the sound then reaches the device after the renderer's output delay (media-playout
-  // stats). window.__avs.pull: [timestamp ms, mean |x|] per 1 ms; pullClock: [timestamp ms, performance ms
+  // stats). Started by av_sync only (bench/soak.py shares this script and never empties window.__avs.pull). window.__avs.pull: [timestamp ms, mean |x|] per 1 ms; pullClock: [timestamp ms, performance ms
   // when the page got the chunk] (their smallest difference maps the stamps onto the page clock).
   window.__tapPull = (stream) => {
     const track = stream.getAudioTracks()[0];
@@ -176,7 +176,9 @@ INIT_SCRIPT = PAGE_KIT + r"""
       }
       window.__avs.frames.push([meta.expectedDisplayTime, level, counter, meta.presentedFrames]);
       // the same frame on the other clocks: handed to the compositor, its last packet received, callback time
-      window.__avs.meta.push([meta.presentationTime, meta.receiveTime || 0, meta.rtpTimestamp || 0, performance.now()]);
+      // (kept aligned with frames; bounded where a caller empties frames only, as bench/soak.py does)
+      const m = window.__avs.meta;
+      if (m.length < window.__avs.frames.length) m.push([meta.presentationTime, meta.receiveTime || 0, meta.rtpTimestamp || 0, performance.now()]);
     });
   };
   // The sound tap's own latency, sampled all along: the context's output latency (what getOutputTimestamp's
@@ -470,7 +472,7 @@ def _player_page(browser, url: str, session: str, whep: bool, video_target_ms: f
         page.goto(f"{url}/viewer?session={session}")
     page.evaluate("window.__watchPattern(document.getElementById('avatar'))")
     page.wait_for_function("() => window.__avs.frames.length > 10", timeout=30000)
-    page.evaluate("window.__tapEnvelope(document.getElementById('avatar').srcObject)")
+    page.evaluate("(() => { const s = document.getElementById('avatar').srcObject; window.__tapPull(s); return window.__tapEnvelope(s); })()")
     return page
 
 
@@ -514,7 +516,7 @@ def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = 
                                    ".concat([['first frame presented', m[0] - c], ['first frame expected display', f[0] - c]])"
                                    ".sort((a, b) => a[1] - b[1]); })()")
             page.wait_for_function("() => window.emo.frames > 10", timeout=20000)
-            page.evaluate("window.__tapEnvelope(document.getElementById('avatar').srcObject)")
+            page.evaluate("(() => { const s = document.getElementById('avatar').srcObject; window.__tapPull(s); return window.__tapEnvelope(s); })()")
             session = page.evaluate("window.emo.session || (window.emo.stats && window.emo.stats.session) || null") or "latest"
             # each player in its own context (window): a second tab of one window would hide the talk page
             players = {name: _player_page(browser, url, session, whep=name == "whep", video_target_ms=video_target_ms)
