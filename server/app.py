@@ -66,6 +66,17 @@ def default_image(config: ServerConfig):
     return default_portrait(max(config.size, 256))  # painted large enough for face detection; framed to size later
 
 
+def preload_webrtc() -> bool:
+    """Import the WebRTC stack (aiortc, its codecs) now: imported by the first talk page's start it cost that
+    session 0.2-0.4 s of its first frame on a 2-core CPU. False where aiortc is not installed (WebSocket only)."""
+    try:
+        import server.rtc  # noqa: F401
+    except ImportError as exc:
+        log.info("WebRTC is unavailable (%s): the WebSocket API still works", exc)
+        return False
+    return True
+
+
 def reachable_address() -> str:
     """This machine's address on the network it would route to (no packet is sent); loopback when none."""
     import socket
@@ -205,6 +216,7 @@ class StreamServer:
         if cfg.sessions.max_sessions is None:
             # an engine built elsewhere (embedding, tests): its own session limit, else the CPU default 4
             cfg.sessions.max_sessions = getattr(getattr(self.engine, "config", None), "max_sessions", None) or 4
+        await asyncio.to_thread(preload_webrtc)
         self.sessions = SessionManager(self.engine, cfg, self.clock)
         self.routes = HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster)
         self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url,
