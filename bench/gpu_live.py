@@ -22,6 +22,8 @@ Records (JSON, one file per run in --out, also printed):
     tflop_per_frame            counted for the same configuration (bench/flops.py, meta device)
     achieved_tflops            aggregate_fps x tflop_per_frame
     peak_memory_gib            CUDA max_memory_allocated
+    calibration                serve's start-up capacity calibration on this backend (emo_stream.streaming.capacity):
+                               live step seconds per batch size and the sessions they allow (`sessions`)
 With --offline-model, one offline clip (the model's own steps, guidance and decoder) too: seconds of compute per
 second of video.
 """
@@ -226,6 +228,18 @@ def offline_clip(family: str, model: str, size: int, device: torch.device, dtype
         "achieved_tflops": float(f"{timing['aggregate_fps'] * oc['tflop_per_frame_total']:.4g}")}
 
 
+def calibration(backend, avatar, frames: int, args) -> dict:
+    """What `serve` would time at start-up for its default capacity (emo_stream.streaming.capacity), at the
+    engine's default max_batch: the live step per batch size and the sessions it allows at 80% of real time, to
+    compare with the aggregate fps measured above."""
+    from emo_stream.streaming.capacity import HEADROOM, calibrate
+    from emo_stream.streaming.types import EngineConfig
+
+    cal = calibrate(backend, avatar, segment_frames=frames, max_batch=EngineConfig().max_batch,
+                    warmup=args.warmup, repeats=max(1, min(3, args.segments)))
+    return {**cal.to_dict(), "headroom": HEADROOM, "sessions": cal.sessions(), "line": cal.describe()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", default="emo", choices=["emo", "echomimic", "musetalk"])
@@ -237,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--compile", default="off", help="off | default | reduce-overhead | max-autotune")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="skip the start-up capacity calibration serve would run (recorded as `calibration`)")
     p.add_argument("--offline-model", default=None, help="also time one offline clip of this preset (e.g. sd15)")
     p.add_argument("--time-limit", type=float, default=400, help="seconds; stop adding session counts after it")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_live"))
@@ -282,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "segment_frames": frames, "tflop_per_frame": per_frame,
         "tflop_per_frame_per_step": counted["tflop_per_frame_per_step"], "runs": [], "first_frame_ms": None,
         "algorithmic_latency_ms": round((frames - 1 + backend.audio_context.lookahead_frames) * 1000 / backend.fps, 1),
-        "offline": None, "complete": False,
+        "calibration": None, "offline": None, "complete": False,
     }
 
     def save(final: bool = False) -> None:
@@ -309,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
             res["first_frame_ms"] = first_frame(backend, avatars[0], frames)
             print(f"[gpu_live] first frame {res['first_frame_ms']} ms", flush=True)
             save()
+    if args.calibrate and time_left():
+        res["calibration"] = calibration(backend, avatars[0], frames, args)
+        print(f"[gpu_live] calibration {json.dumps(res['calibration'])}", flush=True)
+        save()
     if args.offline_model and time_left():
         del backend
         if device.type == "cuda":

@@ -41,10 +41,14 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = N
     # segments for EMO (temporal context, batching)
     segment = config.engine.segment_frames or capabilities(backend).stream_segment_frames or 8
     if config.sessions.max_sessions is None:
-        # not given: as many as the device's free memory holds (the family's counted profile), 4 off CUDA
-        from emo_stream.blocks.memory import device_capacity
+        # not given: on CUDA the fewer of what the free memory holds (the family's counted profile) and what the
+        # device computes in real time (a start-up calibration, cached); 4 off CUDA unless a calibration is asked
+        from emo_stream.streaming.capacity import default_capacity
 
-        config.sessions.max_sessions, why = device_capacity(backend, config.engine.max_batch)
+        model = {k: getattr(config, k) for k in ("model", "steps", "guidance", "decoder", "weights")}
+        config.sessions.max_sessions, why = default_capacity(
+            backend, segment_frames=segment, max_batch=config.engine.max_batch, mode=config.sessions.calibrate,
+            avatar=lambda: backend.prepare_avatar(default_image(config)), config=model)
         log.info("max_sessions %s", why)
     engine_config = config.engine.engine_config(segment, config.sessions.max_sessions, config.limits.max_avatars)
     return StreamingEngine(backend, engine_config, clock=clock)

@@ -26,7 +26,10 @@ DEFAULT_CONFIG = resource_dir("configs") / "server.yaml"
 
 @dataclass
 class SessionsConfig:
-    max_sessions: int | None = None   # None: from the device's memory on CUDA (emo_stream.blocks.memory), else 4
+    max_sessions: int | None = None   # None: from the device's memory and compute on CUDA, else 4
+    # (emo_stream.streaming.capacity): auto (a start-up calibration of the compute on CUDA, cached), on (also
+    # off CUDA), off (memory only), refresh (calibrate again, not from the cache)
+    calibrate: str = "auto"
     idle_timeout_s: float = 300.0
     mic_max_backlog_s: float = 1.0
     mic_jitter_packets: int = 1  # mic packets aiortc holds before decoding (its default 4 = 80 ms)
@@ -177,6 +180,10 @@ class ServerConfig:
         if self.viewer_token and self.viewer_token == self.token:
             raise ConfigError("viewer_token must differ from token (it grants viewing only)")
         parse_networks("trusted_proxies", self.trusted_proxies)
+        from emo_stream.streaming.capacity import MODES
+
+        if self.sessions.calibrate not in MODES:
+            raise ConfigError(f"sessions.calibrate must be one of {', '.join(MODES)}: got {self.sessions.calibrate!r}")
         self.engine.__post_init__()   # re-checked: flags may have changed it since loading
         for section in (self.sessions, self.limits, self.playout, self.keepalive):
             for f in dataclasses.fields(section):
