@@ -271,20 +271,21 @@ def beeps_wav(path: Path, seconds: float = 30.0) -> None:
         w.writeframes((x * 32767).astype("<i2").tobytes())
 
 
-def server_config(tmp: Path, video_delay_ms: float | None = None) -> Path:
+def server_config(tmp: Path, video_delay_ms: float | None = None, video_hold_ms: float | None = None) -> Path:
     """vad off: a tone is no speech to silero-vad, and the flash is drawn only for what the detector hears."""
     path = tmp / "server.yaml"
     text = "engine:\n  vad: false\n"
-    if video_delay_ms is not None:
-        text += f"playout:\n  webrtc_video_delay_ms: {video_delay_ms}\n"
+    playout = {"webrtc_video_delay_ms": video_delay_ms, "webrtc_video_hold_ms": video_hold_ms}
+    if any(v is not None for v in playout.values()):
+        text += "playout:\n" + "".join(f"  {k}: {v}\n" for k, v in playout.items() if v is not None)
     path.write_text(text)
     return path
 
 
 def start_server(repo: Path, tmp: Path, size: int, extra: list[str] | None = None,
-                 video_delay_ms: float | None = None) -> tuple[subprocess.Popen, str]:
+                 video_delay_ms: float | None = None, video_hold_ms: float | None = None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-c", LAUNCH, str(SYNCTEST_FILE), "serve", "--host", "127.0.0.1", "--port", "0",
-           "--backend", "synctest", "--size", str(size), "--config", str(server_config(tmp, video_delay_ms)),
+           "--backend", "synctest", "--size", str(size), "--config", str(server_config(tmp, video_delay_ms, video_hold_ms)),
            *(extra or [])]
     proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(repo)})
@@ -650,6 +651,11 @@ def main() -> None:
     parser.add_argument("--repo", default=None, help="serve this checkout's code instead (browser and ws paths)")
     parser.add_argument("--video-delay-ms", type=float, default=None,
                         help="the server's playout.webrtc_video_delay_ms (default: the server's own default)")
+    parser.add_argument("--video-hold-ms", type=float, default=None,
+                        help="the server's playout.webrtc_video_hold_ms (default: the server's own default)")
+    parser.add_argument("--settled-after", type=float, default=20.0,
+                        help="browser paths: beeps this many seconds after the page's peer connection was made "
+                             "count as settled (Chromium's lip sync converges over 5-20 s); the rest as start-up")
     parser.add_argument("--video-target-ms", type=float, default=None,
                         help="experiment: set every page's video receivers' jitterBufferTarget to this")
     parser.add_argument("--raw-mic", action="store_true",
@@ -677,7 +683,8 @@ def main() -> None:
     try:
         for run in range(args.runs):
             if {"ws", "talk", "viewer", "whep"} & set(paths):
-                proc, url = start_server(repo, tmp, args.size, video_delay_ms=args.video_delay_ms)
+                proc, url = start_server(repo, tmp, args.size, video_delay_ms=args.video_delay_ms,
+                                         video_hold_ms=args.video_hold_ms)
                 try:
                     if "ws" in paths:
                         runs["ws"].append(asyncio.run(ws_run(url, args.seconds)))
@@ -702,18 +709,38 @@ def main() -> None:
     def medians(key: str, items: list) -> list:
         return [r.get(key) for r in items if r.get(key) is not None]
 
+    def part(items: list, settled: bool) -> list:
+        """Each run's median over its settled (or start-up) beeps: [s since the peer connection, ms, score]."""
+        out = []
+        for r in items:
+            got = [b[1] for b in r.get("beeps") or [] if b[0] is not None and b[2] >= 0.8
+                   and (b[0] >= args.settled_after) == settled]
+            out.append(round(statistics.median(got), 1) if got else None)
+        return out
+
+    def browser_summary(p: str) -> dict:
+        if p not in ("talk", "viewer", "whep"):
+            return {}
+        settled = part(runs[p], True)
+        have = [m for m in settled if m is not None]
+        return {"settled_run_medians_ms": settled, "startup_run_medians_ms": part(runs[p], False),
+                "median_of_settled_run_medians_ms": round(statistics.median(have), 1) if have else None,
+                "context_tap_run_medians_ms": [(r.get("context_tap") or {}).get("median_ms") for r in runs[p]]}
+
     result = {
         "bench": "av_sync",
         "device": device_name(detail=f"{os.cpu_count()} cores, shared with other engineers' work"),
         "code": args.label or commit, "repo": str(repo), "backend": "synctest", "size": args.size,
         "seconds_per_run": args.seconds, "runs": args.runs, "settle_s": args.settle,
         "webrtc_video_delay_ms": args.video_delay_ms if args.video_delay_ms is not None else "server default",
+        "webrtc_video_hold_ms": args.video_hold_ms if args.video_hold_ms is not None else "server default",
+        "settled_after_s": args.settled_after,
         "raw_mic": args.raw_mic, "video_target_ms": args.video_target_ms,
         "stimulus": "200 ms 1 kHz beeps every 1.5 s (mic: 48 kHz WAV looped by Chromium's fake device)",
         "summary": {p: {"median_of_run_medians_ms": (round(statistics.median(medians("median_ms", runs[p])), 1)
                                                      if medians("median_ms", runs[p]) else None),
                         "run_medians_ms": medians("median_ms", runs[p]),
-                        "first_frame_ms": medians("first_frame_ms", runs[p]) or None}
+                        "first_frame_ms": medians("first_frame_ms", runs[p]) or None, **browser_summary(p)}
                     for p in paths},
         "runs_detail": runs,
         "load_average": loads,

@@ -75,15 +75,12 @@
       // the device's start take 100-600 ms): the WebSocket, the offer, its ICE gathering and the server's
       // answer. The offer's audio section sends from the start; the mic's track goes onto that sender
       // when it arrives (replaceTrack: no renegotiation), so nothing waits for the mic but its own sound.
+      // The capacity check runs beside the offer too (only the mic's prompt waits for it: no prompt when
+      // the server is busy); the peer connection is closed again by stop() if it says busy.
       const opened = connection();
       opened.catch(() => {});  // awaited below; an early failure must not go unhandled meanwhile
-      const cap = await fetch(EmoSignal.apiUrl("/api/capacity"));
-      if (cap.status === 503) throw new Error("the server is busy (all session slots are in use); try again later");
-      const micAsked = navigator.mediaDevices.getUserMedia({
-        audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
-        video: false,
-      });
-      micAsked.catch(() => {});
+      const capAsked = fetch(EmoSignal.apiUrl("/api/capacity"));
+      capAsked.catch(() => {});
       pc = myPc = new RTCPeerConnection();
       window.emo.pc = pc;
       const remote = new MediaStream();
@@ -100,7 +97,16 @@
       };
       const micSender = pc.addTransceiver("audio", { direction: "sendrecv" }).sender;
       pc.addTransceiver("video", { direction: "recvonly" });
-      await pc.setLocalDescription(await pc.createOffer());
+      const described = pc.createOffer().then((offer) => myPc.setLocalDescription(offer));
+      described.catch(() => {});
+      const cap = await capAsked;
+      if (cap.status === 503) throw new Error("the server is busy (all session slots are in use); try again later");
+      const micAsked = navigator.mediaDevices.getUserMedia({
+        audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
+        video: false,
+      });
+      micAsked.catch(() => {});
+      await described;
       await EmoSignal.gatheringComplete(pc);
       await opened;
       const c = await connection();

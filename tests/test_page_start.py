@@ -142,3 +142,26 @@ def test_the_offer_waits_for_udp_candidates_not_for_the_tcp_phase(browser, serve
         assert page.evaluate(GATHERING, []) is False
     finally:
         page.close()
+
+
+def test_a_busy_server_is_said_without_a_mic_prompt_and_leaves_no_connection(browser, server_url):
+    """The capacity check runs beside the offer: a busy answer still comes before the mic's prompt."""
+    context = browser.new_context(permissions=["microphone"])
+    context.add_init_script(HELD_MIC)
+    context.add_init_script("""(() => { const PC = window.RTCPeerConnection; window.__pcs = [];
+      window.RTCPeerConnection = class extends PC { constructor(...a) { super(...a); window.__pcs.push(this); } }; })();""")
+    page = context.new_page()
+    try:
+        page.route("**/api/capacity*", lambda route: route.fulfill(status=503, body='{"error": "busy"}',
+                                                                  content_type="application/json"))
+        page.goto(server_url + "/")
+        page.click("button#start")
+        page.wait_for_function("() => window.emo.state === 'error'", timeout=20000)
+        assert "busy" in page.locator("#error").inner_text()
+        assert page.evaluate("window.__micAsked") == 0
+        assert page.evaluate("window.__pcs.length") == 1
+        page.wait_for_function("() => window.__pcs[0].signalingState === 'closed'", timeout=5000)
+        assert _sessions(server_url) == 0
+        assert page.locator("button#start").is_enabled()
+    finally:
+        context.close()
