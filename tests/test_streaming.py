@@ -581,6 +581,16 @@ class BatchAudioBackend(TickBackend):
         return [self.encode_audio(*r) for r in requests]
 
 
+async def release_when_queued(engine, backend) -> None:
+    """Lets the held first encode call return once segments of several sessions wait behind it (so the next
+    call is a batch)."""
+    for _ in range(400):
+        if engine.stats()["queues"]["encode"] >= 2:
+            break
+        await asyncio.sleep(0.01)
+    backend.release.set()
+
+
 @pytest.mark.parametrize("bad", [False, True])
 async def test_queued_segments_of_all_sessions_share_one_audio_encoder_call(image, bad):
     """Backends with encode_audio_batch (MuseTalk's whisper) get every segment queued at once in one call, up to
@@ -594,11 +604,7 @@ async def test_queued_segments_of_all_sessions_share_one_audio_encoder_call(imag
         audio = np.full(16000, 0.123, np.float32) if bad and i == 2 else tone(1.0) * (0.5 + 0.25 * i)
         await s.push_audio(audio)
         s.end_of_speech()
-    for _ in range(400):   # until segments of several sessions wait behind the first call
-        if engine.stats()["queues"]["encode"] >= 2:
-            break
-        await asyncio.sleep(0.01)
-    backend.release.set()
+    await release_when_queued(engine, backend)
     good = sessions[:2] if bad else sessions
     results = await asyncio.gather(*(read_until(s, lambda f: f.segment_end) for s in good))
     for frames in results:
@@ -623,11 +629,7 @@ async def test_a_failed_audio_batch_retried_one_by_one_counts_each_failure_once(
     for i, s in enumerate(sessions):
         await s.push_audio(np.full(16000, 0.123, np.float32) if i < 2 else tone(1.0))
         s.end_of_speech()
-    for _ in range(400):   # until segments of several sessions wait behind the first call
-        if engine.stats()["queues"]["encode"] >= 2:
-            break
-        await asyncio.sleep(0.01)
-    backend.release.set()
+    await release_when_queued(engine, backend)
     for s in sessions[:2]:
         with pytest.raises(EmoStreamError, match="bad audio"):
             await read_until(s, lambda f: False, limit=100)
