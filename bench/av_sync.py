@@ -83,7 +83,7 @@ sys.exit(main(argv))
 # of every displayed frame of a <video> (__watchPattern), the receivers' jitter buffers, the Start click's time.
 INIT_SCRIPT = PAGE_KIT + r"""
 (() => {
-  window.__avs = { frames: [], env: [], rx: [], clickAt: null };
+  window.__avs = { frames: [], meta: [], env: [], rx: [], lat: [], clickAt: null };
   // each receiver's jitter-buffer delay, sampled every second: [performance ms, kind, delay s, emitted]
   setInterval(async () => {
     for (const pc of (window.__pcs || [])) {
@@ -132,6 +132,36 @@ INIT_SCRIPT = PAGE_KIT + r"""
     registerProcessor('env', Env);`;
   window.__tapEnvelope = (stream) => window.__audioTap(WORKLET, 'env', { avatar: stream }, {},
     (key, buf) => { for (const v of buf) window.__avs.env.push(v); });
+  // A second sound tap with no AudioContext of its own: the track's audio as Chromium hands it to its sinks
+  // (MediaStreamTrackProcessor). A remote track's audio is handed out when the element's renderer pulls it
+  // from the jitter buffer to play it, stamped with that time (AudioData.timestamp, microseconds of the
+  // monotonic clock); the sound then reaches the device after the renderer's output delay (media-playout
+  // stats). Started by av_sync only (bench/soak.py shares this script and never empties window.__avs.pull). window.__avs.pull: [timestamp ms, mean |x|] per 1 ms; pullClock: [timestamp ms, performance ms
+  // when the page got the chunk] (their smallest difference maps the stamps onto the page clock).
+  window.__tapPull = (stream) => {
+    const track = stream.getAudioTracks()[0];
+    if (!track || !window.MediaStreamTrackProcessor) return;
+    const reader = new MediaStreamTrackProcessor({ track }).readable.getReader();
+    window.__avs.pull = []; window.__avs.pullClock = [];
+    (async () => {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        const got = performance.now();
+        try {
+          const n = value.numberOfFrames, rate = value.sampleRate, ts = value.timestamp / 1000;
+          const x = new Float32Array(n);
+          value.copyTo(x, { planeIndex: 0, format: 'f32-planar' });
+          const blk = Math.max(1, Math.round(rate / 1000));
+          for (let i = 0; i + blk <= n; i += blk) {
+            let s = 0; for (let j = i; j < i + blk; j++) s += Math.abs(x[j]);
+            window.__avs.pull.push(ts + 1000 * i / rate, s / blk);
+          }
+          window.__avs.pullClock.push(ts, got);
+        } catch (e) { window.__avs.pullError = String(e); } finally { value.close(); }
+      }
+    })();
+  };
   // synctest pattern of every displayed frame, read at 64x64 (read_pattern in backend.py, in JS)
   window.__watchPattern = (video) => {
     const grey = (d, x, y) => { const i = 4 * (y * 64 + x); return (d[i] + d[i + 1] + d[i + 2]) / 3; };
@@ -145,7 +175,88 @@ INIT_SCRIPT = PAGE_KIT + r"""
         counter = counter * 2 + (mean(d, y0 + 2, y0 + 6, x0 + 2, x0 + 6) > 127.5 ? 1 : 0);
       }
       window.__avs.frames.push([meta.expectedDisplayTime, level, counter, meta.presentedFrames]);
+      // the same frame on the other clocks: handed to the compositor, its last packet received, callback time
+      // (kept aligned with frames; bounded where a caller empties frames only, as bench/soak.py does)
+      const m = window.__avs.meta;
+      if (m.length < window.__avs.frames.length) m.push([meta.presentationTime, meta.receiveTime || 0, meta.rtpTimestamp || 0, performance.now()]);
     });
+  };
+  // The sound tap's own latency, sampled all along: the context's output latency (what getOutputTimestamp's
+  // mapping already includes) and what Chromium says the avatar element's audio output adds (media-playout
+  // stats: the element's sound reaches the device that much after NetEq hands it out)
+  setInterval(async () => {
+    const ctx = window.__ctx;
+    if (!ctx) return;
+    const row = [performance.now(), ctx.baseLatency || 0, ctx.outputLatency || 0, null];
+    for (const pc of (window.__pcs || [])) {
+      if (pc.connectionState !== 'connected') continue;
+      (await pc.getStats()).forEach((r) => {
+        if (r.type === 'media-playout' && r.totalSamplesCount) row[3] = r.totalPlayoutDelay / r.totalSamplesCount;
+      });
+      break;
+    }
+    window.__avs.lat.push(row);
+  }, 1000);
+})();
+// First frame, stage by stage: every step from the Start click to the first shown frame, on the page's clock
+// (window.__stages: [name, performance ms]); the first peer connection's first packets and decoded frame are
+// polled from getStats every 10 ms until its first frame is decoded.
+(() => {
+  const stages = window.__stages = [];
+  const mark = (name) => { if (!stages.some((s) => s[0] === name)) stages.push([name, performance.now()]); };
+  window.__mark = mark;
+  const f = window.fetch;
+  window.fetch = async (...a) => { const u = String(a[0]).replace(/\?.*/, ''); mark('fetch ' + u);
+    const r = await f(...a); mark('fetched ' + u); return r; };
+  const md = navigator.mediaDevices;
+  if (md && md.getUserMedia) {
+    const gum = md.getUserMedia.bind(md);
+    md.getUserMedia = async (c) => { mark('getUserMedia'); const s = await gum(c); mark('got mic'); return s; };
+  }
+  const WS = window.WebSocket;
+  window.WebSocket = class extends WS {
+    constructor(...a) { super(...a); mark('ws new'); this.addEventListener('open', () => mark('ws open'));
+      this.addEventListener('message', (e) => { if (typeof e.data === 'string' && e.data.includes('"session_started"')) mark('session_started received'); }); }
+    send(d) { if (typeof d === 'string' && d.includes('"type":"start"')) mark('start sent'); return super.send(d); }
+  };
+  const PC = window.RTCPeerConnection;
+  let first = null;
+  window.RTCPeerConnection = class extends PC {
+    constructor(...a) {
+      super(...a);
+      if (first) return;
+      first = this;
+      mark('pc created');
+      this.addEventListener('icegatheringstatechange', () => mark('ice gathering ' + this.iceGatheringState));
+      this.addEventListener('icecandidate', (e) => mark(e.candidate ? 'first local candidate' : 'last local candidate'));
+      this.addEventListener('iceconnectionstatechange', () => mark('ice ' + this.iceConnectionState));
+      this.addEventListener('connectionstatechange', () => mark('connection ' + this.connectionState));
+      this.addEventListener('track', (e) => {
+        mark('track ' + e.track.kind);
+        // a remote track's sound reaches its sinks when the element's renderer first pulls it out of the
+        // jitter buffer: what arrived before that waits there (a deep start)
+        if (e.track.kind !== 'audio' || !window.MediaStreamTrackProcessor) return;
+        const reader = new MediaStreamTrackProcessor({ track: e.track }).readable.getReader();
+        reader.read().then(() => { mark('first audio pulled for playout'); reader.cancel(); }, () => {});
+      });
+      const poll = async () => {
+        if (this.connectionState === 'closed') return;
+        let decoded = false;
+        (await this.getStats()).forEach((r) => {
+          if (r.type === 'inbound-rtp' && r.packetsReceived > 0) mark('first ' + r.kind + ' packet (by 10 ms)');
+          if (r.type === 'inbound-rtp' && r.kind === 'video' && r.framesDecoded > 0) { decoded = true; mark('first video frame decoded (by 10 ms)'); }
+          if (r.type === 'remote-outbound-rtp') mark('first ' + r.kind + ' sender report (by 10 ms)');
+        });
+        if ((!decoded || !stages.some((s) => s[0].startsWith('first audio sender'))) && performance.now() < until) setTimeout(poll, 10);
+      };
+      const until = performance.now() + 15000;
+      const poll0 = poll;
+      setTimeout(function again() { if (performance.now() < until) poll0(); }, 10);
+    }
+    async createOffer(...a) { const o = await super.createOffer(...a); if (this === first) mark('offer created'); return o; }
+    async setLocalDescription(...a) { const r = await super.setLocalDescription(...a); if (this === first) mark('local description set'); return r; }
+    async setRemoteDescription(...a) { if (this === first) mark('answer received'); const r = await super.setRemoteDescription(...a);
+      if (this === first) mark('remote description set'); return r; }
   };
 })();
 """
@@ -160,20 +271,21 @@ def beeps_wav(path: Path, seconds: float = 30.0) -> None:
         w.writeframes((x * 32767).astype("<i2").tobytes())
 
 
-def server_config(tmp: Path, video_delay_ms: float | None = None) -> Path:
+def server_config(tmp: Path, video_delay_ms: float | None = None, video_hold_ms: float | None = None) -> Path:
     """vad off: a tone is no speech to silero-vad, and the flash is drawn only for what the detector hears."""
     path = tmp / "server.yaml"
     text = "engine:\n  vad: false\n"
-    if video_delay_ms is not None:
-        text += f"playout:\n  webrtc_video_delay_ms: {video_delay_ms}\n"
+    playout = {"webrtc_video_delay_ms": video_delay_ms, "webrtc_video_hold_ms": video_hold_ms}
+    if any(v is not None for v in playout.values()):
+        text += "playout:\n" + "".join(f"  {k}: {v}\n" for k, v in playout.items() if v is not None)
     path.write_text(text)
     return path
 
 
 def start_server(repo: Path, tmp: Path, size: int, extra: list[str] | None = None,
-                 video_delay_ms: float | None = None) -> tuple[subprocess.Popen, str]:
+                 video_delay_ms: float | None = None, video_hold_ms: float | None = None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-c", LAUNCH, str(SYNCTEST_FILE), "serve", "--host", "127.0.0.1", "--port", "0",
-           "--backend", "synctest", "--size", str(size), "--config", str(server_config(tmp, video_delay_ms)),
+           "--backend", "synctest", "--size", str(size), "--config", str(server_config(tmp, video_delay_ms, video_hold_ms)),
            *(extra or [])]
     proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(repo)})
@@ -249,10 +361,66 @@ def _page_offsets(page) -> tuple[dict, list]:
     if len(ctx_map) >= 2:
         slope, icpt = np.polyfit(ctx_map[:, 0], ctx_map[:, 1], 1)
     ft = frames[:, 0] / 1000.0
-    offsets = burst_offsets(ft, frames[:, 1], et, env[:, 1], 1.0 / FPS)
     counters = frames[:, 2].astype(int)
     steps = np.diff(counters) % 65536
-    out = summary_ms(offsets)
+    born = next((t for name, t in page.evaluate("window.__stages") if name == "pc created"), None)
+
+    def fitted(offsets) -> dict:   # the summary, plus each beep: [s since this page's peer connection, ms, score]
+        out = summary_ms(offsets)
+        out.pop("in_order_ms", None)
+        out["beeps"] = [[round(o.onset - born / 1000, 2) if born is not None else None, round(1000 * o.offset, 1),
+                         round(o.score, 3)] for o in offsets]
+        return out
+
+    # tap 1: the AudioWorklet in a second AudioContext, its time mapped through getOutputTimestamp samples
+    context_offsets = burst_offsets(ft, frames[:, 1], et, env[:, 1], 1.0 / FPS)
+    context_tap = fitted(context_offsets)
+    # tap 2: the sound as the element's renderer pulls it (MediaStreamTrackProcessor stamps) plus the
+    # renderer's output delay; no second audio clock involved
+    pull_tap = None
+    pull = np.asarray(avs.get("pull") or [], float).reshape(-1, 2)
+    pclock = np.asarray(avs.get("pullClock") or [], float).reshape(-1, 2)
+    if len(pull) > 10 and len(pclock) > 10:
+        lag = pclock[:, 1] - pclock[:, 0]          # page time the chunk arrived minus its stamp
+        to_page = float(lag.min())                 # the fastest delivery: the stamp's clock on the page's
+        delay = [r[3] for r in (avs.get("lat") or []) if r and r[3] is not None]
+        out_delay = float(np.median(delay)) if delay else 0.0
+        heard = (pull[:, 0] + to_page) / 1000.0 + out_delay
+        pull_tap = {**fitted(burst_offsets(ft, frames[:, 1], heard, pull[:, 1], 1.0 / FPS)),
+                    "output_delay_ms": round(1000 * out_delay, 1),
+                    "delivery_ms": [round(float(np.percentile(lag - to_page, q)), 1) for q in (50, 95)],
+                    "stamp_rate_vs_page": round(float(np.polyfit(pclock[:, 0], pclock[:, 1], 1)[0]), 6)}
+    # The pull tap is the figure where it works: the second AudioContext's clock ran 1-14 % off the page's
+    # with jumps of seconds whenever Chromium's audio service was starved (audio_clock below), and its sound
+    # reaches the worklet through one more buffer than the element's. The context tap stays as a cross-check.
+    primary = pull_tap if pull_tap and pull_tap.get("fitted") else context_tap
+    out = {k: v for k, v in primary.items() if k != "beeps"}
+    out["in_order_ms"] = [b[1] for b in primary["beeps"] if b[2] >= 0.8]
+    out["beeps"] = primary["beeps"]
+    out["sound_tap"] = "pull" if primary is pull_tap else "context"
+    out["context_tap"] = context_tap
+    if pull_tap:
+        out["pull_tap"] = {k: v for k, v in pull_tap.items() if k != "beeps"}
+    elif avs.get("pullError"):
+        out["pull_tap"] = {"error": avs["pullError"]}
+    offsets = context_offsets
+    meta = np.asarray(avs.get("meta") or [], float).reshape(-1, 4)
+    if len(meta) == len(frames):
+        # expectedDisplayTime (what the offsets use) minus presentationTime (when the frame was handed to the
+        # compositor): how much the choice of video clock moves every offset
+        out["expected_minus_presented_ms"] = [round(float(np.percentile(frames[:, 0] - meta[:, 0], q)), 1)
+                                              for q in (5, 50, 95)]
+        got = meta[:, 1] > 0
+        if got.any():   # receive (last packet) to expected display: the video's path inside Chromium
+            out["received_to_display_ms"] = [round(float(np.percentile((frames[got, 0] - meta[got, 1]), q)), 1)
+                                             for q in (5, 50, 95)]
+    lat = [r for r in (avs.get("lat") or []) if r]
+    if lat:
+        col = lambda i: [r[i] for r in lat if r[i] is not None]   # noqa: E731
+        out["sound_path_ms"] = {
+            "tap_context_base_latency": round(1000 * float(np.median(col(1))), 1) if col(1) else None,
+            "tap_context_output_latency": round(1000 * float(np.median(col(2))), 1) if col(2) else None,
+            "element_playout_delay": round(1000 * float(np.median(col(3))), 1) if col(3) else None}
     out["receiver"] = page.evaluate("window.__rxStats()")
     if len(ctx_map) >= 2:
         resid = ctx_map[:, 1] - (ctx_map[:, 0] * slope + icpt)
@@ -291,10 +459,12 @@ WHEP_PLAY = r"""async (session) => {
 }"""
 
 
-def _player_page(browser, url: str, session: str, whep: bool):
+def _player_page(browser, url: str, session: str, whep: bool, video_target_ms: float | None = None):
     """A second window watching the talk page's session: the viewer page, or a WHEP player."""
     context = browser.new_context(bypass_csp=True)
     context.add_init_script(INIT_SCRIPT)
+    if video_target_ms is not None:
+        context.add_init_script(VIDEO_TARGET % video_target_ms)
     page = context.new_page()
     if whep:
         page.goto(f"{url}/healthz")   # any page of the server's origin
@@ -303,11 +473,24 @@ def _player_page(browser, url: str, session: str, whep: bool):
         page.goto(f"{url}/viewer?session={session}")
     page.evaluate("window.__watchPattern(document.getElementById('avatar'))")
     page.wait_for_function("() => window.__avs.frames.length > 10", timeout=30000)
-    page.evaluate("window.__tapEnvelope(document.getElementById('avatar').srcObject)")
+    page.evaluate("(() => { const s = document.getElementById('avatar').srcObject; window.__tapPull(s); return window.__tapEnvelope(s); })()")
     return page
 
 
-def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = False, settle: float = 0.0) -> dict:
+# --raw-mic: the talk page's mic without Chromium's echo canceller, noise suppressor and gain control (an
+# experiment: does the capture side's processing move the talk page's lip sync?)
+RAW_MIC = r"""(() => { const md = navigator.mediaDevices; const gum = md.getUserMedia.bind(md);
+  md.getUserMedia = (c) => gum({ ...c, audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false } }); })();"""
+
+
+# --video-target-ms (experiment): every page's video receivers get this jitterBufferTarget
+VIDEO_TARGET = r"""(() => { const PC = window.RTCPeerConnection; window.RTCPeerConnection = class extends PC {
+  constructor(...a) { super(...a); this.addEventListener('track', (e) => {
+    if (e.track.kind === 'video' && 'jitterBufferTarget' in e.receiver) e.receiver.jitterBufferTarget = %s; }); } }; })();"""
+
+
+def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = False, settle: float = 0.0,
+                raw_mic: bool = False, video_target_ms: float | None = None) -> dict:
     from playwright.sync_api import sync_playwright
 
     result: dict = {}
@@ -317,6 +500,10 @@ def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = 
         result["browser"] = f"chromium {browser.version}"
         context = browser.new_context(permissions=["microphone"], bypass_csp=True)  # the worklet is a blob: module
         context.add_init_script(INIT_SCRIPT)
+        if raw_mic:
+            context.add_init_script(RAW_MIC)
+        if video_target_ms is not None:
+            context.add_init_script(VIDEO_TARGET % video_target_ms)
         try:
             page = context.new_page()
             page.goto(url + "/")
@@ -324,21 +511,27 @@ def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = 
             page.click("button#start")
             page.wait_for_function("() => window.emo.state === 'live' && window.__avs.frames.length > 0", timeout=30000)
             first = page.evaluate("window.__avs.frames[0][0] - window.__avs.clickAt")
+            page.wait_for_timeout(300)   # the 10 ms stats poll's last stages
+            stages = page.evaluate("(() => { const c = window.__avs.clickAt; const f = window.__avs.frames[0];"
+                                   " const m = window.__avs.meta[0]; return window.__stages.map(([n, t]) => [n, t - c])"
+                                   ".concat([['first frame presented', m[0] - c], ['first frame expected display', f[0] - c]])"
+                                   ".sort((a, b) => a[1] - b[1]); })()")
             page.wait_for_function("() => window.emo.frames > 10", timeout=20000)
-            page.evaluate("window.__tapEnvelope(document.getElementById('avatar').srcObject)")
+            page.evaluate("(() => { const s = document.getElementById('avatar').srcObject; window.__tapPull(s); return window.__tapEnvelope(s); })()")
             session = page.evaluate("window.emo.session || (window.emo.stats && window.emo.stats.session) || null") or "latest"
             # each player in its own context (window): a second tab of one window would hide the talk page
-            players = {name: _player_page(browser, url, session, whep=name == "whep")
+            players = {name: _player_page(browser, url, session, whep=name == "whep", video_target_ms=video_target_ms)
                        for name, on in (("viewer", viewer), ("whep", whep)) if on}
             # Opening a window costs a burst of CPU: on 2 cores that delays packets, Chromium's audio jitter
             # buffer jumps (~250 ms) and its lip sync takes 5-10 s to follow. The window starts after that.
             page.wait_for_timeout(int(settle * 1000))
             # measure from here: every page's frames and sound so far are dropped
             for p in [page, *players.values()]:
-                p.evaluate("window.__avs.frames = []; window.__avs.env = []; window.__avs.rx = []")
+                p.evaluate("window.__avs.frames = []; window.__avs.meta = []; window.__avs.env = []; window.__avs.rx = []; window.__avs.lat = []; window.__avs.pull = []; window.__avs.pullClock = []; window.__avs.windowAt = performance.now()")
             page.wait_for_timeout(int(seconds * 1000))
             talk, _ = _page_offsets(page)
-            result["talk"] = {**talk, "first_frame_ms": round(first, 1)}
+            result["talk"] = {**talk, "first_frame_ms": round(first, 1),
+                              "first_frame_stages_ms": [[n, round(t, 1)] for n, t in stages]}
             for name, p in players.items():
                 result[name], _ = _page_offsets(p)
                 p.close()
@@ -458,6 +651,15 @@ def main() -> None:
     parser.add_argument("--repo", default=None, help="serve this checkout's code instead (browser and ws paths)")
     parser.add_argument("--video-delay-ms", type=float, default=None,
                         help="the server's playout.webrtc_video_delay_ms (default: the server's own default)")
+    parser.add_argument("--video-hold-ms", type=float, default=None,
+                        help="the server's playout.webrtc_video_hold_ms (default: the server's own default)")
+    parser.add_argument("--settled-after", type=float, default=20.0,
+                        help="browser paths: beeps this many seconds after the page's peer connection was made "
+                             "count as settled (Chromium's lip sync converges over 5-20 s); the rest as start-up")
+    parser.add_argument("--video-target-ms", type=float, default=None,
+                        help="experiment: set every page's video receivers' jitterBufferTarget to this")
+    parser.add_argument("--raw-mic", action="store_true",
+                        help="talk page: capture the mic without echo cancelling, noise suppression, gain control")
     parser.add_argument("--label", default=None, help="a name for this code in the JSON (default: its git commit)")
     parser.add_argument("--limit", type=int, default=900, help="hard time limit of the whole run, seconds")
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -481,13 +683,15 @@ def main() -> None:
     try:
         for run in range(args.runs):
             if {"ws", "talk", "viewer", "whep"} & set(paths):
-                proc, url = start_server(repo, tmp, args.size, video_delay_ms=args.video_delay_ms)
+                proc, url = start_server(repo, tmp, args.size, video_delay_ms=args.video_delay_ms,
+                                         video_hold_ms=args.video_hold_ms)
                 try:
                     if "ws" in paths:
                         runs["ws"].append(asyncio.run(ws_run(url, args.seconds)))
                     if {"talk", "viewer", "whep"} & set(paths):
                         got = browser_run(url, wav, args.seconds, viewer="viewer" in paths, whep="whep" in paths,
-                                          settle=args.settle)
+                                          settle=args.settle, raw_mic=args.raw_mic,
+                                          video_target_ms=args.video_target_ms)
                         for p in ("talk", "viewer", "whep"):
                             if p in paths and p in got:
                                 runs[p].append({**got[p], "server_playout": got.get("server_playout"),
@@ -505,17 +709,38 @@ def main() -> None:
     def medians(key: str, items: list) -> list:
         return [r.get(key) for r in items if r.get(key) is not None]
 
+    def part(items: list, settled: bool) -> list:
+        """Each run's median over its settled (or start-up) beeps: [s since the peer connection, ms, score]."""
+        out = []
+        for r in items:
+            got = [b[1] for b in r.get("beeps") or [] if b[0] is not None and b[2] >= 0.8
+                   and (b[0] >= args.settled_after) == settled]
+            out.append(round(statistics.median(got), 1) if got else None)
+        return out
+
+    def browser_summary(p: str) -> dict:
+        if p not in ("talk", "viewer", "whep"):
+            return {}
+        settled = part(runs[p], True)
+        have = [m for m in settled if m is not None]
+        return {"settled_run_medians_ms": settled, "startup_run_medians_ms": part(runs[p], False),
+                "median_of_settled_run_medians_ms": round(statistics.median(have), 1) if have else None,
+                "context_tap_run_medians_ms": [(r.get("context_tap") or {}).get("median_ms") for r in runs[p]]}
+
     result = {
         "bench": "av_sync",
         "device": device_name(detail=f"{os.cpu_count()} cores, shared with other engineers' work"),
         "code": args.label or commit, "repo": str(repo), "backend": "synctest", "size": args.size,
         "seconds_per_run": args.seconds, "runs": args.runs, "settle_s": args.settle,
         "webrtc_video_delay_ms": args.video_delay_ms if args.video_delay_ms is not None else "server default",
+        "webrtc_video_hold_ms": args.video_hold_ms if args.video_hold_ms is not None else "server default",
+        "settled_after_s": args.settled_after,
+        "raw_mic": args.raw_mic, "video_target_ms": args.video_target_ms,
         "stimulus": "200 ms 1 kHz beeps every 1.5 s (mic: 48 kHz WAV looped by Chromium's fake device)",
         "summary": {p: {"median_of_run_medians_ms": (round(statistics.median(medians("median_ms", runs[p])), 1)
                                                      if medians("median_ms", runs[p]) else None),
                         "run_medians_ms": medians("median_ms", runs[p]),
-                        "first_frame_ms": medians("first_frame_ms", runs[p]) or None}
+                        "first_frame_ms": medians("first_frame_ms", runs[p]) or None, **browser_summary(p)}
                     for p in paths},
         "runs_detail": runs,
         "load_average": loads,

@@ -22,6 +22,8 @@ Records (JSON, one file per run in --out, also printed):
     tflop_per_frame            counted for the same configuration (bench/flops.py, meta device)
     achieved_tflops            aggregate_fps x tflop_per_frame
     peak_memory_gib            CUDA max_memory_allocated
+    calibration                serve's start-up capacity calibration on this backend (emo_stream.streaming.capacity):
+                               live step seconds per batch size and the sessions they allow (`sessions`)
 With --offline-model, one offline clip (the model's own steps, guidance and decoder) too: seconds of compute per
 second of video.
 """
@@ -174,6 +176,26 @@ def first_frame(backend, avatar, frames: int, repeats: int = 3) -> float:
     return round(float(np.median(best)), 1)
 
 
+def timed_render_video(off, avatar, audio: np.ndarray, device: torch.device, family: str, model: str, size: int,
+                       sampling: tuple) -> dict:
+    """The family's own offline path (render_video over `audio`, after a warm-up on its first half second):
+    seconds of compute per second of video. sampling: (steps, guidance, decoder) as recorded."""
+    for _ in off.render_video(avatar, audio[:8000]):   # warm-up: kernels, allocator
+        pass
+    sync(device)
+    t0 = time.perf_counter()
+    frames = sum(len(f) for f, _ in off.render_video(avatar, audio))
+    sync(device)
+    sec = time.perf_counter() - t0
+    oc = counted_tflop(model, size, "offline", family)
+    steps, guidance, decoder = sampling
+    return {"family": family, "model": model, "steps": steps, "guidance": guidance, "decoder": decoder,
+            "frames": frames, "seconds": round(sec, 2),
+            "compute_seconds_per_video_second": round(sec / (frames / off.fps), 2),
+            "tflop_per_frame": oc["tflop_per_frame_total"],
+            "achieved_tflops": float(f"{frames / sec * oc['tflop_per_frame_total']:.4g}")}
+
+
 def offline_clip(family: str, model: str, size: int, device: torch.device, dtype: str) -> dict:
     """One offline clip with the model's own sampling (steps, guidance) and the SD VAE: seconds of compute per
     second of video. EMO: one clip of the model's clip_frames; EchoMimic: render_video over 2 s of audio
@@ -186,35 +208,12 @@ def offline_clip(family: str, model: str, size: int, device: torch.device, dtype
         tiny = model == "tiny"   # the CPU try: a short clip of a small avatar
         av = musetalk_avatar(off, image, box, frames=5 if tiny else 25)
         audio = (np.random.default_rng(3).standard_normal((1 if tiny else 4) * 16000) * 0.1).astype(np.float32)
-        for _ in off.render_video(av, audio[:8000]):   # warm-up: kernels, allocator
-            pass
-        sync(device)
-        t0 = time.perf_counter()
-        frames = sum(len(f) for f, _ in off.render_video(av, audio))
-        sync(device)
-        sec = time.perf_counter() - t0
-        oc = counted_tflop(model, size, "offline", family)
-        return {"family": family, "model": model, "steps": 1, "guidance": 1.0, "decoder": "vae",
-                "frames": frames, "seconds": round(sec, 2),
-                "compute_seconds_per_video_second": round(sec / (frames / off.fps), 2),
-                "tflop_per_frame": oc["tflop_per_frame_total"],
-                "achieved_tflops": float(f"{frames / sec * oc['tflop_per_frame_total']:.4g}")}
+        return timed_render_video(off, av, audio, device, family, model, size, (1, 1.0, "vae"))
     av = off.avatar_from_crop(image, box)
     if family == "echomimic":
         audio = (np.random.default_rng(3).standard_normal(32000) * 0.1).astype(np.float32)
-        for _ in off.render_video(av, audio[:8000]):   # warm-up: kernels, allocator
-            pass
-        sync(device)
-        t0 = time.perf_counter()
-        frames = sum(len(f) for f, _ in off.render_video(av, audio))
-        sync(device)
-        sec = time.perf_counter() - t0
-        oc = counted_tflop(model, size, "offline", family)
-        return {"family": family, "model": model, "steps": off.sampling.steps, "guidance": off.sampling.guidance,
-                "decoder": off.decoder, "frames": frames, "seconds": round(sec, 2),
-                "compute_seconds_per_video_second": round(sec / (frames / off.fps), 2),
-                "tflop_per_frame": oc["tflop_per_frame_total"],
-                "achieved_tflops": float(f"{frames / sec * oc['tflop_per_frame_total']:.4g}")}
+        return timed_render_video(off, av, audio, device, family, model, size,
+                                  (off.sampling.steps, off.sampling.guidance, off.decoder))
     f = off.clip_frames
     timing = run_sessions(off, [av], 1, 1, 1, f)
     oc = counted_tflop(model, size, "offline", family)
@@ -224,6 +223,18 @@ def offline_clip(family: str, model: str, size: int, device: torch.device, dtype
         "compute_seconds_per_video_second": round(timing["segment_latency_ms"]["p50"] / 1000 / (f / off.fps), 2),
         "tflop_per_frame": oc["tflop_per_frame_total"],
         "achieved_tflops": float(f"{timing['aggregate_fps'] * oc['tflop_per_frame_total']:.4g}")}
+
+
+def calibration(backend, avatar, frames: int, args) -> dict:
+    """What `serve` would time at start-up for its default capacity (emo_stream.streaming.capacity), at the
+    engine's default max_batch: the live step per batch size and the sessions it allows at 80% of real time, to
+    compare with the aggregate fps measured above."""
+    from emo_stream.streaming.capacity import HEADROOM, calibrate
+    from emo_stream.streaming.types import EngineConfig
+
+    cal = calibrate(backend, avatar, segment_frames=frames, max_batch=EngineConfig().max_batch,
+                    warmup=args.warmup, repeats=max(1, min(3, args.segments)))
+    return {**cal.to_dict(), "headroom": HEADROOM, "sessions": cal.sessions(), "line": cal.describe()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--compile", default="off", help="off | default | reduce-overhead | max-autotune")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="skip the start-up capacity calibration serve would run (recorded as `calibration`)")
     p.add_argument("--offline-model", default=None, help="also time one offline clip of this preset (e.g. sd15)")
     p.add_argument("--time-limit", type=float, default=400, help="seconds; stop adding session counts after it")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_live"))
@@ -282,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "segment_frames": frames, "tflop_per_frame": per_frame,
         "tflop_per_frame_per_step": counted["tflop_per_frame_per_step"], "runs": [], "first_frame_ms": None,
         "algorithmic_latency_ms": round((frames - 1 + backend.audio_context.lookahead_frames) * 1000 / backend.fps, 1),
-        "offline": None, "complete": False,
+        "calibration": None, "offline": None, "complete": False,
     }
 
     def save(final: bool = False) -> None:
@@ -309,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
             res["first_frame_ms"] = first_frame(backend, avatars[0], frames)
             print(f"[gpu_live] first frame {res['first_frame_ms']} ms", flush=True)
             save()
+    if args.calibrate and time_left():
+        res["calibration"] = calibration(backend, avatars[0], frames, args)
+        print(f"[gpu_live] calibration {json.dumps(res['calibration'])}", flush=True)
+        save()
     if args.offline_model and time_left():
         del backend
         if device.type == "cuda":

@@ -13,6 +13,8 @@
 #   3. musetalk: MuseTalk 1.5 live (the published networks' shapes, random weights; 5-frame segments, SD VAE
 #      decode, whisper over the padded window per session and segment, the paste on the GPU) for 1, 8, 16 and 32
 #      sessions, first-frame latency, then an offline clip (render_video over 4 s: MuseTalk's own file path).
+#   Each of steps 1-3 also records `calibration`: the start-up timing serve / worker use for their default
+#   capacity (emo_stream.streaming.capacity; live step seconds at batches 1, 2, 4 and the sessions they allow).
 #   4. emo again with torch.compile (reduce-overhead: CUDA graphs, batch buckets) for 1 and 16 sessions, while
 #      time is left.
 # Time on one H100 by the FLOP count (bench/results/flops.json; warm-up 2 + 6 timed segments per session count)

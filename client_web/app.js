@@ -66,17 +66,22 @@
     notice("");
     startBtn.disabled = true;
     setState("starting");
+    let myPc = null;
     try {
-      const cap = await fetch(EmoSignal.apiUrl("/api/capacity"));
-      if (cap.status === 503) throw new Error("the server is busy (all session slots are in use); try again later");
       if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
         throw new Error("this page needs microphone access: open it over https:// or on localhost");
       }
-      mic = await navigator.mediaDevices.getUserMedia({
-        audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
-        video: false,
-      });
-      pc = new RTCPeerConnection();
+      // Everything that does not need the mic runs while the browser opens it (the permission prompt and
+      // the device's start take 100-600 ms): the WebSocket, the offer, its ICE gathering and the server's
+      // answer. The offer's audio section sends from the start; the mic's track goes onto that sender
+      // when it arrives (replaceTrack: no renegotiation), so nothing waits for the mic but its own sound.
+      // The capacity check runs beside the offer too (only the mic's prompt waits for it: no prompt when
+      // the server is busy); the peer connection is closed again by stop() if it says busy.
+      const opened = connection();
+      opened.catch(() => {});  // awaited below; an early failure must not go unhandled meanwhile
+      const capAsked = fetch(EmoSignal.apiUrl("/api/capacity"));
+      capAsked.catch(() => {});
+      pc = myPc = new RTCPeerConnection();
       window.emo.pc = pc;
       const remote = new MediaStream();
       video.srcObject = remote;
@@ -90,10 +95,20 @@
         if (pc.connectionState === "connected") setState("live");
         if (pc.connectionState === "failed") { showError("the media connection failed"); stop("error"); }
       };
-      for (const track of mic.getAudioTracks()) pc.addTrack(track, mic);
+      const micSender = pc.addTransceiver("audio", { direction: "sendrecv" }).sender;
       pc.addTransceiver("video", { direction: "recvonly" });
-      await pc.setLocalDescription(await pc.createOffer());
+      const described = pc.createOffer().then((offer) => myPc.setLocalDescription(offer));
+      described.catch(() => {});
+      const cap = await capAsked;
+      if (cap.status === 503) throw new Error("the server is busy (all session slots are in use); try again later");
+      const micAsked = navigator.mediaDevices.getUserMedia({
+        audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
+        video: false,
+      });
+      micAsked.catch(() => {});
+      await described;
       await EmoSignal.gatheringComplete(pc);
+      await opened;
       const c = await connection();
       const reply = await c.request({
         type: "start",
@@ -110,7 +125,12 @@
       stopBtn.disabled = false;
       const run = ++fpsRun;
       EmoSignal.countFrames(video, (fps) => { if (run === fpsRun) $("display-fps").textContent = fps.toFixed(1); });
+      const stream = await micAsked;
+      if (pc !== myPc) { stream.getTracks().forEach((t) => t.stop()); return; }  // stopped meanwhile
+      mic = stream;
+      await micSender.replaceTrack(mic.getAudioTracks()[0] || null);
     } catch (err) {
+      if (myPc && pc !== myPc) return;  // Stop was pressed meanwhile (say, during the mic's prompt)
       showError(err.message || String(err));
       await stop("error");
     }

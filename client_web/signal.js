@@ -74,14 +74,33 @@ const EmoSignal = (() => {
     }
   }
 
-  // aiortc does not trickle ICE: send the offer once gathering is complete (or after a short wait).
-  function gatheringComplete(pc, timeoutMs = 2000) {
+  // aiortc does not trickle ICE: the offer goes out with the candidates gathered so far. Chromium has its
+  // UDP host candidates within a few ms but completes gathering only after its TCP phase, 100-250 ms later,
+  // and the server uses UDP only. So: complete, or `quietMs` without a new UDP candidate after the first one
+  // (more interfaces' UDP candidates come together), or timeoutMs at most.
+  function gatheringComplete(pc, timeoutMs = 2000, quietMs = 40) {
     if (pc.iceGatheringState === "complete") return Promise.resolve();
     return new Promise((resolve) => {
-      const done = () => { pc.removeEventListener("icegatheringstatechange", check); resolve(); };
+      let quiet = null;
+      const limit = setTimeout(() => done(), timeoutMs);
+      const done = () => {
+        clearTimeout(quiet);
+        clearTimeout(limit);
+        pc.removeEventListener("icegatheringstatechange", check);
+        pc.removeEventListener("icecandidate", candidate);
+        resolve();
+      };
       const check = () => { if (pc.iceGatheringState === "complete") done(); };
+      const candidate = (e) => {
+        if (!e.candidate) { done(); return; }
+        if (!/ udp /i.test(e.candidate.candidate)) return;
+        clearTimeout(quiet);
+        quiet = setTimeout(done, quietMs);
+      };
       pc.addEventListener("icegatheringstatechange", check);
-      setTimeout(done, timeoutMs);
+      pc.addEventListener("icecandidate", candidate);
+      // candidates found before this call are in the description already
+      if (pc.localDescription && / udp /i.test(pc.localDescription.sdp)) quiet = setTimeout(done, quietMs);
     });
   }
 

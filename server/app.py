@@ -41,10 +41,14 @@ def build_engine(config: ServerConfig, clock: Clock, backend: Backend | None = N
     # segments for EMO (temporal context, batching)
     segment = config.engine.segment_frames or capabilities(backend).stream_segment_frames or 8
     if config.sessions.max_sessions is None:
-        # not given: as many as the device's free memory holds (the family's counted profile), 4 off CUDA
-        from emo_stream.blocks.memory import device_capacity
+        # not given: on CUDA the fewer of what the free memory holds (the family's counted profile) and what the
+        # device computes in real time (a start-up calibration, cached); 4 off CUDA unless a calibration is asked
+        from emo_stream.streaming.capacity import default_capacity
 
-        config.sessions.max_sessions, why = device_capacity(backend, config.engine.max_batch)
+        model = {k: getattr(config, k) for k in ("model", "steps", "guidance", "decoder", "weights")}
+        config.sessions.max_sessions, why = default_capacity(
+            backend, segment_frames=segment, max_batch=config.engine.max_batch, mode=config.sessions.calibrate,
+            avatar=lambda: backend.prepare_avatar(default_image(config)), config=model)
         log.info("max_sessions %s", why)
     engine_config = config.engine.engine_config(segment, config.sessions.max_sessions, config.limits.max_avatars)
     return StreamingEngine(backend, engine_config, clock=clock)
@@ -60,6 +64,17 @@ def default_image(config: ServerConfig):
     from emo_stream.default_avatar import default_portrait
 
     return default_portrait(max(config.size, 256))  # painted large enough for face detection; framed to size later
+
+
+def preload_webrtc() -> bool:
+    """Import the WebRTC stack (aiortc, its codecs) now: imported by the first talk page's start it cost that
+    session 0.2-0.4 s of its first frame on a 2-core CPU. False where aiortc is not installed (WebSocket only)."""
+    try:
+        import server.rtc  # noqa: F401
+    except ImportError as exc:
+        log.info("WebRTC is unavailable (%s): the WebSocket API still works", exc)
+        return False
+    return True
 
 
 def reachable_address() -> str:
@@ -201,6 +216,7 @@ class StreamServer:
         if cfg.sessions.max_sessions is None:
             # an engine built elsewhere (embedding, tests): its own session limit, else the CPU default 4
             cfg.sessions.max_sessions = getattr(getattr(self.engine, "config", None), "max_sessions", None) or 4
+        await asyncio.to_thread(preload_webrtc)
         self.sessions = SessionManager(self.engine, cfg, self.clock)
         self.routes = HttpRoutes(cfg, self.sessions, self.health, poster=lambda: self._poster)
         self._api = ApiContext(cfg, self.sessions, self.avatars, self.viewer_url,

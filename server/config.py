@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,10 @@ DEFAULT_CONFIG = resource_dir("configs") / "server.yaml"
 
 @dataclass
 class SessionsConfig:
-    max_sessions: int | None = None   # None: from the device's memory on CUDA (emo_stream.blocks.memory), else 4
+    max_sessions: int | None = None   # None: from the device's memory and compute on CUDA, else 4
+    # (emo_stream.streaming.capacity): auto (a start-up calibration of the compute on CUDA, cached), on (also
+    # off CUDA), off (memory only), refresh (calibrate again, not from the cache)
+    calibrate: str = "auto"
     idle_timeout_s: float = 300.0
     mic_max_backlog_s: float = 1.0
     mic_jitter_packets: int = 1  # mic packets aiortc holds before decoding (its default 4 = 80 ms)
@@ -90,7 +94,15 @@ class PlayoutConfig:
     audio_queue_chunks: int = 10
     late_tolerance_s: float = 0.12
     webrtc_video_delay_ms: float = 0.0   # WebRTC picture shown this much after its sound (sender-report bias)
+    # WebRTC frames sent this much after their release (not the first): a browser's audio sits 40-200 ms in its
+    # jitter buffer and output; Chromium's lip sync delays the picture to match only after 5-20 s, and until then
+    # the picture led the sound by that much. Held back, the picture starts near its sound. docs/reliability.md
+    webrtc_video_hold_ms: float = 50.0
     stats_interval_s: float = 1.0
+
+    def webrtc_video_frames(self) -> int:
+        """A WebRTC video subscription's queue: the frames it may hold besides those held back (up to 50 fps)."""
+        return self.video_queue_frames + math.ceil(self.webrtc_video_hold_ms / 20)
 
 
 @dataclass
@@ -129,7 +141,7 @@ class ServerConfig:
     weights: str | None = None   # EchoMimic weights set of a folder holding both: acc | normal
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     engine: EngineSettings = field(default_factory=EngineSettings)
-    ZERO_ALLOWED = frozenset({"webrtc_video_delay_ms"})  # numeric settings where 0 means "off"
+    ZERO_ALLOWED = frozenset({"webrtc_video_delay_ms", "webrtc_video_hold_ms"})  # numeric settings where 0 means "off"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     playout: PlayoutConfig = field(default_factory=PlayoutConfig)
     keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
@@ -177,6 +189,10 @@ class ServerConfig:
         if self.viewer_token and self.viewer_token == self.token:
             raise ConfigError("viewer_token must differ from token (it grants viewing only)")
         parse_networks("trusted_proxies", self.trusted_proxies)
+        from emo_stream.streaming.capacity import MODES
+
+        if self.sessions.calibrate not in MODES:
+            raise ConfigError(f"sessions.calibrate must be one of {', '.join(MODES)}: got {self.sessions.calibrate!r}")
         self.engine.__post_init__()   # re-checked: flags may have changed it since loading
         for section in (self.sessions, self.limits, self.playout, self.keepalive):
             for f in dataclasses.fields(section):

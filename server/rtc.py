@@ -89,13 +89,23 @@ class PlayoutVideoTrack(_PlayoutTrack):
 
     `delay_s` shows the picture that much after its sound in a browser: the sender reports stamp each
     frame `delay_s` after its release (Chromium's lip sync follows the reports), the frame itself is not
-    held back (which added latency and, once the reports map release times, would do nothing)."""
+    held back by it.
+
+    `hold_s` sends each frame but the first that long after its release (the reports still say the release
+    time). The receiver's audio waits 40-200 ms in its jitter buffer and output; Chromium's lip sync delays
+    the picture to match only after 5-20 s (it needs two sender reports per track, then moves by half the
+    filtered difference a second, nothing under 30 ms), and until then the picture led its sound by about
+    that buffer (bench/av_sync.py: -60..-190 ms in the first 9 s of a talk page). Held, the picture starts
+    near its sound; once Chromium syncs, the hold only replaces part of its own video delay. The first frame
+    goes at once: the first picture is not made later."""
 
     kind = "video"
     RTP_RATE = VIDEO_CLOCK_RATE
 
-    def __init__(self, sub: Subscription, delay_s: float = 0.0, join_live: bool = False):
+    def __init__(self, sub: Subscription, delay_s: float = 0.0, join_live: bool = False, hold_s: float = 0.0):
         super().__init__(sub, stamp_bias_s=max(0.0, delay_s), join_live=join_live)
+        self._hold = max(0.0, hold_s)
+        self._shown_first = False
 
     @staticmethod
     def _pts(item) -> int:
@@ -105,7 +115,12 @@ class PlayoutVideoTrack(_PlayoutTrack):
         return self._sub.frames
 
     async def recv(self):
-        return (await self._next()).video_frame()
+        item = await self._next()
+        clock = getattr(getattr(self._sub, "playout", None), "clock", None)
+        if self._hold and self._shown_first and clock is not None and self.sent_due is not None:
+            await clock.sleep_until(self.sent_due + self._hold)
+        self._shown_first = True
+        return item.video_frame()
 
 
 class PlayoutAudioTrack(_PlayoutTrack):
@@ -269,9 +284,9 @@ async def _answer(sdp: str, configure: Callable[[RTCPeerConnection, list[Subscri
 
 
 def _add_playout_tracks(pc: RTCPeerConnection, sub: Subscription, video: bool, audio: bool,
-                        video_delay_s: float) -> None:
+                        video_delay_s: float, video_hold_s: float) -> None:
     if video:
-        _add_playout_track(pc, PlayoutVideoTrack(sub, video_delay_s, join_live=True))
+        _add_playout_track(pc, PlayoutVideoTrack(sub, video_delay_s, join_live=True, hold_s=video_hold_s))
     if audio:
         _add_playout_track(pc, PlayoutAudioTrack(sub, join_live=True))
 
@@ -279,7 +294,7 @@ def _add_playout_tracks(pc: RTCPeerConnection, sub: Subscription, video: bool, a
 async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaStreamTrack], None] | None = None,
                        on_closed: Callable[[], Any] | None = None,
                        mic_jitter_packets: int | None = None,
-                       video_delay_s: float = 0.0, peer: str | None = None,
+                       video_delay_s: float = 0.0, video_hold_s: float = 0.0, peer: str | None = None,
                        local: str | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
     """Answer a browser's offer: our video+audio tracks go out on its transceivers; its mic comes in via on_mic.
 
@@ -294,7 +309,7 @@ async def answer_offer(sdp: str, sub: Subscription, *, on_mic: Callable[[MediaSt
                              "as video and audio (add recvonly transceivers for both)")
         if mic_jitter_packets is not None:
             _set_mic_jitter_buffer(pc, mic_jitter_packets)
-        _add_playout_tracks(pc, sub, True, True, video_delay_s)
+        _add_playout_tracks(pc, sub, True, True, video_delay_s, video_hold_s)
 
     try:
         return await _answer(sdp, configure, on_mic=on_mic, on_closed=on_closed, peer=peer, local=local)
@@ -330,7 +345,7 @@ async def answer_media_offer(sdp: str, subscribe: Callable[[bool, bool], Subscri
                              on_mic: Callable[[MediaStreamTrack], None] | None = None,
                              on_closed: Callable[[], Any] | None = None,
                              mic_jitter_packets: int | None = None,
-                             video_delay_s: float = 0.0, peer: str | None = None,
+                             video_delay_s: float = 0.0, video_hold_s: float = 0.0, peer: str | None = None,
                              local: str | None = None) -> tuple[RTCPeerConnection, RTCSessionDescription]:
     """Answer an offer from a standard client (WHIP, WHEP) that may carry any mix of media sections.
 
@@ -357,7 +372,8 @@ async def answer_media_offer(sdp: str, subscribe: Callable[[bool, bool], Subscri
             _set_mic_jitter_buffer(pc, mic_jitter_packets)
         if receives:
             subs.append(subscribe("video" in receives, "audio" in receives))
-            _add_playout_tracks(pc, subs[-1], "video" in receives, "audio" in receives, video_delay_s)
+            _add_playout_tracks(pc, subs[-1], "video" in receives, "audio" in receives, video_delay_s,
+                                video_hold_s)
 
     return await _answer(sdp, configure, on_mic=on_mic, on_closed=on_closed, peer=peer, local=local)
 

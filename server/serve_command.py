@@ -25,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch device for the model backends "
                              "(default: cuda if available, else cpu)")
     add_sampling_arguments(parser)
-    parser.add_argument("--max-sessions", type=int, default=None, help="concurrent sessions (default from config)")
+    parser.add_argument("--max-sessions", type=int, default=None,
+                        help="concurrent sessions (default from config; empty there: what the GPU's memory holds "
+                             "and its compute sustains, 4 on a CPU)")
+    add_calibrate_argument(parser)
     parser.add_argument("--segment-frames", type=int, default=None,
                         help="frames generated per step: lower is less latency, higher is more context/throughput")
     parser.add_argument("--tls-cert", default=None, help="PEM certificate: serve https/wss (with --tls-key)")
@@ -67,14 +70,24 @@ def add_sampling_arguments(parser) -> None:
                         help="EchoMimic: which weights set of a folder holding both (default: acc)")
 
 
+def add_calibrate_argument(parser) -> None:
+    parser.add_argument("--calibrate", choices=["auto", "on", "off", "refresh"], default=None,
+                        help="without --max-sessions, time the model's live step at start for the capacity: auto "
+                             "(on CUDA; cached per device and setup), on (also on a CPU), off (memory only), "
+                             "refresh (not from the cache) (default from config: auto)")
+
+
 def sampling_overrides(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in ("steps", "guidance", "decoder", "weights")}
 
 
 def apply_engine_flags(config, args: argparse.Namespace) -> None:
-    """--max-sessions and --segment-frames, where given, over the config file's values (serve and worker)."""
+    """--max-sessions, --calibrate and --segment-frames, where given, over the config file's values (serve and
+    worker)."""
     if args.max_sessions is not None:
         config.sessions.max_sessions = args.max_sessions
+    if getattr(args, "calibrate", None) is not None:
+        config.sessions.calibrate = args.calibrate
     if args.segment_frames is not None:
         config.engine.segment_frames = args.segment_frames
 

@@ -187,13 +187,14 @@ class WebRtcHttp:
             backlog = cfg.sessions.mic_max_backlog_s
             pc, answer = await answer_media_offer(
                 sdp, lambda video, audio: session.playout.subscribe(
-                    "whip", frames=cfg.playout.video_queue_frames if video else None,
+                    "whip", frames=cfg.playout.webrtc_video_frames() if video else None,
                     audio=cfg.playout.audio_queue_chunks if audio else None),
                 need_audio_in=True,
                 on_mic=lambda track: session.spawn(pump_mic(track, session, backlog), "whip-mic"),
                 on_closed=lambda: self._peer_gone(rid),
                 mic_jitter_packets=cfg.sessions.mic_jitter_packets,
-                video_delay_s=cfg.playout.webrtc_video_delay_ms / 1000, **self._ice(request))
+                video_delay_s=cfg.playout.webrtc_video_delay_ms / 1000,
+                video_hold_s=cfg.playout.webrtc_video_hold_ms / 1000, **self._ice(request))
         except Exception as exc:
             await self.sessions.close(session, "WHIP offer refused")
             return _bad_offer(exc)
@@ -225,10 +226,11 @@ class WebRtcHttp:
 
             pc, answer = await answer_media_offer(
                 sdp, lambda video, audio: session.playout.subscribe(
-                    "whep", frames=cfg.playout.video_queue_frames if video else None,
+                    "whep", frames=cfg.playout.webrtc_video_frames() if video else None,
                     audio=cfg.playout.audio_queue_chunks if audio else None),
                 need_audio_in=False, on_closed=lambda: self._peer_gone(rid),
-                video_delay_s=cfg.playout.webrtc_video_delay_ms / 1000, **self._ice(request))
+                video_delay_s=cfg.playout.webrtc_video_delay_ms / 1000,
+                video_hold_s=cfg.playout.webrtc_video_hold_ms / 1000, **self._ice(request))
         except Exception as exc:
             return _bad_offer(exc)
         if session.closed:   # ended while the answer was made

@@ -13,7 +13,8 @@ import logging
 import os
 
 from emo_stream.errors import ConfigError
-from server.serve_command import add_model_arguments, add_sampling_arguments, apply_engine_flags, sampling_overrides
+from server.serve_command import (add_calibrate_argument, add_model_arguments, add_sampling_arguments,
+                                  apply_engine_flags, sampling_overrides)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "(default configs/server.yaml)")
     add_sampling_arguments(model)
     model.add_argument("--max-sessions", type=int, default=None,
-                       help="rooms this worker serves at once (its capacity; default from config)")
+                       help="rooms this worker serves at once (its capacity; default from config; empty there: "
+                            "what the GPU's memory holds and its compute sustains, 4 on a CPU)")
+    add_calibrate_argument(model)
     model.add_argument("--segment-frames", type=int, default=None, help="frames generated per step")
     av = parser.add_argument_group("portraits")
     av.add_argument("--default-avatar", default=None,

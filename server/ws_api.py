@@ -342,7 +342,7 @@ class Connection:
             if msg.webrtc is not None:
                 from server.rtc import answer_offer, pump_mic
 
-                sub = session.playout.subscribe("talk-page", frames=self.cfg.playout.video_queue_frames,
+                sub = session.playout.subscribe("talk-page", frames=self.cfg.playout.webrtc_video_frames(),
                                                 audio=self.cfg.playout.audio_queue_chunks)
                 backlog = self.cfg.sessions.mic_max_backlog_s
                 pc, answer = await _answer(answer_offer(
@@ -350,7 +350,8 @@ class Connection:
                     on_mic=lambda track: session.spawn(pump_mic(track, session, backlog), "mic"),
                     on_closed=lambda: self._peer_gone(session),
                     mic_jitter_packets=self.cfg.sessions.mic_jitter_packets,
-                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000, **self._ice()), "start")
+                    video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000,
+                    video_hold_s=self.cfg.playout.webrtc_video_hold_ms / 1000, **self._ice()), "start")
                 session.add_peer(pc)
                 reply["answer"] = {"type": answer.type, "sdp": answer.sdp}
             else:
@@ -388,11 +389,12 @@ class Connection:
         # see it, so no more than max_viewers ever pass the check (it is given back if the answer fails)
         session.viewers += 1
         try:
-            sub = session.playout.subscribe("viewer", frames=self.cfg.playout.video_queue_frames,
+            sub = session.playout.subscribe("viewer", frames=self.cfg.playout.webrtc_video_frames(),
                                             audio=self.cfg.playout.audio_queue_chunks)
             pc, answer = await _answer(answer_offer(msg.webrtc.sdp, sub,
                                                     on_closed=lambda: self._viewer_gone(session, pc),
                                                     video_delay_s=self.cfg.playout.webrtc_video_delay_ms / 1000,
+                                                    video_hold_s=self.cfg.playout.webrtc_video_hold_ms / 1000,
                                                     **self._ice()),
                                        "view")
         except BaseException:

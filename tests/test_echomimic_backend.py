@@ -66,6 +66,15 @@ class FakeEcho:
         energy = np.sqrt(np.mean(np.resize(waveform[:rows * 320], (rows, 320)) ** 2, axis=1))
         return torch.from_numpy(energy.astype(np.float32))[:, None, None].expand(rows, 2, 384).contiguous()
 
+    whisper_mels = 80
+
+    def whisper_segments(self, mel):
+        """(n, 80, 3000) log-mel -> (n, 1500, 2, 384): each step's loudness, about whisper_features' RMS (the
+        live path's encoder)."""
+        power = 10 ** (4 * mel - 4)      # undoes (log10 + 4) / 4
+        level = power.reshape(mel.shape[0], mel.shape[1], -1, 2).mean((1, 3)).sqrt() / 2
+        return level[:, :, None, None].expand(*level.shape, 2, 384).contiguous()
+
     def denoiser(self, banks):
         bank = torch.cat(banks)
 

@@ -531,3 +531,30 @@ def test_mic_jitter_tweak_says_when_aiortc_renamed_its_attribute(caplog):
 
     asyncio.run(run())
     assert "mic_jitter_packets is ignored" in caplog.text
+
+
+async def test_the_webrtc_stack_is_imported_at_start_not_by_the_first_session(monkeypatch):
+    """Imported by the first talk page's start, aiortc and its codecs cost that session 0.2-0.4 s of its first
+    frame: the server imports them while starting."""
+    import server.app as app
+
+    calls = []
+    monkeypatch.setattr(app, "preload_webrtc", lambda: calls.append(1) or True)
+    srv = StreamServer(load_config(None, port=0, size=64), engine=FakeEngine())
+    await srv.start()
+    try:
+        assert calls == [1]
+    finally:
+        await srv.stop()
+
+
+def test_preloading_webrtc_without_aiortc_is_said_and_not_fatal(monkeypatch, caplog):
+    import sys
+
+    import server.app as app
+
+    assert app.preload_webrtc() is True and "server.rtc" in sys.modules
+    monkeypatch.setitem(sys.modules, "server.rtc", None)   # import server.rtc -> ImportError
+    with caplog.at_level("INFO", logger="server.app"):
+        assert app.preload_webrtc() is False
+    assert "WebRTC is unavailable" in caplog.text

@@ -454,3 +454,33 @@ async def test_playout_drains_a_queue_of_idle_frames_down_to_its_cushion():
         seqs.append((await sub.frames.get()).seq)
     assert all(k in seqs for k in range(150, 200))  # speech is never left out
     assert play.reanchors == 0
+
+
+async def test_webrtc_video_is_held_after_its_release_but_not_the_first_frame():
+    """Chromium's lip sync delays the picture by its audio buffer only after 5-20 s; until then the picture
+    led its sound. Each frame but the first goes out `hold_s` after its release (the first picture is not made
+    later), and the sender reports still say the release time (the hold is no A/V offset to Chromium)."""
+    from server.config import PlayoutConfig
+    from server.rtc import PlayoutVideoTrack
+
+    clock = SimClock()
+    play = Playout(frames(6, clock=clock), FPS, clock)
+    sub = play.subscribe("pc", frames=20, audio=40)
+    held, plain = PlayoutVideoTrack(sub, hold_s=0.05), PlayoutVideoTrack(play.subscribe("b", frames=20, audio=None))
+    await play.run()
+    start = clock.t = 0.0                    # before every release: nothing is late yet
+    await held.recv()
+    assert clock.t == start                  # the first frame: at once
+    for _ in range(3):
+        await held.recv()
+        assert clock.t == pytest.approx(held.sent_due + 0.05)
+        second = 1 << 32
+        assert held.report_ntp(7 * second) == 7 * second - round(0.05 * second)   # = its release time
+    clock.t = 0.0
+    for _ in range(4):
+        await plain.recv()
+    assert clock.t == 0.0                    # no hold: no waiting
+    cfg = PlayoutConfig()
+    assert cfg.webrtc_video_hold_ms > 0      # on by default
+    # the queue keeps its spare frames besides the held ones (50 ms at 25 fps: 2 frames)
+    assert cfg.webrtc_video_frames() >= cfg.video_queue_frames + 2

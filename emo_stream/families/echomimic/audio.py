@@ -11,21 +11,33 @@ Exactly what EchoMimic's vendored whisper computes (its Audio2Feature), with tra
    (segment frames) // 2 positions are kept: (T, L + 1, 384) at 50 rows per second;
 3. video frame i gets rows clip(int(i * 50 / fps) - 4 + j, 0, T - 1), j = 0..9, flattened row-major to
    (10 * (L + 1), 384) tokens.
+
+Live (`encode_live`, below): the same 30 s grid over a stream (emo_stream.blocks.whisper_grid). A live frame's
+tokens are EchoMimic's whole-file tokens of the session's audio up to the end of its window, exactly while the
+loudest log-mel value so far lies in the window (the current 30 s segment and the one before it: always in a
+stream's first minute). What differs from the whole file is stated there.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from emo_stream.backend import AudioContext
+from emo_stream.blocks import whisper_grid as grid
+from emo_stream.execution import to_device
+
 SAMPLE_RATE = 16000
 N_FFT = 400
 HOP = 160
-SEGMENT_FRAMES = 3000      # 30 s of mel frames: whisper's fixed encoder input
-ROWS_PER_SECOND = 50       # whisper feature rows per second
+SEGMENT_FRAMES = grid.SEGMENT_MEL_FRAMES   # 30 s of mel frames: whisper's fixed encoder input
+ROWS_PER_SECOND = grid.WHISPER_HZ          # whisper feature rows per second
 ROWS_PER_FRAME, ROWS_BEFORE = 10, 4   # a frame's audio tokens: feature rows int(t * 50) - 4 ... + 5
 
 
@@ -63,13 +75,20 @@ def mel_filters(n_mels: int = 80, sample_rate: int = SAMPLE_RATE, n_fft: int = N
     return weights
 
 
+@lru_cache(maxsize=8)
+def _filters_on(n_mels: int, device: str) -> torch.Tensor:
+    """mel_filters as a tensor on `device`, made once (a host->device copy per call would wait for the device)."""
+    return to_device(torch.from_numpy(mel_filters(n_mels)), torch.device(device))
+
+
 def log_mel(waveform: torch.Tensor | np.ndarray, n_mels: int = 80) -> torch.Tensor:
-    """16 kHz mono float waveform (samples,) -> (n_mels, samples // 160) whisper log-mel (float32)."""
+    """16 kHz mono float waveform (samples,) -> (n_mels, samples // 160) whisper log-mel (float32), computed
+    where the waveform is. The floor is the clip's own maximum - 8 (log10 units)."""
     audio = torch.as_tensor(np.asarray(waveform, dtype=np.float32) if not torch.is_tensor(waveform) else waveform,
                             dtype=torch.float32)
     stft = torch.stft(audio, N_FFT, HOP, window=torch.hann_window(N_FFT, device=audio.device), return_complex=True)
     power = stft[..., :-1].abs() ** 2
-    mel = torch.from_numpy(mel_filters(n_mels)).to(audio.device) @ power
+    mel = _filters_on(n_mels, str(audio.device)) @ power
     log_spec = torch.clamp(mel, min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
     return (log_spec + 4.0) / 4.0
@@ -133,23 +152,25 @@ class WhisperFeatures(nn.Module):
 
     @torch.no_grad()
     def features_from_mel(self, mel: torch.Tensor) -> torch.Tensor:
-        enc = self.encoder
-        dev, dt = enc.conv1.weight.device, enc.conv1.weight.dtype
+        """(mels, frames) whole-file log-mel -> (frames // 2, L + 1, dim): each 3000-frame segment zero-padded
+        in the log-mel domain and encoded on its own, its first (segment frames) // 2 rows kept."""
         out = []
-        last: list[torch.Tensor] = []
-        hook = enc.layers[-1].register_forward_hook(lambda m, a, o: last.append(o[0] if isinstance(o, tuple) else o))
-        try:
-            for seek in range(0, mel.shape[-1], SEGMENT_FRAMES):
-                seg = mel[:, seek:seek + SEGMENT_FRAMES]
-                n = seg.shape[-1]
-                seg = torch.nn.functional.pad(seg, (0, SEGMENT_FRAMES - n))  # zeros in the log-mel domain
-                last.clear()
-                res = enc(seg[None].to(dev, dt), output_hidden_states=True, return_dict=True)
-                states = list(res.hidden_states[:-1]) + [last[-1]]           # last one before the final norm
-                out.append(torch.stack([s[0] for s in states], dim=1)[: n // 2])
-        finally:
-            hook.remove()
+        for seek in range(0, mel.shape[-1], SEGMENT_FRAMES):
+            seg = mel[:, seek:seek + SEGMENT_FRAMES]
+            n = seg.shape[-1]
+            out.append(self.segment_states(pad_segment(seg)[None])[0, : n // 2])
         return torch.cat(out).float()
+
+    @torch.no_grad()
+    def segment_states(self, mel: torch.Tensor) -> torch.Tensor:
+        """(segments, mels, 3000) -> (segments, 1500, L + 1, dim): the embeddings and every block's output, the
+        last one before the final layer norm (what EchoMimic's whisper returns), segments in one batch."""
+        return grid.encoder_states(self.encoder, mel, final_norm=False)
+
+
+def pad_segment(seg: torch.Tensor) -> torch.Tensor:
+    """(mels, n <= 3000) -> (mels, 3000): zeros appended in the log-mel domain, as EchoMimic's whisper pads."""
+    return torch.nn.functional.pad(seg, (0, SEGMENT_FRAMES - seg.shape[-1]))
 
 
 def _rows(first: np.ndarray, num_rows: int, rows_per_frame: int) -> torch.Tensor:
@@ -201,4 +222,78 @@ def tokens_at(features: torch.Tensor, times_s: np.ndarray) -> torch.Tensor:
 
 def _gather(features: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """(T, L + 1, dim) features, (frames, rows) indices -> (frames, rows * (L + 1), dim)."""
-    return features[idx.to(features.device)].reshape(idx.shape[0], -1, features.shape[-1])
+    return features[to_device(idx, features.device)].reshape(idx.shape[0], -1, features.shape[-1])
+
+
+# ---- live: the stream on whisper's 30 s grid (emo_stream.blocks.whisper_grid) ---------------------------------
+# EchoMimic takes the log-mel of the whole file, floored at the file's maximum - 8, and encodes it in 30 s
+# segments from the file's first sample. A live window starts on the grid line BEFORE the one of the segment's
+# first token row (left context: one whole segment), so its log-mel holds the file's STFT frames at every line its
+# rows touch (the window's own first STFT frames reflect-pad its edge) and a floor over the last 30-60 s; each grid segment the frames' rows touch is encoded with the frames received so far,
+# zero-padded in the log-mel domain as EchoMimic pads a file's last segment. A frame's tokens then equal
+# EchoMimic's whole-file tokens of the audio up to the window's end, where the loudest log-mel value so far lies
+# in the window (always in a stream's first minute). What differs from EchoMimic's pass over the complete file:
+#   - the rest of the frame's 30 s segment, not received yet (the encoder attends over the whole segment);
+#   - the floor: max - 8 over the window, not over the whole file (louder audio later raises it; past a minute,
+#     louder audio earlier than the window is forgotten): it moves only log-mel values below that floor
+#     (digital silence, very quiet passages);
+#   - at an utterance's end, the rows past it: the engine's zero-padded look-ahead, not the file's last row.
+# 30 s, plus a frame's reach before its first sample (4 rows and the part of a row before it): a segment whose
+# first rows lie before a grid line still gets the whole previous segment (before: the window started on that
+# line and its first STFT frames were reflect-padded: 1.5e-3 off on tiny.en weights at 60.0 s)
+LIVE_LEFT_SAMPLES = grid.SEGMENT_SAMPLES + (ROWS_BEFORE + 1) * grid.SAMPLES_PER_STEP
+
+
+def live_context(fps: int, extra_lookahead_frames: int = 0) -> AudioContext:
+    """The engine's live windows: from the grid line before the one of the segment's first token row to its last
+    frame's last token row (120 ms after the frame: whole frames), plus `extra_lookahead_frames` (more of the
+    segment whisper sees, 1000 / fps ms of latency each)."""
+    rows_after = ROWS_PER_FRAME - ROWS_BEFORE    # a frame's rows reach to the end of row int(50 t) + 5
+    lookahead = -(-rows_after * int(fps) // ROWS_PER_SECOND)
+    return grid.live_context(LIVE_LEFT_SAMPLES, lookahead + int(extra_lookahead_frames))
+
+
+@dataclass
+class LiveRequest:
+    """One live call's grid segments (padded log-mel) and every frame's rows in its window."""
+
+    grid: grid.GridRequest      # segments: (mels, 3000) log-mel each, zero-padded
+    rows: np.ndarray            # (frames, 10) window rows, clipped to the rows the window has
+
+
+def first_rows(start: int, num_frames: int, fps: int) -> list[int]:
+    """First feature row of each frame (frame k's first sample is window sample start + k x 16000 / fps; rows
+    count from window sample 0): feature2chunks' int(i x 50 / fps) - 4, in exact integer arithmetic."""
+    per = grid.SAMPLES_PER_STEP * int(fps)
+    return [(start * int(fps) + k * SAMPLE_RATE) // per - ROWS_BEFORE for k in range(num_frames)]
+
+
+def live_request(window: torch.Tensor | np.ndarray, start: int, num_frames: int, fps: int, n_mels: int = 80,
+                 device: torch.device | str = "cpu") -> LiveRequest:
+    """window[0] sits on a 30 s line of the stream (its sample 0 or a multiple of 30 s after it); the log-mel
+    is computed on `device`."""
+    wav = window if torch.is_tensor(window) else torch.from_numpy(np.ascontiguousarray(window, np.float32))
+    mel = log_mel(to_device(wav, torch.device(device)), n_mels)   # the floor: max - 8 over the window
+    num_rows = mel.shape[-1] // 2
+    first = first_rows(start, num_frames, fps)
+    touched = grid.segments_touched(first, ROWS_PER_FRAME, num_rows)
+    segments = [pad_segment(mel[:, g * SEGMENT_FRAMES:(g + 1) * SEGMENT_FRAMES]) for g in touched]
+    rows = np.clip(np.asarray(first, np.int64)[:, None] + np.arange(ROWS_PER_FRAME)[None], 0, num_rows - 1)
+    return LiveRequest(grid.GridRequest(touched.start, segments, first, ROWS_PER_FRAME), rows)
+
+
+def live_tokens(request: LiveRequest, states: torch.Tensor) -> torch.Tensor:
+    """(frames, 10 x (L + 1), dim) from the request's joined segment states. Rows read are never past the
+    frames a segment has (clipped to the window's last row), so the padded steps are never read."""
+    idx = torch.from_numpy(request.rows - request.grid.base)
+    return _gather(states, idx)
+
+
+def encode_live(segment_states: Callable[[torch.Tensor], torch.Tensor], requests: list[tuple], fps: int,
+                n_mels: int = 80, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Tokens for each (window, start, num_frames): frames whose first sample is window[start], window[0] on
+    the 30 s grid. segment_states: (segments, mels, 3000) -> (segments, 1500, L + 1, dim), called once for
+    every segment of every request."""
+    reqs = [live_request(w, start, n, fps, n_mels, device) for w, start, n in requests]
+    joined = grid.encode_grid([r.grid for r in reqs], lambda mels: list(segment_states(torch.stack(mels))))
+    return [live_tokens(r, states) for r, states in zip(reqs, joined)]

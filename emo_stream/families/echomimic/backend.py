@@ -14,7 +14,9 @@ sd-vae-ft-mse (or TAESD), 24 fps.
 
 Live: EchoMimic has no motion frames. Each segment starts with the last `live_overlap` frames of the
 previous one, held at their known clean latents re-noised to each step's level (the same noise per held
-frame, the one it started from), so the temporal layers continue them (see docs/streaming.md).
+frame, the one it started from), so the temporal layers continue them (see docs/streaming.md). Its audio
+tokens come from whisper on EchoMimic's 30 s grid of the session's audio (emo_stream.families.echomimic.audio,
+"live"): EchoMimic's whole-file tokens of the audio received so far; every session's segments in one call.
 
 The model is anything with the `EchoParts` methods (emo_stream.families.echomimic's model adapts to it).
 Not thread-safe: one call at a time (the engine serialises model work on its device).
@@ -36,13 +38,13 @@ from emo_stream.families.echomimic.sampling import (ACC, NORMAL, EchoDenoiser, H
                                            make_scheduler, sample)
 from emo_stream.errors import ConfigError
 from emo_stream.execution import BATCH_BUCKETS, ExecutionOptions, bucket_size, pad_rows, to_device
-from emo_stream.families.echomimic.audio import ROWS_BEFORE, ROWS_PER_FRAME, ROWS_PER_SECOND, audio_tokens, tokens_at
+from emo_stream.families.echomimic.audio import audio_tokens, encode_live, live_context
 from emo_stream.timeline import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 DECODE_CHUNK = 8          # frames per VAE decode call: bounds activation memory at 512 px
-LEFT_CONTEXT_S = 2.0      # live: seconds of audio before a segment the whisper encoder sees
+EXTRA_LOOKAHEAD_FRAMES = 0  # live: audio waited for past the tokens' reach (more of whisper's segment)
 OFFLINE_FPS = 24          # EchoMimic's video rate (live runs at the engine's rate: 16000 / fps must be whole)
 
 
@@ -72,6 +74,11 @@ class EchoParts(Protocol):
 
     def whisper_features(self, waveform: np.ndarray) -> torch.Tensor:
         """16 kHz mono float32 -> (T, L + 1, 384) per-layer whisper features, 50 rows per second."""
+
+    whisper_mels: int            # the whisper encoder's mel bins
+
+    def whisper_segments(self, mel: torch.Tensor) -> torch.Tensor:
+        """(segments, mels, 3000) padded log-mel -> (segments, 1500, L + 1, 384) features, one batched call."""
 
 
 def echomimic_face_mask(box: np.ndarray, size: int) -> torch.Tensor:
@@ -112,7 +119,8 @@ class EchoMimicBackend(BackendBase):
     def __init__(self, model: EchoParts, size: int = 512, fps: int = 25, steps: int | None = None,
                  guidance: float | None = None, decoder: str | None = None, live_overlap: int = 4,
                  segment_frames: int = 8, context_frames: int | None = None, context_overlap: int | None = None,
-                 idle_steps: int | None = None, face_analyzer=None, compile: str = "off"):
+                 idle_steps: int | None = None, extra_lookahead_frames: int = EXTRA_LOOKAHEAD_FRAMES,
+                 face_analyzer=None, compile: str = "off"):
         check_size(size, 8, "EchoMimic")
         if fps <= 0:
             raise ConfigError(f"fps must be positive (got {fps})")
@@ -142,6 +150,9 @@ class EchoMimicBackend(BackendBase):
         if not 0 <= live_overlap < context_frames or not 1 <= segment_frames <= context_frames - live_overlap:
             raise ConfigError(f"need 0 <= live_overlap and segment_frames >= 1 with live_overlap + segment_frames "
                               f"<= context_frames ({context_frames}); got {live_overlap} + {segment_frames}")
+        if not isinstance(extra_lookahead_frames, int) or not 0 <= extra_lookahead_frames <= 250:
+            raise ConfigError(f"extra_lookahead_frames must be an integer between 0 and 250: "
+                              f"got {extra_lookahead_frames!r}")
         self.live_overlap = live_overlap
         # silence: half the steps and no guidance (idle motion should not cost what speech costs)
         self.idle_steps = int(idle_steps) if idle_steps is not None else max(1, self.sampling.steps // 2)
@@ -165,10 +176,8 @@ class EchoMimicBackend(BackendBase):
         self._face_analyzer = face_analyzer
         self._silence: dict[int, torch.Tensor] = {}
         self._audio_lock = threading.Lock()
-        # whisper's look-ahead: a frame's last token row is 5 rows (100 ms) after it
-        lookahead_s = (ROWS_PER_FRAME - ROWS_BEFORE) / ROWS_PER_SECOND
-        self.audio_context = AudioContext(left_samples=int(LEFT_CONTEXT_S * SAMPLE_RATE),
-                                          lookahead_frames=int(np.ceil(lookahead_s * fps)))
+        # live windows on whisper's 30 s grid, from the line before its first token row's, to its last token row
+        self.audio_context: AudioContext = live_context(fps, extra_lookahead_frames)
 
     # ---- avatar --------------------------------------------------------------------------------
     def prepare_avatar(self, image: np.ndarray) -> EchoAvatar:
@@ -239,20 +248,24 @@ class EchoMimicBackend(BackendBase):
 
     # ---- live ----------------------------------------------------------------------------------
     def encode_audio(self, audio: np.ndarray, start: int, num_frames: int) -> torch.Tensor:
-        """(num_frames, 10 * (L + 1), 384) audio tokens; audio[:start] is left context."""
-        # the engine may encode while denoise computes silent features: one whisper call at a time (the
-        # encoder's feature hook is not re-entrant)
-        with self._audio_lock:
-            feats = self.model.whisper_features(np.asarray(audio, np.float32))
-        times = (start + np.arange(num_frames) * SAMPLE_RATE / self.fps) / SAMPLE_RATE
-        return tokens_at(feats, times)
+        """(num_frames, 10 * (L + 1), 384) audio tokens; audio[:start] is history and audio[0] sits on
+        whisper's 30 s grid of the stream (the window AudioContext.align_samples gives)."""
+        return self.encode_audio_batch([(audio, start, num_frames)])[0]
+
+    def encode_audio_batch(self, requests: list[tuple[np.ndarray, int, int]]) -> list[torch.Tensor]:
+        """encode_audio for several (window, start, num_frames) at once: every 30 s segment they touch (one,
+        or two across a boundary) goes through whisper in one batched call."""
+        # the engine may encode while denoise computes silent tokens: one whisper call at a time
+        with self._audio_lock, torch.no_grad():
+            return encode_live(self.model.whisper_segments, requests, self.fps, self.model.whisper_mels,
+                               self.model.device)
 
     def _silent_tokens(self, num_frames: int) -> torch.Tensor:
+        """Tokens of silence at a stream's start (idle segments: the denoiser wants tokens, any fixed ones)."""
         if num_frames not in self._silence:
-            left = self.audio_context.left_samples
             spf = SAMPLE_RATE / self.fps
-            zeros = np.zeros(left + int(np.ceil((num_frames + self.audio_context.lookahead_frames) * spf)), np.float32)
-            self._silence[num_frames] = self.encode_audio(zeros, left, num_frames)
+            zeros = np.zeros(int(np.ceil((num_frames + self.audio_context.lookahead_frames) * spf)), np.float32)
+            self._silence[num_frames] = self.encode_audio(zeros, 0, num_frames)
         return self._silence[num_frames]
 
     @torch.inference_mode()
@@ -418,6 +431,13 @@ class ModelParts:
     def whisper_features(self, waveform: np.ndarray) -> torch.Tensor:
         return self.model.audio_features(waveform)
 
+    @property
+    def whisper_mels(self) -> int:
+        return self.model.whisper.n_mels
+
+    def whisper_segments(self, mel: torch.Tensor) -> torch.Tensor:
+        return self.model.whisper.segment_states(mel)
+
 
 def load_taesd(folder: str, device: torch.device, dtype: torch.dtype) -> Any:
     """<model>/taesd (a diffusers AutoencoderTiny folder, e.g. madebyollin/taesd), or None."""
@@ -454,7 +474,7 @@ def create_backend(model: str | None = None, *, size: int = 512, fps: int = OFFL
 
     dev = torch_device(device)
     known = {"steps", "guidance", "decoder", "live_overlap", "segment_frames", "idle_steps", "face_analyzer",
-             "compile"}
+             "compile", "extra_lookahead_frames"}
     unknown = set(options) - known - {"weights_set"}
     if unknown:
         raise ConfigError(f"unknown EchoMimic backend options: {', '.join(sorted(unknown))}")

@@ -19,17 +19,16 @@ before the first step and after the last, every layer of each step: MuseTalk's g
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from emo_stream.backend import AudioContext
+from emo_stream.blocks import whisper_grid as grid
+# the grid's constants and request, here too for MuseTalk's callers
+from emo_stream.blocks.whisper_grid import SEGMENT_SAMPLES, SEGMENT_STEPS, WHISPER_HZ, GridRequest  # noqa: F401
 from emo_stream.execution import to_device
 from emo_stream.timeline import SAMPLE_RATE
-
-WHISPER_HZ = 50                    # encoder steps per second (10 ms mel hop, conv stride 2)
-SEGMENT_SAMPLES = 30 * SAMPLE_RATE  # whisper's fixed 30 s input; longer audio is cut into such segments
 
 
 def log_mel(extractor, wav: np.ndarray, device: str = "cpu") -> torch.Tensor:
@@ -65,20 +64,10 @@ def device_log_mel(extractor, wav: np.ndarray, device: torch.device) -> torch.Te
     return (log_spec + 4.0) / 4.0
 
 
-@torch.no_grad()
 def encoder_states(encoder, mel: torch.Tensor) -> torch.Tensor:
-    """(segments, mels, T) -> (segments, T / 2, layers + 1, d): the encoder's hidden states, stacked."""
-    p = encoder.conv1.weight
-    x = to_device(mel, p.device, p.dtype)   # a host mel: pinned and non-blocking on CUDA
-    x = torch.nn.functional.gelu(encoder.conv1(x))
-    x = torch.nn.functional.gelu(encoder.conv2(x)).permute(0, 2, 1)
-    x = x + encoder.embed_positions.weight[: x.shape[1]]
-    states = [x]
-    for i, layer in enumerate(encoder.layers):
-        x = layer(x, None)
-        x = x[0] if isinstance(x, tuple) else x
-        states.append(encoder.layer_norm(x) if i == len(encoder.layers) - 1 else x)
-    return torch.stack(states, dim=2)
+    """(segments, mels, T) -> (segments, T / 2, layers + 1, d): the encoder's hidden states, stacked (the last
+    layer's after the final layer norm, as WhisperEncoder(output_hidden_states=True) returns them)."""
+    return grid.encoder_states(encoder, mel, final_norm=True)
 
 
 def file_states(encoder, extractor, wav: np.ndarray) -> torch.Tensor:
@@ -117,13 +106,11 @@ def file_chunks(encoder, extractor, wav: np.ndarray, fps: int = 25, left: int = 
     return frame_chunks(file_states(encoder, extractor, wav), num_frames, fps, left, right)
 
 
-# ---- live: a stream on MuseTalk's 30 s grid -----------------------------------------------------------------
-# MuseTalk cuts a file into 30 s segments from its first sample and encodes each one zero-padded to 30 s, so a
-# step's states depend on where it sits in its segment and on the whole segment's audio. The live path keeps
-# that grid: the window it gets starts on a segment boundary of the session's audio (AudioContext.align_samples),
-# each segment the prompts touch is encoded with the samples received so far, zero-padded exactly as MuseTalk
-# pads a file's last segment. The only difference left is the audio not yet received (bench/musetalk_window.py).
-SEGMENT_STEPS = SEGMENT_SAMPLES * WHISPER_HZ // SAMPLE_RATE   # 1500 encoder steps per 30 s segment
+# ---- live: a stream on MuseTalk's 30 s grid (emo_stream.blocks.whisper_grid) ------------------------------------
+# MuseTalk cuts a file into 30 s segments from its first sample and encodes each one zero-padded to 30 s. The live
+# path keeps that grid: each segment the prompts touch is encoded with the samples received so far, zero-padded
+# exactly as MuseTalk pads a file's last segment. The only difference left is the audio not yet received
+# (bench/musetalk_window.py).
 
 
 def lead_samples(fps: int, left: int = 2) -> int:
@@ -139,26 +126,15 @@ def prompt_steps(start: int, num_frames: int, fps: int, left: int = 2) -> list[i
             for k in range(num_frames)]
 
 
-@dataclass
-class GridRequest:
-    """The grid segments one live call needs: segments `first`, `first` + 1, ... of the window."""
-
-    first: int                  # grid index (within the window) of the first segment
-    segments: list[np.ndarray]  # each segment's received samples (at most 30 s)
-    steps: list[int]            # first step of each frame's prompt, counted from window sample 0
-    width: int                  # steps per prompt
-
-
 def grid_request(window: np.ndarray, start: int, num_frames: int, fps: int, left: int = 2,
                  right: int = 2) -> GridRequest:
     """window[0] sits on a 30 s boundary of the stream (its sample 0 or a multiple of 30 s after it)."""
     window = np.asarray(window, np.float32)
     steps = prompt_steps(start, num_frames, fps, left)
     width = 2 * (left + right + 1)
-    first = max(0, steps[0]) // SEGMENT_STEPS
-    last = max(0, steps[-1] + width - 1) // SEGMENT_STEPS
-    segments = [window[g * SEGMENT_SAMPLES:(g + 1) * SEGMENT_SAMPLES] for g in range(first, last + 1)]
-    return GridRequest(first, segments, steps, width)
+    touched = grid.segments_touched(steps, width)
+    segments = [window[g * SEGMENT_SAMPLES:(g + 1) * SEGMENT_SAMPLES] for g in touched]
+    return GridRequest(touched.start, segments, steps, width)
 
 
 def encode_segments(encoder, extractor, segments: list[np.ndarray], padded: bool = True) -> list[torch.Tensor]:
@@ -186,24 +162,19 @@ def log_mel_batch(extractor, segments: list[np.ndarray], device: str = "cpu") ->
     return torch.cat([log_mel(extractor, s if len(s) else np.zeros(1, np.float32), device) for s in segments])
 
 
-def grid_chunks(request: GridRequest, states: list[torch.Tensor]) -> torch.Tensor:
+def grid_chunks(request: GridRequest, states: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     """(frames, width x L, d): the prompts from the request's encoded segments (zeros before the stream)."""
-    joined = torch.cat(states) if len(states) > 1 else states[0]
-    base = request.first * SEGMENT_STEPS
-    return chunks_at(joined, [s - base for s in request.steps], request.width)
+    joined = states if torch.is_tensor(states) else torch.cat(states)
+    return chunks_at(joined, [s - request.base for s in request.steps], request.width)
 
 
 def encode_requests(encoder, extractor, requests: list[tuple[np.ndarray, int, int]], fps: int, left: int = 2,
                     right: int = 2, padded: bool = True) -> list[torch.Tensor]:
     """Prompts for each (window, start, num_frames): frames whose first sample is window[start], window[0] on
     the 30 s grid. Every segment the requests touch goes through the encoder in one batched call."""
-    grid = [grid_request(w, start, n, fps, left, right) for w, start, n in requests]
-    states = encode_segments(encoder, extractor, [seg for g in grid for seg in g.segments], padded)
-    out, k = [], 0
-    for g in grid:
-        out.append(grid_chunks(g, states[k:k + len(g.segments)]))
-        k += len(g.segments)
-    return out
+    reqs = [grid_request(w, start, n, fps, left, right) for w, start, n in requests]
+    joined = grid.encode_grid(reqs, lambda segs: encode_segments(encoder, extractor, segs, padded))
+    return [grid_chunks(r, states) for r, states in zip(reqs, joined)]
 
 
 def stream_chunks(encoder, extractor, window: np.ndarray, start: int, num_frames: int, fps: int, left: int = 2,
@@ -216,8 +187,7 @@ def live_context(fps: int, left: int = 2, right: int = 2, extra_lookahead_frames
     """The live windows: from the 30 s grid line at or before the first prompt's left reach (whole frames)
     to the last prompt's right reach plus `extra_lookahead_frames` (more of the segment whisper sees)."""
     spf = SAMPLE_RATE // int(fps)
-    return AudioContext(left_samples=-(-lead_samples(fps, left) // spf) * spf,
-                        lookahead_frames=right + int(extra_lookahead_frames), align_samples=SEGMENT_SAMPLES)
+    return grid.live_context(-(-lead_samples(fps, left) // spf) * spf, right + int(extra_lookahead_frames))
 
 
 def chunks_at(states: torch.Tensor, first_steps: list[int], width: int) -> torch.Tensor:
