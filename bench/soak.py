@@ -146,6 +146,7 @@ class Tally:
         self.browser: list[dict] = []
         self.viewers: list[dict] = []
         self.loop_lag_ms: dict[int, float] = {}   # per minute: this process's worst event-loop stall
+        self.stalls: list[tuple[float, float]] = []   # this loop's stalls over 100 ms (perf_counter start, end)
 
     def minute(self) -> int:
         return int((time.monotonic() - self.t0) // 60)
@@ -171,7 +172,7 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
     life = first_life
     while time.monotonic() < until:
         conn = {"bot": n, "started_s": round(time.monotonic() - tally.t0, 1), "frames": 0, "speech_frames": 0,
-                "per_minute": {}, "max_gap_ms": 0.0, "lags": [], "errors": 0,
+                "per_minute": {}, "max_gap_ms": 0.0, "gaps": [], "lags": [], "errors": 0,
                 "consumer_delay_ms_max": 0.0}
         end = min(until, time.monotonic() + life)
         life = args.reconnect_minutes * 60
@@ -219,6 +220,8 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
                             conn["per_minute"][m] = conn["per_minute"].get(m, 0) + 1
                             if last is not None:
                                 conn["max_gap_ms"] = max(conn["max_gap_ms"], 1000 * (at - last))
+                                if at - last > 0.2:   # kept to compare with this process's own stalls
+                                    conn["gaps"] = sorted(conn["gaps"] + [(at - last, last, at)])[-5:]
                             last = at
                             if t_first is None:
                                 t_first = at - item.pts
@@ -227,10 +230,12 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
                             if item.speech:
                                 conn["speech_frames"] += 1
                                 if args.backend == "synctest":
-                                    utter.append(_Frame(item.pts, _level_image(item.jpeg), item.audio))
+                                    # decoded off the loop: a busy loop delays every bot's reading
+                                    utter.append(_Frame(item.pts, await asyncio.to_thread(_level_image, item.jpeg),
+                                                        item.audio))
                         elif item.get("type") == "playback_finished":
                             if utter and not item.get("interrupted"):
-                                found = offsets_of_frames(utter, FPS)
+                                found = await asyncio.to_thread(offsets_of_frames, utter, FPS)
                                 tally.ws_offsets_ms.extend(1000 * o.offset for o in found if o.score > 0.8)
                             utter = []
                         elif item.get("type") == "error":
@@ -253,7 +258,7 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
             tally.error(f"bot {n}", repr(exc))
             await asyncio.sleep(1.0)
         conn["ended_s"] = round(time.monotonic() - tally.t0, 1)
-        tally.connections.append(_summarise(conn))
+        tally.connections.append(_summarise(conn, tally))
         tally.reconnects += 1
 
 
@@ -316,7 +321,12 @@ def _level_image(jpeg: bytes) -> np.ndarray:
     return np.asarray(im.convert("L"))
 
 
-def _summarise(conn: dict) -> dict:
+def _stalled(stalls: list[tuple[float, float]], t0: float, t1: float) -> float:
+    """Seconds of [t0, t1] during which this process's loop was stalled."""
+    return sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in stalls)
+
+
+def _summarise(conn: dict, tally: Tally) -> dict:
     lags = conn.pop("lags")
     minutes = sorted(conn["per_minute"].items())
     full = [c / 60 for m, c in minutes[1:-1]]        # whole minutes only
@@ -326,6 +336,11 @@ def _summarise(conn: dict) -> dict:
     conn["fps_mean"] = round(conn["frames"] / span, 2) if span > 0 else None
     conn["per_minute"] = {str(m): c for m, c in minutes}
     conn["max_gap_ms"] = round(conn["max_gap_ms"], 1)
+    # the largest gaps, each with how much of it this (client) process's loop was stalled: a gap the client
+    # made itself is not the server's
+    conn["largest_gaps"] = [{"at_s": round(at - tally.t0, 1), "gap_ms": round(1000 * g, 1),
+                             "client_stalled_ms": round(1000 * _stalled(tally.stalls, t0, at), 1)}
+                            for g, t0, at in sorted(conn.pop("gaps"), reverse=True)]
     conn["consumer_delay_ms_max"] = round(conn["consumer_delay_ms_max"], 1)
     if len(lags) > 10:
         t = np.array([a for a, _ in lags]) / 60
@@ -344,6 +359,9 @@ async def loop_watch(until: float, tally: Tally) -> None:
         late = 1000 * (time.perf_counter() - t - 0.02)
         m = tally.minute()
         tally.loop_lag_ms[m] = round(max(tally.loop_lag_ms.get(m, 0.0), late), 1)
+        if late > 100 and len(tally.stalls) < 20000:
+            end = time.monotonic()   # the clock of BotClient's received_at
+            tally.stalls.append((end - late / 1000 - 0.02, end))
 
 
 async def busy_probe(url: str, until: float, tally: Tally) -> None:
@@ -441,7 +459,7 @@ async def browser(url: str, wav: Path, until: float, args, tally: Tally) -> None
                                                 " map: window.__clockMap}; a.frames = []; a.env = []; a.rx = [];"
                                                 " window.__clockMap = window.__clockMap.slice(-2); return out; })()")
                         to_perf = await pg.evaluate("window.__ctxToPerf()")
-                        offs, fps, n = _browser_offsets(avs, to_perf)
+                        offs, fps, n = await asyncio.to_thread(_browser_offsets, avs, to_perf)
                         row[name] = {"fps_shown": round(fps, 2) if fps else None, "frames": n,
                                      "offset_ms_median": round(statistics.median(offs), 1) if offs else None,
                                      "offsets": len(offs)}
@@ -581,6 +599,8 @@ def main() -> None:
             "bot_fps_per_minute_median_of_medians": _median([c.get("fps_per_minute_median") for c in conns]),
             "bot_fps_mean_per_connection": {"min": min(mean_fps), "max": max(mean_fps)} if mean_fps else None,
             "bot_max_frame_gap_ms": max((c["max_gap_ms"] for c in conns), default=None),
+            "bot_max_frame_gap_less_client_stall_ms": max((g["gap_ms"] - g["client_stalled_ms"] for c in conns
+                                                           for g in c.get("largest_gaps", [])), default=None),
             "bot_consumer_delay_ms_max": max((c["consumer_delay_ms_max"] for c in conns), default=None),
             "client_loop_worst_lag_ms": max(tally.loop_lag_ms.values(), default=None),
             "server_playout_reanchors": sum((c.get("server") or {}).get("playout_reanchors") or 0 for c in conns),
@@ -614,7 +634,11 @@ def main() -> None:
                   "(requestVideoFrameCallback) vs the avatar stream's sound (AudioWorklet). arrival lag = frame arrival "
                   "(off the socket, BotClient's received_at) minus its pts against the session's first frame; its drift "
                   "is the slope per connection; frame gaps are between arrivals too. consumer_delay: how much later "
-                  "this process's loop handled a frame than it arrived.",
+                  "this process's loop handled a frame than it arrived. Frame arrivals are stamped in this process's "
+                  "event loop too, so each connection's largest gaps carry how long that loop was stalled (a 20 ms "
+                  "sleep waking >100 ms late) within them: gap less stall is what the server can have caused. "
+                  "server_*: the server's own playout figures per connection (stats at its end): re-anchors after a "
+                  "late frame push every later frame back (behind_ms), skipped idle frames win it back.",
     }
     emit_json(result, args.out)
 
