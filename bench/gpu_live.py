@@ -176,6 +176,26 @@ def first_frame(backend, avatar, frames: int, repeats: int = 3) -> float:
     return round(float(np.median(best)), 1)
 
 
+def timed_render_video(off, avatar, audio: np.ndarray, device: torch.device, family: str, model: str, size: int,
+                       sampling: tuple) -> dict:
+    """The family's own offline path (render_video over `audio`, after a warm-up on its first half second):
+    seconds of compute per second of video. sampling: (steps, guidance, decoder) as recorded."""
+    for _ in off.render_video(avatar, audio[:8000]):   # warm-up: kernels, allocator
+        pass
+    sync(device)
+    t0 = time.perf_counter()
+    frames = sum(len(f) for f, _ in off.render_video(avatar, audio))
+    sync(device)
+    sec = time.perf_counter() - t0
+    oc = counted_tflop(model, size, "offline", family)
+    steps, guidance, decoder = sampling
+    return {"family": family, "model": model, "steps": steps, "guidance": guidance, "decoder": decoder,
+            "frames": frames, "seconds": round(sec, 2),
+            "compute_seconds_per_video_second": round(sec / (frames / off.fps), 2),
+            "tflop_per_frame": oc["tflop_per_frame_total"],
+            "achieved_tflops": float(f"{frames / sec * oc['tflop_per_frame_total']:.4g}")}
+
+
 def offline_clip(family: str, model: str, size: int, device: torch.device, dtype: str) -> dict:
     """One offline clip with the model's own sampling (steps, guidance) and the SD VAE: seconds of compute per
     second of video. EMO: one clip of the model's clip_frames; EchoMimic: render_video over 2 s of audio
@@ -188,35 +208,12 @@ def offline_clip(family: str, model: str, size: int, device: torch.device, dtype
         tiny = model == "tiny"   # the CPU try: a short clip of a small avatar
         av = musetalk_avatar(off, image, box, frames=5 if tiny else 25)
         audio = (np.random.default_rng(3).standard_normal((1 if tiny else 4) * 16000) * 0.1).astype(np.float32)
-        for _ in off.render_video(av, audio[:8000]):   # warm-up: kernels, allocator
-            pass
-        sync(device)
-        t0 = time.perf_counter()
-        frames = sum(len(f) for f, _ in off.render_video(av, audio))
-        sync(device)
-        sec = time.perf_counter() - t0
-        oc = counted_tflop(model, size, "offline", family)
-        return {"family": family, "model": model, "steps": 1, "guidance": 1.0, "decoder": "vae",
-                "frames": frames, "seconds": round(sec, 2),
-                "compute_seconds_per_video_second": round(sec / (frames / off.fps), 2),
-                "tflop_per_frame": oc["tflop_per_frame_total"],
-                "achieved_tflops": float(f"{frames / sec * oc['tflop_per_frame_total']:.4g}")}
+        return timed_render_video(off, av, audio, device, family, model, size, (1, 1.0, "vae"))
     av = off.avatar_from_crop(image, box)
     if family == "echomimic":
         audio = (np.random.default_rng(3).standard_normal(32000) * 0.1).astype(np.float32)
-        for _ in off.render_video(av, audio[:8000]):   # warm-up: kernels, allocator
-            pass
-        sync(device)
-        t0 = time.perf_counter()
-        frames = sum(len(f) for f, _ in off.render_video(av, audio))
-        sync(device)
-        sec = time.perf_counter() - t0
-        oc = counted_tflop(model, size, "offline", family)
-        return {"family": family, "model": model, "steps": off.sampling.steps, "guidance": off.sampling.guidance,
-                "decoder": off.decoder, "frames": frames, "seconds": round(sec, 2),
-                "compute_seconds_per_video_second": round(sec / (frames / off.fps), 2),
-                "tflop_per_frame": oc["tflop_per_frame_total"],
-                "achieved_tflops": float(f"{frames / sec * oc['tflop_per_frame_total']:.4g}")}
+        return timed_render_video(off, av, audio, device, family, model, size,
+                                  (off.sampling.steps, off.sampling.guidance, off.decoder))
     f = off.clip_frames
     timing = run_sessions(off, [av], 1, 1, 1, f)
     oc = counted_tflop(model, size, "offline", family)

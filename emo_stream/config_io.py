@@ -1,4 +1,5 @@
-"""YAML -> dataclass loading shared by every config in the project (model, training, server).
+"""YAML -> dataclass loading shared by every config in the project (model, training, server), and the one JSON
+object reader (golden sets' case files, downloaded model configs).
 
 One place decides what a config error says: a missing or malformed file, an unknown key (with the
 keys that are known), a section that is not a mapping, a value of the wrong type. Each config module
@@ -8,6 +9,7 @@ keeps its own dataclasses and `validate()`; this module only reads and builds th
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from functools import lru_cache
@@ -37,6 +39,21 @@ def read_yaml(path: str | Path, what: str = "config", hint: str = "") -> dict[st
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def read_json(path: str | Path, error: type[Exception] = ConfigError, missing: str | None = None) -> dict[str, Any]:
+    """A JSON file's top-level object. Each failure is one line naming the file, raised as `error`: not found
+    (`missing` when given: where the file should come from), not valid JSON, or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing or f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:   # JSONDecodeError is a ValueError
+        raise error(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 

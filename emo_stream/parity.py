@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from emo_stream.config_io import read_json
 from emo_stream.errors import EmoStreamError
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,8 @@ def read_case(golden_dir: str | Path) -> dict:
     if not golden_dir.is_dir():
         raise GoldenFormatError(f"golden folder not found: {golden_dir}")
     path = golden_dir / CASE_FILE
-    if not path.is_file():
-        raise GoldenFormatError(f"{golden_dir} is not a golden set: no {CASE_FILE}")
-    try:
-        case = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GoldenFormatError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(case, dict) or not isinstance(case.get("model"), str):
+    case = read_json(path, GoldenFormatError, f"{golden_dir} is not a golden set: no {CASE_FILE}")
+    if not isinstance(case.get("model"), str):
         raise GoldenFormatError(f"{path}: expected a JSON object with a \"model\" name")
     return case
 

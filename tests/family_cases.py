@@ -274,3 +274,13 @@ CASES = {
     "musetalk": FamilyCase("musetalk", _musetalk_model, musetalk_backend, musetalk_jobs, musetalk_step,
                            segment=musetalk_segment, steps=False),
 }
+
+
+class Models(dict):
+    """Each family's tiny fp32 model, built on first use: a test module holds one (a module-scoped fixture), so
+    a family is built once per module, whatever the tests selected."""
+
+    def __missing__(self, family):
+        torch.set_num_threads(1)
+        self[family] = CASES[family].model()
+        return self[family]

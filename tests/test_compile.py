@@ -18,7 +18,7 @@ import torch._dynamo
 from torch._dynamo.testing import CompileCounter
 
 from emo_stream.execution import BATCH_BUCKETS, bucket_size
-from tests.family_cases import CASES
+from tests.family_cases import CASES, Models
 
 FAMILIES = sorted(CASES)
 TOLERANCE = 1e-4   # inductor vs eager, fp32, relative to the output's max (fused kernels reorder sums)
@@ -35,18 +35,9 @@ def denoiser_module(family: str, backend) -> torch.nn.Module:
     return backend.model.denoising_unet.unet
 
 
-class _Models(dict):
-    """Each family's tiny fp32 model, built on first use (one build per module, whatever the tests selected)."""
-
-    def __missing__(self, family):
-        torch.set_num_threads(1)
-        self[family] = CASES[family].model()
-        return self[family]
-
-
 @pytest.fixture(scope="module")
 def models():
-    return _Models()
+    return Models()
 
 
 @pytest.fixture(autouse=True)

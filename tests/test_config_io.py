@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from emo_stream.config_io import build_dataclass, check_keys, read_yaml
-from emo_stream.errors import ConfigError
+from emo_stream.config_io import build_dataclass, check_keys, read_json, read_yaml
+from emo_stream.errors import ConfigError, WeightsError
 
 
 @dataclass
@@ -50,6 +50,21 @@ def test_read_yaml_reads_a_mapping_and_empty_is_empty(tmp_path):
     assert read_yaml(path) == {"name": "y", "inner": {"count": 3}}
     path.write_text("")
     assert read_yaml(path) == {}
+
+
+def test_read_json_is_an_object_or_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "case.json"
+    with pytest.raises(ConfigError, match=r"case\.json: file not found"):
+        read_json(path)
+    with pytest.raises(WeightsError, match="^the download has it$"):   # the caller's error and where it comes from
+        read_json(path, WeightsError, "the download has it")
+    for content, words in [("{not json", "case.json: not valid JSON"), (b"\xff\xfe{", "not valid JSON"),
+                           ("[1, 2]", "case.json: expected a JSON object, got list")]:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(WeightsError, match=words):
+            read_json(path, WeightsError)
+    path.write_text('{"model": "hallo", "n": [1]}')
+    assert read_json(path) == {"model": "hallo", "n": [1]}
 
 
 def test_build_nested_with_conversions():

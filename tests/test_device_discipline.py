@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from emo_stream.execution import to_device
-from tests.family_cases import CASES
+from tests.family_cases import CASES, Models
 from tests.host_sync import ASYNC_COPY, count_host_syncs
 
 FAMILIES = sorted(CASES)
@@ -31,18 +31,9 @@ PER_SEGMENT = {"emo": {}, "echomimic": {}, "hallo": {"device->host copy": 1},
 TOLERANCE = {torch.bfloat16: 0.1, torch.float16: 0.02}
 
 
-class _Models(dict):
-    """Each family's tiny fp32 model, built on first use (one build per module, whatever the tests selected)."""
-
-    def __missing__(self, family):
-        torch.set_num_threads(1)
-        self[family] = CASES[family].model()
-        return self[family]
-
-
 @pytest.fixture(scope="module")
 def models():
-    return _Models()
+    return Models()
 
 
 def test_the_probe_counts_what_blocks_a_gpu():

@@ -152,7 +152,13 @@ def test_past_a_minute_the_floor_is_the_windows():
         cut, lo = next((c, lo) for c, lo in cuts if c.first_frame >= 62 * FPS)
         assert lo == SEGMENT_SAMPLES
         errors[burst_at] = max_error(whisper, audio, cut, lo, live_tokens(whisper, [(cut, lo)])[0])
-    assert errors[40.0] <= TOL, errors
+        if burst_at == 40.0:
+            # frames from 60.0 s: their first rows lie before the 60 s line, so the window still starts at 0 (one
+            # starting at 30 s reflect-pads the STFT frames at 30 s: 1.5e-3 off on tiny.en weights)
+            at60 = [(c, lo) for c, lo in stream(audio, 640, 4) if c.first_frame == 60 * FPS]
+            assert len(at60) == 1 and at60[0][1] == 0
+            errors["60 s"] = max_error(whisper, audio, *at60[0], live_tokens(whisper, at60)[0])
+    assert errors[40.0] <= TOL and errors["60 s"] <= TOL, errors
     assert errors[5.0] > 100 * TOL, errors
 
 

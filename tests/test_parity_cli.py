@@ -52,7 +52,7 @@ def test_parity_tolerance_option(fake_set, capsys):
 
 
 @pytest.mark.parametrize("content,words", [(None, ["no case.json"]), ("{not json", ["not valid JSON"]),
-                                           ('{"x": 1}', ['"model"']),
+                                           ("[1]", ["expected a JSON object"]), ('{"x": 1}', ['"model"']),
                                            ('{"model": "nope"}', ["no parity runner", "nope"])])
 def test_parity_bad_folder_is_one_line(tmp_path, capsys, content, words):
     if content is not None:

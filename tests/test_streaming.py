@@ -115,6 +115,12 @@ async def open_engine(backend, clock=None, **cfg):
     return engine
 
 
+async def open_session(image, backend, clock=None, **cfg):
+    """open_engine, and one session of `image`."""
+    engine = await open_engine(backend, clock, **cfg)
+    return engine, engine.open_session(await engine.prepare_avatar(image))
+
+
 def check_timeline(frames: list[OutputFrame], first: int = 0) -> None:
     assert [f.index for f in frames] == list(range(first, first + len(frames)))
     for f in frames:
@@ -153,8 +159,7 @@ async def test_audio_round_trip_any_format(image):
     """Speech frames carry exactly the pushed audio (resampled), across odd chunks, rates, channels,
     segment boundaries and end_of_speech; pts follow the audio clock; frames are generated in order."""
     backend = TickBackend()
-    engine = await open_engine(backend, segment_frames=5)
-    session = engine.open_session(await engine.prepare_avatar(image))
+    engine, session = await open_session(image, backend, segment_frames=5)
     rng = np.random.default_rng(1)
     # utterance 1: 48 kHz stereo int16 in odd chunk sizes; utterance 2: 22.05 kHz mono float; 3: 16 kHz
     u1 = tone(1.37, 48000)
@@ -210,8 +215,7 @@ async def test_audio_round_trip_any_format(image):
 
 async def test_idle_frames_paced_by_clock(image):
     clock = FakeClock()
-    engine = await open_engine(TickBackend(), clock, segment_frames=4, idle_lead_frames=6)
-    session = engine.open_session(await engine.prepare_avatar(image))
+    engine, session = await open_session(image, TickBackend(), clock, segment_frames=4, idle_lead_frames=6)
     frames = await drain(session, 0.2)
     assert 0 < len(frames) <= 7 and frames[-1].index <= 6   # nothing beyond the lead while the clock stands
     for step in range(1, 4):
@@ -228,8 +232,7 @@ async def test_idle_frames_paced_by_clock(image):
 async def test_speech_after_idle_and_onset(image):
     """Speech pushed while idling goes out right after the idle frames already made, not later."""
     clock = FakeClock()
-    engine = await open_engine(TickBackend(), clock, segment_frames=4, idle_lead_frames=6)
-    session = engine.open_session(await engine.prepare_avatar(image))
+    engine, session = await open_session(image, TickBackend(), clock, segment_frames=4, idle_lead_frames=6)
     idle = await drain(session, 0.2)
     await session.push_audio(tone(0.4))
     session.end_of_speech()
@@ -246,8 +249,7 @@ async def test_clear_drops_queued_work_and_returns_to_idle(image):
     gate = threading.Event()
     gate.set()
     backend = TickBackend(on_generate=lambda jobs: gate.wait(10))
-    engine = await open_engine(backend, clock, segment_frames=4, output_frames=12, input_seconds=2.0)
-    session = engine.open_session(await engine.prepare_avatar(image))
+    engine, session = await open_session(image, backend, clock, segment_frames=4, output_frames=12, input_seconds=2.0)
     await session.push_audio(tone(1.8))   # fits the input queue
     first = await read_until(session, lambda f: f.speech)
     first += [await session.next_frame() for _ in range(3)]
@@ -275,8 +277,7 @@ async def test_clear_drops_queued_work_and_returns_to_idle(image):
 
 
 async def test_fast_producer_gets_backpressure(image):
-    engine = await open_engine(TickBackend(), segment_frames=4, output_frames=12, input_seconds=0.5)
-    session = engine.open_session(await engine.prepare_avatar(image))
+    engine, session = await open_session(image, TickBackend(), segment_frames=4, output_frames=12, input_seconds=0.5)
     audio = tone(6.0)
 
     async def produce():
@@ -342,8 +343,7 @@ async def test_fall_behind_holds_frames_and_keeps_latency_bounded(image):
     timeline and audio stay intact, and the drops show in the stats."""
     clock = FakeClock()
     backend = TickBackend(on_generate=lambda jobs: clock.advance(0.5))   # 4 frames cost 0.5 s: 3x too slow
-    engine = await open_engine(backend, clock, segment_frames=4, max_delay_ms=300)
-    session = engine.open_session(await engine.prepare_avatar(image))
+    engine, session = await open_session(image, backend, clock, segment_frames=4, max_delay_ms=300)
     audio = tone(3.0)
     await session.push_audio(audio)
     session.end_of_speech()
@@ -409,8 +409,7 @@ async def test_a_backend_failure_reaches_only_that_session(image, backend_cls, m
 
 
 async def test_timestamp_gap_is_filled_with_silence(image):
-    engine = await open_engine(TickBackend())
-    session = engine.open_session(await engine.prepare_avatar(image))
+    engine, session = await open_session(image, TickBackend())
     a = tone(0.2)
     await session.push_audio(a, timestamp=10.0)
     await session.push_audio(a, timestamp=10.5)   # 0.3 s of packets lost
@@ -486,8 +485,7 @@ async def test_concurrent_backend_gets_parallel_workers_in_session_order(image):
 
 async def test_stalled_sender_is_flushed_without_segment_end(image):
     clock = FakeClock()
-    engine = await open_engine(TickBackend(), clock, segment_frames=4, stall_flush_s=0.5)
-    session = engine.open_session(await engine.prepare_avatar(image))
+    engine, session = await open_session(image, TickBackend(), clock, segment_frames=4, stall_flush_s=0.5)
     idle = await drain(session, 0.2)
     audio = tone(0.5)[:7000]                    # ends mid-frame, no end_of_speech
     await session.push_audio(audio)
@@ -508,8 +506,7 @@ async def test_stalled_sender_is_flushed_without_segment_end(image):
 async def test_long_stream_keeps_internal_buffers_bounded(image):
     """A minute of microphone-like 20 ms chunks: the window, arrival records and VAD decisions stay
     small (hours of streaming do not grow memory)."""
-    engine = await open_engine(TickBackend(), segment_frames=4, output_frames=12, input_seconds=0.5)
-    session = engine.open_session(await engine.prepare_avatar(image))
+    engine, session = await open_session(image, TickBackend(), segment_frames=4, output_frames=12, input_seconds=0.5)
     audio = tone(60.0)
     sizes = []
 
@@ -549,8 +546,7 @@ def test_stage_streams_are_inactive_off_cuda():
 
 async def test_one_frame_segments(image):
     """The lowest-latency setting: one frame per segment (clear's bridge frames are not tied to it)."""
-    engine = await open_engine(TickBackend(), segment_frames=1)
-    session = engine.open_session(await engine.prepare_avatar(image))
+    engine, session = await open_session(image, TickBackend(), segment_frames=1)
     audio = tone(0.33)
     await session.push_audio(audio)
     session.end_of_speech()
@@ -585,6 +581,16 @@ class BatchAudioBackend(TickBackend):
         return [self.encode_audio(*r) for r in requests]
 
 
+async def release_when_queued(engine, backend) -> None:
+    """Lets the held first encode call return once segments of several sessions wait behind it (so the next
+    call is a batch)."""
+    for _ in range(400):
+        if engine.stats()["queues"]["encode"] >= 2:
+            break
+        await asyncio.sleep(0.01)
+    backend.release.set()
+
+
 @pytest.mark.parametrize("bad", [False, True])
 async def test_queued_segments_of_all_sessions_share_one_audio_encoder_call(image, bad):
     """Backends with encode_audio_batch (MuseTalk's whisper) get every segment queued at once in one call, up to
@@ -598,11 +604,7 @@ async def test_queued_segments_of_all_sessions_share_one_audio_encoder_call(imag
         audio = np.full(16000, 0.123, np.float32) if bad and i == 2 else tone(1.0) * (0.5 + 0.25 * i)
         await s.push_audio(audio)
         s.end_of_speech()
-    for _ in range(400):   # until segments of several sessions wait behind the first call
-        if engine.stats()["queues"]["encode"] >= 2:
-            break
-        await asyncio.sleep(0.01)
-    backend.release.set()
+    await release_when_queued(engine, backend)
     good = sessions[:2] if bad else sessions
     results = await asyncio.gather(*(read_until(s, lambda f: f.segment_end) for s in good))
     for frames in results:
@@ -627,11 +629,7 @@ async def test_a_failed_audio_batch_retried_one_by_one_counts_each_failure_once(
     for i, s in enumerate(sessions):
         await s.push_audio(np.full(16000, 0.123, np.float32) if i < 2 else tone(1.0))
         s.end_of_speech()
-    for _ in range(400):   # until segments of several sessions wait behind the first call
-        if engine.stats()["queues"]["encode"] >= 2:
-            break
-        await asyncio.sleep(0.01)
-    backend.release.set()
+    await release_when_queued(engine, backend)
     for s in sessions[:2]:
         with pytest.raises(EmoStreamError, match="bad audio"):
             await read_until(s, lambda f: False, limit=100)

@@ -15,8 +15,8 @@ closed as an utterance) and each cut through what EchoMimicBackend.encode_audio_
 whisper's 30 s grid of the session's audio). `previous`: the design before it, for comparison (each window of
 2 s left context + 3 frames of look-ahead encoded on its own, log-mel floored over the window).
 
-Printed per design: per whisper layer the max abs error, the reference's max abs value and the RMS error over
-the reference RMS; per frame the relative error ||live - file|| / ||file|| over its tokens (every layer),
+Printed per design: per whisper layer the frame's relative error (below) at that layer alone, mean / p95, the
+max abs error, the reference's max abs value and the RMS error over the reference RMS; per frame the relative error ||live - file|| / ||file|| over its tokens (every layer),
 mean / p95 / max, and its mean by look-ahead (frames of audio received past the frame's own audio when it was
 cut). No reference code runs here.
 """
@@ -81,18 +81,24 @@ def compare(live: torch.Tensor, ref: torch.Tensor, lookahead: np.ndarray, layers
     ours = live[:n].double().reshape(n, -1, layers, ref.shape[-1])
     gold = ref[:n].double().reshape(n, -1, layers, ref.shape[-1])
     d = ours - gold
-    per_layer = [{"layer": k, "max_abs_error": round(float(d[:, :, k].abs().max()), 4),
+    def frame_rel(dd, gg):   # per frame: ||live - file|| / ||file|| over its tokens
+        return (dd.flatten(1).norm(dim=1) / gg.flatten(1).norm(dim=1).clamp(min=1e-12)).numpy()
+
+    per_layer = [{"layer": k, "relative_error_mean": round(float(frame_rel(d[:, :, k], gold[:, :, k]).mean()), 4),
+                  "relative_error_p95": round(float(np.percentile(frame_rel(d[:, :, k], gold[:, :, k]), 95)), 4),
+                  "max_abs_error": round(float(d[:, :, k].abs().max()), 4),
                   "reference_max_abs": round(float(gold[:, :, k].abs().max()), 4),
                   "rms_error_over_reference_rms": round(float(d[:, :, k].pow(2).mean().sqrt()
                                                               / gold[:, :, k].pow(2).mean().sqrt()), 4)}
                  for k in range(layers)]
-    rel = (d.flatten(1).norm(dim=1) / gold.flatten(1).norm(dim=1).clamp(min=1e-12)).numpy()
+    rel = frame_rel(d, gold)
     la = lookahead[:n]
     return {"frames": n, "relative_error_mean": round(float(rel.mean()), 4),
             "relative_error_p95": round(float(np.percentile(rel, 95)), 4),
             "relative_error_max": round(float(rel.max()), 4),
             "relative_error_mean_by_lookahead_frames": {int(v): round(float(rel[la == v].mean()), 4)
                                                         for v in np.unique(la)},
+            "worst_frames": {int(i): round(float(rel[i]), 4) for i in np.argsort(rel)[::-1][:5]},
             "frames_over_1e-4": int((d.abs().flatten(1).amax(dim=1) > 1e-4).sum()), "per_layer": per_layer}
 
 

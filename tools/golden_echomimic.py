@@ -40,6 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
+from _golden_common import StandInVae, git_commit, randomize, save   # tools/ is on sys.path when this runs
+
+# the checkout these sets were made from came as an archive of the fetched snapshot
+ECHOMIMIC_UNKNOWN_COMMIT = "a53e970 (archive of the fetched snapshot; no .git in the checkout)"
+
 SAMPLERS = {   # name -> (pipeline module, frames, steps, guidance, noise seed offset)
     "acc_loop": ("pipeline_echo_mimic_acc", 12, 3, 1.0, 0),
     "acc_long_video": ("pipeline_echo_mimic_acc", 24, 3, 1.0, 1),
@@ -125,17 +130,6 @@ def synthetic_speech(seconds: float, gen) -> np.ndarray:
     return np.clip((0.25 * tone * env + 0.05 * noise) * 32767, -32768, 32767).astype(np.int16)
 
 
-def git_commit(path: str) -> str:
-    head = Path(path) / ".git" / "HEAD"
-    if head.is_file():
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            f = Path(path) / ".git" / ref[5:]
-            return f.read_text().strip()[:7] if f.is_file() else ref
-        return ref[:7]
-    return "a53e970 (archive of the fetched snapshot; no .git in the checkout)"
-
-
 def make_case(a) -> dict:
     widths = [int(v) for v in a.widths.split(",")]
     base = dict(sample_size=a.size // 8, in_channels=4, out_channels=4, center_input_sample=False,
@@ -145,7 +139,7 @@ def make_case(a) -> dict:
     return {
         "set": f"generated {a.size}px widths {widths} layers {a.layers} seed {a.seed}",
         "model": "echomimic-v1",
-        "repo": f"github antgroup/echomimic (commit {git_commit(a.echomimic)})",
+        "repo": f"github antgroup/echomimic (commit {git_commit(a.echomimic, ECHOMIMIC_UNKNOWN_COMMIT)})",
         "diffusers": "0.24.0 (repo pin)",
         "dtype": "float32 everywhere, CPU",
         "torch_threads": 1,
@@ -178,20 +172,6 @@ def make_case(a) -> dict:
         "face_locator": {"conditioning_embedding_channels": widths[0], "conditioning_channels": 1,
                          "block_out_channels": [int(v) for v in a.face_widths.split(",")]},
     }
-
-
-def randomize(module, gen) -> None:
-    """Random weights everywhere (EchoMimic zero-initialises several layers, which would hide their paths);
-    buffers (the motion modules' positional encodings, whisper's sinusoids) stay as built."""
-    import torch
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
 def build(E, case: dict):
@@ -319,35 +299,6 @@ def denoiser_single(E, ref, den, ref_latents, latents, t, audio_tokens, face_fea
     return out
 
 
-class ScaledLatents:
-    """The VAE mean whose `* 0.18215` (the pipeline's scaling) gives the given reference latents exactly."""
-
-    def __init__(self, latents):
-        self.latents = latents
-
-    def __mul__(self, factor):
-        assert factor == 0.18215, factor
-        return self.latents
-
-
-class StandInVae:
-    """What Audio2VideoPipeline asks of its VAE: encode(...).latent_dist.mean, decode(...).sample, dtype,
-    device, config.block_out_channels (4 levels: vae_scale_factor 8)."""
-
-    def __init__(self, ref_latents, size):
-        import torch
-        self.mean, self.size = ScaledLatents(ref_latents), size
-        self.dtype, self.device = torch.float32, torch.device("cpu")
-        self.config = types.SimpleNamespace(block_out_channels=[1, 1, 1, 1])
-
-    def encode(self, _pixels):
-        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=self.mean))
-
-    def decode(self, z):
-        import torch
-        return types.SimpleNamespace(sample=torch.zeros(z.shape[0], 3, self.size, self.size))
-
-
 def sampler_case(E, models, case: dict, a, name: str, spec: tuple, wav_path: Path, ref_latents, face_mask) -> tuple:
     import torch
     from diffusers import DDIMScheduler
@@ -356,7 +307,7 @@ def sampler_case(E, models, case: dict, a, name: str, spec: tuple, wav_path: Pat
     module, frames, steps, guidance, seed = spec
     pipe_cls = E.pipelines[module].Audio2VideoPipeline
     scheduler = DDIMScheduler(**case["noise_scheduler_kwargs"])
-    pipe = pipe_cls(vae=StandInVae(ref_latents, a.size), reference_unet=ref, denoising_unet=den, audio_guider=audio,
+    pipe = pipe_cls(vae=StandInVae(ref_latents, (a.size, a.size)), reference_unet=ref, denoising_unet=den, audio_guider=audio,
                     face_locator=face, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     rec: dict = {}
@@ -428,12 +379,6 @@ def parse_samplers(text: str) -> dict:
     return out
 
 
-def save(folder: Path, name: str, tensors: dict) -> None:
-    from safetensors.torch import save_file
-    save_file({k: (v if v.dtype == __import__("torch").int64 else v.detach().float()).contiguous()
-               for k, v in tensors.items()}, str(folder / name))
-
-
 def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
@@ -461,13 +406,13 @@ def main(argv=None) -> int:
     s = a.size
     box = [int(s * 0.31), int(s * 0.23), int(s * 0.7), int(s * 0.78)]
     fc = face_mask_case(face, s, box)
-    save(out, "face_locator.safetensors", fc)
+    save(out, "face_locator.safetensors", fc, keep_int64=True)
     case["face_locator_case"] = {"file": "face_locator.safetensors", "face_mask": list(fc["face_mask"].shape),
                                  "face_feature": list(fc["face_feature"].shape), "face_box_xyxy_pixels": box,
                                  "image_hw": [s, s], "mask_rule": "infer script: box grown by int(10% of its "
                                  "size) per side, 255 inside, /255, shaped (1, 1, 1, H, W)"}
     au = audio_case(E, audio, wav_path, a.fps)
-    save(out, "audio.safetensors", au)
+    save(out, "audio.safetensors", au, keep_int64=True)
     case["audio_case"] = {"file": "audio.safetensors", "wav": "audio.wav (16 kHz mono PCM16)",
                           "seconds": len(samples) / 16000, "fps": a.fps, **{k: list(v.shape) for k, v in au.items()},
                           "source": a.audio or "synthetic tone + noise"}
@@ -480,7 +425,7 @@ def main(argv=None) -> int:
         pairing: dict = {}
         dn.update(denoiser_single(E, ref, den, dn["ref_latents"], dn["latents"], dn["timestep"],
                                   au["whisper_chunks"][:frames][None], fc["face_feature"], pairing))
-        save(out, "denoiser_single.safetensors", dn)
+        save(out, "denoiser_single.safetensors", dn, keep_int64=True)
         case["denoiser_single_case"] = {
             "file": "denoiser_single.safetensors", "timestep": a.timestep,
             "tensors": {k: list(v.shape) for k, v in dn.items()},
@@ -495,7 +440,7 @@ def main(argv=None) -> int:
             ref_latents = torch.randn(1, 4, lat, lat, generator=gen)
             rec, meta = sampler_case(E, (ref, den, face, audio), case, a, name, spec, wav_path, ref_latents,
                                      fc["face_mask"])
-            save(out, f"{name}.safetensors", rec)
+            save(out, f"{name}.safetensors", rec, keep_int64=True)
             case["sampler_cases"][name] = meta
             print(f"golden_echomimic: {name} done ({meta['n_denoiser_calls']} denoiser calls)", flush=True)
 

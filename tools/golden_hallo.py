@@ -39,6 +39,8 @@ import sys
 import types
 from pathlib import Path
 
+from _golden_common import StandInVae, git_commit, randomize, save, shapes   # tools/ is on sys.path when this runs
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -81,17 +83,6 @@ def import_hallo(path: str):
                                  ReferenceAttentionControl=msa.ReferenceAttentionControl,
                                  UNet2DConditionModel=u2.UNet2DConditionModel,
                                  UNet3DConditionModel=u3.UNet3DConditionModel)
-
-
-def git_commit(path: str) -> str:
-    head = Path(path) / ".git" / "HEAD"
-    if head.is_file():
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            f = Path(path) / ".git" / ref[5:]
-            return f.read_text().strip()[:7] if f.is_file() else ref
-        return ref[:7]
-    return "unknown (no .git in the checkout)"
 
 
 def make_case(a) -> dict:
@@ -152,20 +143,6 @@ def build_net(H, case: dict):
     return net
 
 
-def randomize(net, gen) -> None:
-    """Random weights everywhere (Hallo zero-initialises several convs, which would hide their paths)."""
-    import torch
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if p.dim() > 1:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-
-
 def load_like_inference(H, case: dict, net_pth: Path):
     """Fresh modules, net.pth loaded strictly (fp16 file -> fp32 modules), modes as inference.py leaves them."""
     import torch
@@ -177,35 +154,6 @@ def load_like_inference(H, case: dict, net_pth: Path):
     net.reference_unet.enable_gradient_checkpointing()
     net.denoising_unet.enable_gradient_checkpointing()
     return net
-
-
-class ScaledLatents:
-    """The VAE mean whose `* 0.18215` (the pipeline's scaling) gives the given reference latents exactly."""
-
-    def __init__(self, latents):
-        self.latents = latents
-
-    def __mul__(self, factor):
-        assert factor == 0.18215, factor
-        return self.latents
-
-
-class StandInVae:
-    """What FaceAnimatePipeline asks of its VAE: encode(...).latent_dist.mean (scaled by 0.18215 in the
-    pipeline), decode(...).sample, dtype / device / config.block_out_channels."""
-
-    def __init__(self, ref_latents, hw):
-        import torch
-        self.mean, self.hw = ScaledLatents(ref_latents), hw
-        self.dtype, self.device = torch.float32, torch.device("cpu")
-        self.config = types.SimpleNamespace(block_out_channels=[1, 1, 1, 1])
-
-    def encode(self, _pixels):
-        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(mean=self.mean))
-
-    def decode(self, z):
-        import torch
-        return types.SimpleNamespace(sample=torch.zeros(z.shape[0], 3, *self.hw))
 
 
 def level_sizes(h: int, w: int, n: int) -> list[tuple[int, int]]:
@@ -339,15 +287,6 @@ def cfg_loop(H, net, case: dict, mf: dict, au: dict, ref_latents, a) -> dict:
         rec[f"step{i}_model_output"] = mo
         rec[f"step{i}_pred_uncond"], rec[f"step{i}_pred_cond"] = both.chunk(2)
     return rec
-
-
-def shapes(d: dict) -> dict:
-    return {k: list(v.shape) for k, v in d.items()}
-
-
-def save(folder: Path, name: str, tensors: dict) -> None:
-    from safetensors.torch import save_file
-    save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(folder / name))
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -337,6 +337,8 @@ class StreamingEngine:
                     j.cut.window = _NO_WINDOW
                 if j not in failed:
                     self._put(self._q_generate, j)
+            # an idle stage must not keep its last jobs (and so their closed sessions) alive while it waits
+            job = j = jobs = live = work = failed = None
 
     def _encode(self, work: list[Job]) -> list[Job]:
         """Audio features of `work`: one encode_audio_batch call when the backend offers it (a batch that fails is
@@ -467,6 +469,7 @@ class StreamingEngine:
             finally:
                 with self._gen_lock:
                     self._gen_busy.difference_update(j.session.id for j in batch)
+                batch = None   # idle, it keeps no job (nor its closed session) alive
 
     def _generate_batch(self, batch: list[Job]) -> None:
         work = [j for j in batch if not j.hold]
@@ -502,17 +505,16 @@ class StreamingEngine:
         work = [j for j in work if not j.stale()]   # a session may have failed since the batch was taken
         if not work:
             return []
-        call = self.health.begin(self._gen_stage, [j.session for j in work])
-        error: Exception | None = None
-        try:
+
+        def call():
             with self._model_lock:
                 segments = [j.segment for j in work]
-                result = self.backend.denoise(segments) if self._split else self.backend.generate(segments)
-        except Exception as exc:
-            error = exc
-        self.health.end(call, error is None, error)
-        if call.abandoned:       # the watchdog gave these sessions their error; a late answer is dropped
+                return self.backend.denoise(segments) if self._split else self.backend.generate(segments)
+
+        watched = self._watched(self._gen_stage, work, call)
+        if watched is None:
             return []
+        result, error = watched
         if error is None:
             return [(work, result)]
         if len(work) == 1 or self.health.device_error is not None or is_device_error(error):
@@ -586,20 +588,29 @@ class StreamingEngine:
                 self._deliver(holds, [], None)
             for n, (jobs, frames) in enumerate(groups):
                 self._deliver((holds if n == 0 else []) + jobs, jobs, frames)
+            item = batch = work = latents = holds = groups = jobs = frames = None   # idle: hold no job
+
+    def _watched(self, stage: str, work: list[Job], fn: Callable[[], Any]) -> tuple[Any, Exception | None] | None:
+        """fn(), a backend call for `work`'s sessions, under the watchdog: (result, None) or (None, its error);
+        None when the watchdog gave up on the call (it gave these sessions their error: a late answer is
+        dropped)."""
+        call = self.health.begin(stage, [j.session for j in work])
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as exc:
+            error = exc
+        self.health.end(call, error is None, error)
+        return None if call.abandoned else (result, error)
 
     def _decode_in_halves(self, work: list[Job], latents: Any) -> list[tuple[list[Job], Any]]:
         """backend.decode on `work`; a batch that fails is retried in halves as the denoise batch is (the
         latents split per job: a list of them, or the backend's `select_latents`), so one session's failure
         ends that session alone. Returns (jobs, frames) of the calls that worked."""
-        call = self.health.begin("decode", [j.session for j in work])
-        error: Exception | None = None
-        try:
-            frames = self.backend.decode([j.segment for j in work], latents)
-        except Exception as exc:
-            error = exc
-        self.health.end(call, error is None, error)
-        if call.abandoned:       # the watchdog gave these sessions their error; a late answer is dropped
+        watched = self._watched("decode", work, lambda: self.backend.decode([j.segment for j in work], latents))
+        if watched is None:
             return []
+        frames, error = watched
         if error is None:
             return [(work, frames)]
         half = len(work) // 2

@@ -227,9 +227,9 @@ def _gather(features: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 # ---- live: the stream on whisper's 30 s grid (emo_stream.blocks.whisper_grid) ---------------------------------
 # EchoMimic takes the log-mel of the whole file, floored at the file's maximum - 8, and encodes it in 30 s
-# segments from the file's first sample. A live window starts on the grid line BEFORE the segment's own
-# (left context: one whole segment), so its log-mel holds the file's STFT frames at the segment's line and a floor
-# over the last 30-60 s; each grid segment the frames' rows touch is encoded with the frames received so far,
+# segments from the file's first sample. A live window starts on the grid line BEFORE the one of the segment's
+# first token row (left context: one whole segment), so its log-mel holds the file's STFT frames at every line its
+# rows touch (the window's own first STFT frames reflect-pad its edge) and a floor over the last 30-60 s; each grid segment the frames' rows touch is encoded with the frames received so far,
 # zero-padded in the log-mel domain as EchoMimic pads a file's last segment. A frame's tokens then equal
 # EchoMimic's whole-file tokens of the audio up to the window's end, where the loudest log-mel value so far lies
 # in the window (always in a stream's first minute). What differs from EchoMimic's pass over the complete file:
@@ -238,13 +238,16 @@ def _gather(features: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 #     louder audio earlier than the window is forgotten): it moves only log-mel values below that floor
 #     (digital silence, very quiet passages);
 #   - at an utterance's end, the rows past it: the engine's zero-padded look-ahead, not the file's last row.
-LIVE_LEFT_SAMPLES = grid.SEGMENT_SAMPLES
+# 30 s, plus a frame's reach before its first sample (4 rows and the part of a row before it): a segment whose
+# first rows lie before a grid line still gets the whole previous segment (before: the window started on that
+# line and its first STFT frames were reflect-padded: 1.5e-3 off on tiny.en weights at 60.0 s)
+LIVE_LEFT_SAMPLES = grid.SEGMENT_SAMPLES + (ROWS_BEFORE + 1) * grid.SAMPLES_PER_STEP
 
 
 def live_context(fps: int, extra_lookahead_frames: int = 0) -> AudioContext:
-    """The engine's live windows: from the grid line before the segment's own to its last frame's last token
-    row (5 rows, 120 ms, after it: whole frames), plus `extra_lookahead_frames` (more of the segment whisper
-    sees, 1000 / fps ms of latency each)."""
+    """The engine's live windows: from the grid line before the one of the segment's first token row to its last
+    frame's last token row (120 ms after the frame: whole frames), plus `extra_lookahead_frames` (more of the
+    segment whisper sees, 1000 / fps ms of latency each)."""
     rows_after = ROWS_PER_FRAME - ROWS_BEFORE    # a frame's rows reach to the end of row int(50 t) + 5
     lookahead = -(-rows_after * int(fps) // ROWS_PER_SECOND)
     return grid.live_context(LIVE_LEFT_SAMPLES, lookahead + int(extra_lookahead_frames))

@@ -176,7 +176,7 @@ class EchoMimicBackend(BackendBase):
         self._face_analyzer = face_analyzer
         self._silence: dict[int, torch.Tensor] = {}
         self._audio_lock = threading.Lock()
-        # live windows on whisper's 30 s grid, from the line before the segment's own, to its last token row
+        # live windows on whisper's 30 s grid, from the line before its first token row's, to its last token row
         self.audio_context: AudioContext = live_context(fps, extra_lookahead_frames)
 
     # ---- avatar --------------------------------------------------------------------------------

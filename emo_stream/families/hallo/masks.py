@@ -60,19 +60,21 @@ def expand_box(box: tuple, width: int, height: int, ratio: float) -> tuple[int, 
     side_x, side_y = (max_x - min_x) * ratio, (max_y - min_y) * ratio
     min_x, max_x = mid_x - side_x // 2, mid_x + side_x // 2
     min_y, max_y = mid_y - side_y // 2, mid_y + side_y // 2
-    if min_x < 0:
-        max_x -= min_x
-        min_x = 0
-    if max_x > width:
-        min_x -= max_x - width
-        max_x = width
-    if min_y < 0:
-        max_y -= min_y
-        min_y = 0
-    if max_y > height:
-        min_y -= max_y - height
-        max_y = height
+    min_x, max_x = _shift_inside(min_x, max_x, width)
+    min_y, max_y = _shift_inside(min_y, max_y, height)
     return round(min_x), round(min_y), round(max_x), round(max_y)
+
+
+def _shift_inside(lo, hi, limit):
+    """One axis of expand_region's shift: past 0, moved right; then past `limit`, moved left (in that order:
+    a span longer than the image keeps its end at the limit)."""
+    if lo < 0:
+        hi -= lo
+        lo = 0
+    if hi > limit:
+        lo -= hi - limit
+        hi = limit
+    return lo, hi
 
 
 def box_mask(box: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:

@@ -15,7 +15,6 @@ lacks is an error.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emo_stream.config_io import read_json
 from emo_stream.errors import ConfigError, WeightsError
 from emo_stream.blocks.wav2vec2 import load_wav2vec2
 from emo_stream.families.hallo import audio as haudio
@@ -164,12 +164,7 @@ def build_model(golden: Path, case: dict) -> HalloModel:
 
 def read_case(golden: Path) -> dict:
     case_path = golden / "case.json"
-    if not case_path.is_file():
-        raise _format_error()(f"{golden} is not a golden set: no case.json")
-    try:
-        case = json.loads(case_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise _format_error()(f"{case_path}: not valid JSON ({exc})") from None
+    case = read_json(case_path, _format_error(), f"{golden} is not a golden set: no case.json")
     if case.get("model") != "hallo":
         raise _format_error()(f"{case_path}: model is {case.get('model')!r}, not 'hallo'")
     for key in ("unet_2d_config", "unet_additional_kwargs", "module_args", "noise_scheduler_kwargs"):

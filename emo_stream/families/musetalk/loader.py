@@ -19,7 +19,6 @@ unet.safetensors, vae.safetensors, whisper_encoder.safetensors, face_parsing.saf
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from emo_stream import config_io
 from emo_stream.errors import WeightsError
 from emo_stream.families.musetalk.config import ARCHITECTURE, MuseTalkConfig
 
@@ -115,15 +115,8 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise WeightsError(f"{path}: file not found (MuseTalk's download has it; see docs/musetalk.md)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WeightsError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise WeightsError(f"{path}: expected a JSON object")
-    return data
+    return config_io.read_json(path, WeightsError,
+                               f"{path}: file not found (MuseTalk's download has it; see docs/musetalk.md)")
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str, what: str) -> None:
