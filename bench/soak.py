@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import io
 import json
@@ -172,7 +173,7 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
     life = first_life
     while time.monotonic() < until:
         conn = {"bot": n, "started_s": round(time.monotonic() - tally.t0, 1), "frames": 0, "speech_frames": 0,
-                "per_minute": {}, "max_gap_ms": 0.0, "gaps": [], "lags": [], "errors": 0,
+                "per_minute": {}, "max_gap_ms": 0.0, "gaps": [], "lags": [], "errors": 0, "reply_ms": [],
                 "consumer_delay_ms_max": 0.0}
         end = min(until, time.monotonic() + life)
         life = args.reconnect_minutes * 60
@@ -180,6 +181,7 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
             async with BotClient(url, decode=False) as client:
                 await _start_retrying(client, tally, n)
                 utter: list[_Frame] = []
+                said: collections.deque[float] = collections.deque()   # each utterance's first send
                 busy_speaking = asyncio.Event()
 
                 async def speak() -> None:
@@ -190,6 +192,7 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
                         stop_at = len(clip) // 2 if interrupt else len(clip)
                         busy_speaking.set()
                         due = time.monotonic()   # real time on an absolute clock (relative sleeps oversleep)
+                        said.append(due)
                         for i in range(0, stop_at, 320):
                             await client.send_audio(clip[i:i + 320])
                             due += 0.02
@@ -205,6 +208,7 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
 
                 sender = asyncio.create_task(speak())
                 t_first = last = None
+                in_speech = False
                 try:
                     async for item in client.receive(timeout=15):
                         now = time.monotonic()
@@ -227,6 +231,14 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
                                 t_first = at - item.pts
                             if item.index % 25 == 0:
                                 conn["lags"].append((at - tally.t0, 1000 * (at - t_first - item.pts)))
+                            if item.speech and not in_speech:
+                                # an utterance's first frame: how long after its first audio went out (the
+                                # latency a caller hears; unlike arrival lag, a pause of the timeline is no part)
+                                while said and said[0] <= at:
+                                    start = said.popleft()
+                                    if not said or said[0] > at:
+                                        conn["reply_ms"].append((at - tally.t0, 1000 * (at - start)))
+                            in_speech = item.speech
                             if item.speech:
                                 conn["speech_frames"] += 1
                                 if args.backend == "synctest":
@@ -321,6 +333,11 @@ def _level_image(jpeg: bytes) -> np.ndarray:
     return np.asarray(im.convert("L"))
 
 
+def _span(values: list) -> dict | None:
+    values = [v for v in values if v is not None]
+    return {"min": min(values), "max": max(values)} if values else None
+
+
 def _stalled(stalls: list[tuple[float, float]], t0: float, t1: float) -> float:
     """Seconds of [t0, t1] during which this process's loop was stalled."""
     return sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in stalls)
@@ -342,6 +359,13 @@ def _summarise(conn: dict, tally: Tally) -> dict:
                              "client_stalled_ms": round(1000 * _stalled(tally.stalls, t0, at), 1)}
                             for g, t0, at in sorted(conn.pop("gaps"), reverse=True)]
     conn["consumer_delay_ms_max"] = round(conn["consumer_delay_ms_max"], 1)
+    reply = conn.pop("reply_ms")
+    if len(reply) > 5:
+        t = np.array([a for a, _ in reply]) / 60
+        ms = np.array([b for _, b in reply])
+        conn["reply_ms"] = {"n": len(ms), "p50": round(float(np.median(ms)), 1),
+                            "p95": round(float(np.percentile(ms, 95)), 1), "max": round(float(ms.max()), 1),
+                            "drift_ms_per_min": round(float(np.polyfit(t, ms, 1)[0]), 3) if np.ptp(t) > 1 else None}
     if len(lags) > 10:
         t = np.array([a for a, _ in lags]) / 60
         lag = np.array([b for _, b in lags])
@@ -608,6 +632,8 @@ def main() -> None:
                                                 default=None),
             "server_playout_skipped_idle_frames": sum((c.get("server") or {}).get("playout_skipped_idle_frames") or 0
                                                       for c in conns),
+            "bot_reply_ms_p50_per_connection": [c["reply_ms"]["p50"] for c in conns if "reply_ms" in c],
+            "bot_reply_drift_ms_per_min": _span([c["reply_ms"]["drift_ms_per_min"] for c in conns if "reply_ms" in c]),
             "bot_arrival_lag_drift_ms_per_min": {"min": min(drifts), "max": max(drifts)} if drifts else None,
             "ws_av_offset_ms": ({"utterance_bursts": len(ws), "median": round(statistics.median(ws), 1),
                                  "min": round(min(ws), 1), "max": round(max(ws), 1)} if ws else None),
@@ -638,7 +664,10 @@ def main() -> None:
                   "event loop too, so each connection's largest gaps carry how long that loop was stalled (a 20 ms "
                   "sleep waking >100 ms late) within them: gap less stall is what the server can have caused. "
                   "server_*: the server's own playout figures per connection (stats at its end): re-anchors after a "
-                  "late frame push every later frame back (behind_ms), skipped idle frames win it back.",
+                  "late frame push every later frame back (behind_ms), skipped idle frames win it back. reply_ms: from an "
+                  "utterance's first audio sent to its first speech frame's arrival, per utterance; its drift is the "
+                  "latency trend (arrival lag also grows by every pause of the session's timeline, e.g. when the "
+                  "sender stalls, which is no added latency).",
     }
     emit_json(result, args.out)
 
