@@ -295,7 +295,7 @@ def _diagnostics(spec: str | None) -> list[dict] | None:
         return None
     path = Path(spec.rpartition(":")[0] if re.search(r":[0-9.]+$", spec) else spec)
     keep = ("t_s", "rss_mib", "heap_mib", "gc_objects", "gc_frozen", "gc_unreachable_found", "walk_ms", "loop_worst_lag_ms",
-            "gc_pauses", "threads", "closed_sessions_alive", "closed_session_held_by")
+            "gc_pauses", "sweeps", "threads", "closed_sessions_alive", "closed_session_held_by")
     out = []
     with contextlib.suppress(OSError):
         for line in path.read_text().splitlines():
