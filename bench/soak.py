@@ -74,8 +74,11 @@ class Server:
         self.cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                     "--backend", args.backend, "--size", str(args.size), "--max-sessions", str(args.bots + 1),
                     "--config", str(cfg)]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        if args.diagnostics:   # server/diagnostics.py: memory/GC/loop records as JSON lines (costs CPU)
+            env["EMO_STREAM_DIAGNOSTICS"] = args.diagnostics
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(REPO)})
+                                     env=env)
         self.errors: list[str] = []
         self.error_lines = 0
         self.warnings = 0
@@ -142,6 +145,8 @@ class Tally:
         self.ws_offsets_ms: list[float] = []
         self.browser: list[dict] = []
         self.viewers: list[dict] = []
+        self.loop_lag_ms: dict[int, float] = {}   # per minute: this process's worst event-loop stall
+        self.stalls: list[tuple[float, float]] = []   # this loop's stalls over 100 ms (perf_counter start, end)
 
     def minute(self) -> int:
         return int((time.monotonic() - self.t0) // 60)
@@ -167,7 +172,8 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
     life = first_life
     while time.monotonic() < until:
         conn = {"bot": n, "started_s": round(time.monotonic() - tally.t0, 1), "frames": 0, "speech_frames": 0,
-                "per_minute": {}, "max_gap_ms": 0.0, "lags": [], "errors": 0}
+                "per_minute": {}, "max_gap_ms": 0.0, "gaps": [], "lags": [], "errors": 0,
+                "consumer_delay_ms_max": 0.0}
         end = min(until, time.monotonic() + life)
         life = args.reconnect_minutes * 60
         try:
@@ -205,23 +211,31 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
                         if now >= end:
                             break
                         if isinstance(item, ReceivedFrame):
+                            # timed when it came off the socket: receive() hands frames out later when this loop
+                            # (shared with the other bots, the browser driver and the analysis) falls behind
+                            at = item.received_at or now
+                            conn["consumer_delay_ms_max"] = max(conn["consumer_delay_ms_max"], 1000 * (now - at))
                             conn["frames"] += 1
-                            m = tally.minute()
+                            m = int((at - tally.t0) // 60)
                             conn["per_minute"][m] = conn["per_minute"].get(m, 0) + 1
                             if last is not None:
-                                conn["max_gap_ms"] = max(conn["max_gap_ms"], 1000 * (now - last))
-                            last = now
+                                conn["max_gap_ms"] = max(conn["max_gap_ms"], 1000 * (at - last))
+                                if at - last > 0.2:   # kept to compare with this process's own stalls
+                                    conn["gaps"] = sorted(conn["gaps"] + [(at - last, last, at)])[-5:]
+                            last = at
                             if t_first is None:
-                                t_first = now - item.pts
+                                t_first = at - item.pts
                             if item.index % 25 == 0:
-                                conn["lags"].append((now - tally.t0, 1000 * (now - t_first - item.pts)))
+                                conn["lags"].append((at - tally.t0, 1000 * (at - t_first - item.pts)))
                             if item.speech:
                                 conn["speech_frames"] += 1
                                 if args.backend == "synctest":
-                                    utter.append(_Frame(item.pts, _level_image(item.jpeg), item.audio))
+                                    # decoded off the loop: a busy loop delays every bot's reading
+                                    utter.append(_Frame(item.pts, await asyncio.to_thread(_level_image, item.jpeg),
+                                                        item.audio))
                         elif item.get("type") == "playback_finished":
                             if utter and not item.get("interrupted"):
-                                found = offsets_of_frames(utter, FPS)
+                                found = await asyncio.to_thread(offsets_of_frames, utter, FPS)
                                 tally.ws_offsets_ms.extend(1000 * o.offset for o in found if o.score > 0.8)
                             utter = []
                         elif item.get("type") == "error":
@@ -232,6 +246,8 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
                     results = await asyncio.gather(sender, return_exceptions=True)
                     if results and isinstance(results[0], Exception):
                         tally.error(f"bot {n} sender", repr(results[0]))
+                with contextlib.suppress(Exception):   # the server's view of this session: did its playout stall?
+                    conn["server"] = _server_figures(await client.request({"type": "stats"}, timeout=5))
                 await client.stop()
                 with contextlib.suppress(Exception):   # a polite client waits for its slot to be given back
                     async for item in client.receive(timeout=5):
@@ -242,7 +258,7 @@ async def bot(n: int, url: str, clips: list[np.ndarray], until: float, args, tal
             tally.error(f"bot {n}", repr(exc))
             await asyncio.sleep(1.0)
         conn["ended_s"] = round(time.monotonic() - tally.t0, 1)
-        tally.connections.append(_summarise(conn))
+        tally.connections.append(_summarise(conn, tally))
         tally.reconnects += 1
 
 
@@ -261,6 +277,41 @@ async def _start_retrying(client, tally: Tally, n: int) -> None:
             await asyncio.sleep(0.5)
 
 
+def _diagnostics(spec: str | None) -> list[dict] | None:
+    """The server's --diagnostics records, kept to what explains memory and stalls."""
+    if not spec:
+        return None
+    path = Path(spec.rpartition(":")[0] if re.search(r":[0-9.]+$", spec) else spec)
+    keep = ("t_s", "rss_mib", "heap_mib", "gc_objects", "gc_frozen", "gc_unreachable_found", "walk_ms", "loop_worst_lag_ms",
+            "gc_pauses", "threads", "closed_sessions_alive", "closed_session_held_by")
+    out = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            w = r.get("watched", {})
+            out.append({**{k: r[k] for k in keep if k in r}, "sessions": w.get("ServerSession", 0),
+                        "peer_connections": w.get("RTCPeerConnection", 0), "tasks": sum(r.get("tasks", {}).values())})
+    return out
+
+
+def _autogroup() -> str | None:
+    """The scheduler group this run had (`/autogroup-N nice K`): a timing run gets its own at high priority."""
+    try:
+        return Path("/proc/self/autogroup").read_text().strip()
+    except OSError:
+        return None
+
+
+def _server_figures(stats: dict) -> dict:
+    """What the server says of a session: its playout's stalls (re-anchors push every later frame back),
+    the idle frames it left out to win that back, and frames dropped for this client."""
+    playout = stats.get("playout") or {}
+    keep = ("frames", "late_frames", "reanchors", "behind_ms", "skipped_idle_frames", "subscriber_drops")
+    return {**{f"playout_{k}": playout.get(k) for k in keep}, "engine_late_frames": stats.get("late_frames"),
+            "engine_dropped_frames": stats.get("dropped_frames"), "ws_frames_dropped": stats.get("frames_dropped"),
+            "engine_fps": stats.get("fps")}
+
+
 def _level_image(jpeg: bytes) -> np.ndarray:
     """A frame reduced to what offsets_of_frames reads (read_pattern on a 1/8 scale grey decode)."""
     from PIL import Image
@@ -270,7 +321,12 @@ def _level_image(jpeg: bytes) -> np.ndarray:
     return np.asarray(im.convert("L"))
 
 
-def _summarise(conn: dict) -> dict:
+def _stalled(stalls: list[tuple[float, float]], t0: float, t1: float) -> float:
+    """Seconds of [t0, t1] during which this process's loop was stalled."""
+    return sum(max(0.0, min(b, t1) - max(a, t0)) for a, b in stalls)
+
+
+def _summarise(conn: dict, tally: Tally) -> dict:
     lags = conn.pop("lags")
     minutes = sorted(conn["per_minute"].items())
     full = [c / 60 for m, c in minutes[1:-1]]        # whole minutes only
@@ -280,6 +336,12 @@ def _summarise(conn: dict) -> dict:
     conn["fps_mean"] = round(conn["frames"] / span, 2) if span > 0 else None
     conn["per_minute"] = {str(m): c for m, c in minutes}
     conn["max_gap_ms"] = round(conn["max_gap_ms"], 1)
+    # the largest gaps, each with how much of it this (client) process's loop was stalled: a gap the client
+    # made itself is not the server's
+    conn["largest_gaps"] = [{"at_s": round(at - tally.t0, 1), "gap_ms": round(1000 * g, 1),
+                             "client_stalled_ms": round(1000 * _stalled(tally.stalls, t0, at), 1)}
+                            for g, t0, at in sorted(conn.pop("gaps"), reverse=True)]
+    conn["consumer_delay_ms_max"] = round(conn["consumer_delay_ms_max"], 1)
     if len(lags) > 10:
         t = np.array([a for a, _ in lags]) / 60
         lag = np.array([b for _, b in lags])
@@ -287,6 +349,19 @@ def _summarise(conn: dict) -> dict:
         conn["arrival_lag_ms_p95"] = round(float(np.percentile(lag, 95)), 1)
         conn["arrival_lag_drift_ms_per_min"] = round(float(np.polyfit(t, lag, 1)[0]), 3)
     return conn
+
+
+async def loop_watch(until: float, tally: Tally) -> None:
+    """How late a 20 ms sleep wakes in this (client) process: its stalls delay every bot's reading and sending."""
+    while time.monotonic() < until:
+        t = time.perf_counter()
+        await asyncio.sleep(0.02)
+        late = 1000 * (time.perf_counter() - t - 0.02)
+        m = tally.minute()
+        tally.loop_lag_ms[m] = round(max(tally.loop_lag_ms.get(m, 0.0), late), 1)
+        if late > 100 and len(tally.stalls) < 20000:
+            end = time.monotonic()   # the clock of BotClient's received_at
+            tally.stalls.append((end - late / 1000 - 0.02, end))
 
 
 async def busy_probe(url: str, until: float, tally: Tally) -> None:
@@ -384,7 +459,7 @@ async def browser(url: str, wav: Path, until: float, args, tally: Tally) -> None
                                                 " map: window.__clockMap}; a.frames = []; a.env = []; a.rx = [];"
                                                 " window.__clockMap = window.__clockMap.slice(-2); return out; })()")
                         to_perf = await pg.evaluate("window.__ctxToPerf()")
-                        offs, fps, n = _browser_offsets(avs, to_perf)
+                        offs, fps, n = await asyncio.to_thread(_browser_offsets, avs, to_perf)
                         row[name] = {"fps_shown": round(fps, 2) if fps else None, "frames": n,
                                      "offset_ms_median": round(statistics.median(offs), 1) if offs else None,
                                      "offsets": len(offs)}
@@ -436,6 +511,7 @@ async def run(args, server: Server, wav: Path, tally: Tally) -> None:
     if args.viewers:
         tasks.append(asyncio.create_task(aiortc_viewers(server.url, until, tally)))
     tasks.append(asyncio.create_task(busy_probe(server.url, until, tally)))
+    tasks.append(asyncio.create_task(loop_watch(until, tally)))
     # every task ends by itself at `until`; one that does not within 2 minutes more is an error, and cancelled
     done, late = await asyncio.wait(tasks, timeout=until - time.monotonic() + 120)
     for t in late:
@@ -470,6 +546,8 @@ def main() -> None:
     parser.add_argument("--viewers", type=int, default=1, help="aiortc WebRTC viewers (0 or 1)")
     parser.add_argument("--reconnect-minutes", type=float, default=10.0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--diagnostics", default=None, metavar="FILE[:SECONDS]",
+                        help="the server writes memory/GC/loop-lag records to FILE (server/diagnostics.py)")
     args = parser.parse_args()
     if args.browser and not Path(CHROMIUM).exists():
         raise SystemExit(f"the browser session needs Debian chromium at {CHROMIUM} (or --no-browser)")
@@ -521,6 +599,15 @@ def main() -> None:
             "bot_fps_per_minute_median_of_medians": _median([c.get("fps_per_minute_median") for c in conns]),
             "bot_fps_mean_per_connection": {"min": min(mean_fps), "max": max(mean_fps)} if mean_fps else None,
             "bot_max_frame_gap_ms": max((c["max_gap_ms"] for c in conns), default=None),
+            "bot_max_frame_gap_less_client_stall_ms": max((g["gap_ms"] - g["client_stalled_ms"] for c in conns
+                                                           for g in c.get("largest_gaps", [])), default=None),
+            "bot_consumer_delay_ms_max": max((c["consumer_delay_ms_max"] for c in conns), default=None),
+            "client_loop_worst_lag_ms": max(tally.loop_lag_ms.values(), default=None),
+            "server_playout_reanchors": sum((c.get("server") or {}).get("playout_reanchors") or 0 for c in conns),
+            "server_playout_behind_ms_max": max(((c.get("server") or {}).get("playout_behind_ms") or 0 for c in conns),
+                                                default=None),
+            "server_playout_skipped_idle_frames": sum((c.get("server") or {}).get("playout_skipped_idle_frames") or 0
+                                                      for c in conns),
             "bot_arrival_lag_drift_ms_per_min": {"min": min(drifts), "max": max(drifts)} if drifts else None,
             "ws_av_offset_ms": ({"utterance_bursts": len(ws), "median": round(statistics.median(ws), 1),
                                  "min": round(min(ws), 1), "max": round(max(ws), 1)} if ws else None),
@@ -536,13 +623,22 @@ def main() -> None:
         },
         "errors_server_log": server.errors, "errors_clients": tally.errors,
         "connections": conns, "browser_per_minute": tally.browser, "aiortc_viewers_detail": tally.viewers,
+        "client_loop_worst_lag_ms_per_minute": tally.loop_lag_ms,
+        "server_diagnostics": _diagnostics(args.diagnostics),
         "rss_mb_samples": samples["rss"], "load_average_samples": samples["load"], "server_cpu_s_samples": cpu,
         "server_command": " ".join(server.cmd[1:]),
-        "command": "nice -n 5 python " + " ".join(sys.argv) if os.nice(0) >= 5 else "python " + " ".join(sys.argv),
+        "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + "python " + " ".join(sys.argv),
+        "autogroup": _autogroup(),
         "method": "A/V offset by the synctest pattern (emo_stream/families/synctest/measure.py); WebSocket offsets per "
                   "finished utterance on the session clock; browser offsets per minute from displayed frames "
                   "(requestVideoFrameCallback) vs the avatar stream's sound (AudioWorklet). arrival lag = frame arrival "
-                  "minus its pts against the session's first frame; its drift is the slope per connection.",
+                  "(off the socket, BotClient's received_at) minus its pts against the session's first frame; its drift "
+                  "is the slope per connection; frame gaps are between arrivals too. consumer_delay: how much later "
+                  "this process's loop handled a frame than it arrived. Frame arrivals are stamped in this process's "
+                  "event loop too, so each connection's largest gaps carry how long that loop was stalled (a 20 ms "
+                  "sleep waking >100 ms late) within them: gap less stall is what the server can have caused. "
+                  "server_*: the server's own playout figures per connection (stats at its end): re-anchors after a "
+                  "late frame push every later frame back (behind_ms), skipped idle frames win it back.",
     }
     emit_json(result, args.out)
 

@@ -18,6 +18,7 @@ import asyncio
 import io
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -58,6 +59,8 @@ class ReceivedFrame:
     speech: bool
     segment_end: bool
     jpeg: bytes | None = None  # the frame as sent, when the client was made with decode=False (image is None)
+    received_at: float = 0.0   # time.monotonic() when its message came off the socket (receive() may hand it
+                               # out later, when the caller reads slower than frames arrive)
 
 
 class BotClient:
@@ -190,7 +193,9 @@ class BotClient:
         try:
             async for message in self.ws:
                 if isinstance(message, bytes):
+                    at = time.monotonic()
                     frame = await asyncio.to_thread(_decode, message) if self.decode else _decode(message, False)
+                    frame.received_at = at
                     await self._inbox.put(frame)
                     continue
                 msg = json.loads(message)

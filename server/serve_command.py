@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -140,6 +141,15 @@ async def _serve(config, virtual_camera: bool, holder: list | None = None) -> in
         holder.append(server)
     await server.start()
     server.avatars.pool.warm()   # the upload decoder's process starts now, not with the first upload
+    # what startup made (modules, the model, caches) lives as long as the server: out of the collector's walks,
+    # so the full pass after sessions close (server.sessions.collect_soon) costs milliseconds
+    gc.collect()
+    gc.freeze()
+    from server.diagnostics import Diagnostics
+
+    diagnostics = Diagnostics.from_env(server)   # $EMO_STREAM_DIAGNOSTICS: memory/pause records (debugging only)
+    if diagnostics is not None:
+        diagnostics.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -157,5 +167,7 @@ async def _serve(config, virtual_camera: bool, holder: list | None = None) -> in
     try:
         await stop.wait()
     finally:
+        if diagnostics is not None:
+            await diagnostics.stop()
         await server.stop()
     return 0

@@ -337,6 +337,8 @@ class StreamingEngine:
                     j.cut.window = _NO_WINDOW
                 if j not in failed:
                     self._put(self._q_generate, j)
+            # an idle stage must not keep its last jobs (and so their closed sessions) alive while it waits
+            job = j = jobs = live = work = failed = None
 
     def _encode(self, work: list[Job]) -> list[Job]:
         """Audio features of `work`: one encode_audio_batch call when the backend offers it (a batch that fails is
@@ -467,6 +469,7 @@ class StreamingEngine:
             finally:
                 with self._gen_lock:
                     self._gen_busy.difference_update(j.session.id for j in batch)
+                batch = None   # idle, it keeps no job (nor its closed session) alive
 
     def _generate_batch(self, batch: list[Job]) -> None:
         work = [j for j in batch if not j.hold]
@@ -585,6 +588,7 @@ class StreamingEngine:
                 self._deliver(holds, [], None)
             for n, (jobs, frames) in enumerate(groups):
                 self._deliver((holds if n == 0 else []) + jobs, jobs, frames)
+            item = batch = work = latents = holds = groups = jobs = frames = None   # idle: hold no job
 
     def _watched(self, stage: str, work: list[Job], fn: Callable[[], Any]) -> tuple[Any, Exception | None] | None:
         """fn(), a backend call for `work`'s sessions, under the watchdog: (result, None) or (None, its error);
