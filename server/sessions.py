@@ -192,7 +192,7 @@ async def _close_quietly(pc: Any) -> None:
 
 
 _SWEEP_DELAY_S = 2.0
-_sweep: asyncio.TimerHandle | None = None
+_sweep: tuple[asyncio.AbstractEventLoop, asyncio.TimerHandle] | None = None
 
 
 def collect_soon() -> None:
@@ -205,13 +205,15 @@ def collect_soon() -> None:
     of the hour at capacity. serve freezes what exists at startup (gc.freeze), so the pass walks only what
     serving allocated: a few milliseconds, not the ~130 ms of a full heap."""
     global _sweep
-    if _sweep is not None:
-        return
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return
-    _sweep = loop.call_later(_SWEEP_DELAY_S, _collect)
+    # one pending pass per loop; a pass left pending on a loop that has since closed (a server stopped, a
+    # test's loop) never runs, so it must not block the passes of the loop running now
+    if _sweep is not None and _sweep[0] is loop and not _sweep[1].cancelled():
+        return
+    _sweep = (loop, loop.call_later(_SWEEP_DELAY_S, _collect))
 
 
 def _collect() -> None:
