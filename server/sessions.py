@@ -227,9 +227,33 @@ def _collect() -> None:
     SWEEPS["total_ms"] += ms
     SWEEPS["max_ms"] = max(SWEEPS["max_ms"], ms)
     log.debug("garbage collection after closes: %d objects, %.1f ms", found, ms)
+    if _malloc_trim is not None:
+        # what the pass freed stays in glibc's arenas (the hour at capacity: heap in use flat near 50 MiB, held
+        # free memory 37 -> 68 MiB); trimming gives their free pages back, off the loop (it walks every arena)
+        asyncio.get_running_loop().run_in_executor(None, _trim)
 
 
-SWEEPS = {"n": 0, "found": 0, "total_ms": 0.0, "max_ms": 0.0}   # what the sweeps cost (server/diagnostics.py)
+def _load_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim   # glibc only; elsewhere the allocator is left as it is
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def _trim() -> None:
+    t = time.perf_counter()
+    released = _malloc_trim(0)
+    SWEEPS["trims"] += 1
+    SWEEPS["trimmed"] += int(bool(released))
+    SWEEPS["trim_max_ms"] = max(SWEEPS["trim_max_ms"], 1000 * (time.perf_counter() - t))
+
+
+SWEEPS = {"n": 0, "found": 0, "total_ms": 0.0, "max_ms": 0.0, "trims": 0, "trimmed": 0, "trim_max_ms": 0.0}   # what the sweeps cost (server/diagnostics.py)
 
 
 class SessionManager:

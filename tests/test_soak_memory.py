@@ -222,3 +222,19 @@ def test_a_sweep_left_pending_on_a_closed_loop_does_not_block_the_next_loops(mon
     before = sessions_module.SWEEPS["n"]
     asyncio.run(close_then_wait())
     assert sessions_module.SWEEPS["n"] == before + 1
+
+
+def test_a_sweep_gives_freed_heap_back_to_the_system(monkeypatch):
+    """After the pass, glibc's free pages go back (malloc_trim, off the loop): freed memory must not stay
+    held by the process for good."""
+    calls: list[int] = []
+    monkeypatch.setattr(sessions_module, "_SWEEP_DELAY_S", 0.05)
+    monkeypatch.setattr(sessions_module, "_sweep", None)
+    monkeypatch.setattr(sessions_module, "_malloc_trim", lambda pad: calls.append(pad) or 1)
+
+    async def close_then_wait() -> None:
+        sessions_module.collect_soon()
+        await asyncio.sleep(0.5)
+
+    asyncio.run(close_then_wait())
+    assert calls == [0]
