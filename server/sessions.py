@@ -192,7 +192,7 @@ async def _close_quietly(pc: Any) -> None:
 
 
 _SWEEP_DELAY_S = 2.0
-_sweep: asyncio.TimerHandle | None = None
+_sweep: tuple[asyncio.AbstractEventLoop, asyncio.TimerHandle] | None = None
 
 
 def collect_soon() -> None:
@@ -205,13 +205,15 @@ def collect_soon() -> None:
     of the hour at capacity. serve freezes what exists at startup (gc.freeze), so the pass walks only what
     serving allocated: a few milliseconds, not the ~130 ms of a full heap."""
     global _sweep
-    if _sweep is not None:
-        return
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return
-    _sweep = loop.call_later(_SWEEP_DELAY_S, _collect)
+    # one pending pass per loop; a pass left pending on a loop that has since closed (a server stopped, a
+    # test's loop) never runs, so it must not block the passes of the loop running now
+    if _sweep is not None and _sweep[0] is loop and not _sweep[1].cancelled():
+        return
+    _sweep = (loop, loop.call_later(_SWEEP_DELAY_S, _collect))
 
 
 def _collect() -> None:
@@ -225,9 +227,33 @@ def _collect() -> None:
     SWEEPS["total_ms"] += ms
     SWEEPS["max_ms"] = max(SWEEPS["max_ms"], ms)
     log.debug("garbage collection after closes: %d objects, %.1f ms", found, ms)
+    if _malloc_trim is not None:
+        # what the pass freed stays in glibc's arenas (the hour at capacity: heap in use flat near 50 MiB, held
+        # free memory 37 -> 68 MiB); trimming gives their free pages back, off the loop (it walks every arena)
+        asyncio.get_running_loop().run_in_executor(None, _trim)
 
 
-SWEEPS = {"n": 0, "found": 0, "total_ms": 0.0, "max_ms": 0.0}   # what the sweeps cost (server/diagnostics.py)
+def _load_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim   # glibc only; elsewhere the allocator is left as it is
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def _trim() -> None:
+    t = time.perf_counter()
+    released = _malloc_trim(0)
+    SWEEPS["trims"] += 1
+    SWEEPS["trimmed"] += int(bool(released))
+    SWEEPS["trim_max_ms"] = max(SWEEPS["trim_max_ms"], 1000 * (time.perf_counter() - t))
+
+
+SWEEPS = {"n": 0, "found": 0, "total_ms": 0.0, "max_ms": 0.0, "trims": 0, "trimmed": 0, "trim_max_ms": 0.0}   # what the sweeps cost (server/diagnostics.py)
 
 
 class SessionManager:

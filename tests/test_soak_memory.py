@@ -98,7 +98,7 @@ async def test_a_closed_websocket_session_goes_with_its_last_reference(server):
     for _ in range(3):
         refs: list = []
         await _ws_cycle(server, refs)
-        sessions_module._sweep and sessions_module._sweep.cancel()   # the sweep is not what frees these
+        sessions_module._sweep and sessions_module._sweep[1].cancel()   # the sweep is not what frees these
         sessions_module._sweep = None
         assert await _gone(refs, 5.0) == []
     assert len(server.sessions) == 0
@@ -203,3 +203,38 @@ async def test_webrtc_sessions_and_viewers_leave_nothing_behind(server):
         assert len(asyncio.all_tasks()) <= tasks_before, [t.get_name() for t in asyncio.all_tasks()]
     finally:
         rtc.RTCPeerConnection = made
+
+
+def test_a_sweep_left_pending_on_a_closed_loop_does_not_block_the_next_loops(monkeypatch):
+    """A server stopped with its sweep still pending (its loop closed first) must not leave every later
+    server in the process without one."""
+    monkeypatch.setattr(sessions_module, "_SWEEP_DELAY_S", 0.05)
+    monkeypatch.setattr(sessions_module, "_sweep", None)
+
+    async def close_then_stop() -> None:
+        sessions_module.collect_soon()   # its loop ends before the pass is due
+
+    async def close_then_wait() -> None:
+        sessions_module.collect_soon()
+        await asyncio.sleep(0.3)
+
+    asyncio.run(close_then_stop())
+    before = sessions_module.SWEEPS["n"]
+    asyncio.run(close_then_wait())
+    assert sessions_module.SWEEPS["n"] == before + 1
+
+
+def test_a_sweep_gives_freed_heap_back_to_the_system(monkeypatch):
+    """After the pass, glibc's free pages go back (malloc_trim, off the loop): freed memory must not stay
+    held by the process for good."""
+    calls: list[int] = []
+    monkeypatch.setattr(sessions_module, "_SWEEP_DELAY_S", 0.05)
+    monkeypatch.setattr(sessions_module, "_sweep", None)
+    monkeypatch.setattr(sessions_module, "_malloc_trim", lambda pad: calls.append(pad) or 1)
+
+    async def close_then_wait() -> None:
+        sessions_module.collect_soon()
+        await asyncio.sleep(0.5)
+
+    asyncio.run(close_then_wait())
+    assert calls == [0]

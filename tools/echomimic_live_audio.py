@@ -28,6 +28,7 @@ import inspect
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -167,10 +168,15 @@ def main(argv=None) -> int:
         results[name] = res
         print(name, json.dumps(res), flush=True)
 
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
     result = {"what": "EchoMimic live audio tokens vs the whole-file tokens of the complete file (what differs: the "
                       "audio not yet received, and the design's window)",
               "command": "python tools/echomimic_live_audio.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "set": str(root), "audio": ac.get("source", ""), "seconds_of_audio": len(wav) / SAMPLE_RATE,
+              "code": commit, "set": str(root), "audio": ac.get("source", ""), "seconds_of_audio": len(wav) / SAMPLE_RATE,
               "whisper": a.whisper or "the set's whisper_tiny.pt (random weights, whisper-tiny's shape)",
               "reference": reference, "max_abs_our_whole_file_vs_echomimic_features": ours_vs_echomimic,
               "fps": fps, "segment_frames": seg, "extra_lookahead_frames": extra,
