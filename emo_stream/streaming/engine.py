@@ -313,32 +313,35 @@ class StreamingEngine:
 
     def _encoder(self) -> None:
         self._streams.enter_stage("encoder")
-        while self._running:
-            job = self._get(self._q_encode)
-            if job is None:
-                return
-            jobs = [job]
-            # what else is queued now goes into the same encoder call (backends with encode_audio_batch)
-            while self._batch_audio and len(jobs) < self.config.max_batch:
-                try:
-                    jobs.append(self._q_encode.get_nowait())
-                except queue.Empty:
-                    break
-            live = []
-            for j in jobs:
-                if j.stale():
-                    j.session.discard(j)
-                else:
-                    live.append(j)
-            work = [j for j in live if j.voiced and not j.hold]
-            failed = set(work) - set(self._encode(work)) if work else set()
-            for j in live:
-                if j.cut is not None:   # the window is not needed past this stage (MuseTalk's: up to 30 s)
-                    j.cut.window = _NO_WINDOW
-                if j not in failed:
-                    self._put(self._q_generate, j)
-            # an idle stage must not keep its last jobs (and so their closed sessions) alive while it waits
-            job = j = jobs = live = work = failed = None
+        # one pass per call: its locals (jobs, and so their sessions) are gone while the stage waits
+        while self._running and self._encode_pass():
+            pass
+
+    def _encode_pass(self) -> bool:
+        """Encode what is queued now (one encoder call when the backend batches audio); False once stopped."""
+        job = self._get(self._q_encode)
+        if job is None:
+            return False
+        jobs = [job]
+        while self._batch_audio and len(jobs) < self.config.max_batch:
+            try:
+                jobs.append(self._q_encode.get_nowait())
+            except queue.Empty:
+                break
+        live = []
+        for j in jobs:
+            if j.stale():
+                j.session.discard(j)
+            else:
+                live.append(j)
+        work = [j for j in live if j.voiced and not j.hold]
+        failed = set(work) - set(self._encode(work)) if work else set()
+        for j in live:
+            if j.cut is not None:   # the window is not needed past this stage (MuseTalk's: up to 30 s)
+                j.cut.window = _NO_WINDOW
+            if j not in failed:
+                self._put(self._q_generate, j)
+        return True
 
     def _encode(self, work: list[Job]) -> list[Job]:
         """Audio features of `work`: one encode_audio_batch call when the backend offers it (a batch that fails is
@@ -456,20 +459,23 @@ class StreamingEngine:
 
     def _generator(self) -> None:
         self._streams.enter_stage("generator")
-        while self._running:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            try:
-                self._generate_batch(batch)
-            except Exception as exc:   # keep the worker alive; the batch's sessions get the error
-                log.exception("generator failed on a batch")
-                for j in batch:
-                    j.session.fail(exc)
-            finally:
-                with self._gen_lock:
-                    self._gen_busy.difference_update(j.session.id for j in batch)
-                batch = None   # idle, it keeps no job (nor its closed session) alive
+        while self._running and self._generate_pass():   # one pass per call, as the encoder's
+            pass
+
+    def _generate_pass(self) -> bool:
+        batch = self._take_batch()
+        if batch is None:
+            return False
+        try:
+            self._generate_batch(batch)
+        except Exception as exc:   # keep the worker alive; the batch's sessions get the error
+            log.exception("generator failed on a batch")
+            for j in batch:
+                j.session.fail(exc)
+        finally:
+            with self._gen_lock:
+                self._gen_busy.difference_update(j.session.id for j in batch)
+        return True
 
     def _generate_batch(self, batch: list[Job]) -> None:
         work = [j for j in batch if not j.hold]
@@ -572,23 +578,27 @@ class StreamingEngine:
 
     def _decoder(self) -> None:
         self._streams.enter_stage("decoder")
-        while self._running:
-            item = self._get(self._q_decode)
-            if item is None:
-                return
-            batch, (work, latents) = item
-            holds = [j for j in batch if j.hold]
-            groups: list[tuple[list[Job], Any]] = []
-            if work:
-                t0 = time.perf_counter()
-                self._streams.wait([work[0].event])
-                groups = self._decode_in_halves(work, latents)
-                self._timers["decode"].add(time.perf_counter() - t0, sum(len(g) for g, _ in groups))
-            if not groups:
-                self._deliver(holds, [], None)
-            for n, (jobs, frames) in enumerate(groups):
-                self._deliver((holds if n == 0 else []) + jobs, jobs, frames)
-            item = batch = work = latents = holds = groups = jobs = frames = None   # idle: hold no job
+        while self._running and self._decode_pass():   # one pass per call, as the encoder's
+            pass
+
+    def _decode_pass(self) -> bool:
+        """Decode one denoised batch and deliver its frames (hold jobs too); False once stopped."""
+        item = self._get(self._q_decode)
+        if item is None:
+            return False
+        batch, (work, latents) = item
+        holds = [j for j in batch if j.hold]
+        groups: list[tuple[list[Job], Any]] = []
+        if work:
+            t0 = time.perf_counter()
+            self._streams.wait([work[0].event])
+            groups = self._decode_in_halves(work, latents)
+            self._timers["decode"].add(time.perf_counter() - t0, sum(len(g) for g, _ in groups))
+        if not groups:
+            self._deliver(holds, [], None)
+        for n, (jobs, frames) in enumerate(groups):
+            self._deliver((holds if n == 0 else []) + jobs, jobs, frames)
+        return True
 
     def _watched(self, stage: str, work: list[Job], fn: Callable[[], Any]) -> tuple[Any, Exception | None] | None:
         """fn(), a backend call for `work`'s sessions, under the watchdog: (result, None) or (None, its error);
