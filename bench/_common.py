@@ -112,13 +112,14 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def start_server_process(args: list[str], repo: str | Path = REPO, timeout: float = 120.0):
+def start_server_process(args: list[str], repo: str | Path = REPO, timeout: float = 120.0, **options):
     """`serve *args` in a child process with the code of the checkout `repo`: (process, base URL); exits with
-    the server's last lines of output where it does not start (server/serve_process.py)."""
+    the server's last lines of output where it does not start (server/serve_process.py, which takes
+    `options`)."""
     from server.serve_process import ServerDidNotStart, start_serve_process
 
     try:
-        return start_serve_process(args, repo=repo, timeout=timeout)
+        return start_serve_process(args, repo=repo, timeout=timeout, **options)
     except ServerDidNotStart as exc:
         raise SystemExit(str(exc)) from None
 

@@ -32,24 +32,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import wave
 from pathlib import Path
 
 import numpy as np
 
-from _common import REPO, device_name, emit_json, load_average  # bench/; puts the repo on sys.path
+from _common import REPO, device_name, emit_json, load_average, start_server_process  # bench/; puts the repo on sys.path
 from browser_page import BROWSER_ARGS, CHROMIUM, PAGE_KIT, heard_at  # noqa: F401  (bench/soak.py imports them here)
 from emo_stream.families.synctest.measure import beeps, burst_offsets, offsets_of_frames, summary_ms
+from server.serve_process import stop_serve_process
 
 SYNCTEST_FILE = REPO / "emo_stream" / "families" / "synctest" / "backend.py"
 FPS = 25
@@ -83,14 +81,22 @@ sys.exit(main(argv))
 # of every displayed frame of a <video> (__watchPattern), the receivers' jitter buffers, the Start click's time.
 INIT_SCRIPT = PAGE_KIT + r"""
 (() => {
-  window.__avs = { frames: [], meta: [], env: [], rx: [], lat: [], clickAt: null };
-  // each receiver's jitter-buffer delay, sampled every second: [performance ms, kind, delay s, emitted]
+  window.__avs = { frames: [], meta: [], env: [], rx: [], lat: [], sync: [], clickAt: null };
+  // each receiver's jitter-buffer delay, sampled every second: [performance ms, kind, delay s, emitted];
+  // and Chromium's own view of the gap (audio minus video estimatedPlayoutTimestamp, > 0 the picture is late)
+  // beside the page's lip-sync assist: [performance ms, gap ms, video target ms, audio target ms, aimed gap ms]
   setInterval(async () => {
     for (const pc of (window.__pcs || [])) {
       if (pc.connectionState !== 'connected') continue;
+      const est = {};
       (await pc.getStats()).forEach((r) => {
-        if (r.type === 'inbound-rtp') window.__avs.rx.push([performance.now(), r.kind, r.jitterBufferDelay, r.jitterBufferEmittedCount]);
+        if (r.type !== 'inbound-rtp') return;
+        window.__avs.rx.push([performance.now(), r.kind, r.jitterBufferDelay, r.jitterBufferEmittedCount]);
+        est[r.kind] = r.estimatedPlayoutTimestamp;
       });
+      const ls = window.emo && window.emo.lipSync;
+      window.__avs.sync.push([performance.now(), est.audio && est.video ? est.audio - est.video : null,
+                              ls ? ls.video_target_ms : null, ls ? ls.audio_target_ms : null, ls ? ls.aim_ms : null]);
     }
   }, 1000);
   // every peer connection the page makes, for its receivers' jitter-buffer figures (getStats)
@@ -284,32 +290,10 @@ def server_config(tmp: Path, video_delay_ms: float | None = None, video_hold_ms:
 
 def start_server(repo: Path, tmp: Path, size: int, extra: list[str] | None = None,
                  video_delay_ms: float | None = None, video_hold_ms: float | None = None) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-c", LAUNCH, str(SYNCTEST_FILE), "serve", "--host", "127.0.0.1", "--port", "0",
-           "--backend", "synctest", "--size", str(size), "--config", str(server_config(tmp, video_delay_ms, video_hold_ms)),
-           *(extra or [])]
-    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(repo)})
-    lines: list[str] = []
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 90:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        found = re.search(r"http://[0-9.:]+", line)
-        if found and "serving" in line:
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-            return proc, found.group(0)
-    proc.kill()
-    raise SystemExit("the server did not start:\n" + "".join(lines[-20:]))
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    """A synctest server with the code of the checkout `repo` (LAUNCH registers the pattern backend there)."""
+    args = ["--host", "127.0.0.1", "--port", "0", "--backend", "synctest", "--size", str(size),
+            "--config", str(server_config(tmp, video_delay_ms, video_hold_ms)), *(extra or [])]
+    return start_server_process(args, repo=repo, timeout=90, entry=("-c", LAUNCH, str(SYNCTEST_FILE)))
 
 
 # ---- WebSocket API ------------------------------------------------------------------------------------------
@@ -434,6 +418,11 @@ def _page_offsets(page) -> tuple[dict, list]:
         series[kind] = [round(1000 * (d1 - d0) / (n1 - n0), 1) for (_, d0, n0), (_, d1, n1) in zip(pts, pts[1:])
                         if n1 > n0]
     out["jitter_buffer_ms_per_s"] = series
+    sync = avs.get("sync") or []
+    out["chromium_gap_ms_per_s"] = [None if g is None else round(g, 1) for _, g, *_ in sync]
+    out["lip_sync_video_target_ms_per_s"] = [row[2] for row in sync]
+    out["lip_sync_audio_target_ms_per_s"] = [row[3] for row in sync]
+    out["lip_sync_aim_ms_per_s"] = [row[4] for row in sync]
     out.update({"frames_shown": int(len(frames)),
                 "counter_repeats": int((steps == 0).sum()), "counter_skips": int((steps > 1).sum()),
                 "shown_fps": round(float((len(ft) - 1) / (ft[-1] - ft[0])), 2) if len(ft) > 1 else None})
@@ -459,7 +448,8 @@ WHEP_PLAY = r"""async (session) => {
 }"""
 
 
-def _player_page(browser, url: str, session: str, whep: bool, video_target_ms: float | None = None):
+def _player_page(browser, url: str, session: str, whep: bool, video_target_ms: float | None = None,
+                 page_query: str = ""):
     """A second window watching the talk page's session: the viewer page, or a WHEP player."""
     context = browser.new_context(bypass_csp=True)
     context.add_init_script(INIT_SCRIPT)
@@ -470,7 +460,7 @@ def _player_page(browser, url: str, session: str, whep: bool, video_target_ms: f
         page.goto(f"{url}/healthz")   # any page of the server's origin
         page.evaluate(WHEP_PLAY, session)
     else:
-        page.goto(f"{url}/viewer?session={session}")
+        page.goto(f"{url}/viewer?session={session}" + (f"&{page_query}" if page_query else ""))
     page.evaluate("window.__watchPattern(document.getElementById('avatar'))")
     page.wait_for_function("() => window.__avs.frames.length > 10", timeout=30000)
     page.evaluate("(() => { const s = document.getElementById('avatar').srcObject; window.__tapPull(s); return window.__tapEnvelope(s); })()")
@@ -490,7 +480,7 @@ VIDEO_TARGET = r"""(() => { const PC = window.RTCPeerConnection; window.RTCPeerC
 
 
 def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = False, settle: float = 0.0,
-                raw_mic: bool = False, video_target_ms: float | None = None) -> dict:
+                raw_mic: bool = False, video_target_ms: float | None = None, page_query: str = "") -> dict:
     from playwright.sync_api import sync_playwright
 
     result: dict = {}
@@ -506,7 +496,7 @@ def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = 
             context.add_init_script(VIDEO_TARGET % video_target_ms)
         try:
             page = context.new_page()
-            page.goto(url + "/")
+            page.goto(url + "/" + (f"?{page_query}" if page_query else ""))
             page.evaluate("window.__watchPattern(document.getElementById('avatar'))")
             page.click("button#start")
             page.wait_for_function("() => window.emo.state === 'live' && window.__avs.frames.length > 0", timeout=30000)
@@ -520,14 +510,15 @@ def browser_run(url: str, wav: Path, seconds: float, viewer: bool, whep: bool = 
             page.evaluate("(() => { const s = document.getElementById('avatar').srcObject; window.__tapPull(s); return window.__tapEnvelope(s); })()")
             session = page.evaluate("window.emo.session || (window.emo.stats && window.emo.stats.session) || null") or "latest"
             # each player in its own context (window): a second tab of one window would hide the talk page
-            players = {name: _player_page(browser, url, session, whep=name == "whep", video_target_ms=video_target_ms)
+            players = {name: _player_page(browser, url, session, whep=name == "whep", video_target_ms=video_target_ms,
+                                          page_query=page_query)
                        for name, on in (("viewer", viewer), ("whep", whep)) if on}
             # Opening a window costs a burst of CPU: on 2 cores that delays packets, Chromium's audio jitter
             # buffer jumps (~250 ms) and its lip sync takes 5-10 s to follow. The window starts after that.
             page.wait_for_timeout(int(settle * 1000))
             # measure from here: every page's frames and sound so far are dropped
             for p in [page, *players.values()]:
-                p.evaluate("window.__avs.frames = []; window.__avs.meta = []; window.__avs.env = []; window.__avs.rx = []; window.__avs.lat = []; window.__avs.pull = []; window.__avs.pullClock = []; window.__avs.windowAt = performance.now()")
+                p.evaluate("window.__avs.frames = []; window.__avs.meta = []; window.__avs.env = []; window.__avs.rx = []; window.__avs.sync = []; window.__avs.lat = []; window.__avs.pull = []; window.__avs.pullClock = []; window.__avs.windowAt = performance.now()")
             page.wait_for_timeout(int(seconds * 1000))
             talk, _ = _page_offsets(page)
             result["talk"] = {**talk, "first_frame_ms": round(first, 1),
@@ -658,6 +649,8 @@ def main() -> None:
                              "count as settled (Chromium's lip sync converges over 5-20 s); the rest as start-up")
     parser.add_argument("--video-target-ms", type=float, default=None,
                         help="experiment: set every page's video receivers' jitterBufferTarget to this")
+    parser.add_argument("--no-lip-sync", action="store_true",
+                        help="our pages without their lip-sync assist (?lipsync=0): Chromium's synchronizer alone")
     parser.add_argument("--raw-mic", action="store_true",
                         help="talk page: capture the mic without echo cancelling, noise suppression, gain control")
     parser.add_argument("--label", default=None, help="a name for this code in the JSON (default: its git commit)")
@@ -691,13 +684,14 @@ def main() -> None:
                     if {"talk", "viewer", "whep"} & set(paths):
                         got = browser_run(url, wav, args.seconds, viewer="viewer" in paths, whep="whep" in paths,
                                           settle=args.settle, raw_mic=args.raw_mic,
-                                          video_target_ms=args.video_target_ms)
+                                          video_target_ms=args.video_target_ms,
+                                          page_query="lipsync=0" if args.no_lip_sync else "")
                         for p in ("talk", "viewer", "whep"):
                             if p in paths and p in got:
                                 runs[p].append({**got[p], "server_playout": got.get("server_playout"),
                                                 "browser": got.get("browser")})
                 finally:
-                    stop_server(proc)
+                    stop_serve_process(proc)
             if "livekit" in paths:
                 runs["livekit"].append(asyncio.run(livekit_run(args.seconds, args.size)))
             loads.append(load_average())
@@ -735,7 +729,7 @@ def main() -> None:
         "webrtc_video_delay_ms": args.video_delay_ms if args.video_delay_ms is not None else "server default",
         "webrtc_video_hold_ms": args.video_hold_ms if args.video_hold_ms is not None else "server default",
         "settled_after_s": args.settled_after,
-        "raw_mic": args.raw_mic, "video_target_ms": args.video_target_ms,
+        "raw_mic": args.raw_mic, "video_target_ms": args.video_target_ms, "lip_sync_assist": not args.no_lip_sync,
         "stimulus": "200 ms 1 kHz beeps every 1.5 s (mic: 48 kHz WAV looped by Chromium's fake device)",
         "summary": {p: {"median_of_run_medians_ms": (round(statistics.median(medians("median_ms", runs[p])), 1)
                                                      if medians("median_ms", runs[p]) else None),

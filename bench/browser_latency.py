@@ -25,23 +25,19 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import wave
 from pathlib import Path
 
 import numpy as np
 
-from browser_page import BROWSER_ARGS, CHROMIUM, PAGE_KIT  # bench/ is the script's directory
-
-REPO = Path(__file__).resolve().parents[1]
+from _common import start_server_process  # bench/ is the script's directory; it puts the repo on sys.path
+from browser_page import BROWSER_ARGS, CHROMIUM, PAGE_KIT
 RATE = 48000
 SPACING_S = 1.5
 BEEP_S = 0.06
@@ -170,26 +166,12 @@ def mouth_offsets(remote_ms: list[float], mouth: list[list[float]], drop: float)
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--backend", "preview"]
+    cmd = ["--host", "127.0.0.1", "--port", "0", "--backend", "preview"]
     if args.size:
         cmd += ["--size", str(args.size)]
     if args.segment_frames:
         cmd += ["--segment-frames", str(args.segment_frames)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    lines: list[str] = []
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 60:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        found = re.search(r"http://[0-9.:]+", line)
-        if found and "serving" in line:
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-            return proc, found.group(0)
-    proc.kill()
-    raise SystemExit("server did not print its URL:\n" + "".join(lines))
+    return start_server_process(cmd, timeout=60)
 
 
 def pair(mic: list[float], remote: list[float]) -> list[float]:

@@ -7,7 +7,7 @@
   const MAX_UPLOAD = 8 * 1024 * 1024;
   const TYPES = ["image/jpeg", "image/png", "image/webp"];
 
-  let conn = null, pc = null, mic = null, sessionId = null, avatarId = null, avatarReadyText = null;
+  let conn = null, pc = null, lipSync = null, mic = null, sessionId = null, avatarId = null, avatarReadyText = null;
   let fpsRun = 0;  // each start counts displayed frames anew; an older count must not write any more
   const DEFAULT_POSTER = EmoSignal.apiUrl("/api/avatar.jpg");
   video.poster = DEFAULT_POSTER;  // the avatar that will talk, shown before Start (and after Stop)
@@ -108,8 +108,7 @@
       micAsked.catch(() => {});
       await described;
       await EmoSignal.gatheringComplete(pc);
-      await opened;
-      const c = await connection();
+      const c = await opened;
       const reply = await c.request({
         type: "start",
         avatar: avatarId || undefined,
@@ -122,6 +121,8 @@
       $("session").textContent = sessionId;
       $("viewer-link").href = reply.viewer_url;
       await pc.setRemoteDescription(reply.answer);
+      lipSync = EmoSignal.assistLipSync(pc, { video });
+      window.emo.lipSync = lipSync.state;
       stopBtn.disabled = false;
       const run = ++fpsRun;
       EmoSignal.countFrames(video, (fps) => { if (run === fpsRun) $("display-fps").textContent = fps.toFixed(1); });
@@ -142,6 +143,7 @@
       try { conn.send({ type: "stop" }); } catch (_) { /* already gone */ }
     }
     sessionId = null;
+    if (lipSync) { lipSync.stop(); lipSync = null; }
     if (pc) { pc.ontrack = null; pc.onconnectionstatechange = null; pc.close(); pc = null; }
     if (mic) { mic.getTracks().forEach((t) => t.stop()); mic = null; }
     video.srcObject = null;

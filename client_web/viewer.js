@@ -6,7 +6,7 @@
   const noticeEl = document.getElementById("notice");
   const unmute = document.getElementById("unmute");
   const wanted = new URLSearchParams(location.search).get("session") || "latest";
-  let pc = null, conn = null, retry = null;
+  let pc = null, conn = null, retry = null, lipSync = null;
   window.emo = { frames: 0, session: null };
 
   function notice(text) { noticeEl.textContent = text || ""; noticeEl.hidden = !text; }
@@ -17,6 +17,7 @@
   }
 
   function teardown() {
+    if (lipSync) { lipSync.stop(); lipSync = null; }
     if (pc) { pc.close(); pc = null; }
     video.srcObject = null;
   }
@@ -60,6 +61,8 @@
         "view_started");
       window.emo.session = reply.session;
       await pc.setRemoteDescription(reply.answer);
+      lipSync = EmoSignal.assistLipSync(pc, { video });
+      window.emo.lipSync = lipSync.state;
       notice("");
     } catch (err) {
       notice(err.code === "not_found" ? (wanted === "latest" ? "waiting for a session\u2026" : "no such session") : (err.message || String(err)));

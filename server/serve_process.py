@@ -31,10 +31,12 @@ class ServerDidNotStart(EmoStreamError):
 
 
 def start_serve_process(args: list[str], *, repo: str | Path, env: dict[str, str] | None = None,
-                        timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+                        timeout: float = 120.0, entry: tuple[str, ...] = ("-m", "server.cli")
+                        ) -> tuple[subprocess.Popen, str]:
     """Run `python -m server.cli serve *args` with the code of the checkout `repo` (cwd and PYTHONPATH) and
-    `env` added to this process's environment; (process, base URL) once it prints its URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", *args], cwd=repo,
+    `env` added to this process's environment; (process, base URL) once it prints its URL. `entry` replaces
+    `-m server.cli` (a bench's launcher that registers its own backend first, say)."""
+    proc = subprocess.Popen([sys.executable, *entry, "serve", *args], cwd=repo,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(repo), **(env or {})})
     # a thread reads its output (and keeps draining it, so the pipe never fills and blocks the server): a

@@ -154,6 +154,10 @@ def test_talk_page_round_trip(browser, server_url, tmp_path):
 
         warnings.warn(f"A/V offset {medians} ms not checked: load average {load:.1f} per core")
 
+    # the page's lip-sync assist reads the gap (how it steers: tests/test_lip_sync_assist.py)
+    page.wait_for_function("() => window.emo.lipSync && window.emo.lipSync.gap_ms !== null", timeout=5000)
+    assert page.evaluate("window.emo.lipSync.on") is True
+
     # the server's live stats reach the page
     page.wait_for_function("() => window.emo.stats && window.emo.stats.playout.frames > 0", timeout=5000)
     assert page.locator("#latency").inner_text() != "-"
@@ -165,6 +169,15 @@ def test_talk_page_round_trip(browser, server_url, tmp_path):
     viewer.goto(f"{server_url}/viewer?session={session}")
     viewer.wait_for_function("() => window.emo.frames > 5", timeout=20000)
     assert _healthz(server_url)["viewers"] == 1
+    viewer.wait_for_function("() => window.emo.lipSync && window.emo.lipSync.gap_ms !== null", timeout=5000)
+    # ?lipsync=0 leaves the browser's own synchronizer alone
+    plain = context.new_page()
+    plain.goto(f"{server_url}/viewer?session={session}&lipsync=0")
+    plain.wait_for_function("() => window.emo.frames > 5", timeout=20000)
+    plain.wait_for_timeout(600)   # two of the assist's periods
+    assert plain.evaluate("window.emo.lipSync") == {"on": False, "gap_ms": None, "aim_ms": 0, "video_target_ms": 0,
+                                                    "audio_target_ms": 0, "steps": 0}
+    plain.close()
     page.screenshot(path=str(tmp_path / "talk.png"))
     viewer.screenshot(path=str(tmp_path / "viewer.png"))
     if os.environ.get("EMO_SCREENSHOTS"):
