@@ -155,7 +155,7 @@ def test_talk_page_round_trip(browser, server_url, tmp_path):
         warnings.warn(f"A/V offset {medians} ms not checked: load average {load:.1f} per core")
 
     # the page's lip-sync assist reads the gap (how it steers: tests/test_lip_sync_assist.py)
-    page.wait_for_function("() => window.emo.lipSync && window.emo.lipSync.gap_ms !== null", timeout=5000)
+    page.wait_for_function("() => window.emo.lipSync && window.emo.lipSync.gap_ms !== null", timeout=10000)
     assert page.evaluate("window.emo.lipSync.on") is True
 
     # the server's live stats reach the page
@@ -169,7 +169,7 @@ def test_talk_page_round_trip(browser, server_url, tmp_path):
     viewer.goto(f"{server_url}/viewer?session={session}")
     viewer.wait_for_function("() => window.emo.frames > 5", timeout=20000)
     assert _healthz(server_url)["viewers"] == 1
-    viewer.wait_for_function("() => window.emo.lipSync && window.emo.lipSync.gap_ms !== null", timeout=5000)
+    viewer.wait_for_function("() => window.emo.lipSync && window.emo.lipSync.gap_ms !== null", timeout=10000)
     # ?lipsync=0 leaves the browser's own synchronizer alone
     plain = context.new_page()
     plain.goto(f"{server_url}/viewer?session={session}&lipsync=0")
