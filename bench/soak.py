@@ -634,7 +634,7 @@ def main() -> None:
                                                       for c in conns),
             "bot_reply_ms_p50_per_connection": [c["reply_ms"]["p50"] for c in conns if "reply_ms" in c],
             "bot_reply_drift_ms_per_min": _span([c["reply_ms"]["drift_ms_per_min"] for c in conns if "reply_ms" in c]),
-            "bot_arrival_lag_drift_ms_per_min": {"min": min(drifts), "max": max(drifts)} if drifts else None,
+            "bot_arrival_lag_drift_ms_per_min": _span(drifts),
             "ws_av_offset_ms": ({"utterance_bursts": len(ws), "median": round(statistics.median(ws), 1),
                                  "min": round(min(ws), 1), "max": round(max(ws), 1)} if ws else None),
             "browser_talk_av_offset_ms_per_minute": ({"minutes": len(talk), "median": statistics.median(talk),

@@ -139,6 +139,7 @@ const EmoSignal = (() => {
     if (!lipSyncOn || !("jitterBufferTarget" in RTCRtpReceiver.prototype)) return { state, stop() {} };
     const last = {};   // kind -> the previous cumulative jitter-buffer figures
     let busy = false, running = true, shown = 0, frames = 0;
+    let v = 0, a = 0;   // the video and audio minimum delays asked for (0: none of ours)
     if (video && "requestVideoFrameCallback" in HTMLVideoElement.prototype) {
       const onFrame = (_, meta) => {
         if (!running) return;
@@ -166,7 +167,9 @@ const EmoSignal = (() => {
         let heard = 0;
         (await pc.getStats()).forEach((r) => {
           if (r.type === "inbound-rtp") got[r.kind] = r;
-          else if (r.type === "media-playout" && r.totalSamplesCount) heard = (1000 * r.totalPlayoutDelay) / r.totalSamplesCount;
+          else if (r.type === "media-playout" && r.totalSamplesCount) {
+            heard = (1000 * r.totalPlayoutDelay) / r.totalSamplesCount;
+          }
         });
         if (!got.audio || !got.video) return;
         const videoNow = recent(got.video, "jitterBufferTargetDelay");
@@ -179,7 +182,6 @@ const EmoSignal = (() => {
         const off = gap - (heard - shown);   // > 0: the picture will be seen late
         if (Math.abs(off) < deadMs) return;
         const step = Math.min(stepMs, Math.abs(off));
-        let { video_target_ms: v, audio_target_ms: a } = state;
         if (off < 0) {   // picture early
           if (a > 0) a = Math.max(0, a - step);
           else v = Math.min(maxMs, Math.max(v, videoNow) + step);
@@ -188,8 +190,8 @@ const EmoSignal = (() => {
         } else {          // picture late with no video delay of ours left: hold the sound back
           a = Math.min(maxMs, Math.max(a, audioNow) + step);
         }
-        if (v !== state.video_target_ms) receivers.video.jitterBufferTarget = v;
-        if (a !== state.audio_target_ms) receivers.audio.jitterBufferTarget = a;
+        if ((receivers.video.jitterBufferTarget || 0) !== v) receivers.video.jitterBufferTarget = v;
+        if ((receivers.audio.jitterBufferTarget || 0) !== a) receivers.audio.jitterBufferTarget = a;
         Object.assign(state, { video_target_ms: Math.round(v), audio_target_ms: Math.round(a) });
         state.steps += 1;
       } catch (_) {

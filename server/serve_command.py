@@ -133,24 +133,8 @@ def run(args: argparse.Namespace) -> int:
     return rc
 
 
-def fix_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
-    """Blocks of `nbytes` or more are mapped and unmapped by themselves (glibc only; True when set).
-
-    glibc raises this threshold the first time such a block is freed, after which frame-sized buffers come from
-    its per-thread arenas, fragment them and stay held when freed: in the hour at capacity the heap in use was
-    flat near 50 MiB while held free memory grew 37 -> 75 MiB, and RSS with it. With the threshold fixed, a
-    36-session in-process loop held 7-9 MiB free (RSS 169 -> 172 MiB) against 47 -> 67 by default.
-    Setting it (like MALLOC_MMAP_THRESHOLD_) turns the raising off."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, nbytes))   # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 async def _serve(config, virtual_camera: bool, holder: list | None = None) -> int:
+    from server.allocator import fix_mmap_threshold
     from server.app import StreamServer
 
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:   # the user's own setting wins

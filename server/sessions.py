@@ -13,6 +13,7 @@ from emo_stream.errors import EmoStreamError
 from emo_stream.streaming import AvatarHandle, EngineFullError, StreamingEngine, StreamSession
 
 from server import protocol
+from server.allocator import glibc_function
 from server.config import ServerConfig
 from server.sync import Clock, Playout
 
@@ -233,16 +234,7 @@ def _collect() -> None:
         asyncio.get_running_loop().run_in_executor(None, _trim)
 
 
-def _load_malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim   # glibc only; elsewhere the allocator is left as it is
-    except (OSError, AttributeError):
-        return None
-
-
-_malloc_trim = _load_malloc_trim()
+_malloc_trim = glibc_function("malloc_trim")   # None off glibc: the allocator is left as it is
 
 
 def _trim() -> None:
@@ -253,7 +245,8 @@ def _trim() -> None:
     SWEEPS["trim_max_ms"] = max(SWEEPS["trim_max_ms"], 1000 * (time.perf_counter() - t))
 
 
-SWEEPS = {"n": 0, "found": 0, "total_ms": 0.0, "max_ms": 0.0, "trims": 0, "trimmed": 0, "trim_max_ms": 0.0}   # what the sweeps cost (server/diagnostics.py)
+# what the sweeps cost (server/diagnostics.py)
+SWEEPS = {"n": 0, "found": 0, "total_ms": 0.0, "max_ms": 0.0, "trims": 0, "trimmed": 0, "trim_max_ms": 0.0}
 
 
 class SessionManager:

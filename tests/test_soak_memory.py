@@ -242,12 +242,8 @@ def test_a_sweep_gives_freed_heap_back_to_the_system(monkeypatch):
 
 def test_the_mmap_threshold_is_fixed_where_glibc_is_there():
     """serve fixes glibc's mmap threshold (frame-sized blocks are unmapped when freed, not kept in arenas)."""
-    import ctypes
+    from server.allocator import fix_mmap_threshold, glibc_function
 
-    from server.serve_command import fix_mmap_threshold
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    if glibc_function("mallopt") is None:
         pytest.skip("not glibc")
     assert fix_mmap_threshold() is True

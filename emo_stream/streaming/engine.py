@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -127,10 +128,11 @@ class StreamingEngine:
             except Exception as exc:   # the engine still works, with the energy detector
                 log.warning("silero-vad unavailable (%s): using the energy voice detector", exc)
         self._running = True
-        stages = [("planner", self._planner), ("encoder", self._encoder)]
-        stages += [(f"generator{i}", self._generator) for i in range(self._workers)]
+        stages = [("planner", self._planner), ("encoder", functools.partial(self._stage, "encoder", self._encode_pass))]
+        stages += [(f"generator{i}", functools.partial(self._stage, "generator", self._generate_pass))
+                   for i in range(self._workers)]
         if self._split:
-            stages.append(("decoder", self._decoder))
+            stages.append(("decoder", functools.partial(self._stage, "decoder", self._decode_pass)))
         stages.append(("watchdog", self._watchdog))
         for name, target in stages:
             t = threading.Thread(target=target, name=f"emo-stream-{name}", daemon=True)
@@ -311,10 +313,11 @@ class StreamingEngine:
             self._timers["plan"].add(time.perf_counter() - t0, planned)
         return turn
 
-    def _encoder(self) -> None:
-        self._streams.enter_stage("encoder")
-        # one pass per call: its locals (jobs, and so their sessions) are gone while the stage waits
-        while self._running and self._encode_pass():
+    def _stage(self, name: str, one_pass: Callable[[], bool]) -> None:
+        """A stage thread: `one_pass` until it returns False (the engine stopped). One pass per call, so its
+        locals (jobs, and so their sessions) are gone while the stage waits for the next."""
+        self._streams.enter_stage(name)
+        while self._running and one_pass():
             pass
 
     def _encode_pass(self) -> bool:
@@ -323,6 +326,7 @@ class StreamingEngine:
         if job is None:
             return False
         jobs = [job]
+        # what else is queued now goes into the same encoder call (backends with encode_audio_batch)
         while self._batch_audio and len(jobs) < self.config.max_batch:
             try:
                 jobs.append(self._q_encode.get_nowait())
@@ -457,12 +461,8 @@ class StreamingEngine:
                 self._gen_pending.append(job)
         return None
 
-    def _generator(self) -> None:
-        self._streams.enter_stage("generator")
-        while self._running and self._generate_pass():   # one pass per call, as the encoder's
-            pass
-
     def _generate_pass(self) -> bool:
+        """Generate one batch of the queued jobs; False once stopped."""
         batch = self._take_batch()
         if batch is None:
             return False
@@ -575,11 +575,6 @@ class StreamingEngine:
                     self._failed_all = False   # the stuck call returned: new sessions work again
             except Exception:
                 log.exception("watchdog round failed")
-
-    def _decoder(self) -> None:
-        self._streams.enter_stage("decoder")
-        while self._running and self._decode_pass():   # one pass per call, as the encoder's
-            pass
 
     def _decode_pass(self) -> bool:
         """Decode one denoised batch and deliver its frames (hold jobs too); False once stopped."""
